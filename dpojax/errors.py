@@ -1,0 +1,17 @@
+"""User-facing errors: one clear message, no traceback, non-zero exit from the CLI."""
+
+
+class UserError(Exception):
+    """A mistake the user can fix (config, data, model files). The CLI prints str(e) and exits 2."""
+
+
+class ConfigError(UserError):
+    """A bad config key, value or combination."""
+
+
+class DataError(UserError):
+    """A bad dataset file, row or field; the message names the file, the row index and the field."""
+
+
+class ModelError(UserError):
+    """An unsupported or inconsistent model checkpoint (config.json, safetensors, tokenizer)."""

@@ -1,0 +1,110 @@
+"""Device mesh and the one table that maps logical axis names onto mesh axes.
+
+Model code names the axes of every parameter and key activation with logical names (glossary below);
+`Sharder` turns those names into `PartitionSpec`s for a given mesh. The mesh is always passed
+explicitly: nothing here reads a global mesh.
+
+Logical axis glossary:
+  batch     rows of a batch (chosen and rejected sequences)
+  length    sequence positions
+  embed     model width D
+  mlp       MLP hidden width F
+  heads     query heads H
+  kv_heads  key/value heads K
+  head_dim  per-head width Dh
+  vocab     vocabulary V
+  layers    the stacked-layer axis L (never sharded)
+  norm      a norm scale vector (never sharded)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from dpojax.errors import ConfigError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axis (or tuple of mesh axes, or None for replicated)
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("norm", None),
+)
+
+
+def resolve_mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int) -> tuple[int, int, int]:
+    """Fill at most one -1 so that data*fsdp*tensor == n_devices, or raise a ConfigError."""
+    shape = [data, fsdp, tensor]
+    if shape.count(-1) > 1:
+        raise ConfigError(f"mesh: at most one of mesh.data/fsdp/tensor may be -1, got {shape}.")
+    known = math.prod(s for s in shape if s != -1)
+    if any(s == 0 or s < -1 for s in shape):
+        raise ConfigError(f"mesh: sizes must be positive or -1, got data={data} fsdp={fsdp} tensor={tensor}.")
+    if -1 in shape:
+        if n_devices % known:
+            raise ConfigError(
+                f"mesh: {n_devices} devices found, which is not divisible by the fixed mesh axes "
+                f"(product {known}); set mesh.data/fsdp/tensor so their product is {n_devices}."
+            )
+        shape[shape.index(-1)] = n_devices // known
+    if math.prod(shape) != n_devices:
+        raise ConfigError(
+            f"mesh: data*fsdp*tensor = {math.prod(shape)} but {n_devices} devices were found "
+            f"({jax.devices()[0].platform}); set the mesh so the product is {n_devices} (use -1 to fill)."
+        )
+    return tuple(shape)  # type: ignore[return-value]
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+    devices = list(jax.devices() if devices is None else devices)
+    shape = resolve_mesh_shape(data, fsdp, tensor, len(devices))
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sharder:
+    """Maps logical axis names to shardings on one mesh (hashable, so it can live in a module's graph)."""
+
+    mesh: Mesh
+    rules: tuple[tuple[str, str | tuple[str, ...] | None], ...] = DEFAULT_RULES
+
+    def spec(self, names: tuple[str | None, ...], shape: tuple[int, ...] | None = None) -> P:
+        """PartitionSpec for logical `names`; a mesh axis is used at most once, and only where it divides."""
+        table = dict(self.rules)
+        used: set[str] = set()
+        out = []
+        for i, name in enumerate(names):
+            target = table.get(name) if name is not None else None
+            axes = (target,) if isinstance(target, str) else tuple(target or ())
+            axes = tuple(a for a in axes if a not in used and self.mesh.shape[a] > 1)
+            if shape is not None and axes:
+                size = math.prod(self.mesh.shape[a] for a in axes)
+                if shape[i] % size:
+                    axes = ()  # e.g. 2 kv heads on a tensor axis of 4: replicate rather than fail
+            used.update(axes)
+            out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+        return P(*out)
+
+    def named(self, names: tuple[str | None, ...], shape: tuple[int, ...] | None = None) -> NamedSharding:
+        return NamedSharding(self.mesh, self.spec(names, shape))
+
+    def constrain(self, x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+        return jax.lax.with_sharding_constraint(x, self.named(names, x.shape))
+
+
+def constrain(x: jax.Array, sharder: Sharder | None, names: tuple[str | None, ...]) -> jax.Array:
+    """Sharding constraint on an activation; a no-op only when no mesh was given (sharder is None)."""
+    return x if sharder is None else sharder.constrain(x, names)
