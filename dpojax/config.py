@@ -1,0 +1,337 @@
+"""Run configuration: frozen dataclasses, YAML loading, dotted overrides, validation.
+
+Every key has a real default here and nowhere else. `load_config(path, overrides)` reads YAML, applies
+`section.key=value` overrides (values parsed as YAML scalars, then coerced to the field's type), and
+validates. Mistakes raise `ConfigError` naming the key, the value, and what was expected; an unknown key
+names the closest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from dpojax.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    name_or_path: str = ""  # HF hub id or local folder with config.json + *.safetensors
+    revision: Optional[str] = None  # hub revision (branch, tag or commit)
+    tokenizer: Optional[str] = None  # tokenizer folder/id; default: name_or_path
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype of activations and matmuls
+    param_dtype: Literal["float32", "bfloat16"] = "float32"  # storage dtype of trainable params
+    attention: Literal["auto", "xla", "cudnn", "splash"] = "auto"  # attention kernel
+    remat: str = "none"  # rematerialization policy of each layer (see dpojax.models.transformer)
+    scan_layers: bool = True  # lax.scan over stacked layers (one compiled layer body)
+    init: Literal["pretrained", "random"] = "pretrained"  # random: build from config.json alone
+    seed: int = 0  # init seed for init=random
+    trust_remote_code: bool = False  # never needed by dpojax's own model code; kept off
+
+
+@dataclasses.dataclass(frozen=True)
+class RefModelSection:
+    name_or_path: Optional[str] = None  # default: model.name_or_path
+    precompute: bool = False  # run the reference once over the data and cache its log-probs
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    train: str = ""  # HF hub id or local .jsonl/.json/.parquet/.csv
+    train_split: str = "train"
+    eval: Optional[str] = None  # default: no eval set (dpojax eval falls back to data.train)
+    eval_split: str = "test"
+    max_length: int = 1024  # tokens per sequence (prompt + completion), as TRL's DPOConfig
+    truncation_mode: Literal["keep_start", "keep_end"] = "keep_start"
+    packing: bool = False  # several pairs per row with segment ids (not yet implemented)
+    on_bad_row: Literal["error", "skip"] = "error"  # a malformed row stops the run, or is dropped and counted
+    cache_dir: Optional[str] = None  # tokenized-data cache; default: ~/.cache/dpojax
+    buckets: Optional[tuple[int, ...]] = None  # padded lengths; default: powers of two up to max_length
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSection:
+    type: tuple[str, ...] = ("sigmoid",)  # a loss name or a list combined with `weights` (MPO)
+    weights: Optional[tuple[float, ...]] = None  # one per type; default all 1.0
+    beta: float = 0.1  # KL strength (temperature of the implicit reward)
+    label_smoothing: float = 0.0  # cDPO / robust / exo / bco noise rate
+    f_divergence_type: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5  # alpha of the alpha-divergence
+    use_weighting: bool = False  # WPO weighting of each pair
+    ld_alpha: Optional[float] = None  # LD-DPO: weight of the tail beyond the shared length
+    rpo_alpha: Optional[float] = None  # RPO: weight of the NLL on chosen added to the loss
+    discopop_tau: float = 0.05  # DiscoPOP mixing temperature
+    simpo_gamma: float = 0.5  # SimPO target reward margin
+    reference_free: bool = False  # use a uniform reference (no reference model)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSection:
+    name: Literal["adamw", "rmsprop", "sgd", "adam"] = "adamw"
+    lr: float = 1e-6  # peak learning rate
+    schedule: Literal["constant", "linear", "cosine"] = "linear"  # after warm-up
+    warmup_steps: int = 0  # linear warm-up from 0 over this many optimizer steps
+    weight_decay: float = 0.0  # decoupled (adamw) or added to the gradient (others)
+    max_grad_norm: Optional[float] = 1.0  # global-norm clipping; null disables
+    b1: float = 0.9  # adam beta1
+    momentum: float = 0.0  # sgd / rmsprop momentum (0: none, as PyTorch's default)
+    b2: float = 0.999  # adam beta2
+    eps: float = 1e-8  # adam / rmsprop epsilon
+    rmsprop_decay: float = 0.99  # rmsprop squared-gradient decay (PyTorch's alpha)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection:
+    batch_size: int = 64  # global preference pairs per optimizer step
+    micro_batch_size: Optional[int] = None  # pairs per forward/backward; default: batch_size (no accumulation)
+    steps: Optional[int] = None  # optimizer steps; default: epochs * (pairs // batch_size)
+    epochs: int = 1
+    seed: int = 0  # data order seed
+    log_every: int = 10  # steps between train records in metrics.jsonl
+    eval_every: Optional[int] = None  # steps between evals; default: only at the end
+    eval_batch_size: Optional[int] = None  # pairs per eval step; default: batch_size
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSection:
+    data: int = -1  # data-parallel axis (-1: fill the remaining devices)
+    fsdp: int = 1  # parameter/optimizer-state sharding axis
+    tensor: int = 1  # tensor-parallel axis (heads, mlp, vocab)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSection:
+    every: Optional[int] = None  # steps between checkpoints; default: only at the end
+    keep: int = 2  # most recent checkpoints kept
+    async_: bool = True  # write in the background (YAML key: async)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelSection = ModelSection()
+    ref_model: RefModelSection = RefModelSection()
+    data: DataSection = DataSection()
+    loss: LossSection = LossSection()
+    optim: OptimSection = OptimSection()
+    train: TrainSection = TrainSection()
+    mesh: MeshSection = MeshSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    output_dir: str = "runs/default"  # run folder: config.yaml, metrics.jsonl, checkpoints/, export/
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.train.micro_batch_size or self.train.batch_size
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.train.batch_size // self.micro_batch_size
+
+    @property
+    def ref_name_or_path(self) -> str:
+        return self.ref_model.name_or_path or self.model.name_or_path
+
+
+_ALIASES = {"async": "async_"}  # YAML key -> field name (python keywords)
+
+
+def _yaml_key(name: str) -> str:
+    return {v: k for k, v in _ALIASES.items()}.get(name, name)
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f" Did you mean '{where}{close[0]}'?" if close else ""
+    return ConfigError(f"config: unknown key '{where}{key}'.{hint} Valid keys here: {', '.join(sorted(valid))}.")
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp, key: str) -> Any:
+    """Coerce a YAML value to the annotated type, or raise naming the key, value and expected type."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"config: '{key}' = {value!r} is not valid; expected {_type_name(tp)}.")
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise bad
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise bad
+    if origin is tuple:
+        items = [value] if isinstance(value, (str, int, float)) and not isinstance(value, bool) else value
+        if not isinstance(items, (list, tuple)):
+            raise bad
+        return tuple(_coerce(v, typing.get_args(tp)[0], key) for v in items)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "1e-6" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    raise bad
+
+
+def _build(cls, raw: Any, where: str):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: '{where.rstrip('.') or 'top level'}' must be a mapping, got {raw!r}.")
+    fields = _fields(cls)
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        name = _ALIASES.get(key, key)
+        if name not in fields:
+            raise _unknown_key(str(key), [_yaml_key(n) for n in fields], where)
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{where}{key}.")
+        else:
+            kwargs[name] = _coerce(value, tp, f"{where}{key}")
+    return cls(**kwargs)
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"config: override '{dotted}': '{part}' is not a section.")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"config: override '{text}' must look like section.key=value (e.g. optim.lr=1e-5).")
+    key, _, value = text.partition("=")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def config_from_dict(raw: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    raw = dict(raw or {})
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(raw, key, value)
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config: file '{path}' not found.")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config: '{path}' is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: '{path}' must hold a mapping of sections (model:, data:, ...).")
+    try:
+        return config_from_dict(raw, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{e} (in {path})") from None
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that a type annotation cannot express."""
+    t = cfg.train
+    if not cfg.model.name_or_path:
+        raise ConfigError("config: 'model.name_or_path' is required (a HF hub id or a local model folder).")
+    if t.batch_size <= 0:
+        raise ConfigError(f"config: 'train.batch_size' = {t.batch_size} must be positive.")
+    if cfg.micro_batch_size <= 0 or t.batch_size % cfg.micro_batch_size:
+        raise ConfigError(
+            f"config: 'train.batch_size' = {t.batch_size} must be a multiple of 'train.micro_batch_size' = "
+            f"{cfg.micro_batch_size} (gradient accumulation runs batch_size / micro_batch_size micro-steps)."
+        )
+    if cfg.data.max_length < 2:
+        raise ConfigError(f"config: 'data.max_length' = {cfg.data.max_length} must be at least 2.")
+    if t.steps is not None and t.steps <= 0:
+        raise ConfigError(f"config: 'train.steps' = {t.steps} must be positive.")
+    if t.epochs <= 0 or t.log_every <= 0:
+        raise ConfigError("config: 'train.epochs' and 'train.log_every' must be positive.")
+    if cfg.optim.lr < 0 or cfg.optim.warmup_steps < 0 or cfg.optim.weight_decay < 0:
+        raise ConfigError("config: 'optim.lr', 'optim.warmup_steps' and 'optim.weight_decay' must be >= 0.")
+    if cfg.loss.beta <= 0:
+        raise ConfigError(f"config: 'loss.beta' = {cfg.loss.beta} must be positive.")
+    if not 0 <= cfg.loss.label_smoothing < 0.5:
+        raise ConfigError(f"config: 'loss.label_smoothing' = {cfg.loss.label_smoothing} must be in [0, 0.5).")
+    if cfg.loss.weights is not None and len(cfg.loss.weights) != len(cfg.loss.type):
+        raise ConfigError(
+            f"config: 'loss.weights' has {len(cfg.loss.weights)} entries but 'loss.type' names "
+            f"{len(cfg.loss.type)} losses {list(cfg.loss.type)}; give one weight per loss."
+        )
+    if cfg.data.packing:
+        raise ConfigError("config: 'data.packing: true' is not implemented yet; set data.packing=false.")
+    if cfg.model.trust_remote_code:
+        raise ConfigError("config: 'model.trust_remote_code' is not needed: dpojax runs its own model code.")
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain dict with YAML key names (for the run folder's resolved config.yaml)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            value = to_dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[_yaml_key(f.name)] = value
+    return out
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
