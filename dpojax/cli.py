@@ -1,0 +1,58 @@
+"""`dpojax` command line: a thin shell over dpojax.train.loop.
+
+    dpojax train CONFIG.yaml [section.key=value ...]
+    dpojax eval CONFIG.yaml [section.key=value ...]
+    dpojax export RUN_DIR_OR_CHECKPOINT OUT_DIR
+
+A user mistake (config, data, model files) prints one paragraph and exits 2; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from dpojax.errors import UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dpojax", description="DPO and preference losses in JAX for HF causal LMs.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, text in (("train", "train a policy"), ("eval", "evaluate a policy against its reference")):
+        s = sub.add_parser(name, help=text)
+        s.add_argument("config", help="YAML config file")
+        s.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=1e-5")
+    s = sub.add_parser("export", help="write a Hugging Face folder from a run folder or checkpoint")
+    s.add_argument("source", help="run folder (output_dir) or one checkpoint folder")
+    s.add_argument("out_dir", help="folder to write config.json, *.safetensors and tokenizer files to")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for name in ("absl", "jax._src", "orbax", "datasets", "httpx", "filelock"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from dpojax.train import loop
+
+        if args.command == "train":
+            loop.train_from_cli(args.config, args.overrides)
+        elif args.command == "eval":
+            loop.eval_from_cli(args.config, args.overrides)
+        else:
+            loop.export_from_cli(args.source, args.out_dir)
+    except UserError as e:
+        print(f"dpojax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dpojax {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
