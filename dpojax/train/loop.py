@@ -165,7 +165,7 @@ def setup(cfg: Config, n_train_pairs: int | None, models: Models, sharder: Shard
         grad_accum=cfg.grad_accum_steps,
         sharder=sharder,
     )
-    state = init_state(models.policy_params, optimizer)
+    state = init_state(models.policy_params, optimizer, sharder)
     models.policy_params = None  # the state owns (and donates) them now
     train, evaluate = compile_steps(spec, state, models.ref_params, sharder)
     return Run(cfg, sharder, models, spec, train, evaluate, total), state

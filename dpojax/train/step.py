@@ -170,7 +170,13 @@ def compile_steps(spec: StepSpec, state: TrainState, ref_params, sharder: Sharde
     return train, evaluate
 
 
-def init_state(params, optimizer: optax.GradientTransformation) -> TrainState:
-    """TrainState at step 0; optimizer moments take their params' shardings."""
-    opt_state = jax.jit(optimizer.init)(params)
-    return TrainState(jnp.zeros((), jnp.int32), params, opt_state)
+def init_state(params, optimizer: optax.GradientTransformation, sharder: Sharder) -> TrainState:
+    """TrainState at step 0: optimizer moments take their params' shardings, counters are replicated."""
+    replicated = NamedSharding(sharder.mesh, P())
+    abstract = jax.eval_shape(optimizer.init, params)
+    opt_shardings = optax.tree_utils.tree_map_params(
+        optimizer, lambda _, sh: sh, abstract, shardings_of(params), transform_non_params=lambda _: replicated
+    )
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
+    return TrainState(step, params, opt_state)

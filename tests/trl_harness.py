@@ -1,0 +1,88 @@
+"""Shared set-up for end-to-end comparisons with TRL 1.16: a tiny policy/reference pair, a tokenizer,
+preference files, a dpojax config for them, and a TRL DPOTrainer over the same inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tiny_models import make_tiny_checkpoint
+from tiny_tokenizer import load_tiny_tokenizer, make_pref_rows, make_tokenizer
+
+TRL_METRICS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+)
+
+
+def make_assets(root: Path, *, family: str = "llama", n_rows: int = 16) -> dict[str, Path]:
+    """Policy A (seed 0), a different reference B (seed 1), a tokenizer and data files in every format."""
+    root = Path(root)
+    tok = make_tokenizer(root / "tok")
+    out = {
+        "tok": tok,
+        "policy": make_tiny_checkpoint(root / "policy", family, seed=0),
+        "ref": make_tiny_checkpoint(root / "ref", family, seed=1),
+    }
+    for fmt in ("standard", "conversational"):
+        path = root / f"{fmt}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in make_pref_rows(n_rows, fmt, seed=3)))
+        out[fmt] = path
+    return out
+
+
+def dpojax_overrides(assets: dict[str, Path], data: Path, out_dir: Path, **extra) -> dict:
+    cfg = {
+        "model": {"name_or_path": str(assets["policy"]), "tokenizer": str(assets["tok"])},
+        "ref_model": {"name_or_path": str(assets["ref"])},
+        "data": {"train": str(data), "eval": str(data), "max_length": 48, "cache_dir": str(out_dir / "cache")},
+        "output_dir": str(out_dir),
+    }
+    for dotted, value in extra.items():
+        section, _, key = dotted.partition("__")
+        if key:
+            cfg.setdefault(section, {})[key] = value
+        else:
+            cfg[section] = value
+    return cfg
+
+
+def trl_trainer(assets: dict[str, Path], data: Path, out_dir: Path, **dpo_args):
+    """A TRL DPOTrainer on the same models, tokenizer and rows (CPU, fp32, no reporting)."""
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    torch.manual_seed(0)
+    rows = [json.loads(line) for line in Path(data).read_text().splitlines()]
+    ds = datasets.Dataset.from_list(rows)
+    policy = AutoModelForCausalLM.from_pretrained(assets["policy"], dtype=torch.float32, attn_implementation="eager")
+    ref = AutoModelForCausalLM.from_pretrained(assets["ref"], dtype=torch.float32, attn_implementation="eager")
+    args = dict(
+        output_dir=str(out_dir),
+        report_to=[],
+        max_length=48,
+        beta=0.1,
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        save_strategy="no",
+        dataloader_drop_last=False,
+        seed=0,
+        disable_tqdm=True,
+    )
+    args.update(dpo_args)
+    return DPOTrainer(
+        model=policy,
+        ref_model=ref,
+        args=DPOConfig(**args),
+        train_dataset=ds,
+        eval_dataset=ds,
+        processing_class=load_tiny_tokenizer(assets["tok"]),
+    )
