@@ -314,6 +314,9 @@ def validate(cfg: Config) -> None:
             f"config: 'loss.weights' has {len(cfg.loss.weights)} entries but 'loss.type' names "
             f"{len(cfg.loss.type)} losses {list(cfg.loss.type)}; give one weight per loss."
         )
+    from dpojax.losses import validate_loss_config  # the loss registry owns its names and combinations
+
+    validate_loss_config(cfg.loss)
     if cfg.data.packing:
         raise ConfigError("config: 'data.packing: true' is not implemented yet; set data.packing=false.")
     if cfg.model.trust_remote_code:

@@ -1,0 +1,24 @@
+"""Decoder-only LMs (Llama, Mistral, Qwen2, Qwen3) in Flax NNX with Hugging Face checkpoint I/O.
+
+    model, cfg = load_pretrained("path/or/hub-id", dtype=jnp.bfloat16, sharder=sharder)
+    graphdef, params = nnx.split(model)                    # pure-function form for jit
+    hidden_BxTxD = nnx.merge(graphdef, params)(ids_BxT, positions_BxT, segment_ids_BxT)
+"""
+
+from dpojax.models.attention import IMPLEMENTATIONS, attend, resolve_attention
+from dpojax.models.config import FAMILIES, ModelConfig, RopeConfig
+from dpojax.models.hf import (
+    abstract_decoder,
+    export_hf,
+    init_random,
+    load_pretrained,
+    param_sharding,
+    state_shardings,
+)
+from dpojax.models.transformer import REMAT_POLICIES, Decoder
+
+__all__ = [
+    "FAMILIES", "IMPLEMENTATIONS", "REMAT_POLICIES", "Decoder", "ModelConfig", "RopeConfig", "abstract_decoder",
+    "attend", "export_hf", "init_random", "load_pretrained", "param_sharding", "resolve_attention",
+    "state_shardings",
+]

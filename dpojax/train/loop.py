@@ -135,9 +135,11 @@ class Run:
 
 def _check_batch(cfg: Config, sharder: Sharder, n_devices_data: int) -> None:
     if cfg.micro_batch_size % n_devices_data:
+        key = "train.micro_batch_size" if cfg.train.micro_batch_size else "train.batch_size"
         raise ConfigError(
-            f"config: 'train.micro_batch_size' = {cfg.micro_batch_size} must be divisible by the "
-            f"{n_devices_data} data-parallel devices (mesh.data * mesh.fsdp); change the batch or the mesh."
+            f"config: '{key}' = {cfg.micro_batch_size} pairs must be divisible by the {n_devices_data} "
+            "data-parallel devices (mesh.data * mesh.fsdp), so every device gets whole pairs; change the batch "
+            "or the mesh."
         )
     eval_bs = cfg.train.eval_batch_size or cfg.train.batch_size
     if eval_bs % n_devices_data:

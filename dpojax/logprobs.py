@@ -1,0 +1,305 @@
+"""Per-token and per-sequence log-probabilities from final hidden states, never building [B, T, V] logits.
+
+The LM head runs over sequence chunks of `chunk_len` positions: each chunk's logits `[B, C, V]` are built,
+folded into a few `[B, C]` statistics (log-prob of the next token, logsumexp, mean logit, ...) and dropped.
+The backward pass (a `custom_vjp`) recomputes each chunk's logits from the saved hidden states and the saved
+logsumexp, casts the logits' gradient to the compute dtype and accumulates the unembedding gradient in fp32
+across chunks (like TRL's fused LM head), so head memory does not grow with T*V.
+
+Everything here returns sums and counts, never means: the trainer divides once, after accumulation.
+
+Glossary: B rows (2N, laid out c0, r0, c1, r1, ...), N preference pairs, T positions, C chunk length,
+D model width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class TokenStats:
+    """Per-position statistics of the next-token distribution; position t scores token t+1 (last position: 0)."""
+
+    logps_BxT: Array  # fp32 log p(ids[t+1] | ids[:t+1]); the only differentiable field
+    mean_logit_BxT: Array | None = None  # fp32 mean over V of the (scaled, soft-capped) logits (TRL `mean_logits`)
+    log_sum_sq_probs_BxT: Array | None = None  # fp32 log sum_v p_v^2 = logsumexp(2 log p) (WPO)
+    entropy_BxT: Array | None = None  # fp32 entropy of the next-token distribution
+    is_top1_BxT: Array | None = None  # bool: the next token is the (first) argmax of the logits
+
+
+@flax.struct.dataclass
+class SeqStats:
+    """Per-row sums and counts over the scored completion tokens (completion_mask shifted left by one)."""
+
+    logps_B: Array  # sum of log-probs over scored completion tokens (differentiable)
+    tokens_B: Array  # number of scored completion tokens: sum(completion_mask[:, 1:])
+    completion_len_B: Array  # sum(completion_mask) before the shift (TRL's IPO / sigmoid_norm normaliser)
+    ld_logps_B: Array | None = None  # LD-DPO: shared-length part + ld_alpha * tail (rows paired c, r, c, r, ...)
+    mean_logit_sum_B: Array | None = None  # sum of mean_logit over scored tokens (TRL `logits/*`)
+    wpo_sum_B: Array | None = None  # sum of (logp - log_sum_sq_probs), no gradient (WPO weights)
+    entropy_sum_B: Array | None = None  # sum of entropy over scored tokens (TRL `entropy`)
+    top1_sum_B: Array | None = None  # number of scored tokens that are the argmax (TRL `mean_token_accuracy`)
+    lm_logps_B: Array | None = None  # sum of log-probs over `lm_mask[:, 1:]` (e.g. ORPO's prompt+response NLL)
+    lm_tokens_B: Array | None = None  # number of tokens in `lm_mask[:, 1:]`
+
+
+class _HeadSpec(NamedTuple):
+    """Static settings of the chunked head (hashable: a custom_vjp non-differentiable argument)."""
+
+    chunk_len: int
+    softcap: float | None
+    logit_scale: float
+    outputs: tuple[str, ...]  # among "mean_logit", "log_sum_sq_probs", "entropy", "is_top1"
+
+
+def _to_chunks(x_BxT, chunk_len: int):
+    """[B, T, ...] -> [T/C, B, C, ...] (T must be a multiple of C)."""
+    b, t = x_BxT.shape[:2]
+    return jnp.moveaxis(x_BxT.reshape(b, t // chunk_len, chunk_len, *x_BxT.shape[2:]), 1, 0)
+
+
+def _from_chunks(x_KxBxC):
+    """[T/C, B, C, ...] -> [B, T, ...]."""
+    k, b, c = x_KxBxC.shape[:3]
+    return jnp.moveaxis(x_KxBxC, 0, 1).reshape(b, k * c, *x_KxBxC.shape[3:])
+
+
+def _chunk_logits(h_BxCxD, unembed_VxD, spec: _HeadSpec):
+    """fp32 logits of one chunk (matmul in the hidden's dtype) and tanh(.) of the soft-cap (None without)."""
+    w_VxD = unembed_VxD.astype(h_BxCxD.dtype)
+    z_BxCxV = lax.dot_general(h_BxCxD, w_VxD, (((2,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    if spec.logit_scale != 1.0:
+        z_BxCxV = z_BxCxV * spec.logit_scale
+    if spec.softcap is None:
+        return z_BxCxV, None
+    tanh_BxCxV = jnp.tanh(z_BxCxV / spec.softcap)
+    return spec.softcap * tanh_BxCxV, tanh_BxCxV
+
+
+def _chunk_stats(h_BxCxD, unembed_VxD, targets_BxC, spec: _HeadSpec) -> dict[str, Array]:
+    """Fold one chunk's logits into [B, C] statistics; `lse` is kept for the backward pass."""
+    z_BxCxV, _ = _chunk_logits(h_BxCxD, unembed_VxD, spec)
+    max_BxC = lax.stop_gradient(jnp.max(z_BxCxV, axis=-1))
+    shifted_BxCxV = z_BxCxV - max_BxC[..., None]
+    e_BxCxV = jnp.exp(shifted_BxCxV)
+    sum_exp_BxC = jnp.sum(e_BxCxV, axis=-1)
+    lse_BxC = max_BxC + jnp.log(sum_exp_BxC)
+    target_BxC = jnp.take_along_axis(z_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
+    out = {"logps": target_BxC - lse_BxC, "lse": lse_BxC}
+    if "mean_logit" in spec.outputs:
+        out["mean_logit"] = jnp.mean(z_BxCxV, axis=-1)
+    if "log_sum_sq_probs" in spec.outputs:
+        out["log_sum_sq_probs"] = jnp.log(jnp.sum(e_BxCxV * e_BxCxV, axis=-1)) - 2.0 * jnp.log(sum_exp_BxC)
+    if "entropy" in spec.outputs:
+        out["entropy"] = jnp.log(sum_exp_BxC) - jnp.sum(e_BxCxV * shifted_BxCxV, axis=-1) / sum_exp_BxC
+    if "is_top1" in spec.outputs:
+        out["is_top1"] = jnp.argmax(z_BxCxV, axis=-1).astype(targets_BxC.dtype) == targets_BxC
+    return out
+
+
+def _head_forward(hidden_BxTxD, unembed_VxD, targets_BxT, spec: _HeadSpec):
+    def body(_, xs):
+        h_BxCxD, t_BxC = xs
+        return None, _chunk_stats(h_BxCxD, unembed_VxD, t_BxC, spec)
+
+    xs = (_to_chunks(hidden_BxTxD, spec.chunk_len), _to_chunks(targets_BxT, spec.chunk_len))
+    _, stats = lax.scan(body, None, xs)
+    return {k: _from_chunks(v) for k, v in stats.items()}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _head(hidden_BxTxD, unembed_VxD, targets_BxT, spec: _HeadSpec):
+    """Chunked LM head: dict of [B, T] statistics; only `logps` carries a gradient."""
+    return _head_forward(hidden_BxTxD, unembed_VxD, targets_BxT, spec)
+
+
+def _head_fwd(hidden_BxTxD, unembed_VxD, targets_BxT, spec: _HeadSpec):
+    stats = _head_forward(hidden_BxTxD, unembed_VxD, targets_BxT, spec)
+    return stats, (hidden_BxTxD, unembed_VxD, targets_BxT, stats["lse"])
+
+
+def _head_bwd(spec: _HeadSpec, residuals, cotangents):
+    """Recompute each chunk's logits; d logp / dz = onehot(target) - softmax(z), through scale and soft-cap."""
+    hidden_BxTxD, unembed_VxD, targets_BxT, lse_BxT = residuals
+    g_BxT = cotangents["logps"]
+    compute_dtype = hidden_BxTxD.dtype
+    w_VxD = unembed_VxD.astype(compute_dtype)
+
+    def body(dw_VxD, xs):
+        h_BxCxD, t_BxC, lse_BxC, g_BxC = xs
+        z_BxCxV, tanh_BxCxV = _chunk_logits(h_BxCxD, unembed_VxD, spec)
+        p_BxCxV = jnp.exp(z_BxCxV - lse_BxC[..., None])
+        vocab_ids = lax.broadcasted_iota(t_BxC.dtype, z_BxCxV.shape, 2)
+        dz_BxCxV = g_BxC[..., None] * ((vocab_ids == t_BxC[..., None]).astype(jnp.float32) - p_BxCxV)
+        if tanh_BxCxV is not None:
+            dz_BxCxV = dz_BxCxV * (1.0 - tanh_BxCxV * tanh_BxCxV)
+        if spec.logit_scale != 1.0:
+            dz_BxCxV = dz_BxCxV * spec.logit_scale
+        dz_BxCxV = dz_BxCxV.astype(compute_dtype)
+        dh_BxCxD = lax.dot_general(dz_BxCxV, w_VxD, (((2,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        dw_VxD = dw_VxD + lax.dot_general(
+            dz_BxCxV, h_BxCxD, (((0, 1), (0, 1)), ((), ())), preferred_element_type=jnp.float32
+        )
+        return dw_VxD, dh_BxCxD.astype(hidden_BxTxD.dtype)
+
+    xs = tuple(_to_chunks(x, spec.chunk_len) for x in (hidden_BxTxD, targets_BxT, lse_BxT, g_BxT))
+    dw_VxD, dh_chunks = lax.scan(body, jnp.zeros(unembed_VxD.shape, jnp.float32), xs)
+    return _from_chunks(dh_chunks), dw_VxD.astype(unembed_VxD.dtype), None
+
+
+_head.defvjp(_head_fwd, _head_bwd)
+
+
+def token_logprobs(
+    hidden_BxTxD: Array,
+    unembed_VxD: Array,
+    input_ids_BxT: Array,
+    *,
+    chunk_len: int = 256,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    with_mean_logit: bool = True,
+    with_wpo: bool = False,
+    with_entropy: bool = False,
+    with_top1: bool = False,
+) -> TokenStats:
+    """Next-token log-probs of `input_ids` under logits `softcap*tanh(logit_scale * hidden @ unembed.T / softcap)`.
+
+    Position t scores token t+1; the last position scores nothing and is 0 in every field. The matmul runs in
+    the hidden's dtype with fp32 accumulation; logsumexp and all statistics are fp32. Only `logps_BxT` is
+    differentiable (w.r.t. hidden and unembed); the other fields are metrics and carry no gradient.
+    T need not be a multiple of `chunk_len` (padded internally). Peak head memory is about
+    B * chunk_len * V * 10 bytes plus an fp32 [V, D] gradient accumulator.
+    """
+    b, t, _ = hidden_BxTxD.shape
+    chunk = max(1, min(chunk_len, t))
+    outputs = tuple(
+        name
+        for name, wanted in (
+            ("mean_logit", with_mean_logit),
+            ("log_sum_sq_probs", with_wpo),
+            ("entropy", with_entropy),
+            ("is_top1", with_top1),
+        )
+        if wanted
+    )
+    spec = _HeadSpec(chunk, None if softcap is None else float(softcap), float(logit_scale), outputs)
+    ids_BxT = input_ids_BxT.astype(jnp.int32)
+    targets_BxT = jnp.concatenate([ids_BxT[:, 1:], jnp.zeros((b, 1), jnp.int32)], axis=1)
+    pad = -t % chunk
+    if pad:
+        hidden_BxTxD = jnp.pad(hidden_BxTxD, ((0, 0), (0, pad), (0, 0)))
+        targets_BxT = jnp.pad(targets_BxT, ((0, 0), (0, pad)))
+    stats = _head(hidden_BxTxD, unembed_VxD, targets_BxT, spec)
+    scored_BxT = jnp.arange(t) < t - 1
+
+    def clean(name):
+        if name not in stats:
+            return None
+        x_BxT = stats[name][:, :t]
+        x_BxT = x_BxT if name == "logps" else lax.stop_gradient(x_BxT)
+        return jnp.where(scored_BxT, x_BxT, jnp.zeros((), x_BxT.dtype))
+
+    return TokenStats(
+        logps_BxT=clean("logps"),
+        mean_logit_BxT=clean("mean_logit"),
+        log_sum_sq_probs_BxT=clean("log_sum_sq_probs"),
+        entropy_BxT=clean("entropy"),
+        is_top1_BxT=clean("is_top1"),
+    )
+
+
+def scored_mask(mask_BxT: Array) -> Array:
+    """fp32 mask of the scored positions: position t counts when token t+1 is in `mask` (TRL's mask[:, 1:])."""
+    m_BxT = mask_BxT.astype(jnp.float32)
+    return jnp.concatenate([m_BxT[:, 1:], jnp.zeros_like(m_BxT[:, :1])], axis=1)
+
+
+def ld_weighted_logps(logps_Nx2xT: Array, scored_Nx2xT: Array, ld_alpha: float) -> Array:
+    """LD-DPO length desensitisation (Liu et al. 2024, arXiv:2409.06411, Eq. 9) for [N, 2 (chosen, rejected), T].
+
+    With l = min(|y_w|, |y_l|) the pair's shared length, each row's log-prob becomes
+    sum_{k <= l} log p(y_k) + ld_alpha * sum_{k > l} log p(y_k), counting completion tokens in order
+    (`scored_Nx2xT` is the already-shifted completion mask). Returns [N, 2].
+    """
+    m_Nx2xT = scored_Nx2xT.astype(jnp.float32)
+    pos_Nx2xT = jnp.cumsum(m_Nx2xT, axis=-1)
+    lens_Nx2 = jnp.sum(m_Nx2xT, axis=-1)
+    shared_N = jnp.minimum(lens_Nx2[:, 0], lens_Nx2[:, 1])
+    in_shared_Nx2xT = (pos_Nx2xT <= shared_N[:, None, None]).astype(jnp.float32)
+    shared_Nx2 = jnp.sum(logps_Nx2xT * m_Nx2xT * in_shared_Nx2xT, axis=-1)
+    tail_Nx2 = jnp.sum(logps_Nx2xT * m_Nx2xT * (1.0 - in_shared_Nx2xT), axis=-1)
+    return shared_Nx2 + ld_alpha * tail_Nx2
+
+
+def sequence_stats(
+    tok: TokenStats,
+    completion_mask_BxT: Array,
+    *,
+    ld_alpha: float | None = None,
+    lm_mask_BxT: Array | None = None,
+) -> SeqStats:
+    """Per-row sums over the completion tokens, the completion mask applied to the *predicted* token.
+
+    `ld_alpha` (LD-DPO) needs each row's pair partner: rows must be laid out c0, r0, c1, r1, ... (B = 2N).
+    `lm_mask_BxT` (e.g. the attention mask) adds a second log-prob sum over another token set, for losses whose
+    NLL term covers prompt and response (TRL's ORPOTrainer).
+    """
+    m_BxT = scored_mask(completion_mask_BxT)
+    logps_BxT = tok.logps_BxT
+
+    def masked_sum(x_BxT):
+        return None if x_BxT is None else jnp.sum(lax.stop_gradient(x_BxT).astype(jnp.float32) * m_BxT, axis=1)
+
+    ld_logps_B = None
+    if ld_alpha is not None:
+        b, t = logps_BxT.shape
+        ld_logps_B = ld_weighted_logps(logps_BxT.reshape(b // 2, 2, t), m_BxT.reshape(b // 2, 2, t), ld_alpha)
+        ld_logps_B = ld_logps_B.reshape(b)
+    wpo_sum_B = None
+    if tok.log_sum_sq_probs_BxT is not None:
+        wpo_sum_B = masked_sum(logps_BxT - tok.log_sum_sq_probs_BxT)
+    lm_logps_B = lm_tokens_B = None
+    if lm_mask_BxT is not None:
+        lm_BxT = scored_mask(lm_mask_BxT)
+        lm_logps_B = jnp.sum(logps_BxT * lm_BxT, axis=1)
+        lm_tokens_B = jnp.sum(lm_BxT, axis=1)
+    return SeqStats(
+        logps_B=jnp.sum(logps_BxT * m_BxT, axis=1),
+        tokens_B=jnp.sum(m_BxT, axis=1),
+        completion_len_B=jnp.sum(completion_mask_BxT.astype(jnp.float32), axis=1),
+        ld_logps_B=ld_logps_B,
+        mean_logit_sum_B=masked_sum(tok.mean_logit_BxT),
+        wpo_sum_B=wpo_sum_B,
+        entropy_sum_B=masked_sum(tok.entropy_BxT),
+        top1_sum_B=masked_sum(tok.is_top1_BxT),
+        lm_logps_B=lm_logps_B,
+        lm_tokens_B=lm_tokens_B,
+    )
+
+
+def token_metric_sums(stats: SeqStats) -> dict[str, tuple[Array, Array]]:
+    """TRL's token-level metrics as (sum, count) over rows laid out c0, r0, c1, r1, ...
+
+    `logits/chosen|rejected`: mean logit over scored completion tokens; `entropy`: over chosen and rejected
+    tokens; `mean_token_accuracy`: share of chosen tokens that are the argmax. Value = sum / count.
+    """
+    chosen_tokens = jnp.sum(stats.tokens_B[0::2])
+    out: dict[str, tuple[Array, Array]] = {}
+    if stats.mean_logit_sum_B is not None:
+        out["logits/chosen"] = (jnp.sum(stats.mean_logit_sum_B[0::2]), chosen_tokens)
+        out["logits/rejected"] = (jnp.sum(stats.mean_logit_sum_B[1::2]), jnp.sum(stats.tokens_B[1::2]))
+    if stats.entropy_sum_B is not None:
+        out["entropy"] = (jnp.sum(stats.entropy_sum_B), jnp.sum(stats.tokens_B))
+    if stats.top1_sum_B is not None:
+        out["mean_token_accuracy"] = (jnp.sum(stats.top1_sum_B[0::2]), chosen_tokens)
+    return out

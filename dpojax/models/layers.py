@@ -1,0 +1,170 @@
+"""Building blocks: parameters with logical axes, RMSNorm, dense projections, gated MLP, RoPE.
+
+Every parameter is an `nnx.Param` whose custom metadata `logical_axes` names its axes with the
+glossary of `dpojax.sharding`. Block parameters are created STACKED: `num_layers=L` prepends an
+axis `layers` of size L; the same module code then runs on one layer's slice inside a scan.
+Norms and softmax run in fp32; matmuls in the compute `dtype`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dpojax.models.config import RopeConfig
+
+Initializer = str  # "normal" (std = init_std), "ones", "zeros"
+
+
+def make_param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], *, init: Initializer,
+               param_dtype, num_layers: int | None = None, init_std: float = 0.02) -> nnx.Param:
+    """An nnx.Param of `shape` (with a leading `layers` axis of size num_layers when given)."""
+    if num_layers is not None:
+        shape, axes = (num_layers, *shape), ("layers", *axes)
+    assert len(shape) == len(axes), (shape, axes)
+    if init == "normal":
+        value = (init_std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(param_dtype)
+    elif init == "ones":
+        value = jnp.ones(shape, param_dtype)
+    elif init == "zeros":
+        value = jnp.zeros(shape, param_dtype)
+    else:
+        raise ValueError(f"unknown initializer {init!r}")
+    return nnx.Param(value, logical_axes=tuple(axes))
+
+
+class RMSNorm(nnx.Module):
+    """y = x / sqrt(mean(x^2) + eps) * (offset + weight), computed in fp32, returned in `dtype`."""
+
+    def __init__(self, size: int, *, eps: float, offset: float = 0.0, dtype, param_dtype,
+                 num_layers: int | None, rngs: nnx.Rngs):
+        self.eps, self.offset, self.dtype = eps, offset, dtype
+        self.weight = make_param(rngs, (size,), ("norm",), init="zeros" if offset else "ones",
+                                 param_dtype=param_dtype, num_layers=num_layers)
+
+    def __call__(self, x_BxTxN: jax.Array) -> jax.Array:
+        x32 = x_BxTxN.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        scale = self.weight[...].astype(jnp.float32) + self.offset if self.offset else self.weight[...]
+        return scale.astype(self.dtype) * x32.astype(self.dtype)
+
+
+class Dense(nnx.Module):
+    """y = x . kernel (+ bias), contracting the last len(in_shape) axes of x; kernel is [*in_shape, *out_shape]."""
+
+    def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...], *, in_axes: tuple[str, ...],
+                 out_axes: tuple[str, ...], use_bias: bool, dtype, param_dtype, num_layers: int | None,
+                 rngs: nnx.Rngs, init_std: float = 0.02, bias_axes: tuple[str, ...] | None = None):
+        self.n_in, self.dtype = len(in_shape), dtype
+        self.kernel = make_param(rngs, (*in_shape, *out_shape), (*in_axes, *out_axes), init="normal",
+                                 param_dtype=param_dtype, num_layers=num_layers, init_std=init_std)
+        self.bias = (make_param(rngs, out_shape, bias_axes or out_axes, init="zeros", param_dtype=param_dtype,
+                                num_layers=num_layers) if use_bias else None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.kernel[...].astype(self.dtype)
+        n_out = kernel.ndim - self.n_in
+        x_axes = tuple(range(x.ndim - self.n_in, x.ndim))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel, ((x_axes, tuple(range(self.n_in))), ((), ())))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        assert y.ndim == x.ndim - self.n_in + n_out
+        return y
+
+
+class GatedMLP(nnx.Module):
+    """down(act(gate(x)) * up(x)) (SwiGLU when act = silu)."""
+
+    def __init__(self, D: int, F: int, *, use_bias: bool, activation: str, dtype, param_dtype,
+                 num_layers: int | None, rngs: nnx.Rngs):
+        kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, num_layers=num_layers, rngs=rngs)
+        self.activation = activation
+        self.gate_proj = Dense((D,), (F,), in_axes=("embed",), out_axes=("mlp",), **kw)
+        self.up_proj = Dense((D,), (F,), in_axes=("embed",), out_axes=("mlp",), **kw)
+        self.down_proj = Dense((F,), (D,), in_axes=("mlp",), out_axes=("embed",), **kw)
+
+    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+        act = ACTIVATION_FNS[self.activation]
+        h_BxTxF = act(self.gate_proj(x_BxTxD)) * self.up_proj(x_BxTxD)
+        return self.down_proj(h_BxTxF)
+
+
+ACTIVATION_FNS = {"silu": jax.nn.silu}
+
+
+# ---- RoPE -------------------------------------------------------------------------------------------
+
+
+def rope_frequencies(rope: RopeConfig, head_dim: int, max_position_embeddings: int) -> tuple[np.ndarray, float]:
+    """(inv_freq [Dh/2] float32, cos/sin scale) for `rope`, following transformers' definitions."""
+    dim = head_dim
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    inv_freq = (1.0 / (np.float32(rope.theta) ** exponents)).astype(np.float32)
+    scale = 1.0
+    if rope.type == "linear":
+        inv_freq = inv_freq / np.float32(rope.factor)
+    elif rope.type == "llama3":
+        inv_freq = _llama3_inv_freq(inv_freq, rope)
+    elif rope.type == "yarn":
+        inv_freq, scale = _yarn_inv_freq(rope, dim)
+    # "dynamic" equals "default" for sequences up to max_position_embeddings (checked by ModelConfig).
+    return inv_freq.astype(np.float32), float(scale)
+
+
+def _llama3_inv_freq(inv_freq: np.ndarray, rope: RopeConfig) -> np.ndarray:
+    factor, low, high = rope.factor, rope.low_freq_factor, rope.high_freq_factor
+    old_len = rope.original_max_position_embeddings
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def _yarn_inv_freq(rope: RopeConfig, dim: int) -> tuple[np.ndarray, float]:
+    factor, base, orig = rope.factor, rope.theta, rope.original_max_position_embeddings
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = rope.attention_factor
+    if attention_factor is None:
+        if rope.mscale and rope.mscale_all_dim:
+            attention_factor = mscale(factor, rope.mscale) / mscale(factor, rope.mscale_all_dim)
+        else:
+            attention_factor = mscale(factor)
+    beta_fast, beta_slow = rope.beta_fast or 32, rope.beta_slow or 1
+
+    def correction_dim(rotations):
+        return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    pos_freqs = np.float32(base) ** (np.arange(0, dim, 2).astype(np.float32) / np.float32(dim))
+    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (np.float32(factor) * pos_freqs)
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    keep = 1 - ramp  # share of the extrapolated (unscaled) frequency
+    return (interpolation * (1 - keep) + extrapolation * keep).astype(np.float32), attention_factor
+
+
+def rope_cos_sin(positions_BxT: jax.Array, inv_freq: np.ndarray, scale: float, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [B, T, Dh] (fp32 angles, cast to dtype), halves repeated as in HF's rotate_half layout."""
+    angles_BxTxDh2 = positions_BxT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
+    angles_BxTxDh = jnp.concatenate([angles_BxTxDh2, angles_BxTxDh2], axis=-1)
+    return (jnp.cos(angles_BxTxDh) * scale).astype(dtype), (jnp.sin(angles_BxTxDh) * scale).astype(dtype)
+
+
+def apply_rope(x_BxTxNxDh: jax.Array, cos_BxTxDh: jax.Array, sin_BxTxDh: jax.Array) -> jax.Array:
+    """x * cos + rotate_half(x) * sin, where rotate_half(x) = [-x2, x1] on the two halves of Dh."""
+    x1, x2 = jnp.split(x_BxTxNxDh, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return x_BxTxNxDh * cos_BxTxDh[:, :, None, :] + rotated * sin_BxTxDh[:, :, None, :]
