@@ -15,6 +15,7 @@ Glossary: P pairs in the batch (N in logprobs.py).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -34,6 +35,7 @@ F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"
 F_DIVERGENCE_LOSSES = frozenset({"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"})
 REFERENCE_FREE_LOSSES = frozenset({"simpo", "orpo"})  # never read reference log-probs
 SORTING_LOSSES = frozenset({"aot", "aot_unpaired"})  # sort over the batch: per-pair WPO weights would misalign
+log_sigmoid = jax.nn.log_sigmoid
 
 
 @flax.struct.dataclass
@@ -72,15 +74,11 @@ class Terms(NamedTuple):
 # --------------------------------------------------------------------------------------------------- helpers
 
 
-def _log_sigmoid(x: Array) -> Array:
-    return jax.nn.log_sigmoid(x)
-
-
 def _smoothed_sigmoid(logits: Array, eps: float) -> Array:
     """-(1 - eps) log sigma(z) - eps log sigma(-z): conservative DPO (cDPO) / CPO label smoothing."""
-    loss = -_log_sigmoid(logits)
+    loss = -log_sigmoid(logits)
     if eps:
-        loss = (1.0 - eps) * loss - eps * _log_sigmoid(-logits)
+        loss = (1.0 - eps) * loss - eps * log_sigmoid(-logits)
     return loss
 
 
@@ -111,7 +109,7 @@ def _f_scores(logratios: Array, cfg) -> Array:
     if kind == "forward_kl":  # f'(u) = 1 - 1/u
         return 1.0 - jnp.exp(-logratios)
     if kind == "js_divergence":  # f'(u) = log(2u / (1 + u)) = log 2 + log sigma(log u)
-        return math.log(2.0) + _log_sigmoid(logratios)
+        return math.log(2.0) + log_sigmoid(logratios)
     alpha = cfg.f_alpha_divergence_coef  # alpha_divergence: f'(u) = (u^(alpha-1) - 1) / (alpha - 1)
     if abs(alpha - 1.0) < 1e-6:
         return logratios
@@ -152,7 +150,7 @@ def exo_pair(t: Terms, cfg) -> Array:
     """
     z = cfg.beta * t.delta_score
     eps = cfg.label_smoothing
-    log_qw, log_ql = _log_sigmoid(z), _log_sigmoid(-z)
+    log_qw, log_ql = log_sigmoid(z), log_sigmoid(-z)
     return jnp.exp(log_qw) * (log_qw - math.log1p(-eps)) + jnp.exp(log_ql) * (log_ql - math.log(eps))
 
 
@@ -162,7 +160,7 @@ def nca_pair(t: Terms, cfg) -> Array:
     r = beta * log-ratio (not f-divergence scores).
     """
     rw, rl = cfg.beta * t.chosen_logratios, cfg.beta * t.rejected_logratios
-    return -_log_sigmoid(rw) - 0.5 * _log_sigmoid(-rw) - 0.5 * _log_sigmoid(-rl)
+    return -log_sigmoid(rw) - 0.5 * log_sigmoid(-rw) - 0.5 * log_sigmoid(-rl)
 
 
 def robust(t: Terms, cfg) -> Array:
@@ -171,12 +169,12 @@ def robust(t: Terms, cfg) -> Array:
     (-(1-eps) log sigma(beta Delta) + eps log sigma(-beta Delta)) / (1 - 2 eps).
     """
     z, eps = cfg.beta * t.delta_score, cfg.label_smoothing
-    return (-(1.0 - eps) * _log_sigmoid(z) + eps * _log_sigmoid(-z)) / (1.0 - 2.0 * eps)
+    return (-(1.0 - eps) * log_sigmoid(z) + eps * log_sigmoid(-z)) / (1.0 - 2.0 * eps)
 
 
 def bco_pair(t: Terms, cfg) -> Array:
     """BCO pair (Jung et al. 2024, arXiv:2404.04656) as TRL: -log sigma(r_w) - log sigma(-r_l), r = beta log-ratio."""
-    return -_log_sigmoid(cfg.beta * t.chosen_logratios) - _log_sigmoid(-cfg.beta * t.rejected_logratios)
+    return -log_sigmoid(cfg.beta * t.chosen_logratios) - log_sigmoid(-cfg.beta * t.rejected_logratios)
 
 
 def sppo_hard(t: Terms, cfg) -> Array:
@@ -217,8 +215,8 @@ def aot(t: Terms, cfg) -> Array:
 
 
 def aot_unpaired(t: Terms, cfg) -> Array:
-    """AOT unpaired (Melnyk et al. 2024, arXiv:2406.05882): sort chosen and rejected log-ratios separately over the batch, then
-    smoothed -log sigma(beta * (sorted_w - sorted_l)). Sorts within one micro-batch.
+    """AOT unpaired (Melnyk et al. 2024, arXiv:2406.05882): sort chosen and rejected log-ratios separately over
+    the batch, then smoothed -log sigma(beta * (sorted_w - sorted_l)). Sorts within one micro-batch.
     """
     chosen = _sort_real_first(t.chosen_logratios, t.mask)
     rejected = _sort_real_first(t.rejected_logratios, t.mask)
@@ -243,7 +241,7 @@ def discopop(t: Terms, cfg) -> Array:
     """
     z = cfg.beta * t.delta_score
     mix = jax.nn.sigmoid(z / cfg.discopop_tau)
-    return (1.0 - mix) * -_log_sigmoid(z) + mix * jnp.exp(-z)
+    return (1.0 - mix) * -log_sigmoid(z) + mix * jnp.exp(-z)
 
 
 def sft(t: Terms, cfg) -> Array:
@@ -259,7 +257,7 @@ def sigmoid_norm(t: Terms, cfg) -> Array:
     |y| = completion_mask.sum() (unshifted), clamped to >= 1.
     """
     delta = _safe_div(t.chosen_scores, t.x.chosen_len) - _safe_div(t.rejected_scores, t.x.rejected_len)
-    return -_log_sigmoid(cfg.beta * delta)
+    return -log_sigmoid(cfg.beta * delta)
 
 
 def simpo(t: Terms, cfg) -> Array:
@@ -287,28 +285,14 @@ def orpo(t: Terms, cfg) -> Array:
     NLL(chosen) - beta * log sigma(log odds(y_w) - log odds(y_l)), beta = the paper's lambda. The NLL is the
     micro-batch token mean over `chosen_nll_*` (TRL: prompt+response tokens; pass `lm_mask` for that).
     """
-    return _orpo_nll(t) - cfg.beta * _log_sigmoid(_orpo_log_odds(t))
+    return _orpo_nll(t) - cfg.beta * log_sigmoid(_orpo_log_odds(t))
 
 
 LossFn = Callable[[Terms, object], Array]
 LOSSES: dict[str, LossFn] = {
-    "sigmoid": sigmoid,
-    "hinge": hinge,
-    "ipo": ipo,
-    "exo_pair": exo_pair,
-    "nca_pair": nca_pair,
-    "robust": robust,
-    "bco_pair": bco_pair,
-    "sppo_hard": sppo_hard,
-    "aot": aot,
-    "aot_unpaired": aot_unpaired,
-    "apo_zero": apo_zero,
-    "apo_down": apo_down,
-    "discopop": discopop,
-    "sft": sft,
-    "sigmoid_norm": sigmoid_norm,
-    "simpo": simpo,
-    "orpo": orpo,
+    fn.__name__: fn
+    for fn in (sigmoid, hinge, ipo, exo_pair, nca_pair, robust, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero,
+               apo_down, discopop, sft, sigmoid_norm, simpo, orpo)
 }
 
 
@@ -332,32 +316,28 @@ def _check(ok: bool, message: str) -> None:
 
 def validate_loss_config(cfg) -> None:
     """Raise ConfigError for unknown names and the combinations TRL rejects (or documents as invalid)."""
-    types = loss_types(cfg)
-    _check(len(types) > 0, "loss.type is empty; give one of " + ", ".join(LOSSES) + ".")
+    types, eps = loss_types(cfg), cfg.label_smoothing
+    _check(len(types) > 0, f"loss.type is empty; valid types: {', '.join(LOSSES)}.")
     for name in types:
         _check(name in LOSSES, f"unknown loss type {name!r}; valid types: {', '.join(LOSSES)}.")
     if cfg.weights is not None:
-        _check(
-            len(cfg.weights) == len(types),
-            f"loss.weights has {len(cfg.weights)} values for {len(types)} loss types {list(types)}; give one per type.",
-        )
+        _check(len(cfg.weights) == len(types),
+               f"loss.weights has {len(cfg.weights)} values for the {len(types)} loss types {list(types)}.")
     _check(cfg.beta > 0, f"loss.beta must be > 0, got {cfg.beta}.")
-    _check(0.0 <= cfg.label_smoothing <= 1.0, f"loss.label_smoothing must be in [0, 1], got {cfg.label_smoothing}.")
-    _check(cfg.f_divergence_type in F_DIVERGENCES, f"loss.f_divergence_type must be one of {list(F_DIVERGENCES)}, "
-           f"got {cfg.f_divergence_type!r}.")
+    _check(0.0 <= eps <= 1.0, f"loss.label_smoothing must be in [0, 1], got {eps}.")
+    _check(cfg.f_divergence_type in F_DIVERGENCES,
+           f"loss.f_divergence_type must be one of {list(F_DIVERGENCES)}, got {cfg.f_divergence_type!r}.")
     if cfg.f_divergence_type != "reverse_kl":
         bad = sorted(set(types) - F_DIVERGENCE_LOSSES)
-        _check(not bad, f"f_divergence_type={cfg.f_divergence_type!r} only works with {sorted(F_DIVERGENCE_LOSSES)}; "
-               f"{bad} have no f-divergence form. Use f_divergence_type='reverse_kl' with them.")
+        _check(not bad, f"f_divergence_type={cfg.f_divergence_type!r} only works with "
+                        f"{sorted(F_DIVERGENCE_LOSSES)}; use 'reverse_kl' with {bad}.")
     if cfg.use_weighting:
         bad = sorted(set(types) & SORTING_LOSSES)
-        _check(not bad, f"use_weighting (WPO) is not supported with {bad}: they sort pairs over the batch, which "
-               "would misalign the per-pair weights.")
+        _check(not bad, f"use_weighting (WPO) does not work with {bad}: they sort pairs over the batch.")
     if "exo_pair" in types:
-        _check(0.0 < cfg.label_smoothing < 1.0, "exo_pair needs 0 < label_smoothing < 1 (the EXO paper uses 1e-3), "
-               f"got {cfg.label_smoothing}.")
+        _check(0.0 < eps < 1.0, f"exo_pair needs 0 < label_smoothing < 1 (the paper uses 1e-3), got {eps}.")
     if "robust" in types:
-        _check(cfg.label_smoothing < 0.5, f"robust needs label_smoothing in [0, 0.5), got {cfg.label_smoothing}.")
+        _check(eps < 0.5, f"robust needs label_smoothing (the flip rate) in [0, 0.5), got {eps}.")
     if "discopop" in types:
         _check(cfg.discopop_tau > 0, f"loss.discopop_tau must be > 0, got {cfg.discopop_tau}.")
     if cfg.ld_alpha is not None:
@@ -370,26 +350,33 @@ def validate_loss_config(cfg) -> None:
 
 
 def _fill(x: LossInputs, ref_free: bool) -> LossInputs:
-    """Fill optional fields with their documented defaults; zero reference log-probs when reference-free."""
-    mask = jnp.ones_like(x.chosen_logps) if x.pair_mask is None else x.pair_mask.astype(jnp.float32)
+    """Fill optional fields with their documented defaults; zero reference log-probs when reference-free.
+
+    Padding pairs get harmless values (log-probs -1, counts 1), so no NaN reaches a sum or a gradient.
+    """
     if ref_free:
-        ref_c, ref_r = jnp.zeros_like(x.chosen_logps), jnp.zeros_like(x.rejected_logps)
-    else:
-        if x.ref_chosen_logps is None or x.ref_rejected_logps is None:
-            raise ValueError("reference log-probs are required unless the loss config is reference-free")
-        ref_c, ref_r = x.ref_chosen_logps, x.ref_rejected_logps
+        zeros = jnp.zeros_like(x.chosen_logps)
+        x = x.replace(ref_chosen_logps=zeros, ref_rejected_logps=zeros)
+    elif x.ref_chosen_logps is None or x.ref_rejected_logps is None:
+        raise ValueError("reference log-probs are required unless the loss config is reference-free")
     raw_c = x.chosen_logps if x.chosen_raw_logps is None else x.chosen_raw_logps
-    return x.replace(
-        ref_chosen_logps=ref_c,
-        ref_rejected_logps=ref_r,
+    x = x.replace(
         chosen_len=x.chosen_tokens if x.chosen_len is None else x.chosen_len,
         rejected_len=x.rejected_tokens if x.rejected_len is None else x.rejected_len,
         chosen_raw_logps=raw_c,
         rejected_raw_logps=x.rejected_logps if x.rejected_raw_logps is None else x.rejected_raw_logps,
         chosen_nll_logps=raw_c if x.chosen_nll_logps is None else x.chosen_nll_logps,
         chosen_nll_tokens=x.chosen_tokens if x.chosen_nll_tokens is None else x.chosen_nll_tokens,
-        pair_mask=mask,
     )
+    if x.pair_mask is None:
+        return x.replace(pair_mask=jnp.ones_like(x.chosen_logps))
+    real = x.pair_mask > 0
+    safe = {
+        f.name: jnp.where(real, getattr(x, f.name), 1.0 if f.name.endswith(("tokens", "len")) else -1.0)
+        for f in dataclasses.fields(x)
+        if f.name != "pair_mask" and getattr(x, f.name) is not None
+    }
+    return x.replace(pair_mask=real.astype(jnp.float32), **safe)
 
 
 def make_terms(inputs: LossInputs, cfg) -> Terms:
@@ -410,8 +397,8 @@ def wpo_weights(x: LossInputs) -> Array:
     """
     if x.chosen_wpo_sum is None or x.rejected_wpo_sum is None:
         raise ValueError("use_weighting needs chosen_wpo_sum and rejected_wpo_sum (token_logprobs(with_wpo=True))")
-    w = jnp.exp(_safe_div(x.chosen_wpo_sum, x.chosen_tokens)) * jnp.exp(_safe_div(x.rejected_wpo_sum, x.rejected_tokens))
-    return lax.stop_gradient(w)
+    log_w = _safe_div(x.chosen_wpo_sum, x.chosen_tokens) + _safe_div(x.rejected_wpo_sum, x.rejected_tokens)
+    return lax.stop_gradient(jnp.exp(log_w))
 
 
 def _per_pair(t: Terms, cfg) -> tuple[Array, dict[str, Array]]:
@@ -465,7 +452,7 @@ def preference_loss(inputs: LossInputs, cfg) -> tuple[Array, MetricSums]:
     if "orpo" in types:
         log_odds = _orpo_log_odds(t)
         metrics["nll_loss"] = pair_sum(_orpo_nll(t))
-        metrics["log_odds_ratio"] = pair_sum(_log_sigmoid(log_odds))
+        metrics["log_odds_ratio"] = pair_sum(log_sigmoid(log_odds))
         metrics["log_odds_chosen"] = pair_sum(log_odds)
     elif "rpo_nll" in parts or "sft" in types:
         metrics["nll_loss"] = pair_sum(parts["rpo_nll"] if "rpo_nll" in parts else parts["sft"])
