@@ -96,6 +96,7 @@ class TrainSection:
     log_every: int = 10  # steps between train records in metrics.jsonl
     eval_every: Optional[int] = None  # steps between evals; default: only at the end
     eval_batch_size: Optional[int] = None  # pairs per eval step; default: batch_size
+    max_bad_steps: int = 5  # consecutive non-finite steps (each skipped) before the run stops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +111,8 @@ class CheckpointSection:
     every: Optional[int] = None  # steps between checkpoints; default: only at the end
     keep: int = 2  # most recent checkpoints kept
     async_: bool = True  # write in the background (YAML key: async)
+    best_metric: Optional[str] = None  # also keep the best checkpoint by this eval metric (e.g. rewards/accuracies)
+    best_mode: Literal["max", "min"] = "max"  # whether a larger or smaller best_metric is better
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,6 +317,7 @@ def validate(cfg: Config) -> None:
             f"config: 'loss.weights' has {len(cfg.loss.weights)} entries but 'loss.type' names "
             f"{len(cfg.loss.type)} losses {list(cfg.loss.type)}; give one weight per loss."
         )
+    _validate_sections(cfg)
     from dpojax.losses import validate_loss_config  # the loss registry owns its names and combinations
 
     validate_loss_config(cfg.loss)
@@ -321,6 +325,34 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config: 'data.packing: true' is not implemented yet; set data.packing=false.")
     if cfg.model.trust_remote_code:
         raise ConfigError("config: 'model.trust_remote_code' is not needed: dpojax runs its own model code.")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config: {message}")
+
+
+def _validate_sections(cfg: Config) -> None:
+    t, o, c, d = cfg.train, cfg.optim, cfg.checkpoint, cfg.data
+    for key, value in (("train.eval_every", t.eval_every), ("train.eval_batch_size", t.eval_batch_size),
+                       ("checkpoint.every", c.every), ("train.micro_batch_size", t.micro_batch_size)):
+        _require(value is None or value > 0, f"'{key}' = {value} must be positive (or null).")
+    _require(t.max_bad_steps >= 1, f"'train.max_bad_steps' = {t.max_bad_steps} must be at least 1.")
+    _require(c.keep >= 1, f"'checkpoint.keep' = {c.keep} must be at least 1.")
+    _require(c.best_metric is None or d.eval is not None,
+             "'checkpoint.best_metric' needs an eval set: set 'data.eval' too.")
+    _require(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"'optim.b1' = {o.b1} and 'optim.b2' = {o.b2} must be in [0, 1).")
+    _require(0 < o.rmsprop_decay < 1, f"'optim.rmsprop_decay' = {o.rmsprop_decay} must be in (0, 1).")
+    _require(o.eps > 0 and 0 <= o.momentum < 1, "'optim.eps' must be positive and 'optim.momentum' in [0, 1).")
+    _require(o.max_grad_norm is None or o.max_grad_norm > 0,
+             f"'optim.max_grad_norm' = {o.max_grad_norm} must be positive (null disables clipping).")
+    if d.buckets is not None:
+        _require(all(b > 0 for b in d.buckets), f"'data.buckets' = {list(d.buckets)} must be positive lengths.")
+        _require(max(d.buckets) >= d.max_length,
+                 f"'data.buckets' = {list(d.buckets)} must reach data.max_length = {d.max_length} (add it).")
+    for key in ("data", "fsdp", "tensor"):
+        value = getattr(cfg.mesh, key)
+        _require(value == -1 or value > 0, f"'mesh.{key}' = {value} must be positive or -1 (fill).")
 
 
 def to_dict(cfg: Any) -> dict:

@@ -15,3 +15,7 @@ class DataError(UserError):
 
 class ModelError(UserError):
     """An unsupported or inconsistent model checkpoint (config.json, safetensors, tokenizer)."""
+
+
+class NumericsError(UserError):
+    """Training diverged (non-finite loss or gradients for too many steps in a row)."""

@@ -70,6 +70,18 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def truncate_after(path: Path, step: int) -> None:
+    """Drop records past `step` (a resumed run redoes them), rewriting the file atomically."""
+    path = Path(path)
+    records = read_metrics(path)
+    keep = [r for r in records if r["step"] <= step]
+    if len(keep) == len(records):
+        return
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    tmp.replace(path)
+
+
 def summary_table(rows: Mapping[str, Mapping[str, float]]) -> str:
     """A plain-text table: one column per split (e.g. train / eval), one row per TRL metric."""
     splits = list(rows)

@@ -44,17 +44,43 @@ def manager(output_dir: str | Path, cfg: Config) -> ocp.CheckpointManager:
         max_to_keep=cfg.checkpoint.keep,
         enable_async_checkpointing=cfg.checkpoint.async_,
         create=True,
+        cleanup_tmp_directories=True,  # leftovers of a save that was killed midway
     )
     return ocp.CheckpointManager(checkpoint_dir(output_dir), options=options)
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: Any, cfg: Config, extra: dict | None = None) -> None:
-    meta = {"step": int(step), "data_step": int(step), "config": to_dict(cfg), **(extra or {})}
+def best_manager(output_dir: str | Path, cfg: Config) -> ocp.CheckpointManager:
+    """Keeps the single best checkpoint by the eval metric `checkpoint.best_metric` in output_dir/best."""
+    name, mode = cfg.checkpoint.best_metric, cfg.checkpoint.best_mode
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=1,
+        best_fn=lambda metrics: float(metrics[name]),
+        best_mode=mode,
+        enable_async_checkpointing=cfg.checkpoint.async_,
+        create=True,
+    )
+    return ocp.CheckpointManager(Path(output_dir).absolute() / "best", options=options)
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state: Any, cfg: Config, metrics: dict | None = None) -> None:
+    meta = {"step": int(step), "data_step": int(step), "config": to_dict(cfg)}
+    if metrics is not None:
+        meta["eval"] = {k: float(v) for k, v in metrics.items()}
     mngr.save(
         int(step),
         args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+        metrics=metrics,
         force=True,
     )
+
+
+def all_finite(tree: Any) -> bool:
+    """Whether every floating-point leaf is finite (one small reduction per leaf, gathered once)."""
+    import jax.numpy as jnp
+
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    flags = jax.jit(lambda xs: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs])))(leaves)
+    return bool(flags)
 
 
 def abstract_like(tree: Any) -> Any:

@@ -22,12 +22,13 @@ from dpojax.config import Config, dump_yaml, load_config
 from dpojax.data.batching import PreferenceBatch, eval_batches, steps_per_epoch, train_batches
 from dpojax.data.loader import load_pairs
 from dpojax.data.tokenize import TokenizedPairs, check_vocab
-from dpojax.errors import ConfigError, ModelError, UserError
+from dpojax.errors import ConfigError, ModelError, NumericsError, UserError
 from dpojax.models.config import ModelConfig
 from dpojax.models.hf import export_hf, init_random, load_pretrained, read_hf_config, resolve_model_dir
 from dpojax.sharding import Sharder, make_mesh
 from dpojax.train import checkpoint as ckpt
 from dpojax.train.optim import make_optimizer
+from dpojax.train.preemption import Preemption
 from dpojax.train.step import StepSpec, TrainState, batch_sharding, compile_steps, init_state
 
 log = logging.getLogger("dpojax")
@@ -202,10 +203,13 @@ class _Window:
     def __init__(self):
         self.sums, self.tokens, self.steps, self.t0 = None, 0, 0, time.perf_counter()
 
-    def add(self, out, tokens: int) -> None:
-        self.sums = M.add_sums(self.sums, jax.device_get(out))
+    def add(self, step: int, out, tokens: int) -> tuple[int, bool]:
+        """Add one step's metrics; returns (step, whether its update was skipped as non-finite)."""
+        out = jax.device_get(out)
+        self.sums = M.add_sums(self.sums, out)
         self.tokens += tokens
         self.steps += 1
+        return step, bool(out["skipped_steps"][0] > 0)
 
     def flush(self, pairs_per_step: int, flops_per_token: float) -> dict[str, float]:
         dt = max(time.perf_counter() - self.t0, 1e-9)
@@ -233,7 +237,8 @@ def _flops_per_token(run: Run) -> float:
 
 
 def train(cfg: Config) -> dict[str, Any]:
-    """Train per `cfg`; resumes from `output_dir/checkpoints` when present. Returns the final eval metrics."""
+    """Train per `cfg`; resumes from `output_dir/checkpoints` when present. Returns the final eval metrics
+    (empty when the run stopped early on SIGTERM or had no eval set)."""
     out_dir = Path(cfg.output_dir)
     is_main = jax.process_index() == 0
     sharder = Sharder(make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
@@ -246,18 +251,35 @@ def train(cfg: Config) -> dict[str, Any]:
             f"config: {len(train_pairs)} training pairs make no full batch of train.batch_size="
             f"{cfg.train.batch_size}; lower the batch size or add data."
         )
+    mngr = ckpt.manager(out_dir, cfg)
+    state, start = _maybe_resume(mngr, state, cfg)
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(dump_yaml(cfg))
-    mngr = ckpt.manager(out_dir, cfg)
-    state, start = _maybe_resume(mngr, state, cfg)
+        M.truncate_after(out_dir / "metrics.jsonl", start)  # records past the checkpoint are redone
     writer = M.MetricsWriter(out_dir / "metrics.jsonl", enabled=is_main)
     log.info(
         "training %s: %d pairs, %d steps of %d pairs (%d micro-batches), mesh %s, from step %d",
         cfg.model.name_or_path, len(train_pairs), run.total_steps, cfg.train.batch_size, cfg.grad_accum_steps,
         dict(sharder.mesh.shape), start,
     )
-    state = _loop(run, state, mngr, writer, train_pairs, eval_pairs, start)
+    best = ckpt.best_manager(out_dir, cfg) if cfg.checkpoint.best_metric else None
+    try:
+        with Preemption() as preemption:
+            state, stopped_at = _loop(run, state, Savers(mngr, best), writer, train_pairs, eval_pairs, start,
+                                      preemption)  # fmt: skip
+    finally:  # an error (e.g. divergence) still completes the saves already under way
+        mngr.wait_until_finished()
+        if best is not None:
+            best.wait_until_finished()
+    if stopped_at is not None:
+        mngr.wait_until_finished()
+        print(
+            f"dpojax train: stopped by SIGTERM at step {stopped_at}; checkpoint saved in "
+            f"{ckpt.checkpoint_dir(out_dir)}. Resume with the same command: dpojax train <config> "
+            f"output_dir={out_dir}"
+        )
+        return {}
     final = run_eval(run, state.params, eval_pairs) if eval_pairs is not None else {}
     if final:
         writer.write(run.total_steps, "eval", final)
@@ -282,19 +304,37 @@ def _maybe_resume(mngr, state: TrainState, cfg: Config) -> tuple[TrainState, int
     return state, int(step)
 
 
-def _loop(run: Run, state: TrainState, mngr, writer, train_pairs, eval_pairs, start: int) -> TrainState:
+@dataclasses.dataclass
+class Savers:
+    latest: Any  # CheckpointManager of the most recent checkpoints
+    best: Any  # CheckpointManager of the best one by checkpoint.best_metric, or None
+
+    def save(self, step: int, state: TrainState, cfg: Config) -> None:
+        if self.latest.latest_step() == step:
+            return
+        if not ckpt.all_finite(state.params):
+            raise NumericsError(f"refusing to save a checkpoint at step {step}: the parameters are not finite.")
+        ckpt.save(self.latest, step, state, cfg)
+
+    def save_best(self, step: int, state: TrainState, cfg: Config, metrics: dict[str, float]) -> None:
+        if self.best is not None and ckpt.all_finite(state.params):
+            ckpt.save(self.best, step, state, cfg, metrics=metrics)
+
+
+def _loop(run: Run, state, savers: Savers, writer, train_pairs, eval_pairs, start: int, preemption):
+    """Steps start+1 .. total_steps. Returns (state, the step a SIGTERM stopped at, or None)."""
     cfg = run.cfg
     sharding = batch_sharding(run.sharder)
     flops = _flops_per_token(run)
-    window, pending, bar = _Window(), None, _progress(run.total_steps, start)
+    window, pending, bar, bad = _Window(), None, _progress(run.total_steps, start), _BadSteps(cfg)
     for step, batch in enumerate(_batches(cfg, train_pairs, start, run.total_steps), start=start + 1):
         state, out = run.train_step(state, run.models.ref_params, to_device(batch, sharding))
         if pending is not None:  # read the previous step's metrics while this one runs
-            window.add(*pending)
-        pending = (out, _real_tokens(batch))
+            bad.check(*window.add(*pending))
+        pending = (step, out, _real_tokens(batch))
         last = step == run.total_steps
         if step % cfg.train.log_every == 0 or last:
-            window.add(*pending)
+            bad.check(*window.add(*pending))
             pending = None
             record = window.flush(cfg.train.batch_size, flops)
             writer.write(step, "train", record)
@@ -304,12 +344,41 @@ def _loop(run: Run, state: TrainState, mngr, writer, train_pairs, eval_pairs, st
             )
         bar.update(1)
         if eval_pairs is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0 and not last:
-            writer.write(step, "eval", run_eval(run, state.params, eval_pairs))
+            result = run_eval(run, state.params, eval_pairs)
+            writer.write(step, "eval", result)
+            savers.save_best(step, state, cfg, result)
             window.t0 = time.perf_counter()
         if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or last:
-            ckpt.save(mngr, step, state, cfg)
+            savers.save(step, state, cfg)
+        if not last and preemption.should_stop():
+            if pending is not None:
+                bad.check(*window.add(*pending))
+            savers.save(step, state, cfg)
+            bar.close()
+            return state, step
     bar.close()
-    return state
+    return state, None
+
+
+class _BadSteps:
+    """Counts consecutive skipped (non-finite) steps; stops the run after train.max_bad_steps of them."""
+
+    def __init__(self, cfg: Config):
+        self.limit, self.run_of, self.total = cfg.train.max_bad_steps, 0, 0
+
+    def check(self, step: int, skipped: bool) -> None:
+        if not skipped:
+            self.run_of = 0
+            return
+        self.run_of += 1
+        self.total += 1
+        log.warning("step %d: non-finite loss or gradient norm; update skipped (%d in a row)", step, self.run_of)
+        if self.run_of >= self.limit:
+            raise NumericsError(
+                f"training stopped at step {step}: {self.run_of} consecutive steps had a non-finite loss or gradient "
+                f"norm (each update was skipped; no checkpoint holds NaNs). Lower optim.lr, set optim.max_grad_norm, "
+                f"use model.dtype=float32, or check the data; train.max_bad_steps={self.limit} sets the limit."
+            )
 
 
 def _finish(run: Run, state: TrainState, out_dir: Path, final: dict) -> dict[str, Any]:

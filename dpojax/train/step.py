@@ -31,7 +31,7 @@ MetricSums = dict[str, tuple[jax.Array, jax.Array]]
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class TrainState:
-    step: jax.Array  # int32 scalar: optimizer updates applied
+    step: jax.Array  # int32 scalar: batches consumed (= data position; a skipped non-finite step counts too)
     params: Any  # nnx.State of the policy
     opt_state: Any  # optax state
 
@@ -127,11 +127,17 @@ def train_step(state: TrainState, ref_params, batch: PreferenceBatch, spec: Step
     grad_norm = optax.global_norm(grads)
     updates, opt_state = spec.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    # A non-finite loss or gradient skips the update: params and optimizer state stay as they were.
+    finite = jnp.isfinite(metrics["loss"][0]) & jnp.isfinite(grad_norm)
+    params, opt_state = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old), (params, opt_state), (state.params, state.opt_state)
+    )
     one = jnp.ones((), jnp.float32)
     metrics = {
         **metrics,
         "grad_norm": (grad_norm.astype(jnp.float32), one),
         "learning_rate": (jnp.asarray(spec.schedule(state.step), jnp.float32), one),
+        "skipped_steps": (1.0 - finite.astype(jnp.float32), one),
     }
     return TrainState(state.step + 1, params, opt_state), metrics
 
