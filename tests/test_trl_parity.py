@@ -28,8 +28,11 @@ def _close(ours: float, theirs: float, rel: float = 1e-4, abs_: float = 1e-5) ->
         {"loss__type": "sigmoid"},
         {"loss__type": "ipo", "loss__beta": 0.5},
         {"loss__type": "hinge"},
+        {"loss__type": "robust", "loss__label_smoothing": 0.1},
+        {"loss__type": "apo_zero"},
+        {"loss__type": ["sigmoid", "sft"], "loss__weights": [0.8, 0.2]},
     ],
-    ids=["sigmoid", "ipo", "hinge"],
+    ids=["sigmoid", "ipo", "hinge", "robust", "apo_zero", "mpo"],
 )
 def test_eval_matches_trl_evaluate(assets, tmp_path, fmt, loss):
     # (cDPO label smoothing is not here: TRL 1.16 ignores label_smoothing for sigmoid; tests/test_losses.py
@@ -37,7 +40,12 @@ def test_eval_matches_trl_evaluate(assets, tmp_path, fmt, loss):
     data = assets[fmt]
     cfg = config_from_dict(dpojax_overrides(assets, data, tmp_path / "ours", train__eval_batch_size=16, **loss))
     ours = evaluate(cfg)
-    trl_loss = {"loss_type": [loss["loss__type"]], "beta": loss.get("loss__beta", 0.1)}
+    types = loss["loss__type"]
+    trl_loss = {"loss_type": types if isinstance(types, list) else [types], "beta": loss.get("loss__beta", 0.1)}
+    if "loss__weights" in loss:
+        trl_loss["loss_weights"] = loss["loss__weights"]
+    if "loss__label_smoothing" in loss:
+        trl_loss["label_smoothing"] = loss["loss__label_smoothing"]
     theirs = trl_trainer(assets, data, tmp_path / "trl", per_device_eval_batch_size=16, **trl_loss).evaluate()
     for name in TRL_METRICS:
         assert _close(ours[name], theirs[f"eval_{name}"]), (name, ours[name], theirs[f"eval_{name}"])

@@ -9,6 +9,7 @@ from dpojax.models.attention import IMPLEMENTATIONS, attend, resolve_attention
 from dpojax.models.config import FAMILIES, ModelConfig, RopeConfig
 from dpojax.models.hf import (
     abstract_decoder,
+    abstract_params,
     export_hf,
     init_random,
     load_pretrained,
@@ -19,6 +20,6 @@ from dpojax.models.transformer import REMAT_POLICIES, Decoder
 
 __all__ = [
     "FAMILIES", "IMPLEMENTATIONS", "REMAT_POLICIES", "Decoder", "ModelConfig", "RopeConfig", "abstract_decoder",
-    "attend", "export_hf", "init_random", "load_pretrained", "param_sharding", "resolve_attention",
+    "abstract_params", "attend", "export_hf", "init_random", "load_pretrained", "param_sharding", "resolve_attention",
     "state_shardings",
 ]

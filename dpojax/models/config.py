@@ -90,7 +90,8 @@ class ModelConfig:
     def validate(self) -> None:
         if self.num_heads % self.num_kv_heads:
             raise ModelError(
-                f"num_attention_heads ({self.num_heads}) must be a multiple of num_key_value_heads ({self.num_kv_heads})."
+                f"num_attention_heads ({self.num_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_kv_heads})."
             )
         if self.head_dim % 2:
             raise ModelError(f"head_dim must be even for rotary embeddings, got {self.head_dim}.")

@@ -30,8 +30,10 @@ from dpojax.sharding import Sharder
 
 # ---- transforms: (HF array, our shape) -> ours, and ours -> HF -----------------------------------------
 # HF nn.Linear weights are [out, in]; ours are [in..., out...] with heads split out of the flat dims.
-TRANSFORMS: dict[str, tuple[Callable[[np.ndarray, tuple[int, ...]], np.ndarray], Callable[[np.ndarray], np.ndarray]]] = {
-    "identity": (lambda x, shape: x.reshape(shape), lambda x: x),
+ToOurs = Callable[[np.ndarray, tuple[int, ...]], np.ndarray]
+ToHF = Callable[[np.ndarray], np.ndarray]
+TRANSFORMS: dict[str, tuple[ToOurs, ToHF]] = {
+    "identity": (lambda x, shape: x, lambda x: x),
     "transpose": (lambda x, shape: x.T, lambda x: x.T),  # [out, in] <-> [in, out]
     "split_out_heads": (  # [N*Dh, D] <-> [D, N, Dh]   (q/k/v)
         lambda x, shape: x.T.reshape(shape), lambda x: x.reshape(x.shape[0], -1).T),
@@ -89,6 +91,16 @@ def _is_var(x: Any) -> bool:
     return isinstance(x, nnx.Variable)
 
 
+def abstract_params(cfg: ModelConfig, *, sharder: Sharder | None = None, **decoder_kwargs):
+    """(graphdef, State of Params whose values are ShapeDtypeStructs carrying their target sharding),
+    e.g. the restore target of an Orbax checkpoint. decoder_kwargs as for Decoder()."""
+    graphdef, state = nnx.split(abstract_decoder(cfg, sharder=sharder, **decoder_kwargs))
+    abstract = jax.tree.map(
+        lambda v: v.replace(value=jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=param_sharding(v, sharder))),
+        state, is_leaf=_is_var)
+    return graphdef, abstract
+
+
 def param_sharding(var: nnx.Variable, sharder: Sharder | None) -> jax.sharding.Sharding:
     """Target sharding of one (abstract) parameter from its logical axes; one default device without a sharder."""
     if sharder is None:
@@ -111,7 +123,7 @@ def init_random(cfg: ModelConfig, *, seed: int = 0, dtype=jnp.float32, param_dty
     kw = (("dtype", dtype), ("param_dtype", param_dtype), ("attention", attention), ("remat", remat),
           ("scan_layers", scan_layers), ("sharder", sharder))
     graphdef, make_state = _init_fn(cfg, kw)
-    return nnx.merge(graphdef, make_state(jnp.asarray(seed, jnp.uint32)))
+    return nnx.merge(graphdef, make_state(jax.random.key(seed)))
 
 
 @functools.lru_cache(maxsize=8)
@@ -119,8 +131,8 @@ def _init_fn(cfg: ModelConfig, kw: tuple[tuple[str, Any], ...]):
     graphdef, abstract_state = nnx.split(abstract_decoder(cfg, **dict(kw)))
     shardings = state_shardings(abstract_state, dict(kw)["sharder"])
 
-    def make_state(seed):
-        return nnx.split(Decoder(cfg, rngs=nnx.Rngs(seed), **dict(kw)))[1]
+    def make_state(key):
+        return nnx.split(Decoder(cfg, rngs=nnx.Rngs(key), **dict(kw)))[1]
 
     return graphdef, jax.jit(make_state, out_shardings=shardings)
 
@@ -170,7 +182,8 @@ def weight_map(folder: pathlib.Path) -> dict[str, pathlib.Path]:
             "safetensors first, e.g. AutoModelForCausalLM.from_pretrained(path).save_pretrained(out, "
             "safe_serialization=True)."
         )
-    raise ModelError(f"{folder} has no model.safetensors or model.safetensors.index.json.")
+    raise ModelError(f"{folder} has no model.safetensors or model.safetensors.index.json (dpojax reads "
+                     "safetensors only; convert pickle *.bin checkpoints with save_pretrained(safe_serialization=True)).")
 
 
 class _Reader:
@@ -184,6 +197,9 @@ class _Reader:
 
     def get(self, name: str) -> np.ndarray:
         return self.handles[self.files[name]].get_tensor(name)
+
+    def get_slice(self, name: str):
+        return self.handles[self.files[name]].get_slice(name)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.handles[self.files[name]].get_slice(name).get_shape())
@@ -220,27 +236,36 @@ def _check_keys(flat: list, files: Mapping[str, Any], cfg: ModelConfig) -> None:
         )
 
 
+# Transforms whose HF slice for an index of ours is known: read only that part of the file.
+SLICEABLE = {"identity": lambda index: index, "transpose": lambda index: index[::-1]}
+
+
 def _load_param(var: nnx.Variable, path: str, cfg: ModelConfig, reader: _Reader, sharder: Sharder | None) -> jax.Array:
     """One parameter, created on its shards; for stacked params each callback reads only its layers."""
     table, _ = FAMILY_TABLES[cfg.family]
     hf_name, transform = table[path]
-    to_ours = TRANSFORMS[transform][0]
+    to_ours, to_hf = TRANSFORMS[transform]
     stacked = "{i}" in hf_name
     shape, dtype = tuple(var.shape), var.dtype
     layer_shape = shape[1:] if stacked else shape
+    hf_shape = to_hf(np.empty(layer_shape, np.int8)).shape
+    for name in _hf_names(path, cfg.num_layers, table):
+        if reader.shape(name) != hf_shape:
+            raise ModelError(f"weight {name} has shape {reader.shape(name)}, expected {hf_shape} for {path} "
+                             "(config.json and the safetensors disagree).")
 
-    def read(name: str) -> np.ndarray:
-        x = reader.get(name)
-        y = to_ours(x, layer_shape)
-        if y.shape != layer_shape:
-            raise ModelError(f"weight {name} has shape {x.shape}, which does not fit {path} {layer_shape}.")
-        return y
+    def read(name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """Our layer-level `index` of HF weight `name`, in our layout."""
+        if transform in SLICEABLE:  # memory-mapped partial read
+            x = reader.get_slice(name)[SLICEABLE[transform](index)]
+            return x if transform == "identity" else x.T
+        return to_ours(reader.get(name), layer_shape)[index]
 
     def callback(index: tuple[slice, ...]) -> np.ndarray:
         if not stacked:
-            return np.ascontiguousarray(read(hf_name)[index]).astype(dtype)
+            return np.ascontiguousarray(read(hf_name, index)).astype(dtype)
         layers = range(*index[0].indices(shape[0]))
-        return np.stack([np.asarray(read(hf_name.format(i=i))[index[1:]]).astype(dtype) for i in layers])
+        return np.stack([read(hf_name.format(i=i), index[1:]).astype(dtype) for i in layers])
 
     return jax.make_array_from_callback(shape, param_sharding(var, sharder), callback)
 
