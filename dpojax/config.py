@@ -39,6 +39,8 @@ class ModelSection:
 class RefModelSection:
     name_or_path: Optional[str] = None  # default: model.name_or_path
     precompute: bool = False  # run the reference once over the data and cache its log-probs
+    sync_every: Optional[int] = None  # TR-DPO: every this many steps ref <- mixup_alpha*policy + (1-mixup_alpha)*ref
+    mixup_alpha: float = 0.6  # TR-DPO soft-update weight of the policy (TRL's ref_model_mixup_alpha)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +109,19 @@ class MeshSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistributedSection:
+    """Multi-process runs (see dpojax.distributed); one process needs none of this."""
+
+    mode: Literal["auto", "on", "off"] = "auto"  # auto: join if a coordinator is set or a multi-process job detected
+    coordinator: Optional[str] = None  # host:port of process 0 (or env DPOJAX_COORDINATOR); None: detect
+    num_processes: Optional[int] = None  # processes in the run (or env DPOJAX_NUM_PROCESSES); None: detect
+    process_id: Optional[int] = None  # this process, 0..num_processes-1 (or env DPOJAX_PROCESS_ID); None: detect
+    initialization_timeout: int = 300  # seconds to wait for every process to connect
+    heartbeat_timeout: int = 100  # seconds without a heartbeat after which a process counts as dead: all stop
+    shutdown_timeout: int = 300  # seconds a finishing process waits for the others at exit
+
+
+@dataclasses.dataclass(frozen=True)
 class CheckpointSection:
     every: Optional[int] = None  # steps between checkpoints; default: only at the end
     keep: int = 2  # most recent checkpoints kept
@@ -125,6 +140,7 @@ class Config:
     train: TrainSection = TrainSection()
     mesh: MeshSection = MeshSection()
     checkpoint: CheckpointSection = CheckpointSection()
+    distributed: DistributedSection = DistributedSection()
     output_dir: str = "runs/default"  # run folder: config.yaml, metrics.jsonl, checkpoints/, export/
 
     @property
@@ -323,6 +339,9 @@ def validate(cfg: Config) -> None:
     validate_loss_config(cfg.loss)
     if cfg.data.packing:
         raise ConfigError("config: 'data.packing: true' is not implemented yet; set data.packing=false.")
+    d = cfg.distributed
+    if min(d.initialization_timeout, d.heartbeat_timeout, d.shutdown_timeout) <= 0:
+        raise ConfigError("config: 'distributed.*_timeout' values are seconds and must be positive.")
     if cfg.model.trust_remote_code:
         raise ConfigError("config: 'model.trust_remote_code' is not needed: dpojax runs its own model code.")
 
@@ -337,6 +356,12 @@ def _validate_sections(cfg: Config) -> None:
     for key, value in (("train.eval_every", t.eval_every), ("train.eval_batch_size", t.eval_batch_size),
                        ("checkpoint.every", c.every), ("train.micro_batch_size", t.micro_batch_size)):
         _require(value is None or value > 0, f"'{key}' = {value} must be positive (or null).")
+    r = cfg.ref_model
+    _require(r.sync_every is None or r.sync_every > 0, f"'ref_model.sync_every' = {r.sync_every} must be positive.")
+    _require(0 < r.mixup_alpha <= 1, f"'ref_model.mixup_alpha' = {r.mixup_alpha} must be in (0, 1].")
+    _require(not (r.precompute and r.sync_every),
+             "'ref_model.precompute' and 'ref_model.sync_every' (TR-DPO) exclude each other: a reference that "
+             "changes during training cannot be precomputed.")
     _require(t.max_bad_steps >= 1, f"'train.max_bad_steps' = {t.max_bad_steps} must be at least 1.")
     _require(c.keep >= 1, f"'checkpoint.keep' = {c.keep} must be at least 1.")
     _require(c.best_metric is None or d.eval is not None,

@@ -24,6 +24,7 @@ import math
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dpojax.errors import ConfigError
@@ -69,9 +70,18 @@ def resolve_mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int) -> tup
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes).
+
+    On TPU the devices are laid out along the physical torus (`mesh_utils.create_device_mesh`), so the
+    tensor axis, which communicates most, gets the closest neighbours; elsewhere they keep their order.
+    """
     devices = list(jax.devices() if devices is None else devices)
     shape = resolve_mesh_shape(data, fsdp, tensor, len(devices))
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+    try:
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    except (ValueError, NotImplementedError, AssertionError):  # an unusual TPU slice shape: keep the given order
+        grid = np.asarray(devices).reshape(shape)
+    return Mesh(grid, MESH_AXES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,3 +118,39 @@ class Sharder:
 def constrain(x: jax.Array, sharder: Sharder | None, names: tuple[str | None, ...]) -> jax.Array:
     """Sharding constraint on an activation; a no-op only when no mesh was given (sharder is None)."""
     return x if sharder is None else sharder.constrain(x, names)
+
+
+# --------------------------------------------------------------------------------------------- checks
+def unsharded_params(params, mesh: Mesh, axis: str = "fsdp") -> list[tuple[str, tuple[int, ...]]]:
+    """(path, shape) of every array in `params` that is not split over mesh axis `axis`, largest first."""
+    out = []
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+        spec = getattr(getattr(x, "sharding", None), "spec", None)
+        if spec is None:
+            continue
+        used = {a for entry in spec if entry is not None for a in ((entry,) if isinstance(entry, str) else entry)}
+        if axis not in used:
+            name = jax.tree_util.keystr(path, simple=True, separator="/").removesuffix("/value")
+            out.append((name, tuple(x.shape)))
+    return sorted(out, key=lambda item: -math.prod(item[1]))
+
+
+def check_fsdp_sharded(params, mesh: Mesh, *, tolerance: float = 0.02) -> None:
+    """Raise ConfigError when, with mesh.fsdp > 1, parameters left whole on every fsdp device hold more than
+    `tolerance` of all parameter elements (MaxText's "sufficiently sharded" check).
+
+    Norm scales are replicated by design (a few D-vectors); a matrix is replicated only when its dimension
+    mapped to `fsdp` does not divide by mesh.fsdp, which silently multiplies its memory by mesh.fsdp.
+    """
+    if mesh.shape.get("fsdp", 1) <= 1:
+        return
+    total = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    whole = unsharded_params(params, mesh, "fsdp")
+    replicated = sum(math.prod(shape) for _, shape in whole)
+    if total and replicated / total > tolerance:
+        names = ", ".join(f"{p} {list(shape)}" for p, shape in whole[:6])
+        raise ConfigError(
+            f"mesh: mesh.fsdp={mesh.shape['fsdp']} leaves {replicated / total:.1%} of the parameters unsharded "
+            f"(largest: {names}), because their fsdp dimension (usually hidden_size) is not a multiple of "
+            f"{mesh.shape['fsdp']}; pick a mesh.fsdp that divides the model's dimensions."
+        )

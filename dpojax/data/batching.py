@@ -33,6 +33,7 @@ class PreferenceBatch:
     completion_mask_Nx2xT: np.ndarray  # int32, 1 on completion tokens (the ones whose log-probs are summed)
     pair_mask_N: np.ndarray  # float32, 1 = real pair, 0 = filler pair (a copy of a real one) in the last eval batch
     pair_index_N: np.ndarray  # int32, index of the pair in TokenizedPairs; -1 for filler pairs
+    ref_logps_Nx2: np.ndarray | None = None  # float32 precomputed reference log-probs (ref_model.precompute)
 
     @property
     def shape(self) -> tuple[int, int, int]:

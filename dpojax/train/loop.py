@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dpojax import losses, metrics as M
+from dpojax import distributed, losses, metrics as M
 from dpojax.config import Config, dump_yaml, load_config
 from dpojax.data.batching import PreferenceBatch, eval_batches, steps_per_epoch, train_batches
 from dpojax.data.loader import load_pairs
@@ -25,11 +25,20 @@ from dpojax.data.tokenize import TokenizedPairs, check_vocab
 from dpojax.errors import ConfigError, ModelError, NumericsError, UserError
 from dpojax.models.config import ModelConfig
 from dpojax.models.hf import export_hf, init_random, load_pretrained, read_hf_config, resolve_model_dir
-from dpojax.sharding import Sharder, make_mesh
+from dpojax.sharding import Sharder, check_fsdp_sharded, make_mesh
 from dpojax.train import checkpoint as ckpt
 from dpojax.train.optim import make_optimizer
 from dpojax.train.preemption import Preemption
-from dpojax.train.step import StepSpec, TrainState, batch_sharding, compile_steps, init_state
+from dpojax.train import reference
+from dpojax.train.step import (
+    StepSpec,
+    TrainState,
+    batch_sharding,
+    compile_reference,
+    compile_steps,
+    compile_sync,
+    init_state,
+)
 
 log = logging.getLogger("dpojax")
 
@@ -44,8 +53,10 @@ class Models:
     policy_cfg: ModelConfig
     policy_graphdef: Any
     policy_params: Any
-    ref_graphdef: Any  # None when the loss needs no reference
+    ref_graphdef: Any  # None when the loss needs no reference, or its log-probs are precomputed
     ref_params: Any
+    ref_fingerprint: str = ""  # what the reference weights hash to (precompute cache key)
+    ref_tables: dict | None = None  # data fingerprint -> [P, 2] precomputed reference log-probs
 
 
 def load_tokenizer(cfg: Config) -> tuple[Any, Path]:
@@ -87,6 +98,7 @@ def build_models(cfg: Config, sharder: Sharder, *, policy_source: str | None = N
         same = cfg.ref_name_or_path == cfg.model.name_or_path
         if same and cfg.model.init == "random":
             rgraph, rparams = pgraph, jax.tree.map(jnp.copy, pparams)
+            ref_id = _weights_id(cfg, cfg.model.name_or_path, random_seed=cfg.model.seed)
             if policy_source is not None:  # evaluating a trained policy: rebuild the initial random weights
                 rgraph, rparams = nnx.split(_build_model(cfg, cfg.model.name_or_path, sharder, random_init=True)[0])
         else:
@@ -97,11 +109,50 @@ def build_models(cfg: Config, sharder: Sharder, *, policy_source: str | None = N
                     f"'{cfg.model.name_or_path}' has {pcfg.vocab_size}; DPO needs both to share one tokenizer."
                 )
             rgraph, rparams = nnx.split(ref)
-    return Models(tokenizer, tok_dir, pcfg, pgraph, pparams, rgraph, rparams)
+            ref_id = _weights_id(cfg, cfg.ref_name_or_path)
+        if cfg.ref_model.sync_every and rgraph != pgraph:
+            raise ConfigError(
+                "config: 'ref_model.sync_every' (TR-DPO) mixes policy weights into the reference, so both must have "
+                f"the same architecture; '{cfg.ref_name_or_path}' differs from '{cfg.model.name_or_path}'."
+            )
+    return Models(tokenizer, tok_dir, pcfg, pgraph, pparams, rgraph, rparams,
+                  ref_fingerprint=ref_id if rgraph is not None else "")  # fmt: skip
+
+
+def _weights_id(cfg: Config, name: str, random_seed: int | None = None) -> str:
+    """Fingerprint of reference weights, computed only when they will be precomputed (it reads the files)."""
+    if not cfg.ref_model.precompute:
+        return ""
+    folder = resolve_model_dir(name, cfg.model.revision)
+    return reference.weights_fingerprint(folder, _cache_dir(cfg), random_seed=random_seed)
+
+
+def _cache_dir(cfg: Config) -> Path:
+    return Path(cfg.data.cache_dir or Path.home() / ".cache" / "dpojax")
+
+
+def precompute_references(cfg: Config, models: Models, sharder: Sharder, pair_sets: list[TokenizedPairs]) -> None:
+    """Run the reference once over each data set (cached on disk), then drop it from device memory."""
+    if not cfg.ref_model.precompute or models.ref_graphdef is None:
+        return
+    spec = StepSpec(models.policy_graphdef, models.ref_graphdef, cfg.loss, None, None, sharder=sharder)
+    forward = compile_reference(spec, models.ref_graphdef, models.ref_params, sharder)
+    bs = cfg.train.eval_batch_size or cfg.train.batch_size
+    sharding = batch_sharding(sharder)
+    settings = {"ld_alpha": cfg.loss.ld_alpha, "dtype": cfg.model.dtype, "param_dtype": cfg.model.param_dtype}
+    tables = {}
+    for pairs in pair_sets:
+        key = reference.cache_key(pairs, models.ref_fingerprint, settings)
+        tables[pairs.fingerprint] = reference.load_or_compute(
+            _cache_dir(cfg) / f"ref-{key}.npz",
+            lambda: reference.precompute(forward, models.ref_params, pairs, bs, lambda b: to_device(b, sharding),
+                                         buckets=cfg.data.buckets, process_kw=_process_kw()),  # fmt: skip
+        )
+    models.ref_graphdef, models.ref_params, models.ref_tables = None, None, tables
 
 
 def load_split(cfg: Config, tokenizer, spec: str, split: str) -> TokenizedPairs:
-    cache = cfg.data.cache_dir or str(Path.home() / ".cache" / "dpojax")
+    cache = str(_cache_dir(cfg))
     return load_pairs(
         spec,
         tokenizer,
@@ -132,6 +183,17 @@ class Run:
     train_step: Any
     eval_step: Any
     total_steps: int
+    sync_reference: Any = None  # jitted TR-DPO update, when ref_model.sync_every is set
+
+    def checkpoint_tree(self, state: TrainState) -> Any:
+        """What a checkpoint holds: the train state, plus the reference when TR-DPO changes it."""
+        return {"train": state, "ref": self.models.ref_params} if self.sync_reference else state
+
+    def from_checkpoint_tree(self, tree: Any) -> TrainState:
+        if self.sync_reference:
+            self.models.ref_params = tree["ref"]
+            return tree["train"]
+        return tree
 
 
 def _check_batch(cfg: Config, sharder: Sharder, n_devices_data: int) -> None:
@@ -167,11 +229,14 @@ def setup(cfg: Config, n_train_pairs: int | None, models: Models, sharder: Shard
         schedule=schedule,
         grad_accum=cfg.grad_accum_steps,
         sharder=sharder,
+        precomputed_ref=models.ref_tables is not None,
     )
+    check_fsdp_sharded(models.policy_params, sharder.mesh)  # no big parameter silently whole on every device
     state = init_state(models.policy_params, optimizer, sharder)
     models.policy_params = None  # the state owns (and donates) them now
     train, evaluate = compile_steps(spec, state, models.ref_params, sharder)
-    return Run(cfg, sharder, models, spec, train, evaluate, total), state
+    sync = compile_sync(models.ref_params, cfg.ref_model.mixup_alpha) if cfg.ref_model.sync_every else None
+    return Run(cfg, sharder, models, spec, train, evaluate, total, sync), state
 
 
 def run_eval(run: Run, params, pairs: TokenizedPairs) -> dict[str, float]:
@@ -179,7 +244,9 @@ def run_eval(run: Run, params, pairs: TokenizedPairs) -> dict[str, float]:
     bs = cfg.train.eval_batch_size or cfg.train.batch_size
     sharding = batch_sharding(run.sharder)
     sums = None
+    table = reference.lookup(run.models.ref_tables, pairs)
     for batch in eval_batches(pairs, bs, buckets=cfg.data.buckets, **_process_kw()):
+        batch = reference.attach(batch, table)
         out = run.eval_step(params, run.models.ref_params, to_device(batch, sharding))
         sums = M.add_sums(sums, jax.device_get(out))
     return M.finalize(sums)
@@ -239,12 +306,14 @@ def _flops_per_token(run: Run) -> float:
 def train(cfg: Config) -> dict[str, Any]:
     """Train per `cfg`; resumes from `output_dir/checkpoints` when present. Returns the final eval metrics
     (empty when the run stopped early on SIGTERM or had no eval set)."""
+    distributed.initialize(cfg.distributed)  # before anything touches a device
     out_dir = Path(cfg.output_dir)
     is_main = jax.process_index() == 0
     sharder = Sharder(make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
     models = build_models(cfg, sharder)
     train_pairs = load_split(cfg, models.tokenizer, cfg.data.train, cfg.data.train_split)
     eval_pairs = load_split(cfg, models.tokenizer, cfg.data.eval, cfg.data.eval_split) if cfg.data.eval else None
+    precompute_references(cfg, models, sharder, [p for p in (train_pairs, eval_pairs) if p is not None])
     run, state = setup(cfg, len(train_pairs), models, sharder)
     if run.total_steps < 1:
         raise ConfigError(
@@ -252,7 +321,7 @@ def train(cfg: Config) -> dict[str, Any]:
             f"{cfg.train.batch_size}; lower the batch size or add data."
         )
     mngr = ckpt.manager(out_dir, cfg)
-    state, start = _maybe_resume(mngr, state, cfg)
+    state, start = _maybe_resume(mngr, run, state, cfg)
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(dump_yaml(cfg))
@@ -266,7 +335,7 @@ def train(cfg: Config) -> dict[str, Any]:
     best = ckpt.best_manager(out_dir, cfg) if cfg.checkpoint.best_metric else None
     try:
         with Preemption() as preemption:
-            state, stopped_at = _loop(run, state, Savers(mngr, best), writer, train_pairs, eval_pairs, start,
+            state, stopped_at = _loop(run, state, Savers(mngr, best, run), writer, train_pairs, eval_pairs, start,
                                       preemption)  # fmt: skip
     finally:  # an error (e.g. divergence) still completes the saves already under way
         mngr.wait_until_finished()
@@ -287,7 +356,7 @@ def train(cfg: Config) -> dict[str, Any]:
     return _finish(run, state, out_dir, final)
 
 
-def _maybe_resume(mngr, state: TrainState, cfg: Config) -> tuple[TrainState, int]:
+def _maybe_resume(mngr, run: Run, state: TrainState, cfg: Config) -> tuple[TrainState, int]:
     step = mngr.latest_step()
     if step is None:
         return state, 0
@@ -299,7 +368,8 @@ def _maybe_resume(mngr, state: TrainState, cfg: Config) -> tuple[TrainState, int
             f"({'; '.join(conflicts)}); resuming would not continue the same run. Use a new output_dir, "
             "or restore the original values."
         )
-    state, _ = ckpt.restore(mngr, step, state)
+    tree, _ = ckpt.restore(mngr, step, run.checkpoint_tree(state))
+    state = run.from_checkpoint_tree(tree)
     log.info("resumed from %s at step %d", ckpt.checkpoint_dir(cfg.output_dir), step)
     return state, int(step)
 
@@ -309,16 +379,18 @@ class Savers:
     latest: Any  # CheckpointManager of the most recent checkpoints
     best: Any  # CheckpointManager of the best one by checkpoint.best_metric, or None
 
+    run: Any = None  # the Run, which knows what a checkpoint holds
+
     def save(self, step: int, state: TrainState, cfg: Config) -> None:
         if self.latest.latest_step() == step:
             return
         if not ckpt.all_finite(state.params):
             raise NumericsError(f"refusing to save a checkpoint at step {step}: the parameters are not finite.")
-        ckpt.save(self.latest, step, state, cfg)
+        ckpt.save(self.latest, step, self.run.checkpoint_tree(state), cfg)
 
     def save_best(self, step: int, state: TrainState, cfg: Config, metrics: dict[str, float]) -> None:
         if self.best is not None and ckpt.all_finite(state.params):
-            ckpt.save(self.best, step, state, cfg, metrics=metrics)
+            ckpt.save(self.best, step, self.run.checkpoint_tree(state), cfg, metrics=metrics)
 
 
 def _loop(run: Run, state, savers: Savers, writer, train_pairs, eval_pairs, start: int, preemption):
@@ -327,8 +399,12 @@ def _loop(run: Run, state, savers: Savers, writer, train_pairs, eval_pairs, star
     sharding = batch_sharding(run.sharder)
     flops = _flops_per_token(run)
     window, pending, bar, bad = _Window(), None, _progress(run.total_steps, start), _BadSteps(cfg)
+    table = reference.lookup(run.models.ref_tables, train_pairs)
     for step, batch in enumerate(_batches(cfg, train_pairs, start, run.total_steps), start=start + 1):
+        batch = reference.attach(batch, table)
         state, out = run.train_step(state, run.models.ref_params, to_device(batch, sharding))
+        if run.sync_reference is not None and step % cfg.ref_model.sync_every == 0:
+            run.models.ref_params = run.sync_reference(state.params, run.models.ref_params)
         if pending is not None:  # read the previous step's metrics while this one runs
             bad.check(*window.add(*pending))
         pending = (step, out, _real_tokens(batch))
@@ -401,17 +477,20 @@ def _finish(run: Run, state: TrainState, out_dir: Path, final: dict) -> dict[str
 # ------------------------------------------------------------------------------------------------- eval
 def evaluate(cfg: Config) -> dict[str, float]:
     """Metrics of the policy (a run's newest checkpoint when `output_dir` has one) on data.eval or data.train."""
+    distributed.initialize(cfg.distributed)  # before anything touches a device
     is_main = jax.process_index() == 0
     sharder = Sharder(make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
     models = build_models(cfg, sharder)
     spec_name, split = (cfg.data.eval, cfg.data.eval_split) if cfg.data.eval else (cfg.data.train, cfg.data.train_split)
     pairs = load_split(cfg, models.tokenizer, spec_name, split)
+    precompute_references(cfg, models, sharder, [pairs])
     run, state = setup(cfg, len(pairs), models, sharder)
     step = 0
     found = ckpt.find_checkpoint(cfg.output_dir)
     if found is not None:
         mngr = ckpt.manager(cfg.output_dir, cfg)
-        state, _ = ckpt.restore(mngr, found.step, state)
+        tree, _ = ckpt.restore(mngr, found.step, run.checkpoint_tree(state))
+        state = run.from_checkpoint_tree(tree)
         step = found.step
         log.info("evaluating the checkpoint at step %d of %s", step, cfg.output_dir)
     result = run_eval(run, state.params, pairs)
@@ -442,7 +521,8 @@ def export_from_cli(source: str, out_dir: str) -> None:
     models = build_models(cfg, sharder)
     run, state = setup(cfg, None, models, sharder)
     mngr = ckpt.manager(run_dir, cfg)
-    state, _ = ckpt.restore(mngr, found.step, state)
+    tree, _ = ckpt.restore(mngr, found.step, run.checkpoint_tree(state))
+    state = run.from_checkpoint_tree(tree)
     model = nnx.merge(run.spec.policy_graphdef, state.params)
     path = export_hf(model, models.policy_cfg, out_dir, tokenizer_dir=models.tokenizer_dir)
     print(f"exported step {found.step} of {run_dir} to {path}")

@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from dpojax import losses
 from dpojax.config import LossSection
 from dpojax.data.batching import PreferenceBatch
-from dpojax.logprobs import sequence_stats, token_logprobs, token_metric_sums
+from dpojax.logprobs import SeqStats, sequence_stats, token_logprobs, token_metric_sums
 from dpojax.sharding import Sharder
 
 MetricSums = dict[str, tuple[jax.Array, jax.Array]]
@@ -41,13 +41,14 @@ class StepSpec:
     """Everything static a step needs (hashable parts only)."""
 
     policy_graphdef: Any
-    ref_graphdef: Any  # None when the loss is reference-free
+    ref_graphdef: Any  # None when the loss is reference-free or the reference log-probs are precomputed
     loss: LossSection
     optimizer: optax.GradientTransformation
     schedule: optax.Schedule
     grad_accum: int = 1  # A micro-batches per optimizer step
     chunk_len: int = 256  # sequence chunk of the log-prob head
     sharder: Sharder | None = None
+    precomputed_ref: bool = False  # reference log-probs come with the batch (batch.ref_logps_Nx2)
 
     @property
     def with_wpo(self) -> bool:
@@ -74,11 +75,32 @@ def sequence_logps(graphdef, params, batch: PreferenceBatch, spec: StepSpec):
     )
 
 
+def reference_logps(graphdef, params, batch: PreferenceBatch, spec: StepSpec) -> jax.Array:
+    """[N, 2] reference log-probs (LD-weighted when loss.ld_alpha is set): what `precomputed_stats` reads back."""
+    stats = sequence_logps(graphdef, params, batch, spec)
+    logps_B = stats.ld_logps_B if stats.ld_logps_B is not None else stats.logps_B
+    return logps_B.reshape(-1, 2)
+
+
+def precomputed_stats(ref_logps_Nx2: jax.Array) -> SeqStats:
+    """SeqStats carrying only the (precomputed) log-prob sums, rows c0, r0, c1, r1, ..."""
+    logps_B = ref_logps_Nx2.reshape(-1).astype(jnp.float32)
+    zeros_B = jnp.zeros_like(logps_B)
+    return SeqStats(logps_B=logps_B, tokens_B=zeros_B, completion_len_B=zeros_B)
+
+
+def sync_reference(params, ref_params, alpha: float):
+    """TR-DPO (Gorbatovski et al. 2024, arXiv:2404.09656) soft update: ref <- alpha * policy + (1 - alpha) * ref."""
+    return jax.tree.map(lambda p, r: (alpha * p + (1.0 - alpha) * r).astype(r.dtype), params, ref_params)
+
+
 def batch_loss(params, ref_params, batch: PreferenceBatch, spec: StepSpec) -> tuple[jax.Array, MetricSums]:
     """(sum over real pairs of the loss, metric sums) for one micro-batch; the reference is frozen."""
     policy = sequence_logps(spec.policy_graphdef, params, batch, spec)
     ref = None
-    if spec.ref_graphdef is not None:
+    if spec.precomputed_ref:
+        ref = precomputed_stats(batch.ref_logps_Nx2)
+    elif spec.ref_graphdef is not None:
         ref = jax.lax.stop_gradient(sequence_logps(spec.ref_graphdef, ref_params, batch, spec))
     inputs = losses.loss_inputs_from_stats(policy, ref, pair_mask_P=batch.pair_mask_N)
     loss_sum, metrics = losses.preference_loss(inputs, spec.loss)
@@ -174,6 +196,22 @@ def compile_steps(spec: StepSpec, state: TrainState, ref_params, sharder: Sharde
         out_shardings=replicated,
     )
     return train, evaluate
+
+
+def compile_sync(ref_params, alpha: float):
+    """Jitted TR-DPO update of the reference (donated) from the policy params."""
+    ref_sh = shardings_of(ref_params)
+    return jax.jit(lambda p, r: sync_reference(p, r, alpha), out_shardings=ref_sh, donate_argnums=(1,))
+
+
+def compile_reference(spec: StepSpec, ref_graphdef, ref_params, sharder: Sharder):
+    """Jitted `(ref_params, batch) -> (pair_index_N, ref_logps_Nx2)`, replicated so every host reads all of it."""
+    replicated = NamedSharding(sharder.mesh, P())
+    return jax.jit(
+        lambda r, b: (b.pair_index_N, reference_logps(ref_graphdef, r, b, spec)),
+        in_shardings=(shardings_of(ref_params), batch_sharding(sharder)),
+        out_shardings=replicated,
+    )
 
 
 def init_state(params, optimizer: optax.GradientTransformation, sharder: Sharder) -> TrainState:

@@ -1,0 +1,118 @@
+"""Multi-process runs: one `jax.distributed.initialize` per process, before anything touches a device.
+
+JAX's multi-controller runtime is the whole protocol: every process runs the same `dpojax train`, process 0
+hosts the coordination service, and each process then sees all devices of all processes (`jax.devices()`)
+and feeds only its own rows of each global batch (`jax.make_array_from_process_local_data`).
+
+Where the process group comes from, first match wins:
+  1. the `distributed:` config section (`coordinator`, `num_processes`, `process_id`);
+  2. environment variables DPOJAX_COORDINATOR, DPOJAX_NUM_PROCESSES, DPOJAX_PROCESS_ID (launch/local_cpu.py
+     sets these), or JAX's own JAX_COORDINATOR_ADDRESS;
+  3. JAX's cluster detection (Cloud TPU VM pods and GKE, SLURM `srun`, Open MPI `mpirun`), used with
+     `distributed.mode: on`, or in `auto` mode when the environment shows a job of more than one process.
+`mode: off` never initializes; a single process needs nothing.
+
+A dead peer never hangs the others: a process that misses heartbeats for `heartbeat_timeout` seconds is
+declared dead by the coordinator and every other process is stopped with an error; a collective that loses
+its peer fails at once on CPU (gloo) and GPU/TPU runtimes abort on the coordinator's notice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import jax
+
+from dpojax.config import DistributedSection
+from dpojax.errors import ConfigError
+
+log = logging.getLogger("dpojax")
+
+ENV_COORDINATOR = "DPOJAX_COORDINATOR"
+ENV_NUM_PROCESSES = "DPOJAX_NUM_PROCESSES"
+ENV_PROCESS_ID = "DPOJAX_PROCESS_ID"
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """Explicit process-group settings; None fields are left to JAX's cluster detection."""
+
+    coordinator: str | None
+    num_processes: int | None
+    process_id: int | None
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value in (None, ""):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"distributed: environment variable {name}={value!r} must be an integer.") from None
+
+
+def explicit_group(cfg: DistributedSection) -> Group:
+    """Config keys, else DPOJAX_* environment variables, else JAX_COORDINATOR_ADDRESS."""
+    coordinator = cfg.coordinator or os.environ.get(ENV_COORDINATOR) or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    num = cfg.num_processes if cfg.num_processes is not None else _env_int(ENV_NUM_PROCESSES)
+    pid = cfg.process_id if cfg.process_id is not None else _env_int(ENV_PROCESS_ID)
+    if coordinator is not None and ":" not in coordinator:
+        raise ConfigError(f"distributed: coordinator {coordinator!r} must be host:port (process 0's address).")
+    if num is not None and pid is not None and not 0 <= pid < num:
+        raise ConfigError(f"distributed: process_id={pid} must be in [0, num_processes={num}).")
+    return Group(coordinator, num, pid)
+
+
+def detected_cluster() -> str | None:
+    """The name of a multi-process job environment JAX can bootstrap from, judged from its variables."""
+    env = os.environ
+    if "SLURM_JOB_ID" in env and "SLURM_STEP_NODELIST" in env and _env_int("SLURM_NTASKS") not in (None, 1):
+        return "slurm"
+    if "OMPI_MCA_orte_hnp_uri" in env and _env_int("OMPI_COMM_WORLD_SIZE") not in (None, 1):
+        return "openmpi"
+    if "," in env.get("TPU_WORKER_HOSTNAMES", "") or "MEGASCALE_COORDINATOR_ADDRESS" in env:
+        return "tpu"
+    return None
+
+
+def initialize(cfg: DistributedSection) -> bool:
+    """Join the process group when the config, the environment or the cluster asks for one. Idempotent;
+    returns whether this run is multi-process. Must run before the first JAX computation."""
+    if cfg.mode == "off":
+        return False
+    if jax.distributed.is_initialized():
+        return True
+    group = explicit_group(cfg)
+    cluster = detected_cluster()
+    if cfg.mode == "auto" and group.coordinator is None and cluster is None:
+        return False
+    if group.num_processes == 1:
+        return False
+    # CPU processes exchange collectives over TCP with gloo (no effect on TPU/GPU devices).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(
+            coordinator_address=group.coordinator,
+            num_processes=group.num_processes,
+            process_id=group.process_id,
+            initialization_timeout=cfg.initialization_timeout,
+            heartbeat_timeout_seconds=cfg.heartbeat_timeout,
+            shutdown_timeout_seconds=cfg.shutdown_timeout,
+        )
+    except (ValueError, RuntimeError) as e:
+        where = group.coordinator or cluster or "JAX's cluster detection"
+        raise ConfigError(
+            f"distributed: could not join the process group via {where} "
+            f"(num_processes={group.num_processes}, process_id={group.process_id}): {e}. Set "
+            "distributed.coordinator/num_processes/process_id (or DPOJAX_COORDINATOR/NUM_PROCESSES/PROCESS_ID), "
+            "or distributed.mode=off for a single process."
+        ) from None
+    log.info(
+        "distributed: process %d of %d (%s), %d local / %d global devices",
+        jax.process_index(), jax.process_count(), group.coordinator or cluster or "detected",
+        jax.local_device_count(), jax.device_count(),
+    )
+    return True

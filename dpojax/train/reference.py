@@ -1,0 +1,108 @@
+"""Precomputed reference log-probs (`ref_model.precompute: true`).
+
+The reference runs once over a data set (batched and sharded like evaluation) and its per-pair log-probs
+are cached on disk under a key made of the tokenized data's fingerprint, a hash of the reference weights
+and the settings that change the numbers; training then needs no reference in memory. A changed reference
+(other weights, other file) makes another key, so a stale cache is never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from dpojax.data.batching import PreferenceBatch, eval_batches
+from dpojax.data.tokenize import TokenizedPairs
+
+log = logging.getLogger("dpojax")
+CACHE_VERSION = "dpojax-ref-v1"
+_HASH_CHUNK = 1 << 24
+
+
+def _file_digest(path: Path, memo: dict) -> str:
+    """sha256 of a file's bytes, memoized by (path, size, mtime) so a large checkpoint is read once."""
+    st = path.stat()
+    key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    if key not in memo:
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            while chunk := f.read(_HASH_CHUNK):
+                h.update(chunk)
+        memo[key] = h.hexdigest()
+    return memo[key]
+
+
+def weights_fingerprint(model_dir: Path, cache_dir: Path, *, random_seed: int | None = None) -> str:
+    """Hash of a reference: config.json plus every safetensors file, or config.json plus the seed of a
+    randomly initialised one."""
+    memo_path = cache_dir / "weights-digests.json"
+    memo = json.loads(memo_path.read_text()) if memo_path.is_file() else {}
+    h = hashlib.sha256((model_dir / "config.json").read_bytes())
+    if random_seed is not None:
+        h.update(f"random:{random_seed}".encode())
+    else:
+        for path in sorted(model_dir.glob("*.safetensors")):
+            h.update(path.name.encode() + _file_digest(path, memo).encode())
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = memo_path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(memo))
+    tmp.replace(memo_path)
+    return h.hexdigest()[:24]
+
+
+def cache_key(pairs: TokenizedPairs, weights: str, settings: dict) -> str:
+    text = json.dumps({"v": CACHE_VERSION, "data": pairs.fingerprint, "weights": weights, **settings}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def precompute(forward, ref_params, pairs: TokenizedPairs, batch_pairs: int, to_device, *, buckets=None,
+               process_kw: dict) -> np.ndarray:
+    """[P, 2] reference log-probs of every pair, in the order of `pairs`."""
+    table = np.full((len(pairs), 2), np.nan, np.float32)
+    for batch in eval_batches(pairs, batch_pairs, buckets=buckets, **process_kw):
+        index_N, logps_Nx2 = jax.device_get(forward(ref_params, to_device(batch)))
+        real = np.asarray(index_N) >= 0
+        table[np.asarray(index_N)[real]] = np.asarray(logps_Nx2)[real]
+    if np.isnan(table).any():
+        raise RuntimeError("internal: some pairs got no reference log-probs")
+    return table
+
+
+def load_or_compute(path: Path, compute) -> np.ndarray:
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as f:
+            log.info("reference log-probs loaded from cache %s", path)
+            return f["ref_logps"]
+    table = compute()
+    if jax.process_index() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
+        np.savez(tmp, ref_logps=table)
+        tmp.replace(path)
+        log.info("reference log-probs computed for %d pairs and cached in %s", len(table), path)
+    return table
+
+
+def attach(batch: PreferenceBatch, table: np.ndarray | None) -> PreferenceBatch:
+    """The batch with its pairs' precomputed reference log-probs (filler pairs get a real pair's values)."""
+    if table is None:
+        return batch
+    index = np.maximum(np.asarray(batch.pair_index_N), 0)
+    import dataclasses
+
+    return dataclasses.replace(batch, ref_logps_Nx2=table[index].astype(np.float32))
+
+
+def lookup(tables: dict[str, np.ndarray] | None, pairs: TokenizedPairs) -> np.ndarray | None:
+    return None if tables is None else tables[pairs.fingerprint]
+
+
+def describe(tables: dict[str, Any]) -> str:
+    return ", ".join(f"{k[:8]}: {len(v)} pairs" for k, v in tables.items())
