@@ -12,7 +12,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PIP) install -e '.[test]'
+	$(PIP) install -e '.[test,tpu]'  # tpu: libtpu, so tests/test_aot*.py compile for TPU topologies
 	touch $@
 
 install: $(VENV)/.installed

@@ -3,6 +3,7 @@
     dpojax train CONFIG.yaml [section.key=value ...]
     dpojax eval CONFIG.yaml [section.key=value ...]
     dpojax export RUN_DIR_OR_CHECKPOINT OUT_DIR
+    dpojax compile CONFIG.yaml --topology v5p:2x2x1 [--search-batch] [section.key=value ...]
 
 A user mistake (config, data, model files) prints one paragraph and exits 2; never a traceback.
 """
@@ -27,16 +28,33 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("export", help="write a Hugging Face folder from a run folder or checkpoint")
     s.add_argument("source", help="run folder (output_dir) or one checkpoint folder")
     s.add_argument("out_dir", help="folder to write config.json, *.safetensors and tokenizer files to")
+    s = sub.add_parser("compile", help="AOT-compile the train step for a TPU topology: memory, FLOPs, fits?")
+    s.add_argument("config", help="YAML config file (the model needs only its config.json)")
+    s.add_argument("--topology", required=True, help="TPU topology, e.g. v5p:2x2x1, v5e:2x4 or v5p-8")
+    s.add_argument("--slices", type=int, default=1, help="number of such slices (multi-slice over DCN)")
+    s.add_argument("--search-batch", action="store_true", help="also find the largest batch that fits")
+    s.add_argument("overrides", nargs="*", help="section.key=value overrides")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides += extra  # overrides after an option: compile CONFIG --topology T key=value
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for name in ("absl", "jax._src", "orbax", "datasets", "httpx", "filelock"):
         logging.getLogger(name).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
+        if args.command == "compile":  # no local accelerator needed: compile on the host CPU for the topology
+            os.environ.setdefault("JAX_PLATFORMS", "cpu")
+            from dpojax import aot
+
+            return aot.compile_from_cli(args.config, args.topology, args.overrides, slices=args.slices,
+                                        search_batch=args.search_batch)
         from dpojax.train import loop
 
         if args.command == "train":

@@ -55,6 +55,8 @@ class DataSection:
     on_bad_row: Literal["error", "skip"] = "error"  # a malformed row stops the run, or is dropped and counted
     cache_dir: Optional[str] = None  # tokenized-data cache; default: ~/.cache/dpojax
     buckets: Optional[tuple[int, ...]] = None  # padded lengths; default: powers of two up to max_length
+    max_responses: int = 8  # most responses per ranked/scored row (prompt, responses[, scores]); more is a bad row
+    pairs_from_scores: Literal["none", "best_vs_worst", "all_pairs"] = "none"  # expand ranked rows into pairs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -363,6 +365,13 @@ def _validate_sections(cfg: Config) -> None:
              "'ref_model.precompute' and 'ref_model.sync_every' (TR-DPO) exclude each other: a reference that "
              "changes during training cannot be precomputed.")
     _require(t.max_bad_steps >= 1, f"'train.max_bad_steps' = {t.max_bad_steps} must be at least 1.")
+    _require(d.max_responses >= 2, f"'data.max_responses' = {d.max_responses} must be at least 2 (a ranking).")
+    ranking = "plackett_luce" in cfg.loss.type
+    _require(not (ranking and r.precompute),
+             "'ref_model.precompute' is not supported with loss.type=plackett_luce yet; set it to false.")
+    _require(not (ranking and d.pairs_from_scores != "none"),
+             f"'data.pairs_from_scores' = {d.pairs_from_scores!r} turns rankings into pairs, but loss.type="
+             "plackett_luce trains on whole rankings; set data.pairs_from_scores=none or use a pair loss.")
     _require(c.keep >= 1, f"'checkpoint.keep' = {c.keep} must be at least 1.")
     _require(c.best_metric is None or d.eval is not None,
              "'checkpoint.best_metric' needs an eval set: set 'data.eval' too.")

@@ -35,6 +35,7 @@ F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"
 F_DIVERGENCE_LOSSES = frozenset({"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"})
 REFERENCE_FREE_LOSSES = frozenset({"simpo", "orpo"})  # never read reference log-probs
 SORTING_LOSSES = frozenset({"aot", "aot_unpaired"})  # sort over the batch: per-pair WPO weights would misalign
+RANKING_LOSSES = frozenset({"plackett_luce"})  # K-wise losses over ranked data (dpojax/ranking.py), not per pair
 log_sigmoid = jax.nn.log_sigmoid
 
 
@@ -317,9 +318,12 @@ def _check(ok: bool, message: str) -> None:
 def validate_loss_config(cfg) -> None:
     """Raise ConfigError for unknown names and the combinations TRL rejects (or documents as invalid)."""
     types, eps = loss_types(cfg), cfg.label_smoothing
-    _check(len(types) > 0, f"loss.type is empty; valid types: {', '.join(LOSSES)}.")
+    valid = ", ".join([*LOSSES, *sorted(RANKING_LOSSES)])
+    _check(len(types) > 0, f"loss.type is empty; valid types: {valid}.")
     for name in types:
-        _check(name in LOSSES, f"unknown loss type {name!r}; valid types: {', '.join(LOSSES)}.")
+        _check(name in LOSSES or name in RANKING_LOSSES, f"unknown loss type {name!r}; valid types: {valid}.")
+    if set(types) & RANKING_LOSSES:
+        _validate_ranking(cfg, types)
     if cfg.weights is not None:
         _check(len(cfg.weights) == len(types),
                f"loss.weights has {len(cfg.weights)} values for the {len(types)} loss types {list(types)}.")
@@ -344,6 +348,17 @@ def validate_loss_config(cfg) -> None:
         _check(0.0 <= cfg.ld_alpha <= 1.0, f"loss.ld_alpha must be in [0, 1], got {cfg.ld_alpha}.")
         bad = sorted(set(types) & REFERENCE_FREE_LOSSES)
         _check(not bad, f"ld_alpha does not apply to {bad}: they already normalise by length.")
+
+
+def _validate_ranking(cfg, types: tuple[str, ...]) -> None:
+    """A K-wise loss trains alone, with beta and optionally reference_free: the pair modifiers have no K-wise form."""
+    _check(len(types) == 1, f"{sorted(set(types) & RANKING_LOSSES)} rank K responses and cannot be combined with "
+                            f"other loss types; got {list(types)}.")
+    modifiers = {"label_smoothing": cfg.label_smoothing != 0.0, "use_weighting": cfg.use_weighting,
+                 "ld_alpha": cfg.ld_alpha is not None, "rpo_alpha": cfg.rpo_alpha is not None,
+                 "f_divergence_type": cfg.f_divergence_type != "reverse_kl"}
+    bad = [name for name, on in modifiers.items() if on]
+    _check(not bad, f"{types[0]} does not support {bad} (pair-loss options); unset them.")
 
 
 # ----------------------------------------------------------------------------------------------- entry points

@@ -22,6 +22,8 @@ PAIR_METRICS = (
     "logps/rejected",
     "logits/chosen",
     "logits/rejected",
+    "rewards/ranking_accuracy",  # ranked data (dpojax/ranking.py); a summary shows only the metrics a run has
+    "rewards/kendall_tau",
 )
 
 

@@ -74,11 +74,23 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
 
     On TPU the devices are laid out along the physical torus (`mesh_utils.create_device_mesh`), so the
     tensor axis, which communicates most, gets the closest neighbours; elsewhere they keep their order.
+    Devices from several TPU slices (multi-slice) form a hybrid mesh whose `data` axis spans the slices
+    over DCN, so only data-parallel gradient reductions cross slices; mesh.data must be a multiple of them.
     """
     devices = list(jax.devices() if devices is None else devices)
     shape = resolve_mesh_shape(data, fsdp, tensor, len(devices))
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
     try:
-        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        if slices > 1:
+            if shape[0] % slices:
+                raise ConfigError(
+                    f"mesh: the {len(devices)} devices span {slices} TPU slices; mesh.data = {shape[0]} must be a "
+                    f"multiple of {slices} so that only the data axis crosses slices."
+                )
+            ici = (shape[0] // slices, shape[1], shape[2])
+            grid = mesh_utils.create_hybrid_device_mesh(ici, (slices, 1, 1), devices, allow_split_physical_axes=True)
+        else:
+            grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
     except (ValueError, NotImplementedError, AssertionError):  # an unusual TPU slice shape: keep the given order
         grid = np.asarray(devices).reshape(shape)
     return Mesh(grid, MESH_AXES)

@@ -34,7 +34,10 @@ def pairs(tok):
 
 
 def batch_list(batches):
-    return [[getattr(b, f.name).tolist() for f in dataclasses.fields(b)] for b in batches]
+    def listed(x):
+        return None if x is None else x.tolist()
+
+    return [[listed(getattr(b, f.name)) for f in dataclasses.fields(b)] for b in batches]
 
 
 # ------------------------------------------------------------------------------------------------- TRL parity

@@ -27,6 +27,8 @@ VARIANTS = {
     "yarn_rope": ("llama", dict(rope_scaling={"rope_type": "yarn", "factor": 4.0,
                                               "original_max_position_embeddings": 32})),
     "mistral": ("mistral", dict()),
+    "mistral_window": ("mistral", dict(sliding_window=4)),  # shorter than the 12-token test rows
+    "qwen2_window_upper_layers": ("qwen2", dict(use_sliding_window=True, sliding_window=3, max_window_layers=1)),
     "qwen2_bias": ("qwen2", dict(tie=True)),
     "qwen3_qknorm_headdim": ("qwen3", dict(head_dim=16, num_heads=4, num_kv_heads=1)),
 }
@@ -184,20 +186,24 @@ def test_llama31_8b_abstract_shapes_and_counts():
 
 
 def test_config_errors():
-    with pytest.raises(ModelError, match="llama, mistral, qwen2, qwen3"):
-        ModelConfig.from_hf({**LLAMA_31_8B, "model_type": "gpt2"})
-    with pytest.raises(ModelError, match="longrope.*supported: default, linear, dynamic, yarn, llama3"):
-        ModelConfig.from_hf({**LLAMA_31_8B, "rope_scaling": {"rope_type": "longrope", "factor": 2.0}})
-    with pytest.raises(ModelError, match="hidden_act"):
-        ModelConfig.from_hf({**LLAMA_31_8B, "hidden_act": "gelu"})
+    with pytest.raises(ModelError, match="gemma, gemma2, gemma3_text, gpt2, gpt_neox, llama, mistral, phi3, qwen2"):
+        ModelConfig.from_hf({**LLAMA_31_8B, "model_type": "falcon"})
+    with pytest.raises(ModelError, match="'mrope'.*supported: default, linear, dynamic, yarn, llama3, longrope"):
+        ModelConfig.from_hf({**LLAMA_31_8B, "rope_scaling": {"rope_type": "mrope", "factor": 2.0}})
+    with pytest.raises(ModelError, match="hidden_act 'relu'"):
+        ModelConfig.from_hf({**LLAMA_31_8B, "hidden_act": "relu"})
     mistral = ModelConfig.from_hf({**LLAMA_31_8B, "model_type": "mistral", "rope_scaling": None,
                                    "sliding_window": 4096, "max_position_embeddings": 32768})
-    mistral.check_seq_len(4096)
-    with pytest.raises(ModelError, match="sliding attention window"):
-        mistral.check_seq_len(4097)
+    assert mistral.windows == (4096,) * 32
+    mistral.check_seq_len(8192)  # sliding windows are implemented: longer sequences are fine
+    assert mistral.forward_flops_per_token(8192) < ModelConfig.from_hf(
+        {**LLAMA_31_8B, "rope_scaling": None}).forward_flops_per_token(8192)  # keys capped by the window
     qwen = ModelConfig.from_hf({**LLAMA_31_8B, "model_type": "qwen2", "rope_scaling": None, "sliding_window": 4096,
                                 "use_sliding_window": False})
-    assert qwen.sliding_window is None and qwen.qkv_bias and not qwen.o_bias
+    assert qwen.windows == (None,) * 32 and qwen.qkv_bias and not qwen.o_bias
+    upper = ModelConfig.from_hf({**LLAMA_31_8B, "model_type": "qwen2", "rope_scaling": None, "sliding_window": 4096,
+                                 "use_sliding_window": True, "max_window_layers": 28})
+    assert upper.windows == (None,) * 28 + (4096,) * 4
     old_style = ModelConfig.from_hf({**LLAMA_31_8B, "rope_scaling": None})
     assert old_style.rope.type == "default" and old_style.rope.theta == 500000.0
 

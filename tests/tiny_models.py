@@ -2,8 +2,11 @@
 
 `make_tiny_checkpoint(path, family, ...)` writes `config.json` + `model.safetensors` (fp32) with
 non-trivial weights (random norm scales and biases), deterministic from `seed`.
-Families: llama, mistral, qwen2, qwen3; anything else in `hf_overrides` goes to the HF config
-(e.g. rope_scaling=..., head_dim=..., attention_bias=True, mlp_bias=True).
+Families: llama, mistral, qwen2, qwen3, gpt2, gpt_neox, gemma, gemma2, gemma3_text, phi3. Each family's
+defaults exercise what sets it apart (FAMILY_DEFAULTS): NeoX partial rotary and parallel residual, Gemma 2
+sliding windows shorter than the test sequences and both soft-caps, Gemma 3 local/global RoPE, Phi-3
+LongRoPE. Anything in `hf_overrides` goes to the HF config (e.g. rope_scaling=..., head_dim=...,
+attention_bias=True, sliding_window=None).
 """
 
 from __future__ import annotations
@@ -12,22 +15,66 @@ import pathlib
 
 import numpy as np
 
-CONFIG_CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config"}
+CONFIG_CLASSES = {
+    "llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
+    "gpt2": "GPT2Config", "gpt_neox": "GPTNeoXConfig", "gemma": "GemmaConfig", "gemma2": "Gemma2Config",
+    "gemma3_text": "Gemma3TextConfig", "phi3": "Phi3Config",
+}
+TIED_BY_DEFAULT = ("gpt2", "gemma", "gemma2", "gemma3_text")
+
+
+def _longrope_factors(n: int, seed: int) -> dict:
+    gen = np.random.default_rng(100 + seed)
+    return {"short_factor": [float(x) for x in 1.0 + gen.random(n)],
+            "long_factor": [float(x) for x in 2.0 + 4.0 * gen.random(n)]}
+
+
+def _family_kwargs(family: str, *, vocab_size, hidden_size, num_layers, num_heads, num_kv_heads, tie, seed) -> dict:
+    """HF config kwargs (under each family's own key names) for a tiny model with the family's features on."""
+    ids = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=tie)
+    if family == "gpt2":
+        return dict(vocab_size=vocab_size, n_embd=hidden_size, n_layer=num_layers, n_head=num_heads,
+                    n_positions=128, n_inner=2 * hidden_size, activation_function="gelu_new",
+                    layer_norm_epsilon=1e-5, **ids)
+    if family == "gpt_neox":
+        return dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+                    num_attention_heads=num_heads, intermediate_size=2 * hidden_size, max_position_embeddings=128,
+                    rotary_pct=0.5, use_parallel_residual=True, layer_norm_eps=1e-5, hidden_act="gelu", **ids)
+    kwargs = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                  num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                  max_position_embeddings=128, rms_norm_eps=1e-5, **ids)
+    if family == "mistral":
+        kwargs["sliding_window"] = None
+    if family.startswith("gemma"):
+        kwargs.update(head_dim=16)  # independent of hidden / heads = 8
+    if family in ("gemma2", "gemma3_text"):
+        # windows shorter than test sequences; a soft-cap small enough to bend random scores
+        kwargs.update(query_pre_attn_scalar=24, sliding_window=4,
+                      layer_types=["full_attention" if i % 2 else "sliding_attention" for i in range(num_layers)])
+    if family == "gemma2":
+        kwargs.update(attn_logit_softcapping=0.2, final_logit_softcapping=4.0)
+    if family == "gemma3_text":
+        kwargs.update(rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                                       "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                          "rope_theta": 1_000_000.0}})
+    if family == "phi3":  # LongRoPE: short factors up to 16 positions, long ones beyond
+        head_dim = hidden_size // num_heads
+        kwargs.update(original_max_position_embeddings=16,
+                      rope_parameters={"rope_type": "longrope", "rope_theta": 10_000.0,
+                                       **_longrope_factors(head_dim // 2, seed)})
+    return kwargs
 
 
 def make_tiny_checkpoint(path, family: str = "llama", *, seed: int = 0, vocab_size: int = 128, hidden_size: int = 32,
-                         num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2, tie: bool = False,
+                         num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2, tie: bool | None = None,
                          **hf_overrides) -> pathlib.Path:
     import torch
     import transformers
 
     path = pathlib.Path(path)
-    kwargs = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                  num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-                  tie_word_embeddings=tie, max_position_embeddings=128, rms_norm_eps=1e-5,
-                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    if family == "mistral":
-        kwargs["sliding_window"] = None
+    tie = family in TIED_BY_DEFAULT if tie is None else tie
+    kwargs = _family_kwargs(family, vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,
+                            num_heads=num_heads, num_kv_heads=num_kv_heads, tie=tie, seed=seed)
     kwargs.update(hf_overrides)
     config = getattr(transformers, CONFIG_CLASSES[family])(**kwargs)
     torch.manual_seed(seed)
@@ -37,19 +84,24 @@ def make_tiny_checkpoint(path, family: str = "llama", *, seed: int = 0, vocab_si
     return path
 
 
+EMBEDDINGS = ("embed_tokens", "lm_head", "wte", "wpe", "embed_in", "embed_out")
+NORMS = ("norm", "ln_")
+
+
 def _randomize(model, seed: int) -> None:
-    """Non-trivial weights: matrices ~ N(0, 0.05^2) (embeddings and lm_head std 0.5),
-    norm scales ~ 1 + N(0, 0.1^2), biases ~ N(0, 0.05^2)."""
+    """Non-trivial weights: matrices ~ N(0, 0.05^2) (embeddings and heads std 0.5),
+    norm scales ~ 1 + N(0, 0.1^2) (Gemma's (1 + w) scales: w ~ N(0, 0.1^2)), biases ~ N(0, 0.05^2)."""
     import torch
 
     gen = np.random.default_rng(seed)
+    offset_norms = model.config.model_type.startswith("gemma")
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
-                value = 1.0 + 0.1 * gen.standard_normal(p.shape)
+            if any(k in name for k in NORMS) and name.endswith("weight"):
+                value = (0.0 if offset_norms else 1.0) + 0.1 * gen.standard_normal(p.shape)
             elif name.endswith("bias"):
                 value = 0.05 * gen.standard_normal(p.shape)
-            elif "embed_tokens" in name or "lm_head" in name:
+            elif any(k in name for k in EMBEDDINGS):
                 value = 0.5 * gen.standard_normal(p.shape)
             else:
                 value = 0.05 * gen.standard_normal(p.shape)

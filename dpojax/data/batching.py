@@ -6,6 +6,8 @@ Each sequence is prompt + completion, truncated like TRL's `DataCollatorForPrefe
 max_length tokens; `keep_end`: its last max_length tokens; the completion mask is cut the same way), then right-padded
 to T = the smallest bucket >= the longest sequence in the *global* batch, so a run compiles a handful of shapes and
 every host builds the same T. Batches are host numpy; the trainer places them on devices.
+`train_batches` and `eval_batches` batch ranked data (`ranked_tokenize.TokenizedRankings`) the same way, one
+ranked row in place of one pair, into `ranked_batching.RankedBatch` [N, K, T].
 """
 
 from __future__ import annotations
@@ -64,13 +66,17 @@ def pick_bucket(length: int, buckets: Sequence[int]) -> int:
 
 def _effective_max_length(pairs: TokenizedPairs, max_length: int | None) -> int:
     """max_length, or when there is none the longest sequence in the dataset (nothing is truncated)."""
-    return max_length if max_length is not None else int(pairs.lengths_Px2.max())
+    return max_length if max_length is not None else int(_lengths(pairs).max())
 
 
 # ------------------------------------------------------------------------------------------------------- collate
 def _truncated(pairs: TokenizedPairs, k: int, side: int, max_length: int | None, mode: str):
-    prompt = pairs.prompt_ids[k]
     completion = (pairs.chosen_ids, pairs.rejected_ids)[side][k]
+    return truncate_sequence(pairs.prompt_ids[k], completion, max_length, mode)
+
+
+def truncate_sequence(prompt: np.ndarray, completion: np.ndarray, max_length: int | None, mode: str):
+    """(ids, completion mask) of prompt + completion, cut to max_length like TRL's collator (`mode`)."""
     ids = np.concatenate([prompt, completion])
     mask = np.concatenate([np.zeros(len(prompt), np.int32), np.ones(len(completion), np.int32)])
     if max_length is not None and len(ids) > max_length:
@@ -139,7 +145,7 @@ def _build(pairs: TokenizedPairs, lengths_Px2: np.ndarray, idx: np.ndarray, mask
         longest = min(longest, lay.max_length)
     share = len(idx) // lay.process_count
     local = slice(lay.process_index * share, (lay.process_index + 1) * share)
-    return collate(
+    return _collate_any(
         pairs,
         idx[local],
         length=pick_bucket(longest, lay.buckets),
@@ -147,6 +153,20 @@ def _build(pairs: TokenizedPairs, lengths_Px2: np.ndarray, idx: np.ndarray, mask
         truncation_mode=lay.truncation_mode,
         pair_mask=mask[local],
     )
+
+
+def _lengths(data) -> np.ndarray:
+    """Untruncated sequence lengths: [P, 2] for pairs, [P, K] for rankings (`ranked_tokenize.TokenizedRankings`)."""
+    return data.lengths_Px2 if isinstance(data, TokenizedPairs) else data.lengths_PxK
+
+
+def _collate_any(data, indices, **kw):
+    """Pairs -> PreferenceBatch [N, 2, T]; rankings -> `ranked_batching.RankedBatch` [N, K, T]."""
+    if isinstance(data, TokenizedPairs):
+        return collate(data, indices, **kw)
+    from dpojax.data.ranked_batching import collate_rankings  # it imports this module
+
+    return collate_rankings(data, indices, **kw)
 
 
 # --------------------------------------------------------------------------------------------------------- order
@@ -185,7 +205,7 @@ def train_batches(
     spe = steps_per_epoch(len(pairs), batch_pairs)
     if spe == 0:
         raise DataError(f"{pairs.source}: {len(pairs)} pairs are fewer than one batch of {batch_pairs}")
-    lengths = pairs.lengths_Px2
+    lengths = _lengths(pairs)
     ones = np.ones(batch_pairs, np.float32)
     step, order_epoch, order = start_step, None, None
     while stop_step is None or step < stop_step:
@@ -209,7 +229,7 @@ def eval_batches(
     """Every pair exactly once, in dataset order. The last batch is filled up to batch_pairs with copies of its first
     pair marked pair_mask_N = 0 (copies, not empty rows, so per-token averages never divide by zero)."""
     lay = _layout(pairs, batch_pairs, max_length, truncation_mode, buckets, process_index, process_count)
-    lengths = pairs.lengths_Px2
+    lengths = _lengths(pairs)
     for start in range(0, len(pairs), batch_pairs):
         idx = np.arange(start, min(start + batch_pairs, len(pairs)))
         mask = np.ones(batch_pairs, np.float32)

@@ -1,4 +1,5 @@
-"""Decoder-only LMs (Llama, Mistral, Qwen2, Qwen3) in Flax NNX with Hugging Face checkpoint I/O.
+"""Decoder-only LMs in Flax NNX with Hugging Face checkpoint I/O: Llama, Mistral, Qwen2, Qwen3, GPT-2,
+GPT-NeoX/Pythia, Gemma 1/2/3 (text), Phi-3 (`FAMILIES`), one shared decoder.
 
     model, cfg = load_pretrained("path/or/hub-id", dtype=jnp.bfloat16, sharder=sharder)
     graphdef, params = nnx.split(model)                    # pure-function form for jit
@@ -6,7 +7,8 @@
 """
 
 from dpojax.models.attention import IMPLEMENTATIONS, attend, resolve_attention
-from dpojax.models.config import FAMILIES, ModelConfig, RopeConfig
+from dpojax.models.config import ModelConfig, RopeConfig
+from dpojax.models.families import FAMILIES
 from dpojax.models.hf import (
     abstract_decoder,
     abstract_params,

@@ -3,8 +3,10 @@
 Loading never builds unsharded state: the model is built abstractly (`nnx.eval_shape`), the target
 sharding of every parameter comes from its logical axes, and each array is created on its shards by
 `jax.make_array_from_callback`, whose callback reads (memory-mapped) only the layers of the slice it
-is asked for. One declarative table per family maps our parameter paths to HF weight names plus a
-named transform; unmapped or missing weights raise ModelError naming them.
+is asked for. One declarative table per family (`dpojax.models.families`) maps our parameter paths to HF
+weight names plus a named transform (and, for tensors HF fuses, a named fuse rule); unmapped or missing
+weights raise ModelError naming them. Checkpoints saved from the bare base model (hub GPT-2: `h.0.attn...`
+without `transformer.`) are read too; exports always use the full names transformers writes.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import pathlib
 import re
 import shutil
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +27,7 @@ from flax import nnx
 
 from dpojax.errors import ModelError
 from dpojax.models.config import ModelConfig
+from dpojax.models.families import FAMILIES
 from dpojax.models.transformer import Decoder
 from dpojax.sharding import Sharder
 
@@ -40,38 +43,72 @@ TRANSFORMS: dict[str, tuple[ToOurs, ToHF]] = {
     "split_in_heads": (  # [D, H*Dh] <-> [H, Dh, D]    (o)
         lambda x, shape: x.T.reshape(shape), lambda x: x.reshape(-1, x.shape[-1]).T),
     "split_heads": (lambda x, shape: x.reshape(shape), lambda x: x.reshape(-1)),  # [N*Dh] <-> [N, Dh]
+    "flat_out_heads": (  # [D, N*Dh] <-> [D, N, Dh]   (Conv1D q/k/v: GPT-2)
+        lambda x, shape: x.reshape(shape), lambda x: x.reshape(x.shape[0], -1)),
+    "flat_in_heads": (  # [H*Dh, D] <-> [H, Dh, D]    (Conv1D o: GPT-2)
+        lambda x, shape: x.reshape(shape), lambda x: x.reshape(-1, x.shape[-1])),
 }
 
-# ---- mapping tables: our path -> (HF name, "{i}" = layer index for stacked params, transform) -----------
-LLAMA_TABLE: dict[str, tuple[str, str]] = {
-    "embed_tokens/embedding": ("model.embed_tokens.weight", "identity"),
-    "layers/input_layernorm/weight": ("model.layers.{i}.input_layernorm.weight", "identity"),
-    "layers/post_attention_layernorm/weight": ("model.layers.{i}.post_attention_layernorm.weight", "identity"),
-    **{f"layers/self_attn/{p}_proj/kernel": (f"model.layers.{{i}}.self_attn.{p}_proj.weight", "split_out_heads")
-       for p in "qkv"},
-    **{f"layers/self_attn/{p}_proj/bias": (f"model.layers.{{i}}.self_attn.{p}_proj.bias", "split_heads")
-       for p in "qkv"},
-    "layers/self_attn/o_proj/kernel": ("model.layers.{i}.self_attn.o_proj.weight", "split_in_heads"),
-    "layers/self_attn/o_proj/bias": ("model.layers.{i}.self_attn.o_proj.bias", "identity"),
-    "layers/self_attn/q_norm/weight": ("model.layers.{i}.self_attn.q_norm.weight", "identity"),
-    "layers/self_attn/k_norm/weight": ("model.layers.{i}.self_attn.k_norm.weight", "identity"),
-    **{f"layers/mlp/{p}_proj/kernel": (f"model.layers.{{i}}.mlp.{p}_proj.weight", "transpose")
-       for p in ("gate", "up", "down")},
-    **{f"layers/mlp/{p}_proj/bias": (f"model.layers.{{i}}.mlp.{p}_proj.bias", "identity")
-       for p in ("gate", "up", "down")},
-    "norm/weight": ("model.norm.weight", "identity"),
-    "lm_head/weight": ("lm_head.weight", "identity"),
-}
-# HF weights that carry no information for us (regex): old checkpoints' cached RoPE tables.
-IGNORED_HF_KEYS = (r".*rotary_emb\.inv_freq$",)
 
-# family -> (table, HF architecture name written on export)
-FAMILY_TABLES: dict[str, tuple[dict[str, tuple[str, str]], str]] = {
-    "llama": (LLAMA_TABLE, "LlamaForCausalLM"),
-    "mistral": (LLAMA_TABLE, "MistralForCausalLM"),
-    "qwen2": (LLAMA_TABLE, "Qwen2ForCausalLM"),
-    "qwen3": (LLAMA_TABLE, "Qwen3ForCausalLM"),
-}
+# ---- fuse rules: several of our params (each in its HF piece layout) <-> one HF tensor ---------------------
+def _fuse(rule: str, pieces: list[np.ndarray], cfg: ModelConfig) -> np.ndarray:
+    if rule == "cat_first":
+        return np.concatenate(pieces, axis=0)
+    if rule == "cat_last":
+        return np.concatenate(pieces, axis=-1)
+    if rule == "per_head":  # [H*Dh, ...] pieces -> [H, (piece 0, piece 1, ...), Dh, ...] rows
+        H = cfg.num_heads
+        heads = [p.reshape(H, -1, *p.shape[1:]) for p in pieces]
+        return np.concatenate(heads, axis=1).reshape(-1, *pieces[0].shape[1:])
+    raise ValueError(f"unknown fuse rule {rule!r}")
+
+
+def _unfuse(rule: str, x: np.ndarray, piece_shapes: list[tuple[int, ...]], cfg: ModelConfig) -> list[np.ndarray]:
+    if rule in ("cat_first", "cat_last"):
+        axis = 0 if rule == "cat_first" else x.ndim - 1
+        bounds = np.cumsum([s[axis] for s in piece_shapes])[:-1]
+        return np.split(x, bounds, axis=axis)
+    if rule == "per_head":
+        H = cfg.num_heads
+        heads = x.reshape(H, -1, *x.shape[1:])
+        bounds = np.cumsum([s[0] // H for s in piece_shapes])[:-1]
+        return [p.reshape(-1, *x.shape[1:]) for p in np.split(heads, bounds, axis=1)]
+    raise ValueError(f"unknown fuse rule {rule!r}")
+
+
+class Entry(NamedTuple):
+    """One table row: our param <- HF weight `hf` (+ "{i}" layer index) via `transform`; fused ones name the
+    rule joining the params that share `hf` and this param's place among them."""
+
+    hf: str
+    transform: str
+    fuse: str | None = None
+    part: int = 0
+
+
+def family_table(cfg: ModelConfig) -> dict[str, Entry]:
+    return {path: Entry(*row) for path, row in FAMILIES[cfg.family].table.items()}
+
+
+def _piece_shape(entry: Entry, our_layer_shape: tuple[int, ...]) -> tuple[int, ...]:
+    return TRANSFORMS[entry.transform][1](np.empty(our_layer_shape, np.int8)).shape
+
+
+def _siblings(table: Mapping[str, Entry], entry: Entry, present: Mapping[str, Any]) -> list[str]:
+    """Our paths fused into `entry.hf`, in part order (only those this model has)."""
+    paths = [p for p, e in table.items() if e.hf == entry.hf and p in present]
+    return sorted(paths, key=lambda p: table[p].part)
+
+
+def _hf_layer_shape(path: str, table: Mapping[str, Entry], shapes: Mapping[str, tuple[int, ...]],
+                    cfg: ModelConfig) -> tuple[int, ...]:
+    """The HF shape (one layer) of the weight that `path` maps to; `shapes` = our per-layer shapes."""
+    entry = table[path]
+    if entry.fuse is None:
+        return _piece_shape(entry, shapes[path])
+    pieces = [np.empty(_piece_shape(table[p], shapes[p]), np.int8) for p in _siblings(table, entry, shapes)]
+    return _fuse(entry.fuse, pieces, cfg).shape
+
 
 WEIGHT_PATTERNS = ("*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -187,22 +224,47 @@ def weight_map(folder: pathlib.Path) -> dict[str, pathlib.Path]:
 
 
 class _Reader:
-    """Memory-mapped safetensors handles, opened once per file."""
+    """Memory-mapped safetensors handles, opened once per file; weights asked for by their canonical name."""
 
-    def __init__(self, files: Mapping[str, pathlib.Path], stack: contextlib.ExitStack):
+    def __init__(self, files: Mapping[str, pathlib.Path], stored: Mapping[str, str], stack: contextlib.ExitStack):
         from safetensors import safe_open
 
-        self.files = files
+        self.files, self.stored = files, stored
         self.handles = {p: stack.enter_context(safe_open(str(p), framework="numpy")) for p in set(files.values())}
 
     def get(self, name: str) -> np.ndarray:
-        return self.handles[self.files[name]].get_tensor(name)
+        return self.handles[self.files[name]].get_tensor(self.stored[name])
 
     def get_slice(self, name: str):
-        return self.handles[self.files[name]].get_slice(name)
+        return self.handles[self.files[name]].get_slice(self.stored[name])
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.handles[self.files[name]].get_slice(name).get_shape())
+        return tuple(self.get_slice(name).get_shape())
+
+
+def canonical_names(files: Mapping[str, pathlib.Path], cfg: ModelConfig) -> dict[str, str]:
+    """canonical (full transformers) name -> stored name. A checkpoint saved from the bare base model has no
+    name starting with the family's prefix (hub GPT-2: `wte.weight`): the prefix is added back; a family's
+    `renames` map other spellings (GPT-NeoX `lm_head.weight` -> `embed_out.weight`)."""
+    family = FAMILIES[cfg.family]
+
+    def rename(name: str) -> str:
+        for pattern, replacement in family.renames:
+            name = re.sub(pattern, replacement, name)
+        return name
+
+    if not family.prefix or any(name.startswith(family.prefix) for name in files):
+        return {rename(name): name for name in files}
+    outside = {e.hf for e in family_table(cfg).values() if not e.hf.startswith(family.prefix)}  # e.g. lm_head
+    return {rename(name if rename(name) in outside else family.prefix + name): name for name in files}
+
+
+def hf_weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """HF weight name -> shape, as `export_hf` writes them for this architecture (abstract: no memory)."""
+    table = family_table(cfg)
+    flat = {_path_str(p): v for p, v in nnx.to_flat_state(nnx.state(abstract_decoder(cfg), nnx.Param))}
+    shapes = _layer_shapes(flat, table)
+    return {name: _hf_layer_shape(p, table, shapes, cfg) for p in flat for name in _hf_names(p, cfg.num_layers, table)}
 
 
 # ---- loading -------------------------------------------------------------------------------------------
@@ -212,21 +274,26 @@ def _path_str(path: tuple) -> str:
     return "/".join(str(p) for p in path)
 
 
-def _hf_names(path: str, num_layers: int, table: Mapping[str, tuple[str, str]]) -> list[str]:
-    name, _ = table[path]
+def _hf_names(path: str, num_layers: int, table: Mapping[str, Entry]) -> list[str]:
+    name = table[path].hf
     return [name.format(i=i) for i in range(num_layers)] if "{i}" in name else [name]
 
 
-def _check_keys(flat: list, files: Mapping[str, Any], cfg: ModelConfig) -> None:
-    table, _ = FAMILY_TABLES[cfg.family]
-    unknown = [_path_str(p) for p, _ in flat if _path_str(p) not in table]
+def _layer_shapes(flat: Mapping[str, Any], table: Mapping[str, Entry]) -> dict[str, tuple[int, ...]]:
+    """Our per-layer shape of every present param (the leading L axis dropped for stacked ones)."""
+    return {p: tuple(v.shape[1:] if "{i}" in table[p].hf else v.shape) for p, v in flat.items() if p in table}
+
+
+def _check_keys(paths: list[str], files: Mapping[str, Any], cfg: ModelConfig) -> None:
+    table = family_table(cfg)
+    unknown = [p for p in paths if p not in table]
     if unknown:  # a model parameter without a table entry: a bug in dpojax, not in the checkpoint
         raise ModelError(f"internal: no HF mapping for parameters {unknown} of family {cfg.family!r}.")
-    needed = {n for p, _ in flat for n in _hf_names(_path_str(p), cfg.num_layers, table)}
+    needed = {n for p in paths for n in _hf_names(p, cfg.num_layers, table)}
     missing = sorted(needed - set(files))
-    ignored = [re.compile(p) for p in IGNORED_HF_KEYS]
-    if cfg.tie_embeddings:
-        ignored.append(re.compile(r"lm_head\.weight$"))  # some tied checkpoints store the copy; HF ignores it too
+    ignored = [re.compile(p) for p in FAMILIES[cfg.family].ignored]
+    if cfg.tie_embeddings and "lm_head/weight" in table:  # some tied checkpoints store the copy; HF ignores it too
+        ignored.append(re.compile(re.escape(table["lm_head/weight"].hf) + "$"))
     unexpected = sorted(k for k in set(files) - needed if not any(r.match(k) for r in ignored))
     if missing or unexpected:
         raise ModelError(
@@ -240,32 +307,39 @@ def _check_keys(flat: list, files: Mapping[str, Any], cfg: ModelConfig) -> None:
 SLICEABLE = {"identity": lambda index: index, "transpose": lambda index: index[::-1]}
 
 
-def _load_param(var: nnx.Variable, path: str, cfg: ModelConfig, reader: _Reader, sharder: Sharder | None) -> jax.Array:
+def _load_param(var: nnx.Variable, path: str, cfg: ModelConfig, reader: _Reader, sharder: Sharder | None,
+                shapes: Mapping[str, tuple[int, ...]]) -> jax.Array:
     """One parameter, created on its shards; for stacked params each callback reads only its layers."""
-    table, _ = FAMILY_TABLES[cfg.family]
-    hf_name, transform = table[path]
-    to_ours, to_hf = TRANSFORMS[transform]
-    stacked = "{i}" in hf_name
-    shape, dtype = tuple(var.shape), var.dtype
-    layer_shape = shape[1:] if stacked else shape
-    hf_shape = to_hf(np.empty(layer_shape, np.int8)).shape
+    table = family_table(cfg)
+    entry = table[path]
+    to_ours = TRANSFORMS[entry.transform][0]
+    stacked = "{i}" in entry.hf
+    shape, dtype, layer_shape = tuple(var.shape), var.dtype, shapes[path]
+    hf_shape = _hf_layer_shape(path, table, shapes, cfg)
     for name in _hf_names(path, cfg.num_layers, table):
         if reader.shape(name) != hf_shape:
             raise ModelError(f"weight {name} has shape {reader.shape(name)}, expected {hf_shape} for {path} "
                              "(config.json and the safetensors disagree).")
+    if entry.fuse is not None:
+        siblings = _siblings(table, entry, shapes)
+        piece_shapes = [_piece_shape(table[p], shapes[p]) for p in siblings]
+        part = siblings.index(path)
 
     def read(name: str, index: tuple[slice, ...]) -> np.ndarray:
         """Our layer-level `index` of HF weight `name`, in our layout."""
-        if transform in SLICEABLE:  # memory-mapped partial read
-            x = reader.get_slice(name)[SLICEABLE[transform](index)]
-            return x if transform == "identity" else x.T
+        if entry.fuse is not None:
+            piece = _unfuse(entry.fuse, reader.get(name), piece_shapes, cfg)[part]
+            return to_ours(piece, layer_shape)[index]
+        if entry.transform in SLICEABLE:  # memory-mapped partial read
+            x = reader.get_slice(name)[SLICEABLE[entry.transform](index)]
+            return x if entry.transform == "identity" else x.T
         return to_ours(reader.get(name), layer_shape)[index]
 
     def callback(index: tuple[slice, ...]) -> np.ndarray:
         if not stacked:
-            return np.ascontiguousarray(read(hf_name, index)).astype(dtype)
+            return np.ascontiguousarray(read(entry.hf, index)).astype(dtype)
         layers = range(*index[0].indices(shape[0]))
-        return np.stack([read(hf_name.format(i=i), index[1:]).astype(dtype) for i in layers])
+        return np.stack([read(entry.hf.format(i=i), index[1:]).astype(dtype) for i in layers])
 
     return jax.make_array_from_callback(shape, param_sharding(var, sharder), callback)
 
@@ -281,10 +355,14 @@ def load_pretrained(name_or_path: str | pathlib.Path, *, dtype=jnp.float32, para
         cfg, dtype=dtype, param_dtype=param_dtype, attention=attention, remat=remat, scan_layers=scan_layers,
         sharder=sharder))
     flat = list(nnx.to_flat_state(abstract_state))
-    _check_keys(flat, files, cfg)
+    stored = canonical_names(files, cfg)
+    files = {name: files[old] for name, old in stored.items()}
+    _check_keys([_path_str(p) for p, _ in flat], files, cfg)
+    shapes = _layer_shapes({_path_str(p): v for p, v in flat}, family_table(cfg))
     with contextlib.ExitStack() as stack:
-        reader = _Reader(files, stack)
-        loaded = [(p, v.replace(value=_load_param(v, _path_str(p), cfg, reader, sharder))) for p, v in flat]
+        reader = _Reader(files, stored, stack)
+        loaded = [(p, v.replace(value=_load_param(v, _path_str(p), cfg, reader, sharder, shapes)))
+                  for p, v in flat]
     return nnx.merge(graphdef, nnx.from_flat_state(loaded)), cfg
 
 
@@ -300,23 +378,30 @@ def _to_host(x: jax.Array) -> np.ndarray:
 
 
 def hf_tensors(model: Decoder, cfg: ModelConfig) -> list[tuple[str, Callable[[], np.ndarray], tuple, Any]]:
-    """[(HF name, thunk -> numpy array in HF layout, HF shape, dtype)] in table order; thunks fetch lazily."""
-    table, _ = FAMILY_TABLES[cfg.family]
+    """[(HF name, thunk -> numpy array in HF layout, HF shape, dtype)] in table order; thunks fetch lazily.
+    Fused weights (several of our params in one HF tensor) are joined by their table's fuse rule."""
+    table = family_table(cfg)
     flat = dict((_path_str(p), v) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    out = []
-    for path, (hf_name, transform) in table.items():
-        if path not in flat:
+    shapes = _layer_shapes(flat, table)
+    out, done = [], set()
+    for path, entry in table.items():
+        if path not in flat or entry.hf in done:
             continue
-        to_hf, value = TRANSFORMS[transform][1], flat[path][...]
-        stacked = "{i}" in hf_name
-        layer_shape = value.shape[1:] if stacked else value.shape
-        hf_shape = to_hf(np.empty(layer_shape, np.int8)).shape
-        if not stacked:
-            out.append((hf_name, lambda v=value, f=to_hf: np.ascontiguousarray(f(_to_host(v))), hf_shape, value.dtype))
+        done.add(entry.hf)
+        paths = _siblings(table, entry, flat) if entry.fuse else [path]
+        values = [flat[p][...] for p in paths]
+        to_hf = [TRANSFORMS[table[p].transform][1] for p in paths]
+        hf_shape, dtype = _hf_layer_shape(path, table, shapes, cfg), values[0].dtype
+
+        def thunk(i=None, values=values, to_hf=to_hf, fuse=entry.fuse):
+            pieces = [f(_to_host(v if i is None else v[i])) for f, v in zip(to_hf, values)]
+            return np.ascontiguousarray(pieces[0] if fuse is None else _fuse(fuse, pieces, cfg))
+
+        if "{i}" not in entry.hf:
+            out.append((entry.hf, thunk, hf_shape, dtype))
             continue
         for i in range(cfg.num_layers):
-            out.append((hf_name.format(i=i), lambda v=value, f=to_hf, i=i: np.ascontiguousarray(f(_to_host(v[i]))),
-                        hf_shape, value.dtype))
+            out.append((entry.hf.format(i=i), functools.partial(thunk, i), hf_shape, dtype))
     return out
 
 
@@ -377,5 +462,5 @@ def export_config(cfg: ModelConfig, dtype_name: str) -> dict[str, Any]:
     hf["dtype"] = dtype_name
     if "torch_dtype" in hf:
         hf["torch_dtype"] = dtype_name
-    hf.setdefault("architectures", [FAMILY_TABLES[cfg.family][1]])
+    hf.setdefault("architectures", [FAMILIES[cfg.family].architecture])
     return hf

@@ -1,4 +1,4 @@
-"""Building blocks: parameters with logical axes, RMSNorm, dense projections, gated MLP, RoPE.
+"""Building blocks: parameters with logical axes, RMSNorm/LayerNorm, dense projections, MLPs, RoPE.
 
 Every parameter is an `nnx.Param` whose custom metadata `logical_axes` names its axes with the
 glossary of `dpojax.sharding`. Block parameters are created STACKED: `num_layers=L` prepends an
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dpojax.models.config import RopeConfig
+from dpojax.models.config import ModelConfig, RopeConfig
 
 Initializer = str  # "normal" (std = init_std), "ones", "zeros"
 
@@ -49,8 +49,35 @@ class RMSNorm(nnx.Module):
     def __call__(self, x_BxTxN: jax.Array) -> jax.Array:
         x32 = x_BxTxN.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        scale = self.weight[...].astype(jnp.float32) + self.offset if self.offset else self.weight[...]
-        return scale.astype(self.dtype) * x32.astype(self.dtype)
+        if self.offset:  # Gemma: (x * (offset + w)) in fp32, then cast
+            return (x32 * (self.weight[...].astype(jnp.float32) + self.offset)).astype(self.dtype)
+        return self.weight[...].astype(self.dtype) * x32.astype(self.dtype)  # Llama: w * cast(x)
+
+
+class LayerNorm(nnx.Module):
+    """y = (x - mean) / sqrt(var + eps) * weight + bias, computed in fp32, returned in `dtype`."""
+
+    def __init__(self, size: int, *, eps: float, dtype, param_dtype, num_layers: int | None, rngs: nnx.Rngs):
+        self.eps, self.dtype = eps, dtype
+        self.weight = make_param(rngs, (size,), ("norm",), init="ones", param_dtype=param_dtype,
+                                 num_layers=num_layers)
+        self.bias = make_param(rngs, (size,), ("norm",), init="zeros", param_dtype=param_dtype,
+                               num_layers=num_layers)
+
+    def __call__(self, x_BxTxN: jax.Array) -> jax.Array:
+        x32 = x_BxTxN.astype(jnp.float32)
+        centered = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        x32 = centered * jax.lax.rsqrt(jnp.mean(jnp.square(centered), axis=-1, keepdims=True) + self.eps)
+        return (x32 * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(self.dtype)
+
+
+def make_norm(cfg: ModelConfig, size: int, *, dtype, param_dtype, num_layers: int | None, rngs: nnx.Rngs):
+    """The model's norm (cfg.norm) over the last axis of `size`."""
+    if cfg.norm == "layer":
+        return LayerNorm(size, eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, num_layers=num_layers,
+                         rngs=rngs)
+    return RMSNorm(size, eps=cfg.norm_eps, offset=cfg.norm_offset, dtype=dtype, param_dtype=param_dtype,
+                   num_layers=num_layers, rngs=rngs)
 
 
 class Dense(nnx.Module):
@@ -93,19 +120,52 @@ class GatedMLP(nnx.Module):
         return self.down_proj(h_BxTxF)
 
 
-ACTIVATION_FNS = {"silu": jax.nn.silu}
+class PlainMLP(nnx.Module):
+    """down(act(up(x))) (GPT-2, GPT-NeoX)."""
+
+    def __init__(self, D: int, F: int, *, use_bias: bool, activation: str, dtype, param_dtype,
+                 num_layers: int | None, rngs: nnx.Rngs):
+        kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, num_layers=num_layers, rngs=rngs)
+        self.activation = activation
+        self.up_proj = Dense((D,), (F,), in_axes=("embed",), out_axes=("mlp",), **kw)
+        self.down_proj = Dense((F,), (D,), in_axes=("mlp",), out_axes=("embed",), **kw)
+
+    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+        return self.down_proj(ACTIVATION_FNS[self.activation](self.up_proj(x_BxTxD)))
+
+
+def make_mlp(cfg: ModelConfig, *, dtype, param_dtype, num_layers: int | None, rngs: nnx.Rngs):
+    cls = GatedMLP if cfg.mlp == "gated" else PlainMLP
+    return cls(cfg.hidden_size, cfg.intermediate_size, use_bias=cfg.mlp_bias, activation=cfg.activation,
+               dtype=dtype, param_dtype=param_dtype, num_layers=num_layers, rngs=rngs)
+
+
+ACTIVATION_FNS = {
+    "silu": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+}
 
 
 # ---- RoPE -------------------------------------------------------------------------------------------
 
 
-def rope_frequencies(rope: RopeConfig, head_dim: int, max_position_embeddings: int) -> tuple[np.ndarray, float]:
-    """(inv_freq [Dh/2] float32, cos/sin scale) for `rope`, following transformers' definitions."""
+def rope_frequencies(rope: RopeConfig, head_dim: int, max_position_embeddings: int, *,
+                     long: bool = False) -> tuple[np.ndarray, float]:
+    """(inv_freq [Dr/2] float32, cos/sin scale) for `rope` over `head_dim` = Dr rotated dims, following
+    transformers' definitions. `long` picks LongRoPE's long factors (else its short ones)."""
     dim = head_dim
     exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
     inv_freq = (1.0 / (np.float32(rope.theta) ** exponents)).astype(np.float32)
     scale = 1.0
-    if rope.type == "linear":
+    if rope.type == "longrope":
+        ext = np.asarray(rope.long_factor if long else rope.short_factor, np.float32)
+        inv_freq = (1.0 / (ext * np.float32(rope.theta) ** exponents)).astype(np.float32)
+        scale = rope.attention_factor
+        if scale is None:
+            orig = rope.original_max_position_embeddings
+            scale = 1.0 if rope.factor <= 1.0 else math.sqrt(1 + math.log(rope.factor) / math.log(orig))
+    elif rope.type == "linear":
         inv_freq = inv_freq / np.float32(rope.factor)
     elif rope.type == "llama3":
         inv_freq = _llama3_inv_freq(inv_freq, rope)
@@ -163,8 +223,27 @@ def rope_cos_sin(positions_BxT: jax.Array, inv_freq: np.ndarray, scale: float, d
     return (jnp.cos(angles_BxTxDh) * scale).astype(dtype), (jnp.sin(angles_BxTxDh) * scale).astype(dtype)
 
 
-def apply_rope(x_BxTxNxDh: jax.Array, cos_BxTxDh: jax.Array, sin_BxTxDh: jax.Array) -> jax.Array:
-    """x * cos + rotate_half(x) * sin, where rotate_half(x) = [-x2, x1] on the two halves of Dh."""
-    x1, x2 = jnp.split(x_BxTxNxDh, 2, axis=-1)
+def rope_tables(rope: RopeConfig, rotary_dims: int, max_position_embeddings: int, positions_BxT: jax.Array,
+                dtype) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [B, T, Dr] for `rope`. LongRoPE, as transformers: the long factors when the longest position
+    in the batch (+1) exceeds original_max_position_embeddings, the short ones otherwise."""
+    inv_freq, scale = rope_frequencies(rope, rotary_dims, max_position_embeddings)
+    cos_BxTxDr, sin_BxTxDr = rope_cos_sin(positions_BxT, inv_freq, scale, dtype)
+    original = rope.original_max_position_embeddings
+    if rope.type == "longrope" and positions_BxT.shape[1] > original:  # only then can the long set apply
+        long_inv_freq, long_scale = rope_frequencies(rope, rotary_dims, max_position_embeddings, long=True)
+        long_cos, long_sin = rope_cos_sin(positions_BxT, long_inv_freq, long_scale, dtype)
+        use_long = jnp.max(positions_BxT) + 1 > original
+        cos_BxTxDr, sin_BxTxDr = jnp.where(use_long, long_cos, cos_BxTxDr), jnp.where(use_long, long_sin, sin_BxTxDr)
+    return cos_BxTxDr, sin_BxTxDr
+
+
+def apply_rope(x_BxTxNxDh: jax.Array, cos_BxTxDr: jax.Array, sin_BxTxDr: jax.Array) -> jax.Array:
+    """x * cos + rotate_half(x) * sin on the first Dr dims of each head (rotate_half(x) = [-x2, x1] on their
+    two halves); the remaining Dh - Dr dims pass unchanged (partial rotary)."""
+    Dr = cos_BxTxDr.shape[-1]
+    x_rot, x_pass = x_BxTxNxDh[..., :Dr], x_BxTxNxDh[..., Dr:]
+    x1, x2 = jnp.split(x_rot, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return x_BxTxNxDh * cos_BxTxDh[:, :, None, :] + rotated * sin_BxTxDh[:, :, None, :]
+    out = x_rot * cos_BxTxDr[:, :, None, :] + rotated * sin_BxTxDr[:, :, None, :]
+    return out if x_pass.shape[-1] == 0 else jnp.concatenate([out, x_pass], axis=-1)

@@ -1,17 +1,25 @@
-"""The decoder: embedding, L pre-norm blocks (attention with RoPE + GQA, gated MLP), final norm.
+"""The decoder: embeddings, L blocks (attention with RoPE + GQA, MLP), final norm, for every family.
 
-Parameter tree (paths as in `nnx.split(model)`; logical axes in brackets):
+Parameter tree (paths as in `nnx.split(model)`; logical axes in brackets; optional parts in parentheses):
   embed_tokens/embedding                     [V, D]          (vocab, embed)
-  layers/input_layernorm/weight              [L, D]          (layers, norm)
+  embed_positions/embedding                  [P, D]          (length, embed)          learned positions (GPT-2)
+  layers/input_layernorm/{weight,bias}       [L, D]          (layers, norm)           bias: LayerNorm only
   layers/self_attn/{q,k,v}_proj/kernel       [L, D, H|K, Dh] (layers, embed, heads|kv_heads, head_dim)
   layers/self_attn/{q,k,v}_proj/bias         [L, H|K, Dh]    (qkv_bias only)
   layers/self_attn/o_proj/kernel             [L, H, Dh, D]   (layers, heads, head_dim, embed)
   layers/self_attn/o_proj/bias               [L, D]          (o_bias only)
   layers/self_attn/{q,k}_norm/weight         [L, Dh]         (qk_norm only)
-  layers/post_attention_layernorm/weight     [L, D]
-  layers/mlp/{gate,up}_proj/kernel           [L, D, F]       (layers, embed, mlp); down_proj [L, F, D]
-  norm/weight                                [D]
+  layers/attn_output_norm/weight             [L, D]          (sandwich_norms: norm of the attention output)
+  layers/post_attention_layernorm/{weight,bias} [L, D]       the norm before the MLP (Llama's name)
+  layers/mlp/{gate,up}_proj/kernel           [L, D, F]       (layers, embed, mlp); gate: gated MLP only
+  layers/mlp/down_proj/kernel                [L, F, D]       (+ bias [L, F] / [L, D] with mlp_bias)
+  layers/mlp_output_norm/weight              [L, D]          (sandwich_norms: norm of the MLP output)
+  norm/{weight,bias}                         [D]
   lm_head/weight                             [V, D]          (vocab, embed; untied models only)
+
+Block: a = attn(norm1(x)) [-> attn_output_norm];  parallel residual: x + a + mlp(norm2(x));
+otherwise h = x + a, h + mlp(norm2(h)) [-> mlp_output_norm]. What differs between layers (sliding window,
+which RoPE table) is per-layer DATA scanned together with the stacked parameters, never a code path.
 
 Remat policies (`remat=`), applied per block:
   "none"      no rematerialization (fastest, most memory)
@@ -33,7 +41,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from dpojax.models.attention import attend, resolve_attention
 from dpojax.models.config import ModelConfig
-from dpojax.models.layers import Dense, GatedMLP, RMSNorm, apply_rope, make_param, rope_cos_sin, rope_frequencies
+from dpojax.models.layers import Dense, RMSNorm, apply_rope, make_mlp, make_norm, make_param, rope_tables
 from dpojax.sharding import Sharder, constrain
 
 REMAT_POLICIES = {
@@ -52,7 +60,8 @@ class SelfAttention(nnx.Module):
                  rngs: nnx.Rngs):
         D, H, K, Dh, L = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_layers
         kw = dict(dtype=dtype, param_dtype=param_dtype, num_layers=L, rngs=rngs)
-        self.attention, self.sharder, self.scale = attention, sharder, Dh**-0.5
+        self.attention, self.sharder, self.scale, self.softcap = attention, sharder, cfg.attention_scale, \
+            cfg.attn_softcap
         self.q_proj = Dense((D,), (H, Dh), in_axes=("embed",), out_axes=("heads", "head_dim"),
                             use_bias=cfg.qkv_bias, **kw)
         self.k_proj = Dense((D,), (K, Dh), in_axes=("embed",), out_axes=("kv_heads", "head_dim"),
@@ -62,17 +71,20 @@ class SelfAttention(nnx.Module):
         self.o_proj = Dense((H, Dh), (D,), in_axes=("heads", "head_dim"), out_axes=("embed",),
                             use_bias=cfg.o_bias, **kw)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(Dh, eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, num_layers=L, rngs=rngs)
-            self.k_norm = RMSNorm(Dh, eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, num_layers=L, rngs=rngs)
+            norm_kw = dict(eps=cfg.norm_eps, offset=cfg.norm_offset, dtype=dtype, param_dtype=param_dtype,
+                           num_layers=L, rngs=rngs)
+            self.q_norm, self.k_norm = RMSNorm(Dh, **norm_kw), RMSNorm(Dh, **norm_kw)
         else:
             self.q_norm = self.k_norm = None
 
-    def __call__(self, x_BxTxD, cos_BxTxDh, sin_BxTxDh, segment_ids_BxT):
+    def __call__(self, x_BxTxD, rope_cos_sin, segment_ids_BxT, window):
+        """rope_cos_sin: (cos, sin) [B, T, Dr] or None (learned positions); window: int32 scalar or None."""
         q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh = self.q_proj(x_BxTxD), self.k_proj(x_BxTxD), self.v_proj(x_BxTxD)
         if self.q_norm is not None:
             q_BxTxHxDh, k_BxTxKxDh = self.q_norm(q_BxTxHxDh), self.k_norm(k_BxTxKxDh)
-        q_BxTxHxDh = apply_rope(q_BxTxHxDh, cos_BxTxDh, sin_BxTxDh)
-        k_BxTxKxDh = apply_rope(k_BxTxKxDh, cos_BxTxDh, sin_BxTxDh)
+        if rope_cos_sin is not None:
+            q_BxTxHxDh = apply_rope(q_BxTxHxDh, *rope_cos_sin)
+            k_BxTxKxDh = apply_rope(k_BxTxKxDh, *rope_cos_sin)
         q_BxTxHxDh = checkpoint_name(constrain(q_BxTxHxDh, self.sharder, ("batch", "length", "heads", "head_dim")),
                                      "query")
         k_BxTxKxDh = checkpoint_name(constrain(k_BxTxKxDh, self.sharder, ("batch", "length", "kv_heads", "head_dim")),
@@ -80,38 +92,46 @@ class SelfAttention(nnx.Module):
         v_BxTxKxDh = checkpoint_name(constrain(v_BxTxKxDh, self.sharder, ("batch", "length", "kv_heads", "head_dim")),
                                      "value")
         out_BxTxHxDh = attend(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segment_ids_BxT,
-                              implementation=self.attention, scale=self.scale)
+                              implementation=self.attention, scale=self.scale, softcap=self.softcap, window=window)
         out_BxTxHxDh = checkpoint_name(out_BxTxHxDh, "context")
         return self.o_proj(out_BxTxHxDh)
 
 
 class Block(nnx.Module):
-    """One pre-norm decoder block. Built with stacked [L, ...] params; called on one layer's slice."""
+    """One decoder block (layout in the module docstring). Built with stacked [L, ...] params; called on one
+    layer's slice."""
 
     def __init__(self, cfg: ModelConfig, *, attention: str, dtype, param_dtype, sharder: Sharder | None,
                  rngs: nnx.Rngs):
-        L, D = cfg.num_layers, cfg.hidden_size
-        norm_kw = dict(eps=cfg.norm_eps, offset=cfg.norm_offset, dtype=dtype, param_dtype=param_dtype,
-                       num_layers=L, rngs=rngs)
-        self.sharder = sharder
-        self.input_layernorm = RMSNorm(D, **norm_kw)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, num_layers=cfg.num_layers, rngs=rngs)
+        D = cfg.hidden_size
+        self.sharder, self.parallel_residual = sharder, cfg.parallel_residual
+        self.input_layernorm = make_norm(cfg, D, **kw)
         self.self_attn = SelfAttention(cfg, attention=attention, dtype=dtype, param_dtype=param_dtype,
                                        sharder=sharder, rngs=rngs)
-        self.post_attention_layernorm = RMSNorm(D, **norm_kw)
-        self.mlp = GatedMLP(D, cfg.intermediate_size, use_bias=cfg.mlp_bias, activation=cfg.activation,
-                            dtype=dtype, param_dtype=param_dtype, num_layers=L, rngs=rngs)
+        self.attn_output_norm = make_norm(cfg, D, **kw) if cfg.sandwich_norms else None
+        self.post_attention_layernorm = make_norm(cfg, D, **kw)
+        self.mlp = make_mlp(cfg, **kw)
+        self.mlp_output_norm = make_norm(cfg, D, **kw) if cfg.sandwich_norms else None
 
-    def __call__(self, x_BxTxD, cos_BxTxDh, sin_BxTxDh, segment_ids_BxT):
-        h_BxTxD = x_BxTxD + self.self_attn(self.input_layernorm(x_BxTxD), cos_BxTxDh, sin_BxTxDh, segment_ids_BxT)
-        h_BxTxD = constrain(h_BxTxD, self.sharder, ACT)
-        out_BxTxD = h_BxTxD + self.mlp(self.post_attention_layernorm(h_BxTxD))
-        return constrain(out_BxTxD, self.sharder, ACT)
+    def __call__(self, x_BxTxD, rope_cos_sin, segment_ids_BxT, window):
+        a_BxTxD = self.self_attn(self.input_layernorm(x_BxTxD), rope_cos_sin, segment_ids_BxT, window)
+        if self.attn_output_norm is not None:
+            a_BxTxD = self.attn_output_norm(a_BxTxD)
+        if self.parallel_residual:
+            out_BxTxD = self.mlp(self.post_attention_layernorm(x_BxTxD)) + a_BxTxD + x_BxTxD
+            return constrain(out_BxTxD, self.sharder, ACT)
+        h_BxTxD = constrain(x_BxTxD + a_BxTxD, self.sharder, ACT)
+        m_BxTxD = self.mlp(self.post_attention_layernorm(h_BxTxD))
+        if self.mlp_output_norm is not None:
+            m_BxTxD = self.mlp_output_norm(m_BxTxD)
+        return constrain(h_BxTxD + m_BxTxD, self.sharder, ACT)
 
 
 class Embed(nnx.Module):
-    def __init__(self, V: int, D: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, V: int, D: int, *, dtype, param_dtype, rngs: nnx.Rngs, axes=("vocab", "embed")):
         self.dtype = dtype
-        self.embedding = make_param(rngs, (V, D), ("vocab", "embed"), init="normal", param_dtype=param_dtype)
+        self.embedding = make_param(rngs, (V, D), axes, init="normal", param_dtype=param_dtype)
 
     def __call__(self, ids_BxT: jax.Array) -> jax.Array:
         return jnp.take(self.embedding[...], ids_BxT, axis=0).astype(self.dtype)
@@ -126,7 +146,10 @@ class Decoder(nnx.Module):
     """`model(input_ids_BxT, positions_BxT, segment_ids_BxT) -> hidden_BxTxD` (final-normed hidden states).
 
     segment_ids: 0 = padding, > 0 = segment; attention is causal within equal segment ids.
-    `unembedding()` -> [V, D] (the tied table or lm_head); `logits(hidden)` -> [B, T, V] in fp32 (tests).
+    `unembedding()` -> [V, D] (the tied table or lm_head); the logits are
+    `final_softcap * tanh(hidden @ unembedding().T / final_softcap)` when `final_softcap` is set (Gemma 2),
+    which the log-prob head applies (`token_logprobs(..., softcap=model.final_softcap)`);
+    `logits(hidden)` -> [B, T, V] in fp32 (tests only).
     """
 
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, attention: str = "auto",
@@ -134,37 +157,70 @@ class Decoder(nnx.Module):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat={remat!r} is not one of {', '.join(REMAT_POLICIES)}")
         self.cfg, self.dtype, self.remat, self.scan_layers, self.sharder = cfg, dtype, remat, scan_layers, sharder
-        self.attention = resolve_attention(attention, dtype=dtype, head_dim=cfg.head_dim)
+        self.final_softcap = cfg.final_softcap
+        self.attention = resolve_attention(attention, dtype=dtype, head_dim=cfg.head_dim, softcap=cfg.attn_softcap)
         D, V = cfg.hidden_size, cfg.vocab_size
         self.embed_tokens = Embed(V, D, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.embed_positions = (Embed(cfg.max_position_embeddings, D, dtype=dtype, param_dtype=param_dtype,
+                                      rngs=rngs, axes=("length", "embed")) if cfg.position == "learned" else None)
         self.layers = Block(cfg, attention=self.attention, dtype=dtype, param_dtype=param_dtype, sharder=sharder,
                             rngs=rngs)
-        self.norm = RMSNorm(D, eps=cfg.norm_eps, offset=cfg.norm_offset, dtype=dtype, param_dtype=param_dtype,
-                            num_layers=None, rngs=rngs)
+        self.norm = make_norm(cfg, D, dtype=dtype, param_dtype=param_dtype, num_layers=None, rngs=rngs)
         self.lm_head = None if cfg.tie_embeddings else LMHead(V, D, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, input_ids_BxT: jax.Array, positions_BxT: jax.Array, segment_ids_BxT: jax.Array) -> jax.Array:
-        self.cfg.check_seq_len(input_ids_BxT.shape[1])
-        inv_freq, scale = rope_frequencies(self.cfg.rope, self.cfg.head_dim, self.cfg.max_position_embeddings)
-        cos_BxTxDh, sin_BxTxDh = rope_cos_sin(positions_BxT, inv_freq, scale, self.dtype)
-        x_BxTxD = constrain(self.embed_tokens(input_ids_BxT), self.sharder, ACT)
-        x_BxTxD = self._run_layers(x_BxTxD, cos_BxTxDh, sin_BxTxDh, segment_ids_BxT)
+        cfg = self.cfg
+        cfg.check_seq_len(input_ids_BxT.shape[1])
+        x_BxTxD = self.embed_tokens(input_ids_BxT)
+        if cfg.embed_scale:  # Gemma: sqrt(D) rounded to the compute dtype, as transformers does
+            x_BxTxD = x_BxTxD * jnp.asarray(cfg.hidden_size**0.5, self.dtype)
+        if self.embed_positions is not None:
+            x_BxTxD = x_BxTxD + self.embed_positions(positions_BxT)
+        x_BxTxD = constrain(x_BxTxD, self.sharder, ACT)
+        x_BxTxD = self._run_layers(x_BxTxD, self._rope_tables(positions_BxT), segment_ids_BxT)
         return constrain(self.norm(x_BxTxD), self.sharder, ACT)
 
-    def _run_layers(self, x_BxTxD, cos_BxTxDh, sin_BxTxDh, segment_ids_BxT):
+    def _rope_tables(self, positions_BxT):
+        """(cos, sin) [R, B, T, Dr]: the global RoPE, then the local one when it differs; None without RoPE."""
+        cfg = self.cfg
+        if cfg.position != "rope":
+            return None
+        ropes = [cfg.rope] + ([cfg.local_rope] if cfg.local_rope is not None else [])
+        tables = [rope_tables(r, cfg.rotary_dims, cfg.max_position_embeddings, positions_BxT, self.dtype)
+                  for r in ropes]
+        return jnp.stack([c for c, _ in tables]), jnp.stack([s for _, s in tables])
+
+    def layer_data(self) -> dict[str, jax.Array]:
+        """Per-layer data scanned with the stacked params: `window` int32[L] (a huge value on global layers)
+        and `rope` int32[L] (which RoPE table); only the entries this model needs."""
+        cfg, data = self.cfg, {}
+        if cfg.layer_windows:
+            data["window"] = jnp.asarray([GLOBAL_WINDOW if w is None else w for w in cfg.windows], jnp.int32)
+        if cfg.local_rope is not None:
+            data["rope"] = jnp.asarray([0 if w is None else 1 for w in cfg.windows], jnp.int32)
+        return data
+
+    def _run_layers(self, x_BxTxD, rope_RxBxTxDr, segment_ids_BxT):
         graphdef, stacked = nnx.split(self.layers)
 
-        def body(h_BxTxD, layer_state):
-            return nnx.merge(graphdef, layer_state)(h_BxTxD, cos_BxTxDh, sin_BxTxDh, segment_ids_BxT), None
+        def body(h_BxTxD, xs):
+            layer_state, data = xs
+            rope = None
+            if rope_RxBxTxDr is not None:
+                index = data.get("rope", 0)
+                rope = (rope_RxBxTxDr[0][index], rope_RxBxTxDr[1][index])
+            block = nnx.merge(graphdef, layer_state)
+            return block(h_BxTxD, rope, segment_ids_BxT, data.get("window")), None
 
         policy = REMAT_POLICIES[self.remat]
         if self.remat != "none":
             body = jax.checkpoint(body, policy=policy, prevent_cse=not self.scan_layers)
+        xs = (stacked, self.layer_data())
         if self.scan_layers:
-            x_BxTxD, _ = jax.lax.scan(body, x_BxTxD, stacked)
+            x_BxTxD, _ = jax.lax.scan(body, x_BxTxD, xs)
             return x_BxTxD
         for i in range(self.cfg.num_layers):
-            x_BxTxD, _ = body(x_BxTxD, jax.tree.map(functools.partial(_take, i=i), stacked))
+            x_BxTxD, _ = body(x_BxTxD, jax.tree.map(functools.partial(_take, i=i), xs))
         return x_BxTxD
 
     def unembedding(self) -> jax.Array:
@@ -172,10 +228,17 @@ class Decoder(nnx.Module):
         return (self.embed_tokens.embedding if self.lm_head is None else self.lm_head.weight)[...]
 
     def logits(self, hidden_BxTxD: jax.Array) -> jax.Array:
-        """Full logits [B, T, V] in fp32 (tests and small evals only: the trainer never builds these)."""
+        """Full logits [B, T, V] in fp32, soft-capped like the log-prob head (tests and small evals only: the
+        trainer never builds these)."""
         W_VxD = self.unembedding()
-        return jnp.einsum("btd,vd->btv", hidden_BxTxD.astype(self.dtype), W_VxD.astype(self.dtype),
-                          preferred_element_type=jnp.float32)
+        logits_BxTxV = jnp.einsum("btd,vd->btv", hidden_BxTxD.astype(self.dtype), W_VxD.astype(self.dtype),
+                                  preferred_element_type=jnp.float32)
+        if self.final_softcap is not None:
+            logits_BxTxV = jnp.tanh(logits_BxTxV / self.final_softcap) * self.final_softcap
+        return logits_BxTxV
+
+
+GLOBAL_WINDOW = 2**30  # the window of a global layer: longer than any sequence
 
 
 def _take(x: jax.Array, i: int) -> jax.Array:

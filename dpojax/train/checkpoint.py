@@ -29,6 +29,7 @@ RESUME_CRITICAL = (
     ("data", "train_split"),
     ("data", "max_length"),
     ("data", "truncation_mode"),
+    ("data", "pairs_from_scores"),
     ("train", "batch_size"),
     ("train", "seed"),
     ("optim", "name"),

@@ -20,15 +20,19 @@ from flax import nnx
 from dpojax import distributed, losses, metrics as M
 from dpojax.config import Config, dump_yaml, load_config
 from dpojax.data.batching import PreferenceBatch, eval_batches, steps_per_epoch, train_batches
-from dpojax.data.loader import load_pairs
+from dpojax.data.loader import load_preferences
+from dpojax.data.ranked_batching import RankedBatch
+from dpojax.data.ranked_tokenize import TokenizedRankings
 from dpojax.data.tokenize import TokenizedPairs, check_vocab
 from dpojax.errors import ConfigError, ModelError, NumericsError, UserError
 from dpojax.models.config import ModelConfig
 from dpojax.models.hf import export_hf, init_random, load_pretrained, read_hf_config, resolve_model_dir
+from dpojax.ranking import is_ranking_loss
 from dpojax.sharding import Sharder, check_fsdp_sharded, make_mesh
 from dpojax.train import checkpoint as ckpt
 from dpojax.train.optim import make_optimizer
 from dpojax.train.preemption import Preemption
+from dpojax.train.ranking_step import ranking_batch_loss
 from dpojax.train import reference
 from dpojax.train.step import (
     StepSpec,
@@ -151,9 +155,9 @@ def precompute_references(cfg: Config, models: Models, sharder: Sharder, pair_se
     models.ref_graphdef, models.ref_params, models.ref_tables = None, None, tables
 
 
-def load_split(cfg: Config, tokenizer, spec: str, split: str) -> TokenizedPairs:
+def load_split(cfg: Config, tokenizer, spec: str, split: str) -> TokenizedPairs | TokenizedRankings:
     cache = str(_cache_dir(cfg))
-    return load_pairs(
+    return load_preferences(
         spec,
         tokenizer,
         split=split,
@@ -161,6 +165,9 @@ def load_split(cfg: Config, tokenizer, spec: str, split: str) -> TokenizedPairs:
         truncation_mode=cfg.data.truncation_mode,
         cache_dir=cache,
         on_bad_row=cfg.data.on_bad_row,
+        max_responses=cfg.data.max_responses,
+        pairs_from_scores=cfg.data.pairs_from_scores,
+        ranking_loss=is_ranking_loss(cfg.loss),
     )
 
 
@@ -169,7 +176,9 @@ def to_device(batch: PreferenceBatch, sharding) -> PreferenceBatch:
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
 
 
-def _real_tokens(batch: PreferenceBatch) -> int:
+def _real_tokens(batch: PreferenceBatch | RankedBatch) -> int:
+    if isinstance(batch, RankedBatch):
+        return batch.real_tokens()
     return int(np.sum((batch.segment_ids_Nx2xT > 0) * batch.pair_mask_N[:, None, None]))
 
 
@@ -230,6 +239,7 @@ def setup(cfg: Config, n_train_pairs: int | None, models: Models, sharder: Shard
         grad_accum=cfg.grad_accum_steps,
         sharder=sharder,
         precomputed_ref=models.ref_tables is not None,
+        loss_fn=ranking_batch_loss if is_ranking_loss(cfg.loss) else None,  # ranked data: K responses per row
     )
     check_fsdp_sharded(models.policy_params, sharder.mesh)  # no big parameter silently whole on every device
     state = init_state(models.policy_params, optimizer, sharder)

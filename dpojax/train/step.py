@@ -49,6 +49,7 @@ class StepSpec:
     chunk_len: int = 256  # sequence chunk of the log-prob head
     sharder: Sharder | None = None
     precomputed_ref: bool = False  # reference log-probs come with the batch (batch.ref_logps_Nx2)
+    loss_fn: Any = None  # (params, ref_params, batch, spec) -> (loss sum, metric sums); None: `batch_loss` (pairs)
 
     @property
     def with_wpo(self) -> bool:
@@ -61,15 +62,20 @@ class StepSpec:
 
 def sequence_logps(graphdef, params, batch: PreferenceBatch, spec: StepSpec):
     """Per-row sums (SeqStats) of one model over a [N, 2, T] batch, rows flattened to c0, r0, c1, r1, ..."""
-    model = nnx.merge(graphdef, params)
     n, two, t = batch.input_ids_Nx2xT.shape
-    ids_BxT = batch.input_ids_Nx2xT.reshape(n * two, t)
-    seg_BxT = batch.segment_ids_Nx2xT.reshape(n * two, t)
-    hidden_BxTxD = model(ids_BxT, batch.positions_Nx2xT.reshape(n * two, t), seg_BxT)
-    tok = token_logprobs(hidden_BxTxD, model.unembedding(), ids_BxT, chunk_len=spec.chunk_len, with_wpo=spec.with_wpo)
+    fields = (batch.input_ids_Nx2xT, batch.positions_Nx2xT, batch.segment_ids_Nx2xT, batch.completion_mask_Nx2xT)
+    return row_logps(graphdef, params, *(x.reshape(n * two, t) for x in fields), spec)
+
+
+def row_logps(graphdef, params, ids_BxT, positions_BxT, seg_BxT, completion_mask_BxT, spec: StepSpec):
+    """Per-row sums (SeqStats) of one model over B sequences (rows c0, r0, c1, r1, ... when loss.ld_alpha is set)."""
+    model = nnx.merge(graphdef, params)
+    hidden_BxTxD = model(ids_BxT, positions_BxT, seg_BxT)
+    tok = token_logprobs(hidden_BxTxD, model.unembedding(), ids_BxT, chunk_len=spec.chunk_len, with_wpo=spec.with_wpo,
+                         softcap=model.final_softcap)  # Gemma 2's final logit soft-cap (None for most models)
     return sequence_stats(
         tok,
-        batch.completion_mask_Nx2xT.reshape(n * two, t),
+        completion_mask_BxT,
         ld_alpha=spec.loss.ld_alpha,
         lm_mask_BxT=(seg_BxT > 0) if spec.lm_mask else None,
     )
@@ -133,7 +139,7 @@ def _add(a, b):
 
 
 def train_step(state: TrainState, ref_params, batch: PreferenceBatch, spec: StepSpec):
-    grad_fn = jax.value_and_grad(batch_loss, has_aux=True)
+    grad_fn = jax.value_and_grad(spec.loss_fn or batch_loss, has_aux=True)
 
     def accumulate(carry, micro: PreferenceBatch):
         (_, metrics), grads = grad_fn(state.params, ref_params, micro, spec)
@@ -144,7 +150,7 @@ def train_step(state: TrainState, ref_params, batch: PreferenceBatch, spec: Step
     shapes = jax.eval_shape(lambda: grad_fn(state.params, ref_params, first, spec))
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[1], shapes[0][1]))
     (grads, metrics), _ = jax.lax.scan(accumulate, zeros, micros)
-    n_pairs = jnp.maximum(jnp.sum(batch.pair_mask_N), 1.0)
+    n_pairs = jnp.maximum(metrics["loss"][1], 1.0)  # real pairs (ranked rows) in the batch: the loss's count
     grads = jax.tree.map(lambda g: g / n_pairs.astype(g.dtype), grads)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = spec.optimizer.update(grads, state.opt_state, state.params)
@@ -165,7 +171,7 @@ def train_step(state: TrainState, ref_params, batch: PreferenceBatch, spec: Step
 
 
 def eval_step(params, ref_params, batch: PreferenceBatch, spec: StepSpec) -> MetricSums:
-    _, metrics = batch_loss(params, ref_params, batch, spec)
+    _, metrics = (spec.loss_fn or batch_loss)(params, ref_params, batch, spec)
     return metrics
 
 

@@ -1,0 +1,328 @@
+"""Ahead-of-time compilation of the real train step for a TPU topology, on any host (libtpu installed).
+
+`compile_for_topology(cfg, "v5p:2x2x1")` builds everything a run would jit, but abstractly: the policy and
+reference parameters as sharded `ShapeDtypeStruct`s from config.json alone (no weights, no memory), the
+optimizer state and step counter with the shardings `init_state` gives them, and one global batch of
+`train.batch_size` pairs at `data.max_length` tokens (the largest bucket). It then lowers and compiles
+`dpojax.train.step.compile_steps`'s train step for the topology's devices (`jax.experimental.topologies`)
+and reads XLA's per-device memory and cost analyses. When the step does not fit, the TPU compiler refuses it
+(RESOURCE_EXHAUSTED); that is reported as "fits: no" with the compiler's numbers.
+
+Topology names are `chip:AxB[xC]` as libtpu spells them (v4, v5e, v5p, v6e), or a Cloud TPU accelerator
+type from `ACCELERATOR_TYPES` (v5p-8 = v5p:2x2x1, 4 chips).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from dpojax.errors import ConfigError, UserError
+
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    hbm_bytes: int  # HBM per chip
+    peak_bf16_flops: float  # dense bf16 FLOP/s per chip
+
+
+CHIPS = {
+    "v4": Chip(32 * GiB, 275e12),
+    "v5e": Chip(16 * GiB, 197e12),
+    "v5p": Chip(95 * GiB, 459e12),
+    "v6e": Chip(32 * GiB, 918e12),
+}
+# Cloud TPU accelerator type -> libtpu topology (v4/v5p count TensorCores, 2 per chip; v5e/v6e count chips)
+ACCELERATOR_TYPES = {
+    "v4-8": "v4:2x2x1", "v4-16": "v4:2x2x2", "v4-32": "v4:2x2x4",
+    "v5p-8": "v5p:2x2x1", "v5p-16": "v5p:2x2x2", "v5p-32": "v5p:2x2x4", "v5p-64": "v5p:2x4x4",
+    "v5p-128": "v5p:4x4x4", "v5p-256": "v5p:4x4x8", "v5p-512": "v5p:4x8x8",
+    "v5e-4": "v5e:2x2", "v5e-8": "v5e:2x4", "v5e-16": "v5e:4x4", "v5e-32": "v5e:4x8", "v5e-64": "v5e:8x8",
+    "v6e-4": "v6e:2x2", "v6e-8": "v6e:2x4", "v6e-16": "v6e:4x4", "v6e-32": "v6e:4x8", "v6e-64": "v6e:8x8",
+}  # fmt: skip
+# No TPU here: stop libtpu probing for one, and let several compiling processes load it at once.
+QUIET_LIBTPU_ENV = {"TPU_ACCELERATOR_TYPE": "v5litepod-8", "TPU_WORKER_HOSTNAMES": "localhost", "TPU_WORKER_ID": "0",
+                    "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+
+
+def parse_topology(name: str) -> tuple[str, str, int]:
+    """(libtpu topology name, chip, number of chips) of `name` (`v5p:2x2x1` or `v5p-8`)."""
+    topology = ACCELERATOR_TYPES.get(name, name)
+    m = re.fullmatch(r"(v\d+[a-z]*):(\d+(?:x\d+)+)", topology)
+    if m is None or m.group(1) not in CHIPS:
+        raise ConfigError(
+            f"compile: unknown TPU topology {name!r}; use chip:AxB[xC] with chip one of {', '.join(CHIPS)} "
+            f"(e.g. v5p:2x2x1, v5e:2x4) or an accelerator type ({', '.join(sorted(ACCELERATOR_TYPES)[:6])}, ...)."
+        )
+    return topology, m.group(1), math.prod(int(d) for d in m.group(2).split("x"))
+
+
+def topology_devices(topology: str, slices: int = 1) -> list:
+    """The devices of a TPU topology, times `slices` slices (no TPU needed; libtpu compiles for them)."""
+    for key, value in QUIET_LIBTPU_ENV.items():  # without these libtpu probes for a local TPU and warns
+        os.environ.setdefault(key, value)
+    from jax.experimental import topologies
+
+    try:
+        kw = {"num_slices": slices} if slices > 1 else {}
+        return list(topologies.get_topology_desc(platform="tpu", topology_name=topology, **kw).devices)
+    except Exception as e:  # missing libtpu, unknown shape: one clear message
+        hint = " Install libtpu: pip install 'dpojax[tpu]'." if "libtpu" in str(e).lower() or "tpu" in str(e) else ""
+        raise UserError(f"compile: cannot describe TPU topology {topology!r}: {e}.{hint}") from None
+
+
+def read_model_config(name_or_path: str, revision: str | None = None) -> dict[str, Any]:
+    """config.json of a local folder, or of a hub id (downloads config.json only, never weights)."""
+    import json
+
+    folder = Path(name_or_path).expanduser()
+    if folder.is_dir():
+        from dpojax.models.hf import read_hf_config
+
+        return read_hf_config(folder)
+    try:
+        import huggingface_hub
+
+        return json.loads(Path(huggingface_hub.hf_hub_download(name_or_path, "config.json", revision=revision))
+                          .read_text())
+    except Exception as e:
+        raise UserError(f"compile: could not read config.json of {name_or_path!r}: {e}") from None
+
+
+# ------------------------------------------------------------------------------------------------ report
+@dataclasses.dataclass(frozen=True)
+class CompileReport:
+    topology: str
+    chip: str
+    chips: int
+    devices: int
+    mesh: dict[str, int]
+    attention: str
+    num_params: int  # policy parameters
+    batch_pairs: int  # global preference pairs per step
+    seq_len: int
+    hbm_per_device: int  # bytes
+    fits: bool
+    argument_bytes: int | None = None  # per device: state + reference + batch
+    output_bytes: int | None = None  # per device, not aliased to a (donated) argument
+    temp_bytes: int | None = None  # per device: activations, gradients, workspace
+    code_bytes: int | None = None
+    flops_per_step: float | None = None  # XLA cost analysis, summed over devices
+    model_flops_per_step: float | None = None  # 6N + attention per token (policy) + 2N + attention (reference)
+    seconds_per_step: float | None = None  # XLA's cost model estimate
+    error: str | None = None  # the compiler's message when it refused (out of memory)
+
+    @property
+    def peak_bytes(self) -> int | None:
+        if self.argument_bytes is None:
+            return None
+        return self.argument_bytes + (self.output_bytes or 0) + (self.temp_bytes or 0)
+
+    def format(self) -> str:
+        g = lambda b: "n/a" if b is None else f"{b / GiB:.2f} GiB"  # noqa: E731
+        lines = [
+            f"topology            {self.topology} ({self.chips} {self.chip} chips, {self.devices} devices), "
+            f"mesh {self.mesh}",
+            f"model               {self.num_params / 1e9:.3f} B parameters, attention {self.attention}",
+            f"batch               {self.batch_pairs} pairs x 2 x {self.seq_len} tokens (policy + reference)",
+            f"per device          arguments {g(self.argument_bytes)}, outputs {g(self.output_bytes)}, "
+            f"temporaries {g(self.temp_bytes)}",
+            f"peak per device     {g(self.peak_bytes)} of {g(self.hbm_per_device)} HBM"
+            f" -> fits: {'yes' if self.fits else 'NO'}",
+        ]
+        peak = CHIPS[self.chip].peak_bf16_flops * self.chips
+        lines.append(f"FLOPs per step      {self.model_flops_per_step:.4g} (model: policy forward+backward, reference "
+                     f"forward); ideal time {self.model_flops_per_step / peak:.3g} s at {peak / 1e15:.3g} PFLOP/s")
+        if self.flops_per_step is not None:
+            estimate = f"{self.seconds_per_step:.4g} s" if (self.seconds_per_step or 0) > 0 else "none (non-positive)"
+            lines.append(f"XLA cost model      {self.flops_per_step:.4g} FLOPs, time estimate {estimate} "
+                         "(loop bodies, e.g. scanned layers, counted once)")
+        if self.error:
+            lines.append(f"compiler            {self.error}")
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ compile
+def _abstract_state(params, optimizer, sharder):
+    """TrainState of ShapeDtypeStructs with the shardings `step.init_state` would give (nothing allocated)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from dpojax.train.step import TrainState, shardings_of
+
+    replicated = NamedSharding(sharder.mesh, P())
+    abstract = jax.eval_shape(optimizer.init, params)
+    shardings = optax.tree_utils.tree_map_params(
+        optimizer, lambda _, sh: sh, abstract, shardings_of(params), transform_non_params=lambda _: replicated
+    )
+    opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    return TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), params, opt_state)
+
+
+def _abstract_batch(n_pairs: int, seq_len: int, sharder, precomputed: bool):
+    import jax
+    import jax.numpy as jnp
+
+    from dpojax.data.batching import PreferenceBatch
+    from dpojax.train.step import batch_sharding
+
+    sh = batch_sharding(sharder)
+    tokens = lambda dtype=jnp.int32: jax.ShapeDtypeStruct((n_pairs, 2, seq_len), dtype, sharding=sh)  # noqa: E731
+    pairs = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)  # noqa: E731
+    return PreferenceBatch(
+        tokens(), tokens(), tokens(), tokens(), pairs((n_pairs,), jnp.float32), pairs((n_pairs,), jnp.int32),
+        pairs((n_pairs, 2), jnp.float32) if precomputed else None,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class LoweredStep:
+    lowered: Any  # jax.stages.Lowered of the train step
+    mesh: dict[str, int]
+    attention: str
+    num_params: int
+    batch_pairs: int
+    seq_len: int
+    model_flops_per_step: float
+
+
+def lower_step(cfg, devices, *, backend: str = "tpu", batch_pairs: int | None = None,
+               micro_pairs: int | None = None) -> LoweredStep:
+    """The train step of `cfg` lowered (not compiled) for `devices` with abstract, sharded arguments: the policy
+    and reference from config.json alone, AdamW state as `init_state` shards it, one global batch of
+    `batch_pairs` (default train.batch_size) at data.max_length in micro-batches of `micro_pairs`."""
+    import jax.numpy as jnp
+
+    from dpojax import losses
+    from dpojax.models.attention import resolve_attention
+    from dpojax.models.config import ModelConfig
+    from dpojax.models.hf import abstract_params
+    from dpojax.sharding import Sharder, check_fsdp_sharded, make_mesh
+    from dpojax.train.optim import make_optimizer
+    from dpojax.train.step import StepSpec, compile_steps
+
+    sharder = Sharder(make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices))
+    n_pairs = batch_pairs or cfg.train.batch_size
+    n_data = sharder.mesh.shape["data"] * sharder.mesh.shape["fsdp"]
+    micro = min(micro_pairs or cfg.micro_batch_size, n_pairs)
+    if n_pairs % micro or micro % n_data:
+        raise ConfigError(f"compile: {n_pairs} pairs in micro-batches of {micro} do not split over the {n_data} "
+                          "data-parallel devices (mesh.data * mesh.fsdp).")
+    mcfg = ModelConfig.from_hf(read_model_config(cfg.model.name_or_path, cfg.model.revision))
+    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+    attention = resolve_attention(cfg.model.attention, dtype=dtypes[cfg.model.dtype], head_dim=mcfg.head_dim,
+                                  backend=backend)
+    kw = dict(dtype=dtypes[cfg.model.dtype], param_dtype=dtypes[cfg.model.param_dtype], attention=attention,
+              remat=cfg.model.remat, scan_layers=cfg.model.scan_layers)
+    pgraph, params = abstract_params(mcfg, sharder=sharder, **kw)
+    check_fsdp_sharded(params, sharder.mesh)
+    precomputed = cfg.ref_model.precompute
+    rgraph, rparams = None, None
+    if not losses.reference_free(cfg.loss) and not precomputed:
+        if cfg.ref_name_or_path == cfg.model.name_or_path:
+            rgraph, rparams = pgraph, params
+        else:
+            rcfg = ModelConfig.from_hf(read_model_config(cfg.ref_name_or_path, cfg.model.revision))
+            rgraph, rparams = abstract_params(rcfg, sharder=sharder, **kw)
+    optimizer, schedule = make_optimizer(cfg.optim, cfg.train.steps or 1000)
+    spec = StepSpec(policy_graphdef=pgraph, ref_graphdef=rgraph, loss=cfg.loss, optimizer=optimizer,
+                    schedule=schedule, grad_accum=n_pairs // micro, sharder=sharder, precomputed_ref=precomputed)
+    state = _abstract_state(params, optimizer, sharder)
+    batch = _abstract_batch(n_pairs, cfg.data.max_length, sharder, precomputed)
+    train, _ = compile_steps(spec, state, rparams, sharder)
+    tokens = n_pairs * 2 * cfg.data.max_length
+    ref_flops = mcfg.forward_flops_per_token(cfg.data.max_length) if rgraph is not None else 0.0
+    return LoweredStep(
+        lowered=train.lower(state, rparams, batch), mesh=dict(sharder.mesh.shape), attention=attention,
+        num_params=mcfg.num_params(), batch_pairs=n_pairs, seq_len=cfg.data.max_length,
+        model_flops_per_step=tokens * (mcfg.flops_per_token(cfg.data.max_length) + ref_flops),
+    )
+
+
+def compile_for_topology(cfg, topology: str, *, slices: int = 1, batch_pairs: int | None = None,
+                         micro_pairs: int | None = None) -> CompileReport:
+    """Compile the train step of `cfg` for `topology` (times `slices` slices over DCN) and report per-device
+    memory, FLOPs and time. batch_pairs / micro_pairs override train.batch_size / train.micro_batch_size."""
+    name, chip, chips = parse_topology(topology)
+    devices = topology_devices(name, slices)
+    step = lower_step(cfg, devices, batch_pairs=batch_pairs, micro_pairs=micro_pairs)
+    base = dict(topology=name if slices == 1 else f"{slices} x {name}", chip=chip, chips=chips * slices,
+                devices=len(devices), mesh=step.mesh, attention=step.attention, num_params=step.num_params,
+                batch_pairs=step.batch_pairs, seq_len=step.seq_len, hbm_per_device=CHIPS[chip].hbm_bytes * chips //
+                (len(devices) // slices), model_flops_per_step=step.model_flops_per_step)
+    try:
+        compiled = step.lowered.compile()
+    except Exception as e:  # XlaRuntimeError: the TPU compiler refuses a program that exceeds HBM
+        text = str(e)
+        if "RESOURCE_EXHAUSTED" not in text and "memory" not in text.lower():
+            raise
+        return CompileReport(**base, fits=False, error=_first_lines(text))
+    mem, cost = compiled.memory_analysis(), _cost(compiled)
+    outputs = mem.output_size_in_bytes - mem.alias_size_in_bytes
+    peak = mem.argument_size_in_bytes + outputs + mem.temp_size_in_bytes
+    return CompileReport(
+        **base, fits=peak <= base["hbm_per_device"], argument_bytes=mem.argument_size_in_bytes, output_bytes=outputs,
+        temp_bytes=mem.temp_size_in_bytes, code_bytes=mem.generated_code_size_in_bytes,
+        flops_per_step=cost.get("flops", 0.0) * len(devices), seconds_per_step=cost.get("optimal_seconds"),
+    )
+
+
+def _cost(compiled) -> dict[str, float]:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older JAX: one dict per program
+        cost = cost[0] if cost else {}
+    return dict(cost or {})
+
+
+def _first_lines(text: str, n: int = 3) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return " ".join(lines[:n])[:600]
+
+
+def largest_batch(cfg, topology: str, *, slices: int = 1, limit: int = 4096) -> tuple[int | None, list[CompileReport]]:
+    """The largest batch (pairs, a multiple of the data-parallel devices) whose step fits without gradient
+    accumulation (micro-batch = batch), by doubling then bisection; returns it (None when even the smallest
+    does not fit) and every report made on the way. Accumulation then reaches any multiple of it."""
+    name, _, _ = parse_topology(topology)
+    from dpojax.sharding import resolve_mesh_shape
+
+    d, f, _ = resolve_mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, len(topology_devices(name, slices)))
+    unit = d * f
+    reports: list[CompileReport] = []
+
+    def fits(k: int) -> bool:
+        r = compile_for_topology(cfg, topology, slices=slices, batch_pairs=k * unit, micro_pairs=k * unit)
+        reports.append(r)
+        return r.fits
+
+    if not fits(1):
+        return None, reports
+    lo, hi = 1, 2
+    while hi * unit <= limit and fits(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo * unit, reports
+
+
+def compile_from_cli(config_path: str, topology: str, overrides: list[str], *, slices: int = 1,
+                     search_batch: bool = False) -> int:
+    """`dpojax compile`: print the report; exit 0 when the step fits, 1 when it does not."""
+    from dpojax.config import load_config
+
+    cfg = load_config(config_path, overrides)
+    report = compile_for_topology(cfg, topology, slices=slices)
+    print(report.format())
+    if search_batch:
+        best, _ = largest_batch(cfg, topology, slices=slices)
+        print(f"largest batch       {best} pairs without accumulation" if best else "largest batch       none fits")
+    return 0 if report.fits else 1

@@ -1,0 +1,27 @@
+"""Supported model families: HF `model_type` -> `Family` (config parser, weight table, export name).
+
+Add a family with one small module here (a parser and a table) and one line below; the decoder is shared.
+"""
+
+from __future__ import annotations
+
+from dpojax.models.families import gemma, gpt2, gpt_neox, llama, phi3
+from dpojax.models.families.common import Family
+
+FAMILIES: dict[str, Family] = {
+    **llama.FAMILIES, **gpt2.FAMILIES, **gpt_neox.FAMILIES, **gemma.FAMILIES, **phi3.FAMILIES,
+}
+
+HINTS = {
+    "gemma3": "gemma3 checkpoints hold the multimodal model; dpojax supports the text-only gemma3_text "
+              "(e.g. google/gemma-3-1b-pt)",
+    "phi": "Phi-1/2 (model_type 'phi') are not supported; Phi-3 ('phi3') is",
+}
+
+
+def unsupported_model_type(model_type) -> str:
+    hint = f" ({HINTS[model_type]})" if model_type in HINTS else ""
+    return f"model_type {model_type!r} is not supported{hint}; supported model types: {', '.join(sorted(FAMILIES))}."
+
+
+__all__ = ["FAMILIES", "Family", "unsupported_model_type"]

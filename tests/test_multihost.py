@@ -1,0 +1,127 @@
+"""Real multi-process runs on CPU (gloo collectives, JAX's coordination service on 127.0.0.1).
+
+`launch/local_cpu.py` runs `dpojax train` as 2 processes x 4 CPU devices: the metrics equal those of one
+process with 8 devices on the same (2, 2, 2) mesh, only process 0 writes metrics, and the export is complete.
+Killing one process mid-training stops the other with an error within 60 s (heartbeat timeout 10 s).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from trl_harness import dpojax_overrides, make_assets
+
+from dpojax import distributed
+from dpojax.cli import main
+from dpojax.config import DistributedSection
+from dpojax.errors import ConfigError
+from dpojax.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("local_cpu", REPO / "launch" / "local_cpu.py")
+local_cpu = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(local_cpu)
+
+TIMING = ("tokens_per_second", "pairs_per_second", "mfu")
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multihost")
+    assets = make_assets(root, n_rows=16)
+    raw = dpojax_overrides(
+        assets, assets["standard"], root / "unused",
+        train={"batch_size": 8, "steps": 3, "log_every": 1}, mesh={"data": 2, "fsdp": 2, "tensor": 2},
+        optim={"name": "adamw", "lr": 1e-3, "schedule": "constant"},
+    )  # fmt: skip
+    path = root / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_two_processes_equal_one(config, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["train", str(config), f"output_dir={one}"]) == 0
+    code = local_cpu.main(["--processes", "2", "--devices-per-process", "4", "--grace", "30",
+                           "train", str(config), f"output_dir={two}"])
+    assert code == 0
+    ref, got = read_metrics(one / "metrics.jsonl"), read_metrics(two / "metrics.jsonl")
+    assert [(r["step"], r["split"]) for r in got] == [(r["step"], r["split"]) for r in ref]  # written once
+    assert [r["split"] for r in ref] == ["train"] * 3 + ["eval"]
+    for a, b in zip(ref, got):
+        keys = sorted(set(a) - {"step", "split", *TIMING})
+        assert keys == sorted(set(b) - {"step", "split", *TIMING})
+        np.testing.assert_allclose([b[k] for k in keys], [a[k] for k in keys], rtol=1e-5, atol=1e-6,
+                                   err_msg=str(keys))
+    assert (two / "export" / "model.safetensors").is_file()
+    assert sorted(p.name for p in (two / "checkpoints").iterdir() if p.name.isdigit()) == ["3"]
+
+
+def test_dead_peer_stops_the_other_within_60s(config, tmp_path):
+    out = tmp_path / "run"
+    logs = [open(tmp_path / f"p{i}.log", "wb") for i in range(2)]
+    args = ["train", str(config), f"output_dir={out}", "train.steps=100000", "data.eval=null",
+            "distributed.heartbeat_timeout=10"]
+    procs = [subprocess.Popen([sys.executable, "-m", "dpojax.cli", *args], stdout=logs[i], stderr=subprocess.STDOUT,
+                              env=local_cpu.process_env(i, 2, f"127.0.0.1:{port}", 4))
+             for i, port in zip(range(2), [local_cpu.free_port()] * 2)]
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "metrics.jsonl").is_file():  # wait until both are training (collectives in flight)
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "the run did not start"
+            time.sleep(0.5)
+        procs[1].kill()
+        start = time.monotonic()
+        code = procs[0].wait(timeout=60)
+        elapsed = time.monotonic() - start
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    log = (tmp_path / "p0.log").read_text(errors="replace")
+    assert code != 0 and elapsed < 60, (code, elapsed)
+    assert "distributed: process 0 of 2" in log
+    assert "another task died" in log or "unhealthy" in log or "Connection" in log, log[-2000:]
+
+
+# ------------------------------------------------------------------------------------- process-group settings
+def test_group_from_config_then_env(monkeypatch):
+    for name in ("DPOJAX_COORDINATOR", "DPOJAX_NUM_PROCESSES", "DPOJAX_PROCESS_ID", "JAX_COORDINATOR_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.explicit_group(DistributedSection()) == distributed.Group(None, None, None)
+    monkeypatch.setenv("DPOJAX_COORDINATOR", "10.0.0.1:1234")
+    monkeypatch.setenv("DPOJAX_NUM_PROCESSES", "4")
+    monkeypatch.setenv("DPOJAX_PROCESS_ID", "3")
+    assert distributed.explicit_group(DistributedSection()) == distributed.Group("10.0.0.1:1234", 4, 3)
+    cfg = DistributedSection(coordinator="host0:99", process_id=1)  # config keys win over the environment
+    assert distributed.explicit_group(cfg) == distributed.Group("host0:99", 4, 1)
+    with pytest.raises(ConfigError, match="host:port"):
+        distributed.explicit_group(DistributedSection(coordinator="host0"))
+    with pytest.raises(ConfigError, match=r"process_id=4 must be in \[0, num_processes=4\)"):
+        distributed.explicit_group(DistributedSection(process_id=4))
+    # a single process, or mode off, never touches jax.distributed (this process already runs JAX)
+    assert distributed.initialize(DistributedSection(mode="off", coordinator="host0:99")) is False
+    assert distributed.initialize(DistributedSection(num_processes=1, process_id=0)) is False
+
+
+def test_cluster_detection(monkeypatch):
+    for name in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "OMPI_MCA_orte_hnp_uri",
+                 "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.detected_cluster() is None
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_STEP_NODELIST", "node[1-2]")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert distributed.detected_cluster() is None  # one task: nothing to join
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    assert distributed.detected_cluster() == "slurm"
+    monkeypatch.delenv("SLURM_JOB_ID")
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "10.0.0.2,10.0.0.3")
+    assert distributed.detected_cluster() == "tpu"
