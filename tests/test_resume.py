@@ -127,8 +127,10 @@ def test_sigkill_during_async_save_resumes_from_previous(setup):
     assert "STALLING" in line
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
+    # Orbax may not have created the step-4 temporary folder yet (it does so in the background): either way
+    # there is no complete checkpoint 4, and the complete checkpoint 2 must be what the next start uses.
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert "2" in names and "4" not in names and any("tmp" in n for n in names), names
+    assert "2" in names and "4" not in names, names
     result = _run(setup["config"], out)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "at step 2" in result.stderr
