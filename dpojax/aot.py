@@ -219,7 +219,8 @@ def lower_step(cfg, devices, *, backend: str = "tpu", batch_pairs: int | None = 
     mcfg = ModelConfig.from_hf(read_model_config(cfg.model.name_or_path, cfg.model.revision))
     dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
     attention = resolve_attention(cfg.model.attention, dtype=dtypes[cfg.model.dtype], head_dim=mcfg.head_dim,
-                                  backend=backend)
+                                  backend=backend, softcap=mcfg.attn_softcap,
+                                  sliding_window=mcfg.has_sliding_window)
     kw = dict(dtype=dtypes[cfg.model.dtype], param_dtype=dtypes[cfg.model.param_dtype], attention=attention,
               remat=cfg.model.remat, scan_layers=cfg.model.scan_layers)
     pgraph, params = abstract_params(mcfg, sharder=sharder, **kw)

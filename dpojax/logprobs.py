@@ -6,6 +6,11 @@ The backward pass (a `custom_vjp`) recomputes each chunk's logits from the saved
 logsumexp, casts the logits' gradient to the compute dtype and accumulates the unembedding gradient in fp32
 across chunks (like TRL's fused LM head), so head memory does not grow with T*V.
 
+Only the positions whose statistics are used need logits (DPO scores completion tokens, not the prompt): given
+`needed_BxT`, each row's needed positions are moved to the front (a stable per-row permutation, so the batch
+sharding is untouched), and chunks past the longest row's count are skipped by `lax.cond` in both passes. With
+prompts about as long as completions this halves the head's FLOPs, which dominate at large vocabularies.
+
 Everything here returns sums and counts, never means: the trainer divides once, after accumulation.
 
 Glossary: B rows (2N, laid out c0, r0, c1, r1, ...), N preference pairs, T positions, C chunk length,
@@ -106,36 +111,46 @@ def _chunk_stats(h_BxCxD, unembed_VxD, targets_BxC, spec: _HeadSpec) -> dict[str
     return out
 
 
-def _head_forward(hidden_BxTxD, unembed_VxD, targets_BxT, spec: _HeadSpec):
-    def body(_, xs):
-        h_BxCxD, t_BxC = xs
-        return None, _chunk_stats(h_BxCxD, unembed_VxD, t_BxC, spec)
+def _live(chunk_index, n_live, spec: _HeadSpec, compute, skipped):
+    """`compute()` for a chunk that holds needed positions, else `skipped()` (no work); n_live None: all live."""
+    if n_live is None:
+        return compute()
+    return lax.cond(chunk_index * spec.chunk_len < n_live, compute, skipped)
 
-    xs = (_to_chunks(hidden_BxTxD, spec.chunk_len), _to_chunks(targets_BxT, spec.chunk_len))
+
+def _head_forward(hidden_BxTxD, unembed_VxD, targets_BxT, n_live, spec: _HeadSpec):
+    def body(_, xs):
+        k, h_BxCxD, t_BxC = xs
+        compute = functools.partial(_chunk_stats, h_BxCxD, unembed_VxD, t_BxC, spec)
+        zeros = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(compute))
+        return None, _live(k, n_live, spec, compute, zeros)
+
+    chunks = hidden_BxTxD.shape[1] // spec.chunk_len
+    xs = (jnp.arange(chunks), _to_chunks(hidden_BxTxD, spec.chunk_len), _to_chunks(targets_BxT, spec.chunk_len))
     _, stats = lax.scan(body, None, xs)
     return {k: _from_chunks(v) for k, v in stats.items()}
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _head(hidden_BxTxD, unembed_VxD, targets_BxT, spec: _HeadSpec):
-    """Chunked LM head: dict of [B, T] statistics; only `logps` carries a gradient."""
-    return _head_forward(hidden_BxTxD, unembed_VxD, targets_BxT, spec)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _head(hidden_BxTxD, unembed_VxD, targets_BxT, n_live, spec: _HeadSpec):
+    """Chunked LM head: dict of [B, T] statistics; only `logps` carries a gradient. Chunks starting at or past
+    `n_live` (int32 scalar, or None for all) are not computed and read 0."""
+    return _head_forward(hidden_BxTxD, unembed_VxD, targets_BxT, n_live, spec)
 
 
-def _head_fwd(hidden_BxTxD, unembed_VxD, targets_BxT, spec: _HeadSpec):
-    stats = _head_forward(hidden_BxTxD, unembed_VxD, targets_BxT, spec)
-    return stats, (hidden_BxTxD, unembed_VxD, targets_BxT, stats["lse"])
+def _head_fwd(hidden_BxTxD, unembed_VxD, targets_BxT, n_live, spec: _HeadSpec):
+    stats = _head_forward(hidden_BxTxD, unembed_VxD, targets_BxT, n_live, spec)
+    return stats, (hidden_BxTxD, unembed_VxD, targets_BxT, n_live, stats["lse"])
 
 
 def _head_bwd(spec: _HeadSpec, residuals, cotangents):
     """Recompute each chunk's logits; d logp / dz = onehot(target) - softmax(z), through scale and soft-cap."""
-    hidden_BxTxD, unembed_VxD, targets_BxT, lse_BxT = residuals
+    hidden_BxTxD, unembed_VxD, targets_BxT, n_live, lse_BxT = residuals
     g_BxT = cotangents["logps"]
     compute_dtype = hidden_BxTxD.dtype
     w_VxD = unembed_VxD.astype(compute_dtype)
 
-    def body(dw_VxD, xs):
-        h_BxCxD, t_BxC, lse_BxC, g_BxC = xs
+    def chunk_grads(dw_VxD, h_BxCxD, t_BxC, lse_BxC, g_BxC):
         z_BxCxV, tanh_BxCxV = _chunk_logits(h_BxCxD, unembed_VxD, spec)
         p_BxCxV = jnp.exp(z_BxCxV - lse_BxC[..., None])
         vocab_ids = lax.broadcasted_iota(t_BxC.dtype, z_BxCxV.shape, 2)
@@ -151,9 +166,17 @@ def _head_bwd(spec: _HeadSpec, residuals, cotangents):
         )
         return dw_VxD, dh_BxCxD.astype(hidden_BxTxD.dtype)
 
-    xs = tuple(_to_chunks(x, spec.chunk_len) for x in (hidden_BxTxD, targets_BxT, lse_BxT, g_BxT))
+    def body(dw_VxD, xs):
+        k, h_BxCxD = xs[:2]
+        compute = functools.partial(chunk_grads, dw_VxD, *xs[1:])
+        skipped = lambda: (dw_VxD, jnp.zeros(h_BxCxD.shape, hidden_BxTxD.dtype))
+        return _live(k, n_live, spec, compute, skipped)
+
+    chunks = hidden_BxTxD.shape[1] // spec.chunk_len
+    xs = (jnp.arange(chunks),) + tuple(_to_chunks(x, spec.chunk_len)
+                                       for x in (hidden_BxTxD, targets_BxT, lse_BxT, g_BxT))
     dw_VxD, dh_chunks = lax.scan(body, jnp.zeros(unembed_VxD.shape, jnp.float32), xs)
-    return _from_chunks(dh_chunks), dw_VxD.astype(unembed_VxD.dtype), None
+    return _from_chunks(dh_chunks), dw_VxD.astype(unembed_VxD.dtype), None, None
 
 
 _head.defvjp(_head_fwd, _head_bwd)
@@ -171,6 +194,7 @@ def token_logprobs(
     with_wpo: bool = False,
     with_entropy: bool = False,
     with_top1: bool = False,
+    needed_BxT: Array | None = None,
 ) -> TokenStats:
     """Next-token log-probs of `input_ids` under logits `softcap*tanh(logit_scale * hidden @ unembed.T / softcap)`.
 
@@ -179,6 +203,9 @@ def token_logprobs(
     differentiable (w.r.t. hidden and unembed); the other fields are metrics and carry no gradient.
     T need not be a multiple of `chunk_len` (padded internally). Peak head memory is about
     B * chunk_len * V * 10 bytes plus an fp32 [V, D] gradient accumulator.
+
+    `needed_BxT` (bool): the positions whose statistics the caller uses; every other position reads 0 (and
+    passes no gradient), and chunks made only of unneeded positions are never computed (module docstring).
     """
     b, t, _ = hidden_BxTxD.shape
     chunk = max(1, min(chunk_len, t))
@@ -195,12 +222,22 @@ def token_logprobs(
     spec = _HeadSpec(chunk, None if softcap is None else float(softcap), float(logit_scale), outputs)
     ids_BxT = input_ids_BxT.astype(jnp.int32)
     targets_BxT = jnp.concatenate([ids_BxT[:, 1:], jnp.zeros((b, 1), jnp.int32)], axis=1)
+    scored_BxT = jnp.broadcast_to(jnp.arange(t) < t - 1, (b, t))
+    n_live = None
+    if needed_BxT is not None:  # needed positions first in each row, in order; chunks past the longest skipped
+        scored_BxT = scored_BxT & needed_BxT.astype(bool)
+        order_BxT = jnp.argsort(~scored_BxT, axis=1, stable=True)
+        hidden_BxTxD = jnp.take_along_axis(hidden_BxTxD, order_BxT[..., None], axis=1)
+        targets_BxT = jnp.take_along_axis(targets_BxT, order_BxT, axis=1)
+        n_live = jnp.max(jnp.sum(scored_BxT, axis=1, dtype=jnp.int32))
     pad = -t % chunk
     if pad:
         hidden_BxTxD = jnp.pad(hidden_BxTxD, ((0, 0), (0, pad), (0, 0)))
         targets_BxT = jnp.pad(targets_BxT, ((0, 0), (0, pad)))
-    stats = _head(hidden_BxTxD, unembed_VxD, targets_BxT, spec)
-    scored_BxT = jnp.arange(t) < t - 1
+    stats = _head(hidden_BxTxD, unembed_VxD, targets_BxT, n_live, spec)
+    if needed_BxT is not None:  # back to the original positions
+        inverse_BxT = jnp.argsort(order_BxT, axis=1)
+        stats = {k: jnp.take_along_axis(v[:, :t], inverse_BxT, axis=1) for k, v in stats.items()}
 
     def clean(name):
         if name not in stats:

@@ -78,7 +78,7 @@ def test_shipped_config_lowers_for_its_topology(name):
     step = aot.lower_step(cfg, devices, backend=backend)
     assert step.num_params > 0.4e9 and step.seq_len == cfg.data.max_length
     assert step.mesh["fsdp"] == len(devices)
-    assert step.attention == "xla"  # splash (TPU) is not implemented yet
+    assert step.attention == ("xla" if topology is None else "splash")  # auto: the Pallas kernel on TPU
     assert "stablehlo.while" in step.lowered.as_text()  # layers scanned, micro-batches accumulated
 
 

@@ -84,6 +84,39 @@ def test_values_and_grads_match_full_logits(chunk_len, softcap, logit_scale):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("chunk_len", [2, 5, 64])
+def test_needed_positions_only_equal_the_full_head_there_and_skip_the_rest(chunk_len):
+    """With `needed_BxT`, needed positions (moved to the front of each row, chunks past the longest row skipped)
+    get exactly the full head's values and gradients; the others read 0 and pass no gradient. Row 2 needs
+    nothing; the longest row needs 4 of 13 positions, so with chunk 2 most chunks are never computed."""
+    hidden, unembed, ids = _inputs(4)
+    needed = np.zeros((B, T), bool)
+    needed[0, [3, 4, 5, 9]] = True
+    needed[1, [0, 11]] = True
+    needed[3, [7, 12]] = True  # position T-1 scores nothing and must stay 0
+    weights_BxT = jax.random.normal(jax.random.PRNGKey(8), (B, T))
+    kw = dict(chunk_len=chunk_len, softcap=2.0, with_wpo=True, with_entropy=True, with_top1=True)
+
+    def ours(h, w):
+        fields = _all(token_logprobs(h, w, ids, needed_BxT=jnp.asarray(needed), **kw))
+        return jnp.sum(weights_BxT * fields["logps"]), fields
+
+    def naive(h, w):
+        fields = _naive(h, w, ids, softcap=2.0)
+        keep = jnp.asarray(needed) & (jnp.arange(T) < T - 1)
+        fields = {k: jnp.where(keep, v, jnp.zeros((), v.dtype)) for k, v in fields.items()}
+        return jnp.sum(weights_BxT * fields["logps"]), fields
+
+    (_, got), d_got = jax.jit(jax.value_and_grad(ours, (0, 1), has_aux=True))(hidden, unembed)
+    (_, want), d_want = jax.jit(jax.value_and_grad(naive, (0, 1), has_aux=True))(hidden, unembed)
+    for name, value in got.items():
+        np.testing.assert_allclose(value, want[name], rtol=1e-5, atol=1e-5, err_msg=name)
+    assert np.count_nonzero(np.asarray(got["logps"])) == 7
+    for g, w in zip(d_got, d_want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=2e-5)
+    assert not np.any(np.asarray(d_got[0])[2])  # the row that needs nothing gets no hidden-state gradient
+
+
 def test_jit_chunk_independent_and_metrics_have_no_gradient():
     hidden, unembed, ids = _inputs(1)
     f = jax.jit(lambda h, w, c: token_logprobs(h, w, ids, chunk_len=c).logps_BxT, static_argnums=2)

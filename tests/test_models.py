@@ -212,9 +212,47 @@ def test_attention_dispatch():
     assert resolve_attention("auto", dtype=jnp.float32, head_dim=128) == "xla"  # CPU here
     assert resolve_attention("auto", dtype=jnp.bfloat16, head_dim=128, backend="gpu") == "cudnn"
     assert resolve_attention("auto", dtype=jnp.float32, head_dim=128, backend="gpu") == "xla"
-    assert resolve_attention("auto", dtype=jnp.bfloat16, head_dim=128, backend="tpu") == "xla"
-    from dpojax.models.attention import attend
+    assert resolve_attention("auto", dtype=jnp.bfloat16, head_dim=128, backend="tpu") == "splash"
+    assert resolve_attention("auto", dtype=jnp.float32, head_dim=64, backend="tpu", softcap=50.0) == "splash"
+    assert resolve_attention("auto", dtype=jnp.bfloat16, head_dim=128, backend="tpu", sliding_window=True) == "xla"
+    assert resolve_attention("splash", dtype=jnp.float32, head_dim=8) == "splash"  # CPU: the Pallas interpreter
+    with pytest.raises(ValueError, match="one of"):
+        resolve_attention("flash", dtype=jnp.float32, head_dim=8)
 
-    q = jnp.zeros((1, 4, 2, 8))
-    with pytest.raises(NotImplementedError, match="splash"):
-        attend(q, q, q, jnp.ones((1, 4), jnp.int32), implementation="splash", scale=1.0)
+
+def _full_attention(q, k, v, seg, scale, softcap, window):
+    """Naive GQA attention over the whole [T, T] score matrix (what the blocked XLA kernel must equal)."""
+    B, T, H, Dh = q.shape
+    K = k.shape[2]
+    k, v = jnp.repeat(k, H // K, axis=2), jnp.repeat(v, H // K, axis=2)
+    s = jnp.einsum("bthd,bshd->bhts", q, k) * scale
+    if softcap is not None:
+        s = softcap * jnp.tanh(s / softcap)
+    d = jnp.arange(T)[:, None] - jnp.arange(T)[None, :]
+    allowed = (d >= 0) & ((d < window) if window is not None else True)
+    mask = (seg[:, :, None] == seg[:, None, :]) & allowed
+    s = jnp.where(mask[:, None], s, -jnp.inf)
+    return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(s, axis=-1), v)
+
+
+@pytest.mark.parametrize("softcap,window", [(None, None), (20.0, 50)])
+def test_blocked_xla_attention_equals_full_scores(softcap, window):
+    """From 256 tokens attend_xla splits queries into blocks (here 128, 128, 44 of T=300) and skips future keys;
+    values and gradients equal the full [T, T] computation with right padding, GQA, soft-cap and a window."""
+    from dpojax.models.attention import _query_blocks, attend_xla
+
+    assert _query_blocks(300) == [(0, 128), (128, 256), (256, 300)] and _query_blocks(255) == [(0, 255)]
+    assert len(_query_blocks(4096)) == 8
+    B, T, H, K, Dh = 2, 300, 4, 2, 8
+    kq, kk, kv = jax.random.split(jax.random.key(3), 3)
+    q, k, v = (jax.random.normal(key, (B, T, n, Dh)) for key, n in ((kq, H), (kk, K), (kv, K)))
+    seg = jnp.asarray((np.arange(T)[None] < np.array([[300], [190]])).astype(np.int32))
+    w = jnp.cos(jnp.arange(T * H * Dh, dtype=jnp.float32)).reshape(T, H, Dh)
+    win = None if window is None else jnp.int32(window)
+    ours = lambda q, k, v: attend_xla(q, k, v, seg, scale=0.3, softcap=softcap, window=win)  # noqa: E731
+    full = lambda q, k, v: _full_attention(q, k, v, seg, 0.3, softcap, window)  # noqa: E731
+    np.testing.assert_allclose(jax.jit(ours)(q, k, v), full(q, k, v), atol=1e-5)
+    g_ours = jax.jit(jax.grad(lambda *a: jnp.sum(ours(*a) * w), argnums=(0, 1, 2)))(q, k, v)
+    g_full = jax.grad(lambda *a: jnp.sum(full(*a) * w), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g_ours, g_full, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)

@@ -97,6 +97,10 @@ class ModelConfig:
         return self.layer_windows or (None,) * self.num_layers
 
     @property
+    def has_sliding_window(self) -> bool:
+        return any(w is not None for w in self.windows)
+
+    @property
     def attention_scale(self) -> float:
         return self.head_dim**-0.5 if self.query_scale is None else self.query_scale
 

@@ -10,7 +10,9 @@ device slices the kv heads its query heads need. T is padded up to a multiple of
 segment (it attends only to itself), so every length bucket works.
 
 Sliding windows are not supported here (dpojax passes a per-layer traced window; splash masks are static).
-`interpret=True` runs the kernel in the Pallas interpreter (CPU tests). Glossary as in dpojax.models.config.
+The kernel runs compiled when the mesh's devices are TPUs (also when lowering for a TPU topology on a CPU host)
+and in the Pallas interpreter otherwise (CPU tests); `interpret=` forces either. Glossary as in
+dpojax.models.config.
 """
 
 from __future__ import annotations
@@ -76,9 +78,12 @@ def _local_attention(q_bxTxhxDh, k_bxTxkxDh, v_bxTxkxDh, seg_bxT, *, group: int,
 
 def attend_splash(q_BxTxHxDh: jax.Array, k_BxTxKxDh: jax.Array, v_BxTxKxDh: jax.Array, segment_ids_BxT: jax.Array,
                   *, scale: float, sharder: Sharder | None, softcap: float | None = None,
-                  interpret: bool = False) -> jax.Array:
+                  interpret: bool | None = None) -> jax.Array:
     """Causal, segment-masked GQA attention [B, T, H, Dh] with the splash kernel, per device under shard_map;
     `softcap` caps the scaled scores, cap * tanh(s / cap), like attend_xla."""
+    if interpret is None:
+        device = sharder.mesh.devices.flat[0] if sharder is not None else jax.devices()[0]
+        interpret = device.platform != "tpu"
     B, _, H, _ = q_BxTxHxDh.shape
     K = k_BxTxKxDh.shape[2]
     kw = dict(group=H // K, scale=scale, softcap=softcap, interpret=interpret)

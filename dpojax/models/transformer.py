@@ -91,8 +91,8 @@ class SelfAttention(nnx.Module):
                                      "key")
         v_BxTxKxDh = checkpoint_name(constrain(v_BxTxKxDh, self.sharder, ("batch", "length", "kv_heads", "head_dim")),
                                      "value")
-        out_BxTxHxDh = attend(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segment_ids_BxT,
-                              implementation=self.attention, scale=self.scale, softcap=self.softcap, window=window)
+        out_BxTxHxDh = attend(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segment_ids_BxT, implementation=self.attention,
+                              scale=self.scale, softcap=self.softcap, window=window, sharder=self.sharder)
         out_BxTxHxDh = checkpoint_name(out_BxTxHxDh, "context")
         return self.o_proj(out_BxTxHxDh)
 
@@ -158,7 +158,8 @@ class Decoder(nnx.Module):
             raise ValueError(f"remat={remat!r} is not one of {', '.join(REMAT_POLICIES)}")
         self.cfg, self.dtype, self.remat, self.scan_layers, self.sharder = cfg, dtype, remat, scan_layers, sharder
         self.final_softcap = cfg.final_softcap
-        self.attention = resolve_attention(attention, dtype=dtype, head_dim=cfg.head_dim, softcap=cfg.attn_softcap)
+        self.attention = resolve_attention(attention, dtype=dtype, head_dim=cfg.head_dim, softcap=cfg.attn_softcap,
+                                           sliding_window=cfg.has_sliding_window)
         D, V = cfg.hidden_size, cfg.vocab_size
         self.embed_tokens = Embed(V, D, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embed_positions = (Embed(cfg.max_position_embeddings, D, dtype=dtype, param_dtype=param_dtype,
@@ -194,7 +195,7 @@ class Decoder(nnx.Module):
         """Per-layer data scanned with the stacked params: `window` int32[L] (a huge value on global layers)
         and `rope` int32[L] (which RoPE table); only the entries this model needs."""
         cfg, data = self.cfg, {}
-        if cfg.layer_windows:
+        if cfg.has_sliding_window:
             data["window"] = jnp.asarray([GLOBAL_WINDOW if w is None else w for w in cfg.windows], jnp.int32)
         if cfg.local_rope is not None:
             data["rope"] = jnp.asarray([0 if w is None else 1 for w in cfg.windows], jnp.int32)

@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from dpojax import losses
 from dpojax.config import LossSection
 from dpojax.data.batching import PreferenceBatch
-from dpojax.logprobs import SeqStats, sequence_stats, token_logprobs, token_metric_sums
+from dpojax.logprobs import SeqStats, scored_mask, sequence_stats, token_logprobs, token_metric_sums
 from dpojax.sharding import Sharder
 
 MetricSums = dict[str, tuple[jax.Array, jax.Array]]
@@ -71,14 +71,14 @@ def row_logps(graphdef, params, ids_BxT, positions_BxT, seg_BxT, completion_mask
     """Per-row sums (SeqStats) of one model over B sequences (rows c0, r0, c1, r1, ... when loss.ld_alpha is set)."""
     model = nnx.merge(graphdef, params)
     hidden_BxTxD = model(ids_BxT, positions_BxT, seg_BxT)
+    lm_mask_BxT = (seg_BxT > 0) if spec.lm_mask else None
+    needed_BxT = scored_mask(completion_mask_BxT) > 0  # the head computes logits only where they are used
+    if lm_mask_BxT is not None:
+        needed_BxT = needed_BxT | (scored_mask(lm_mask_BxT) > 0)
     tok = token_logprobs(hidden_BxTxD, model.unembedding(), ids_BxT, chunk_len=spec.chunk_len, with_wpo=spec.with_wpo,
-                         softcap=model.final_softcap)  # Gemma 2's final logit soft-cap (None for most models)
-    return sequence_stats(
-        tok,
-        completion_mask_BxT,
-        ld_alpha=spec.loss.ld_alpha,
-        lm_mask_BxT=(seg_BxT > 0) if spec.lm_mask else None,
-    )
+                         softcap=model.final_softcap,  # Gemma 2's final logit soft-cap (None for most models)
+                         needed_BxT=needed_BxT)
+    return sequence_stats(tok, completion_mask_BxT, ld_alpha=spec.loss.ld_alpha, lm_mask_BxT=lm_mask_BxT)
 
 
 def reference_logps(graphdef, params, batch: PreferenceBatch, spec: StepSpec) -> jax.Array:
