@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from dpojax import distributed, losses, metrics as M
 from dpojax.config import Config, dump_yaml, load_config
@@ -289,8 +290,12 @@ class _Window:
         return step, bool(out["skipped_steps"][0] > 0)
 
     def flush(self, pairs_per_step: int, flops_per_token: float) -> dict[str, float]:
+        """Every process calls this at the same steps: each counted only its own rows' tokens, so they are
+        summed over processes here (one small host all-gather per log record)."""
         dt = max(time.perf_counter() - self.t0, 1e-9)
         out = M.finalize(self.sums)
+        if jax.process_count() > 1:
+            self.tokens = int(np.sum(multihost_utils.process_allgather(np.asarray(self.tokens, np.int32))))
         out["tokens_per_second"] = self.tokens / dt
         out["pairs_per_second"] = self.steps * pairs_per_step / dt
         peak = M.peak_flops_per_second()
