@@ -46,6 +46,29 @@ def _kernel(group: int, T: int, block: int, softcap: float | None, interpret: bo
                                   attn_logits_soft_cap=softcap)
 
 
+def _default_precision(fn):
+    """`fn` traced, forward and backward, with the default matmul precision. Mosaic rejects a "highest"-precision
+    dot on bf16 operands, which a global `jax_default_matmul_precision` would otherwise ask the kernel for; on
+    16-bit inputs the setting means nothing. (The kernel's backward is traced when the gradient is, outside any
+    `with` around the call, hence the custom_vjp that re-enters the context there.)"""
+
+    @jax.custom_vjp
+    def call(*args):
+        with jax.default_matmul_precision("default"):
+            return fn(*args)
+
+    def fwd(*args):
+        with jax.default_matmul_precision("default"):
+            return jax.vjp(fn, *args)
+
+    def bwd(vjp, g):
+        with jax.default_matmul_precision("default"):
+            return vjp(g)
+
+    call.defvjp(fwd, bwd)
+    return call
+
+
 def _local_attention(q_bxTxhxDh, k_bxTxkxDh, v_bxTxkxDh, seg_bxT, *, group: int, scale: float, head_axis,
                      kv_replicated: bool, softcap: float | None, interpret: bool):
     """One device's shard: b rows, h query heads, k kv heads (all K when kv_replicated)."""
@@ -72,7 +95,10 @@ def _local_attention(q_bxTxhxDh, k_bxTxkxDh, v_bxTxkxDh, seg_bxT, *, group: int,
         return kernel(q_gxTpxDh, k_TpxDh, v_TpxDh, segment_ids=splash.SegmentIds(q=seg_Tp, kv=seg_Tp))
 
     per_row = jax.vmap(one, in_axes=(0, 0, 0, None))  # over kv heads
-    out_bxkxgxTpxDh = jax.vmap(per_row)(q_bxkxgxTpxDh, k_bxkxTpxDh, v_bxkxTpxDh, seg_bxTp)
+    attention = jax.vmap(per_row)
+    if jnp.dtype(q_bxTxhxDh.dtype).itemsize == 2:
+        attention = _default_precision(attention)
+    out_bxkxgxTpxDh = attention(q_bxkxgxTpxDh, k_bxkxTpxDh, v_bxkxTpxDh, seg_bxTp)
     return out_bxkxgxTpxDh[:, :, :, :T].transpose(0, 3, 1, 2, 4).reshape(b, T, h, Dh).astype(q_bxTxhxDh.dtype)
 
 
