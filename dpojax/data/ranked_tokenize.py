@@ -32,8 +32,8 @@ from dpojax.data.tokenize import (
     _flat_to_ragged,
     _name,
     _ragged_to_flat,
-    common_prefix_length,
     pad_token_id,
+    split_at_prompt,
     tokenizer_fingerprint,
 )
 from dpojax.errors import DataError, ModelError
@@ -118,29 +118,6 @@ def _tokenize_chat(tokenizer: Any, ranked: RankedRows) -> tuple[list, list[list]
     return p_ids, pr_ids
 
 
-def _split_and_filter(ranked: RankedRows, p_ids: list, pr_ids: list, max_length: int | None, mode: str):
-    """Cut every response at the prompt's common prefix with all of them; drop prompts that fill max_length."""
-    prompts, responses, ranks, kept, dropped, warned = [], [], [], [], 0, False
-    for i, row, p, prs in zip(ranked.row_index, ranked.rows, p_ids, pr_ids, strict=True):
-        n = min(common_prefix_length(p, pr) for pr in prs)
-        if n < len(p) and not warned:
-            warned = True
-            log.warning(
-                "%s: row %d: the tokenized prompt is not a prefix of prompt+response (chat template or a token "
-                "merge across the boundary); as TRL does, the responses start where they diverge. Shown once.",
-                ranked.source,
-                i,
-            )
-        if max_length is not None and mode == "keep_start" and n >= max_length:
-            dropped += 1
-            continue
-        prompts.append(np.asarray(p[:n], np.int32))
-        responses.append([np.asarray(pr[n:], np.int32) for pr in prs])
-        ranks.append(np.asarray(row["ranks"], np.int32))
-        kept.append(i)
-    return prompts, responses, ranks, kept, dropped
-
-
 # ---------------------------------------------------------------------------------------------------- cache
 def _fingerprint(ranked: RankedRows, tokenizer: Any, max_length: int | None, truncation_mode: str) -> str:
     h = hashlib.sha256(CACHE_VERSION.encode())
@@ -219,7 +196,12 @@ def tokenize_rankings(
             return _report(dataclasses.replace(cached, source=ranked.source))
     pad_id = pad_token_id(tokenizer)
     p_ids, pr_ids = (_tokenize_chat if ranked.fmt.conversational else _tokenize_standard)(tokenizer, ranked)
-    prompts, responses, ranks, kept, dropped = _split_and_filter(ranked, p_ids, pr_ids, max_length, truncation_mode)
+    items = zip(ranked.row_index, p_ids, pr_ids, strict=True)
+    split, dropped = split_at_prompt(ranked.source, items, max_length, truncation_mode, what="response")
+    ranks_of = dict(zip(ranked.row_index, (row["ranks"] for row in ranked.rows), strict=True))
+    kept = [i for i, _, _ in split]
+    prompts, responses = [p for _, p, _ in split], [tails for _, _, tails in split]
+    ranks = [np.asarray(ranks_of[i], np.int32) for i in kept]
     if not prompts:
         raise DataError(f"{ranked.source}: every prompt has >= max_length={max_length} tokens; raise max_length")
     stats = RankingStats(ranked.rows_in, ranked.rows_skipped_bad, ranked.rows_identical, ranked.rows_all_tied,

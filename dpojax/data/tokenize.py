@@ -179,30 +179,27 @@ def _tokenize_chat(tokenizer: Any, prefrows: PreferenceRows) -> tuple[list, list
     return p_ids, pc_ids, pr_ids
 
 
-def _split_and_filter(
-    prefrows: PreferenceRows, ids: tuple[list, list, list], max_length: int | None, truncation_mode: str
-) -> tuple[list, list, list, list, int]:
-    """Cut each pair at the common prefix (TRL step 4), then drop prompts that fill max_length (step 5)."""
-    prompts, chosens, rejecteds, kept, dropped = [], [], [], [], 0
-    warned = False
-    for i, p, pc, pr in zip(prefrows.row_index, *ids, strict=True):
-        n = min(common_prefix_length(p, pc), common_prefix_length(p, pr))
+def split_at_prompt(
+    source: str, items, max_length: int | None, truncation_mode: str, what: str = "completion"
+) -> tuple[list[tuple[int, np.ndarray, list[np.ndarray]]], int]:
+    """TRL steps 4-5 for any number of continuations per row: `items` yields (row, prompt ids, [prompt +
+    continuation ids, ...]); each is cut at the prompt's common prefix with all its continuations, and rows whose
+    prompt fills max_length (keep_start) are dropped. Returns ([(row, prompt, [tails])], number dropped)."""
+    kept, dropped, warned = [], 0, False
+    for i, p, full in items:
+        n = min(common_prefix_length(p, f) for f in full)
         if n < len(p) and not warned:
             warned = True
             log.warning(
-                "%s: row %d: the tokenized prompt is not a prefix of prompt+completion (chat template or a token "
-                "merge across the boundary); as TRL does, the completion starts where they diverge. Shown once.",
-                prefrows.source,
-                i,
-            )
+                "%s: row %d: the tokenized prompt is not a prefix of prompt+%s (chat template or a token merge "
+                "across the boundary); as TRL does, the %s starts where they diverge. Shown once.",
+                source, i, what, what,
+            )  # fmt: skip
         if max_length is not None and truncation_mode == "keep_start" and n >= max_length:
             dropped += 1
             continue
-        prompts.append(np.asarray(p[:n], np.int32))
-        chosens.append(np.asarray(pc[n:], np.int32))
-        rejecteds.append(np.asarray(pr[n:], np.int32))
-        kept.append(i)
-    return prompts, chosens, rejecteds, kept, dropped
+        kept.append((i, np.asarray(p[:n], np.int32), [np.asarray(f[n:], np.int32) for f in full]))
+    return kept, dropped
 
 
 # ---------------------------------------------------------------------------------------------------- cache
@@ -289,8 +286,12 @@ def tokenize_rows(
             log.info("%s: tokenized pairs loaded from cache %s", prefrows.source, path)
             return _report(dataclasses.replace(cached, source=prefrows.source))
     pad_id = pad_token_id(tokenizer)
-    ids = (_tokenize_chat if prefrows.fmt.conversational else _tokenize_standard)(tokenizer, prefrows)
-    prompts, chosens, rejecteds, kept, dropped = _split_and_filter(prefrows, ids, max_length, truncation_mode)
+    p_ids, pc_ids, pr_ids = (_tokenize_chat if prefrows.fmt.conversational else _tokenize_standard)(tokenizer, prefrows)
+    items = zip(prefrows.row_index, p_ids, zip(pc_ids, pr_ids, strict=True), strict=True)
+    split, dropped = split_at_prompt(prefrows.source, items, max_length, truncation_mode)
+    kept = [i for i, _, _ in split]
+    prompts = [p for _, p, _ in split]
+    chosens, rejecteds = [c for _, _, (c, _) in split], [r for _, _, (_, r) in split]
     if not prompts:
         raise DataError(f"{prefrows.source}: every prompt has >= max_length={max_length} tokens; raise max_length")
     stats = PairStats(prefrows.rows_in, prefrows.rows_skipped_bad, prefrows.rows_identical, dropped, len(prompts))
