@@ -85,6 +85,23 @@ def truncate_sequence(prompt: np.ndarray, completion: np.ndarray, max_length: in
     return ids, mask
 
 
+def empty_rows(shape: tuple[int, ...], pad_token_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(input_ids, segment_ids, positions, completion_mask) of `shape` [..., T]: all padding."""
+    return (np.full(shape, pad_token_id, np.int32), np.zeros(shape, np.int32), np.zeros(shape, np.int32),
+            np.zeros(shape, np.int32))
+
+
+def place_sequence(arrays, at: tuple[int, ...], ids: np.ndarray, mask: np.ndarray) -> None:
+    """Write one sequence at index `at` of the `empty_rows` arrays, right-padded: its ids, segment id 1,
+    positions 0.. and completion mask."""
+    input_ids, segment_ids, positions, completion = arrays
+    n = len(ids)
+    input_ids[at][:n] = ids
+    segment_ids[at][:n] = 1
+    positions[at][:n] = np.arange(n, dtype=np.int32)
+    completion[at][:n] = mask
+
+
 def collate(
     pairs: TokenizedPairs,
     indices: Sequence[int],
@@ -98,22 +115,16 @@ def collate(
     if truncation_mode not in TRUNCATION_MODES:
         raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}")
     n = len(indices)
-    input_ids = np.full((n, 2, length), pairs.pad_token_id, np.int32)
-    segment_ids = np.zeros((n, 2, length), np.int32)
-    positions = np.zeros((n, 2, length), np.int32)
-    completion = np.zeros((n, 2, length), np.int32)
+    arrays = empty_rows((n, 2, length), pairs.pad_token_id)
     for row, k in enumerate(indices):
         for side in (0, 1):
             ids, mask = _truncated(pairs, int(k), side, max_length, truncation_mode)
             if len(ids) > length:
                 raise ValueError(f"pair {k} has {len(ids)} tokens after truncation, more than the length {length}")
-            input_ids[row, side, : len(ids)] = ids
-            segment_ids[row, side, : len(ids)] = 1
-            positions[row, side, : len(ids)] = np.arange(len(ids), dtype=np.int32)
-            completion[row, side, : len(ids)] = mask
+            place_sequence(arrays, (row, side), ids, mask)
     pair_mask = np.ones(n, np.float32) if pair_mask is None else np.asarray(pair_mask, np.float32)
     pair_index = np.where(pair_mask > 0, np.asarray(indices, np.int64), -1).astype(np.int32)
-    return PreferenceBatch(input_ids, segment_ids, positions, completion, pair_mask, pair_index)
+    return PreferenceBatch(*arrays, pair_mask, pair_index)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,18 +25,11 @@ def load_pairs(
     """Load `spec`, validate and normalize its rows, and tokenize them like TRL 1.16 (reusing `cache_dir`).
 
     Every host may call this: the work is deterministic and the cache file is written atomically. Batches are then
-    cut per host by `batching.train_batches(..., process_index=, process_count=)`.
+    cut per host by `batching.train_batches(..., process_index=, process_count=)`. Ranked or scored data is a
+    DataError that says how to train on it (`load_preferences`).
     """
-    rows, source = load_rows(spec, split)
-    return tokenize_rows(
-        rows,
-        tokenizer,
-        max_length=max_length,
-        truncation_mode=truncation_mode,
-        cache_dir=cache_dir,
-        source=source,
-        on_bad_row=on_bad_row,
-    )
+    return load_preferences(spec, tokenizer, split=split, max_length=max_length, truncation_mode=truncation_mode,
+                            cache_dir=cache_dir, on_bad_row=on_bad_row)
 
 
 def load_preferences(

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from dpojax.data.batching import truncate_sequence
+from dpojax.data.batching import empty_rows, place_sequence, truncate_sequence
 from dpojax.data.ranked_tokenize import TokenizedRankings
 from dpojax.data.tokenize import TRUNCATION_MODES
 
@@ -61,10 +61,7 @@ def collate_rankings(
     if truncation_mode not in TRUNCATION_MODES:
         raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}")
     n, k = len(indices), data.num_responses
-    input_ids = np.full((n, k, length), data.pad_token_id, np.int32)
-    segment_ids = np.zeros((n, k, length), np.int32)
-    positions = np.zeros((n, k, length), np.int32)
-    completion = np.zeros((n, k, length), np.int32)
+    arrays = empty_rows((n, k, length), data.pad_token_id)
     response_mask = np.zeros((n, k), np.float32)
     rank = np.full((n, k), k, np.int32)
     for row, p in enumerate(indices):
@@ -73,13 +70,10 @@ def collate_rankings(
             ids, mask = truncate_sequence(data.prompt_ids[p], response, max_length, truncation_mode)
             if len(ids) > length:
                 raise ValueError(f"row {p} response {j} has {len(ids)} tokens after truncation, more than {length}")
-            input_ids[row, j, : len(ids)] = ids
-            segment_ids[row, j, : len(ids)] = 1
-            positions[row, j, : len(ids)] = np.arange(len(ids), dtype=np.int32)
-            completion[row, j, : len(ids)] = mask
+            place_sequence(arrays, (row, j), ids, mask)
         n_real = len(data.response_ids[p])
         response_mask[row, :n_real] = 1.0
         rank[row, :n_real] = data.ranks[p]
     row_mask = np.ones(n, np.float32) if pair_mask is None else np.asarray(pair_mask, np.float32)
     row_index = np.where(row_mask > 0, np.asarray(indices, np.int64), -1).astype(np.int32)
-    return RankedBatch(input_ids, segment_ids, positions, completion, response_mask, rank, row_mask, row_index)
+    return RankedBatch(*arrays, response_mask, rank, row_mask, row_index)
