@@ -1,0 +1,52 @@
+"""The one glossary of dimension letters, used by every file's shape suffixes (`ids_BxT`, `q_BxTxHxDh`).
+
+A name carries its shape as a suffix of letters joined by `x`; each letter means the same thing in every module.
+A letter not listed here is not used; a new dimension gets a new letter here first.
+
+Data and batches
+  N   prompts in a batch (a pair is one prompt with K = 2 responses)
+  K   responses per prompt, best first (2 for a pair: chosen, rejected)
+  B   sequences fed to the model: N * K rows, laid out prompt by prompt (p0r0, p0r1, ..., p1r0, ...)
+  T   token positions of a sequence (a length bucket)
+  M   prompts (preference rows) in a whole data set
+  A   accumulation steps (micro-batches in one optimizer step)
+
+Model
+  V   vocabulary
+  D   model width (hidden size)
+  F   MLP hidden width
+  L   layers
+  H   query heads
+  G   key/value heads (GQA groups; H is a multiple of G)
+  R   query heads per key/value head (H / G)
+  Dh  width of one head (two letters, one meaning)
+
+Attention and the log-prob head
+  S   query positions of one attention block
+  E   key positions an attention block reads
+  C   chunk length of the log-prob head (positions per chunk)
+  U   number of chunks (T / C)
+  W   vocabulary tile width of the log-prob head
+"""
+
+LETTERS: dict[str, str] = {
+    "N": "prompts in a batch",
+    "K": "responses per prompt (2 for a pair)",
+    "B": "sequences fed to the model (N * K)",
+    "T": "token positions",
+    "M": "prompts in a data set",
+    "A": "accumulation steps",
+    "V": "vocabulary",
+    "D": "model width",
+    "F": "MLP hidden width",
+    "L": "layers",
+    "H": "query heads",
+    "G": "key/value heads",
+    "R": "query heads per key/value head",
+    "Dh": "head width",
+    "S": "query positions of an attention block",
+    "E": "key positions of an attention block",
+    "C": "log-prob chunk length",
+    "U": "log-prob chunks",
+    "W": "vocabulary tile width",
+}
