@@ -82,6 +82,8 @@ def read_model_config(name_or_path: str, revision: str | None = None) -> dict[st
     import json
 
     folder = Path(name_or_path).expanduser()
+    if folder.is_file() and folder.suffix == ".json":  # a config.json given directly
+        return json.loads(folder.read_text())
     if folder.is_dir():
         from dpojax.models.hf import read_hf_config
 
@@ -92,7 +94,11 @@ def read_model_config(name_or_path: str, revision: str | None = None) -> dict[st
         return json.loads(Path(huggingface_hub.hf_hub_download(name_or_path, "config.json", revision=revision))
                           .read_text())
     except Exception as e:
-        raise UserError(f"compile: could not read config.json of {name_or_path!r}: {e}") from None
+        raise UserError(
+            f"compile: could not read config.json of {name_or_path!r} (no hub access, or a gated model without a "
+            f"token?): {type(e).__name__}: {str(e)[:300]}. Give a local copy instead: dpojax compile CONFIG "
+            "--topology T --model-config path/to/config.json (only the architecture is read, no weights)."
+        ) from None
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -102,6 +108,7 @@ class CompileReport:
     chip: str
     chips: int
     devices: int
+    num_responses: int  # K per prompt (2 for pair losses)
     mesh: dict[str, int]
     attention: str
     num_params: int  # policy parameters
@@ -130,7 +137,8 @@ class CompileReport:
             f"topology            {self.topology} ({self.chips} {self.chip} chips, {self.devices} devices), "
             f"mesh {self.mesh}",
             f"model               {self.num_params / 1e9:.3f} B parameters, attention {self.attention}",
-            f"batch               {self.batch_pairs} pairs x 2 x {self.seq_len} tokens (policy + reference)",
+            f"batch               {self.batch_pairs} prompts x {self.num_responses} responses x {self.seq_len} tokens "
+            "(policy + reference)",
             f"per device          arguments {g(self.argument_bytes)}, outputs {g(self.output_bytes)}, "
             f"temporaries {g(self.temp_bytes)}",
             f"peak per device     {g(self.peak_bytes)} of {g(self.hbm_per_device)} HBM"
@@ -167,7 +175,7 @@ def _abstract_state(params, optimizer, sharder):
     return TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), params, opt_state)
 
 
-def _abstract_batch(n_pairs: int, seq_len: int, sharder, precomputed: bool):
+def _abstract_batch(n_prompts: int, num_responses: int, seq_len: int, sharder, precomputed: bool):
     import jax
     import jax.numpy as jnp
 
@@ -175,11 +183,13 @@ def _abstract_batch(n_pairs: int, seq_len: int, sharder, precomputed: bool):
     from dpojax.train.step import batch_sharding
 
     sh = batch_sharding(sharder)
-    tokens = lambda dtype=jnp.int32: jax.ShapeDtypeStruct((n_pairs, 2, seq_len), dtype, sharding=sh)  # noqa: E731
-    pairs = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)  # noqa: E731
+    shape = (n_prompts, num_responses, seq_len)
+    arr = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)  # noqa: E731
+    nxk = (n_prompts, num_responses)
     return PreferenceBatch(
-        tokens(), tokens(), tokens(), tokens(), pairs((n_pairs,), jnp.float32), pairs((n_pairs,), jnp.int32),
-        pairs((n_pairs, 2), jnp.float32) if precomputed else None,
+        arr(shape, jnp.int32), arr(shape, jnp.int32), arr(shape, jnp.int32), arr(shape, jnp.int32),
+        arr(nxk, jnp.float32), arr(nxk, jnp.int32), arr((n_prompts,), jnp.float32), arr((n_prompts,), jnp.int32),
+        arr(nxk, jnp.float32) if precomputed else None,
     )
 
 
@@ -192,13 +202,16 @@ class LoweredStep:
     batch_pairs: int
     seq_len: int
     model_flops_per_step: float
+    num_responses: int = 2
 
 
 def lower_step(cfg, devices, *, backend: str = "tpu", batch_pairs: int | None = None,
-               micro_pairs: int | None = None) -> LoweredStep:
+               micro_pairs: int | None = None, model_config: str | None = None) -> LoweredStep:
     """The train step of `cfg` lowered (not compiled) for `devices` with abstract, sharded arguments: the policy
-    and reference from config.json alone, AdamW state as `init_state` shards it, one global batch of
-    `batch_pairs` (default train.batch_size) at data.max_length in micro-batches of `micro_pairs`."""
+    and reference from config.json alone (`model_config`: a local config.json for the policy, and the reference
+    when it is the same model), the optimizer state as `init_state` shards it, one global batch of `batch_pairs`
+    prompts (default train.batch_size) at data.max_length in micro-batches of `micro_pairs`, with K = 2 responses
+    for pair losses and data.max_responses for K-wise ones (the largest batch they can meet)."""
     import jax.numpy as jnp
 
     from dpojax import losses
@@ -206,8 +219,7 @@ def lower_step(cfg, devices, *, backend: str = "tpu", batch_pairs: int | None = 
     from dpojax.models.config import ModelConfig
     from dpojax.models.hf import abstract_params
     from dpojax.sharding import Sharder, check_fsdp_sharded, make_mesh
-    from dpojax.train.optim import make_optimizer
-    from dpojax.train.step import StepSpec, compile_steps
+    from dpojax.train.step import compile_steps, make_spec
 
     sharder = Sharder(make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices))
     n_pairs = batch_pairs or cfg.train.batch_size
@@ -216,7 +228,8 @@ def lower_step(cfg, devices, *, backend: str = "tpu", batch_pairs: int | None = 
     if n_pairs % micro or micro % n_data:
         raise ConfigError(f"compile: {n_pairs} pairs in micro-batches of {micro} do not split over the {n_data} "
                           "data-parallel devices (mesh.data * mesh.fsdp).")
-    mcfg = ModelConfig.from_hf(read_model_config(cfg.model.name_or_path, cfg.model.revision))
+    policy_json = read_model_config(model_config or cfg.model.name_or_path, cfg.model.revision)
+    mcfg = ModelConfig.from_hf(policy_json)
     dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
     attention = resolve_attention(cfg.model.attention, dtype=dtypes[cfg.model.dtype], head_dim=mcfg.head_dim,
                                   backend=backend, softcap=mcfg.attn_softcap,
@@ -233,30 +246,30 @@ def lower_step(cfg, devices, *, backend: str = "tpu", batch_pairs: int | None = 
         else:
             rcfg = ModelConfig.from_hf(read_model_config(cfg.ref_name_or_path, cfg.model.revision))
             rgraph, rparams = abstract_params(rcfg, sharder=sharder, **kw)
-    optimizer, schedule = make_optimizer(cfg.optim, cfg.train.steps or 1000)
-    spec = StepSpec(policy_graphdef=pgraph, ref_graphdef=rgraph, loss=cfg.loss, optimizer=optimizer,
-                    schedule=schedule, grad_accum=n_pairs // micro, sharder=sharder, precomputed_ref=precomputed)
-    state = _abstract_state(params, optimizer, sharder)
-    batch = _abstract_batch(n_pairs, cfg.data.max_length, sharder, precomputed)
+    spec = make_spec(cfg, pgraph, rgraph, sharder, total_steps=cfg.train.steps or 1000, precomputed_ref=precomputed,
+                     grad_accum=n_pairs // micro)
+    state = _abstract_state(params, spec.optimizer, sharder)
+    k = cfg.data.max_responses if losses.is_kwise(cfg.loss) else 2
+    batch = _abstract_batch(n_pairs, k, cfg.data.max_length, sharder, precomputed)
     train, _ = compile_steps(spec, state, rparams, sharder)
-    tokens = n_pairs * 2 * cfg.data.max_length
+    tokens = n_pairs * k * cfg.data.max_length
     ref_flops = mcfg.forward_flops_per_token(cfg.data.max_length) if rgraph is not None else 0.0
     return LoweredStep(
         lowered=train.lower(state, rparams, batch), mesh=dict(sharder.mesh.shape), attention=attention,
         num_params=mcfg.num_params(), batch_pairs=n_pairs, seq_len=cfg.data.max_length,
-        model_flops_per_step=tokens * (mcfg.flops_per_token(cfg.data.max_length) + ref_flops),
+        model_flops_per_step=tokens * (mcfg.flops_per_token(cfg.data.max_length) + ref_flops), num_responses=k,
     )
 
 
 def compile_for_topology(cfg, topology: str, *, slices: int = 1, batch_pairs: int | None = None,
-                         micro_pairs: int | None = None) -> CompileReport:
+                         micro_pairs: int | None = None, model_config: str | None = None) -> CompileReport:
     """Compile the train step of `cfg` for `topology` (times `slices` slices over DCN) and report per-device
     memory, FLOPs and time. batch_pairs / micro_pairs override train.batch_size / train.micro_batch_size."""
     name, chip, chips = parse_topology(topology)
     devices = topology_devices(name, slices)
-    step = lower_step(cfg, devices, batch_pairs=batch_pairs, micro_pairs=micro_pairs)
+    step = lower_step(cfg, devices, batch_pairs=batch_pairs, micro_pairs=micro_pairs, model_config=model_config)
     base = dict(topology=name if slices == 1 else f"{slices} x {name}", chip=chip, chips=chips * slices,
-                devices=len(devices), mesh=step.mesh, attention=step.attention, num_params=step.num_params,
+                devices=len(devices), num_responses=step.num_responses, mesh=step.mesh, attention=step.attention, num_params=step.num_params,
                 batch_pairs=step.batch_pairs, seq_len=step.seq_len, hbm_per_device=CHIPS[chip].hbm_bytes * chips //
                 (len(devices) // slices), model_flops_per_step=step.model_flops_per_step)
     try:
@@ -288,7 +301,8 @@ def _first_lines(text: str, n: int = 3) -> str:
     return " ".join(lines[:n])[:600]
 
 
-def largest_batch(cfg, topology: str, *, slices: int = 1, limit: int = 4096) -> tuple[int | None, list[CompileReport]]:
+def largest_batch(cfg, topology: str, *, slices: int = 1, limit: int = 4096,
+                  model_config: str | None = None) -> tuple[int | None, list[CompileReport]]:
     """The largest batch (pairs, a multiple of the data-parallel devices) whose step fits without gradient
     accumulation (micro-batch = batch), by doubling then bisection; returns it (None when even the smallest
     does not fit) and every report made on the way. Accumulation then reaches any multiple of it."""
@@ -300,7 +314,8 @@ def largest_batch(cfg, topology: str, *, slices: int = 1, limit: int = 4096) -> 
     reports: list[CompileReport] = []
 
     def fits(k: int) -> bool:
-        r = compile_for_topology(cfg, topology, slices=slices, batch_pairs=k * unit, micro_pairs=k * unit)
+        r = compile_for_topology(cfg, topology, slices=slices, batch_pairs=k * unit, micro_pairs=k * unit,
+                                 model_config=model_config)
         reports.append(r)
         return r.fits
 
@@ -316,14 +331,14 @@ def largest_batch(cfg, topology: str, *, slices: int = 1, limit: int = 4096) -> 
 
 
 def compile_from_cli(config_path: str, topology: str, overrides: list[str], *, slices: int = 1,
-                     search_batch: bool = False) -> int:
+                     search_batch: bool = False, model_config: str | None = None) -> int:
     """`dpojax compile`: print the report; exit 0 when the step fits, 1 when it does not."""
     from dpojax.config import load_config
 
     cfg = load_config(config_path, overrides)
-    report = compile_for_topology(cfg, topology, slices=slices)
+    report = compile_for_topology(cfg, topology, slices=slices, model_config=model_config)
     print(report.format())
     if search_batch:
-        best, _ = largest_batch(cfg, topology, slices=slices)
+        best, _ = largest_batch(cfg, topology, slices=slices, model_config=model_config)
         print(f"largest batch       {best} pairs without accumulation" if best else "largest batch       none fits")
     return 0 if report.fits else 1

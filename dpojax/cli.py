@@ -3,7 +3,7 @@
     dpojax train CONFIG.yaml [section.key=value ...]
     dpojax eval CONFIG.yaml [section.key=value ...]
     dpojax export RUN_DIR_OR_CHECKPOINT OUT_DIR
-    dpojax compile CONFIG.yaml --topology v5p:2x2x1 [--search-batch] [section.key=value ...]
+    dpojax compile CONFIG.yaml --topology v5p:2x2x1 [--search-batch] [--model-config config.json] [key=value ...]
 
 A user mistake (config, data, model files) prints one paragraph and exits 2; never a traceback.
 """
@@ -33,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--topology", required=True, help="TPU topology, e.g. v5p:2x2x1, v5e:2x4 or v5p-8")
     s.add_argument("--slices", type=int, default=1, help="number of such slices (multi-slice over DCN)")
     s.add_argument("--search-batch", action="store_true", help="also find the largest batch that fits")
+    s.add_argument("--model-config", help="a local config.json of the policy (no hub access needed)")
     s.add_argument("overrides", nargs="*", help="section.key=value overrides")
     return p
 
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             from dpojax import aot
 
             return aot.compile_from_cli(args.config, args.topology, args.overrides, slices=args.slices,
-                                        search_batch=args.search_batch)
+                                        search_batch=args.search_batch, model_config=args.model_config)
         from dpojax.train import loop
 
         if args.command == "train":

@@ -51,7 +51,6 @@ class DataSection:
     eval_split: str = "test"
     max_length: int = 1024  # tokens per sequence (prompt + completion), as TRL's DPOConfig
     truncation_mode: Literal["keep_start", "keep_end"] = "keep_start"
-    packing: bool = False  # several pairs per row with segment ids (not yet implemented)
     on_bad_row: Literal["error", "skip"] = "error"  # a malformed row stops the run, or is dropped and counted
     cache_dir: Optional[str] = None  # tokenized-data cache; default: ~/.cache/dpojax
     buckets: Optional[tuple[int, ...]] = None  # padded lengths; default: powers of two up to max_length
@@ -92,14 +91,14 @@ class OptimSection:
 
 @dataclasses.dataclass(frozen=True)
 class TrainSection:
-    batch_size: int = 64  # global preference pairs per optimizer step
-    micro_batch_size: Optional[int] = None  # pairs per forward/backward; default: batch_size (no accumulation)
-    steps: Optional[int] = None  # optimizer steps; default: epochs * (pairs // batch_size)
+    batch_size: int = 64  # global prompts per optimizer step (a pair, or a ranking of K responses, each)
+    micro_batch_size: Optional[int] = None  # prompts per forward/backward; default: batch_size (no accumulation)
+    steps: Optional[int] = None  # optimizer steps; default: epochs * (prompts // batch_size)
     epochs: int = 1
     seed: int = 0  # data order seed
     log_every: int = 10  # steps between train records in metrics.jsonl
     eval_every: Optional[int] = None  # steps between evals; default: only at the end
-    eval_batch_size: Optional[int] = None  # pairs per eval step; default: batch_size
+    eval_batch_size: Optional[int] = None  # prompts per eval step; default: batch_size
     max_bad_steps: int = 5  # consecutive non-finite steps (each skipped) before the run stops
 
 
@@ -326,21 +325,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config: 'train.epochs' and 'train.log_every' must be positive.")
     if cfg.optim.lr < 0 or cfg.optim.warmup_steps < 0 or cfg.optim.weight_decay < 0:
         raise ConfigError("config: 'optim.lr', 'optim.warmup_steps' and 'optim.weight_decay' must be >= 0.")
-    if cfg.loss.beta <= 0:
-        raise ConfigError(f"config: 'loss.beta' = {cfg.loss.beta} must be positive.")
-    if not 0 <= cfg.loss.label_smoothing < 0.5:
-        raise ConfigError(f"config: 'loss.label_smoothing' = {cfg.loss.label_smoothing} must be in [0, 0.5).")
-    if cfg.loss.weights is not None and len(cfg.loss.weights) != len(cfg.loss.type):
-        raise ConfigError(
-            f"config: 'loss.weights' has {len(cfg.loss.weights)} entries but 'loss.type' names "
-            f"{len(cfg.loss.type)} losses {list(cfg.loss.type)}; give one weight per loss."
-        )
     _validate_sections(cfg)
-    from dpojax.losses import validate_loss_config  # the loss registry owns its names and combinations
+    from dpojax import losses  # the loss registry owns its names, traits, ranges and combinations
 
-    validate_loss_config(cfg.loss)
-    if cfg.data.packing:
-        raise ConfigError("config: 'data.packing: true' is not implemented yet; set data.packing=false.")
+    losses.validate_loss_config(cfg.loss)
+    _validate_with_losses(cfg, losses)
     d = cfg.distributed
     if min(d.initialization_timeout, d.heartbeat_timeout, d.shutdown_timeout) <= 0:
         raise ConfigError("config: 'distributed.*_timeout' values are seconds and must be positive.")
@@ -366,12 +355,6 @@ def _validate_sections(cfg: Config) -> None:
              "changes during training cannot be precomputed.")
     _require(t.max_bad_steps >= 1, f"'train.max_bad_steps' = {t.max_bad_steps} must be at least 1.")
     _require(d.max_responses >= 2, f"'data.max_responses' = {d.max_responses} must be at least 2 (a ranking).")
-    ranking = "plackett_luce" in cfg.loss.type
-    _require(not (ranking and r.precompute),
-             "'ref_model.precompute' is not supported with loss.type=plackett_luce yet; set it to false.")
-    _require(not (ranking and d.pairs_from_scores != "none"),
-             f"'data.pairs_from_scores' = {d.pairs_from_scores!r} turns rankings into pairs, but loss.type="
-             "plackett_luce trains on whole rankings; set data.pairs_from_scores=none or use a pair loss.")
     _require(c.keep >= 1, f"'checkpoint.keep' = {c.keep} must be at least 1.")
     _require(c.best_metric is None or d.eval is not None,
              "'checkpoint.best_metric' needs an eval set: set 'data.eval' too.")
@@ -387,6 +370,20 @@ def _validate_sections(cfg: Config) -> None:
     for key in ("data", "fsdp", "tensor"):
         value = getattr(cfg.mesh, key)
         _require(value == -1 or value > 0, f"'mesh.{key}' = {value} must be positive or -1 (fill).")
+
+
+def _validate_with_losses(cfg: Config, losses) -> None:
+    """Checks that need the loss registry's traits."""
+    d, c = cfg.data, cfg.checkpoint
+    kwise = losses.is_kwise(cfg.loss)
+    _require(not (kwise and d.pairs_from_scores != "none"),
+             f"'data.pairs_from_scores' = {d.pairs_from_scores!r} turns rankings into pairs, but loss.type="
+             f"{cfg.loss.type[0]} trains on whole rankings; set data.pairs_from_scores=none or use a pair loss.")
+    if c.best_metric is not None:
+        names = losses.metric_names(cfg.loss)
+        _require(c.best_metric in names,
+                 f"'checkpoint.best_metric' = {c.best_metric!r} is not an eval metric of this run; choose one of "
+                 f"{', '.join(names)}.")
 
 
 def to_dict(cfg: Any) -> dict:

@@ -13,8 +13,7 @@ prompts about as long as completions this halves the head's FLOPs, which dominat
 
 Everything here returns sums and counts, never means: the trainer divides once, after accumulation.
 
-Glossary: B rows (2N, laid out c0, r0, c1, r1, ...), N preference pairs, T positions, C chunk length,
-D model width, V vocabulary.
+Glossary: `dpojax.glossary` (B = N * K rows laid out prompt by prompt: c0, r0, c1, r1, ... for pairs).
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ from __future__ import annotations
 import functools
 from typing import NamedTuple
 
+import einops
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -67,15 +67,13 @@ class _HeadSpec(NamedTuple):
 
 
 def _to_chunks(x_BxT, chunk_len: int):
-    """[B, T, ...] -> [T/C, B, C, ...] (T must be a multiple of C)."""
-    b, t = x_BxT.shape[:2]
-    return jnp.moveaxis(x_BxT.reshape(b, t // chunk_len, chunk_len, *x_BxT.shape[2:]), 1, 0)
+    """[B, T, ...] -> [U = T/C, B, C, ...] (T must be a multiple of C)."""
+    return einops.rearrange(x_BxT, "b (u c) ... -> u b c ...", c=chunk_len)
 
 
-def _from_chunks(x_KxBxC):
-    """[T/C, B, C, ...] -> [B, T, ...]."""
-    k, b, c = x_KxBxC.shape[:3]
-    return jnp.moveaxis(x_KxBxC, 0, 1).reshape(b, k * c, *x_KxBxC.shape[3:])
+def _from_chunks(x_UxBxC):
+    """[U, B, C, ...] -> [B, T = U*C, ...]."""
+    return einops.rearrange(x_UxBxC, "u b c ... -> b (u c) ...")
 
 
 def _chunk_logits(h_BxCxD, unembed_VxD, spec: _HeadSpec):
@@ -261,21 +259,20 @@ def scored_mask(mask_BxT: Array) -> Array:
     return jnp.concatenate([m_BxT[:, 1:], jnp.zeros_like(m_BxT[:, :1])], axis=1)
 
 
-def ld_weighted_logps(logps_Nx2xT: Array, scored_Nx2xT: Array, ld_alpha: float) -> Array:
-    """LD-DPO length desensitisation (Liu et al. 2024, arXiv:2409.06411, Eq. 9) for [N, 2 (chosen, rejected), T].
+def ld_weighted_logps(logps_NxKxT: Array, scored_NxKxT: Array, ld_alpha: float) -> Array:
+    """LD-DPO length desensitisation (Liu et al. 2024, arXiv:2409.06411, Eq. 9) for [N, K, T] (a pair: K = 2).
 
-    With l = min(|y_w|, |y_l|) the pair's shared length, each row's log-prob becomes
-    sum_{k <= l} log p(y_k) + ld_alpha * sum_{k > l} log p(y_k), counting completion tokens in order
-    (`scored_Nx2xT` is the already-shifted completion mask). Returns [N, 2].
+    With l = the shortest response length of the prompt's responses (a pair's shared length), each response's
+    log-prob becomes sum_{k <= l} log p(y_k) + ld_alpha * sum_{k > l} log p(y_k), counting response tokens in order
+    (`scored_NxKxT` is the already-shifted completion mask). Returns [N, K].
     """
-    m_Nx2xT = scored_Nx2xT.astype(jnp.float32)
-    pos_Nx2xT = jnp.cumsum(m_Nx2xT, axis=-1)
-    lens_Nx2 = jnp.sum(m_Nx2xT, axis=-1)
-    shared_N = jnp.minimum(lens_Nx2[:, 0], lens_Nx2[:, 1])
-    in_shared_Nx2xT = (pos_Nx2xT <= shared_N[:, None, None]).astype(jnp.float32)
-    shared_Nx2 = jnp.sum(logps_Nx2xT * m_Nx2xT * in_shared_Nx2xT, axis=-1)
-    tail_Nx2 = jnp.sum(logps_Nx2xT * m_Nx2xT * (1.0 - in_shared_Nx2xT), axis=-1)
-    return shared_Nx2 + ld_alpha * tail_Nx2
+    m_NxKxT = scored_NxKxT.astype(jnp.float32)
+    pos_NxKxT = jnp.cumsum(m_NxKxT, axis=-1)
+    shared_N = jnp.min(jnp.sum(m_NxKxT, axis=-1), axis=1)
+    in_shared_NxKxT = (pos_NxKxT <= shared_N[:, None, None]).astype(jnp.float32)
+    shared_NxK = jnp.sum(logps_NxKxT * m_NxKxT * in_shared_NxKxT, axis=-1)
+    tail_NxK = jnp.sum(logps_NxKxT * m_NxKxT * (1.0 - in_shared_NxKxT), axis=-1)
+    return shared_NxK + ld_alpha * tail_NxK
 
 
 def sequence_stats(
@@ -284,10 +281,11 @@ def sequence_stats(
     *,
     ld_alpha: float | None = None,
     lm_mask_BxT: Array | None = None,
+    num_responses: int = 2,
 ) -> SeqStats:
     """Per-row sums over the completion tokens, the completion mask applied to the *predicted* token.
 
-    `ld_alpha` (LD-DPO) needs each row's pair partner: rows must be laid out c0, r0, c1, r1, ... (B = 2N).
+    `ld_alpha` (LD-DPO) needs each row's siblings: rows laid out prompt by prompt, `num_responses` (K) per prompt.
     `lm_mask_BxT` (e.g. the attention mask) adds a second log-prob sum over another token set, for losses whose
     NLL term covers prompt and response (TRL's ORPOTrainer).
     """
@@ -300,7 +298,8 @@ def sequence_stats(
     ld_logps_B = None
     if ld_alpha is not None:
         b, t = logps_BxT.shape
-        ld_logps_B = ld_weighted_logps(logps_BxT.reshape(b // 2, 2, t), m_BxT.reshape(b // 2, 2, t), ld_alpha)
+        k = num_responses
+        ld_logps_B = ld_weighted_logps(logps_BxT.reshape(b // k, k, t), m_BxT.reshape(b // k, k, t), ld_alpha)
         ld_logps_B = ld_logps_B.reshape(b)
     wpo_sum_B = None
     if tok.log_sum_sq_probs_BxT is not None:
@@ -324,19 +323,35 @@ def sequence_stats(
     )
 
 
-def token_metric_sums(stats: SeqStats) -> dict[str, tuple[Array, Array]]:
-    """TRL's token-level metrics as (sum, count) over rows laid out c0, r0, c1, r1, ...
+def token_metric_sums(stats: SeqStats, *, num_responses: int = 2, response_mask_NxK: Array | None = None,
+                      prompt_mask_N: Array | None = None) -> dict[str, tuple[Array, Array]]:
+    """TRL's token-level metrics as (sum, count) over rows laid out prompt by prompt, K = `num_responses` each.
 
-    `logits/chosen|rejected`: mean logit over scored completion tokens; `entropy`: over chosen and rejected
-    tokens; `mean_token_accuracy`: share of chosen tokens that are the argmax. Value = sum / count.
+    `logits/chosen|rejected`: mean logit over the scored tokens of the best / the worst real response; `entropy`:
+    over every real response's tokens; `mean_token_accuracy`: share of the best response's tokens that are the
+    argmax. Filler prompts and padding responses count nothing. Value = sum / count.
     """
-    chosen_tokens = jnp.sum(stats.tokens_B[0::2])
+    from dpojax.losses import best_and_worst  # the one definition of "worst real response"
+
+    k = num_responses
+    tokens_NxK = stats.tokens_B.reshape(-1, k)
+    n = tokens_NxK.shape[0]
+    real_NxK = jnp.ones((n, k), jnp.float32) if response_mask_NxK is None else response_mask_NxK.astype(jnp.float32)
+    if prompt_mask_N is not None:
+        real_NxK = real_NxK * prompt_mask_N.astype(jnp.float32)[:, None]
+
+    def best_worst(x_B):
+        best_N, worst_N = best_and_worst(x_B.reshape(n, k) * real_NxK, real_NxK)
+        return best_N, worst_N
+
+    tok_w, tok_l = best_worst(stats.tokens_B)
     out: dict[str, tuple[Array, Array]] = {}
     if stats.mean_logit_sum_B is not None:
-        out["logits/chosen"] = (jnp.sum(stats.mean_logit_sum_B[0::2]), chosen_tokens)
-        out["logits/rejected"] = (jnp.sum(stats.mean_logit_sum_B[1::2]), jnp.sum(stats.tokens_B[1::2]))
+        logit_w, logit_l = best_worst(stats.mean_logit_sum_B)
+        out["logits/chosen"] = (jnp.sum(logit_w), jnp.sum(tok_w))
+        out["logits/rejected"] = (jnp.sum(logit_l), jnp.sum(tok_l))
     if stats.entropy_sum_B is not None:
-        out["entropy"] = (jnp.sum(stats.entropy_sum_B), jnp.sum(stats.tokens_B))
+        out["entropy"] = (jnp.sum(stats.entropy_sum_B.reshape(n, k) * real_NxK), jnp.sum(tokens_NxK * real_NxK))
     if stats.top1_sum_B is not None:
-        out["mean_token_accuracy"] = (jnp.sum(stats.top1_sum_B[0::2]), chosen_tokens)
+        out["mean_token_accuracy"] = (jnp.sum(best_worst(stats.top1_sum_B)[0]), jnp.sum(tok_w))
     return out

@@ -61,3 +61,34 @@ def test_shipped_config_compiles_and_fits(name):
     report = aot.compile_for_topology(_offline(REPO / "configs" / name), SHIPPED[name])
     print(report.format())
     assert report.fits, report.format()
+
+
+@needs_libtpu
+@pytest.mark.parametrize("overrides", [
+    ["loss.type=plackett_luce", "data.max_responses=4"],
+    ["ref_model.precompute=true"],
+    ["ref_model.sync_every=2"],
+    ["loss.type=[orpo]"],
+], ids=["plackett_luce", "precompute", "tr_dpo", "orpo"])
+def test_compile_every_mode_the_trainer_accepts(tiny_config, capsys, overrides):
+    """The one step builder serves `dpojax compile` for every config `dpojax train` accepts (K-wise losses at
+    K = data.max_responses, precomputed reference log-probs, TR-DPO, reference-free)."""
+    assert main(["compile", str(tiny_config), "--topology", "v5e:2x2", *overrides]) == 0
+    out = capsys.readouterr().out
+    assert "fits: yes" in out, out
+    k = 4 if "plackett" in overrides[0] else 2
+    assert f"8 prompts x {k} responses x 512 tokens" in out, out
+
+
+@needs_libtpu
+def test_compile_with_a_local_config_json_needs_no_hub(tiny_config, tmp_path, capsys, monkeypatch):
+    """A hub id the machine cannot reach: the error says how to give config.json, and --model-config works."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine without hub access, without waiting for timeouts
+    cfg = tmp_path / "hub.yaml"
+    cfg.write_text(tiny_config.read_text().replace(re.search(r"name_or_path: ([^,]+),", tiny_config.read_text())
+                                                   .group(1), "no-such-org/no-such-model"))
+    assert main(["compile", str(cfg), "--topology", "v5e:2x2"]) == 2
+    assert "--model-config" in capsys.readouterr().err
+    local = tiny_config.parent / "model" / "config.json"
+    assert main(["compile", str(cfg), "--topology", "v5e:2x2", "--model-config", str(local)]) == 0
+    assert "fits: yes" in capsys.readouterr().out

@@ -47,44 +47,44 @@ def test_collate_matches_trl_collator(fmt, mode, tok):
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
     tp = tokenize_rows(make_pref_rows(12, fmt, seed=5), tok, max_length=MAX_LEN, truncation_mode=mode)
-    assert tp.lengths_Px2.max() > MAX_LEN  # truncation is exercised
+    assert tp.lengths_MxK.max() > MAX_LEN  # truncation is exercised
     idx = np.arange(len(tp))
     ours = collate(tp, idx, length=MAX_LEN + 2, max_length=MAX_LEN, truncation_mode=mode)
     examples = [
-        {"prompt_ids": tp.prompt_ids[k].tolist(), "chosen_ids": tp.chosen_ids[k].tolist(),
-         "rejected_ids": tp.rejected_ids[k].tolist()} for k in idx
+        {"prompt_ids": tp.prompt_ids[k].tolist(), "chosen_ids": tp.response_ids[k][0].tolist(),
+         "rejected_ids": tp.response_ids[k][1].tolist()} for k in idx
     ]  # fmt: skip
     theirs = DataCollatorForPreference(pad_token_id=tok.pad_token_id, max_length=MAX_LEN, truncation_mode=mode)(
         examples
     )
     t = theirs["input_ids"].shape[1]
 
-    def stacked(x_Nx2xT):  # ours [N, 2, T] -> TRL's [chosen; rejected] [2N, T]
-        assert not x_Nx2xT[:, :, t:].any()
-        return np.concatenate([x_Nx2xT[:, 0, :t], x_Nx2xT[:, 1, :t]])
+    def stacked(x_NxKxT):  # ours [N, 2, T] -> TRL's [chosen; rejected] [2N, T]
+        assert not x_NxKxT[:, :, t:].any()
+        return np.concatenate([x_NxKxT[:, 0, :t], x_NxKxT[:, 1, :t]])
 
-    pad_tail = ours.input_ids_Nx2xT[:, :, t:]
+    pad_tail = ours.input_ids_NxKxT[:, :, t:]
     assert (pad_tail == tok.pad_token_id).all()
-    np.testing.assert_array_equal(np.concatenate([ours.input_ids_Nx2xT[:, 0, :t], ours.input_ids_Nx2xT[:, 1, :t]]),
+    np.testing.assert_array_equal(np.concatenate([ours.input_ids_NxKxT[:, 0, :t], ours.input_ids_NxKxT[:, 1, :t]]),
                                   theirs["input_ids"].numpy())  # fmt: skip
-    np.testing.assert_array_equal(stacked(ours.segment_ids_Nx2xT), theirs["attention_mask"].numpy())
-    np.testing.assert_array_equal(stacked(ours.completion_mask_Nx2xT), theirs["completion_mask"].numpy())
+    np.testing.assert_array_equal(stacked(ours.segment_ids_NxKxT), theirs["attention_mask"].numpy())
+    np.testing.assert_array_equal(stacked(ours.completion_mask_NxKxT), theirs["completion_mask"].numpy())
 
 
 def test_batch_fields_and_pytree(pairs):
     b = collate(pairs, [0, 1, 2], length=16, max_length=MAX_LEN, truncation_mode="keep_start")
     assert b.shape == (3, 2, 16)
-    for name in ("input_ids_Nx2xT", "segment_ids_Nx2xT", "positions_Nx2xT", "completion_mask_Nx2xT"):
+    for name in ("input_ids_NxKxT", "segment_ids_NxKxT", "positions_NxKxT", "completion_mask_NxKxT"):
         assert getattr(b, name).dtype == np.int32 and getattr(b, name).shape == (3, 2, 16)
-    assert b.pair_mask_N.dtype == np.float32 and b.pair_index_N.tolist() == [0, 1, 2]
-    lengths = b.segment_ids_Nx2xT.sum(-1)
-    expected_pos = np.where(b.segment_ids_Nx2xT > 0, np.arange(16), 0)
-    np.testing.assert_array_equal(b.positions_Nx2xT, expected_pos)
-    assert (b.completion_mask_Nx2xT <= b.segment_ids_Nx2xT).all()
-    np.testing.assert_array_equal(lengths, np.minimum(pairs.lengths_Px2[:3], MAX_LEN))
-    assert len(jax.tree_util.tree_leaves(b)) == 6
+    assert b.prompt_mask_N.dtype == np.float32 and b.prompt_index_N.tolist() == [0, 1, 2]
+    lengths = b.segment_ids_NxKxT.sum(-1)
+    expected_pos = np.where(b.segment_ids_NxKxT > 0, np.arange(16), 0)
+    np.testing.assert_array_equal(b.positions_NxKxT, expected_pos)
+    assert (b.completion_mask_NxKxT <= b.segment_ids_NxKxT).all()
+    np.testing.assert_array_equal(lengths, np.minimum(pairs.lengths_MxK[:3], MAX_LEN))
+    assert len(jax.tree_util.tree_leaves(b)) == 8  # + response_mask_NxK, rank_NxK (no precomputed reference)
     summed = jax.jit(lambda x: jax.tree_util.tree_map(lambda a: a.sum(), x))(b)
-    assert isinstance(summed, PreferenceBatch) and int(summed.segment_ids_Nx2xT) == int(lengths.sum())
+    assert isinstance(summed, PreferenceBatch) and int(summed.segment_ids_NxKxT) == int(lengths.sum())
 
 
 # ---------------------------------------------------------------------------------------------------- buckets
@@ -101,11 +101,11 @@ def test_default_buckets():
 
 def test_batches_padded_to_buckets(pairs):
     buckets = (4, 8, MAX_LEN)
-    lengths = np.minimum(pairs.lengths_Px2, MAX_LEN)
+    lengths = np.minimum(pairs.lengths_MxK, MAX_LEN)
     seen = set()
     for b in train_batches(pairs, 2, seed=0, stop_step=30, buckets=buckets):
         t = b.shape[2]
-        longest = int(lengths[b.pair_index_N].max())
+        longest = int(lengths[b.prompt_index_N].max())
         assert t == pick_bucket(longest, buckets)
         seen.add(t)
     assert seen <= set(buckets) and len(seen) >= 2
@@ -128,10 +128,10 @@ def test_train_batches_epochs_drop_last_and_resume(pairs):
     full = list(train_batches(pairs, bp, seed=7, stop_step=3 * spe))
     assert len(full) == 3 * spe
     for e in range(3):
-        used = np.concatenate([b.pair_index_N for b in full[e * spe : (e + 1) * spe]])
+        used = np.concatenate([b.prompt_index_N for b in full[e * spe : (e + 1) * spe]])
         assert len(set(used.tolist())) == spe * bp
         np.testing.assert_array_equal(used, epoch_order(len(pairs), 7, e)[: spe * bp])
-    assert all(b.pair_mask_N.tolist() == [1.0] * bp for b in full)
+    assert all(b.prompt_mask_N.tolist() == [1.0] * bp for b in full)
     resumed = list(train_batches(pairs, bp, seed=7, start_step=6, stop_step=3 * spe))
     assert batch_list(resumed) == batch_list(full[6:])
     assert batch_list(train_batches(pairs, bp, seed=7, stop_step=3 * spe)) == batch_list(full)  # deterministic
@@ -145,7 +145,7 @@ def test_host_slices_assemble_the_global_batch(pairs):
     for step, g in enumerate(glob):
         parts = [h[step] for h in hosts]
         assert all(p.shape == (2, 2, g.shape[2]) for p in parts)
-        np.testing.assert_array_equal(np.concatenate([p.input_ids_Nx2xT for p in parts]), g.input_ids_Nx2xT)
+        np.testing.assert_array_equal(np.concatenate([p.input_ids_NxKxT for p in parts]), g.input_ids_NxKxT)
     with pytest.raises(DataError, match="split evenly"):
         next(train_batches(pairs, 5, seed=0, process_count=2))
 
@@ -155,10 +155,10 @@ def test_eval_batches_cover_each_pair_once(pairs):
     batches = list(eval_batches(pairs, 5))
     n = len(pairs)
     assert n == 22 and len(batches) == 5 and all(b.shape[:2] == (5, 2) for b in batches)
-    idx = np.concatenate([b.pair_index_N for b in batches])
-    mask = np.concatenate([b.pair_mask_N for b in batches])
+    idx = np.concatenate([b.prompt_index_N for b in batches])
+    mask = np.concatenate([b.prompt_mask_N for b in batches])
     assert idx[mask > 0].tolist() == list(range(len(pairs)))
     assert mask.tolist() == [1.0] * n + [0.0] * 3 and idx[-3:].tolist() == [-1] * 3
     last = batches[-1]
-    np.testing.assert_array_equal(last.input_ids_Nx2xT[4], last.input_ids_Nx2xT[0])  # filler = copy of a real pair
-    assert last.completion_mask_Nx2xT[2:].sum(-1).min() > 0
+    np.testing.assert_array_equal(last.input_ids_NxKxT[4], last.input_ids_NxKxT[0])  # filler = copy of a real pair
+    assert last.completion_mask_NxKxT[2:].sum(-1).min() > 0

@@ -128,6 +128,23 @@ def test_error_empty_completion(capsys, bad):
     assert "row 5" in err and "rejected" in err
 
 
+def test_no_pytorch_warning_without_torch(bad):
+    """dpojax uses transformers for configs and tokenizers only: without torch installed (as in `make demo`'s venv)
+    transformers' "PyTorch was not found" warning must not be the first thing a user reads."""
+    import subprocess
+    import sys
+
+    hide_torch = "import sys; sys.modules['torch'] = None\nfrom dpojax.cli import main\nsys.exit(main(sys.argv[1:]))"
+    args = ["train", str(DEMO), f"output_dir={bad['root']}/quiet", f"model.name_or_path={bad['policy']}",
+            f"model.tokenizer={bad['tok']}", "model.init=pretrained", f"data.train={bad['root']}/missing.jsonl",
+            "data.eval=null", "train.batch_size=8", "train.steps=1"]  # fails after the tokenizer and model load
+    env = {**__import__("os").environ, "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", hide_torch, *args], capture_output=True, text=True, env=env,
+                            timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "PyTorch was not found" not in result.stderr and "missing.jsonl: data file not found" in result.stderr
+
+
 def test_error_no_chat_template(capsys, bad):
     conv = [
         {

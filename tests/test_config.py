@@ -19,6 +19,10 @@ def _error(*overrides: str, base: dict | None = None) -> str:
     return str(info.value)
 
 
+def _ok(*overrides: str):
+    return config_from_dict(BASE, list(overrides))
+
+
 def test_overrides_are_typed():
     cfg = config_from_dict(BASE, ["optim.lr=1e-5", "loss.type=[sigmoid,sft]", "loss.weights=[1, 0.5]",
                                   "checkpoint.async=false", "train.micro_batch_size=16"])  # fmt: skip
@@ -65,13 +69,23 @@ def test_wrong_type_names_key_value_and_type(override, words):
         ("checkpoint.best_metric=loss", ["needs an eval set"]),
         ("checkpoint.keep=0", ["'checkpoint.keep'"]),
         ("mesh.tensor=0", ["'mesh.tensor'"]),
-        ("data.packing=true", ["not implemented yet"]),
+        ("data.packing=true", ["unknown key 'data.packing'"]),  # the placeholder is gone until packing lands
         ("model.trust_remote_code=true", ["trust_remote_code"]),
     ],
 )
 def test_invalid_values(override, words):
     msg = _error(override)
     assert all(w in msg for w in words), msg
+
+
+def test_best_metric_is_checked_against_the_runs_metrics():
+    msg = _error("data.eval=e.jsonl", "checkpoint.best_metric=rewards/accuracy")
+    assert "'checkpoint.best_metric' = 'rewards/accuracy' is not an eval metric" in msg and "rewards/accuracies" in msg
+    assert "rewards/kendall_tau" not in msg  # only the metrics this loss records
+    for ok in ("rewards/accuracies", "loss", "logits/chosen"):
+        _ok("data.eval=e.jsonl", f"checkpoint.best_metric={ok}")
+    _ok("data.eval=e.jsonl", "loss.type=plackett_luce", "checkpoint.best_metric=rewards/kendall_tau")
+    _ok("data.eval=e.jsonl", "loss.type=orpo", "checkpoint.best_metric=log_odds_ratio")
 
 
 def test_model_is_required_and_override_syntax():

@@ -2,12 +2,13 @@
 
 import json
 import logging
+import re
 
 import numpy as np
 import pytest
 from tiny_tokenizer import load_tiny_tokenizer, make_pref_rows
 
-from dpojax.data import check_vocab, extract_prompt, load_pairs, load_rows, normalize_rows, tokenize_rows
+from dpojax.data import check_token_ids, extract_prompt, load_preferences, load_rows, normalize_rows, tokenize_rows
 from dpojax.errors import DataError, UserError
 
 FORMATS = ["standard", "conversational", "implicit", "implicit_conversational"]
@@ -50,8 +51,10 @@ def trl_prepared(rows, tok, tmp_path, max_length, truncation_mode="keep_start"):
 
 def assert_same_ids(ours, theirs):
     assert len(ours) == len(theirs)
+    ours_by_name = {"prompt_ids": ours.prompt_ids, "chosen_ids": [r[0] for r in ours.response_ids],
+                    "rejected_ids": [r[1] for r in ours.response_ids]}  # a pair: responses [chosen, rejected]
     for name in ("prompt_ids", "chosen_ids", "rejected_ids"):
-        for k, (a, b) in enumerate(zip(getattr(ours, name), theirs[name], strict=True)):
+        for k, (a, b) in enumerate(zip(ours_by_name[name], theirs[name], strict=True)):
             assert a.tolist() == list(b), (name, k)
 
 
@@ -101,7 +104,7 @@ def test_eos_not_doubled_and_pad_id(tok):
     rows = [{"prompt": "the sky", "chosen": " is blue.</s>", "rejected": " is red."}]
     pairs = tokenize_rows(rows, tok, max_length=None)
     eos = tok.eos_token_id
-    assert pairs.chosen_ids[0].tolist().count(eos) == 1 and pairs.rejected_ids[0][-1] == eos
+    assert pairs.response_ids[0][0].tolist().count(eos) == 1 and pairs.response_ids[0][1][-1] == eos
     assert pairs.prompt_ids[0][0] == tok.bos_token_id and pairs.pad_token_id == tok.pad_token_id
     assert pairs.prompt_ids[0].dtype == np.int32
 
@@ -114,8 +117,9 @@ def test_cache_hit_and_misses(tok, tmp_path):
     second = tokenize_rows(rows, tok, max_length=MAX_LEN, cache_dir=cache)
     assert not first.from_cache and second.from_cache
     assert second.fingerprint == first.fingerprint and second.stats == first.stats
-    for name in ("prompt_ids", "chosen_ids", "rejected_ids"):
-        assert [a.tolist() for a in getattr(first, name)] == [a.tolist() for a in getattr(second, name)]
+    assert [a.tolist() for a in first.prompt_ids] == [a.tolist() for a in second.prompt_ids]
+    assert [[r.tolist() for r in rs] for rs in first.response_ids] == [[r.tolist() for r in rs]
+                                                                       for rs in second.response_ids]
     assert second.row_index.tolist() == first.row_index.tolist()
     assert not tokenize_rows(rows, tok, max_length=MAX_LEN + 4, cache_dir=cache).from_cache
     assert not tokenize_rows(rows, tok, max_length=MAX_LEN, truncation_mode="keep_end", cache_dir=cache).from_cache
@@ -172,12 +176,12 @@ def test_all_bad_rows_in_one_error_capped_and_skip_policy(tmp_path, tok, caplog)
         rows[i]["rejected"] = i  # 30 bad rows
     path = write_jsonl(tmp_path / "many.jsonl", rows)
     with pytest.raises(DataError) as e:
-        load_pairs(str(path), tok, max_length=None)
+        load_preferences(str(path), tok, max_length=None)
     msg = str(e.value)
     assert "30 bad row(s) of 40" in msg and msg.count("field 'rejected'") == 20 and "10 more" in msg
     assert "row 5," in msg and "row 24," in msg and "row 25," not in msg
     with caplog.at_level(logging.WARNING):
-        pairs = load_pairs(str(path), tok, max_length=None, on_bad_row="skip")
+        pairs = load_preferences(str(path), tok, max_length=None, on_bad_row="skip")
     assert pairs.stats.rows_skipped_bad == 30 and len(pairs) == 10
     assert pairs.row_index.tolist() == [*range(5), *range(35, 40)]
     assert "skipped 30 bad row(s)" in caplog.text
@@ -213,10 +217,20 @@ def test_chat_template_failure_names_row(tok):
         tokenize_rows(rows, tok, max_length=None)
 
 
-def test_check_vocab(tok):
-    check_vocab(tok, len(tok))
-    with pytest.raises(UserError, match=r"token id 104 .* vocab_size 100"):
-        check_vocab(tok, 100, "model x")
+def test_token_ids_are_checked_against_the_model_vocab_not_the_tokenizer_size(tmp_path):
+    """Only a token id that occurs in the data and is >= vocab_size is refused (naming row, token and id); a
+    tokenizer that merely defines more tokens than the model has (e.g. an added unk token) is fine, as in TRL."""
+    tok = load_tiny_tokenizer(tmp_path / "tok")
+    vocab_size = len(tok)
+    tok.add_special_tokens({"additional_special_tokens": ["<|extra|>"]})  # like Qwen2Tokenizer's added unk token
+    assert len(tok) == vocab_size + 1
+    data = tokenize_rows(make_pref_rows(6, "standard"), tok, max_length=None)
+    assert len(check_token_ids(data, vocab_size, tok)) == len(data)  # accepted: the extra token never occurs
+    highest = max(int(x.max()) for x in [*data.prompt_ids, *(r for rs in data.response_ids for r in rs)])
+    token = tok.convert_ids_to_tokens(highest)
+    with pytest.raises(UserError, match=rf"row \d+ has token {re.escape(repr(token))} \(id {highest}\), but model x "
+                                        rf"has vocab_size {highest}"):
+        check_token_ids(data, highest, tok, "model x")
 
 
 # -------------------------------------------------------------------------------------------------------- load

@@ -170,7 +170,8 @@ def _run_ours(cfg: Cfg, batch, ref_sums):
 
     def mean_loss(pol_BxT, ref_c=None, ref_r=None):
         stats = sequence_stats(_tokens(batch, pol_BxT), cm_BxT, ld_alpha=cfg.ld_alpha, lm_mask_BxT=am_BxT)
-        x = losses.loss_inputs_from_stats(stats).replace(ref_chosen_logps=ref_c, ref_rejected_logps=ref_r)
+        ref = None if ref_c is None else jnp.stack([ref_c, ref_r], axis=1)  # [N, K = 2]: chosen, rejected
+        x = losses.loss_inputs_from_stats(stats).replace(ref_logps_NxK=ref)
         loss_sum, sums = losses.preference_loss(x, cfg)
         return loss_sum / n, (sums | token_metric_sums(stats), x)
 
@@ -396,8 +397,12 @@ def test_padding_pairs_do_not_count(name, batch):
     x = _run_ours(cfg, batch, _our_ref_sums(cfg, batch))["inputs"]
     order = np.asarray([0, 6, 1, 2, 3, 7, 4, 5])  # padding pairs in the middle
     fields = [f.name for f in dataclasses.fields(x) if getattr(x, f.name) is not None]
-    padded = x.replace(**{k: jnp.concatenate([getattr(x, k), jnp.zeros(2)])[order] for k in fields},
-                       pair_mask=jnp.asarray((order < N_PAIRS).astype(np.float32)))
+
+    def pad(v):  # two all-zero filler prompts, placed in the middle
+        return jnp.concatenate([v, jnp.zeros((2, *v.shape[1:]), v.dtype)])[order]
+
+    padded = x.replace(**{k: pad(getattr(x, k)) for k in fields},
+                       prompt_mask_N=jnp.asarray((order < N_PAIRS).astype(np.float32)))
 
     def loss(inputs):
         return losses.preference_loss(inputs, cfg)
@@ -407,16 +412,16 @@ def test_padding_pairs_do_not_count(name, batch):
     np.testing.assert_allclose(s1, s0, **TOL)
     for key in m0:
         np.testing.assert_allclose(losses.finalize_metrics(m1)[key], losses.finalize_metrics(m0)[key], **TOL)
-    for k in ("chosen_logps", "rejected_logps", "chosen_raw_logps"):
+    for k in ("logps_NxK", "raw_logps_NxK"):
         grad = np.asarray(getattr(g1, k))
         assert np.all(np.isfinite(grad)) and not np.any(grad[order >= N_PAIRS]), k
         np.testing.assert_allclose(grad[order < N_PAIRS], getattr(g0, k), **TOL)
 
 
 def test_jit_and_registry(batch):
-    assert set(ALL_TRL) | {"simpo", "orpo"} == set(losses.LOSSES)
-    for name, fn in losses.LOSSES.items():
-        assert fn.__doc__ and ("arXiv" in fn.__doc__ or "TRL" in fn.__doc__), name
+    assert set(ALL_TRL) | {"simpo", "orpo", "plackett_luce"} == set(losses.LOSSES)
+    for name, loss in losses.LOSSES.items():
+        assert loss.fn.__doc__ and ("arXiv" in loss.fn.__doc__ or "TRL" in loss.fn.__doc__), name
     cfg = Cfg(type=("sigmoid", "sft"), weights=(1.0, 0.5), use_weighting=True)
     x = _run_ours(cfg, batch, _our_ref_sums(cfg, batch))["inputs"]
     eager = losses.preference_loss(x, cfg)[0]
@@ -446,6 +451,6 @@ INVALID = [
 def test_invalid_configs_raise(cfg, match, batch):
     with pytest.raises(ConfigError, match=match):
         losses.validate_loss_config(cfg)
-    x = losses.LossInputs(*(jnp.zeros(2),) * 6)
+    x = losses.LossInputs(jnp.zeros((2, 2)), jnp.zeros((2, 2)), jnp.ones((2, 2)))
     with pytest.raises(ConfigError):
         losses.preference_loss(x, cfg)

@@ -10,12 +10,8 @@ import numpy as np
 import pytest
 from tiny_tokenizer import load_tiny_tokenizer, make_pref_rows
 
-from dpojax.data import eval_batches, tokenize_rows, train_batches
+from dpojax.data import PreferenceBatch, eval_batches, normalize_rows, order_and_ranks, tokenize_rows, train_batches
 from dpojax.data.loader import load_preferences
-from dpojax.data.ranked import normalize_ranked, order_and_ranks
-from dpojax.data.ranked_batching import RankedBatch
-from dpojax.data.ranked_tokenize import TokenizedRankings, tokenize_rankings
-from dpojax.data.tokenize import TokenizedPairs
 from dpojax.errors import DataError
 
 MAX_LEN = 12
@@ -62,27 +58,27 @@ def ranked_rows(n: int, fmt: str = "standard", seed: int = 0, scored: bool = Fal
 def test_k2_tokenizes_exactly_like_the_pairs(fmt, mode, tok):
     rows = make_pref_rows(40, fmt, seed=1)
     pairs = tokenize_rows(rows, tok, max_length=MAX_LEN, truncation_mode=mode)
-    ranked = tokenize_rankings(as_ranked(rows), tok, max_length=MAX_LEN, truncation_mode=mode)
+    ranked = tokenize_rows(as_ranked(rows), tok, max_length=MAX_LEN, truncation_mode=mode)
     assert len(ranked) == len(pairs) and ranked.row_index.tolist() == pairs.row_index.tolist()
     assert ranked.stats.rows_dropped_long == pairs.stats.rows_dropped_long
     assert ranked.stats.rows_identical == pairs.stats.rows_identical
     for i in range(len(pairs)):
         assert ranked.prompt_ids[i].tolist() == pairs.prompt_ids[i].tolist()
-        assert [r.tolist() for r in ranked.response_ids[i]] == [pairs.chosen_ids[i].tolist(),
-                                                                  pairs.rejected_ids[i].tolist()]
+        assert [r.tolist() for r in ranked.response_ids[i]] == [pairs.response_ids[i][0].tolist(),
+                                                                  pairs.response_ids[i][1].tolist()]
     # ... and so do the batches (same buckets, truncation and padding)
     for a, b in zip(eval_batches(pairs, 8), eval_batches(ranked, 8), strict=True):
-        assert isinstance(b, RankedBatch) and a.input_ids_Nx2xT.shape == b.input_ids_NxKxT.shape
-        for x, y in ((a.input_ids_Nx2xT, b.input_ids_NxKxT), (a.segment_ids_Nx2xT, b.segment_ids_NxKxT),
-                     (a.positions_Nx2xT, b.positions_NxKxT), (a.completion_mask_Nx2xT, b.completion_mask_NxKxT),
-                     (a.pair_mask_N, b.row_mask_N), (a.pair_index_N, b.row_index_N)):  # fmt: skip
+        assert isinstance(b, PreferenceBatch) and a.input_ids_NxKxT.shape == b.input_ids_NxKxT.shape
+        for x, y in ((a.input_ids_NxKxT, b.input_ids_NxKxT), (a.segment_ids_NxKxT, b.segment_ids_NxKxT),
+                     (a.positions_NxKxT, b.positions_NxKxT), (a.completion_mask_NxKxT, b.completion_mask_NxKxT),
+                     (a.prompt_mask_N, b.prompt_mask_N), (a.prompt_index_N, b.prompt_index_N)):  # fmt: skip
             np.testing.assert_array_equal(x, y)
 
 
 @pytest.mark.parametrize("fmt", ["standard", "conversational"])
 def test_k_responses_joint_tokenization_and_common_prefix(fmt, tok):
     rows = ranked_rows(12, fmt, seed=2)
-    data = tokenize_rankings(rows, tok, max_length=None)
+    data = tokenize_rows(rows, tok, max_length=None)
     assert data.num_responses == 4 and len(data) == 12
     for i, row in enumerate(rows):
         if fmt == "standard":
@@ -94,7 +90,7 @@ def test_k_responses_joint_tokenization_and_common_prefix(fmt, tok):
         prompt = data.prompt_ids[i].tolist()
         for ids, response in zip(joint, data.response_ids[i], strict=True):
             assert prompt + response.tolist() == ids  # joint tokenization, cut at the common prefix
-        assert data.lengths_PxK[i].tolist() == [len(x) for x in joint] + [0] * (4 - len(joint))
+        assert data.lengths_MxK[i].tolist() == [len(x) for x in joint] + [0] * (4 - len(joint))
         if fmt == "conversational":
             gen = tok.apply_chat_template(row["prompt"], tokenize=True, add_generation_prompt=True, return_dict=True)
             assert prompt == list(gen["input_ids"])
@@ -102,15 +98,15 @@ def test_k_responses_joint_tokenization_and_common_prefix(fmt, tok):
 
 def test_cache_roundtrip_and_keys(tok, tmp_path):
     rows = ranked_rows(15, "conversational", seed=3, scored=True)
-    first = tokenize_rankings(rows, tok, max_length=MAX_LEN * 3, cache_dir=tmp_path)
-    again = tokenize_rankings(rows, tok, max_length=MAX_LEN * 3, cache_dir=tmp_path)
+    first = tokenize_rows(rows, tok, max_length=MAX_LEN * 3, cache_dir=tmp_path)
+    again = tokenize_rows(rows, tok, max_length=MAX_LEN * 3, cache_dir=tmp_path)
     assert not first.from_cache and again.from_cache and again.stats == first.stats
     assert [[r.tolist() for r in rs] for rs in again.response_ids] == [[r.tolist() for r in rs]
                                                                           for rs in first.response_ids]
     assert [r.tolist() for r in again.ranks] == [r.tolist() for r in first.ranks]
-    assert not tokenize_rankings(rows, tok, max_length=MAX_LEN * 2, cache_dir=tmp_path).from_cache
+    assert not tokenize_rows(rows, tok, max_length=MAX_LEN * 2, cache_dir=tmp_path).from_cache
     rows[0]["scores"][1] = 9.0  # another order is another key
-    assert not tokenize_rankings(rows, tok, max_length=MAX_LEN * 3, cache_dir=tmp_path).from_cache
+    assert not tokenize_rows(rows, tok, max_length=MAX_LEN * 3, cache_dir=tmp_path).from_cache
 
 
 # ---------------------------------------------------------------------------------------------------- scores
@@ -122,7 +118,7 @@ def test_scores_sort_best_first_and_ties_share_a_rank(caplog):
         {"prompt": "p", "responses": ["a", "b"], "scores": [0.5, -1]},
     ]
     with caplog.at_level(logging.WARNING):
-        ranked = normalize_ranked(rows, "s.jsonl", max_responses=4)
+        ranked = normalize_rows(rows, "s.jsonl", max_responses=4)
     assert [r["responses"] for r in ranked.rows] == [["b", "a", "c", "d"], ["a", "b"]]
     assert [r["ranks"] for r in ranked.rows] == [[0, 1, 1, 2], [0, 1]]
     assert ranked.row_index == [0, 2] and ranked.rows_all_tied == 1
@@ -139,9 +135,9 @@ def test_pairs_from_scores(tok, tmp_path):
     bvw = load_preferences(str(path), tok, pairs_from_scores="best_vs_worst", **kw)
     allp = load_preferences(str(path), tok, pairs_from_scores="all_pairs", **kw)
     ranked = load_preferences(str(path), tok, ranking_loss=True, **kw)
-    assert isinstance(bvw, TokenizedPairs) and isinstance(ranked, TokenizedRankings)
+    assert bvw.num_responses == 2 and allp.num_responses == 2 and ranked.num_responses == 4
     decode = lambda ids: tok.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
-    pairs = lambda d: [(decode(c), decode(r)) for c, r in zip(d.chosen_ids, d.rejected_ids)]  # noqa: E731
+    pairs = lambda d: [(decode(c), decode(r)) for c, r in d.response_ids]  # noqa: E731
     assert pairs(bvw) == [("blue.", "hot."), ("no.", "yes.")]
     # the tied " red." and " green." (score 1) make no pair with each other
     assert pairs(allp) == [("blue.", "red."), ("blue.", "green."), ("blue.", "hot."), ("red.", "hot."),
@@ -159,8 +155,7 @@ def test_data_and_loss_must_match(tok, tmp_path):
         load_preferences(str(pairs), tok, max_length=None, ranking_loss=True)
     with pytest.raises(DataError, match="pairs_from_scores=none"):
         load_preferences(str(ranked), tok, max_length=None, ranking_loss=True, pairs_from_scores="all_pairs")
-    assert isinstance(load_preferences(str(pairs), tok, max_length=None, pairs_from_scores="all_pairs"),
-                      TokenizedPairs)  # fmt: skip
+    assert load_preferences(str(pairs), tok, max_length=None, pairs_from_scores="all_pairs").num_responses == 2
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -206,16 +201,16 @@ def test_missing_column_everywhere(tok, tmp_path):
 
 # ---------------------------------------------------------------------------------------------------- batches
 def test_batches_pad_responses_and_rows(tok):
-    data = tokenize_rankings(ranked_rows(10, "standard", seed=4, scored=True), tok, max_length=64)
+    data = tokenize_rows(ranked_rows(10, "standard", seed=4, scored=True), tok, max_length=64)
     assert len(data) == 10
     batches = list(eval_batches(data, 4))
     assert len(batches) == 3
     b = batches[-1]
     n_real = [len(r) for r in data.response_ids]
-    assert b.shape[:2] == (4, 4) and b.row_mask_N.tolist() == [1, 1, 0, 0] and b.row_index_N.tolist() == [8, 9, -1, -1]
+    assert b.shape[:2] == (4, 4) and b.prompt_mask_N.tolist() == [1, 1, 0, 0] and b.prompt_index_N.tolist() == [8, 9, -1, -1]
     for batch, start in zip(batches, (0, 4, 8)):
         for row in range(4):
-            p = int(batch.row_index_N[row]) if batch.row_mask_N[row] else start  # filler: a copy of the first
+            p = int(batch.prompt_index_N[row]) if batch.prompt_mask_N[row] else start  # filler: a copy of the first
             k = n_real[p]
             assert batch.response_mask_NxK[row].tolist() == [1.0] * k + [0.0] * (4 - k)
             assert batch.rank_NxK[row, :k].tolist() == data.ranks[p].tolist()
@@ -226,7 +221,7 @@ def test_batches_pad_responses_and_rows(tok):
     a = list(train_batches(data, 4, seed=1, stop_step=5))
     b2 = list(train_batches(data, 4, seed=1, start_step=3, stop_step=5))
     np.testing.assert_array_equal(a[3].input_ids_NxKxT, b2[0].input_ids_NxKxT)
-    assert all(x.row_mask_N.sum() == 4 for x in a)
+    assert all(x.prompt_mask_N.sum() == 4 for x in a)
     real = sum(int((x.segment_ids_NxKxT[i, j] > 0).sum()) for x in a[:1] for i in range(4) for j in range(4)
                if x.response_mask_NxK[i, j])  # fmt: skip
     assert a[0].real_tokens() == real

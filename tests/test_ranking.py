@@ -11,16 +11,25 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpojax import losses, ranking
+from dpojax import losses
+from dpojax.losses import ranking
 from dpojax.config import LossSection
 from dpojax.errors import ConfigError
 
 PL = LossSection(type=("plackett_luce",), beta=0.3)
 
 
+def pl_loss(logps, ref, rank, mask, row_mask, cfg=PL):
+    """The Plackett-Luce loss through the one loss entry point, `losses.preference_loss` (ref None: reference-free)."""
+    cfg = dataclasses.replace(cfg, reference_free=True) if ref is None else cfg
+    inputs = losses.LossInputs(logps_NxK=logps, ref_logps_NxK=ref, tokens_NxK=jnp.ones_like(logps),
+                               response_mask_NxK=mask, rank_NxK=rank, prompt_mask_N=row_mask)
+    return losses.preference_loss(inputs, cfg)
+
+
 def ranking_loss(*args, cfg=PL):
-    """`ranking.ranking_loss`, jitted (eager dispatch of its many small ops is slow on the fake devices)."""
-    return jax.jit(ranking.ranking_loss, static_argnums=5)(*args, cfg)
+    """`pl_loss`, jitted (eager dispatch of its many small ops is slow on the fake devices)."""
+    return jax.jit(pl_loss, static_argnums=5)(*args, cfg)
 
 
 def random_rows(seed: int, n: int = 12, k: int = 5, ties: bool = False):
@@ -62,7 +71,7 @@ def test_matches_naive_plackett_luce_values_and_grads(ties):
 
     @jax.jit
     def ours(lp):
-        return ranking.ranking_loss(lp, ref, rank, mask, row_mask, PL)[0]
+        return pl_loss(lp, ref, rank, mask, row_mask, PL)[0]
 
     @jax.jit
     def naive(lp):
@@ -77,7 +86,7 @@ def test_matches_naive_plackett_luce_values_and_grads(ties):
     if not ties:
         u = PL.beta * (np.asarray(logps[0], np.float64) - np.asarray(ref[0], np.float64))
         want = -sum(u[k] - np.log(np.sum(np.exp(u[k:]))) for k in range(len(u) - 1))
-        got = ranking.plackett_luce(jnp.asarray(u[None], jnp.float32), rank[:1], mask[:1])[0]
+        got = ranking.plackett_luce_nll(jnp.asarray(u[None], jnp.float32), rank[:1], mask[:1])[0]
         np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
@@ -104,16 +113,13 @@ def test_ties_are_never_compared():
     want = [[1.0 - lse(1.0, -2.0), 3.0 - lse(3.0, -2.0), 0.0], [0.5 - lse(0.5, -0.5, 0.0), 0.0, 0.0]]
     np.testing.assert_allclose(terms, want, rtol=1e-6, atol=1e-7)
     # K = 2 with a tie: no preference, no loss, no gradient
-    grad = jax.jit(jax.grad(lambda x: ranking.plackett_luce(x, jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2))).sum()))
+    grad = jax.jit(jax.grad(lambda x: ranking.plackett_luce_nll(x, jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2))).sum()))
     assert np.all(np.asarray(grad(jnp.asarray([[1.0, -4.0]]))) == 0.0)
 
 
 def _pair_inputs(logps, ref, row_mask):
-    return losses.LossInputs(
-        chosen_logps=logps[:, 0], rejected_logps=logps[:, 1], ref_chosen_logps=ref[:, 0],
-        ref_rejected_logps=ref[:, 1], chosen_tokens=jnp.full(logps.shape[0], 5.0),
-        rejected_tokens=jnp.full(logps.shape[0], 4.0), pair_mask=row_mask,
-    )  # fmt: skip
+    tokens = jnp.tile(jnp.asarray([5.0, 4.0]), (logps.shape[0], 1))
+    return losses.LossInputs(logps_NxK=logps, ref_logps_NxK=ref, tokens_NxK=tokens, prompt_mask_N=row_mask)
 
 
 @pytest.mark.parametrize("reference_free", [False, True])
@@ -127,7 +133,7 @@ def test_k2_equals_sigmoid_loss_grads_and_metrics(reference_free):
     sig = dataclasses.replace(pl, type=("sigmoid",))
 
     def ours(lp):
-        return ranking.ranking_loss(lp, None if reference_free else ref, rank, mask, row_mask, pl)
+        return pl_loss(lp, None if reference_free else ref, rank, mask, row_mask, pl)
 
     def theirs(lp):
         return losses.preference_loss(_pair_inputs(lp, ref, row_mask), sig)
@@ -193,14 +199,13 @@ def test_invalid_ranking_configs(changes, needle):
     with pytest.raises(ConfigError, match=needle):
         losses.validate_loss_config(dataclasses.replace(PL, **changes))
     losses.validate_loss_config(PL)
-    assert ranking.is_ranking_loss(PL) and not ranking.is_ranking_loss(LossSection())
+    assert losses.is_kwise(PL) and not losses.is_kwise(LossSection())
 
 
 @pytest.mark.parametrize(
     "overrides,needle",
     [
         (["data.max_responses=1"], "'data.max_responses' = 1 must be at least 2"),
-        (["ref_model.precompute=true"], "'ref_model.precompute' is not supported with loss.type=plackett_luce"),
         (["data.pairs_from_scores=all_pairs"], "'data.pairs_from_scores' = 'all_pairs' turns rankings into pairs"),
         (["data.pairs_from_scores=best"], "expected one of 'none', 'best_vs_worst', 'all_pairs'"),
     ],

@@ -15,13 +15,11 @@ from trl_harness import dpojax_overrides, make_assets
 
 from dpojax.cli import main
 from dpojax.config import LossSection
-from dpojax.data.ranked_batching import collate_rankings
-from dpojax.data.ranked_tokenize import tokenize_rankings
+from dpojax.data import collate, tokenize_rows
 from dpojax.metrics import read_metrics
 from dpojax.models.config import ModelConfig
 from dpojax.models.hf import init_random, read_hf_config
-from dpojax.train.ranking_step import ranking_batch_loss
-from dpojax.train.step import StepSpec
+from dpojax.train.step import StepSpec, batch_loss
 
 
 @pytest.fixture(scope="module")
@@ -69,18 +67,18 @@ def test_padding_responses_add_nothing_through_the_model(assets):
     tok = load_tiny_tokenizer(assets["tok"])
     two = {"prompt": "the sky is", "responses": [" blue.", " red cat."]}
     four = {"prompt": "what color", "responses": [" sun.", " sea.", " dog hot.", " no."]}
-    alone = tokenize_rankings([two], tok, max_length=None)
-    mixed = tokenize_rankings([two, four], tok, max_length=None)
+    alone = tokenize_rows([two], tok, max_length=None)
+    mixed = tokenize_rows([two, four], tok, max_length=None)
     kw = dict(length=16, max_length=None, truncation_mode="keep_start")
-    batch_alone = collate_rankings(alone, [0], **kw)
-    batch_padded = collate_rankings(mixed, [0, 1], pair_mask=[1.0, 0.0], **kw)  # row 1: a filler row
+    batch_alone = collate(alone, [0], **kw)
+    batch_padded = collate(mixed, [0, 1], prompt_mask=[1.0, 0.0], **kw)  # row 1: a filler row
     assert batch_padded.response_mask_NxK[0].tolist() == [1, 1, 0, 0]
 
     mcfg = ModelConfig.from_hf(read_hf_config(assets["policy"]))
     graphdef, params = nnx.split(init_random(mcfg, seed=0))
     _, ref_params = nnx.split(init_random(mcfg, seed=1))
     spec = StepSpec(graphdef, graphdef, LossSection(type=("plackett_luce",)), None, None)
-    grad_fn = jax.jit(jax.value_and_grad(lambda p, b: ranking_batch_loss(p, ref_params, b, spec), has_aux=True))
+    grad_fn = jax.jit(jax.value_and_grad(lambda p, b: batch_loss(p, ref_params, b, spec), has_aux=True))
     (loss_a, m_a), g_a = grad_fn(params, jax.tree.map(np.asarray, batch_alone))
     (loss_p, m_p), g_p = grad_fn(params, jax.tree.map(np.asarray, batch_padded))
     np.testing.assert_allclose(loss_p, loss_a, rtol=1e-5)

@@ -55,7 +55,7 @@ def _step_metrics(assets, data, out, steps: int = 3, **extra) -> list[dict]:
 
     from dpojax import metrics as M
     from dpojax.sharding import Sharder, make_mesh
-    from dpojax.train import loop
+    from dpojax.train import build, loop
     from dpojax.train.step import batch_sharding
 
     cfg = config_from_dict(dpojax_overrides(
@@ -63,12 +63,12 @@ def _step_metrics(assets, data, out, steps: int = 3, **extra) -> list[dict]:
         optim__schedule="constant", optim__max_grad_norm=None, **extra,
     ))  # fmt: skip
     sharder = Sharder(make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
-    models = loop.build_models(cfg, sharder)
-    train_data = loop.load_split(cfg, models.tokenizer, cfg.data.train, cfg.data.train_split)
-    run, state = loop.setup(cfg, len(train_data), models, sharder)
+    models = build.build_models(cfg, sharder)
+    train_data = build.load_split(cfg, models, cfg.data.train, cfg.data.train_split)
+    run, state = build.setup_train(cfg, models, sharder, steps=build.total_steps(cfg, len(train_data)))
     out = []
     for batch in loop._batches(cfg, train_data, 0, steps):
-        state, metrics = run.train_step(state, models.ref_params, loop.to_device(batch, batch_sharding(sharder)))
+        state, metrics = run.train_step(state, models.ref_params, build.to_device(batch, batch_sharding(sharder)))
         out.append(M.finalize(M.add_sums(None, jax.device_get(metrics))))
     return out
 

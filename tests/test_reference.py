@@ -15,7 +15,7 @@ from dpojax.config import config_from_dict
 from dpojax.metrics import read_metrics
 from dpojax.models import load_pretrained
 from dpojax.sharding import Sharder, make_mesh
-from dpojax.train import loop
+from dpojax.train import build, loop
 from dpojax.train.step import sync_reference
 
 STEPS = 4
@@ -70,9 +70,9 @@ def test_precomputed_reference_matches_in_memory_and_is_cached(assets, tmp_path,
 def test_precompute_drops_the_reference_from_memory(assets, tmp_path):
     cfg = _cfg(assets, tmp_path / "x", ref_model__precompute=True, data__cache_dir=str(tmp_path / "c"))
     sharder = Sharder(make_mesh(-1, 1, 1))
-    models = loop.build_models(cfg, sharder)
-    pairs = loop.load_split(cfg, models.tokenizer, cfg.data.train, "train")
-    loop.precompute_references(cfg, models, sharder, [pairs])
+    models = build.build_models(cfg, sharder)
+    pairs = build.load_split(cfg, models, cfg.data.train, "train")
+    build.precompute_references(cfg, models, sharder, [pairs])
     assert models.ref_params is None and models.ref_graphdef is None
     assert models.ref_tables[pairs.fingerprint].shape == (len(pairs), 2)
 
@@ -90,9 +90,8 @@ def test_tr_dpo_reference_is_mixed_in_and_checkpointed(assets, tmp_path):
     cfg = _cfg(assets, out, ref_model__sync_every=2, ref_model__mixup_alpha=0.6, train__steps=2,
                checkpoint__every=2)  # fmt: skip
     loop.train(cfg)
-    saved = ocp.StandardCheckpointer().restore(out / "checkpoints" / "2" / "state")
-    policy = jax.tree.leaves(saved["train"]["params"])
-    ref = jax.tree.leaves(saved["ref"])
+    policy = jax.tree.leaves(ocp.StandardCheckpointer().restore(out / "checkpoints" / "2" / "params"))
+    ref = jax.tree.leaves(ocp.StandardCheckpointer().restore(out / "checkpoints" / "2" / "ref"))
     _, initial = __import__("flax").nnx.split(load_pretrained(assets["ref"])[0])
     for p, r, r0 in zip(policy, ref, jax.tree.leaves(initial)):
         np.testing.assert_allclose(np.asarray(r), 0.6 * np.asarray(p) + 0.4 * np.asarray(r0), rtol=1e-5, atol=1e-6)
@@ -111,7 +110,36 @@ def test_tr_dpo_resume_restores_the_reference(assets, tmp_path):
 def test_reference_free_losses_load_no_reference(assets, tmp_path):
     for loss in ("simpo", "orpo"):
         cfg = _cfg(assets, tmp_path / loss, loss__type=loss)
-        models = loop.build_models(cfg, Sharder(make_mesh(-1, 1, 1)))
+        models = build.build_models(cfg, Sharder(make_mesh(-1, 1, 1)))
         assert models.ref_graphdef is None and models.ref_params is None
     cfg = _cfg(assets, tmp_path / "rf", loss__reference_free=True)
-    assert loop.build_models(cfg, Sharder(make_mesh(-1, 1, 1))).ref_params is None
+    assert build.build_models(cfg, Sharder(make_mesh(-1, 1, 1))).ref_params is None
+
+
+def test_precomputed_reference_for_rankings_matches_in_memory(assets, tmp_path, caplog):
+    """Scored rows with 2..4 responses: an [M, K] table (padding responses never read) gives the live losses."""
+    import json
+
+    pool = [json.loads(line) for line in assets["standard"].read_text().splitlines()]
+    rows = []
+    for i in range(16):
+        k = 2 + i % 3
+        responses = [pool[(i + j) % 16]["chosen" if j % 2 == 0 else "rejected"] for j in range(k)]
+        rows.append({"prompt": pool[i]["prompt"], "responses": responses, "scores": [float(k - j) for j in range(k)]})
+    data = tmp_path / "scored.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cache = str(tmp_path / "cache")
+
+    def cfg(out, **extra):
+        base = dict(train__batch_size=8, train__steps=STEPS, train__log_every=1, optim__lr=3e-3,
+                    optim__schedule="constant", checkpoint__every=None, loss__type="plackett_luce",
+                    data__max_responses=4, data__cache_dir=cache, **extra)
+        return config_from_dict(dpojax_overrides(assets, data, out, **base))
+
+    loop.train(cfg(tmp_path / "live"))
+    with caplog.at_level(logging.INFO, logger="dpojax"):
+        loop.train(cfg(tmp_path / "pre", ref_model__precompute=True))
+    assert "reference log-probs computed for 16 rankings" in caplog.text
+    for key in ("loss", "rewards/kendall_tau", "rewards/margins"):
+        np.testing.assert_allclose(_losses(tmp_path / "pre", key=key), _losses(tmp_path / "live", key=key),
+                                   rtol=1e-5, atol=1e-6)

@@ -23,7 +23,8 @@ from dpojax.errors import ConfigError
 from dpojax.models.config import ModelConfig
 from dpojax.models.hf import abstract_params
 from dpojax.sharding import Sharder, check_fsdp_sharded, make_mesh, resolve_mesh_shape, unsharded_params
-from dpojax.train import loop
+from dpojax.train import build, loop
+from dpojax.train.step import batch_sharding
 
 STEPS = 5
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2), (2, 1, 4)]
@@ -43,13 +44,13 @@ def cfg(tmp_path_factory):
 def run_steps(cfg, mesh):
     """(per-step losses, final TrainState, Sharder) of STEPS training steps on `mesh`."""
     sharder = Sharder(mesh)
-    models = loop.build_models(cfg, sharder)
-    pairs = loop.load_split(cfg, models.tokenizer, cfg.data.train, cfg.data.train_split)
-    run, state = loop.setup(cfg, len(pairs), models, sharder)
-    placement = loop.batch_sharding(sharder)
+    models = build.build_models(cfg, sharder)
+    pairs = build.load_split(cfg, models, cfg.data.train, cfg.data.train_split)
+    run, state = build.setup_train(cfg, models, sharder, steps=build.total_steps(cfg, len(pairs)))
+    placement = batch_sharding(sharder)
     losses = []
     for batch in train_batches(pairs, cfg.train.batch_size, cfg.train.seed, stop_step=STEPS):
-        state, out = run.train_step(state, models.ref_params, loop.to_device(batch, placement))
+        state, out = run.train_step(state, models.ref_params, build.to_device(batch, placement))
         losses.append(M.finalize(jax.device_get(out))["loss"])
     return np.asarray(losses), state, sharder
 

@@ -1,4 +1,5 @@
-"""Data: load rows, validate and normalize formats, tokenize like TRL 1.16 (cached), and batch."""
+"""Data: load rows, validate and normalize every format into one row type (a prompt and K ranked responses),
+tokenize like TRL 1.16 (cached), and batch into [N prompts, K, T]."""
 
 from dpojax.data.batching import (
     PreferenceBatch,
@@ -11,26 +12,28 @@ from dpojax.data.batching import (
     steps_per_epoch,
     train_batches,
 )
-from dpojax.data.formats import PreferenceRows, RowFormat, extract_prompt, load_rows, normalize_rows
-from dpojax.data.loader import load_pairs
-from dpojax.data.tokenize import PairStats, TokenizedPairs, check_vocab, pad_token_id, tokenize_rows
+from dpojax.data.formats import PreferenceRows, RowFormat, extract_prompt, normalize_rows, order_and_ranks
+from dpojax.data.loader import load_preferences
+from dpojax.data.sources import load_rows
+from dpojax.data.tokenize import DataStats, TokenizedData, check_token_ids, pad_token_id, tokenize_rows
 
 __all__ = [
-    "PairStats",
+    "DataStats",
     "PreferenceBatch",
     "PreferenceRows",
     "RowFormat",
-    "TokenizedPairs",
-    "check_vocab",
+    "TokenizedData",
+    "check_token_ids",
     "collate",
     "default_buckets",
     "epoch_order",
     "eval_batches",
     "extract_prompt",
-    "load_pairs",
+    "load_preferences",
     "load_rows",
     "normalize_rows",
     "num_eval_batches",
+    "order_and_ranks",
     "pad_token_id",
     "pick_bucket",
     "steps_per_epoch",

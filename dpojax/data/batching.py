@@ -1,13 +1,12 @@
-"""Preference batches: [chosen; rejected] right-padded to a length bucket, in a deterministic, resumable order.
+"""Preference batches [N prompts, K responses, T tokens], right-padded to a length bucket, in a deterministic,
+resumable order. A pair is K = 2 (chosen, rejected). Glossary: `dpojax.glossary`.
 
-Dimension letters: N pairs in a batch, 2 = (chosen, rejected), T tokens (a length bucket), P pairs in the dataset.
-
-Each sequence is prompt + completion, truncated like TRL's `DataCollatorForPreference` (`keep_start`: its first
+Each sequence is prompt + response, truncated like TRL's `DataCollatorForPreference` (`keep_start`: its first
 max_length tokens; `keep_end`: its last max_length tokens; the completion mask is cut the same way), then right-padded
 to T = the smallest bucket >= the longest sequence in the *global* batch, so a run compiles a handful of shapes and
-every host builds the same T. Batches are host numpy; the trainer places them on devices.
-`train_batches` and `eval_batches` batch ranked data (`ranked_tokenize.TokenizedRankings`) the same way, one
-ranked row in place of one pair, into `ranked_batching.RankedBatch` [N, K, T].
+every host builds the same T. K is the data set's largest number of responses; a row with fewer gets padding
+responses (all pad tokens, segment id 0, no completion tokens, `response_mask_NxK` 0, rank K) that take part in no
+comparison, metric or gradient. Batches are host numpy; the trainer places them on devices.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from collections.abc import Iterator, Sequence
 import jax
 import numpy as np
 
-from dpojax.data.tokenize import TRUNCATION_MODES, TokenizedPairs
+from dpojax.data.tokenize import TRUNCATION_MODES, TokenizedData
 from dpojax.errors import DataError
 
 SMALLEST_BUCKET = 64
@@ -27,19 +26,26 @@ SMALLEST_BUCKET = 64
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PreferenceBatch:
-    """N preference pairs; [:, 0] is prompt+chosen, [:, 1] is prompt+rejected; right-padded along T."""
+    """N prompts; [:, k] is prompt + response k, responses best first; right-padded along T."""
 
-    input_ids_Nx2xT: np.ndarray  # int32, pad_token_id on padding
-    segment_ids_Nx2xT: np.ndarray  # int32, 1 on real tokens, 0 on padding (TRL's attention_mask)
-    positions_Nx2xT: np.ndarray  # int32, 0..len-1 on real tokens, 0 on padding
-    completion_mask_Nx2xT: np.ndarray  # int32, 1 on completion tokens (the ones whose log-probs are summed)
-    pair_mask_N: np.ndarray  # float32, 1 = real pair, 0 = filler pair (a copy of a real one) in the last eval batch
-    pair_index_N: np.ndarray  # int32, index of the pair in TokenizedPairs; -1 for filler pairs
-    ref_logps_Nx2: np.ndarray | None = None  # float32 precomputed reference log-probs (ref_model.precompute)
+    input_ids_NxKxT: np.ndarray  # int32, pad_token_id on padding (and on padding responses)
+    segment_ids_NxKxT: np.ndarray  # int32, 1 on real tokens, 0 on padding (TRL's attention_mask)
+    positions_NxKxT: np.ndarray  # int32, 0..len-1 on real tokens, 0 on padding
+    completion_mask_NxKxT: np.ndarray  # int32, 1 on response tokens (the ones whose log-probs are summed)
+    response_mask_NxK: np.ndarray  # float32, 1 = real response, 0 = padding response (a row with fewer than K)
+    rank_NxK: np.ndarray  # int32 tie-group rank, 0 = best, non-decreasing along K; K on padding responses
+    prompt_mask_N: np.ndarray  # float32, 1 = real prompt, 0 = filler (a copy of a real one) in the last eval batch
+    prompt_index_N: np.ndarray  # int32, index of the row in TokenizedData; -1 for fillers
+    ref_logps_NxK: np.ndarray | None = None  # float32 precomputed reference log-probs (ref_model.precompute)
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return self.input_ids_Nx2xT.shape
+        return self.input_ids_NxKxT.shape
+
+    def real_tokens(self) -> int:
+        """Tokens of real responses of real prompts (what tokens/s counts)."""
+        real_NxK = np.asarray(self.response_mask_NxK) * np.asarray(self.prompt_mask_N)[:, None]
+        return int(np.sum((np.asarray(self.segment_ids_NxKxT) > 0) * real_NxK[..., None]))
 
 
 # ------------------------------------------------------------------------------------------------------ buckets
@@ -64,17 +70,12 @@ def pick_bucket(length: int, buckets: Sequence[int]) -> int:
     raise ValueError(f"sequence length {length} exceeds the largest bucket {max(buckets)}")
 
 
-def _effective_max_length(pairs: TokenizedPairs, max_length: int | None) -> int:
-    """max_length, or when there is none the longest sequence in the dataset (nothing is truncated)."""
-    return max_length if max_length is not None else int(_lengths(pairs).max())
+def _effective_max_length(data: TokenizedData, max_length: int | None) -> int:
+    """max_length, or when there is none the longest sequence in the data set (nothing is truncated)."""
+    return max_length if max_length is not None else int(data.lengths_MxK.max())
 
 
 # ------------------------------------------------------------------------------------------------------- collate
-def _truncated(pairs: TokenizedPairs, k: int, side: int, max_length: int | None, mode: str):
-    completion = (pairs.chosen_ids, pairs.rejected_ids)[side][k]
-    return truncate_sequence(pairs.prompt_ids[k], completion, max_length, mode)
-
-
 def truncate_sequence(prompt: np.ndarray, completion: np.ndarray, max_length: int | None, mode: str):
     """(ids, completion mask) of prompt + completion, cut to max_length like TRL's collator (`mode`)."""
     ids = np.concatenate([prompt, completion])
@@ -85,51 +86,45 @@ def truncate_sequence(prompt: np.ndarray, completion: np.ndarray, max_length: in
     return ids, mask
 
 
-def empty_rows(shape: tuple[int, ...], pad_token_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(input_ids, segment_ids, positions, completion_mask) of `shape` [..., T]: all padding."""
-    return (np.full(shape, pad_token_id, np.int32), np.zeros(shape, np.int32), np.zeros(shape, np.int32),
-            np.zeros(shape, np.int32))
-
-
-def place_sequence(arrays, at: tuple[int, ...], ids: np.ndarray, mask: np.ndarray) -> None:
-    """Write one sequence at index `at` of the `empty_rows` arrays, right-padded: its ids, segment id 1,
-    positions 0.. and completion mask."""
-    input_ids, segment_ids, positions, completion = arrays
-    n = len(ids)
-    input_ids[at][:n] = ids
-    segment_ids[at][:n] = 1
-    positions[at][:n] = np.arange(n, dtype=np.int32)
-    completion[at][:n] = mask
-
-
 def collate(
-    pairs: TokenizedPairs,
+    data: TokenizedData,
     indices: Sequence[int],
     *,
     length: int,
     max_length: int | None,
     truncation_mode: str,
-    pair_mask: np.ndarray | None = None,
+    prompt_mask: np.ndarray | None = None,
 ) -> PreferenceBatch:
-    """Build the batch of pairs `indices`, truncated to max_length and right-padded to exactly `length` tokens."""
+    """The batch of rows `indices`, each sequence truncated to max_length and right-padded to exactly `length`.
+    `prompt_mask` marks real rows (1) and filler rows (0)."""
     if truncation_mode not in TRUNCATION_MODES:
         raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}")
-    n = len(indices)
-    arrays = empty_rows((n, 2, length), pairs.pad_token_id)
-    for row, k in enumerate(indices):
-        for side in (0, 1):
-            ids, mask = _truncated(pairs, int(k), side, max_length, truncation_mode)
-            if len(ids) > length:
-                raise ValueError(f"pair {k} has {len(ids)} tokens after truncation, more than the length {length}")
-            place_sequence(arrays, (row, side), ids, mask)
-    pair_mask = np.ones(n, np.float32) if pair_mask is None else np.asarray(pair_mask, np.float32)
-    pair_index = np.where(pair_mask > 0, np.asarray(indices, np.int64), -1).astype(np.int32)
-    return PreferenceBatch(*arrays, pair_mask, pair_index)
+    n, k = len(indices), data.num_responses
+    input_ids = np.full((n, k, length), data.pad_token_id, np.int32)
+    segment_ids, positions, completion = (np.zeros((n, k, length), np.int32) for _ in range(3))
+    response_mask = np.zeros((n, k), np.float32)
+    rank = np.full((n, k), k, np.int32)
+    for row, m in enumerate(indices):
+        m = int(m)
+        for j, response in enumerate(data.response_ids[m]):
+            ids, mask = truncate_sequence(data.prompt_ids[m], response, max_length, truncation_mode)
+            t = len(ids)
+            if t > length:
+                raise ValueError(f"row {m} response {j} has {t} tokens after truncation, more than the length {length}")
+            input_ids[row, j, :t], segment_ids[row, j, :t], completion[row, j, :t] = ids, 1, mask
+            positions[row, j, :t] = np.arange(t, dtype=np.int32)
+        n_real = len(data.response_ids[m])
+        response_mask[row, :n_real] = 1.0
+        rank[row, :n_real] = data.ranks[m]
+    prompt_mask = np.ones(n, np.float32) if prompt_mask is None else np.asarray(prompt_mask, np.float32)
+    prompt_index = np.where(prompt_mask > 0, np.asarray(indices, np.int64), -1).astype(np.int32)
+    return PreferenceBatch(input_ids, segment_ids, positions, completion, response_mask, rank, prompt_mask,
+                           prompt_index)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Layout:
-    """How batches of one dataset are shaped: truncation, buckets and this host's share of each global batch."""
+    """How batches of one data set are shaped: truncation, buckets and this host's share of each global batch."""
 
     max_length: int | None
     truncation_mode: str
@@ -138,62 +133,42 @@ class _Layout:
     process_count: int
 
 
-def _layout(pairs, batch_pairs, max_length, truncation_mode, buckets, process_index, process_count) -> _Layout:
-    if batch_pairs < 1:
-        raise DataError(f"batch size must be a positive number of pairs, got {batch_pairs}")
-    if batch_pairs % process_count:
-        raise DataError(f"batch size {batch_pairs} pairs does not split evenly over {process_count} hosts")
-    max_length = pairs.max_length if max_length is None else max_length
-    mode = truncation_mode or pairs.truncation_mode
-    buckets = tuple(buckets) if buckets else default_buckets(_effective_max_length(pairs, max_length))
+def _layout(data, batch_size, max_length, truncation_mode, buckets, process_index, process_count) -> _Layout:
+    if batch_size < 1:
+        raise DataError(f"batch size must be a positive number of prompts, got {batch_size}")
+    if batch_size % process_count:
+        raise DataError(f"batch size {batch_size} prompts does not split evenly over {process_count} hosts")
+    max_length = data.max_length if max_length is None else max_length
+    mode = truncation_mode or data.truncation_mode
+    buckets = tuple(buckets) if buckets else default_buckets(_effective_max_length(data, max_length))
     return _Layout(max_length, mode, buckets, process_index, process_count)
 
 
-def _build(pairs: TokenizedPairs, lengths_Px2: np.ndarray, idx: np.ndarray, mask: np.ndarray, lay: _Layout):
-    """The batch for global pair indices `idx`: T from the whole global batch, rows for this host only."""
-    longest = int(lengths_Px2[idx].max())
+def _build(data: TokenizedData, idx: np.ndarray, mask: np.ndarray, lay: _Layout) -> PreferenceBatch:
+    """The batch for global row indices `idx`: T from the whole global batch, rows for this host only."""
+    longest = int(data.lengths_MxK[idx].max())
     if lay.max_length is not None:
         longest = min(longest, lay.max_length)
     share = len(idx) // lay.process_count
     local = slice(lay.process_index * share, (lay.process_index + 1) * share)
-    return _collate_any(
-        pairs,
-        idx[local],
-        length=pick_bucket(longest, lay.buckets),
-        max_length=lay.max_length,
-        truncation_mode=lay.truncation_mode,
-        pair_mask=mask[local],
-    )
-
-
-def _lengths(data) -> np.ndarray:
-    """Untruncated sequence lengths: [P, 2] for pairs, [P, K] for rankings (`ranked_tokenize.TokenizedRankings`)."""
-    return data.lengths_Px2 if isinstance(data, TokenizedPairs) else data.lengths_PxK
-
-
-def _collate_any(data, indices, **kw):
-    """Pairs -> PreferenceBatch [N, 2, T]; rankings -> `ranked_batching.RankedBatch` [N, K, T]."""
-    if isinstance(data, TokenizedPairs):
-        return collate(data, indices, **kw)
-    from dpojax.data.ranked_batching import collate_rankings  # it imports this module
-
-    return collate_rankings(data, indices, **kw)
+    return collate(data, idx[local], length=pick_bucket(longest, lay.buckets), max_length=lay.max_length,
+                   truncation_mode=lay.truncation_mode, prompt_mask=mask[local])
 
 
 # --------------------------------------------------------------------------------------------------------- order
-def epoch_order(n_pairs: int, seed: int, epoch: int) -> np.ndarray:
-    """A deterministic permutation of range(n_pairs), different for each (seed, epoch)."""
-    return np.random.default_rng([seed, epoch]).permutation(n_pairs)
+def epoch_order(n_rows: int, seed: int, epoch: int) -> np.ndarray:
+    """A deterministic permutation of range(n_rows), different for each (seed, epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(n_rows)
 
 
-def steps_per_epoch(n_pairs: int, batch_pairs: int) -> int:
+def steps_per_epoch(n_rows: int, batch_size: int) -> int:
     """Full batches in one epoch; the incomplete last batch of each epoch is dropped."""
-    return n_pairs // batch_pairs
+    return n_rows // batch_size
 
 
 def train_batches(
-    pairs: TokenizedPairs,
-    batch_pairs: int,
+    data: TokenizedData,
+    batch_size: int,
     seed: int,
     *,
     start_step: int = 0,
@@ -206,30 +181,29 @@ def train_batches(
 ) -> Iterator[PreferenceBatch]:
     """Training batches for global steps start_step, start_step+1, ... (until stop_step, or forever).
 
-    Step s uses epoch s // steps_per_epoch, shuffled by `epoch_order(P, seed, epoch)`; each epoch yields
-    P // batch_pairs full batches and drops the remaining P % batch_pairs pairs (they come back, in other positions,
+    Step s uses epoch s // steps_per_epoch, shuffled by `epoch_order(M, seed, epoch)`; each epoch yields
+    M // batch_size full batches and drops the remaining M % batch_size rows (they come back, in other positions,
     in later epochs). Starting at start_step gives exactly the batches a run from step 0 yields there (exact resume).
-    `batch_pairs` is the global batch; with several hosts each gets its contiguous batch_pairs // process_count rows.
-    max_length and truncation_mode default to the ones the pairs were tokenized with.
+    `batch_size` (prompts) is the global batch; with several hosts each gets its contiguous batch_size //
+    process_count rows. max_length and truncation_mode default to the ones the data was tokenized with.
     """
-    lay = _layout(pairs, batch_pairs, max_length, truncation_mode, buckets, process_index, process_count)
-    spe = steps_per_epoch(len(pairs), batch_pairs)
+    lay = _layout(data, batch_size, max_length, truncation_mode, buckets, process_index, process_count)
+    spe = steps_per_epoch(len(data), batch_size)
     if spe == 0:
-        raise DataError(f"{pairs.source}: {len(pairs)} pairs are fewer than one batch of {batch_pairs}")
-    lengths = _lengths(pairs)
-    ones = np.ones(batch_pairs, np.float32)
+        raise DataError(f"{data.source}: {len(data)} rows are fewer than one batch of {batch_size}")
+    ones = np.ones(batch_size, np.float32)
     step, order_epoch, order = start_step, None, None
     while stop_step is None or step < stop_step:
         epoch, k = divmod(step, spe)
         if epoch != order_epoch:
-            order_epoch, order = epoch, epoch_order(len(pairs), seed, epoch)
-        yield _build(pairs, lengths, order[k * batch_pairs : (k + 1) * batch_pairs], ones, lay)
+            order_epoch, order = epoch, epoch_order(len(data), seed, epoch)
+        yield _build(data, order[k * batch_size : (k + 1) * batch_size], ones, lay)
         step += 1
 
 
 def eval_batches(
-    pairs: TokenizedPairs,
-    batch_pairs: int,
+    data: TokenizedData,
+    batch_size: int,
     *,
     max_length: int | None = None,
     truncation_mode: str | None = None,
@@ -237,17 +211,16 @@ def eval_batches(
     process_index: int = 0,
     process_count: int = 1,
 ) -> Iterator[PreferenceBatch]:
-    """Every pair exactly once, in dataset order. The last batch is filled up to batch_pairs with copies of its first
-    pair marked pair_mask_N = 0 (copies, not empty rows, so per-token averages never divide by zero)."""
-    lay = _layout(pairs, batch_pairs, max_length, truncation_mode, buckets, process_index, process_count)
-    lengths = _lengths(pairs)
-    for start in range(0, len(pairs), batch_pairs):
-        idx = np.arange(start, min(start + batch_pairs, len(pairs)))
-        mask = np.ones(batch_pairs, np.float32)
+    """Every row exactly once, in data set order. The last batch is filled up to batch_size with copies of its first
+    row marked prompt_mask_N = 0 (copies, not empty rows, so per-token averages never divide by zero)."""
+    lay = _layout(data, batch_size, max_length, truncation_mode, buckets, process_index, process_count)
+    for start in range(0, len(data), batch_size):
+        idx = np.arange(start, min(start + batch_size, len(data)))
+        mask = np.ones(batch_size, np.float32)
         mask[len(idx) :] = 0.0
-        idx = np.concatenate([idx, np.full(batch_pairs - len(idx), idx[0])])
-        yield _build(pairs, lengths, idx, mask, lay)
+        idx = np.concatenate([idx, np.full(batch_size - len(idx), idx[0])])
+        yield _build(data, idx, mask, lay)
 
 
-def num_eval_batches(n_pairs: int, batch_pairs: int) -> int:
-    return -(-n_pairs // batch_pairs)
+def num_eval_batches(n_rows: int, batch_size: int) -> int:
+    return -(-n_rows // batch_size)

@@ -1,107 +1,42 @@
-"""Load preference rows and bring them to one normalized shape: {prompt, chosen, rejected}.
+"""Validate preference rows of every format and bring them to ONE row type: a prompt and K >= 2 ranked responses.
 
-Three input formats, with TRL 1.16's meaning (`trl/data_utils.py`):
-  standard         prompt, chosen, rejected are strings; the text fed to the model is prompt + chosen.
-  conversational   each field is a list of {"role", "content"} messages.
-  implicit prompt  only chosen and rejected (strings or messages); the prompt is their common prefix, cut the way
-                   TRL's `extract_prompt` cuts it (see `extract_prompt` below, quirks included).
+Formats, with TRL 1.16's meaning (`trl/data_utils.py`); each is standard (strings) or conversational (lists of
+{"role", "content"} messages, the tokenizer's chat template applied later):
+  pair             prompt, chosen, rejected
+  implicit prompt  chosen, rejected only; the prompt is their common prefix, cut the way TRL's `extract_prompt`
+                   cuts it (see `extract_prompt`, quirks included)
+  ranked           prompt, responses   2..data.max_responses responses, best first (a strict order)
+  scored           prompt, responses, scores   one number per response, higher is better; ties allowed
+
+A normalized row is {"prompt", "responses" (best first), "ranks"} (+ "tools", "chat_template_kwargs" when
+conversational): a pair is the ranking [chosen, rejected] with ranks [0, 1]. `ranks[k]` is the rank of response
+k's tie group, 0 for the best. Scored rows are sorted by score, highest first (stable: tied responses keep their
+order), tied responses share one rank, e.g. scores [7, 9, 7, 1] -> responses [b, a, c, d], ranks [0, 1, 1, 2]; a
+scored row whose scores are all equal states no preference and is dropped (counted, warned).
+
+`pairs_from_scores` turns ranked rows into K = 2 rows for pair losses: `best_vs_worst` keeps one pair per row (the
+first best response against the last worst one); `all_pairs` keeps every pair of responses with different ranks.
 
 Every row is checked before anything is tokenized, and all bad rows are reported together in one DataError that names
-the source, the row index and the field. `on_bad_row="skip"` drops them instead and counts them.
+the source, the row index and the field (`responses[2]` for the third response). `on_bad_row="skip"` drops them
+instead and counts them.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import logging
-import os
-from pathlib import Path
+import math
 from typing import Any, Literal
 
 from dpojax.errors import DataError
 
 log = logging.getLogger(__name__)
 
-LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 MAX_LISTED = 20  # bad rows spelled out in one error message; the rest are counted
 OnBadRow = Literal["error", "skip"]
-
-
-# ----------------------------------------------------------------------------------------------------------- loading
-def load_rows(spec: str, split: str = "train") -> tuple[list[dict] | Any, str]:
-    """Rows from a local .jsonl/.json/.parquet/.csv file, a local dataset folder, or a Hugging Face hub dataset id.
-
-    Returns (rows, source_name): a list of dicts (or a `datasets.Dataset` for folders and hub ids) and the name that
-    error messages use for this source.
-    """
-    path = Path(os.path.expanduser(str(spec)))
-    looks_local = path.suffix.lower() in LOCAL_SUFFIXES or str(spec).startswith((".", "/", "~"))
-    if path.is_file() or (looks_local and not path.is_dir()):
-        if not path.is_file():
-            raise DataError(f"{spec}: data file not found")
-        return _load_file(path), str(spec)
-    import datasets  # heavy import, only when needed
-
-    source = str(spec) if path.is_dir() else f"{spec}[{split}]"
-    try:
-        if path.is_dir() and (path / "state.json").is_file():
-            data = datasets.load_from_disk(str(path))
-            data = data[split] if isinstance(data, datasets.DatasetDict) else data
-        else:
-            data = datasets.load_dataset(str(spec), split=split)
-    except Exception as e:  # noqa: BLE001 - any loader failure is a data error for the user
-        raise DataError(f"{source}: could not load the dataset: {type(e).__name__}: {e}") from e
-    return data, source
-
-
-def _load_file(path: Path) -> list[dict]:
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return _read_jsonl(path)
-    if suffix == ".json":
-        return _read_json(path)
-    if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            return [dict(r) for r in csv.DictReader(f)]
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            return pq.read_table(path).to_pylist()
-        except Exception as e:  # noqa: BLE001
-            raise DataError(f"{path}: not a readable parquet file: {e}") from e
-    raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(LOCAL_SUFFIXES)}")
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {line_no} (row {len(rows)}): invalid JSON: {e}") from e
-    return rows
-
-
-def _read_json(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        return _read_jsonl(path)  # JSON lines saved with a .json suffix
-    if isinstance(data, list):
-        return data
-    if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
-        lengths = {len(v) for v in data.values()}
-        if len(lengths) == 1:  # column-oriented: {"prompt": [...], "chosen": [...], ...}
-            keys = list(data)
-            return [dict(zip(keys, vals, strict=True)) for vals in zip(*data.values(), strict=True)]
-    raise DataError(f"{path}: expected a JSON list of rows or a dict of equal-length columns")
+PAIRS_FROM_SCORES = ("none", "best_vs_worst", "all_pairs")
 
 
 # ----------------------------------------------------------------------------------------------- TRL prompt rules
@@ -122,31 +57,39 @@ def extract_prompt(chosen: str | list, rejected: str | list) -> tuple[Any, Any, 
     return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
-# -------------------------------------------------------------------------------------------------- validation
+
+# -------------------------------------------------------------------------------------------------- the row type
 @dataclasses.dataclass(frozen=True)
 class RowFormat:
     conversational: bool  # fields are lists of {"role", "content"} messages
-    implicit_prompt: bool  # no prompt column: the prompt is extracted from chosen/rejected
+    implicit_prompt: bool = False  # pair rows without a prompt column: the prompt is extracted
+    ranked: bool = False  # a `responses` column (ranked or scored) instead of chosen/rejected
+    scored: bool = False  # a `scores` column gives the order (ties allowed)
 
     @property
     def name(self) -> str:
         base = "conversational" if self.conversational else "standard"
+        if self.ranked:
+            return f"{'scored' if self.scored else 'ranked'} {base}"
         return f"implicit-prompt {base}" if self.implicit_prompt else base
 
 
 @dataclasses.dataclass(frozen=True)
 class PreferenceRows:
-    """Validated rows, each {"prompt", "chosen", "rejected"} (+ "tools", "chat_template_kwargs" if given)."""
+    """Validated rows, each {"prompt", "responses" (best first), "ranks"} (+ "tools", "chat_template_kwargs")."""
 
     rows: list[dict]
-    row_index: list[int]  # index of each kept row in the input
+    row_index: list[int]  # index of each kept row in the input (several rows share one under pairs_from_scores)
     fmt: RowFormat
     source: str
     rows_in: int  # rows read from the source
     rows_skipped_bad: int  # invalid rows dropped under on_bad_row="skip"
-    rows_identical: int  # kept rows whose chosen == rejected (kept, as TRL does)
+    rows_identical: int  # kept rows in which two responses are identical (kept, as TRL does)
+    rows_all_tied: int = 0  # scored rows dropped because every score is equal (no preference)
+    pairs_from_scores: str = "none"  # how ranked rows were turned into pairs, if they were
 
 
+# ---------------------------------------------------------------------------------------------------- detection
 def _kind(value: Any) -> str:
     if isinstance(value, str):
         return "text"
@@ -155,14 +98,29 @@ def _kind(value: Any) -> str:
     return "none" if value is None else "bad"
 
 
-def detect_format(rows: list[dict], source: str) -> RowFormat:
-    """The format of the dataset, decided (like TRL) by its first row that has a usable `chosen` field."""
+def detect_format(rows: list, source: str) -> RowFormat:
+    """Decided (like TRL) by the first row with a usable `responses` (ranked) or `chosen` (pair) field."""
     for row in rows:
-        if isinstance(row, dict) and _kind(row.get("chosen")) in ("text", "messages"):
-            return RowFormat(_kind(row["chosen"]) == "messages", row.get("prompt") is None)
-    raise DataError(f"{source}: no row has a 'chosen' field that is a string or a list of messages")
+        if not isinstance(row, dict):
+            continue
+        responses = row.get("responses")
+        if isinstance(responses, list) and responses and isinstance(responses[0], (str, list)):
+            return RowFormat(isinstance(responses[0], list), ranked=True, scored=row.get("scores") is not None)
+        if _kind(row.get("chosen")) in ("text", "messages"):
+            return RowFormat(_kind(row["chosen"]) == "messages", implicit_prompt=row.get("prompt") is None)
+    raise DataError(f"{source}: no row has a 'chosen' field (a string or a list of messages) nor a 'responses' "
+                    "field (a list of them)")
 
 
+def is_ranked(rows: Any) -> bool:
+    """Whether the data set is ranked/scored (a `responses` column) rather than pairs, read without a full pass."""
+    if hasattr(rows, "column_names"):  # a datasets.Dataset
+        return "responses" in rows.column_names
+    first = next((r for r in rows if isinstance(r, dict)), None)
+    return first is not None and first.get("responses") is not None
+
+
+# --------------------------------------------------------------------------------------------------- validation
 def _check_messages(value: list, field: str) -> list[tuple[str, str]]:
     problems = []
     for j, msg in enumerate(value):
@@ -208,16 +166,60 @@ def _check_extras(row: dict) -> list[tuple[str, str]]:
     return problems
 
 
-def row_problems(row: Any, fmt: RowFormat) -> list[tuple[str, str]]:
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_responses(row: dict, fmt: RowFormat, max_responses: int) -> list[tuple[str, str]]:
+    responses = row.get("responses")
+    if responses is None:
+        return [("responses", "missing")]
+    if not isinstance(responses, list):
+        return [("responses", f"expected a list of responses, got {type(responses).__name__} {responses!r:.60}")]
+    if len(responses) < 2:
+        return [("responses", f"has {len(responses)} response(s); a ranking needs at least 2")]
+    if len(responses) > max_responses:
+        return [("responses", f"has {len(responses)} responses, more than data.max_responses={max_responses}")]
+    return [p for j, y in enumerate(responses) for p in _check_field({f"responses[{j}]": y}, f"responses[{j}]", fmt)]
+
+
+def _check_scores(row: dict, fmt: RowFormat) -> list[tuple[str, str]]:
+    scores = row.get("scores")
+    if not fmt.scored:
+        if scores is not None:
+            return [("scores", "mixed formats: has scores, but the dataset is ranked (decided by its first row)")]
+        return []
+    if scores is None:
+        return [("scores", "missing")]
+    responses = row.get("responses")
+    if not isinstance(scores, list):
+        return [("scores", f"expected a list of numbers, got {type(scores).__name__} {scores!r:.60}")]
+    if isinstance(responses, list) and len(scores) != len(responses):
+        return [("scores", f"has {len(scores)} values for {len(responses)} responses")]
+    bad = [j for j, s in enumerate(scores) if not _number(s)]
+    if bad:
+        return [("scores", f"scores[{bad[0]}] = {scores[bad[0]]!r:.30} is not a finite number")]
+    return []
+
+
+def row_problems(row: Any, fmt: RowFormat, max_responses: int = 8) -> list[tuple[str, str]]:
     """(field, message) for everything wrong with one row; empty when the row is usable."""
     if not isinstance(row, dict):
-        return [("<row>", f"expected an object with prompt/chosen/rejected, got {type(row).__name__}")]
-    problems = [p for f in ("chosen", "rejected") for p in _check_field(row, f, fmt)]
-    if fmt.implicit_prompt:
-        if row.get("prompt") is not None:
-            problems.append(("prompt", "mixed formats: has a prompt, but the first row has none (implicit prompt)"))
+        fields = "prompt/responses" if fmt.ranked else "prompt/chosen/rejected"
+        return [("<row>", f"expected an object with {fields}, got {type(row).__name__}")]
+    if fmt.ranked:
+        problems = _check_field(row, "prompt", fmt) + _check_responses(row, fmt, max_responses)
+        problems += _check_scores(row, fmt)
     else:
-        problems += _check_field(row, "prompt", fmt)
+        problems = [p for f in ("chosen", "rejected") for p in _check_field(row, f, fmt)]
+        if fmt.implicit_prompt:
+            if row.get("prompt") is not None:
+                problems.append(("prompt", "mixed formats: has a prompt, but the first row has none (implicit "
+                                           "prompt)"))
+        else:
+            problems += _check_field(row, "prompt", fmt)
     if fmt.conversational:
         problems += _check_extras(row)
     if not problems and fmt.implicit_prompt and fmt.conversational:
@@ -226,17 +228,52 @@ def row_problems(row: Any, fmt: RowFormat) -> list[tuple[str, str]]:
     return problems
 
 
-def _normalize(row: dict, fmt: RowFormat) -> dict:
-    if fmt.implicit_prompt:
-        prompt, chosen, rejected = extract_prompt(row["chosen"], row["rejected"])
+def _missing_columns(rows: list, fmt: RowFormat, source: str) -> None:
+    """One short error when a required column is absent from every row (instead of one line per row)."""
+    if fmt.ranked:
+        required = ("prompt", "responses") + (("scores",) if fmt.scored else ())
     else:
-        prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
-    out = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+        required = ("chosen", "rejected") if fmt.implicit_prompt else ("prompt", "chosen", "rejected")
+    dict_rows = [r for r in rows if isinstance(r, dict)]
+    for col in required:
+        if dict_rows and all(r.get(col) is None for r in dict_rows):
+            seen = sorted({k for r in dict_rows[:100] for k in r})
+            raise DataError(f"{source}: every row lacks the '{col}' field (fields present: {seen})")
+
+
+# -------------------------------------------------------------------------------------------------- normalize
+def order_and_ranks(scores: list[float]) -> tuple[list[int], list[int]]:
+    """(order, ranks): response indices sorted by score, highest first (stable), and the dense rank of each sorted
+    response's tie group (0 = best)."""
+    order = sorted(range(len(scores)), key=lambda j: -scores[j])
+    ranks = [0]
+    for prev, cur in zip(order, order[1:]):
+        ranks.append(ranks[-1] + (scores[cur] < scores[prev]))
+    return order, ranks
+
+
+def _normalize(row: dict, fmt: RowFormat) -> dict:
+    if not fmt.ranked:
+        if fmt.implicit_prompt:
+            prompt, chosen, rejected = extract_prompt(row["chosen"], row["rejected"])
+        else:
+            prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
+        out = {"prompt": prompt, "responses": [chosen, rejected], "ranks": [0, 1]}
+    elif fmt.scored:
+        order, ranks = order_and_ranks(row["scores"])
+        out = {"prompt": row["prompt"], "responses": [row["responses"][j] for j in order], "ranks": ranks}
+    else:
+        out = {"prompt": row["prompt"], "responses": list(row["responses"]), "ranks": list(range(len(row["responses"])))}
     if fmt.conversational:
         tools = row.get("tools")
         out["tools"] = json.loads(tools) if isinstance(tools, str) else tools
         out["chat_template_kwargs"] = row.get("chat_template_kwargs") or {}
     return out
+
+
+def _has_duplicates(responses: list) -> bool:
+    seen = [json.dumps(r, sort_keys=True) for r in responses]
+    return len(set(seen)) < len(seen)
 
 
 def _bad_rows_message(source: str, bad: list[tuple[int, str, str]], n_bad_rows: int, rows_in: int) -> str:
@@ -250,41 +287,68 @@ def _bad_rows_message(source: str, bad: list[tuple[int, str, str]], n_bad_rows: 
     )
 
 
-def _missing_columns(rows: list, fmt: RowFormat, source: str) -> None:
-    """One short error when a required column is absent from every row (instead of one line per row)."""
-    required = ("chosen", "rejected") if fmt.implicit_prompt else ("prompt", "chosen", "rejected")
-    dict_rows = [r for r in rows if isinstance(r, dict)]
-    for col in required:
-        if dict_rows and all(r.get(col) is None for r in dict_rows):
-            seen = sorted({k for r in dict_rows[:100] for k in r})
-            raise DataError(f"{source}: every row lacks the '{col}' field (fields present: {seen})")
-
-
-def normalize_rows(rows: Any, source: str, *, on_bad_row: OnBadRow = "error") -> PreferenceRows:
-    """Validate every row, then bring the good ones to {prompt, chosen, rejected} (prompt extracted if implicit)."""
+def normalize_rows(rows: Any, source: str, *, on_bad_row: OnBadRow = "error", max_responses: int = 8,
+                   pairs_from_scores: str = "none") -> PreferenceRows:
+    """Validate every row, then bring the good ones to {prompt, responses (best first), ranks}; with
+    `pairs_from_scores` ranked rows are expanded into K = 2 rows."""
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+    if max_responses < 2:
+        raise DataError(f"data.max_responses must be at least 2, got {max_responses}")
     rows = rows.to_list() if hasattr(rows, "to_list") else list(rows)
     if not rows:
         raise DataError(f"{source}: no rows")
     fmt = detect_format(rows, source)
     _missing_columns(rows, fmt, source)
-    good, index, bad, bad_rows, identical = [], [], [], 0, 0
+    good, index, bad, bad_rows, identical, all_tied = [], [], [], 0, 0, 0
     for i, row in enumerate(rows):
-        problems = row_problems(row, fmt)
+        problems = row_problems(row, fmt, max_responses)
         if problems:
             bad_rows += 1
             bad += [(i, field, msg) for field, msg in problems]
             continue
-        identical += row["chosen"] == row["rejected"]
-        good.append(_normalize(row, fmt))
+        norm = _normalize(row, fmt)
+        if norm["ranks"][-1] == 0:
+            all_tied += 1
+            continue
+        identical += _has_duplicates(norm["responses"])
+        good.append(norm)
         index.append(i)
     if bad and on_bad_row == "error":
         raise DataError(_bad_rows_message(source, bad, bad_rows, len(rows)))
     if bad:
         log.warning("%s: skipped %d bad row(s) of %d (on_bad_row='skip')", source, bad_rows, len(rows))
+    if all_tied:
+        log.warning("%s: dropped %d row(s) whose scores are all equal (no preference to learn)", source, all_tied)
     if not good:
-        raise DataError(f"{source}: no usable rows left ({bad_rows} bad of {len(rows)})")
+        raise DataError(f"{source}: no usable rows left ({bad_rows} bad, {all_tied} all tied, of {len(rows)})")
+    what = "have chosen == rejected" if not fmt.ranked else "have two identical responses"
     if identical:
-        log.warning("%s: %d row(s) have chosen == rejected; kept (as TRL does), they teach nothing", source, identical)
-    return PreferenceRows(good, index, fmt, source, len(rows), bad_rows, identical)
+        log.warning("%s: %d row(s) %s; kept (as TRL does), they teach nothing", source, identical, what)
+    out = PreferenceRows(good, index, fmt, source, len(rows), bad_rows, identical, all_tied)
+    return out if pairs_from_scores == "none" else expand_pairs(out, pairs_from_scores)
+
+
+# ---------------------------------------------------------------------------------------------- pair expansion
+def _pair_indices(ranks: list[int], mode: str) -> list[tuple[int, int]]:
+    if mode == "best_vs_worst":
+        return [(0, len(ranks) - 1)]  # normalized rows are sorted and never all tied, so these ranks differ
+    if mode == "all_pairs":
+        n = len(ranks)
+        return [(i, j) for i in range(n) for j in range(i + 1, n) if ranks[i] < ranks[j]]
+    raise ValueError(f"pairs_from_scores must be one of {PAIRS_FROM_SCORES[1:]}, got {mode!r}")
+
+
+def expand_pairs(prefrows: PreferenceRows, mode: str) -> PreferenceRows:
+    """K = 2 rows from ranked rows (`best_vs_worst` or `all_pairs`); each pair's row_index is its source row."""
+    rows, index, identical = [], [], 0
+    for i, row in zip(prefrows.row_index, prefrows.rows, strict=True):
+        extras = {k: row[k] for k in ("tools", "chat_template_kwargs") if k in row}
+        for a, b in _pair_indices(row["ranks"], mode):
+            pair = [row["responses"][a], row["responses"][b]]
+            identical += pair[0] == pair[1]
+            rows.append({"prompt": row["prompt"], "responses": pair, "ranks": [0, 1], **extras})
+            index.append(i)
+    log.info("%s: %d ranked row(s) expanded into %d pairs (%s)", prefrows.source, len(prefrows.rows), len(rows), mode)
+    return dataclasses.replace(prefrows, rows=rows, row_index=index, rows_identical=identical,
+                               pairs_from_scores=mode)

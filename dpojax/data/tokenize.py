@@ -1,18 +1,19 @@
-"""Tokenize preference pairs exactly like TRL 1.16 `DPOTrainer._prepare_dataset`, cached on disk.
+"""Tokenize preference rows (a prompt and K responses) exactly like TRL 1.16 `DPOTrainer._prepare_dataset`, cached.
 
-TRL's rules, in order (facts from `trl/trainer/dpo_trainer.py`; our code):
+TRL's rules, in order (facts from `trl/trainer/dpo_trainer.py`; our code), applied to every response of a row:
   1. implicit prompts are extracted (done in `formats.normalize_rows`);
-  2. non-conversational chosen/rejected get the EOS *string* appended unless they already end with it;
-  3. standard rows: ids = tokenizer(text) (special tokens added as the tokenizer does by default) for prompt,
-     prompt+chosen and prompt+rejected; conversational rows: the chat template, the prompt alone with
-     `add_generation_prompt=True`, and prompt+chosen, prompt+rejected without it;
-  4. the prompt ends where the tokenized prompt and each prompt+completion first disagree (min of both), so the
-     completions are prompt_completion_ids[prompt_len:];
+  2. non-conversational responses get the EOS *string* appended unless they already end with it;
+  3. standard rows: ids = tokenizer(text) (special tokens added as the tokenizer does by default) for the prompt and
+     each prompt+response; conversational rows: the chat template, the prompt alone with
+     `add_generation_prompt=True`, and each prompt+response without it;
+  4. the prompt ends where the tokenized prompt and *every* prompt+response first disagree (for a pair: TRL's min
+     over chosen and rejected), so each response is prompt_response_ids[prompt_len:];
   5. with `truncation_mode="keep_start"` and a max_length, rows whose prompt alone has >= max_length tokens are
-     dropped (the collator would cut every completion token). Truncation itself happens at batching time.
+     dropped (the collator would cut every response token). Truncation itself happens at batching time.
+A pair is a row with K = 2 responses [chosen, rejected]: its token ids are TRL's.
 
 The cache is an .npz (no pickle) keyed by a hash of the normalized rows, the tokenizer (vocab, merges, normalizers,
-special tokens, chat template), max_length, truncation_mode and the data format.
+special tokens, chat template), max_length, truncation_mode and the data format. Glossary: `dpojax.glossary`.
 """
 
 from __future__ import annotations
@@ -33,34 +34,35 @@ from dpojax.errors import DataError, ModelError
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = "dpojax-pairs-v1"  # bump when the tokenization rules or the cache layout change
+CACHE_VERSION = "dpojax-preferences-v2"  # bump when the tokenization rules or the cache layout change
 TRUNCATION_MODES = ("keep_start", "keep_end")
 _ENCODE_CHUNK = 1024  # texts per tokenizer batch call
 
 
 @dataclasses.dataclass(frozen=True)
-class PairStats:
+class DataStats:
     rows_in: int  # rows read from the source
     rows_skipped_bad: int  # invalid rows dropped by on_bad_row="skip"
-    rows_identical: int  # rows kept although chosen == rejected
+    rows_identical: int  # rows kept although two of their responses are identical
+    rows_all_tied: int  # scored rows dropped because all their scores are equal
     rows_dropped_long: int  # rows dropped because the prompt alone fills max_length (keep_start only)
-    rows_out: int  # tokenized pairs kept
+    rows_out: int  # tokenized rows kept
 
 
 @dataclasses.dataclass(frozen=True)
-class TokenizedPairs:
-    """Token ids of each kept pair: ragged int32 arrays, one per pair; completions exclude the prompt."""
+class TokenizedData:
+    """Token ids of each kept row: the prompt and its K_m responses, best first (ragged int32 arrays)."""
 
-    prompt_ids: list[np.ndarray]
-    chosen_ids: list[np.ndarray]
-    rejected_ids: list[np.ndarray]
-    row_index: np.ndarray  # int64 [P]: index of each pair's row in the source
+    prompt_ids: list[np.ndarray]  # [M] prompt tokens
+    response_ids: list[list[np.ndarray]]  # [M][K_m] response tokens (the prompt excluded), best first
+    ranks: list[np.ndarray]  # [M] int32 [K_m]: tie-group rank of each response, 0 = best, non-decreasing
+    row_index: np.ndarray  # int64 [M]: index of each row in the source
     pad_token_id: int  # tokenizer.pad_token, else eos_token (TRL's choice)
     max_length: int | None
     truncation_mode: str
     format_name: str
     source: str
-    stats: PairStats
+    stats: DataStats
     fingerprint: str  # the cache key
     from_cache: bool = False
 
@@ -68,12 +70,17 @@ class TokenizedPairs:
         return len(self.prompt_ids)
 
     @functools.cached_property
-    def lengths_Px2(self) -> np.ndarray:
-        """Untruncated prompt+chosen and prompt+rejected lengths, int64 [P, 2]."""
-        p = np.array([len(x) for x in self.prompt_ids], np.int64)
-        c = np.array([len(x) for x in self.chosen_ids], np.int64)
-        r = np.array([len(x) for x in self.rejected_ids], np.int64)
-        return np.stack([p + c, p + r], axis=1).reshape(-1, 2)
+    def num_responses(self) -> int:
+        """K: the most responses of any row; every batch of this data set is [N, K, T]."""
+        return max(len(r) for r in self.response_ids)
+
+    @functools.cached_property
+    def lengths_MxK(self) -> np.ndarray:
+        """Untruncated prompt+response lengths, int64 [M, K]; 0 where a row has fewer than K responses."""
+        out = np.zeros((len(self), self.num_responses), np.int64)
+        for m, (prompt, responses) in enumerate(zip(self.prompt_ids, self.response_ids, strict=True)):
+            out[m, : len(responses)] = [len(prompt) + len(r) for r in responses]
+        return out
 
 
 # --------------------------------------------------------------------------------------------------- tokenizer
@@ -90,16 +97,6 @@ def pad_token_id(tokenizer: Any) -> int:
     if token not in vocab:
         raise ModelError(f"tokenizer {_name(tokenizer)!r}: pad token {token!r} is not in its vocabulary")
     return int(vocab[token])
-
-
-def check_vocab(tokenizer: Any, model_vocab_size: int, what: str = "the model") -> None:
-    """Raise ModelError (a UserError) when the tokenizer can produce an id that `what`'s embedding table lacks."""
-    highest = max(len(tokenizer) - 1, max(tokenizer.get_vocab().values(), default=-1))
-    if highest >= model_vocab_size:
-        raise ModelError(
-            f"tokenizer {_name(tokenizer)!r} can produce token id {highest} ({len(tokenizer)} tokens), but {what} has "
-            f"vocab_size {model_vocab_size}: use the tokenizer that belongs to the model or resize its embeddings"
-        )
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -120,6 +117,27 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return h.hexdigest()
 
 
+def check_token_ids(data: TokenizedData, vocab_size: int, tokenizer: Any, what: str = "the model") -> TokenizedData:
+    """Raise ModelError (a UserError) when a token id that occurs in the tokenized data is >= `what`'s vocab_size,
+    naming the row, the token and the id. A tokenizer that merely defines extra tokens is fine (as in TRL). A pad
+    id outside the vocabulary (padding is never scored nor attended by real tokens) is replaced by 0."""
+    for m, (prompt, responses) in enumerate(zip(data.prompt_ids, data.response_ids, strict=True)):
+        for ids in (prompt, *responses):
+            if len(ids) and int(ids.max()) >= vocab_size:
+                bad = int(ids[ids >= vocab_size][0])
+                token = tokenizer.convert_ids_to_tokens(bad) if hasattr(tokenizer, "convert_ids_to_tokens") else "?"
+                raise ModelError(
+                    f"{data.source}: row {int(data.row_index[m])} has token {token!r} (id {bad}), but {what} has "
+                    f"vocab_size {vocab_size}: use the tokenizer that belongs to the model, resize its embeddings, "
+                    "or remove that token from the data"
+                )
+    if data.pad_token_id >= vocab_size:
+        log.info("%s: pad id %d is outside the vocabulary (%d); padding with id 0 instead (never scored)",
+                 data.source, data.pad_token_id, vocab_size)
+        return dataclasses.replace(data, pad_token_id=0)
+    return data
+
+
 # ------------------------------------------------------------------------------------------------ TRL's rules
 def common_prefix_length(a: list[int], b: list[int]) -> int:
     n = 0
@@ -137,20 +155,15 @@ def _encode_texts(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     return out
 
 
-def _tokenize_standard(tokenizer: Any, prefrows: PreferenceRows) -> tuple[list, list, list]:
-    rows = prefrows.rows
+def _tokenize_standard(tokenizer: Any, prefrows: PreferenceRows) -> tuple[list, list[list]]:
     eos = tokenizer.eos_token
     if eos is None:
         raise ModelError(f"tokenizer {_name(tokenizer)!r} has no EOS token, which standard (text) rows need")
-
-    def with_eos(text: str) -> str:
-        return text if text.endswith(eos) else text + eos
-
-    prompts = [r["prompt"] for r in rows]
-    p_ids = _encode_texts(tokenizer, prompts)
-    pc_ids = _encode_texts(tokenizer, [r["prompt"] + with_eos(r["chosen"]) for r in rows])
-    pr_ids = _encode_texts(tokenizer, [r["prompt"] + with_eos(r["rejected"]) for r in rows])
-    return p_ids, pc_ids, pr_ids
+    rows = prefrows.rows
+    p_ids = _encode_texts(tokenizer, [r["prompt"] for r in rows])
+    texts = [r["prompt"] + (y if y.endswith(eos) else y + eos) for r in rows for y in r["responses"]]
+    flat = iter(_encode_texts(tokenizer, texts))
+    return p_ids, [[next(flat) for _ in r["responses"]] for r in rows]
 
 
 def _chat_ids(tokenizer: Any, messages: list, row: dict, **kwargs: Any) -> list[int]:
@@ -159,54 +172,56 @@ def _chat_ids(tokenizer: Any, messages: list, row: dict, **kwargs: Any) -> list[
     return list(out["input_ids"])
 
 
-def _tokenize_chat(tokenizer: Any, prefrows: PreferenceRows) -> tuple[list, list, list]:
+def _tokenize_chat(tokenizer: Any, prefrows: PreferenceRows) -> tuple[list, list[list]]:
+    fields = "prompt/responses" if prefrows.fmt.ranked else "prompt/chosen/rejected"
     if not getattr(tokenizer, "chat_template", None):
         raise ModelError(
             f"{prefrows.source} is conversational, but tokenizer {_name(tokenizer)!r} has no chat template: use a "
-            "tokenizer with one (an instruct/chat model's) or convert the data to plain prompt/chosen/rejected strings"
+            f"tokenizer with one (an instruct/chat model's) or convert the data to plain {fields} strings"
         )
-    p_ids, pc_ids, pr_ids = [], [], []
+    p_ids, pr_ids = [], []
     for i, row in zip(prefrows.row_index, prefrows.rows, strict=True):
         try:
             p_ids.append(_chat_ids(tokenizer, row["prompt"], row, add_generation_prompt=True))
-            pc_ids.append(_chat_ids(tokenizer, row["prompt"] + row["chosen"], row))
-            pr_ids.append(_chat_ids(tokenizer, row["prompt"] + row["rejected"], row))
+            pr_ids.append([_chat_ids(tokenizer, row["prompt"] + y, row) for y in row["responses"]])
         except Exception as e:  # noqa: BLE001 - a template that rejects a row is a data problem
+            names = "'" + fields.replace("/", "'/'") + "'"
             raise DataError(
-                f"{prefrows.source}: row {i}, field 'prompt'/'chosen'/'rejected': the chat template of "
+                f"{prefrows.source}: row {i}, field {names}: the chat template of "
                 f"{_name(tokenizer)!r} failed: {type(e).__name__}: {e}"
             ) from e
-    return p_ids, pc_ids, pr_ids
+    return p_ids, pr_ids
 
 
-def split_at_prompt(
-    source: str, items, max_length: int | None, truncation_mode: str, what: str = "completion"
-) -> tuple[list[tuple[int, np.ndarray, list[np.ndarray]]], int]:
-    """TRL steps 4-5 for any number of continuations per row: `items` yields (row, prompt ids, [prompt +
-    continuation ids, ...]); each is cut at the prompt's common prefix with all its continuations, and rows whose
-    prompt fills max_length (keep_start) are dropped. Returns ([(row, prompt, [tails])], number dropped)."""
+def split_at_prompt(prefrows: PreferenceRows, p_ids: list, pr_ids: list, max_length: int | None,
+                    truncation_mode: str) -> tuple[list[tuple[int, np.ndarray, list[np.ndarray]]], int]:
+    """TRL steps 4-5: each row's prompt is cut at its common prefix with all its prompt+response ids, and rows whose
+    prompt fills max_length (keep_start) are dropped. Returns ([(position in prefrows, prompt, [responses])],
+    number dropped)."""
+    what = "response" if prefrows.fmt.ranked else "completion"
     kept, dropped, warned = [], 0, False
-    for i, p, full in items:
+    for j, (p, full) in enumerate(zip(p_ids, pr_ids, strict=True)):
         n = min(common_prefix_length(p, f) for f in full)
         if n < len(p) and not warned:
             warned = True
             log.warning(
                 "%s: row %d: the tokenized prompt is not a prefix of prompt+%s (chat template or a token merge "
                 "across the boundary); as TRL does, the %s starts where they diverge. Shown once.",
-                source, i, what, what,
+                prefrows.source, prefrows.row_index[j], what, what,
             )  # fmt: skip
         if max_length is not None and truncation_mode == "keep_start" and n >= max_length:
             dropped += 1
             continue
-        kept.append((i, np.asarray(p[:n], np.int32), [np.asarray(f[n:], np.int32) for f in full]))
+        kept.append((j, np.asarray(p[:n], np.int32), [np.asarray(f[n:], np.int32) for f in full]))
     return kept, dropped
 
 
 # ---------------------------------------------------------------------------------------------------- cache
 def _fingerprint(prefrows: PreferenceRows, tokenizer: Any, max_length: int | None, truncation_mode: str) -> str:
     h = hashlib.sha256(CACHE_VERSION.encode())
-    head = [tokenizer_fingerprint(tokenizer), max_length, truncation_mode, prefrows.fmt.name]
-    head += [prefrows.rows_in, prefrows.rows_skipped_bad, prefrows.rows_identical]
+    head = [tokenizer_fingerprint(tokenizer), max_length, truncation_mode, prefrows.fmt.name,
+            prefrows.pairs_from_scores, prefrows.rows_in, prefrows.rows_skipped_bad, prefrows.rows_identical,
+            prefrows.rows_all_tied]
     h.update(json.dumps(head).encode())
     for i, row in zip(prefrows.row_index, prefrows.rows, strict=True):
         h.update(json.dumps([i, row], sort_keys=True, ensure_ascii=False, default=str).encode())
@@ -224,13 +239,16 @@ def _flat_to_ragged(flat: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]:
     return [flat[offsets[k] : offsets[k + 1]] for k in range(len(offsets) - 1)]
 
 
-def _save_cache(path: Path, pairs: TokenizedPairs) -> None:
-    big = ("prompt_ids", "chosen_ids", "rejected_ids", "row_index", "from_cache", "stats")
-    meta = {f.name: getattr(pairs, f.name) for f in dataclasses.fields(pairs) if f.name not in big}
-    meta["stats"] = dataclasses.asdict(pairs.stats)
-    arrays = {"row_index": pairs.row_index, "meta": np.array(json.dumps(meta))}
-    for name in ("prompt", "chosen", "rejected"):
-        arrays[f"{name}_flat"], arrays[f"{name}_offsets"] = _ragged_to_flat(getattr(pairs, f"{name}_ids"))
+_BIG = ("prompt_ids", "response_ids", "ranks", "row_index", "from_cache", "stats")
+
+
+def _save_cache(path: Path, data: TokenizedData) -> None:
+    meta = {f.name: getattr(data, f.name) for f in dataclasses.fields(data) if f.name not in _BIG}
+    meta["stats"] = dataclasses.asdict(data.stats)
+    arrays = {"row_index": data.row_index, "meta": np.array(json.dumps(meta))}
+    arrays["prompt_flat"], arrays["prompt_offsets"] = _ragged_to_flat(data.prompt_ids)
+    arrays["response_flat"], arrays["response_offsets"] = _ragged_to_flat([r for rs in data.response_ids for r in rs])
+    arrays["ranks_flat"], arrays["ranks_offsets"] = _ragged_to_flat(data.ranks)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with tmp.open("wb") as f:
@@ -238,21 +256,18 @@ def _save_cache(path: Path, pairs: TokenizedPairs) -> None:
     os.replace(tmp, path)  # atomic: concurrent writers (hosts, workers) never leave a torn file
 
 
-def _load_cache(path: Path) -> TokenizedPairs | None:
+def _load_cache(path: Path) -> TokenizedData | None:
     try:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"]))
-            ragged = {n: _flat_to_ragged(z[f"{n}_flat"], z[f"{n}_offsets"]) for n in ("prompt", "chosen", "rejected")}
+            prompts = _flat_to_ragged(z["prompt_flat"], z["prompt_offsets"])
+            flat_responses = _flat_to_ragged(z["response_flat"], z["response_offsets"])
+            ranks = _flat_to_ragged(z["ranks_flat"], z["ranks_offsets"])
             row_index = z["row_index"]
-        meta["stats"] = PairStats(**meta["stats"])
-        return TokenizedPairs(
-            prompt_ids=ragged["prompt"],
-            chosen_ids=ragged["chosen"],
-            rejected_ids=ragged["rejected"],
-            row_index=row_index,
-            from_cache=True,
-            **meta,
-        )
+        cuts = np.cumsum([0] + [len(r) for r in ranks])
+        responses = [flat_responses[cuts[m] : cuts[m + 1]] for m in range(len(ranks))]
+        meta["stats"] = DataStats(**meta["stats"])
+        return TokenizedData(prompts, responses, ranks, row_index, from_cache=True, **meta)
     except (OSError, ValueError, KeyError, TypeError) as e:
         log.warning("ignoring unreadable token cache %s: %s", path, e)
         return None
@@ -268,48 +283,50 @@ def tokenize_rows(
     cache_dir: str | os.PathLike | None = None,
     source: str = "<rows>",
     on_bad_row: OnBadRow = "error",
-) -> TokenizedPairs:
-    """Validate, normalize and tokenize preference rows the way TRL 1.16's DPOTrainer does; reuse the disk cache.
-
-    `rows` is a list of dicts, a `datasets.Dataset`, or `PreferenceRows` from `formats.normalize_rows`.
+    max_responses: int = 8,
+) -> TokenizedData:
+    """Validate, normalize and tokenize preference rows of any format the way TRL 1.16's DPOTrainer tokenizes
+    pairs; reuse the disk cache. `rows` is a list of dicts, a `datasets.Dataset`, or `formats.PreferenceRows`.
     """
     if truncation_mode not in TRUNCATION_MODES:
         raise DataError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}")
     if max_length is not None and max_length < 1:
         raise DataError(f"max_length must be a positive integer or None, got {max_length}")
-    prefrows = rows if isinstance(rows, PreferenceRows) else normalize_rows(rows, source, on_bad_row=on_bad_row)
+    if isinstance(rows, PreferenceRows):
+        prefrows = rows
+    else:
+        prefrows = normalize_rows(rows, source, on_bad_row=on_bad_row, max_responses=max_responses)
     key = _fingerprint(prefrows, tokenizer, max_length, truncation_mode)
-    path = Path(cache_dir) / f"pairs-{key}.npz" if cache_dir is not None else None
+    path = Path(cache_dir) / f"preferences-{key}.npz" if cache_dir is not None else None
     if path is not None and path.is_file():
         cached = _load_cache(path)
         if cached is not None:
-            log.info("%s: tokenized pairs loaded from cache %s", prefrows.source, path)
+            log.info("%s: tokenized rows loaded from cache %s", prefrows.source, path)
             return _report(dataclasses.replace(cached, source=prefrows.source))
     pad_id = pad_token_id(tokenizer)
-    p_ids, pc_ids, pr_ids = (_tokenize_chat if prefrows.fmt.conversational else _tokenize_standard)(tokenizer, prefrows)
-    items = zip(prefrows.row_index, p_ids, zip(pc_ids, pr_ids, strict=True), strict=True)
-    split, dropped = split_at_prompt(prefrows.source, items, max_length, truncation_mode)
-    kept = [i for i, _, _ in split]
-    prompts = [p for _, p, _ in split]
-    chosens, rejecteds = [c for _, _, (c, _) in split], [r for _, _, (_, r) in split]
-    if not prompts:
+    p_ids, pr_ids = (_tokenize_chat if prefrows.fmt.conversational else _tokenize_standard)(tokenizer, prefrows)
+    split, dropped = split_at_prompt(prefrows, p_ids, pr_ids, max_length, truncation_mode)
+    if not split:
         raise DataError(f"{prefrows.source}: every prompt has >= max_length={max_length} tokens; raise max_length")
-    stats = PairStats(prefrows.rows_in, prefrows.rows_skipped_bad, prefrows.rows_identical, dropped, len(prompts))
-    pairs = TokenizedPairs(
-        prompts, chosens, rejecteds, np.asarray(kept, np.int64), pad_id, max_length,
-        truncation_mode, prefrows.fmt.name, prefrows.source, stats, key,
+    stats = DataStats(prefrows.rows_in, prefrows.rows_skipped_bad, prefrows.rows_identical, prefrows.rows_all_tied,
+                      dropped, len(split))  # fmt: skip
+    data = TokenizedData(
+        [p for _, p, _ in split], [tails for _, _, tails in split],
+        [np.asarray(prefrows.rows[j]["ranks"], np.int32) for j, _, _ in split],
+        np.asarray([prefrows.row_index[j] for j, _, _ in split], np.int64), pad_id, max_length, truncation_mode,
+        prefrows.fmt.name, prefrows.source, stats, key,
     )  # fmt: skip
     if path is not None:
-        _save_cache(path, pairs)
-    return _report(pairs)
+        _save_cache(path, data)
+    return _report(data)
 
 
-def _report(pairs: TokenizedPairs) -> TokenizedPairs:
-    if pairs.stats.rows_dropped_long:
+def _report(data: TokenizedData) -> TokenizedData:
+    if data.stats.rows_dropped_long:
         log.warning(
             "%s: dropped %d row(s) whose prompt alone has >= max_length=%s tokens (truncation_mode='keep_start')",
-            pairs.source,
-            pairs.stats.rows_dropped_long,
-            pairs.max_length,
+            data.source,
+            data.stats.rows_dropped_long,
+            data.max_length,
         )
-    return pairs
+    return data

@@ -1,7 +1,8 @@
 """Orbax checkpoints of the train state (params, optimizer state, step) plus JSON metadata.
 
-`output_dir/checkpoints/<step>/` holds `state/` (the TrainState pytree) and `meta/` (resolved config, data
-position, versions). Orbax writes each step to a temporary folder and renames it when complete, so a crash
+`output_dir/checkpoints/<step>/` holds `params/` (the policy), `opt_state/` (the optimizer), `ref/` (the reference,
+only when TR-DPO changes it) and `meta/` (step = data position, resolved config, the learning-rate schedule's
+horizon), each an Orbax item, so `dpojax eval` and `dpojax export` restore the parameters alone. Orbax writes each step to a temporary folder and renames it when complete, so a crash
 mid-save leaves the previous checkpoint usable; `latest_step` only sees complete ones. The data position is
 the step itself: batches are a pure function of (seed, step). The reference model is re-loaded, not saved.
 All processes must call save/restore (Orbax coordinates them); only the metadata is host-independent.
@@ -18,22 +19,15 @@ import orbax.checkpoint as ocp
 
 from dpojax.config import Config, to_dict
 
-# Keys whose change makes a resumed run differ from an uninterrupted one.
-RESUME_CRITICAL = (
-    ("model", "name_or_path"),
-    ("model", "init"),
-    ("model", "seed"),
-    ("model", "param_dtype"),
-    ("ref_model", "name_or_path"),
-    ("data", "train"),
-    ("data", "train_split"),
-    ("data", "max_length"),
-    ("data", "truncation_mode"),
-    ("data", "pairs_from_scores"),
-    ("train", "batch_size"),
-    ("train", "seed"),
-    ("optim", "name"),
-)
+# Keys that may change when a run resumes: they change how it runs (speed, memory, mesh, logging, saving), not the
+# numbers it computes. Every other key must match the checkpoint's config. (`train.steps`/`epochs`: see
+# `schedule_conflict`.)
+RESUME_FREE = (
+    "train.steps", "train.epochs", "train.log_every", "train.eval_every", "train.eval_batch_size",
+    "train.micro_batch_size", "train.max_bad_steps", "data.eval", "data.eval_split", "data.cache_dir",
+    "model.attention", "model.remat", "model.scan_layers", "ref_model.precompute", "mesh.", "checkpoint.",
+    "distributed.", "output_dir",
+)  # fmt: skip
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -63,16 +57,14 @@ def best_manager(output_dir: str | Path, cfg: Config) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(Path(output_dir).absolute() / "best", options=options)
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: Any, cfg: Config, metrics: dict | None = None) -> None:
-    meta = {"step": int(step), "data_step": int(step), "config": to_dict(cfg)}
+def save(mngr: ocp.CheckpointManager, step: int, tree: dict[str, Any], cfg: Config, *, horizon: int,
+         metrics: dict | None = None) -> None:
+    """Save the items of `tree` ({"params", "opt_state"[, "ref"]}) and the metadata as checkpoint `step`."""
+    meta = {"step": int(step), "data_step": int(step), "schedule_horizon": int(horizon), "config": to_dict(cfg)}
     if metrics is not None:
         meta["eval"] = {k: float(v) for k, v in metrics.items()}
-    mngr.save(
-        int(step),
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-        metrics=metrics,
-        force=True,
-    )
+    items = {name: ocp.args.StandardSave(value) for name, value in tree.items()}
+    mngr.save(int(step), args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **items), metrics=metrics, force=True)
 
 
 def all_finite(tree: Any) -> bool:
@@ -89,28 +81,47 @@ def abstract_like(tree: Any) -> Any:
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
-def restore(mngr: ocp.CheckpointManager, step: int, target: Any) -> tuple[Any, dict]:
-    out = mngr.restore(
-        int(step),
-        args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_like(target)), meta=ocp.args.JsonRestore()),
-    )
-    return out.state, out.meta
+def restore(mngr: ocp.CheckpointManager, step: int, targets: dict[str, Any]) -> dict[str, Any]:
+    """Restore only the items named in `targets` (e.g. {"params": abstract_params}), each into its target's
+    shardings; the other items are not read."""
+    items = {name: ocp.args.StandardRestore(abstract_like(t)) for name, t in targets.items()}
+    out = mngr.restore(int(step), args=ocp.args.Composite(**items))
+    return {name: out[name] for name in targets}
 
 
 def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
     return mngr.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
 
-def resume_conflicts(saved: dict, cfg: Config) -> list[str]:
-    """Config keys that changed since the checkpoint in a way that would make resume unsound."""
-    now = to_dict(cfg)
-    out = []
-    for section, key in RESUME_CRITICAL:
-        before = saved.get(section, {}).get(key)
-        after = now.get(section, {}).get(key)
-        if before != after:
-            out.append(f"{section}.{key}: {before!r} -> {after!r}")
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
     return out
+
+
+def resume_conflicts(saved: dict, cfg: Config) -> list[str]:
+    """Config keys that changed since the checkpoint in a way that would make the resumed run a different run."""
+    before, after = _flat(saved), _flat(to_dict(cfg))
+    changed = [key for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key)]
+    return [f"{key}: {before.get(key)!r} -> {after.get(key)!r}" for key in changed
+            if not any(key == free or (free.endswith(".") and key.startswith(free)) for free in RESUME_FREE)]
+
+
+def schedule_conflict(cfg: Config, horizon: int, total_steps: int) -> str | None:
+    """Why a resumed run with `total_steps` steps cannot keep the schedule fixed at the run's first horizon, or None.
+
+    The learning-rate schedule keeps the horizon of the run's first config: lowering train.steps stops early on
+    the same schedule, and a constant schedule continues at any length; raising it past the horizon of a decaying
+    schedule would change every later learning rate, so it is refused."""
+    if total_steps <= horizon or cfg.optim.schedule == "constant":
+        return None
+    return (f"optim.schedule={cfg.optim.schedule!r} decays over the {horizon} steps this run started with; "
+            f"continuing to {total_steps} steps would change every later learning rate. Start a new run "
+            "(a new output_dir), or use optim.schedule=constant")
 
 
 @dataclasses.dataclass
@@ -122,10 +133,10 @@ class Found:
 def find_checkpoint(source: str | Path) -> Found | None:
     """A run folder (newest complete checkpoint) or one checkpoint folder `.../checkpoints/<step>`."""
     source = Path(source).absolute()
-    if (source / "state").is_dir() and source.name.isdigit():
+    if (source / "params").is_dir() and source.name.isdigit():
         return Found(int(source.name), source)
     root = source / "checkpoints"
     if not root.is_dir():
         return None
-    steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "state").is_dir())
+    steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "params").is_dir())
     return Found(steps[-1], root / str(steps[-1])) if steps else None

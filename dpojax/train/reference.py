@@ -1,28 +1,28 @@
 """Precomputed reference log-probs (`ref_model.precompute: true`).
 
-The reference runs once over a data set (batched and sharded like evaluation) and its per-pair log-probs
-are cached on disk under a key made of the tokenized data's fingerprint, a hash of the reference weights
+The reference runs once over a data set (batched and sharded like evaluation) and its per-response log-probs
+(an [M prompts, K responses] table; 0 for the padding responses of rows with fewer than K, never read) are cached on disk under a key made of the tokenized data's fingerprint, a hash of the reference weights
 and the settings that change the numbers; training then needs no reference in memory. A changed reference
 (other weights, other file) makes another key, so a stale cache is never read.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 import jax
 import numpy as np
 
 from dpojax.data.batching import PreferenceBatch, eval_batches
-from dpojax.data.tokenize import TokenizedPairs
+from dpojax.data.tokenize import TokenizedData
 
 log = logging.getLogger("dpojax")
-CACHE_VERSION = "dpojax-ref-v1"
+CACHE_VERSION = "dpojax-ref-v2"
 _HASH_CHUNK = 1 << 24
 
 
@@ -57,21 +57,24 @@ def weights_fingerprint(model_dir: Path, cache_dir: Path, *, random_seed: int | 
     return h.hexdigest()[:24]
 
 
-def cache_key(pairs: TokenizedPairs, weights: str, settings: dict) -> str:
-    text = json.dumps({"v": CACHE_VERSION, "data": pairs.fingerprint, "weights": weights, **settings}, sort_keys=True)
+def cache_key(data: TokenizedData, weights: str, settings: dict) -> str:
+    text = json.dumps({"v": CACHE_VERSION, "data": data.fingerprint, "weights": weights, **settings}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def precompute(forward, ref_params, pairs: TokenizedPairs, batch_pairs: int, to_device, *, buckets=None,
+def precompute(forward, ref_params, data: TokenizedData, batch_size: int, to_device, *, buckets=None,
                process_kw: dict) -> np.ndarray:
-    """[P, 2] reference log-probs of every pair, in the order of `pairs`."""
-    table = np.full((len(pairs), 2), np.nan, np.float32)
-    for batch in eval_batches(pairs, batch_pairs, buckets=buckets, **process_kw):
-        index_N, logps_Nx2 = jax.device_get(forward(ref_params, to_device(batch)))
-        real = np.asarray(index_N) >= 0
-        table[np.asarray(index_N)[real]] = np.asarray(logps_Nx2)[real]
-    if np.isnan(table).any():
-        raise RuntimeError("internal: some pairs got no reference log-probs")
+    """[M, K] reference log-probs of every response, in the order of `data` (0 for padding responses)."""
+    table = np.zeros((len(data), data.num_responses), np.float32)
+    done = np.zeros(len(data), bool)
+    for batch in eval_batches(data, batch_size, buckets=buckets, **process_kw):
+        index_N, logps_NxK = jax.device_get(forward(ref_params, to_device(batch)))
+        index_N = np.asarray(index_N)
+        real = index_N >= 0
+        table[index_N[real]] = np.asarray(logps_NxK)[real]
+        done[index_N[real]] = True
+    if not done.all():
+        raise RuntimeError("internal: some prompts got no reference log-probs")
     return table
 
 
@@ -86,23 +89,19 @@ def load_or_compute(path: Path, compute) -> np.ndarray:
         tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
         np.savez(tmp, ref_logps=table)
         tmp.replace(path)
-        log.info("reference log-probs computed for %d pairs and cached in %s", len(table), path)
+        what = "pairs" if table.shape[1] == 2 else "rankings"
+        log.info("reference log-probs computed for %d %s and cached in %s", len(table), what, path)
     return table
 
 
 def attach(batch: PreferenceBatch, table: np.ndarray | None) -> PreferenceBatch:
-    """The batch with its pairs' precomputed reference log-probs (filler pairs get a real pair's values)."""
+    """The batch with its prompts' precomputed reference log-probs (fillers get a real row's values)."""
     if table is None:
         return batch
-    index = np.maximum(np.asarray(batch.pair_index_N), 0)
-    import dataclasses
-
-    return dataclasses.replace(batch, ref_logps_Nx2=table[index].astype(np.float32))
+    index = np.maximum(np.asarray(batch.prompt_index_N), 0)
+    return dataclasses.replace(batch, ref_logps_NxK=table[index].astype(np.float32))
 
 
-def lookup(tables: dict[str, np.ndarray] | None, pairs: TokenizedPairs) -> np.ndarray | None:
-    return None if tables is None else tables[pairs.fingerprint]
+def lookup(tables: dict[str, np.ndarray] | None, data: TokenizedData) -> np.ndarray | None:
+    return None if tables is None else tables[data.fingerprint]
 
-
-def describe(tables: dict[str, Any]) -> str:
-    return ", ".join(f"{k[:8]}: {len(v)} pairs" for k, v in tables.items())

@@ -1,11 +1,12 @@
 """Pure train and eval steps: policy and frozen reference log-probs, the preference loss, an Optax update.
 
-`train_step(state, ref_params, batch) -> (state, metrics)` accumulates gradients over micro-batches with
-`lax.scan` (sums, divided once by the number of real pairs), so `train.batch_size` pairs make one update
-whatever `train.micro_batch_size` is. Metrics are `{name: (sum, count)}`; the loop divides. Both steps are
-jitted by `compile_steps` with explicit shardings; the train state is donated.
-
-Glossary: N pairs in a (micro-)batch, A accumulation steps, T tokens, B = 2N rows laid out c0, r0, c1, r1, ...
+One step for every loss and data format: a batch is [N prompts, K responses, T] (a pair is K = 2), the policy and
+the reference score its B = N * K sequences, and `losses.preference_loss` turns the per-response sums into the loss.
+`train_step(state, ref_params, batch) -> (state, metrics)` accumulates gradients over micro-batches with `lax.scan`
+(sums, divided once by the number of real prompts), so `train.batch_size` prompts make one update whatever
+`train.micro_batch_size` is. Metrics are `{name: (sum, count)}`; the loop divides. `make_spec` is the one step
+builder (`train`, `eval` and `dpojax compile` use it); `compile_steps` jits with explicit shardings and donates
+the train state. Glossary: `dpojax.glossary`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import einops
 import jax
 import jax.numpy as jnp
 import optax
@@ -20,10 +22,11 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dpojax import losses
-from dpojax.config import LossSection
+from dpojax.config import Config, LossSection
 from dpojax.data.batching import PreferenceBatch
 from dpojax.logprobs import SeqStats, scored_mask, sequence_stats, token_logprobs, token_metric_sums
 from dpojax.sharding import Sharder
+from dpojax.train.optim import make_optimizer
 
 MetricSums = dict[str, tuple[jax.Array, jax.Array]]
 
@@ -48,27 +51,39 @@ class StepSpec:
     grad_accum: int = 1  # A micro-batches per optimizer step
     chunk_len: int = 256  # sequence chunk of the log-prob head
     sharder: Sharder | None = None
-    precomputed_ref: bool = False  # reference log-probs come with the batch (batch.ref_logps_Nx2)
-    loss_fn: Any = None  # (params, ref_params, batch, spec) -> (loss sum, metric sums); None: `batch_loss` (pairs)
+    precomputed_ref: bool = False  # reference log-probs come with the batch (batch.ref_logps_NxK)
 
     @property
     def with_wpo(self) -> bool:
         return self.loss.use_weighting
 
     @property
-    def lm_mask(self) -> bool:  # ORPO's NLL covers prompt and response
-        return "orpo" in self.loss.type
+    def lm_mask(self) -> bool:  # a loss whose NLL covers prompt and response (ORPO)
+        return losses.needs_prompt_nll(self.loss)
 
 
-def sequence_logps(graphdef, params, batch: PreferenceBatch, spec: StepSpec):
-    """Per-row sums (SeqStats) of one model over a [N, 2, T] batch, rows flattened to c0, r0, c1, r1, ..."""
-    n, two, t = batch.input_ids_Nx2xT.shape
-    fields = (batch.input_ids_Nx2xT, batch.positions_Nx2xT, batch.segment_ids_Nx2xT, batch.completion_mask_Nx2xT)
-    return row_logps(graphdef, params, *(x.reshape(n * two, t) for x in fields), spec)
+def make_spec(cfg: Config, policy_graphdef, ref_graphdef, sharder: Sharder | None, *, total_steps: int,
+              precomputed_ref: bool = False, grad_accum: int | None = None) -> StepSpec:
+    """The one step builder: the StepSpec of `cfg` for `train`, `eval` and `dpojax compile` (`total_steps` is the
+    learning-rate schedule's horizon)."""
+    losses.validate_loss_config(cfg.loss)
+    optimizer, schedule = make_optimizer(cfg.optim, max(total_steps, 1))
+    return StepSpec(policy_graphdef=policy_graphdef, ref_graphdef=None if precomputed_ref else ref_graphdef,
+                    loss=cfg.loss, optimizer=optimizer, schedule=schedule,
+                    grad_accum=cfg.grad_accum_steps if grad_accum is None else grad_accum, sharder=sharder,
+                    precomputed_ref=precomputed_ref)
 
 
-def row_logps(graphdef, params, ids_BxT, positions_BxT, seg_BxT, completion_mask_BxT, spec: StepSpec):
-    """Per-row sums (SeqStats) of one model over B sequences (rows c0, r0, c1, r1, ... when loss.ld_alpha is set)."""
+def sequence_logps(graphdef, params, batch: PreferenceBatch, spec: StepSpec) -> SeqStats:
+    """Per-sequence sums (SeqStats) of one model over a [N, K, T] batch, flattened to B = N * K rows."""
+    n, k, t = batch.input_ids_NxKxT.shape
+    fields = (batch.input_ids_NxKxT, batch.positions_NxKxT, batch.segment_ids_NxKxT, batch.completion_mask_NxKxT)
+    return row_logps(graphdef, params, *(x.reshape(n * k, t) for x in fields), spec, num_responses=k)
+
+
+def row_logps(graphdef, params, ids_BxT, positions_BxT, seg_BxT, completion_mask_BxT, spec: StepSpec, *,
+              num_responses: int = 2) -> SeqStats:
+    """Per-row sums (SeqStats) of one model over B sequences laid out prompt by prompt, K = `num_responses` each."""
     model = nnx.merge(graphdef, params)
     hidden_BxTxD = model(ids_BxT, positions_BxT, seg_BxT)
     lm_mask_BxT = (seg_BxT > 0) if spec.lm_mask else None
@@ -78,19 +93,20 @@ def row_logps(graphdef, params, ids_BxT, positions_BxT, seg_BxT, completion_mask
     tok = token_logprobs(hidden_BxTxD, model.unembedding(), ids_BxT, chunk_len=spec.chunk_len, with_wpo=spec.with_wpo,
                          softcap=model.final_softcap,  # Gemma 2's final logit soft-cap (None for most models)
                          needed_BxT=needed_BxT)
-    return sequence_stats(tok, completion_mask_BxT, ld_alpha=spec.loss.ld_alpha, lm_mask_BxT=lm_mask_BxT)
+    return sequence_stats(tok, completion_mask_BxT, ld_alpha=spec.loss.ld_alpha, lm_mask_BxT=lm_mask_BxT,
+                          num_responses=num_responses)
 
 
 def reference_logps(graphdef, params, batch: PreferenceBatch, spec: StepSpec) -> jax.Array:
-    """[N, 2] reference log-probs (LD-weighted when loss.ld_alpha is set): what `precomputed_stats` reads back."""
+    """[N, K] reference log-probs (LD-weighted when loss.ld_alpha is set): what `precomputed_stats` reads back."""
     stats = sequence_logps(graphdef, params, batch, spec)
     logps_B = stats.ld_logps_B if stats.ld_logps_B is not None else stats.logps_B
-    return logps_B.reshape(-1, 2)
+    return logps_B.reshape(batch.response_mask_NxK.shape)
 
 
-def precomputed_stats(ref_logps_Nx2: jax.Array) -> SeqStats:
-    """SeqStats carrying only the (precomputed) log-prob sums, rows c0, r0, c1, r1, ..."""
-    logps_B = ref_logps_Nx2.reshape(-1).astype(jnp.float32)
+def precomputed_stats(ref_logps_NxK: jax.Array) -> SeqStats:
+    """SeqStats carrying only the (precomputed) log-prob sums, rows laid out prompt by prompt."""
+    logps_B = ref_logps_NxK.reshape(-1).astype(jnp.float32)
     zeros_B = jnp.zeros_like(logps_B)
     return SeqStats(logps_B=logps_B, tokens_B=zeros_B, completion_len_B=zeros_B)
 
@@ -100,24 +116,22 @@ def sync_reference(params, ref_params, alpha: float):
     return jax.tree.map(lambda p, r: (alpha * p + (1.0 - alpha) * r).astype(r.dtype), params, ref_params)
 
 
-def batch_loss(params, ref_params, batch: PreferenceBatch, spec: StepSpec) -> tuple[jax.Array, MetricSums]:
-    """(sum over real pairs of the loss, metric sums) for one micro-batch; the reference is frozen."""
+def batch_loss(params, ref_params, batch: PreferenceBatch, spec: StepSpec,
+               hp: losses.LossParams | None = None) -> tuple[jax.Array, MetricSums]:
+    """(sum over real prompts of the loss, metric sums) for one micro-batch; the reference is frozen. `hp`: the
+    loss hyper-parameters as data (default: the config's)."""
+    k = batch.input_ids_NxKxT.shape[1]
     policy = sequence_logps(spec.policy_graphdef, params, batch, spec)
     ref = None
     if spec.precomputed_ref:
-        ref = precomputed_stats(batch.ref_logps_Nx2)
+        ref = precomputed_stats(batch.ref_logps_NxK)
     elif spec.ref_graphdef is not None:
         ref = jax.lax.stop_gradient(sequence_logps(spec.ref_graphdef, ref_params, batch, spec))
-    inputs = losses.loss_inputs_from_stats(policy, ref, pair_mask_P=batch.pair_mask_N)
-    loss_sum, metrics = losses.preference_loss(inputs, spec.loss)
-    real = batch.pair_mask_N
-    tok_metrics = token_metric_sums(
-        dataclasses.replace(
-            policy,
-            mean_logit_sum_B=jnp.repeat(real, 2) * policy.mean_logit_sum_B,
-            tokens_B=jnp.repeat(real, 2) * policy.tokens_B,
-        )
-    )
+    inputs = losses.loss_inputs_from_stats(policy, ref, num_responses=k, prompt_mask_N=batch.prompt_mask_N,
+                                           response_mask_NxK=batch.response_mask_NxK, rank_NxK=batch.rank_NxK)
+    loss_sum, metrics = losses.preference_loss(inputs, spec.loss, hp)
+    tok_metrics = token_metric_sums(policy, num_responses=k, response_mask_NxK=batch.response_mask_NxK,
+                                    prompt_mask_N=batch.prompt_mask_N)
     return loss_sum, {**metrics, **jax.lax.stop_gradient(tok_metrics)}
 
 
@@ -125,8 +139,7 @@ def _micro_batches(batch: PreferenceBatch, accum: int, sharder: Sharder | None) 
     """[N, ...] -> [A, N/A, ...]; micro-batch a takes rows a, a+A, a+2A, ... so each spans every data shard."""
 
     def split(x):
-        x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:])
-        x = jnp.moveaxis(x, 1, 0)
+        x = einops.rearrange(x, "(n a) ... -> a n ...", a=accum)
         if sharder is not None:
             x = sharder.constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
         return x
@@ -138,20 +151,21 @@ def _add(a, b):
     return jax.tree.map(jnp.add, a, b)
 
 
-def train_step(state: TrainState, ref_params, batch: PreferenceBatch, spec: StepSpec):
-    grad_fn = jax.value_and_grad(spec.loss_fn or batch_loss, has_aux=True)
+def train_step(state: TrainState, ref_params, batch: PreferenceBatch, spec: StepSpec,
+               hp: losses.LossParams | None = None):
+    grad_fn = jax.value_and_grad(batch_loss, has_aux=True)
 
     def accumulate(carry, micro: PreferenceBatch):
-        (_, metrics), grads = grad_fn(state.params, ref_params, micro, spec)
+        (_, metrics), grads = grad_fn(state.params, ref_params, micro, spec, hp)
         return _add(carry, (grads, metrics)), None
 
     micros = _micro_batches(batch, spec.grad_accum, spec.sharder)
     first = jax.tree.map(lambda x: x[0], micros)
-    shapes = jax.eval_shape(lambda: grad_fn(state.params, ref_params, first, spec))
+    shapes = jax.eval_shape(lambda: grad_fn(state.params, ref_params, first, spec, hp))
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[1], shapes[0][1]))
     (grads, metrics), _ = jax.lax.scan(accumulate, zeros, micros)
-    n_pairs = jnp.maximum(metrics["loss"][1], 1.0)  # real pairs (ranked rows) in the batch: the loss's count
-    grads = jax.tree.map(lambda g: g / n_pairs.astype(g.dtype), grads)
+    n_prompts = jnp.maximum(metrics["loss"][1], 1.0)  # real prompts in the batch: the loss's count
+    grads = jax.tree.map(lambda g: g / n_prompts.astype(g.dtype), grads)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = spec.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -170,13 +184,14 @@ def train_step(state: TrainState, ref_params, batch: PreferenceBatch, spec: Step
     return TrainState(state.step + 1, params, opt_state), metrics
 
 
-def eval_step(params, ref_params, batch: PreferenceBatch, spec: StepSpec) -> MetricSums:
-    _, metrics = (spec.loss_fn or batch_loss)(params, ref_params, batch, spec)
+def eval_step(params, ref_params, batch: PreferenceBatch, spec: StepSpec,
+              hp: losses.LossParams | None = None) -> MetricSums:
+    _, metrics = batch_loss(params, ref_params, batch, spec, hp)
     return metrics
 
 
 def batch_sharding(sharder: Sharder) -> NamedSharding:
-    """Pairs split over the data-parallel axes; the (chosen, rejected) and T axes are not split."""
+    """Prompts split over the data-parallel axes; the K and T axes are not split."""
     return NamedSharding(sharder.mesh, P(sharder.spec(("batch",))[0]))
 
 
@@ -187,21 +202,22 @@ def shardings_of(tree) -> Any:
 def compile_steps(spec: StepSpec, state: TrainState, ref_params, sharder: Sharder):
     """Jitted (train_step, eval_step) with explicit in/out shardings; the train state is donated."""
     state_sh = shardings_of(state)
-    ref_sh = shardings_of(ref_params)
-    data_sh = batch_sharding(sharder)
-    replicated = NamedSharding(sharder.mesh, P())
     train = jax.jit(
         lambda s, r, b: train_step(s, r, b, spec),
-        in_shardings=(state_sh, ref_sh, data_sh),
-        out_shardings=(state_sh, replicated),
+        in_shardings=(state_sh, shardings_of(ref_params), batch_sharding(sharder)),
+        out_shardings=(state_sh, NamedSharding(sharder.mesh, P())),
         donate_argnums=(0,),
     )
-    evaluate = jax.jit(
+    return train, compile_eval(spec, state.params, ref_params, sharder)
+
+
+def compile_eval(spec: StepSpec, params, ref_params, sharder: Sharder):
+    """Jitted eval_step (params and reference as placed, batch over the data axes, metrics replicated)."""
+    return jax.jit(
         lambda p, r, b: eval_step(p, r, b, spec),
-        in_shardings=(state_sh.params, ref_sh, data_sh),
-        out_shardings=replicated,
+        in_shardings=(shardings_of(params), shardings_of(ref_params), batch_sharding(sharder)),
+        out_shardings=NamedSharding(sharder.mesh, P()),
     )
-    return train, evaluate
 
 
 def compile_sync(ref_params, alpha: float):
@@ -211,10 +227,10 @@ def compile_sync(ref_params, alpha: float):
 
 
 def compile_reference(spec: StepSpec, ref_graphdef, ref_params, sharder: Sharder):
-    """Jitted `(ref_params, batch) -> (pair_index_N, ref_logps_Nx2)`, replicated so every host reads all of it."""
+    """Jitted `(ref_params, batch) -> (prompt_index_N, ref_logps_NxK)`, replicated so every host reads all of it."""
     replicated = NamedSharding(sharder.mesh, P())
     return jax.jit(
-        lambda r, b: (b.pair_index_N, reference_logps(ref_graphdef, r, b, spec)),
+        lambda r, b: (b.prompt_index_N, reference_logps(ref_graphdef, r, b, spec)),
         in_shardings=(shardings_of(ref_params), batch_sharding(sharder)),
         out_shardings=replicated,
     )

@@ -16,7 +16,7 @@ Padding responses (rows with fewer than K) are left out of every comparison and 
 finite, so they add neither NaN nor gradient. Everything returns sums over real rows and counts; the trainer
 divides once, after accumulation.
 
-Glossary: N rows (prompts), K responses per row (best first, `rank_NxK` non-decreasing), i/j response indices.
+Glossary: `dpojax.glossary` (N prompts, K responses per prompt, best first, `rank_NxK` non-decreasing).
 """
 
 from __future__ import annotations
@@ -25,15 +25,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dpojax import losses
+from dpojax.losses.core import LossParams, MetricSums, Terms, register_loss
 
 Array = jax.Array
-MetricSums = dict[str, tuple[Array, Array]]
-
-
-def is_ranking_loss(cfg) -> bool:
-    """Whether `cfg.type` names a K-wise loss (then the data must be ranked and the ranking step trains)."""
-    return bool(set(losses.loss_types(cfg)) & losses.RANKING_LOSSES)
 
 
 # ------------------------------------------------------------------------------------------------------ loss
@@ -56,19 +50,13 @@ def plackett_luce_log_terms(u_NxK: Array, rank_NxK: Array, mask_NxK: Array) -> A
     return jnp.where(real_NxK, u_NxK - lse_NxK, 0.0)
 
 
-def plackett_luce(u_NxK: Array, rank_NxK: Array, mask_NxK: Array) -> Array:
+def plackett_luce_nll(u_NxK: Array, rank_NxK: Array, mask_NxK: Array) -> Array:
     """Per-row Plackett-Luce negative log-likelihood [N] of implicit rewards u under the given ranking (ties: see
     the module docstring)."""
     return -jnp.sum(plackett_luce_log_terms(u_NxK, rank_NxK, mask_NxK), axis=-1)
 
 
 # --------------------------------------------------------------------------------------------------- metrics
-def best_and_worst(x_NxK: Array, mask_NxK: Array) -> tuple[Array, Array]:
-    """x of the best response (index 0) and of the worst (the last real one), each [N]."""
-    last_N = jnp.maximum(jnp.sum(mask_NxK > 0, axis=-1) - 1, 0)
-    return x_NxK[:, 0], jnp.take_along_axis(x_NxK, last_N[:, None], axis=-1)[:, 0]
-
-
 def _pairs(rank_NxK: Array, mask_NxK: Array):
     real_NxK = mask_NxK > 0
     k = rank_NxK.shape[1]
@@ -109,41 +97,17 @@ def ranking_metrics(u_NxK: Array, rank_NxK: Array, mask_NxK: Array, row_mask_N: 
     }
 
 
-# ----------------------------------------------------------------------------------------------------- entry
-def ranking_loss(
-    logps_NxK: Array,
-    ref_logps_NxK: Array | None,
-    rank_NxK: Array,
-    response_mask_NxK: Array,
-    row_mask_N: Array,
-    cfg,
-) -> tuple[Array, MetricSums]:
-    """(sum over real rows of the Plackett-Luce loss, metric (sum, count) pairs).
+# ----------------------------------------------------------------------------------------------- registration
+def _ranking_metric_sums(t: Terms, hp: LossParams) -> MetricSums:
+    u_NxK = hp.beta * t.logratios_NxK
+    return lax.stop_gradient(ranking_metrics(u_NxK, t.x.rank_NxK, t.x.response_mask_NxK, t.mask_N))
 
-    `ref_logps_NxK` None means reference-free (u = beta * log pi). Metrics: `loss`; TRL's pair metrics over
-    (best, worst): `rewards/chosen`, `rewards/rejected`, `rewards/accuracies`, `rewards/margins`, `logps/chosen`,
-    `logps/rejected`; and `ranking_metrics`. With K = 2 every one equals the `sigmoid` loss's.
-    """
-    real_NxK = response_mask_NxK > 0
-    logps_NxK = jnp.where(real_NxK, logps_NxK, 0.0)
-    ref_NxK = jnp.zeros_like(logps_NxK) if ref_logps_NxK is None else jnp.where(real_NxK, ref_logps_NxK, 0.0)
-    u_NxK = cfg.beta * (logps_NxK - ref_NxK)
-    per_row_N = plackett_luce(u_NxK, rank_NxK, response_mask_NxK)
-    rows = jnp.sum(row_mask_N)
 
-    def row_sum(v_N: Array) -> tuple[Array, Array]:
-        return lax.stop_gradient(jnp.sum(v_N * row_mask_N)), rows
-
-    u_best, u_worst = best_and_worst(u_NxK, response_mask_NxK)
-    logp_best, logp_worst = best_and_worst(logps_NxK, response_mask_NxK)
-    metrics = {
-        "loss": row_sum(per_row_N),
-        "rewards/chosen": row_sum(u_best),
-        "rewards/rejected": row_sum(u_worst),
-        "rewards/accuracies": row_sum((u_best > u_worst).astype(jnp.float32)),
-        "rewards/margins": row_sum(u_best - u_worst),
-        "logps/chosen": row_sum(logp_best),
-        "logps/rejected": row_sum(logp_worst),
-    }
-    metrics.update(lax.stop_gradient(ranking_metrics(u_NxK, rank_NxK, response_mask_NxK, row_mask_N)))
-    return jnp.sum(per_row_N * row_mask_N), metrics
+@register_loss(kwise=True, metrics=_ranking_metric_sums,
+               metric_names=("rewards/ranking_accuracy", "rewards/kendall_tau"))
+def plackett_luce(t: Terms, hp: LossParams) -> Array:
+    """Plackett-Luce DPO (Rafailov et al. 2023, arXiv:2305.18290, App. A.3) over K ranked responses, ties as in the
+    module docstring: -sum_k [u_k - logsumexp_{j in C_k} u_j], u = beta * log-ratio; with K = 2 it is `sigmoid`.
+    TRL's pair metrics are reported over (best, worst real) responses, plus `ranking_metrics`."""
+    u_NxK = hp.beta * t.logratios_NxK
+    return plackett_luce_nll(u_NxK, t.x.rank_NxK, t.x.response_mask_NxK)

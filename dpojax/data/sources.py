@@ -1,0 +1,87 @@
+"""Read preference rows from a local .jsonl/.json/.parquet/.csv file, a saved dataset folder, or a hub dataset id."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from dpojax.errors import DataError
+
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+
+def load_rows(spec: str, split: str = "train") -> tuple[list[dict] | Any, str]:
+    """Rows from a local .jsonl/.json/.parquet/.csv file, a local dataset folder, or a Hugging Face hub dataset id.
+
+    Returns (rows, source_name): a list of dicts (or a `datasets.Dataset` for folders and hub ids) and the name that
+    error messages use for this source.
+    """
+    path = Path(os.path.expanduser(str(spec)))
+    looks_local = path.suffix.lower() in LOCAL_SUFFIXES or str(spec).startswith((".", "/", "~"))
+    if path.is_file() or (looks_local and not path.is_dir()):
+        if not path.is_file():
+            raise DataError(f"{spec}: data file not found")
+        return _load_file(path), str(spec)
+    import datasets  # heavy import, only when needed
+
+    source = str(spec) if path.is_dir() else f"{spec}[{split}]"
+    try:
+        if path.is_dir() and (path / "state.json").is_file():
+            data = datasets.load_from_disk(str(path))
+            data = data[split] if isinstance(data, datasets.DatasetDict) else data
+        else:
+            data = datasets.load_dataset(str(spec), split=split)
+    except Exception as e:  # noqa: BLE001 - any loader failure is a data error for the user
+        raise DataError(f"{source}: could not load the dataset: {type(e).__name__}: {e}") from e
+    return data, source
+
+
+def _load_file(path: Path) -> list[dict]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _read_jsonl(path)
+    if suffix == ".json":
+        return _read_json(path)
+    if suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            return [dict(r) for r in csv.DictReader(f)]
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as e:  # noqa: BLE001
+            raise DataError(f"{path}: not a readable parquet file: {e}") from e
+    raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(LOCAL_SUFFIXES)}")
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {line_no} (row {len(rows)}): invalid JSON: {e}") from e
+    return rows
+
+
+def _read_json(path: Path) -> list[dict]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return _read_jsonl(path)  # JSON lines saved with a .json suffix
+    if isinstance(data, list):
+        return data
+    if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
+        lengths = {len(v) for v in data.values()}
+        if len(lengths) == 1:  # column-oriented: {"prompt": [...], "chosen": [...], ...}
+            keys = list(data)
+            return [dict(zip(keys, vals, strict=True)) for vals in zip(*data.values(), strict=True)]
+    raise DataError(f"{path}: expected a JSON list of rows or a dict of equal-length columns")

@@ -1,0 +1,36 @@
+"""Preference losses: one registry of pure functions with their traits (`core`), the pair losses of TRL 1.16 and
+beyond (`pairwise`), and Plackett-Luce over K ranked responses (`ranking`). Importing this package registers them."""
+
+from dpojax.losses import pairwise, ranking  # noqa: F401  (registers the built-in losses)
+from dpojax.losses.core import (
+    F_DIVERGENCES,
+    LOSSES,
+    Loss,
+    LossInputs,
+    LossParams,
+    MetricSums,
+    Terms,
+    best_and_worst,
+    finalize_metrics,
+    is_kwise,
+    loss_inputs_from_stats,
+    loss_types,
+    make_terms,
+    metric_names,
+    needs_prompt_nll,
+    per_pair_losses,
+    preference_loss,
+    reference_free,
+    register_loss,
+    reward_metrics,
+    traits,
+    validate_loss_config,
+    worst_index,
+)
+
+__all__ = [
+    "F_DIVERGENCES", "LOSSES", "Loss", "LossInputs", "LossParams", "MetricSums", "Terms", "best_and_worst",
+    "finalize_metrics", "is_kwise", "loss_inputs_from_stats", "loss_types", "make_terms", "metric_names", "needs_prompt_nll",
+    "per_pair_losses", "preference_loss", "reference_free", "register_loss", "reward_metrics", "traits",
+    "validate_loss_config", "worst_index",
+]  # fmt: skip

@@ -1,0 +1,274 @@
+"""Setting a run up (no step runs here): tokenizer and models on the mesh, tokenized data, reference tables, the
+step built from the config and compiled. `loop.py` runs what this builds.
+
+Stages: mesh -> tokenizer and models -> data -> reference log-probs (precomputed, optional) -> step spec, train
+state and compiled steps. `dpojax eval` and `dpojax export` of a trained run build the policy abstractly and restore
+its parameters alone (no optimizer state; export loads no reference).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from dpojax import losses
+from dpojax.config import Config
+from dpojax.data.batching import PreferenceBatch, steps_per_epoch
+from dpojax.data.loader import load_preferences
+from dpojax.data.tokenize import TokenizedData, check_token_ids
+from dpojax.errors import ConfigError, ModelError
+from dpojax.models.config import ModelConfig
+from dpojax.models.hf import abstract_params, init_random, load_pretrained, read_hf_config, resolve_model_dir
+from dpojax.sharding import Sharder, check_fsdp_sharded, make_mesh
+from dpojax.train import reference
+from dpojax.train.step import (
+    StepSpec,
+    TrainState,
+    batch_sharding,
+    compile_eval,
+    compile_reference,
+    compile_steps,
+    compile_sync,
+    init_state,
+    make_spec,
+)
+
+log = logging.getLogger("dpojax")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+# ------------------------------------------------------------------------------------------- models and data
+@dataclasses.dataclass
+class Models:
+    tokenizer: Any
+    tokenizer_dir: Path
+    policy_cfg: ModelConfig
+    policy_graphdef: Any
+    policy_params: Any  # arrays, or ShapeDtypeStructs when the parameters come from a checkpoint
+    ref_graphdef: Any  # None when the loss needs no reference, or its log-probs are precomputed
+    ref_params: Any
+    ref_fingerprint: str = ""  # what the reference weights hash to (precompute cache key)
+    ref_tables: dict | None = None  # data fingerprint -> [M, K] precomputed reference log-probs
+
+
+def make_sharder(cfg: Config) -> Sharder:
+    return Sharder(make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
+
+
+def _import_transformers_quietly() -> None:
+    """Import transformers without its "PyTorch was not found" warning (dpojax uses it for tokenizers only),
+    leaving its later warnings as they were."""
+    if "transformers" in sys.modules:
+        return
+    before = os.environ.get("TRANSFORMERS_VERBOSITY")
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    try:
+        from transformers.utils import logging as hf_logging
+    finally:
+        if before is None:
+            del os.environ["TRANSFORMERS_VERBOSITY"]
+        else:
+            os.environ["TRANSFORMERS_VERBOSITY"] = before
+    if before is None:
+        hf_logging.set_verbosity_warning()
+
+
+def load_tokenizer(cfg: Config) -> tuple[Any, Path]:
+    _import_transformers_quietly()
+    from transformers import AutoTokenizer
+
+    name = cfg.model.tokenizer or cfg.model.name_or_path
+    folder = resolve_model_dir(name, cfg.model.revision)
+    try:
+        return AutoTokenizer.from_pretrained(str(folder)), folder
+    except (OSError, ValueError) as e:
+        raise ModelError(f"tokenizer: could not load a tokenizer from '{folder}': {e}") from None
+
+
+def _model_kw(cfg: Config, sharder: Sharder) -> dict:
+    return dict(dtype=DTYPES[cfg.model.dtype], param_dtype=DTYPES[cfg.model.param_dtype],
+                attention=cfg.model.attention, remat=cfg.model.remat, scan_layers=cfg.model.scan_layers,
+                sharder=sharder)
+
+
+def _build_model(cfg: Config, name: str, sharder: Sharder, *, how: str):
+    """(graphdef, params, ModelConfig) of `name`: `pretrained` weights, `random` init, or `abstract` (shapes and
+    shardings only: the restore target of a checkpoint)."""
+    kw = _model_kw(cfg, sharder)
+    if how == "pretrained":
+        model, mcfg = load_pretrained(name, revision=cfg.model.revision, **kw)
+        return (*nnx.split(model), mcfg)
+    mcfg = ModelConfig.from_hf(read_hf_config(resolve_model_dir(name, cfg.model.revision)))
+    if how == "abstract":
+        return (*abstract_params(mcfg, **kw), mcfg)
+    return (*nnx.split(init_random(mcfg, seed=cfg.model.seed, **kw)), mcfg)
+
+
+def build_models(cfg: Config, sharder: Sharder, *, policy_from_checkpoint: bool = False,
+                 with_reference: bool = True) -> Models:
+    """Tokenizer, policy and (unless the loss is reference-free or `with_reference` is off) the frozen reference,
+    all placed on the mesh. `policy_from_checkpoint`: the policy is abstract, to be restored from a checkpoint."""
+    tokenizer, tok_dir = load_tokenizer(cfg)
+    how = "abstract" if policy_from_checkpoint else ("random" if cfg.model.init == "random" else "pretrained")
+    pgraph, pparams, pcfg = _build_model(cfg, cfg.model.name_or_path, sharder, how=how)
+    rgraph = rparams = None
+    ref_id = ""
+    if with_reference and not losses.reference_free(cfg.loss):
+        same = cfg.ref_name_or_path == cfg.model.name_or_path
+        if same and cfg.model.init == "random":  # the reference is the policy's initial random weights
+            if how == "random":
+                rgraph, rparams = pgraph, jax.tree.map(jnp.copy, pparams)
+            else:
+                rgraph, rparams, _ = _build_model(cfg, cfg.model.name_or_path, sharder, how="random")
+            ref_id = _weights_id(cfg, cfg.model.name_or_path, random_seed=cfg.model.seed)
+        else:
+            rgraph, rparams, rcfg = _build_model(cfg, cfg.ref_name_or_path, sharder, how="pretrained")
+            if rcfg.vocab_size != pcfg.vocab_size:
+                raise ModelError(
+                    f"the reference '{cfg.ref_name_or_path}' has vocab_size {rcfg.vocab_size} but the policy "
+                    f"'{cfg.model.name_or_path}' has {pcfg.vocab_size}; DPO needs both to share one tokenizer."
+                )
+            ref_id = _weights_id(cfg, cfg.ref_name_or_path)
+        if cfg.ref_model.sync_every and rgraph != pgraph:
+            raise ConfigError(
+                "config: 'ref_model.sync_every' (TR-DPO) mixes policy weights into the reference, so both must have "
+                f"the same architecture; '{cfg.ref_name_or_path}' differs from '{cfg.model.name_or_path}'."
+            )
+    return Models(tokenizer, tok_dir, pcfg, pgraph, pparams, rgraph, rparams, ref_fingerprint=ref_id)
+
+
+def _weights_id(cfg: Config, name: str, random_seed: int | None = None) -> str:
+    """Fingerprint of reference weights, computed only when they will be precomputed (it reads the files)."""
+    if not cfg.ref_model.precompute:
+        return ""
+    folder = resolve_model_dir(name, cfg.model.revision)
+    return reference.weights_fingerprint(folder, cache_dir(cfg), random_seed=random_seed)
+
+
+def cache_dir(cfg: Config) -> Path:
+    return Path(cfg.data.cache_dir or Path.home() / ".cache" / "dpojax")
+
+
+def load_split(cfg: Config, models: Models, spec: str, split: str) -> TokenizedData:
+    """Tokenized rows of one data split, checked against the policy's vocabulary."""
+    data = load_preferences(
+        spec, models.tokenizer, split=split, max_length=cfg.data.max_length,
+        truncation_mode=cfg.data.truncation_mode, cache_dir=str(cache_dir(cfg)), on_bad_row=cfg.data.on_bad_row,
+        max_responses=cfg.data.max_responses, pairs_from_scores=cfg.data.pairs_from_scores,
+        ranking_loss=losses.is_kwise(cfg.loss),
+    )  # fmt: skip
+    return check_token_ids(data, models.policy_cfg.vocab_size, models.tokenizer,
+                           f"the policy '{cfg.model.name_or_path}'")
+
+
+def precompute_references(cfg: Config, models: Models, sharder: Sharder, datasets: list[TokenizedData]) -> None:
+    """Run the reference once over each data set (cached on disk), then drop it from device memory."""
+    if not cfg.ref_model.precompute or models.ref_graphdef is None:
+        return
+    spec = StepSpec(models.policy_graphdef, models.ref_graphdef, cfg.loss, None, None, sharder=sharder)
+    forward = compile_reference(spec, models.ref_graphdef, models.ref_params, sharder)
+    bs = cfg.train.eval_batch_size or cfg.train.batch_size
+    sharding = batch_sharding(sharder)
+    settings = {"ld_alpha": cfg.loss.ld_alpha, "dtype": cfg.model.dtype, "param_dtype": cfg.model.param_dtype}
+    tables = {}
+    for data in datasets:
+        key = reference.cache_key(data, models.ref_fingerprint, settings)
+        tables[data.fingerprint] = reference.load_or_compute(
+            cache_dir(cfg) / f"ref-{key}.npz",
+            lambda: reference.precompute(forward, models.ref_params, data, bs, lambda b: to_device(b, sharding),
+                                         buckets=cfg.data.buckets, process_kw=process_kw()),  # fmt: skip
+        )
+    models.ref_graphdef, models.ref_params, models.ref_tables = None, None, tables
+
+
+def to_device(batch: PreferenceBatch, sharding) -> PreferenceBatch:
+    """Host batch (this process's rows) -> global jax.Arrays sharded over the data axes."""
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+
+
+def process_kw() -> dict:
+    return {"process_index": jax.process_index(), "process_count": jax.process_count()}
+
+
+# ------------------------------------------------------------------------------------------------ the run
+@dataclasses.dataclass
+class Run:
+    cfg: Config
+    sharder: Sharder
+    models: Models
+    spec: StepSpec
+    train_step: Any  # None for an eval-only run
+    eval_step: Any
+    total_steps: int  # optimizer steps of this run
+    horizon: int  # steps of the learning-rate schedule (the run's first config's total)
+    sync_reference: Any = None  # jitted TR-DPO update, when ref_model.sync_every is set
+
+    def checkpoint_tree(self, state: TrainState) -> dict[str, Any]:
+        """The checkpoint items: params and optimizer state, plus the reference when TR-DPO changes it."""
+        tree = {"params": state.params, "opt_state": state.opt_state}
+        return {**tree, "ref": self.models.ref_params} if self.sync_reference else tree
+
+    def from_checkpoint_tree(self, tree: dict[str, Any], step: int) -> TrainState:
+        if self.sync_reference:
+            self.models.ref_params = tree["ref"]
+        replicated = NamedSharding(self.sharder.mesh, P())
+        return TrainState(jax.device_put(jnp.asarray(step, jnp.int32), replicated), tree["params"],
+                          tree["opt_state"])
+
+
+def total_steps(cfg: Config, n_train_rows: int) -> int:
+    if cfg.train.steps is not None:
+        return cfg.train.steps
+    return cfg.train.epochs * steps_per_epoch(n_train_rows, cfg.train.batch_size)
+
+
+def check_batch(cfg: Config, sharder: Sharder) -> None:
+    n_data = sharder.mesh.shape["data"] * sharder.mesh.shape["fsdp"]
+    if cfg.micro_batch_size % n_data:
+        key = "train.micro_batch_size" if cfg.train.micro_batch_size else "train.batch_size"
+        raise ConfigError(
+            f"config: '{key}' = {cfg.micro_batch_size} pairs must be divisible by the {n_data} "
+            "data-parallel devices (mesh.data * mesh.fsdp), so every device gets whole pairs; change the batch "
+            "or the mesh."
+        )
+    eval_bs = cfg.train.eval_batch_size or cfg.train.batch_size
+    if eval_bs % n_data:
+        raise ConfigError(
+            f"config: 'train.eval_batch_size' = {eval_bs} must be divisible by the {n_data} "
+            "data-parallel devices (mesh.data * mesh.fsdp)."
+        )
+
+
+def setup_train(cfg: Config, models: Models, sharder: Sharder, *, steps: int,
+                horizon: int | None = None) -> tuple[Run, TrainState]:
+    """The compiled train and eval steps and the train state at step 0 (the policy parameters move into it);
+    `horizon`: the learning-rate schedule's length (default `steps`)."""
+    horizon = steps if horizon is None else horizon
+    check_batch(cfg, sharder)
+    spec = make_spec(cfg, models.policy_graphdef, models.ref_graphdef, sharder, total_steps=horizon,
+                     precomputed_ref=models.ref_tables is not None)
+    check_fsdp_sharded(models.policy_params, sharder.mesh)  # no big parameter silently whole on every device
+    state = init_state(models.policy_params, spec.optimizer, sharder)
+    models.policy_params = None  # the state owns (and donates) them now
+    train, evaluate = compile_steps(spec, state, models.ref_params, sharder)
+    sync = compile_sync(models.ref_params, cfg.ref_model.mixup_alpha) if cfg.ref_model.sync_every else None
+    return Run(cfg, sharder, models, spec, train, evaluate, steps, horizon, sync), state
+
+
+def setup_eval(cfg: Config, models: Models, sharder: Sharder) -> Run:
+    """An eval-only run: the compiled eval step, no optimizer state."""
+    check_batch(cfg, sharder)
+    spec = make_spec(cfg, models.policy_graphdef, models.ref_graphdef, sharder, total_steps=1,
+                     precomputed_ref=models.ref_tables is not None)
+    evaluate = compile_eval(spec, models.policy_params, models.ref_params, sharder)
+    return Run(cfg, sharder, models, spec, None, evaluate, 0, 1)
