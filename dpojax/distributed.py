@@ -20,6 +20,9 @@ terminated with "the JAX distributed service detected fatal errors ... tasks are
 30 s (JAX's is 100 s), the survivors stop 15 to 30 s after a peer dies (21 s measured by tests/test_multihost.py
 on CPU). They cannot learn it sooner from their collectives: on CPU a gloo collective waits for a killed peer
 until the heartbeat verdict.
+
+SIGTERM belongs to `dpojax.train.preemption`: JAX's preemption service is switched off because it installs
+its own SIGTERM handler, which would swallow a SIGTERM that arrives before the training loop starts.
 """
 
 from __future__ import annotations
@@ -98,6 +101,7 @@ def initialize(cfg: DistributedSection) -> bool:
         return False
     # CPU processes exchange collectives over TCP with gloo (no effect on TPU/GPU devices).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.config.update("jax_enable_preemption_service", False)  # see the module doc: SIGTERM is ours
     try:
         jax.distributed.initialize(
             coordinator_address=group.coordinator,
