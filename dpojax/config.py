@@ -118,7 +118,7 @@ class DistributedSection:
     num_processes: Optional[int] = None  # processes in the run (or env DPOJAX_NUM_PROCESSES); None: detect
     process_id: Optional[int] = None  # this process, 0..num_processes-1 (or env DPOJAX_PROCESS_ID); None: detect
     initialization_timeout: int = 300  # seconds to wait for every process to connect
-    heartbeat_timeout: int = 100  # seconds without a heartbeat after which a process counts as dead: all stop
+    heartbeat_timeout: int = 30  # seconds a process may miss heartbeats (sent every timeout/2) before all stop
     shutdown_timeout: int = 300  # seconds a finishing process waits for the others at exit
 
 

@@ -22,6 +22,7 @@ from dpojax.metrics import read_metrics
 
 STEPS = 8
 TIMING = {"tokens_per_second", "pairs_per_second", "mfu"}
+HELD_CLI = str(Path(__file__).with_name("held_cli.py"))  # holds a run at a known step, whatever the speed
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +51,11 @@ def _cmd(config: Path, out: Path, *overrides: str, wrapper: str | None = None) -
     return [*head, "train", str(config), f"output_dir={out}", *overrides]
 
 
-def _env(devices: int = 8) -> dict:
+def _env(devices: int = 8, **extra: str) -> dict:
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["JAX_PLATFORMS"] = "cpu"
+    env.update(extra)
     return env
 
 
@@ -68,28 +70,30 @@ def _train_records(out: Path) -> list[dict]:
             if r["split"] == "train"]  # fmt: skip
 
 
-def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 240) -> None:
-    end = time.time() + timeout
-    while time.time() < end:
-        if predicate():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"process ended early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
+def _start_held(config: Path, out: Path, step: int, *overrides: str, release: Path | None = None):
+    """`dpojax train` in a subprocess, held right after writing step `step`'s metrics until `release` exists."""
+    env = _env(DPOJAX_HOLD_AT=str(step), **({"DPOJAX_RELEASE": str(release)} if release else {}))
+    proc = subprocess.Popen(_cmd(config, out, *overrides, wrapper=HELD_CLI), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    seen = []
+    for line in proc.stdout:  # reading as it comes keeps the pipe from filling up
+        seen.append(line)
+        if "HELD AT STEP" in line:
+            return proc
+    raise AssertionError(f"the run ended before step {step} ({proc.wait()}): {''.join(seen)[-3000:]}")
+
+
+def _wait_for_dir(path: Path, timeout: float = 240) -> None:
+    end = time.monotonic() + timeout
+    while not path.is_dir():
+        assert time.monotonic() < end, f"{path} never appeared"
         time.sleep(0.1)
-    proc.kill()
-    raise AssertionError("timed out waiting for the training process")
-
-
-def _logged_step(out: Path) -> int:
-    records = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
-    return max((r["step"] for r in records), default=0)
 
 
 def test_sigkill_between_checkpoints_resumes_exactly(setup):
     out = setup["root"] / "killed"
-    proc = subprocess.Popen(_cmd(setup["config"], out), env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
-    _wait_for(lambda: _logged_step(out) >= 5 and (out / "checkpoints" / "4").is_dir(), proc)
+    proc = _start_held(setup["config"], out, 5)  # the async save of step 4 completes while step 5 is held
+    _wait_for_dir(out / "checkpoints" / "4")
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert not (out / "export").exists()
@@ -138,19 +142,17 @@ def test_sigkill_during_async_save_resumes_from_previous(setup):
 
 
 def test_sigterm_saves_exits_zero_and_resumes(setup):
-    out = setup["root"] / "preempted"
-    proc = subprocess.Popen(_cmd(setup["config"], out, "checkpoint.every=100"), env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
-    _wait_for(lambda: _logged_step(out) >= 3, proc)
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr[-3000:]
-    assert "stopped by SIGTERM at step" in stdout
-    stopped = int(stdout.split("stopped by SIGTERM at step ")[1].split(";")[0])
-    assert 3 <= stopped < STEPS and (out / "checkpoints" / str(stopped)).is_dir()
+    out, release = setup["root"] / "preempted", setup["root"] / "preempted.release"
+    proc = _start_held(setup["config"], out, 3, "checkpoint.every=100", release=release)
+    proc.send_signal(signal.SIGTERM)  # lands while step 3 is held: the run saves at step 3's boundary
+    release.touch()
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output[-3000:]
+    assert "stopped by SIGTERM at step 3;" in output, output[-3000:]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["3"]
     result = _run(setup["config"], out, "checkpoint.every=100")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"at step {stopped}" in result.stderr
+    assert "at step 3" in result.stderr
     assert _train_records(out) == _train_records(setup["reference"])
 
 
@@ -190,6 +192,6 @@ def test_non_finite_steps_are_skipped_then_stop(setup):
     steps = [p for p in (out / "checkpoints").iterdir() if p.name.isdigit()]
     assert steps and not [p for p in (out / "checkpoints").iterdir() if "tmp" in p.name]
     for step_dir in steps:
-        restored = ocp.StandardCheckpointer().restore(step_dir / "state")
-        leaves = [np.asarray(x) for x in __import__("jax").tree.leaves(restored["params"])]
+        restored = ocp.StandardCheckpointer().restore(step_dir / "params")
+        leaves = [np.asarray(x) for x in __import__("jax").tree.leaves(restored)]
         assert all(np.all(np.isfinite(x)) for x in leaves if x.dtype.kind == "f"), step_dir

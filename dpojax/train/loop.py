@@ -233,7 +233,7 @@ def _loop(run: Run, state, savers: Savers, writer, train_data, eval_data, start:
             window.t0 = time.perf_counter()
         if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or last:
             savers.save(step, state)
-        if not last and preemption.should_stop():
+        if not last and preemption.should_stop(step):
             if pending is not None:
                 bad.check(*window.add(*pending))
             savers.save(step, state)

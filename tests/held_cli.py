@@ -1,0 +1,44 @@
+"""`python -m dpojax.cli` that holds at one train step: a test's handle on a run at a known point, whatever the
+machine's speed.
+
+    DPOJAX_HOLD_AT=3 DPOJAX_RELEASE=/tmp/go python tests/held_cli.py train CONFIG ...
+
+Right after the train record of step DPOJAX_HOLD_AT is written (MetricsWriter.write runs on every process),
+prints "HELD AT STEP 3" and waits until the file DPOJAX_RELEASE exists (forever if unset, at most 10 min).
+With DPOJAX_SPIN=SECONDS it instead keeps the Python thread busy for that long (holding the GIL, like a
+tokenizer or a Python-heavy callback) and goes on.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from dpojax import metrics
+from dpojax.cli import main
+
+HOLD_AT = int(os.environ["DPOJAX_HOLD_AT"])
+RELEASE = os.environ.get("DPOJAX_RELEASE")
+SPIN = float(os.environ.get("DPOJAX_SPIN", "0"))
+_write = metrics.MetricsWriter.write
+
+
+def _held_write(self, step, split, record):
+    _write(self, step, split, record)
+    if split != "train" or step != HOLD_AT:
+        return
+    print(f"HELD AT STEP {step}", flush=True)
+    end = time.monotonic() + (SPIN or 600)
+    while time.monotonic() < end:
+        if not SPIN:
+            if RELEASE and os.path.exists(RELEASE):
+                break
+            time.sleep(0.05)
+    print(f"RELEASED AT STEP {step}", flush=True)
+
+
+metrics.MetricsWriter.write = _held_write
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
