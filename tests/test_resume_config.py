@@ -83,3 +83,16 @@ def test_raising_steps_continues_or_is_refused_with_the_reason(setup, capsys):
     assert main(["train", str(path), f"output_dir={constant}", "optim.schedule=constant", "train.steps=4"]) == 0
     steps = [r["step"] for r in read_metrics(constant / "metrics.jsonl") if r["split"] == "train"]
     assert steps == [1, 2, 3, 4]
+
+
+def test_final_eval_competes_for_best(setup):
+    """With the loss falling at every eval, the best checkpoint is the final one (evaluated after the loop)."""
+    root, path = setup
+    out = root / "best"
+    data = yaml.safe_load(path.read_text())["data"]["train"]
+    assert main(["train", str(path), f"output_dir={out}", f"data.eval={data}", "train.steps=3", "train.eval_every=1",
+                 "optim.schedule=constant", "optim.lr=3e-3", "checkpoint.best_metric=loss", "checkpoint.best_mode=min",
+                 "checkpoint.async=false"]) == 0
+    evals = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if r["split"] == "eval"]
+    assert len(evals) == 3 and evals[2] < min(evals[:2]), evals
+    assert sorted(p.name for p in (out / "best").iterdir() if p.name.isdigit()) == ["3"]

@@ -195,7 +195,9 @@ class Savers:
         ckpt.save(self.latest, step, self.run.checkpoint_tree(state), self.run.cfg, horizon=self.run.horizon)
 
     def save_best(self, step: int, state: TrainState, metrics: dict[str, float]) -> None:
-        if self.best is not None and ckpt.all_finite(state.params):
+        if self.best is None or step in self.best.all_steps():  # e.g. the final eval of a finished run, again
+            return
+        if ckpt.all_finite(state.params):
             ckpt.save(self.best, step, self.run.checkpoint_tree(state), self.run.cfg, horizon=self.run.horizon,
                       metrics=metrics)
 
