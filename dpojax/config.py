@@ -359,6 +359,10 @@ def _validate_sections(cfg: Config) -> None:
     _require(c.keep >= 1, f"'checkpoint.keep' = {c.keep} must be at least 1.")
     _require(cfg.model.vocab_tile is None or cfg.model.vocab_tile > 0,
              f"'model.vocab_tile' = {cfg.model.vocab_tile} must be a positive number of vocabulary entries (or null).")
+    _require(cfg.model.vocab_tile is None or cfg.mesh.tensor == 1,
+             f"'model.vocab_tile' = {cfg.model.vocab_tile} slices the vocabulary that mesh.tensor = {cfg.mesh.tensor} "
+             "splits over devices, so every device would gather the whole unembedding; leave it null with tensor "
+             "parallelism.")
     _require(c.best_metric is None or d.eval is not None,
              "'checkpoint.best_metric' needs an eval set: set 'data.eval' too.")
     _require(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"'optim.b1' = {o.b1} and 'optim.b2' = {o.b2} must be in [0, 1).")

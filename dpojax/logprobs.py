@@ -80,28 +80,47 @@ def _from_chunks(x_UxBxC):
     return einops.rearrange(x_UxBxC, "u b c ... -> b (u c) ...")
 
 
-def _to_tiles(x_VxD, tile: int):
-    """[V, D] -> [W, n, D], n = ceil(V / W) tiles (zero-padded past V): tile j holds vocabulary ids w*n + j.
+class _Tiling(NamedTuple):
+    """The vocabulary cut into `count` tiles of `width` (W) ids, tile j reading rows [start(j), start(j) + W) of the
+    unembedding in place. When W does not divide V the last tile starts at V - W and its ids below j * W (already
+    in tile j - 1) are masked: -inf logits, no gradient."""
 
-    Strided tiles keep a vocabulary sharded in contiguous blocks (the `vocab` axis over `tensor`) on its devices:
-    each device reads only its own rows of every tile, as the untiled head does.
-    """
-    v = x_VxD.shape[0]
-    w = min(tile, v)
-    j = -(-v // w)
-    if w * j != v:
-        x_VxD = jnp.pad(x_VxD, ((0, w * j - v), (0, 0)))
-    return einops.rearrange(x_VxD, "(w j) d -> w j d", j=j)
+    width: int
+    count: int
+    vocab: int
+
+    @staticmethod
+    def of(vocab: int, tile: int | None) -> "_Tiling":
+        width = min(tile or vocab, vocab)
+        return _Tiling(width, -(-vocab // width), vocab)
+
+    @property
+    def overlaps(self) -> bool:
+        return self.vocab % self.width != 0
+
+    def start(self, j):
+        return jnp.minimum(j * self.width, self.vocab - self.width) if self.overlaps else j * self.width
+
+    def rows(self, x_VxD, j):
+        """Tile j's rows [W, D] of a [V, D] array."""
+        return lax.dynamic_slice_in_dim(x_VxD, self.start(j), self.width, axis=0)
+
+    def ids(self, j, dtype):
+        """[W] vocabulary ids of tile j's rows."""
+        return self.start(j) + lax.broadcasted_iota(dtype, (self.width,), 0)
+
+    def mask(self, ids_W, j):
+        """[W] bool: the ids tile j owns (None: all of them)."""
+        return ids_W >= j * self.width if self.overlaps else None
+
+    def locate(self, ids, j):
+        """(ids owned by tile j, their position in the tile)."""
+        return ids // self.width == j, jnp.clip(ids - self.start(j), 0, self.width - 1)
 
 
-def _from_tiles(x_tiles, vocab: int):
-    """Inverse of `_to_tiles`: [W, n, D] -> [V, D]."""
-    return einops.rearrange(x_tiles, "w j d -> (w j) d")[:vocab]
-
-
-def _tile_logits(h_BxCxD, unembed_tiles, j, spec: _HeadSpec):
+def _tile_logits(h_BxCxD, unembed_VxD, j, tiling: _Tiling, spec: _HeadSpec):
     """fp32 logits of tile j (matmul in the hidden's dtype) and tanh(.) of the soft-cap (None without)."""
-    w_WxD = lax.dynamic_index_in_dim(unembed_tiles, j, axis=1, keepdims=False)
+    w_WxD = tiling.rows(unembed_VxD, j).astype(h_BxCxD.dtype)
     z_BxCxW = lax.dot_general(h_BxCxD, w_WxD, (((2,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     if spec.logit_scale != 1.0:
         z_BxCxW = z_BxCxW * spec.logit_scale
@@ -111,23 +130,18 @@ def _tile_logits(h_BxCxD, unembed_tiles, j, spec: _HeadSpec):
     return spec.softcap * tanh_BxCxW, tanh_BxCxW
 
 
-def _tile_ids(unembed_tiles, j, dtype):
-    """[W] vocabulary ids of tile j (padding ids are >= V)."""
-    return lax.broadcasted_iota(dtype, (unembed_tiles.shape[0],), 0) * unembed_tiles.shape[1] + j
-
-
-def _tile_partials(h_BxCxD, unembed_tiles, targets_BxC, j, vocab: int, spec: _HeadSpec) -> dict[str, Array]:
+def _tile_partials(h_BxCxD, unembed_VxD, targets_BxC, j, tiling: _Tiling, spec: _HeadSpec) -> dict[str, Array]:
     """One tile's [B, C] partial sums, relative to the tile's own max (merged across tiles by `_merge`)."""
-    z_BxCxW, _ = _tile_logits(h_BxCxD, unembed_tiles, j, spec)
-    tiles = unembed_tiles.shape[1]
-    valid_W = None if unembed_tiles.shape[0] * tiles == vocab else _tile_ids(unembed_tiles, j, jnp.int32) < vocab
+    z_BxCxW, _ = _tile_logits(h_BxCxD, unembed_VxD, j, tiling, spec)
+    ids_W = tiling.ids(j, targets_BxC.dtype)
+    valid_W = tiling.mask(ids_W, j)
     masked = lambda x, fill: x if valid_W is None else jnp.where(valid_W, x, jnp.asarray(fill, x.dtype))  # noqa: E731
     zv_BxCxW = masked(z_BxCxW, -jnp.inf)
     max_BxC = lax.stop_gradient(jnp.max(zv_BxCxW, axis=-1))
     shifted_BxCxW = zv_BxCxW - max_BxC[..., None]
     e_BxCxW = jnp.exp(shifted_BxCxW)
-    here_BxC = targets_BxC % tiles == j
-    target_BxC = jnp.take_along_axis(z_BxCxW, (targets_BxC // tiles)[..., None], axis=-1)[..., 0]
+    here_BxC, pos_BxC = tiling.locate(targets_BxC, j)
+    target_BxC = jnp.take_along_axis(z_BxCxW, pos_BxC[..., None], axis=-1)[..., 0]
     out = {"max": max_BxC, "sum_exp": jnp.sum(e_BxCxW, axis=-1), "target": jnp.where(here_BxC, target_BxC, 0.0)}
     if "mean_logit" in spec.outputs:
         out["sum_logit"] = jnp.sum(masked(z_BxCxW, 0.0), axis=-1)
@@ -136,7 +150,7 @@ def _tile_partials(h_BxCxD, unembed_tiles, targets_BxC, j, vocab: int, spec: _He
     if "entropy" in spec.outputs:
         out["sum_exp_shifted"] = jnp.sum(masked(e_BxCxW * shifted_BxCxW, 0.0), axis=-1)
     if "is_top1" in spec.outputs:
-        out["argmax"] = jnp.argmax(zv_BxCxW, axis=-1).astype(targets_BxC.dtype) * tiles + j
+        out["argmax"] = ids_W[jnp.argmax(zv_BxCxW, axis=-1)]
     return out
 
 
@@ -153,23 +167,22 @@ def _merge(a: dict[str, Array], b: dict[str, Array]) -> dict[str, Array]:
     if "sum_exp_shifted" in a:  # sum e^(z-m)(z-m) moved to the new max m': r * (a + (m - m') * sum e^(z-m))
         out["sum_exp_shifted"] = (ra_BxC * (a["sum_exp_shifted"] + (a["max"] - max_BxC) * a["sum_exp"])
                                   + rb_BxC * (b["sum_exp_shifted"] + (b["max"] - max_BxC) * b["sum_exp"]))
-    if "argmax" in a:  # the first index among equal maxima, as jnp.argmax
-        b_wins = (b["max"] > a["max"]) | ((b["max"] == a["max"]) & (b["argmax"] < a["argmax"]))
-        out["argmax"] = jnp.where(b_wins, b["argmax"], a["argmax"])
+    if "argmax" in a:  # b's ids are all larger: it wins only with a larger max (the first argmax, as jnp.argmax)
+        out["argmax"] = jnp.where(b["max"] > a["max"], b["argmax"], a["argmax"])
     return out
 
 
-def _chunk_stats(h_BxCxD, unembed_tiles, targets_BxC, vocab: int, spec: _HeadSpec) -> dict[str, Array]:
+def _chunk_stats(h_BxCxD, unembed_VxD, targets_BxC, tiling: _Tiling, spec: _HeadSpec) -> dict[str, Array]:
     """Fold one chunk's logits, tile by tile, into [B, C] statistics; `lse` is kept for the backward pass."""
-    part = functools.partial(_tile_partials, h_BxCxD, unembed_tiles, targets_BxC, vocab=vocab, spec=spec)
+    part = functools.partial(_tile_partials, h_BxCxD, unembed_VxD, targets_BxC, tiling=tiling, spec=spec)
     acc = part(j=0)
-    if unembed_tiles.shape[1] > 1:
-        acc = lax.fori_loop(1, unembed_tiles.shape[1], lambda j, acc: _merge(acc, part(j=j)), acc)
+    if tiling.count > 1:
+        acc = lax.fori_loop(1, tiling.count, lambda j, acc: _merge(acc, part(j=j)), acc)
     log_sum_exp_BxC = jnp.log(acc["sum_exp"])
     lse_BxC = acc["max"] + log_sum_exp_BxC
     out = {"logps": acc["target"] - lse_BxC, "lse": lse_BxC}
     if "mean_logit" in spec.outputs:
-        out["mean_logit"] = acc["sum_logit"] / vocab
+        out["mean_logit"] = acc["sum_logit"] / tiling.vocab
     if "log_sum_sq_probs" in spec.outputs:
         out["log_sum_sq_probs"] = jnp.log(acc["sum_sq_exp"]) - 2.0 * log_sum_exp_BxC
     if "entropy" in spec.outputs:
@@ -187,12 +200,11 @@ def _live(chunk_index, n_live, spec: _HeadSpec, compute, skipped):
 
 
 def _head_forward(hidden_BxTxD, unembed_VxD, targets_BxT, n_live, spec: _HeadSpec):
-    vocab = unembed_VxD.shape[0]
-    unembed_tiles = _to_tiles(unembed_VxD.astype(hidden_BxTxD.dtype), spec.vocab_tile or vocab)
+    tiling = _Tiling.of(unembed_VxD.shape[0], spec.vocab_tile)
 
     def body(_, xs):
         k, h_BxCxD, t_BxC = xs
-        compute = functools.partial(_chunk_stats, h_BxCxD, unembed_tiles, t_BxC, vocab, spec)
+        compute = functools.partial(_chunk_stats, h_BxCxD, unembed_VxD, t_BxC, tiling, spec)
         zeros = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(compute))
         return None, _live(k, n_live, spec, compute, zeros)
 
@@ -214,64 +226,62 @@ def _head_fwd(hidden_BxTxD, unembed_VxD, targets_BxT, n_live, spec: _HeadSpec):
     return stats, (hidden_BxTxD, unembed_VxD, targets_BxT, n_live, stats["lse"])
 
 
-def _tile_grads(h_BxCxD, unembed_tiles, t_BxC, lse_BxC, g_BxC, j, vocab: int, spec: _HeadSpec):
+def _tile_grads(h_BxCxD, unembed_VxD, t_BxC, lse_BxC, g_BxC, j, tiling: _Tiling, spec: _HeadSpec):
     """Tile j's share of dh [B, C, D] and its dW rows [W, D] (both fp32); d logp / dz = onehot(target) - softmax(z),
-    through scale and soft-cap; padding ids get no gradient."""
-    z_BxCxW, tanh_BxCxW = _tile_logits(h_BxCxD, unembed_tiles, j, spec)
+    through scale and soft-cap; ids the tile does not own get no gradient."""
+    z_BxCxW, tanh_BxCxW = _tile_logits(h_BxCxD, unembed_VxD, j, tiling, spec)
     p_BxCxW = jnp.exp(z_BxCxW - lse_BxC[..., None])
-    ids_W = _tile_ids(unembed_tiles, j, t_BxC.dtype)
+    ids_W = tiling.ids(j, t_BxC.dtype)
     dz_BxCxW = g_BxC[..., None] * ((ids_W == t_BxC[..., None]).astype(jnp.float32) - p_BxCxW)
     if tanh_BxCxW is not None:
         dz_BxCxW = dz_BxCxW * (1.0 - tanh_BxCxW * tanh_BxCxW)
     if spec.logit_scale != 1.0:
         dz_BxCxW = dz_BxCxW * spec.logit_scale
-    if unembed_tiles.shape[0] * unembed_tiles.shape[1] != vocab:
-        dz_BxCxW = jnp.where(ids_W < vocab, dz_BxCxW, 0.0)
+    if tiling.overlaps:
+        dz_BxCxW = jnp.where(tiling.mask(ids_W, j), dz_BxCxW, 0.0)
     dz_BxCxW = dz_BxCxW.astype(h_BxCxD.dtype)
-    w_WxD = lax.dynamic_index_in_dim(unembed_tiles, j, axis=1, keepdims=False)
+    w_WxD = tiling.rows(unembed_VxD, j).astype(h_BxCxD.dtype)
     dh_BxCxD = lax.dot_general(dz_BxCxW, w_WxD, (((2,), (0,)), ((), ())), preferred_element_type=jnp.float32)
     dw_WxD = lax.dot_general(dz_BxCxW, h_BxCxD, (((0, 1), (0, 1)), ((), ())), preferred_element_type=jnp.float32)
     return dh_BxCxD, dw_WxD
 
 
-def _add_tile(dw_tiles, dw_WxD, j):
-    """dW[:, j] += one tile's rows."""
-    row_WxD = lax.dynamic_index_in_dim(dw_tiles, j, axis=1, keepdims=False) + dw_WxD
-    return lax.dynamic_update_index_in_dim(dw_tiles, row_WxD, j, axis=1)
+def _add_tile(dw_VxD, dw_WxD, j, tiling: _Tiling):
+    """dW[tile j's rows] += the tile's gradient (0 on the rows it does not own)."""
+    return lax.dynamic_update_slice_in_dim(dw_VxD, tiling.rows(dw_VxD, j) + dw_WxD, tiling.start(j), axis=0)
 
 
 def _head_bwd(spec: _HeadSpec, residuals, cotangents):
     """Recompute each chunk's logits tile by tile: dh sums over tiles, dW is written tile by tile (fp32)."""
     hidden_BxTxD, unembed_VxD, targets_BxT, n_live, lse_BxT = residuals
     g_BxT = cotangents["logps"]
-    vocab = unembed_VxD.shape[0]
-    unembed_tiles = _to_tiles(unembed_VxD.astype(hidden_BxTxD.dtype), spec.vocab_tile or vocab)
+    tiling = _Tiling.of(unembed_VxD.shape[0], spec.vocab_tile)
 
-    def chunk_grads(dw_tiles, h_BxCxD, t_BxC, lse_BxC, g_BxC):
-        grads = functools.partial(_tile_grads, h_BxCxD, unembed_tiles, t_BxC, lse_BxC, g_BxC, vocab=vocab, spec=spec)
+    def chunk_grads(dw_VxD, h_BxCxD, t_BxC, lse_BxC, g_BxC):
+        grads = functools.partial(_tile_grads, h_BxCxD, unembed_VxD, t_BxC, lse_BxC, g_BxC, tiling=tiling, spec=spec)
         dh_BxCxD, dw_WxD = grads(j=0)
-        dw_tiles = _add_tile(dw_tiles, dw_WxD, 0)
+        dw_VxD = _add_tile(dw_VxD, dw_WxD, 0, tiling)
 
         def tile(j, carry):
-            dw_tiles, dh_BxCxD = carry
+            dw_VxD, dh_BxCxD = carry
             dh_part_BxCxD, dw_WxD = grads(j=j)
-            return _add_tile(dw_tiles, dw_WxD, j), dh_BxCxD + dh_part_BxCxD
+            return _add_tile(dw_VxD, dw_WxD, j, tiling), dh_BxCxD + dh_part_BxCxD
 
-        if unembed_tiles.shape[1] > 1:
-            dw_tiles, dh_BxCxD = lax.fori_loop(1, unembed_tiles.shape[1], tile, (dw_tiles, dh_BxCxD))
-        return dw_tiles, dh_BxCxD.astype(hidden_BxTxD.dtype)
+        if tiling.count > 1:
+            dw_VxD, dh_BxCxD = lax.fori_loop(1, tiling.count, tile, (dw_VxD, dh_BxCxD))
+        return dw_VxD, dh_BxCxD.astype(hidden_BxTxD.dtype)
 
-    def body(dw_tiles, xs):
+    def body(dw_VxD, xs):
         k, h_BxCxD = xs[:2]
-        compute = functools.partial(chunk_grads, dw_tiles, *xs[1:])
-        skipped = lambda: (dw_tiles, jnp.zeros(h_BxCxD.shape, hidden_BxTxD.dtype))
+        compute = functools.partial(chunk_grads, dw_VxD, *xs[1:])
+        skipped = lambda: (dw_VxD, jnp.zeros(h_BxCxD.shape, hidden_BxTxD.dtype))
         return _live(k, n_live, spec, compute, skipped)
 
     chunks = hidden_BxTxD.shape[1] // spec.chunk_len
     xs = (jnp.arange(chunks),) + tuple(_to_chunks(x, spec.chunk_len)
                                        for x in (hidden_BxTxD, targets_BxT, lse_BxT, g_BxT))
-    dw_tiles, dh_chunks = lax.scan(body, jnp.zeros(unembed_tiles.shape, jnp.float32), xs)
-    return _from_chunks(dh_chunks), _from_tiles(dw_tiles, vocab).astype(unembed_VxD.dtype), None, None
+    dw_VxD, dh_chunks = lax.scan(body, jnp.zeros(unembed_VxD.shape, jnp.float32), xs)
+    return _from_chunks(dh_chunks), dw_VxD.astype(unembed_VxD.dtype), None, None
 
 
 _head.defvjp(_head_fwd, _head_bwd)
@@ -301,7 +311,7 @@ def token_logprobs(
     B * chunk_len * W * 10 bytes plus an fp32 [V, D] gradient accumulator, where W = `vocab_tile` (None: W = V, one
     tile). With W < V each chunk's logits are built W vocabulary entries at a time and folded with an online
     logsumexp in both passes (V need not be a multiple of W); the results equal the one-tile head up to fp32
-    rounding, and the unembedding is then held once more, zero-padded to a multiple of W, in the compute dtype.
+    rounding. Tiles read the unembedding in place (no padded copy).
 
     `needed_BxT` (bool): the positions whose statistics the caller uses; every other position reads 0 (and
     passes no gradient), and chunks made only of unneeded positions are never computed (module docstring).

@@ -298,8 +298,9 @@ def test_one_tile_is_the_untiled_head_bit_for_bit():
 
 @pytest.mark.parametrize("vocab_tile", [3, 8, 10])
 def test_vocab_tiles_break_top1_ties_like_argmax(vocab_tile):
-    """Equal maxima in different tiles (duplicated unembedding rows; a zero hidden state makes every logit 0;
-    a saturated soft-cap makes many logits equal): the first index wins, as with jnp.argmax on full logits."""
+    """Equal maxima in different tiles (duplicated unembedding rows 5, 20, 33 and 12, 30; a zero hidden state
+    makes every logit 0; a saturated soft-cap makes many logits equal): the first index wins, as with jnp.argmax
+    on full logits. W = 8 puts 33 in the overlapping last tile (ids 29..36, owning 32..36)."""
     hidden, unembed, ids = _inputs(7)
     unembed = unembed.at[20].set(unembed[5]).at[33].set(unembed[5]).at[12].set(unembed[30])
     hidden = hidden.at[:, :4].set(4.0 * unembed[5]).at[:, 4:8].set(4.0 * unembed[30]).at[1].set(0.0)
@@ -338,9 +339,9 @@ def _head_temp_bytes(b, t, v, d, chunk_len, vocab_tile, dtype=jnp.float32):
 
 
 def test_tiled_head_memory_does_not_grow_with_the_vocabulary():
-    """At fixed B * C and W, going from V = 32k to 128k adds to the tiled head's temp memory only [V, D]-sized
-    buffers (the padded unembedding, the fp32 gradient accumulator), never a [B, C, V] block; the untiled head
-    grows by its [B, C, V] fp32 logits."""
+    """At fixed B * C and W, going from V = 32k to 128k adds to the tiled head's temp memory at most one [V, D]
+    buffer (the fp32 gradient accumulator, where it cannot share the gradient's output), never a [B, C, V] block;
+    the untiled head grows by its [B, C, V] fp32 logits."""
     b, t, d, chunk, tile = 8, 1024, 16, 256, 4096
     small, large = 32_000, 128_256  # neither a multiple of W
     grown = {w: _head_temp_bytes(b, t, large, d, chunk, w) - _head_temp_bytes(b, t, small, d, chunk, w)
@@ -350,4 +351,4 @@ def test_tiled_head_memory_does_not_grow_with_the_vocabulary():
     print(f"\ntemp growth 32k -> 128k: untiled {grown[None] / 2**20:.1f} MiB, W={tile} {grown[tile] / 2**20:.1f} MiB"
           f" ([V, D] fp32: {per_vd / 2**20:.1f} MiB, [B, C, V] fp32: {per_block / 2**20:.1f} MiB)")
     assert grown[None] >= per_block
-    assert grown[tile] <= 4 * per_vd < per_block / 8
+    assert grown[tile] <= per_vd < per_block / 100
