@@ -33,6 +33,7 @@ class ModelSection:
     init: Literal["pretrained", "random"] = "pretrained"  # random: build from config.json alone
     seed: int = 0  # init seed for init=random
     trust_remote_code: bool = False  # never needed by dpojax's own model code; kept off
+    vocab_tile: Optional[int] = None  # vocabulary entries per tile of the log-prob head (None: the whole vocabulary)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -356,6 +357,12 @@ def _validate_sections(cfg: Config) -> None:
     _require(t.max_bad_steps >= 1, f"'train.max_bad_steps' = {t.max_bad_steps} must be at least 1.")
     _require(d.max_responses >= 2, f"'data.max_responses' = {d.max_responses} must be at least 2 (a ranking).")
     _require(c.keep >= 1, f"'checkpoint.keep' = {c.keep} must be at least 1.")
+    _require(cfg.model.vocab_tile is None or cfg.model.vocab_tile > 0,
+             f"'model.vocab_tile' = {cfg.model.vocab_tile} must be a positive number of vocabulary entries (or null).")
+    _require(cfg.model.vocab_tile is None or cfg.mesh.tensor == 1,
+             f"'model.vocab_tile' = {cfg.model.vocab_tile} slices the vocabulary that mesh.tensor = {cfg.mesh.tensor} "
+             "splits over devices, so every device would gather the whole unembedding; leave it null with tensor "
+             "parallelism.")
     _require(c.best_metric is None or d.eval is not None,
              "'checkpoint.best_metric' needs an eval set: set 'data.eval' too.")
     _require(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"'optim.b1' = {o.b1} and 'optim.b2' = {o.b2} must be in [0, 1).")

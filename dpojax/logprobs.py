@@ -4,7 +4,10 @@ The LM head runs over sequence chunks of `chunk_len` positions: each chunk's log
 folded into a few `[B, C]` statistics (log-prob of the next token, logsumexp, mean logit, ...) and dropped.
 The backward pass (a `custom_vjp`) recomputes each chunk's logits from the saved hidden states and the saved
 logsumexp, casts the logits' gradient to the compute dtype and accumulates the unembedding gradient in fp32
-across chunks (like TRL's fused LM head), so head memory does not grow with T*V.
+across chunks (like TRL's fused LM head), so head memory does not grow with T*V. With `vocab_tile` = W, each
+chunk's logits are also built W vocabulary entries at a time (`[B, C, W]`), folded with an online logsumexp into
+running sums (max, sum of exp, of exp^2 for WPO, of exp * logit for the entropy, first argmax) and recomputed tile
+by tile in the backward pass, so head memory does not grow with V either.
 
 Only the positions whose statistics are used need logits (DPO scores completion tokens, not the prompt): given
 `needed_BxT`, each row's needed positions are moved to the front (a stable per-row permutation, so the batch
@@ -64,6 +67,7 @@ class _HeadSpec(NamedTuple):
     softcap: float | None
     logit_scale: float
     outputs: tuple[str, ...]  # among "mean_logit", "log_sum_sq_probs", "entropy", "is_top1"
+    vocab_tile: int | None = None  # W; None: one tile of the whole vocabulary
 
 
 def _to_chunks(x_BxT, chunk_len: int):
@@ -76,36 +80,115 @@ def _from_chunks(x_UxBxC):
     return einops.rearrange(x_UxBxC, "u b c ... -> b (u c) ...")
 
 
-def _chunk_logits(h_BxCxD, unembed_VxD, spec: _HeadSpec):
-    """fp32 logits of one chunk (matmul in the hidden's dtype) and tanh(.) of the soft-cap (None without)."""
-    w_VxD = unembed_VxD.astype(h_BxCxD.dtype)
-    z_BxCxV = lax.dot_general(h_BxCxD, w_VxD, (((2,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+class _Tiling(NamedTuple):
+    """The vocabulary cut into `count` tiles of `width` (W) ids, tile j reading rows [start(j), start(j) + W) of the
+    unembedding in place. When W does not divide V the last tile starts at V - W and its ids below j * W (already
+    in tile j - 1) are masked: -inf logits, no gradient."""
+
+    width: int
+    count: int
+    vocab: int
+
+    @staticmethod
+    def of(vocab: int, tile: int | None) -> "_Tiling":
+        width = min(tile or vocab, vocab)
+        return _Tiling(width, -(-vocab // width), vocab)
+
+    @property
+    def overlaps(self) -> bool:
+        return self.vocab % self.width != 0
+
+    def start(self, j):
+        return jnp.minimum(j * self.width, self.vocab - self.width) if self.overlaps else j * self.width
+
+    def rows(self, x_VxD, j):
+        """Tile j's rows [W, D] of a [V, D] array."""
+        return lax.dynamic_slice_in_dim(x_VxD, self.start(j), self.width, axis=0)
+
+    def ids(self, j, dtype):
+        """[W] vocabulary ids of tile j's rows."""
+        return self.start(j) + lax.broadcasted_iota(dtype, (self.width,), 0)
+
+    def mask(self, ids_W, j):
+        """[W] bool: the ids tile j owns (None: all of them)."""
+        return ids_W >= j * self.width if self.overlaps else None
+
+    def locate(self, ids, j):
+        """(ids owned by tile j, their position in the tile)."""
+        return ids // self.width == j, jnp.clip(ids - self.start(j), 0, self.width - 1)
+
+
+def _tile_logits(h_BxCxD, unembed_VxD, j, tiling: _Tiling, spec: _HeadSpec):
+    """fp32 logits of tile j (matmul in the hidden's dtype) and tanh(.) of the soft-cap (None without)."""
+    w_WxD = tiling.rows(unembed_VxD, j).astype(h_BxCxD.dtype)
+    z_BxCxW = lax.dot_general(h_BxCxD, w_WxD, (((2,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     if spec.logit_scale != 1.0:
-        z_BxCxV = z_BxCxV * spec.logit_scale
+        z_BxCxW = z_BxCxW * spec.logit_scale
     if spec.softcap is None:
-        return z_BxCxV, None
-    tanh_BxCxV = jnp.tanh(z_BxCxV / spec.softcap)
-    return spec.softcap * tanh_BxCxV, tanh_BxCxV
+        return z_BxCxW, None
+    tanh_BxCxW = jnp.tanh(z_BxCxW / spec.softcap)
+    return spec.softcap * tanh_BxCxW, tanh_BxCxW
 
 
-def _chunk_stats(h_BxCxD, unembed_VxD, targets_BxC, spec: _HeadSpec) -> dict[str, Array]:
-    """Fold one chunk's logits into [B, C] statistics; `lse` is kept for the backward pass."""
-    z_BxCxV, _ = _chunk_logits(h_BxCxD, unembed_VxD, spec)
-    max_BxC = lax.stop_gradient(jnp.max(z_BxCxV, axis=-1))
-    shifted_BxCxV = z_BxCxV - max_BxC[..., None]
-    e_BxCxV = jnp.exp(shifted_BxCxV)
-    sum_exp_BxC = jnp.sum(e_BxCxV, axis=-1)
-    lse_BxC = max_BxC + jnp.log(sum_exp_BxC)
-    target_BxC = jnp.take_along_axis(z_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
-    out = {"logps": target_BxC - lse_BxC, "lse": lse_BxC}
+def _tile_partials(h_BxCxD, unembed_VxD, targets_BxC, j, tiling: _Tiling, spec: _HeadSpec) -> dict[str, Array]:
+    """One tile's [B, C] partial sums, relative to the tile's own max (merged across tiles by `_merge`)."""
+    z_BxCxW, _ = _tile_logits(h_BxCxD, unembed_VxD, j, tiling, spec)
+    ids_W = tiling.ids(j, targets_BxC.dtype)
+    valid_W = tiling.mask(ids_W, j)
+    masked = lambda x, fill: x if valid_W is None else jnp.where(valid_W, x, jnp.asarray(fill, x.dtype))  # noqa: E731
+    zv_BxCxW = masked(z_BxCxW, -jnp.inf)
+    max_BxC = lax.stop_gradient(jnp.max(zv_BxCxW, axis=-1))
+    shifted_BxCxW = zv_BxCxW - max_BxC[..., None]
+    e_BxCxW = jnp.exp(shifted_BxCxW)
+    here_BxC, pos_BxC = tiling.locate(targets_BxC, j)
+    target_BxC = jnp.take_along_axis(z_BxCxW, pos_BxC[..., None], axis=-1)[..., 0]
+    out = {"max": max_BxC, "sum_exp": jnp.sum(e_BxCxW, axis=-1), "target": jnp.where(here_BxC, target_BxC, 0.0)}
     if "mean_logit" in spec.outputs:
-        out["mean_logit"] = jnp.mean(z_BxCxV, axis=-1)
+        out["sum_logit"] = jnp.sum(masked(z_BxCxW, 0.0), axis=-1)
     if "log_sum_sq_probs" in spec.outputs:
-        out["log_sum_sq_probs"] = jnp.log(jnp.sum(e_BxCxV * e_BxCxV, axis=-1)) - 2.0 * jnp.log(sum_exp_BxC)
+        out["sum_sq_exp"] = jnp.sum(e_BxCxW * e_BxCxW, axis=-1)
     if "entropy" in spec.outputs:
-        out["entropy"] = jnp.log(sum_exp_BxC) - jnp.sum(e_BxCxV * shifted_BxCxV, axis=-1) / sum_exp_BxC
+        out["sum_exp_shifted"] = jnp.sum(masked(e_BxCxW * shifted_BxCxW, 0.0), axis=-1)
     if "is_top1" in spec.outputs:
-        out["is_top1"] = jnp.argmax(z_BxCxV, axis=-1).astype(targets_BxC.dtype) == targets_BxC
+        out["argmax"] = ids_W[jnp.argmax(zv_BxCxW, axis=-1)]
+    return out
+
+
+def _merge(a: dict[str, Array], b: dict[str, Array]) -> dict[str, Array]:
+    """Online logsumexp: partial sums of two disjoint vocabulary parts, rescaled to their common max."""
+    max_BxC = jnp.maximum(a["max"], b["max"])
+    ra_BxC, rb_BxC = jnp.exp(a["max"] - max_BxC), jnp.exp(b["max"] - max_BxC)
+    out = {"max": max_BxC, "sum_exp": a["sum_exp"] * ra_BxC + b["sum_exp"] * rb_BxC,
+           "target": a["target"] + b["target"]}
+    if "sum_logit" in a:
+        out["sum_logit"] = a["sum_logit"] + b["sum_logit"]
+    if "sum_sq_exp" in a:
+        out["sum_sq_exp"] = a["sum_sq_exp"] * (ra_BxC * ra_BxC) + b["sum_sq_exp"] * (rb_BxC * rb_BxC)
+    if "sum_exp_shifted" in a:  # sum e^(z-m)(z-m) moved to the new max m': r * (a + (m - m') * sum e^(z-m))
+        out["sum_exp_shifted"] = (ra_BxC * (a["sum_exp_shifted"] + (a["max"] - max_BxC) * a["sum_exp"])
+                                  + rb_BxC * (b["sum_exp_shifted"] + (b["max"] - max_BxC) * b["sum_exp"]))
+    if "argmax" in a:  # b's ids are all larger: it wins only with a larger max (the first argmax, as jnp.argmax)
+        out["argmax"] = jnp.where(b["max"] > a["max"], b["argmax"], a["argmax"])
+    return out
+
+
+def _chunk_stats(h_BxCxD, unembed_VxD, targets_BxC, tiling: _Tiling, spec: _HeadSpec) -> dict[str, Array]:
+    """Fold one chunk's logits, tile by tile, into [B, C] statistics; `lse` is kept for the backward pass."""
+    part = functools.partial(_tile_partials, h_BxCxD, unembed_VxD, targets_BxC, tiling=tiling, spec=spec)
+    acc = part(j=0)
+    if tiling.count > 1:
+        acc = lax.fori_loop(1, tiling.count, lambda j, acc: _merge(acc, part(j=j)), acc)
+    log_sum_exp_BxC = jnp.log(acc["sum_exp"])
+    lse_BxC = acc["max"] + log_sum_exp_BxC
+    out = {"logps": acc["target"] - lse_BxC, "lse": lse_BxC}
+    if "mean_logit" in spec.outputs:
+        out["mean_logit"] = acc["sum_logit"] / tiling.vocab
+    if "log_sum_sq_probs" in spec.outputs:
+        out["log_sum_sq_probs"] = jnp.log(acc["sum_sq_exp"]) - 2.0 * log_sum_exp_BxC
+    if "entropy" in spec.outputs:
+        out["entropy"] = log_sum_exp_BxC - acc["sum_exp_shifted"] / acc["sum_exp"]
+    if "is_top1" in spec.outputs:
+        out["is_top1"] = acc["argmax"] == targets_BxC
     return out
 
 
@@ -117,9 +200,11 @@ def _live(chunk_index, n_live, spec: _HeadSpec, compute, skipped):
 
 
 def _head_forward(hidden_BxTxD, unembed_VxD, targets_BxT, n_live, spec: _HeadSpec):
+    tiling = _Tiling.of(unembed_VxD.shape[0], spec.vocab_tile)
+
     def body(_, xs):
         k, h_BxCxD, t_BxC = xs
-        compute = functools.partial(_chunk_stats, h_BxCxD, unembed_VxD, t_BxC, spec)
+        compute = functools.partial(_chunk_stats, h_BxCxD, unembed_VxD, t_BxC, tiling, spec)
         zeros = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(compute))
         return None, _live(k, n_live, spec, compute, zeros)
 
@@ -131,8 +216,8 @@ def _head_forward(hidden_BxTxD, unembed_VxD, targets_BxT, n_live, spec: _HeadSpe
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _head(hidden_BxTxD, unembed_VxD, targets_BxT, n_live, spec: _HeadSpec):
-    """Chunked LM head: dict of [B, T] statistics; only `logps` carries a gradient. Chunks starting at or past
-    `n_live` (int32 scalar, or None for all) are not computed and read 0."""
+    """Chunked, vocabulary-tiled LM head: dict of [B, T] statistics; only `logps` carries a gradient. Chunks
+    starting at or past `n_live` (int32 scalar, or None for all) are not computed and read 0."""
     return _head_forward(hidden_BxTxD, unembed_VxD, targets_BxT, n_live, spec)
 
 
@@ -141,27 +226,49 @@ def _head_fwd(hidden_BxTxD, unembed_VxD, targets_BxT, n_live, spec: _HeadSpec):
     return stats, (hidden_BxTxD, unembed_VxD, targets_BxT, n_live, stats["lse"])
 
 
+def _tile_grads(h_BxCxD, unembed_VxD, t_BxC, lse_BxC, g_BxC, j, tiling: _Tiling, spec: _HeadSpec):
+    """Tile j's share of dh [B, C, D] and its dW rows [W, D] (both fp32); d logp / dz = onehot(target) - softmax(z),
+    through scale and soft-cap; ids the tile does not own get no gradient."""
+    z_BxCxW, tanh_BxCxW = _tile_logits(h_BxCxD, unembed_VxD, j, tiling, spec)
+    p_BxCxW = jnp.exp(z_BxCxW - lse_BxC[..., None])
+    ids_W = tiling.ids(j, t_BxC.dtype)
+    dz_BxCxW = g_BxC[..., None] * ((ids_W == t_BxC[..., None]).astype(jnp.float32) - p_BxCxW)
+    if tanh_BxCxW is not None:
+        dz_BxCxW = dz_BxCxW * (1.0 - tanh_BxCxW * tanh_BxCxW)
+    if spec.logit_scale != 1.0:
+        dz_BxCxW = dz_BxCxW * spec.logit_scale
+    if tiling.overlaps:
+        dz_BxCxW = jnp.where(tiling.mask(ids_W, j), dz_BxCxW, 0.0)
+    dz_BxCxW = dz_BxCxW.astype(h_BxCxD.dtype)
+    w_WxD = tiling.rows(unembed_VxD, j).astype(h_BxCxD.dtype)
+    dh_BxCxD = lax.dot_general(dz_BxCxW, w_WxD, (((2,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    dw_WxD = lax.dot_general(dz_BxCxW, h_BxCxD, (((0, 1), (0, 1)), ((), ())), preferred_element_type=jnp.float32)
+    return dh_BxCxD, dw_WxD
+
+
+def _add_tile(dw_VxD, dw_WxD, j, tiling: _Tiling):
+    """dW[tile j's rows] += the tile's gradient (0 on the rows it does not own)."""
+    return lax.dynamic_update_slice_in_dim(dw_VxD, tiling.rows(dw_VxD, j) + dw_WxD, tiling.start(j), axis=0)
+
+
 def _head_bwd(spec: _HeadSpec, residuals, cotangents):
-    """Recompute each chunk's logits; d logp / dz = onehot(target) - softmax(z), through scale and soft-cap."""
+    """Recompute each chunk's logits tile by tile: dh sums over tiles, dW is written tile by tile (fp32)."""
     hidden_BxTxD, unembed_VxD, targets_BxT, n_live, lse_BxT = residuals
     g_BxT = cotangents["logps"]
-    compute_dtype = hidden_BxTxD.dtype
-    w_VxD = unembed_VxD.astype(compute_dtype)
+    tiling = _Tiling.of(unembed_VxD.shape[0], spec.vocab_tile)
 
     def chunk_grads(dw_VxD, h_BxCxD, t_BxC, lse_BxC, g_BxC):
-        z_BxCxV, tanh_BxCxV = _chunk_logits(h_BxCxD, unembed_VxD, spec)
-        p_BxCxV = jnp.exp(z_BxCxV - lse_BxC[..., None])
-        vocab_ids = lax.broadcasted_iota(t_BxC.dtype, z_BxCxV.shape, 2)
-        dz_BxCxV = g_BxC[..., None] * ((vocab_ids == t_BxC[..., None]).astype(jnp.float32) - p_BxCxV)
-        if tanh_BxCxV is not None:
-            dz_BxCxV = dz_BxCxV * (1.0 - tanh_BxCxV * tanh_BxCxV)
-        if spec.logit_scale != 1.0:
-            dz_BxCxV = dz_BxCxV * spec.logit_scale
-        dz_BxCxV = dz_BxCxV.astype(compute_dtype)
-        dh_BxCxD = lax.dot_general(dz_BxCxV, w_VxD, (((2,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-        dw_VxD = dw_VxD + lax.dot_general(
-            dz_BxCxV, h_BxCxD, (((0, 1), (0, 1)), ((), ())), preferred_element_type=jnp.float32
-        )
+        grads = functools.partial(_tile_grads, h_BxCxD, unembed_VxD, t_BxC, lse_BxC, g_BxC, tiling=tiling, spec=spec)
+        dh_BxCxD, dw_WxD = grads(j=0)
+        dw_VxD = _add_tile(dw_VxD, dw_WxD, 0, tiling)
+
+        def tile(j, carry):
+            dw_VxD, dh_BxCxD = carry
+            dh_part_BxCxD, dw_WxD = grads(j=j)
+            return _add_tile(dw_VxD, dw_WxD, j, tiling), dh_BxCxD + dh_part_BxCxD
+
+        if tiling.count > 1:
+            dw_VxD, dh_BxCxD = lax.fori_loop(1, tiling.count, tile, (dw_VxD, dh_BxCxD))
         return dw_VxD, dh_BxCxD.astype(hidden_BxTxD.dtype)
 
     def body(dw_VxD, xs):
@@ -193,6 +300,7 @@ def token_logprobs(
     with_entropy: bool = False,
     with_top1: bool = False,
     needed_BxT: Array | None = None,
+    vocab_tile: int | None = None,
 ) -> TokenStats:
     """Next-token log-probs of `input_ids` under logits `softcap*tanh(logit_scale * hidden @ unembed.T / softcap)`.
 
@@ -200,13 +308,18 @@ def token_logprobs(
     the hidden's dtype with fp32 accumulation; logsumexp and all statistics are fp32. Only `logps_BxT` is
     differentiable (w.r.t. hidden and unembed); the other fields are metrics and carry no gradient.
     T need not be a multiple of `chunk_len` (padded internally). Peak head memory is about
-    B * chunk_len * V * 10 bytes plus an fp32 [V, D] gradient accumulator.
+    B * chunk_len * W * 10 bytes plus an fp32 [V, D] gradient accumulator, where W = `vocab_tile` (None: W = V, one
+    tile). With W < V each chunk's logits are built W vocabulary entries at a time and folded with an online
+    logsumexp in both passes (V need not be a multiple of W); the results equal the one-tile head up to fp32
+    rounding. Tiles read the unembedding in place (no padded copy).
 
     `needed_BxT` (bool): the positions whose statistics the caller uses; every other position reads 0 (and
     passes no gradient), and chunks made only of unneeded positions are never computed (module docstring).
     """
     b, t, _ = hidden_BxTxD.shape
     chunk = max(1, min(chunk_len, t))
+    if vocab_tile is not None and vocab_tile < 1:
+        raise ValueError(f"vocab_tile = {vocab_tile} must be a positive number of vocabulary entries (or None).")
     outputs = tuple(
         name
         for name, wanted in (
@@ -217,7 +330,8 @@ def token_logprobs(
         )
         if wanted
     )
-    spec = _HeadSpec(chunk, None if softcap is None else float(softcap), float(logit_scale), outputs)
+    tile = None if vocab_tile is None or vocab_tile >= unembed_VxD.shape[0] else int(vocab_tile)
+    spec = _HeadSpec(chunk, None if softcap is None else float(softcap), float(logit_scale), outputs, tile)
     ids_BxT = input_ids_BxT.astype(jnp.int32)
     targets_BxT = jnp.concatenate([ids_BxT[:, 1:], jnp.zeros((b, 1), jnp.int32)], axis=1)
     scored_BxT = jnp.broadcast_to(jnp.arange(t) < t - 1, (b, t))

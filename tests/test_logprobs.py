@@ -22,7 +22,8 @@ B, T, D, V = 4, 13, 16, 37  # T is not a multiple of the chunk lengths below
 
 
 _token_logprobs = jax.jit(
-    token_logprobs, static_argnames=("chunk_len", "softcap", "logit_scale", "with_wpo", "with_entropy", "with_top1")
+    token_logprobs, static_argnames=("chunk_len", "softcap", "logit_scale", "with_wpo", "with_entropy", "with_top1",
+                     "vocab_tile")
 )
 
 
@@ -238,3 +239,116 @@ def test_head_memory_does_not_grow_with_full_logits():
     full_logits = 2 * b * t * v * 4
     print(f"\nhead temp memory {temp / 2**30:.2f} GiB vs full fp32 logits {full_logits / 2**30:.2f} GiB")
     assert temp < full_logits / 4
+
+
+# ---- vocabulary tiles: the tiled head equals the one-tile head --------------------------------------------------
+
+
+def _head_value_and_grads(hidden, unembed, ids, weights_BxT, **kw):
+    """Every field of the head and the gradients (w.r.t. hidden, unembed) of a weighted sum of its log-probs."""
+
+    def f(h, w):
+        fields = _all(token_logprobs(h, w, ids, with_wpo=True, with_entropy=True, with_top1=True, **kw))
+        return jnp.sum(weights_BxT * fields["logps"]), fields
+
+    (_, fields), grads = jax.jit(jax.value_and_grad(f, (0, 1), has_aux=True))(hidden, unembed)
+    return fields, grads
+
+
+def _assert_same_head(got, want):
+    (fields, grads), (fields_ref, grads_ref) = got, want
+    for name, value in fields.items():
+        assert value.shape == (B, T) and value.dtype == fields_ref[name].dtype, name
+        if name == "is_top1":
+            np.testing.assert_array_equal(value, fields_ref[name], err_msg=name)
+        else:
+            np.testing.assert_allclose(value, fields_ref[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    for g, w in zip(grads, grads_ref, strict=True):  # w.r.t. hidden, unembed
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("vocab_tile", [1, 4, 10, 36])  # V = 37: none divides it; 10 pads the last tile by 3
+@pytest.mark.parametrize("chunk_len,softcap,logit_scale,needed", [
+    (4, None, 1.0, False), (5, 3.0, 0.7, False), (2, 2.0, 1.3, True), (64, 2.5, 1.0, True)])
+def test_vocab_tiles_equal_one_tile(vocab_tile, chunk_len, softcap, logit_scale, needed):
+    """Values of every statistic and gradients w.r.t. hidden and unembed, with soft-cap, logit scale and the
+    needed-positions compaction (row 2 needs nothing, so with chunk 2 most chunks are skipped)."""
+    hidden, unembed, ids = _inputs(5)
+    weights_BxT = jax.random.normal(jax.random.PRNGKey(9), (B, T))
+    needed_BxT = None
+    if needed:
+        mask = np.zeros((B, T), bool)
+        mask[0, [1, 2, 3, 8]] = mask[1, [0, 12]] = mask[3, 5:11] = True
+        needed_BxT = jnp.asarray(mask)
+    kw = dict(chunk_len=chunk_len, softcap=softcap, logit_scale=logit_scale, needed_BxT=needed_BxT)
+    want = _head_value_and_grads(hidden, unembed, ids, weights_BxT, **kw)
+    _assert_same_head(_head_value_and_grads(hidden, unembed, ids, weights_BxT, vocab_tile=vocab_tile, **kw), want)
+
+
+def test_one_tile_is_the_untiled_head_bit_for_bit():
+    """`vocab_tile` >= V is the untiled head (None): identical numbers, not just close ones."""
+    hidden, unembed, ids = _inputs(6)
+    weights_BxT = jax.random.normal(jax.random.PRNGKey(10), (B, T))
+    want = _head_value_and_grads(hidden, unembed, ids, weights_BxT, chunk_len=4, softcap=3.0)
+    for tile in (V, 4 * V):
+        got = _head_value_and_grads(hidden, unembed, ids, weights_BxT, chunk_len=4, softcap=3.0, vocab_tile=tile)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("vocab_tile", [3, 8, 10])
+def test_vocab_tiles_break_top1_ties_like_argmax(vocab_tile):
+    """Equal maxima in different tiles (duplicated unembedding rows 5, 20, 33 and 12, 30; a zero hidden state
+    makes every logit 0; a saturated soft-cap makes many logits equal): the first index wins, as with jnp.argmax
+    on full logits. W = 8 puts 33 in the overlapping last tile (ids 29..36, owning 32..36)."""
+    hidden, unembed, ids = _inputs(7)
+    unembed = unembed.at[20].set(unembed[5]).at[33].set(unembed[5]).at[12].set(unembed[30])
+    hidden = hidden.at[:, :4].set(4.0 * unembed[5]).at[:, 4:8].set(4.0 * unembed[30]).at[1].set(0.0)
+    ids = ids.at[:, 1:5].set(jnp.array([5, 20, 33, 0])).at[:, 5:9].set(jnp.array([12, 30, 5, 12]))
+    for softcap in (None, 0.5):
+        z_BxTxV = jnp.einsum("btd,vd->btv", hidden, unembed)
+        if softcap is not None:
+            z_BxTxV = softcap * jnp.tanh(z_BxTxV / softcap)
+        first_BxT = np.asarray(jnp.argmax(z_BxTxV, axis=-1))
+        assert (z_BxTxV == z_BxTxV.max(-1, keepdims=True)).sum(-1).max() > 1  # the ties are real
+        got = _token_logprobs(hidden, unembed, ids, chunk_len=4, softcap=softcap, with_top1=True,
+                              vocab_tile=vocab_tile).is_top1_BxT
+        np.testing.assert_array_equal(got[:, :-1], first_BxT[:, :-1] == np.asarray(ids[:, 1:]))
+        np.testing.assert_array_equal(got, _token_logprobs(hidden, unembed, ids, chunk_len=4, softcap=softcap,
+                                                           with_top1=True).is_top1_BxT)
+
+
+def test_vocab_tile_must_be_positive():
+    hidden, unembed, ids = _inputs()
+    with pytest.raises(ValueError, match="vocab_tile"):
+        token_logprobs(hidden, unembed, ids, vocab_tile=0)
+
+
+def _head_temp_bytes(b, t, v, d, chunk_len, vocab_tile, dtype=jnp.float32):
+    """Compiled (never allocated) temp bytes of value_and_grad of the head with every statistic on."""
+
+    def loss(hidden, unembed, ids, mask):
+        tok = token_logprobs(hidden, unembed, ids, chunk_len=chunk_len, vocab_tile=vocab_tile, with_wpo=True,
+                             with_entropy=True, with_top1=True, needed_BxT=mask > 0)
+        return sequence_stats(tok, mask).logps_B.sum()
+
+    shapes = [jax.ShapeDtypeStruct(s, dt) for s, dt in
+              (((b, t, d), dtype), ((v, d), dtype), ((b, t), jnp.int32), ((b, t), jnp.int32))]
+    compiled = jax.jit(jax.value_and_grad(loss, (0, 1))).lower(*shapes).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_tiled_head_memory_does_not_grow_with_the_vocabulary():
+    """At fixed B * C and W, going from V = 32k to 128k adds to the tiled head's temp memory at most one [V, D]
+    buffer (the fp32 gradient accumulator, where it cannot share the gradient's output), never a [B, C, V] block;
+    the untiled head grows by its [B, C, V] fp32 logits."""
+    b, t, d, chunk, tile = 8, 1024, 16, 256, 4096
+    small, large = 32_000, 128_256  # neither a multiple of W
+    grown = {w: _head_temp_bytes(b, t, large, d, chunk, w) - _head_temp_bytes(b, t, small, d, chunk, w)
+             for w in (None, tile)}
+    per_vd = (large - small) * d * 4  # one fp32 [V, D] buffer's growth
+    per_block = b * chunk * (large - small) * 4  # one fp32 [B, C, V] block's growth
+    print(f"\ntemp growth 32k -> 128k: untiled {grown[None] / 2**20:.1f} MiB, W={tile} {grown[tile] / 2**20:.1f} MiB"
+          f" ([V, D] fp32: {per_vd / 2**20:.1f} MiB, [B, C, V] fp32: {per_block / 2**20:.1f} MiB)")
+    assert grown[None] >= per_block
+    assert grown[tile] <= per_vd < per_block / 100

@@ -50,6 +50,7 @@ class StepSpec:
     schedule: optax.Schedule
     grad_accum: int = 1  # A micro-batches per optimizer step
     chunk_len: int = 256  # sequence chunk of the log-prob head
+    vocab_tile: int | None = None  # vocabulary tile of the log-prob head (model.vocab_tile; None: one tile)
     sharder: Sharder | None = None
     precomputed_ref: bool = False  # reference log-probs come with the batch (batch.ref_logps_NxK)
 
@@ -71,7 +72,7 @@ def make_spec(cfg: Config, policy_graphdef, ref_graphdef, sharder: Sharder | Non
     return StepSpec(policy_graphdef=policy_graphdef, ref_graphdef=None if precomputed_ref else ref_graphdef,
                     loss=cfg.loss, optimizer=optimizer, schedule=schedule,
                     grad_accum=cfg.grad_accum_steps if grad_accum is None else grad_accum, sharder=sharder,
-                    precomputed_ref=precomputed_ref)
+                    precomputed_ref=precomputed_ref, vocab_tile=cfg.model.vocab_tile)
 
 
 def sequence_logps(graphdef, params, batch: PreferenceBatch, spec: StepSpec) -> SeqStats:
@@ -92,7 +93,7 @@ def row_logps(graphdef, params, ids_BxT, positions_BxT, seg_BxT, completion_mask
         needed_BxT = needed_BxT | (scored_mask(lm_mask_BxT) > 0)
     tok = token_logprobs(hidden_BxTxD, model.unembedding(), ids_BxT, chunk_len=spec.chunk_len, with_wpo=spec.with_wpo,
                          softcap=model.final_softcap,  # Gemma 2's final logit soft-cap (None for most models)
-                         needed_BxT=needed_BxT)
+                         needed_BxT=needed_BxT, vocab_tile=spec.vocab_tile)
     return sequence_stats(tok, completion_mask_BxT, ld_alpha=spec.loss.ld_alpha, lm_mask_BxT=lm_mask_BxT,
                           num_responses=num_responses)
 
