@@ -269,7 +269,8 @@ def compile_for_topology(cfg, topology: str, *, slices: int = 1, batch_pairs: in
     devices = topology_devices(name, slices)
     step = lower_step(cfg, devices, batch_pairs=batch_pairs, micro_pairs=micro_pairs, model_config=model_config)
     base = dict(topology=name if slices == 1 else f"{slices} x {name}", chip=chip, chips=chips * slices,
-                devices=len(devices), num_responses=step.num_responses, mesh=step.mesh, attention=step.attention, num_params=step.num_params,
+                devices=len(devices), num_responses=step.num_responses, mesh=step.mesh, attention=step.attention,
+                num_params=step.num_params,
                 batch_pairs=step.batch_pairs, seq_len=step.seq_len, hbm_per_device=CHIPS[chip].hbm_bytes * chips //
                 (len(devices) // slices), model_flops_per_step=step.model_flops_per_step)
     try:

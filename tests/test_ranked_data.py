@@ -207,7 +207,8 @@ def test_batches_pad_responses_and_rows(tok):
     assert len(batches) == 3
     b = batches[-1]
     n_real = [len(r) for r in data.response_ids]
-    assert b.shape[:2] == (4, 4) and b.prompt_mask_N.tolist() == [1, 1, 0, 0] and b.prompt_index_N.tolist() == [8, 9, -1, -1]
+    assert b.shape[:2] == (4, 4) and b.prompt_mask_N.tolist() == [1, 1, 0, 0]
+    assert b.prompt_index_N.tolist() == [8, 9, -1, -1]
     for batch, start in zip(batches, (0, 4, 8)):
         for row in range(4):
             p = int(batch.prompt_index_N[row]) if batch.prompt_mask_N[row] else start  # filler: a copy of the first

@@ -263,7 +263,8 @@ def _normalize(row: dict, fmt: RowFormat) -> dict:
         order, ranks = order_and_ranks(row["scores"])
         out = {"prompt": row["prompt"], "responses": [row["responses"][j] for j in order], "ranks": ranks}
     else:
-        out = {"prompt": row["prompt"], "responses": list(row["responses"]), "ranks": list(range(len(row["responses"])))}
+        responses = list(row["responses"])
+        out = {"prompt": row["prompt"], "responses": responses, "ranks": list(range(len(responses)))}
     if fmt.conversational:
         tools = row.get("tools")
         out["tools"] = json.loads(tools) if isinstance(tools, str) else tools

@@ -30,7 +30,8 @@ from dpojax.losses.core import (
 
 __all__ = [
     "F_DIVERGENCES", "LOSSES", "Loss", "LossInputs", "LossParams", "MetricSums", "Terms", "best_and_worst",
-    "finalize_metrics", "is_kwise", "loss_inputs_from_stats", "loss_types", "make_terms", "metric_names", "needs_prompt_nll",
+    "finalize_metrics", "is_kwise", "loss_inputs_from_stats", "loss_types", "make_terms", "metric_names",
+    "needs_prompt_nll",
     "per_pair_losses", "preference_loss", "reference_free", "register_loss", "reward_metrics", "traits",
     "validate_loss_config", "worst_index",
 ]  # fmt: skip

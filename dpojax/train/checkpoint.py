@@ -2,8 +2,9 @@
 
 `output_dir/checkpoints/<step>/` holds `params/` (the policy), `opt_state/` (the optimizer), `ref/` (the reference,
 only when TR-DPO changes it) and `meta/` (step = data position, resolved config, the learning-rate schedule's
-horizon), each an Orbax item, so `dpojax eval` and `dpojax export` restore the parameters alone. Orbax writes each step to a temporary folder and renames it when complete, so a crash
-mid-save leaves the previous checkpoint usable; `latest_step` only sees complete ones. The data position is
+horizon), each an Orbax item, so `dpojax eval` and `dpojax export` restore the parameters alone. Orbax writes
+each step to a temporary folder and renames it when complete, so a crash mid-save leaves the previous checkpoint
+usable; `latest_step` only sees complete ones. The data position is
 the step itself: batches are a pure function of (seed, step). The reference model is re-loaded, not saved.
 All processes must call save/restore (Orbax coordinates them); only the metadata is host-independent.
 """
@@ -25,8 +26,8 @@ from dpojax.config import Config, to_dict
 RESUME_FREE = (
     "train.steps", "train.epochs", "train.log_every", "train.eval_every", "train.eval_batch_size",
     "train.micro_batch_size", "train.max_bad_steps", "data.eval", "data.eval_split", "data.cache_dir",
-    "model.attention", "model.remat", "model.scan_layers", "model.vocab_tile", "ref_model.precompute", "mesh.", "checkpoint.",
-    "distributed.", "output_dir",
+    "model.attention", "model.remat", "model.scan_layers", "model.vocab_tile", "ref_model.precompute", "mesh.",
+    "checkpoint.", "distributed.", "output_dir",
 )  # fmt: skip
 
 

@@ -1,8 +1,9 @@
 """Precomputed reference log-probs (`ref_model.precompute: true`).
 
 The reference runs once over a data set (batched and sharded like evaluation) and its per-response log-probs
-(an [M prompts, K responses] table; 0 for the padding responses of rows with fewer than K, never read) are cached on disk under a key made of the tokenized data's fingerprint, a hash of the reference weights
-and the settings that change the numbers; training then needs no reference in memory. A changed reference
+(an [M prompts, K responses] table; 0 for the padding responses of rows with fewer than K, never read) are cached
+on disk under a key made of the tokenized data's fingerprint, a hash of the reference weights and the settings
+that change the numbers; training then needs no reference in memory. A changed reference
 (other weights, other file) makes another key, so a stale cache is never read.
 """
 
