@@ -8,6 +8,7 @@ Norms and softmax run in fp32; matmuls in the compute `dtype`.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -46,8 +47,8 @@ class RMSNorm(nnx.Module):
         self.weight = make_param(rngs, (size,), ("norm",), init="zeros" if offset else "ones",
                                  param_dtype=param_dtype, num_layers=num_layers)
 
-    def __call__(self, x_BxTxN: jax.Array) -> jax.Array:
-        x32 = x_BxTxN.astype(jnp.float32)
+    def __call__(self, x: jax.Array) -> jax.Array:  # [..., size]: [B, T, D], or [B, T, H, Dh] (qk_norm)
+        x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
         if self.offset:  # Gemma: (x * (offset + w)) in fp32, then cast
             return (x32 * (self.weight[...].astype(jnp.float32) + self.offset)).astype(self.dtype)
@@ -64,8 +65,8 @@ class LayerNorm(nnx.Module):
         self.bias = make_param(rngs, (size,), ("norm",), init="zeros", param_dtype=param_dtype,
                                num_layers=num_layers)
 
-    def __call__(self, x_BxTxN: jax.Array) -> jax.Array:
-        x32 = x_BxTxN.astype(jnp.float32)
+    def __call__(self, x: jax.Array) -> jax.Array:  # [..., size]
+        x32 = x.astype(jnp.float32)
         centered = x32 - jnp.mean(x32, axis=-1, keepdims=True)
         x32 = centered * jax.lax.rsqrt(jnp.mean(jnp.square(centered), axis=-1, keepdims=True) + self.eps)
         return (x32 * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(self.dtype)
@@ -80,8 +81,45 @@ def make_norm(cfg: ModelConfig, size: int, *, dtype, param_dtype, num_layers: in
                    num_layers=num_layers, rngs=rngs)
 
 
+def _dot(x_2d: jax.Array, w_2d: jax.Array, dtype) -> jax.Array:
+    """[rows, in] @ [in, out] in `dtype`; 16-bit operands accumulate (and return) fp32 first (see `matmul`)."""
+    if jnp.dtype(dtype).itemsize < 4:  # XLA:CPU runs a bf16 dot fast only when it accumulates in fp32
+        return jax.lax.dot(x_2d, w_2d, preferred_element_type=jnp.float32).astype(dtype)
+    return jax.lax.dot(x_2d, w_2d)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def matmul(x_2d: jax.Array, w_2d: jax.Array, dtype) -> jax.Array:
+    """x @ w on 2-D operands with the backward written out as two plain dots: dx = g @ w^T and dw = x^T @ g.
+
+    jax's own transpose rule computes dw as (g^T @ x) then transposes it, which XLA:CPU turns into a transposed
+    copy of g fused with g's producer (the slowest op of a training step: 20% of it on SmolLM2). Here dw comes
+    out of one dot in the kernel's own [in, out] layout. Same values as `x @ w`.
+    """
+    return _dot(x_2d, w_2d, dtype)
+
+
+def _matmul_fwd(x_2d, w_2d, dtype):
+    return _dot(x_2d, w_2d, dtype), (x_2d, w_2d)
+
+
+def _matmul_bwd(dtype, residuals, g_2d):
+    x_2d, w_2d = residuals
+    g_2d = g_2d.astype(x_2d.dtype)
+    dx_2d = _dot(g_2d, w_2d.T, dtype)
+    dw_2d = _dot(x_2d.T, g_2d, dtype)
+    return dx_2d, dw_2d
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
 class Dense(nnx.Module):
-    """y = x . kernel (+ bias), contracting the last len(in_shape) axes of x; kernel is [*in_shape, *out_shape]."""
+    """y = x . kernel (+ bias), contracting the last len(in_shape) axes of x; kernel is [*in_shape, *out_shape].
+
+    Computed as ONE 2-D matmul: x flattened to [rows, prod(in_shape)] and the kernel to [prod(in_shape),
+    prod(out_shape)] (both free reshapes of row-major arrays), so XLA never lays out a multi-dimensional dot
+    (the [D, H, Dh] projections) with copies around it."""
 
     def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...], *, in_axes: tuple[str, ...],
                  out_axes: tuple[str, ...], use_bias: bool, dtype, param_dtype, num_layers: int | None,
@@ -94,12 +132,14 @@ class Dense(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...].astype(self.dtype)
-        n_out = kernel.ndim - self.n_in
-        x_axes = tuple(range(x.ndim - self.n_in, x.ndim))
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel, ((x_axes, tuple(range(self.n_in))), ((), ())))
+        in_shape, out_shape = kernel.shape[:self.n_in], kernel.shape[self.n_in:]
+        lead = x.shape[:x.ndim - self.n_in]
+        assert x.shape[x.ndim - self.n_in:] == in_shape, (x.shape, kernel.shape)
+        x_2d = x.astype(self.dtype).reshape(math.prod(lead), math.prod(in_shape))
+        y_2d = matmul(x_2d, kernel.reshape(math.prod(in_shape), math.prod(out_shape)), jnp.dtype(self.dtype))
+        y = y_2d.reshape(*lead, *out_shape)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
-        assert y.ndim == x.ndim - self.n_in + n_out
         return y
 
 
@@ -240,10 +280,19 @@ def rope_tables(rope: RopeConfig, rotary_dims: int, max_position_embeddings: int
 
 def apply_rope(x_BxTxNxDh: jax.Array, cos_BxTxDr: jax.Array, sin_BxTxDr: jax.Array) -> jax.Array:
     """x * cos + rotate_half(x) * sin on the first Dr dims of each head (rotate_half(x) = [-x2, x1] on their
-    two halves); the remaining Dh - Dr dims pass unchanged (partial rotary)."""
-    Dr = cos_BxTxDr.shape[-1]
+    two halves); the remaining Dh - Dr dims pass unchanged (partial rotary). N: any heads axis (H or G).
+
+    With every dim rotated (Dr = Dh, most models) rotate_half is a reversal of the two halves and a sign folded
+    into sin: no slices and no concatenation, whose backward would be pads (a copy of x per rotation)."""
+    Dr, Dh = cos_BxTxDr.shape[-1], x_BxTxNxDh.shape[-1]
+    cos_BxTx1xDr, sin_BxTxDr = cos_BxTxDr[:, :, None, :], sin_BxTxDr
+    if Dr == Dh:
+        sign_Dr = jnp.concatenate([-jnp.ones(Dr // 2, sin_BxTxDr.dtype), jnp.ones(Dr // 2, sin_BxTxDr.dtype)])
+        halves = x_BxTxNxDh.reshape(*x_BxTxNxDh.shape[:-1], 2, Dr // 2)
+        swapped_BxTxNxDh = jnp.flip(halves, axis=-2).reshape(x_BxTxNxDh.shape)  # [x2, x1]
+        return x_BxTxNxDh * cos_BxTx1xDr + swapped_BxTxNxDh * (sin_BxTxDr * sign_Dr)[:, :, None, :]
     x_rot, x_pass = x_BxTxNxDh[..., :Dr], x_BxTxNxDh[..., Dr:]
     x1, x2 = jnp.split(x_rot, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
-    out = x_rot * cos_BxTxDr[:, :, None, :] + rotated * sin_BxTxDr[:, :, None, :]
-    return out if x_pass.shape[-1] == 0 else jnp.concatenate([out, x_pass], axis=-1)
+    out = x_rot * cos_BxTx1xDr + rotated * sin_BxTxDr[:, :, None, :]
+    return jnp.concatenate([out, x_pass], axis=-1)
