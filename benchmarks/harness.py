@@ -186,3 +186,111 @@ def format_op_kinds(rows: Sequence[tuple[str, float, int]], *, top: int = 12, pe
 def largest_non_matmul_share(rows: Sequence[tuple[str, float, int]]) -> float:
     total = sum(s for _, s, _ in rows) or 1.0
     return max((s for k, s, _ in rows if not MATMUL_KINDS.search(k)), default=0.0) / total
+
+
+# ---- side by side: a dpojax train step and TRL's DPOTrainer on one model folder and one JSONL data set ----------
+@dataclasses.dataclass(frozen=True)
+class StepSetup:
+    """What both trainers get: an HF model folder (policy = reference), a JSONL preference file, fp32."""
+
+    model_dir: Path
+    data: Path
+    batch: int  # global preference pairs per optimizer step
+    max_length: int
+    steps: int  # timed steps
+    warmup: int  # untimed first steps (compilation for dpojax)
+    remat: str = "none"  # dpojax model.remat; TRL: gradient checkpointing unless "none"
+    lr: float = 1e-6
+
+
+def build_dpojax_step(setup: StepSetup, work: Path, **model_overrides):
+    """(step(batch) -> None blocking, batches): the project's real train step, built the way `dpojax train`
+    builds it (the one place to adapt when the trainer's API moves)."""
+    import jax
+
+    from dpojax.config import config_from_dict
+    from dpojax.sharding import Sharder, make_mesh
+    from dpojax.train import loop
+    from dpojax.train.step import batch_sharding
+
+    cfg = config_from_dict({
+        "model": {"name_or_path": str(setup.model_dir), "remat": setup.remat, **model_overrides},
+        "data": {"train": str(setup.data), "max_length": setup.max_length, "cache_dir": str(work / "cache"),
+                 "buckets": [setup.max_length]},
+        "optim": {"name": "adamw", "lr": setup.lr, "schedule": "constant", "max_grad_norm": 1.0},
+        "train": {"batch_size": setup.batch, "steps": setup.warmup + setup.steps},
+        "output_dir": str(work / "dpojax_run"),
+    })  # fmt: skip
+    sharder = Sharder(make_mesh(-1, 1, 1))
+    models = loop.build_models(cfg, sharder)
+    pairs = loop.load_split(cfg, models.tokenizer, cfg.data.train, "train")
+    run, state = loop.setup(cfg, len(pairs), models, sharder)
+    sharding = batch_sharding(sharder)
+    holder = {"state": state}
+
+    def step(batch) -> None:
+        holder["state"], out = run.train_step(holder["state"], run.models.ref_params, loop.to_device(batch, sharding))
+        jax.block_until_ready((holder["state"], out))
+
+    return step, list(loop._batches(cfg, pairs, 0, cfg.train.steps))
+
+
+def dpojax_steps(setup: StepSetup, work: Path, **model_overrides) -> Timing:
+    """Seconds per dpojax train step (policy forward+backward, reference forward, AdamW update)."""
+    step, batches = build_dpojax_step(setup, work, **model_overrides)
+    times = []
+    for batch in batches:
+        t0 = time.perf_counter()
+        step(batch)
+        times.append(time.perf_counter() - t0)
+    return Timing(tuple(times[setup.warmup:]))
+
+
+def trl_steps(setup: StepSetup, work: Path) -> Timing:
+    """Seconds per TRL DPOTrainer step on the same model, data, batch and optimizer (CPU, fp32)."""
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    rows = [json.loads(line) for line in setup.data.read_text().splitlines()]
+    policy = AutoModelForCausalLM.from_pretrained(setup.model_dir, dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(setup.model_dir, dtype=torch.float32)
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - self.t0)
+
+    trainer = DPOTrainer(
+        model=policy, ref_model=ref, processing_class=AutoTokenizer.from_pretrained(setup.model_dir),
+        train_dataset=datasets.Dataset.from_list(rows),
+        args=DPOConfig(
+            output_dir=str(work / "trl_run"), report_to=[], use_cpu=True, bf16=False, max_length=setup.max_length,
+            per_device_train_batch_size=setup.batch, max_steps=setup.warmup + setup.steps,
+            learning_rate=setup.lr, lr_scheduler_type="constant", save_strategy="no", logging_steps=10**6,
+            disable_tqdm=True, gradient_checkpointing=setup.remat != "none",
+        ),
+        callbacks=[Timer()],
+    )  # fmt: skip
+    trainer.train()
+    return Timing(tuple(times[setup.warmup:]))
+
+
+def side_by_side(setup: StepSetup, work: Path, *, label: str) -> dict:
+    """Both trainers on `setup`, one after the other in this process; the report names the CPU."""
+    ours, theirs = dpojax_steps(setup, work), trl_steps(setup, work)
+    result = {
+        "machine": machine(), "model": label, "max_length": setup.max_length, "batch_pairs": setup.batch,
+        "dpojax_step": ours.as_dict(), "trl_step": theirs.as_dict(),
+        "dpojax_pairs_per_s": round(setup.batch / ours.median, 3), "trl_pairs_per_s": round(setup.batch / theirs.median, 3),
+        "speedup": round(ratio(theirs, ours), 3),
+    }
+    print(f"{label}: dpojax {setup.batch / ours.median:.2f} pairs/s ({ours}/step) vs TRL "
+          f"{setup.batch / theirs.median:.2f} pairs/s ({theirs}/step): {ratio(theirs, ours):.2f}x  "
+          f"[{machine()}]", flush=True)
+    return result

@@ -82,44 +82,53 @@ def make_norm(cfg: ModelConfig, size: int, *, dtype, param_dtype, num_layers: in
 
 
 def _dot(x_2d: jax.Array, w_2d: jax.Array, dtype) -> jax.Array:
-    """[rows, in] @ [in, out] in `dtype`; 16-bit operands accumulate (and return) fp32 first (see `matmul`)."""
+    """[rows, in] @ [in, out] in `dtype`; 16-bit operands accumulate (and return) fp32 first."""
     if jnp.dtype(dtype).itemsize < 4:  # XLA:CPU runs a bf16 dot fast only when it accumulates in fp32
         return jax.lax.dot(x_2d, w_2d, preferred_element_type=jnp.float32).astype(dtype)
     return jax.lax.dot(x_2d, w_2d)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def matmul(x_2d: jax.Array, w_2d: jax.Array, dtype) -> jax.Array:
-    """x @ w on 2-D operands with the backward written out as two plain dots: dx = g @ w^T and dw = x^T @ g.
-
-    jax's own transpose rule computes dw as (g^T @ x) then transposes it, which XLA:CPU turns into a transposed
-    copy of g fused with g's producer (the slowest op of a training step: 20% of it on SmolLM2). Here dw comes
-    out of one dot in the kernel's own [in, out] layout. Same values as `x @ w`.
-    """
-    return _dot(x_2d, w_2d, dtype)
+def _as_2d(x: jax.Array, kernel: jax.Array, n_in: int, dtype) -> tuple[jax.Array, jax.Array]:
+    """x [..., *in] -> [rows, prod(in)] and kernel [*in, *out] -> [prod(in), prod(out)] in `dtype` (free
+    reshapes of row-major arrays)."""
+    n_feat = math.prod(kernel.shape[:n_in])
+    return x.astype(dtype).reshape(-1, n_feat), kernel.astype(dtype).reshape(n_feat, -1)
 
 
-def _matmul_fwd(x_2d, w_2d, dtype):
-    return _dot(x_2d, w_2d, dtype), (x_2d, w_2d)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def dense_matmul(x: jax.Array, kernel: jax.Array, n_in: int, dtype) -> jax.Array:
+    """x [..., *in] . kernel [*in, *out] -> [..., *out] in `dtype`, as ONE 2-D matmul, with the backward written
+    out as two plain 2-D dots: dx = g @ w^T and dw = x^T @ g.
+
+    Why: jax's own transpose rule computes dw as (g^T @ x) and then transposes it, which XLA:CPU turns into a
+    transposed copy of g fused with g's producer (20% of a SmolLM2 training step), and a multi-dimensional
+    kernel ([D, H, Dh]) gets layout copies around its dot. The residuals are x and the kernel exactly as given
+    (under `lax.scan` a layer's kernel is then forwarded from the stacked parameters, never copied into a
+    stacked residual); casts and reshapes are redone in the backward. Same values as the plain dot_general."""
+    x_2d, w_2d = _as_2d(x, kernel, n_in, dtype)
+    return _dot(x_2d, w_2d, dtype).reshape(*x.shape[:x.ndim - n_in], *kernel.shape[n_in:])
 
 
-def _matmul_bwd(dtype, residuals, g_2d):
-    x_2d, w_2d = residuals
-    g_2d = g_2d.astype(x_2d.dtype)
-    dx_2d = _dot(g_2d, w_2d.T, dtype)
-    dw_2d = _dot(x_2d.T, g_2d, dtype)
-    return dx_2d, dw_2d
+def _dense_fwd(x, kernel, n_in, dtype):
+    return dense_matmul(x, kernel, n_in, dtype), (x, kernel)
 
 
-matmul.defvjp(_matmul_fwd, _matmul_bwd)
+def _dense_bwd(n_in, dtype, residuals, g):
+    x, kernel = residuals
+    x_2d, w_2d = _as_2d(x, kernel, n_in, dtype)
+    g_2d = g.astype(dtype).reshape(x_2d.shape[0], w_2d.shape[1])
+    dx = _dot(g_2d, w_2d.T, dtype).reshape(x.shape).astype(x.dtype)
+    dw = _dot(x_2d.T, g_2d, dtype).reshape(kernel.shape).astype(kernel.dtype)
+    return dx, dw
+
+
+dense_matmul.defvjp(_dense_fwd, _dense_bwd)
 
 
 class Dense(nnx.Module):
     """y = x . kernel (+ bias), contracting the last len(in_shape) axes of x; kernel is [*in_shape, *out_shape].
 
-    Computed as ONE 2-D matmul: x flattened to [rows, prod(in_shape)] and the kernel to [prod(in_shape),
-    prod(out_shape)] (both free reshapes of row-major arrays), so XLA never lays out a multi-dimensional dot
-    (the [D, H, Dh] projections) with copies around it."""
+    Computed by `dense_matmul`: one 2-D matmul forward, two backward."""
 
     def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...], *, in_axes: tuple[str, ...],
                  out_axes: tuple[str, ...], use_bias: bool, dtype, param_dtype, num_layers: int | None,
@@ -131,13 +140,7 @@ class Dense(nnx.Module):
                                 num_layers=num_layers) if use_bias else None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.kernel[...].astype(self.dtype)
-        in_shape, out_shape = kernel.shape[:self.n_in], kernel.shape[self.n_in:]
-        lead = x.shape[:x.ndim - self.n_in]
-        assert x.shape[x.ndim - self.n_in:] == in_shape, (x.shape, kernel.shape)
-        x_2d = x.astype(self.dtype).reshape(math.prod(lead), math.prod(in_shape))
-        y_2d = matmul(x_2d, kernel.reshape(math.prod(in_shape), math.prod(out_shape)), jnp.dtype(self.dtype))
-        y = y_2d.reshape(*lead, *out_shape)
+        y = dense_matmul(x, self.kernel[...], self.n_in, jnp.dtype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
