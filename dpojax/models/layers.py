@@ -158,9 +158,28 @@ class GatedMLP(nnx.Module):
         self.down_proj = Dense((F,), (D,), in_axes=("mlp",), out_axes=("embed",), **kw)
 
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
-        act = ACTIVATION_FNS[self.activation]
-        h_BxTxF = act(self.gate_proj(x_BxTxD)) * self.up_proj(x_BxTxD)
+        h_BxTxF = gated_activation(self.gate_proj(x_BxTxD), self.up_proj(x_BxTxD), self.activation)
         return self.down_proj(h_BxTxF)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def gated_activation(gate: jax.Array, up: jax.Array, activation: str) -> jax.Array:
+    """act(gate) * up, keeping only gate and up for the backward (act and its derivative are recomputed there):
+    under `lax.scan` every residual is a stacked [L, B, T, F] copy, and autodiff of silu alone keeps two more."""
+    return ACTIVATION_FNS[activation](gate) * up
+
+
+def _gated_fwd(gate, up, activation):
+    return gated_activation(gate, up, activation), (gate, up)
+
+
+def _gated_bwd(activation, residuals, g):
+    gate, up = residuals
+    act_gate, act_vjp = jax.vjp(ACTIVATION_FNS[activation], gate)
+    return act_vjp(g * up)[0], g * act_gate
+
+
+gated_activation.defvjp(_gated_fwd, _gated_bwd)
 
 
 class PlainMLP(nnx.Module):
