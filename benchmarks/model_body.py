@@ -14,6 +14,7 @@ Target (issue 19): dpojax forward+backward <= torch's on both SmolLM2 shapes.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -64,12 +65,18 @@ def dpojax_body(hf: dict, B: int, T: int, dtype: str, *, scan_layers: bool = Tru
     vjp = jax.jit(lambda p: jax.vjp(loss, p))
     pullback = jax.jit(lambda f: f(jnp.float32(1.0)))
     grad = jax.jit(jax.value_and_grad(loss))
-    _, f = vjp(params)
+
+    def time_backward(warmup: int, repeats: int) -> harness.Timing:
+        """The pullback alone; its residuals live only during this call (at [8, 512] they take gigabytes)."""
+        _, f = vjp(params)
+        timing = harness.time_fn(lambda: jax.block_until_ready(pullback(f)), warmup=warmup, repeats=repeats)
+        del f
+        return timing
+
     return cfg, {
         "forward": lambda: jax.block_until_ready(fwd(params)),
-        "backward": lambda: jax.block_until_ready(pullback(f)),
         "forward+backward": lambda: jax.block_until_ready(grad(params)),
-    }
+    }, time_backward
 
 
 def torch_body(hf: dict, B: int, T: int, dtype: str):
@@ -124,17 +131,20 @@ def time_torch_backward(fns, prepare, warmup: int, repeats: int) -> harness.Timi
 
 
 def run_shape(name: str, hf: dict, B: int, T: int, args) -> dict:
-    cfg, ours = dpojax_body(hf, B, T, args.dtype, scan_layers=not args.no_scan, remat=args.remat)
+    cfg, ours, time_backward = dpojax_body(hf, B, T, args.dtype, scan_layers=not args.no_scan, remat=args.remat)
     flops = harness.body_flops(cfg, B, T)
     row = {"model": name, "shape": [B, T], "dtype": args.dtype}
     results = {}
-    for kind in ("forward", "backward", "forward+backward"):
+    for kind in ("forward", "forward+backward"):
         results[("dpojax", kind)] = harness.time_fn(ours[kind], warmup=args.warmup, repeats=args.repeats)
     if args.profile:
-        rows = harness.op_kinds(ours["forward+backward"], repeats=args.repeats)
+        rows = harness.op_kinds(ours["forward+backward"])
         print(f"\n{name} [{B}, {T}] {args.dtype}: dpojax forward+backward, XLA op kinds by self time "
-              f"({harness.machine()}):\n{harness.format_op_kinds(rows, per=args.repeats)}", flush=True)
+              f"({harness.machine()}):\n{harness.format_op_kinds(rows)}", flush=True)
         row["largest_non_matmul_share"] = round(harness.largest_non_matmul_share(rows), 3)
+    results[("dpojax", "backward")] = time_backward(args.warmup, args.repeats)
+    del ours, time_backward
+    gc.collect()
     if not args.no_torch:
         theirs, prepare = torch_body(hf, B, T, args.dtype)
         for kind in ("forward", "forward+backward"):

