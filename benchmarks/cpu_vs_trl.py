@@ -101,8 +101,11 @@ def token_profile(model_dir: Path, data: Path) -> str:
     rows = [json.loads(line) for line in data.read_text().splitlines()][:64]
     if not isinstance(rows[0]["prompt"], list):
         return ""
-    prompt = [len(tok.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True)) for r in rows]
-    full = [len(tok.apply_chat_template(r["prompt"] + r["chosen"], tokenize=True)) for r in rows]
+    def n_tokens(messages, **kw) -> int:
+        return len(tok(tok.apply_chat_template(messages, tokenize=False, **kw), add_special_tokens=False)["input_ids"])
+
+    prompt = [n_tokens(r["prompt"], add_generation_prompt=True) for r in rows]
+    full = [n_tokens(r["prompt"] + r["chosen"]) for r in rows]
     return f"~{sum(prompt) / len(rows):.0f} prompt + ~{sum(f - p for f, p in zip(full, prompt)) / len(rows):.0f} " \
            "completion tokens"
 

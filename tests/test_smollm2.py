@@ -24,7 +24,8 @@ def test_smollm2_loads_with_transformers_logits():
     tok = AutoTokenizer.from_pretrained(folder)
     chats = [[{"role": "user", "content": "What is the capital of France?"}],
              [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]]
-    rows = [tok.apply_chat_template(c, add_generation_prompt=len(c) == 1, tokenize=True) for c in chats]
+    texts = [tok.apply_chat_template(c, add_generation_prompt=len(c) == 1, tokenize=False) for c in chats]
+    rows = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     T = max(len(r) for r in rows)
     ids_BxT = np.zeros((len(rows), T), np.int32)
     seg_BxT = np.zeros((len(rows), T), np.int32)
