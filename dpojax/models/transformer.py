@@ -182,7 +182,8 @@ class Decoder(nnx.Module):
         return constrain(self.norm(x_BxTxD), self.sharder, ACT)
 
     def _rope_tables(self, positions_BxT):
-        """(cos, sin), each [n_tables, B, T, Dr]: the global RoPE, then the local one when it differs; None without RoPE."""
+        """(cos, sin), each [n_tables, B, T, Dr]: the global RoPE, then the local one when it differs; None
+        without RoPE."""
         cfg = self.cfg
         if cfg.position != "rope":
             return None
