@@ -70,7 +70,6 @@ def dpojax_body(hf: dict, B: int, T: int, dtype: str, *, scan_layers: bool = Tru
         """The pullback alone; its residuals live only during this call (at [8, 512] they take gigabytes)."""
         _, f = vjp(params)
         timing = harness.time_fn(lambda: jax.block_until_ready(pullback(f)), warmup=warmup, repeats=repeats)
-        del f
         return timing
 
     return cfg, {
