@@ -69,15 +69,15 @@ WORDS = ("the a river mountain quiet garden engine small bright paper window mar
 
 def chat_rows(n: int, seed: int = 0) -> list[dict]:
     """Conversational pairs: a one-sentence user question (~45 tokens with SmolLM2's ChatML system prompt and
-    generation prompt) and two ~12-word assistant answers (~14 tokens with <|im_end|>)."""
+    generation prompt) and two ~10-word assistant answers (~14 tokens with <|im_end|>); every pair fits in 64."""
     rng = random.Random(seed)
 
     def sentence(k: int) -> str:
         return " ".join(rng.choices(WORDS, k=k)).capitalize() + "."
 
-    return [{"prompt": [{"role": "user", "content": sentence(rng.randint(14, 18))[:-1] + "?"}],
-             "chosen": [{"role": "assistant", "content": sentence(rng.randint(10, 13))}],
-             "rejected": [{"role": "assistant", "content": sentence(rng.randint(10, 13))}]} for _ in range(n)]
+    return [{"prompt": [{"role": "user", "content": sentence(rng.randint(12, 15))[:-1] + "?"}],
+             "chosen": [{"role": "assistant", "content": sentence(rng.randint(9, 11))}],
+             "rejected": [{"role": "assistant", "content": sentence(rng.randint(9, 11))}]} for _ in range(n)]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -129,8 +129,11 @@ def main(argv: list[str] | None = None) -> dict:
         root = Path(tmp)
         make = smollm2_assets if args.model == "smollm2" else synthetic_assets
         model_dir, data = make(root, args)
+        # synthetic rows fill max_length: one bucket; chat rows (< 64 tokens) take dpojax's default buckets, as a user
+        # would, while TRL pads each batch to its longest row
+        buckets = None if args.model == "smollm2" else (args.max_length,)
         setup = harness.StepSetup(model_dir, data, batch=args.batch, max_length=args.max_length, steps=args.steps,
-                                  warmup=args.warmup, remat=args.remat)
+                                  warmup=args.warmup, remat=args.remat, buckets=buckets)
         label = ("SmolLM2-135M-Instruct, ChatML pairs (" + token_profile(model_dir, data) + ")"
                  if args.model == "smollm2" else f"llama L={args.layers} d={args.d} V={args.vocab}") + \
             f", fp32, max_length {args.max_length}"

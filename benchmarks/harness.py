@@ -201,6 +201,7 @@ class StepSetup:
     warmup: int  # untimed first steps (compilation for dpojax)
     remat: str = "none"  # dpojax model.remat; TRL: gradient checkpointing unless "none"
     lr: float = 1e-6
+    buckets: tuple[int, ...] | None = None  # dpojax data.buckets (None: its default, powers of two up to max_length)
 
 
 def build_dpojax_step(setup: StepSetup, work: Path, **model_overrides):
@@ -216,7 +217,7 @@ def build_dpojax_step(setup: StepSetup, work: Path, **model_overrides):
     cfg = config_from_dict({
         "model": {"name_or_path": str(setup.model_dir), "remat": setup.remat, **model_overrides},
         "data": {"train": str(setup.data), "max_length": setup.max_length, "cache_dir": str(work / "cache"),
-                 "buckets": [setup.max_length]},
+                 "buckets": None if setup.buckets is None else list(setup.buckets)},
         "optim": {"name": "adamw", "lr": setup.lr, "schedule": "constant", "max_grad_norm": 1.0},
         "train": {"batch_size": setup.batch, "steps": setup.warmup + setup.steps},
         "output_dir": str(work / "dpojax_run"),
