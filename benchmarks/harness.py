@@ -236,14 +236,18 @@ def build_dpojax_step(setup: StepSetup, work: Path, **model_overrides):
     return step, list(loop._batches(cfg, pairs, 0, cfg.train.steps))
 
 
-def dpojax_steps(setup: StepSetup, work: Path, **model_overrides) -> Timing:
-    """Seconds per dpojax train step (policy forward+backward, reference forward, AdamW update)."""
+def dpojax_steps(setup: StepSetup, work: Path, *, profile: bool = False, **model_overrides) -> Timing:
+    """Seconds per dpojax train step (policy forward+backward, reference forward, AdamW update); `profile`: also
+    print the XLA op-kind shares of one more step."""
     step, batches = build_dpojax_step(setup, work, **model_overrides)
     times = []
     for batch in batches:
         t0 = time.perf_counter()
         step(batch)
         times.append(time.perf_counter() - t0)
+    if profile:
+        rows = op_kinds(lambda: step(batches[-1]))
+        print(f"dpojax train step, XLA op kinds by self time ({machine()}):\n{format_op_kinds(rows)}", flush=True)
     return Timing(tuple(times[setup.warmup:]))
 
 
@@ -282,9 +286,9 @@ def trl_steps(setup: StepSetup, work: Path) -> Timing:
     return Timing(tuple(times[setup.warmup:]))
 
 
-def side_by_side(setup: StepSetup, work: Path, *, label: str) -> dict:
+def side_by_side(setup: StepSetup, work: Path, *, label: str, profile: bool = False) -> dict:
     """Both trainers on `setup`, one after the other in this process; the report names the CPU."""
-    ours, theirs = dpojax_steps(setup, work), trl_steps(setup, work)
+    ours, theirs = dpojax_steps(setup, work, profile=profile), trl_steps(setup, work)
     result = {
         "machine": machine(), "model": label, "max_length": setup.max_length, "batch_pairs": setup.batch,
         "dpojax_step": ours.as_dict(), "trl_step": theirs.as_dict(),
