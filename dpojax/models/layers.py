@@ -8,6 +8,7 @@ Norms and softmax run in fp32; matmuls in the compute `dtype`.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -46,8 +47,8 @@ class RMSNorm(nnx.Module):
         self.weight = make_param(rngs, (size,), ("norm",), init="zeros" if offset else "ones",
                                  param_dtype=param_dtype, num_layers=num_layers)
 
-    def __call__(self, x_BxTxN: jax.Array) -> jax.Array:
-        x32 = x_BxTxN.astype(jnp.float32)
+    def __call__(self, x: jax.Array) -> jax.Array:  # [..., size]: [B, T, D], or [B, T, H, Dh] (qk_norm)
+        x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
         if self.offset:  # Gemma: (x * (offset + w)) in fp32, then cast
             return (x32 * (self.weight[...].astype(jnp.float32) + self.offset)).astype(self.dtype)
@@ -64,8 +65,8 @@ class LayerNorm(nnx.Module):
         self.bias = make_param(rngs, (size,), ("norm",), init="zeros", param_dtype=param_dtype,
                                num_layers=num_layers)
 
-    def __call__(self, x_BxTxN: jax.Array) -> jax.Array:
-        x32 = x_BxTxN.astype(jnp.float32)
+    def __call__(self, x: jax.Array) -> jax.Array:  # [..., size]
+        x32 = x.astype(jnp.float32)
         centered = x32 - jnp.mean(x32, axis=-1, keepdims=True)
         x32 = centered * jax.lax.rsqrt(jnp.mean(jnp.square(centered), axis=-1, keepdims=True) + self.eps)
         return (x32 * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(self.dtype)
@@ -80,8 +81,71 @@ def make_norm(cfg: ModelConfig, size: int, *, dtype, param_dtype, num_layers: in
                    num_layers=num_layers, rngs=rngs)
 
 
+@functools.lru_cache(maxsize=1)
+def native_bf16_dots() -> bool:
+    """Whether a 16-bit dot should accumulate in fp32 (`preferred_element_type`): yes on TPU/GPU, and on CPUs with
+    bf16 matrix instructions (AMX, AVX512_BF16), where XLA:CPU then runs a bf16 kernel (~5.7x a plain bf16 dot on
+    an AMX Xeon, which XLA upcasts to fp32 and back). On CPUs without them that bf16 kernel is emulated and ~2x
+    slower than the upcast (measured on an AVX-512 Xeon without AMX), so there the plain dot is kept."""
+    if jax.default_backend() != "cpu":
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def _dot(x_2d: jax.Array, w_2d: jax.Array, dtype) -> jax.Array:
+    """[rows, in] @ [in, out] in `dtype`; 16-bit operands accumulate (and return) fp32 first where the hardware
+    has bf16 matrix instructions (`native_bf16_dots`)."""
+    if jnp.dtype(dtype).itemsize < 4 and native_bf16_dots():
+        return jax.lax.dot(x_2d, w_2d, preferred_element_type=jnp.float32).astype(dtype)
+    return jax.lax.dot(x_2d, w_2d)
+
+
+def _as_2d(x: jax.Array, kernel: jax.Array, n_in: int, dtype) -> tuple[jax.Array, jax.Array]:
+    """x [..., *in] -> [rows, prod(in)] and kernel [*in, *out] -> [prod(in), prod(out)] in `dtype` (free
+    reshapes of row-major arrays)."""
+    n_feat = math.prod(kernel.shape[:n_in])
+    return x.astype(dtype).reshape(-1, n_feat), kernel.astype(dtype).reshape(n_feat, -1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def dense_matmul(x: jax.Array, kernel: jax.Array, n_in: int, dtype) -> jax.Array:
+    """x [..., *in] . kernel [*in, *out] -> [..., *out] in `dtype`, as ONE 2-D matmul, with the backward written
+    out as two plain 2-D dots: dx = g @ w^T and dw = x^T @ g.
+
+    Why: jax's own transpose rule computes dw as (g^T @ x) and then transposes it, which XLA:CPU turns into a
+    transposed copy of g fused with g's producer (20% of a SmolLM2 training step), and a multi-dimensional
+    kernel ([D, H, Dh]) gets layout copies around its dot. The residuals are x and the kernel exactly as given
+    (under `lax.scan` a layer's kernel is then forwarded from the stacked parameters, never copied into a
+    stacked residual); casts and reshapes are redone in the backward. Same values as the plain dot_general."""
+    x_2d, w_2d = _as_2d(x, kernel, n_in, dtype)
+    return _dot(x_2d, w_2d, dtype).reshape(*x.shape[:x.ndim - n_in], *kernel.shape[n_in:])
+
+
+def _dense_fwd(x, kernel, n_in, dtype):
+    return dense_matmul(x, kernel, n_in, dtype), (x, kernel)
+
+
+def _dense_bwd(n_in, dtype, residuals, g):
+    x, kernel = residuals
+    x_2d, w_2d = _as_2d(x, kernel, n_in, dtype)
+    g_2d = g.astype(dtype).reshape(x_2d.shape[0], w_2d.shape[1])
+    dx = _dot(g_2d, w_2d.T, dtype).reshape(x.shape).astype(x.dtype)
+    dw = _dot(x_2d.T, g_2d, dtype).reshape(kernel.shape).astype(kernel.dtype)
+    return dx, dw
+
+
+dense_matmul.defvjp(_dense_fwd, _dense_bwd)
+
+
 class Dense(nnx.Module):
-    """y = x . kernel (+ bias), contracting the last len(in_shape) axes of x; kernel is [*in_shape, *out_shape]."""
+    """y = x . kernel (+ bias), contracting the last len(in_shape) axes of x; kernel is [*in_shape, *out_shape].
+
+    Computed by `dense_matmul`: one 2-D matmul forward, two backward."""
 
     def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...], *, in_axes: tuple[str, ...],
                  out_axes: tuple[str, ...], use_bias: bool, dtype, param_dtype, num_layers: int | None,
@@ -93,13 +157,9 @@ class Dense(nnx.Module):
                                 num_layers=num_layers) if use_bias else None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.kernel[...].astype(self.dtype)
-        n_out = kernel.ndim - self.n_in
-        x_axes = tuple(range(x.ndim - self.n_in, x.ndim))
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel, ((x_axes, tuple(range(self.n_in))), ((), ())))
+        y = dense_matmul(x, self.kernel[...], self.n_in, jnp.dtype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
-        assert y.ndim == x.ndim - self.n_in + n_out
         return y
 
 
@@ -115,9 +175,28 @@ class GatedMLP(nnx.Module):
         self.down_proj = Dense((F,), (D,), in_axes=("mlp",), out_axes=("embed",), **kw)
 
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
-        act = ACTIVATION_FNS[self.activation]
-        h_BxTxF = act(self.gate_proj(x_BxTxD)) * self.up_proj(x_BxTxD)
+        h_BxTxF = gated_activation(self.gate_proj(x_BxTxD), self.up_proj(x_BxTxD), self.activation)
         return self.down_proj(h_BxTxF)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def gated_activation(gate: jax.Array, up: jax.Array, activation: str) -> jax.Array:
+    """act(gate) * up, keeping only gate and up for the backward (act and its derivative are recomputed there):
+    under `lax.scan` every residual is a stacked [L, B, T, F] copy, and autodiff of silu alone keeps two more."""
+    return ACTIVATION_FNS[activation](gate) * up
+
+
+def _gated_fwd(gate, up, activation):
+    return gated_activation(gate, up, activation), (gate, up)
+
+
+def _gated_bwd(activation, residuals, g):
+    gate, up = residuals
+    act_gate, act_vjp = jax.vjp(ACTIVATION_FNS[activation], gate)
+    return act_vjp(g * up)[0], g * act_gate
+
+
+gated_activation.defvjp(_gated_fwd, _gated_bwd)
 
 
 class PlainMLP(nnx.Module):
@@ -240,10 +319,19 @@ def rope_tables(rope: RopeConfig, rotary_dims: int, max_position_embeddings: int
 
 def apply_rope(x_BxTxNxDh: jax.Array, cos_BxTxDr: jax.Array, sin_BxTxDr: jax.Array) -> jax.Array:
     """x * cos + rotate_half(x) * sin on the first Dr dims of each head (rotate_half(x) = [-x2, x1] on their
-    two halves); the remaining Dh - Dr dims pass unchanged (partial rotary)."""
-    Dr = cos_BxTxDr.shape[-1]
+    two halves); the remaining Dh - Dr dims pass unchanged (partial rotary). N: any heads axis (H or G).
+
+    With every dim rotated (Dr = Dh, most models) rotate_half is a reversal of the two halves and a sign folded
+    into sin: no slices and no concatenation, whose backward would be pads (a copy of x per rotation)."""
+    Dr, Dh = cos_BxTxDr.shape[-1], x_BxTxNxDh.shape[-1]
+    cos_BxTx1xDr, sin_BxTxDr = cos_BxTxDr[:, :, None, :], sin_BxTxDr
+    if Dr == Dh:
+        sign_Dr = jnp.concatenate([-jnp.ones(Dr // 2, sin_BxTxDr.dtype), jnp.ones(Dr // 2, sin_BxTxDr.dtype)])
+        halves = x_BxTxNxDh.reshape(*x_BxTxNxDh.shape[:-1], 2, Dr // 2)
+        swapped_BxTxNxDh = jnp.flip(halves, axis=-2).reshape(x_BxTxNxDh.shape)  # [x2, x1]
+        return x_BxTxNxDh * cos_BxTx1xDr + swapped_BxTxNxDh * (sin_BxTxDr * sign_Dr)[:, :, None, :]
     x_rot, x_pass = x_BxTxNxDh[..., :Dr], x_BxTxNxDh[..., Dr:]
     x1, x2 = jnp.split(x_rot, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
-    out = x_rot * cos_BxTxDr[:, :, None, :] + rotated * sin_BxTxDr[:, :, None, :]
-    return out if x_pass.shape[-1] == 0 else jnp.concatenate([out, x_pass], axis=-1)
+    out = x_rot * cos_BxTx1xDr + rotated * sin_BxTxDr[:, :, None, :]
+    return jnp.concatenate([out, x_pass], axis=-1)

@@ -1,10 +1,10 @@
 """Pallas splash attention (TPU) behind dpojax's attention signature, run per device inside `shard_map`.
 
-`attend_splash(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segment_ids_BxT, scale=, sharder=)` computes exactly what
+`attend_splash(q_BxTxHxDh, k_BxTxGxDh, v_BxTxGxDh, segment_ids_BxT, scale=, sharder=)` computes exactly what
 `attention.attend_xla` computes (causal AND same segment id; padding, id 0, attends among itself) without ever
 building the [B, H, T, T] scores: the kernel streams key/value blocks with an online softmax, forward and
 backward. The Pallas kernel sees one device's shard, so it runs inside `shard_map` over the mesh: rows split over
-the batch axes (data, fsdp), heads over `tensor`. With GQA each kv head serves a group of G query heads through
+the batch axes (data, fsdp), heads over `tensor`. With GQA each kv head serves a group of R = H / G query heads through
 the MQA kernel; when the kv heads are replicated over `tensor` (fewer kv heads than the tensor axis), each
 device slices the kv heads its query heads need. T is padded up to a multiple of the block size with an extra
 segment (it attends only to itself), so every length bucket works.
@@ -71,7 +71,7 @@ def _default_precision(fn):
 
 def _local_attention(q_bxTxhxDh, k_bxTxkxDh, v_bxTxkxDh, seg_bxT, *, group: int, scale: float, head_axis,
                      kv_replicated: bool, softcap: float | None, interpret: bool):
-    """One device's shard: b rows, h query heads, k kv heads (all K when kv_replicated)."""
+    """One device's shard: b rows, h query heads, k kv heads (all G when kv_replicated)."""
     b, T, h, Dh = q_bxTxhxDh.shape
     if kv_replicated and head_axis is not None:  # take the kv heads this device's query heads use
         if h % group and group % h:
@@ -102,7 +102,7 @@ def _local_attention(q_bxTxhxDh, k_bxTxkxDh, v_bxTxkxDh, seg_bxT, *, group: int,
     return out_bxkxgxTpxDh[:, :, :, :T].transpose(0, 3, 1, 2, 4).reshape(b, T, h, Dh).astype(q_bxTxhxDh.dtype)
 
 
-def attend_splash(q_BxTxHxDh: jax.Array, k_BxTxKxDh: jax.Array, v_BxTxKxDh: jax.Array, segment_ids_BxT: jax.Array,
+def attend_splash(q_BxTxHxDh: jax.Array, k_BxTxGxDh: jax.Array, v_BxTxGxDh: jax.Array, segment_ids_BxT: jax.Array,
                   *, scale: float, sharder: Sharder | None, softcap: float | None = None,
                   interpret: bool | None = None) -> jax.Array:
     """Causal, segment-masked GQA attention [B, T, H, Dh] with the splash kernel, per device under shard_map;
@@ -111,15 +111,15 @@ def attend_splash(q_BxTxHxDh: jax.Array, k_BxTxKxDh: jax.Array, v_BxTxKxDh: jax.
         device = sharder.mesh.devices.flat[0] if sharder is not None else jax.devices()[0]
         interpret = device.platform != "tpu"
     B, _, H, _ = q_BxTxHxDh.shape
-    K = k_BxTxKxDh.shape[2]
-    kw = dict(group=H // K, scale=scale, softcap=softcap, interpret=interpret)
+    G = k_BxTxGxDh.shape[2]
+    kw = dict(group=H // G, scale=scale, softcap=softcap, interpret=interpret)
     if sharder is None:
-        return _local_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segment_ids_BxT, head_axis=None,
+        return _local_attention(q_BxTxHxDh, k_BxTxGxDh, v_BxTxGxDh, segment_ids_BxT, head_axis=None,
                                 kv_replicated=False, **kw)
     rows = sharder.spec(("batch",), (B,))[0]
     heads = sharder.spec(("heads",), (H,))[0]
-    kv_heads = sharder.spec(("kv_heads",), (K,))[0] if heads is not None else None
+    kv_heads = sharder.spec(("kv_heads",), (G,))[0] if heads is not None else None
     fn = functools.partial(_local_attention, head_axis=heads, kv_replicated=kv_heads is None, **kw)
     q_spec, kv_spec = P(rows, None, heads, None), P(rows, None, kv_heads, None)
     return jax.shard_map(fn, mesh=sharder.mesh, in_specs=(q_spec, kv_spec, kv_spec, P(rows, None)),
-                         out_specs=q_spec, check_vma=False)(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segment_ids_BxT)
+                         out_specs=q_spec, check_vma=False)(q_BxTxHxDh, k_BxTxGxDh, v_BxTxGxDh, segment_ids_BxT)

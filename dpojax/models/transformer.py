@@ -2,10 +2,10 @@
 
 Parameter tree (paths as in `nnx.split(model)`; logical axes in brackets; optional parts in parentheses):
   embed_tokens/embedding                     [V, D]          (vocab, embed)
-  embed_positions/embedding                  [P, D]          (length, embed)          learned positions (GPT-2)
+  embed_positions/embedding                  [T_max, D]      (length, embed)          learned positions (GPT-2)
   layers/input_layernorm/{weight,bias}       [L, D]          (layers, norm)           bias: LayerNorm only
-  layers/self_attn/{q,k,v}_proj/kernel       [L, D, H|K, Dh] (layers, embed, heads|kv_heads, head_dim)
-  layers/self_attn/{q,k,v}_proj/bias         [L, H|K, Dh]    (qkv_bias only)
+  layers/self_attn/{q,k,v}_proj/kernel       [L, D, H|G, Dh] (layers, embed, heads|kv_heads, head_dim)
+  layers/self_attn/{q,k,v}_proj/bias         [L, H|G, Dh]    (qkv_bias only)
   layers/self_attn/o_proj/kernel             [L, H, Dh, D]   (layers, heads, head_dim, embed)
   layers/self_attn/o_proj/bias               [L, D]          (o_bias only)
   layers/self_attn/{q,k}_norm/weight         [L, Dh]         (qk_norm only)
@@ -58,15 +58,15 @@ ACT = ("batch", "length", "embed")
 class SelfAttention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, attention: str, dtype, param_dtype, sharder: Sharder | None,
                  rngs: nnx.Rngs):
-        D, H, K, Dh, L = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_layers
+        D, H, G, Dh, L = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_layers
         kw = dict(dtype=dtype, param_dtype=param_dtype, num_layers=L, rngs=rngs)
         self.attention, self.sharder, self.scale, self.softcap = attention, sharder, cfg.attention_scale, \
             cfg.attn_softcap
         self.q_proj = Dense((D,), (H, Dh), in_axes=("embed",), out_axes=("heads", "head_dim"),
                             use_bias=cfg.qkv_bias, **kw)
-        self.k_proj = Dense((D,), (K, Dh), in_axes=("embed",), out_axes=("kv_heads", "head_dim"),
+        self.k_proj = Dense((D,), (G, Dh), in_axes=("embed",), out_axes=("kv_heads", "head_dim"),
                             use_bias=cfg.qkv_bias, **kw)
-        self.v_proj = Dense((D,), (K, Dh), in_axes=("embed",), out_axes=("kv_heads", "head_dim"),
+        self.v_proj = Dense((D,), (G, Dh), in_axes=("embed",), out_axes=("kv_heads", "head_dim"),
                             use_bias=cfg.qkv_bias, **kw)
         self.o_proj = Dense((H, Dh), (D,), in_axes=("heads", "head_dim"), out_axes=("embed",),
                             use_bias=cfg.o_bias, **kw)
@@ -79,19 +79,19 @@ class SelfAttention(nnx.Module):
 
     def __call__(self, x_BxTxD, rope_cos_sin, segment_ids_BxT, window):
         """rope_cos_sin: (cos, sin) [B, T, Dr] or None (learned positions); window: int32 scalar or None."""
-        q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh = self.q_proj(x_BxTxD), self.k_proj(x_BxTxD), self.v_proj(x_BxTxD)
+        q_BxTxHxDh, k_BxTxGxDh, v_BxTxGxDh = self.q_proj(x_BxTxD), self.k_proj(x_BxTxD), self.v_proj(x_BxTxD)
         if self.q_norm is not None:
-            q_BxTxHxDh, k_BxTxKxDh = self.q_norm(q_BxTxHxDh), self.k_norm(k_BxTxKxDh)
+            q_BxTxHxDh, k_BxTxGxDh = self.q_norm(q_BxTxHxDh), self.k_norm(k_BxTxGxDh)
         if rope_cos_sin is not None:
             q_BxTxHxDh = apply_rope(q_BxTxHxDh, *rope_cos_sin)
-            k_BxTxKxDh = apply_rope(k_BxTxKxDh, *rope_cos_sin)
+            k_BxTxGxDh = apply_rope(k_BxTxGxDh, *rope_cos_sin)
         q_BxTxHxDh = checkpoint_name(constrain(q_BxTxHxDh, self.sharder, ("batch", "length", "heads", "head_dim")),
                                      "query")
-        k_BxTxKxDh = checkpoint_name(constrain(k_BxTxKxDh, self.sharder, ("batch", "length", "kv_heads", "head_dim")),
+        k_BxTxGxDh = checkpoint_name(constrain(k_BxTxGxDh, self.sharder, ("batch", "length", "kv_heads", "head_dim")),
                                      "key")
-        v_BxTxKxDh = checkpoint_name(constrain(v_BxTxKxDh, self.sharder, ("batch", "length", "kv_heads", "head_dim")),
+        v_BxTxGxDh = checkpoint_name(constrain(v_BxTxGxDh, self.sharder, ("batch", "length", "kv_heads", "head_dim")),
                                      "value")
-        out_BxTxHxDh = attend(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segment_ids_BxT, implementation=self.attention,
+        out_BxTxHxDh = attend(q_BxTxHxDh, k_BxTxGxDh, v_BxTxGxDh, segment_ids_BxT, implementation=self.attention,
                               scale=self.scale, softcap=self.softcap, window=window, sharder=self.sharder)
         out_BxTxHxDh = checkpoint_name(out_BxTxHxDh, "context")
         return self.o_proj(out_BxTxHxDh)
@@ -182,7 +182,8 @@ class Decoder(nnx.Module):
         return constrain(self.norm(x_BxTxD), self.sharder, ACT)
 
     def _rope_tables(self, positions_BxT):
-        """(cos, sin) [R, B, T, Dr]: the global RoPE, then the local one when it differs; None without RoPE."""
+        """(cos, sin), each [n_tables, B, T, Dr]: the global RoPE, then the local one when it differs; None
+        without RoPE."""
         cfg = self.cfg
         if cfg.position != "rope":
             return None
@@ -201,15 +202,15 @@ class Decoder(nnx.Module):
             data["rope"] = jnp.asarray([0 if w is None else 1 for w in cfg.windows], jnp.int32)
         return data
 
-    def _run_layers(self, x_BxTxD, rope_RxBxTxDr, segment_ids_BxT):
+    def _run_layers(self, x_BxTxD, ropes, segment_ids_BxT):
         graphdef, stacked = nnx.split(self.layers)
 
         def body(h_BxTxD, xs):
             layer_state, data = xs
             rope = None
-            if rope_RxBxTxDr is not None:
+            if ropes is not None:
                 index = data.get("rope", 0)
-                rope = (rope_RxBxTxDr[0][index], rope_RxBxTxDr[1][index])
+                rope = (ropes[0][index], ropes[1][index])
             block = nnx.merge(graphdef, layer_state)
             return block(h_BxTxD, rope, segment_ids_BxT, data.get("window")), None
 

@@ -1,0 +1,302 @@
+"""What every dpojax benchmark shares: timing, the machine's name, FLOP accounting, an XLA op-kind profile,
+and the side-by-side runners (a dpojax train step, TRL's DPOTrainer) on one model folder and one data set.
+
+Benchmarks are scripts (`python -m benchmarks.NAME` or `python benchmarks/NAME.py`), never timed tests: only
+ratios measured side by side in one run mean anything (CPUs differ between machines; see DESIGN.md §5), so
+every report names the CPU and quotes medians with their min/max.
+
+    from benchmarks import harness
+    t = harness.time_fn(lambda: jax.block_until_ready(step(x)), warmup=2, repeats=5)
+    print(harness.machine(), t)                       # "Intel(R) Xeon(R) Processor, 2 cores"  "1.234 s [1.20-1.30]"
+    kinds = harness.op_kinds(lambda: jax.block_until_ready(step(x)))
+    print(harness.format_op_kinds(kinds))             # share of device time per XLA op kind
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import glob
+import gzip
+import json
+import os
+import re
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # benchmarks compare CPU kernels; also keeps libtpu quiet
+
+
+# ---- the machine ------------------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo, else lscpu), e.g. "Intel(R) Xeon(R) Processor"."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def machine() -> str:
+    """One line naming the CPU, its core count and its matrix extensions (AMX matters most for bf16)."""
+    flags = cpu_flags()
+    ext = [name for name, flag in (("AVX-512", "avx512f"), ("AMX", "amx_tile")) if flag in flags]
+    no_amx = "" if "amx_tile" in flags else ", no AMX"
+    return f"{cpu_model()}, {os.cpu_count()} cores" + (f", {'/'.join(ext)}" if ext else "") + no_amx
+
+
+# ---- timing -------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """Seconds of each timed repeat (warm-up excluded)."""
+
+    times: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+    @property
+    def min(self) -> float:
+        return min(self.times)
+
+    @property
+    def max(self) -> float:
+        return max(self.times)
+
+    def __str__(self) -> str:
+        return f"{self.median:.3f} s [{self.min:.3f}-{self.max:.3f}]"
+
+    def as_dict(self) -> dict:
+        return {"median_s": round(self.median, 4), "min_s": round(self.min, 4), "max_s": round(self.max, 4),
+                "n": len(self.times)}
+
+
+def time_fn(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 5) -> Timing:
+    """Call `fn` warmup times untimed (compilation), then `repeats` times timed. `fn` must block until its work
+    is done (`jax.block_until_ready`)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return Timing(tuple(times))
+
+
+def ratio(slow: Timing, fast: Timing) -> float:
+    """How many times faster `fast` is than `slow`, by medians."""
+    return slow.median / fast.median
+
+
+# ---- FLOPs --------------------------------------------------------------------------------------------------
+def body_flops(cfg, batch: int, seq_len: int, *, backward: bool = False) -> float:
+    """FLOPs of the decoder body (no lm_head) on [batch, seq_len] tokens, attention over the full T x T
+    (`ModelConfig.forward_flops_per_token` without the vocabulary matmul); backward = 2x forward."""
+    per_token = cfg.forward_flops_per_token(seq_len) - 2.0 * cfg.vocab_size * cfg.hidden_size
+    return per_token * batch * seq_len * (2.0 if backward else 1.0)
+
+
+def gflops_per_s(flops: float, t: Timing) -> float:
+    return flops / t.median / 1e9
+
+
+# ---- profile: share of device time per XLA op kind --------------------------------------------------------------
+MATMUL_KINDS = re.compile(r"dot|ynn|onednn|convolution|gemm|matmul|cublas", re.I)
+
+
+def op_kind(hlo_op: str) -> str:
+    """`copy_bitcast_fusion.12` -> `copy_bitcast_fusion`; `dot.3` -> `dot`."""
+    return re.sub(r"(\.\d+)+$", "", hlo_op)
+
+
+def op_kinds(fn: Callable[[], object], *, repeats: int = 1) -> list[tuple[str, float, int]]:
+    """(kind, seconds, count) per XLA op kind over `repeats` calls of `fn` (already compiled), by SELF time (a
+    while loop's body ops count, the loop itself only for its own overhead), largest first."""
+    import jax
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp):
+            for _ in range(repeats):
+                fn()
+        paths = glob.glob(os.path.join(tmp, "plugins", "profile", "*", "*.trace.json.gz"))
+        events = [e for p in paths for e in json.load(gzip.open(p))["traceEvents"]
+                  if e.get("ph") == "X" and "hlo_op" in e.get("args", {})]
+    seconds: dict[str, float] = collections.defaultdict(float)
+    counts: collections.Counter[str] = collections.Counter()
+    by_thread = collections.defaultdict(list)
+    for e in events:
+        by_thread[(e["pid"], e["tid"])].append(e)
+    for thread in by_thread.values():
+        thread.sort(key=lambda e: (e["ts"], -e["dur"]))
+        stack: list[dict] = []  # open events; a child's time is taken out of its parent's
+        for e in thread:
+            while stack and stack[-1]["ts"] + stack[-1]["dur"] <= e["ts"]:
+                stack.pop()
+            kind = op_kind(e["args"]["hlo_op"])
+            seconds[kind] += e["dur"] * 1e-6
+            counts[kind] += 1
+            if stack:
+                seconds[op_kind(stack[-1]["args"]["hlo_op"])] -= e["dur"] * 1e-6
+            stack.append(e)
+    return sorted(((k, s, counts[k]) for k, s in seconds.items()), key=lambda row: -row[1])
+
+
+def format_op_kinds(rows: Sequence[tuple[str, float, int]], *, top: int = 12, per: int = 1) -> str:
+    """A table: share of the profiled time, seconds and op count per kind (per call when `per` calls were
+    profiled); matmul kinds are marked with *."""
+    total = sum(s for _, s, _ in rows) or 1.0
+    lines = [f"  {'op kind':<36} {'share':>6} {'s/call':>8} {'ops/call':>9}"]
+    for kind, s, n in rows[:top]:
+        mark = "*" if MATMUL_KINDS.search(kind) else " "
+        lines.append(f"{mark} {kind:<36} {s / total:>6.1%} {s / per:>8.4f} {n / per:>9.0f}")
+    matmul = sum(s for k, s, _ in rows if MATMUL_KINDS.search(k))
+    other = max((s for k, s, _ in rows if not MATMUL_KINDS.search(k)), default=0.0)
+    lines.append(f"  matmul kinds (*): {matmul / total:.1%} of {total / per:.3f} s/call; "
+                 f"largest other kind: {other / total:.1%}")
+    return "\n".join(lines)
+
+
+def largest_non_matmul_share(rows: Sequence[tuple[str, float, int]]) -> float:
+    total = sum(s for _, s, _ in rows) or 1.0
+    return max((s for k, s, _ in rows if not MATMUL_KINDS.search(k)), default=0.0) / total
+
+
+# ---- side by side: a dpojax train step and TRL's DPOTrainer on one model folder and one JSONL data set ----------
+@dataclasses.dataclass(frozen=True)
+class StepSetup:
+    """What both trainers get: an HF model folder (policy = reference), a JSONL preference file, fp32."""
+
+    model_dir: Path
+    data: Path
+    batch: int  # global preference pairs per optimizer step
+    max_length: int
+    steps: int  # timed steps
+    warmup: int  # untimed first steps (compilation for dpojax)
+    remat: str = "none"  # dpojax model.remat; TRL: gradient checkpointing unless "none"
+    lr: float = 1e-6
+    buckets: tuple[int, ...] | None = None  # dpojax data.buckets (None: its default, powers of two up to max_length)
+
+
+def build_dpojax_step(setup: StepSetup, work: Path, **model_overrides):
+    """(step(batch) -> None blocking, batches): the project's real train step, built the way `dpojax train`
+    builds it (the one place to adapt when the trainer's API moves)."""
+    import jax
+
+    from dpojax.config import config_from_dict
+    from dpojax.sharding import Sharder, make_mesh
+    from dpojax.train import loop
+    from dpojax.train.step import batch_sharding
+
+    cfg = config_from_dict({
+        "model": {"name_or_path": str(setup.model_dir), "remat": setup.remat, **model_overrides},
+        "data": {"train": str(setup.data), "max_length": setup.max_length, "cache_dir": str(work / "cache"),
+                 "buckets": None if setup.buckets is None else list(setup.buckets)},
+        "optim": {"name": "adamw", "lr": setup.lr, "schedule": "constant", "max_grad_norm": 1.0},
+        "train": {"batch_size": setup.batch, "steps": setup.warmup + setup.steps},
+        "output_dir": str(work / "dpojax_run"),
+    })  # fmt: skip
+    sharder = Sharder(make_mesh(-1, 1, 1))
+    models = loop.build_models(cfg, sharder)
+    pairs = loop.load_split(cfg, models.tokenizer, cfg.data.train, "train")
+    run, state = loop.setup(cfg, len(pairs), models, sharder)
+    sharding = batch_sharding(sharder)
+    holder = {"state": state}
+
+    def step(batch) -> None:
+        holder["state"], out = run.train_step(holder["state"], run.models.ref_params, loop.to_device(batch, sharding))
+        jax.block_until_ready((holder["state"], out))
+
+    return step, list(loop._batches(cfg, pairs, 0, cfg.train.steps))
+
+
+def dpojax_steps(setup: StepSetup, work: Path, *, profile: bool = False, **model_overrides) -> Timing:
+    """Seconds per dpojax train step (policy forward+backward, reference forward, AdamW update); `profile`: also
+    print the XLA op-kind shares of one more step."""
+    step, batches = build_dpojax_step(setup, work, **model_overrides)
+    times = []
+    for batch in batches:
+        t0 = time.perf_counter()
+        step(batch)
+        times.append(time.perf_counter() - t0)
+    if profile:
+        rows = op_kinds(lambda: step(batches[-1]))
+        print(f"dpojax train step, XLA op kinds by self time ({machine()}):\n{format_op_kinds(rows)}", flush=True)
+    return Timing(tuple(times[setup.warmup:]))
+
+
+def trl_steps(setup: StepSetup, work: Path) -> Timing:
+    """Seconds per TRL DPOTrainer step on the same model, data, batch and optimizer (CPU, fp32)."""
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    rows = [json.loads(line) for line in setup.data.read_text().splitlines()]
+    policy = AutoModelForCausalLM.from_pretrained(setup.model_dir, dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(setup.model_dir, dtype=torch.float32)
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - self.t0)
+
+    trainer = DPOTrainer(
+        model=policy, ref_model=ref, processing_class=AutoTokenizer.from_pretrained(setup.model_dir),
+        train_dataset=datasets.Dataset.from_list(rows),
+        args=DPOConfig(
+            output_dir=str(work / "trl_run"), report_to=[], use_cpu=True, bf16=False, max_length=setup.max_length,
+            per_device_train_batch_size=setup.batch, max_steps=setup.warmup + setup.steps,
+            learning_rate=setup.lr, lr_scheduler_type="constant", save_strategy="no", logging_steps=10**6,
+            disable_tqdm=True, gradient_checkpointing=setup.remat != "none",
+        ),
+        callbacks=[Timer()],
+    )  # fmt: skip
+    trainer.train()
+    return Timing(tuple(times[setup.warmup:]))
+
+
+def side_by_side(setup: StepSetup, work: Path, *, label: str, profile: bool = False) -> dict:
+    """Both trainers on `setup`, one after the other in this process; the report names the CPU."""
+    ours, theirs = dpojax_steps(setup, work, profile=profile), trl_steps(setup, work)
+    result = {
+        "machine": machine(), "model": label, "max_length": setup.max_length, "batch_pairs": setup.batch,
+        "dpojax_step": ours.as_dict(), "trl_step": theirs.as_dict(),
+        "dpojax_pairs_per_s": round(setup.batch / ours.median, 3),
+        "trl_pairs_per_s": round(setup.batch / theirs.median, 3),
+        "speedup": round(ratio(theirs, ours), 3),
+    }
+    print(f"{label}: dpojax {setup.batch / ours.median:.2f} pairs/s ({ours}/step) vs TRL "
+          f"{setup.batch / theirs.median:.2f} pairs/s ({theirs}/step): {ratio(theirs, ours):.2f}x  "
+          f"[{machine()}]", flush=True)
+    return result

