@@ -211,7 +211,7 @@ def build_dpojax_step(setup: StepSetup, work: Path, **model_overrides):
 
     from dpojax.config import config_from_dict
     from dpojax.sharding import Sharder, make_mesh
-    from dpojax.train import loop
+    from dpojax.train import build, loop
     from dpojax.train.step import batch_sharding
 
     cfg = config_from_dict({
@@ -223,14 +223,14 @@ def build_dpojax_step(setup: StepSetup, work: Path, **model_overrides):
         "output_dir": str(work / "dpojax_run"),
     })  # fmt: skip
     sharder = Sharder(make_mesh(-1, 1, 1))
-    models = loop.build_models(cfg, sharder)
-    pairs = loop.load_split(cfg, models.tokenizer, cfg.data.train, "train")
-    run, state = loop.setup(cfg, len(pairs), models, sharder)
+    models = build.build_models(cfg, sharder)
+    pairs = build.load_split(cfg, models, cfg.data.train, "train")
+    run, state = build.setup_train(cfg, models, sharder, steps=cfg.train.steps)
     sharding = batch_sharding(sharder)
     holder = {"state": state}
 
     def step(batch) -> None:
-        holder["state"], out = run.train_step(holder["state"], run.models.ref_params, loop.to_device(batch, sharding))
+        holder["state"], out = run.train_step(holder["state"], run.models.ref_params, build.to_device(batch, sharding))
         jax.block_until_ready((holder["state"], out))
 
     return step, list(loop._batches(cfg, pairs, 0, cfg.train.steps))

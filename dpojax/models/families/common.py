@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from dpojax.errors import ModelError
-from dpojax.models.config import ROPE_TYPES, RopeConfig
+from dpojax.models.rope_config import ROPE_TYPES, RopeConfig
 
 Table = Mapping[str, tuple]
 
