@@ -175,7 +175,7 @@ def precompute_references(cfg: Config, models: Models, sharder: Sharder, dataset
     """Run the reference once over each data set (cached on disk), then drop it from device memory."""
     if not cfg.ref_model.precompute or models.ref_graphdef is None:
         return
-    spec = StepSpec(models.policy_graphdef, models.ref_graphdef, cfg.loss, None, None, sharder=sharder)
+    spec = make_spec(cfg, models.policy_graphdef, models.ref_graphdef, sharder, total_steps=1)
     forward = compile_reference(spec, models.ref_graphdef, models.ref_params, sharder)
     bs = cfg.train.eval_batch_size or cfg.train.batch_size
     sharding = batch_sharding(sharder)
