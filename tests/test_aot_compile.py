@@ -73,11 +73,11 @@ def test_shipped_config_compiles_and_fits(name):
 def test_compile_every_mode_the_trainer_accepts(tiny_config, capsys, overrides):
     """The one step builder serves `dpojax compile` for every config `dpojax train` accepts (K-wise losses at
     K = data.max_responses, precomputed reference log-probs, TR-DPO, reference-free)."""
-    assert main(["compile", str(tiny_config), "--topology", "v5e:2x2", *overrides]) == 0
+    assert main(["compile", str(tiny_config), "--topology", "v5e:2x2", "data.max_length=128", *overrides]) == 0
     out = capsys.readouterr().out
     assert "fits: yes" in out, out
     k = 4 if "plackett" in overrides[0] else 2
-    assert f"8 prompts x {k} responses x 512 tokens" in out, out
+    assert f"8 prompts x {k} responses x 128 tokens" in out, out
 
 
 @needs_libtpu
@@ -90,5 +90,6 @@ def test_compile_with_a_local_config_json_needs_no_hub(tiny_config, tmp_path, ca
     assert main(["compile", str(cfg), "--topology", "v5e:2x2"]) == 2
     assert "--model-config" in capsys.readouterr().err
     local = tiny_config.parent / "model" / "config.json"
-    assert main(["compile", str(cfg), "--topology", "v5e:2x2", "--model-config", str(local)]) == 0
+    args = ["compile", str(cfg), "--topology", "v5e:2x2", "--model-config", str(local), "data.max_length=128"]
+    assert main(args) == 0
     assert "fits: yes" in capsys.readouterr().out

@@ -106,10 +106,28 @@ def _train_records(out: Path) -> list[dict]:
             if r["split"] == "train"]  # fmt: skip
 
 
+def _busy_reference_run(config, out: Path, run: list[str], tmp_path: Path) -> None:
+    """An uninterrupted 2-process run whose Python threads are both busy (holding the GIL) for 12 s at step 1,
+    2.4x a 5 s heartbeat timeout, as during a long compile or tokenization: heartbeats come from a runtime thread,
+    so it is not taken for a dead peer and finishes."""
+    logs = [tmp_path / "busy0.log", tmp_path / "busy1.log"]
+    envs = [{"DPOJAX_HOLD_AT": "1", "DPOJAX_SPIN": "12"}] * 2
+    procs = _spawn(["train", str(config), f"output_dir={out}", *run, "distributed.heartbeat_timeout=5"], logs, envs,
+                   program=(HELD_CLI,))
+    try:
+        codes = [p.wait(timeout=300) for p in procs]
+    finally:
+        _kill_all(procs)
+    text = [log.read_text(errors="replace") for log in logs]
+    assert codes == [0, 0], [t[-3000:] for t in text]
+    assert all("RELEASED AT STEP 1" in t for t in text)
+
+
 def test_sigterm_to_one_process_stops_both_at_the_same_step(config, tmp_path):
+    """(Its uninterrupted reference run is also the busy-thread check: `_busy_reference_run`.)"""
     run = ["train.steps=6", "data.eval=null", "checkpoint.every=100"]
     reference, out = tmp_path / "uninterrupted", tmp_path / "preempted"
-    assert local_cpu.main(["--grace", "30", "train", str(config), f"output_dir={reference}", *run]) == 0
+    _busy_reference_run(config, reference, run, tmp_path)
 
     logs, release = [tmp_path / "p0.log", tmp_path / "p1.log"], [tmp_path / "go0", tmp_path / "go1"]
     envs = [{"DPOJAX_HOLD_AT": "3", "DPOJAX_RELEASE": str(r)} for r in release]
@@ -155,23 +173,6 @@ def test_dead_peer_stops_the_other_within_60s(config, tmp_path):
     assert code != 0 and elapsed < 60, (code, elapsed)
     assert "distributed: process 0 of 2" in log
     assert "another task died" in log or "unhealthy" in log or "Connection" in log, log[-2000:]
-
-
-def test_busy_python_thread_is_not_a_dead_peer(config, tmp_path):
-    """Heartbeats come from a runtime thread: both Python threads busy (holding the GIL) for 2.4x the heartbeat
-    timeout, as during a long compile or tokenization, and the run still finishes."""
-    logs = [tmp_path / "p0.log", tmp_path / "p1.log"]
-    args = ["train", str(config), f"output_dir={tmp_path / 'run'}", "data.eval=null",
-            "distributed.heartbeat_timeout=5"]
-    envs = [{"DPOJAX_HOLD_AT": "1", "DPOJAX_SPIN": "12"}] * 2
-    procs = _spawn(args, logs, envs, program=(HELD_CLI,))
-    try:
-        codes = [p.wait(timeout=300) for p in procs]
-    finally:
-        _kill_all(procs)
-    text = [log.read_text(errors="replace") for log in logs]
-    assert codes == [0, 0], [t[-3000:] for t in text]
-    assert all("RELEASED AT STEP 1" in t for t in text)
 
 
 # ------------------------------------------------------------------------------------- process-group settings

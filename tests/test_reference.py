@@ -131,7 +131,7 @@ def test_precomputed_reference_for_rankings_matches_in_memory(assets, tmp_path, 
     cache = str(tmp_path / "cache")
 
     def cfg(out, **extra):
-        base = dict(train__batch_size=8, train__steps=STEPS, train__log_every=1, optim__lr=3e-3,
+        base = dict(train__batch_size=8, train__steps=2, train__log_every=1, optim__lr=3e-3,
                     optim__schedule="constant", checkpoint__every=None, loss__type="plackett_luce",
                     data__max_responses=4, data__cache_dir=cache, **extra)
         return config_from_dict(dpojax_overrides(assets, data, out, **base))
