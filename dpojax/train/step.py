@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from dpojax import losses
 from dpojax.config import Config, LossSection
 from dpojax.data.batching import PreferenceBatch
-from dpojax.logprobs import SeqStats, scored_mask, sequence_stats, token_logprobs, token_metric_sums
+from dpojax.logprobs import SeqStats, head_chunk, scored_mask, sequence_stats, token_logprobs, token_metric_sums
 from dpojax.sharding import Sharder
 from dpojax.train.optim import make_optimizer
 
@@ -49,7 +49,7 @@ class StepSpec:
     optimizer: optax.GradientTransformation
     schedule: optax.Schedule
     grad_accum: int = 1  # A micro-batches per optimizer step
-    chunk_len: int = 256  # sequence chunk of the log-prob head
+    chunk_len: int = 256  # largest sequence chunk of the log-prob head (`logprobs.head_chunk` picks ~T/4 below it)
     vocab_tile: int | None = None  # vocabulary tile of the log-prob head (model.vocab_tile; None: one tile)
     sharder: Sharder | None = None
     precomputed_ref: bool = False  # reference log-probs come with the batch (batch.ref_logps_NxK)
@@ -91,7 +91,8 @@ def row_logps(graphdef, params, ids_BxT, positions_BxT, seg_BxT, completion_mask
     needed_BxT = scored_mask(completion_mask_BxT) > 0  # the head computes logits only where they are used
     if lm_mask_BxT is not None:
         needed_BxT = needed_BxT | (scored_mask(lm_mask_BxT) > 0)
-    tok = token_logprobs(hidden_BxTxD, model.unembedding(), ids_BxT, chunk_len=spec.chunk_len, with_wpo=spec.with_wpo,
+    chunk = head_chunk(ids_BxT.shape[1], spec.chunk_len)
+    tok = token_logprobs(hidden_BxTxD, model.unembedding(), ids_BxT, chunk_len=chunk, with_wpo=spec.with_wpo,
                          softcap=model.final_softcap,  # Gemma 2's final logit soft-cap (None for most models)
                          needed_BxT=needed_BxT, vocab_tile=spec.vocab_tile)
     return sequence_stats(tok, completion_mask_BxT, ld_alpha=spec.loss.ld_alpha, lm_mask_BxT=lm_mask_BxT,
