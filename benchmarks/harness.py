@@ -233,7 +233,7 @@ def build_dpojax_step(setup: StepSetup, work: Path, **model_overrides):
         holder["state"], out = run.train_step(holder["state"], run.models.ref_params, build.to_device(batch, sharding))
         jax.block_until_ready((holder["state"], out))
 
-    return step, list(loop._batches(cfg, pairs, 0, cfg.train.steps))
+    return step, list(loop._batches(run, pairs, 0, cfg.train.steps))
 
 
 def dpojax_steps(setup: StepSetup, work: Path, *, profile: bool = False, **model_overrides) -> Timing:
