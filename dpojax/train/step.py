@@ -69,7 +69,7 @@ class StepSpec:
 
 
 def make_spec(cfg: Config, policy_graphdef, ref_graphdef, sharder: Sharder | None, *, total_steps: int,
-              precomputed_ref: bool = False, grad_accum: int | None = None) -> StepSpec:
+              precomputed_ref: bool = False, grad_accum: int | None = None, backend: str | None = None) -> StepSpec:
     """The one step builder: the StepSpec of `cfg` for `train`, `eval` and `dpojax compile` (`total_steps` is the
     learning-rate schedule's horizon)."""
     losses.validate_loss_config(cfg.loss)
@@ -78,7 +78,7 @@ def make_spec(cfg: Config, policy_graphdef, ref_graphdef, sharder: Sharder | Non
                     loss=cfg.loss, optimizer=optimizer, schedule=schedule,
                     grad_accum=cfg.grad_accum_steps if grad_accum is None else grad_accum, sharder=sharder,
                     precomputed_ref=precomputed_ref, vocab_tile=cfg.model.vocab_tile,
-                    packing=packing_lib.resolve_mode(cfg.data.packing, cfg.model.attention),
+                    packing=packing_lib.resolve_mode(cfg.data.packing, cfg.model.attention, backend),
                     band=cfg.data.max_length)
 
 
