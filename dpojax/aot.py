@@ -193,18 +193,18 @@ def _abstract_batch(n_prompts: int, num_responses: int, seq_len: int, sharder, p
     )
 
 
-def _abstract_packed_batch(n_prompts: int, num_responses: int, max_length: int, sharder, precomputed: bool,
-                           micro_batches: int):
+def _abstract_packed_batch(mode: str, n_prompts: int, num_responses: int, max_length: int, sharder,
+                           precomputed: bool, micro_batches: int):
     """The packed batch of the worst case: nothing shared, every sequence max_length long, rows balanced."""
     import jax
     import jax.numpy as jnp
 
-    from dpojax.data.packing import ROW_CAPACITY, PackedBatch, row_length
+    from dpojax.data.packing import PackedBatch, Packing, row_length
     from dpojax.train.step import batch_sharding
 
     shards = sharder.batch_shards
     tokens = n_prompts // micro_batches * num_responses * max_length  # per micro-batch
-    rows = shards * max(1, -(-tokens // (shards * ROW_CAPACITY * max_length)))
+    rows = shards * max(1, -(-tokens // (shards * Packing(mode).row_capacity * max_length)))
     length = row_length(-(-tokens // rows))
     sh = batch_sharding(sharder)
     arr = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)  # noqa: E731
@@ -279,7 +279,8 @@ def lower_step(cfg, devices, *, backend: str = "tpu", batch_pairs: int | None = 
     if spec.packing == "none":
         batch = _abstract_batch(n_pairs, k, cfg.data.max_length, sharder, precomputed)
     else:
-        batch = _abstract_packed_batch(n_pairs, k, cfg.data.max_length, sharder, precomputed, n_pairs // micro)
+        batch = _abstract_packed_batch(spec.packing, n_pairs, k, cfg.data.max_length, sharder, precomputed,
+                                       n_pairs // micro)
     train, _ = compile_steps(spec, state, rparams, sharder)
     tokens = n_pairs * k * cfg.data.max_length
     ref_flops = mcfg.forward_flops_per_token(cfg.data.max_length) if rgraph is not None else 0.0
