@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from tiny_tokenizer import make_pref_rows, make_tokenizer
 
 from dpojax import paths
 from dpojax.cli import main
+from dpojax.models.hf import TOKENIZER_FILES
 from dpojax.metrics import read_metrics
 
 STEPS = 8
@@ -67,9 +69,15 @@ def gcs(tmp_path_factory):
 
 
 def _env(gcs, **extra: str) -> dict:
-    """The emulator's variables (inherited), 8 CPU devices, and a local mirror of gs:// inputs in tmp."""
-    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8",
-                DPOJAX_CACHE=str(gcs["root"] / "mirror"), **extra)
+    """The emulator's variables (inherited), 8 CPU devices, a local mirror of gs:// inputs in tmp, and one
+    persistent compilation cache for the module's runs (the same executables, compiled once)."""
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8", **_shared(gcs),
+                **extra)
+
+
+def _shared(gcs) -> dict:
+    return {"DPOJAX_CACHE": str(gcs["root"] / "mirror"), "JAX_COMPILATION_CACHE_DIR": str(gcs["root"] / "jax"),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
 
 
 def _cmd(gcs, out: str, *overrides: str, program=("-m", "dpojax.cli")) -> list[str]:
@@ -119,3 +127,83 @@ def test_missing_credentials_fail_at_start(gcs, tmp_path, monkeypatch, capsys):
     assert "data.train 'gs://inputs/train.jsonl': no Google Cloud credentials found" in err
     assert "GOOGLE_APPLICATION_CREDENTIALS" in err
     assert not (tmp_path / "run").exists()
+
+
+def _exists(url: str) -> bool:
+    import fsspec
+
+    fs = fsspec.filesystem("gs")
+    fs.invalidate_cache()  # listings are cached; another process is writing
+    return fs.exists(url)
+
+
+@pytest.mark.serial
+def test_sigkill_then_resume_is_bitwise_exact(gcs):
+    out = f"{gcs['runs']}/killed"
+    proc = subprocess.Popen(_cmd(gcs, out, program=(str(TESTS / "held_cli.py"),)), env=_env(gcs, DPOJAX_HOLD_AT="5"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    seen = []
+    try:
+        for line in proc.stdout:  # held after step 5's record, while checkpoint 4 is committed in the background
+            seen.append(line)
+            if "HELD AT STEP" in line:
+                break
+        assert "HELD AT STEP 5" in "".join(seen), "".join(seen)[-3000:]
+        deadline = time.monotonic() + 120
+        while not _exists(f"{out}/checkpoints/4/commit_success.txt"):
+            assert time.monotonic() < deadline, "checkpoint 4 never committed"
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert not _exists(f"{out}/export")
+    # flushed when checkpoint 4 was saved: every record up to it is there (records past it are redone)
+    assert [r["step"] for r in read_metrics(f"{out}/metrics.jsonl")][:4] == [1, 2, 3, 4]
+    result = _run(gcs, out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "at step 4" in result.stderr
+    assert _train_records(out) == _train_records(f"{gcs['runs']}/reference")
+
+
+@pytest.mark.serial
+def test_two_processes_write_their_shards_then_resume_on_one(gcs, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("local_cpu", REPO / "launch" / "local_cpu.py")
+    local_cpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(local_cpu)
+    for key, value in _shared(gcs).items():
+        monkeypatch.setenv(key, value)
+    out = f"{gcs['runs']}/two"
+    code = local_cpu.main(["--processes", "2", "--devices-per-process", "4", "--grace", "30", "train",
+                           str(gcs["config"]), f"output_dir={out}", "train.steps=4", "data.eval=null"])  # fmt: skip
+    assert code == 0
+    names = gcs["emulator"].names(f"{out}/checkpoints/4/params")
+    assert {n.split("/")[0] for n in names if n.startswith("ocdbt.process_")} == {"ocdbt.process_0", "ocdbt.process_1"}
+    result = _run(gcs, out, "data.eval=null")  # one process, 8 devices, the same mesh
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "at step 4" in result.stderr
+    ours, ref = _train_records(out), _train_records(f"{gcs['runs']}/reference")
+    assert [r["step"] for r in ours] == list(range(1, STEPS + 1))
+    for a, b in zip(ours, ref):
+        keys = sorted(set(a) - {"step", "split"})
+        np.testing.assert_allclose([a[k] for k in keys], [b[k] for k in keys], rtol=1e-5, atol=1e-6, err_msg=str(keys))
+
+
+def test_export_to_gcs_loads_in_transformers(gcs):
+    import torch
+    import transformers
+    from safetensors.numpy import load_file
+
+    run, out = f"{gcs['runs']}/reference", f"{gcs['runs']}/exported"
+    assert main(["export", run, out]) == 0
+    names = gcs["emulator"].names(out)
+    assert {"config.json", "model.safetensors"} <= set(names) and set(names) - {"config.json", "model.safetensors"}
+    assert set(names) <= {"config.json", "model.safetensors", *TOKENIZER_FILES}
+    local = paths.local_copy(out)
+    model = transformers.AutoModelForCausalLM.from_pretrained(local, dtype=torch.float32)
+    trained = load_file(paths.local_copy(f"{run}/export") / "model.safetensors")  # written at the end of training
+    state = model.state_dict()
+    assert set(trained) <= set(state)
+    for name, value in trained.items():  # the last checkpoint, exported again, is the trained policy, bit for bit
+        np.testing.assert_array_equal(state[name].numpy(), value, err_msg=name)
