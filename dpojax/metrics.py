@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import time
 from typing import Mapping
 
 import numpy as np
@@ -57,33 +56,16 @@ class MetricsWriter:
     buffered and rewritten whole on object storage (see the module docstring)."""
 
     def __init__(self, path: PathLike, enabled: bool = True, flush_every_s: float = 30.0):
-        self.path = paths.path(path)
-        self.enabled, self.remote, self.flush_every_s = enabled, paths.is_remote(path), flush_every_s
-        self._lines: list[str] = []
-        self._dirty, self._flushed_at = False, float("-inf")
-        if enabled and self.remote:
-            self._lines = [line + "\n" for line in _lines(self.path)]
-        elif enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.lines = paths.LineAppender(path, enabled, flush_every_s)
+        self.path = self.lines.path
 
     def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
-        if not self.enabled:
-            return
         record = {"step": int(step), "split": split, **{k: _jsonable(v) for k, v in metrics.items()}}
-        if not self.remote:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            return
-        self._lines.append(json.dumps(record) + "\n")
-        self._dirty = True
-        if time.monotonic() - self._flushed_at >= self.flush_every_s:
-            self.flush()
+        self.lines.add(json.dumps(record))
 
     def flush(self) -> None:
         """Make every record written so far durable (a no-op for a local file: appends are)."""
-        if self.enabled and self.remote and self._dirty:
-            paths.write_text(self.path, "".join(self._lines))
-            self._dirty, self._flushed_at = False, time.monotonic()
+        self.lines.flush()
 
     close = flush
 
@@ -95,15 +77,11 @@ def _jsonable(v):
     return v
 
 
-def _lines(path) -> list[str]:
+def read_metrics(path: PathLike) -> list[dict]:
     path = paths.path(path)
     if not path.exists():
         return []
-    return [line for line in path.read_text().splitlines() if line.strip()]
-
-
-def read_metrics(path: PathLike) -> list[dict]:
-    return [json.loads(line) for line in _lines(path)]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def truncate_after(path: PathLike, step: int) -> None:

@@ -3,7 +3,8 @@ the path type Orbax itself uses (its `gs://`/`s3://` backend is fsspec: gcsfs / 
 
 What differs on object storage, and how dpojax handles it:
 - No append and no rename: a file is written whole (an object appears complete or not at all), so
-  `write_bytes`/`write_text` write in place there and through a temporary file + `os.replace` locally.
+  `write_bytes`/`write_text` write in place there and through a temporary file + `os.replace` locally, and
+  `LineAppender` (metrics.jsonl, samples.jsonl) buffers lines and rewrites the object.
 - Libraries that need a local file (safetensors memory maps, tokenizers, `datasets.load_from_disk`) get a local
   mirror from `local_copy`, re-downloaded when the remote size or checksum changes.
 - A URL without credentials or with a missing bucket fails at start (`check_urls`) with one line naming the URL
@@ -15,13 +16,10 @@ read): `use_emulator_if_set` points tensorstore (Orbax's array writer) at it too
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import os
 import pathlib
 import shutil
-import tempfile
+import time
 from typing import Iterable
 
 from etils import epath
@@ -81,6 +79,43 @@ def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         pathlib.Path(os.path.expanduser(os.fspath(dst))).parent.mkdir(parents=True, exist_ok=True)
     with path(src).open("rb") as fin, path(dst).open("wb") as fout:
         shutil.copyfileobj(fin, fout, _COPY_CHUNK)
+
+
+class LineAppender:
+    """Adds lines to a text file (metrics.jsonl, samples.jsonl): appended to a local file; on object storage, which
+    has no append, the file's lines are kept in memory and the whole object is rewritten at most every
+    `flush_every_s` seconds and at every `flush()`. `enabled=False` (a process other than 0) writes nothing."""
+
+    def __init__(self, dst: str | os.PathLike, enabled: bool = True, flush_every_s: float = 30.0):
+        self.path, self.enabled, self.flush_every_s = path(dst), enabled, flush_every_s
+        self.remote = is_remote(dst)
+        self._text: list[str] = []
+        self._dirty, self._flushed_at = False, float("-inf")
+        if enabled and self.remote and self.path.exists():
+            text = self.path.read_text()
+            self._text = [text if text.endswith("\n") or not text else text + "\n"]
+        elif enabled and not self.remote:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def add(self, line: str) -> None:
+        if not self.enabled:
+            return
+        if not self.remote:
+            with self.path.open("a") as f:
+                f.write(line + "\n")
+            return
+        self._text.append(line + "\n")
+        self._dirty = True
+        if time.monotonic() - self._flushed_at >= self.flush_every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        """Make every line added so far durable (local appends already are)."""
+        if self.enabled and self.remote and self._dirty:
+            write_text(self.path, "".join(self._text))
+            self._dirty, self._flushed_at = False, time.monotonic()
+
+    close = flush
 
 
 # ------------------------------------------------------------------------------------------ local mirrors
@@ -210,25 +245,8 @@ def _check_bucket(what: str, url: str, scheme: str) -> None:
     except FileNotFoundError:
         raise StorageError(f"{what} '{url}': bucket '{bucket}' does not exist; create it (gcloud storage buckets "
                            f"create {scheme}://{bucket}) or fix the URL") from None
-    except (PermissionError, OSError) as e:
+    except Exception as e:  # noqa: BLE001 - 401/403 and the like (gcsfs raises HttpError or OSError)
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise StorageError(f"{what} '{url}': cannot access bucket '{bucket}' ({first}); "
                            f"{_CREDENTIALS_HELP[scheme]}, with permission to list and write objects") from None
 
-
-def digest(p: str | os.PathLike) -> str:
-    """sha256 of a file's bytes (local or remote)."""
-    h = hashlib.sha256()
-    with path(p).open("rb") as f:
-        while chunk := f.read(_COPY_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def read_json(p: str | os.PathLike):
-    return json.loads(path(p).read_text())
-
-
-def bytes_io(p: str | os.PathLike) -> io.BytesIO:
-    """A file's whole content as an in-memory binary file."""
-    return io.BytesIO(path(p).read_bytes())

@@ -24,12 +24,12 @@ from gcs_emulator import Emulator
 from tiny_models import make_tiny_checkpoint
 from tiny_tokenizer import make_pref_rows, make_tokenizer
 
-from dpojax import paths
+from dpojax import metrics as M, paths
 from dpojax.cli import main
 from dpojax.models.hf import TOKENIZER_FILES
 from dpojax.metrics import read_metrics
 
-STEPS = 8
+STEPS = 6
 TIMING = {"tokens_per_second", "pairs_per_second", "mfu"}
 TESTS = Path(__file__).parent
 REPO = TESTS.parent
@@ -99,10 +99,10 @@ def test_run_reads_and_writes_gcs(gcs):
     names = gcs["emulator"].names(out)
     assert {"config.yaml", "metrics.jsonl", "training_curves.png", "export/model.safetensors",
             "export/config.json", "export/tokenizer.json"} <= set(names), names  # fmt: skip
-    assert "checkpoints/8/commit_success.txt" in names  # Orbax's commit marker on object storage
-    assert any(n.startswith("checkpoints/8/params/") for n in names)
+    assert f"checkpoints/{STEPS}/commit_success.txt" in names  # Orbax's commit marker on object storage
+    assert any(n.startswith(f"checkpoints/{STEPS}/params/") for n in names)
     records = read_metrics(f"{out}/metrics.jsonl")
-    assert [(r["step"], r["split"]) for r in records] == [(s, "train") for s in range(1, STEPS + 1)] + [(8, "eval")]
+    assert [(r["step"], r["split"]) for r in records] == [(s, "train") for s in range(1, STEPS + 1)] + [(STEPS, "eval")]
     assert any(n.startswith("preferences-") for n in gcs["emulator"].names(f"{gcs['runs']}/cache"))
     assert not (Path.cwd() / "gs:").exists()  # nothing landed in a local folder named after the URL
 
@@ -140,7 +140,8 @@ def _exists(url: str) -> bool:
 @pytest.mark.serial
 def test_sigkill_then_resume_is_bitwise_exact(gcs):
     out = f"{gcs['runs']}/killed"
-    proc = subprocess.Popen(_cmd(gcs, out, program=(str(TESTS / "held_cli.py"),)), env=_env(gcs, DPOJAX_HOLD_AT="5"),
+    proc = subprocess.Popen(_cmd(gcs, out, "data.eval=null", program=(str(TESTS / "held_cli.py"),)),
+                            env=_env(gcs, DPOJAX_HOLD_AT="5"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     seen = []
     try:
@@ -159,7 +160,7 @@ def test_sigkill_then_resume_is_bitwise_exact(gcs):
     assert not _exists(f"{out}/export")
     # flushed when checkpoint 4 was saved: every record up to it is there (records past it are redone)
     assert [r["step"] for r in read_metrics(f"{out}/metrics.jsonl")][:4] == [1, 2, 3, 4]
-    result = _run(gcs, out)
+    result = _run(gcs, out, "data.eval=null")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "at step 4" in result.stderr
     assert _train_records(out) == _train_records(f"{gcs['runs']}/reference")
@@ -207,3 +208,48 @@ def test_export_to_gcs_loads_in_transformers(gcs):
     assert set(trained) <= set(state)
     for name, value in trained.items():  # the last checkpoint, exported again, is the trained policy, bit for bit
         np.testing.assert_array_equal(state[name].numpy(), value, err_msg=name)
+
+
+def test_metrics_on_object_storage_are_rewritten_whole(gcs):
+    """No append on object stores: records are buffered and the object rewritten at each flush (the loop flushes
+    at every checkpoint); a resumed run's writer keeps what is there, and truncation drops what is redone."""
+    url = f"{gcs['runs']}/metrics-unit/metrics.jsonl"
+    writer = M.MetricsWriter(url, flush_every_s=3600)
+    writer.write(1, "train", {"loss": 0.5})  # the first record is flushed at once (the run is visibly alive)
+    writer.write(2, "train", {"loss": np.float32(0.25)})
+    assert [r["step"] for r in M.read_metrics(url)] == [1]
+    writer.flush()
+    assert M.read_metrics(url) == [{"step": 1, "split": "train", "loss": 0.5}, {"step": 2, "split": "train", "loss": 0.25}]
+    M.truncate_after(url, 1)
+    resumed = M.MetricsWriter(url, flush_every_s=0)
+    resumed.write(2, "train", {"loss": 0.125})
+    assert [(r["step"], r["loss"]) for r in M.read_metrics(url)] == [(1, 0.5), (2, 0.125)]
+    other = M.MetricsWriter(f"{gcs['runs']}/other/metrics.jsonl", enabled=False)  # a process other than 0
+    other.write(1, "train", {"loss": 0.5})
+    other.flush()
+    assert not _exists(f"{gcs['runs']}/other/metrics.jsonl")
+
+
+def test_uncommitted_checkpoint_is_ignored_then_redone(gcs):
+    """A save killed midway on GCS leaves `<step>/` without Orbax's commit_success.txt: neither Orbax nor
+    `find_checkpoint` takes it, and saving that step again replaces it."""
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+
+    from dpojax.train import checkpoint as ckpt
+
+    run = f"{gcs['runs']}/partial"
+
+    def manager():
+        return ocp.CheckpointManager(ckpt.checkpoint_dir(run), options=ocp.CheckpointManagerOptions(create=True))
+
+    tree = {"w": jnp.arange(4.0)}
+    with manager() as m:
+        m.save(1, args=ocp.args.Composite(params=ocp.args.StandardSave(tree)))
+    paths.write_text(f"{run}/checkpoints/2/params/partial", "killed mid-save")
+    with manager() as m:
+        assert m.latest_step() == 1 and ckpt.find_checkpoint(run).step == 1
+        m.save(2, args=ocp.args.Composite(params=ocp.args.StandardSave(tree)))
+        m.wait_until_finished()
+        assert m.latest_step() == 2 and ckpt.find_checkpoint(run).step == 2
+    assert "params/partial" not in gcs["emulator"].names(f"{run}/checkpoints/2")
