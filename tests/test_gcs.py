@@ -27,8 +27,8 @@ from tiny_tokenizer import make_pref_rows, make_tokenizer
 from dpojax import metrics as M, paths
 from dpojax.cli import main
 from dpojax.models.hf import TOKENIZER_FILES
-from dpojax.metrics import read_metrics
 
+pytestmark = pytest.mark.serial  # every test shares the module's emulator and its subprocess reference run
 STEPS = 6
 TIMING = {"tokens_per_second", "pairs_per_second", "mfu"}
 TESTS = Path(__file__).parent
@@ -89,11 +89,10 @@ def _run(gcs, out: str, *overrides: str) -> subprocess.CompletedProcess:
 
 
 def _train_records(url: str) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in read_metrics(f"{url}/metrics.jsonl")
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in M.read_metrics(f"{url}/metrics.jsonl")
             if r["split"] == "train"]  # fmt: skip
 
 
-@pytest.mark.serial
 def test_run_reads_and_writes_gcs(gcs):
     out = f"{gcs['runs']}/reference"
     names = gcs["emulator"].names(out)
@@ -101,7 +100,7 @@ def test_run_reads_and_writes_gcs(gcs):
             "export/config.json", "export/tokenizer.json"} <= set(names), names  # fmt: skip
     assert f"checkpoints/{STEPS}/commit_success.txt" in names  # Orbax's commit marker on object storage
     assert any(n.startswith(f"checkpoints/{STEPS}/params/") for n in names)
-    records = read_metrics(f"{out}/metrics.jsonl")
+    records = M.read_metrics(f"{out}/metrics.jsonl")
     assert [(r["step"], r["split"]) for r in records] == [(s, "train") for s in range(1, STEPS + 1)] + [(STEPS, "eval")]
     assert any(n.startswith("preferences-") for n in gcs["emulator"].names(f"{gcs['runs']}/cache"))
     assert not (Path.cwd() / "gs:").exists()  # nothing landed in a local folder named after the URL
@@ -137,7 +136,6 @@ def _exists(url: str) -> bool:
     return fs.exists(url)
 
 
-@pytest.mark.serial
 def test_sigkill_then_resume_is_bitwise_exact(gcs):
     out = f"{gcs['runs']}/killed"
     proc = subprocess.Popen(_cmd(gcs, out, "data.eval=null", program=(str(TESTS / "held_cli.py"),)),
@@ -159,14 +157,13 @@ def test_sigkill_then_resume_is_bitwise_exact(gcs):
         proc.wait(timeout=30)
     assert not _exists(f"{out}/export")
     # flushed when checkpoint 4 was saved: every record up to it is there (records past it are redone)
-    assert [r["step"] for r in read_metrics(f"{out}/metrics.jsonl")][:4] == [1, 2, 3, 4]
+    assert [r["step"] for r in M.read_metrics(f"{out}/metrics.jsonl")][:4] == [1, 2, 3, 4]
     result = _run(gcs, out, "data.eval=null")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "at step 4" in result.stderr
     assert _train_records(out) == _train_records(f"{gcs['runs']}/reference")
 
 
-@pytest.mark.serial
 @pytest.mark.skipif(os.environ.get("DPOJAX_SLOW_TESTS") != "1",
                     reason="two more runs, one of 2 processes (36 s on 2 idle cores); DPOJAX_SLOW_TESTS=1 runs it")
 def test_two_processes_write_their_shards_then_resume_on_one(gcs, monkeypatch):
@@ -221,7 +218,8 @@ def test_metrics_on_object_storage_are_rewritten_whole(gcs):
     writer.write(2, "train", {"loss": np.float32(0.25)})
     assert [r["step"] for r in M.read_metrics(url)] == [1]
     writer.flush()
-    assert M.read_metrics(url) == [{"step": 1, "split": "train", "loss": 0.5}, {"step": 2, "split": "train", "loss": 0.25}]
+    assert M.read_metrics(url) == [{"step": 1, "split": "train", "loss": 0.5},
+                                   {"step": 2, "split": "train", "loss": 0.25}]
     M.truncate_after(url, 1)
     resumed = M.MetricsWriter(url, flush_every_s=0)
     resumed.write(2, "train", {"loss": 0.125})
