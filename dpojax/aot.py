@@ -78,10 +78,12 @@ def topology_devices(topology: str, slices: int = 1) -> list:
 
 
 def read_model_config(name_or_path: str, revision: str | None = None) -> dict[str, Any]:
-    """config.json of a local folder, or of a hub id (downloads config.json only, never weights)."""
+    """config.json of a folder (local or gs://), or of a hub id (reads config.json only, never weights)."""
     import json
 
-    folder = Path(name_or_path).expanduser()
+    from dpojax import paths
+
+    folder = paths.path(name_or_path)
     if folder.is_file() and folder.suffix == ".json":  # a config.json given directly
         return json.loads(folder.read_text())
     if folder.is_dir():

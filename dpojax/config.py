@@ -17,6 +17,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from dpojax import paths
 from dpojax.errors import ConfigError
 
 
@@ -145,7 +146,7 @@ class Config:
     mesh: MeshSection = MeshSection()
     checkpoint: CheckpointSection = CheckpointSection()
     distributed: DistributedSection = DistributedSection()
-    output_dir: str = "runs/default"  # run folder: config.yaml, metrics.jsonl, checkpoints/, export/
+    output_dir: str = "runs/default"  # run folder (local or gs://): config.yaml, metrics.jsonl, checkpoints/, export/
 
     @property
     def micro_batch_size(self) -> int:
@@ -293,7 +294,7 @@ def config_from_dict(raw: dict, overrides: list[str] | tuple[str, ...] = ()) -> 
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    path = Path(path)
+    path = paths.path(path)
     if not path.is_file():
         raise ConfigError(f"config: file '{path}' not found.")
     try:

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dpojax import losses
+from dpojax import losses, paths
 from dpojax.config import Config
 from dpojax.data import packing
 from dpojax.data.batching import PreferenceBatch, steps_per_epoch
@@ -162,8 +162,9 @@ def _weights_id(cfg: Config, name: str, random_seed: int | None = None) -> str:
     return reference.weights_fingerprint(folder, cache_dir(cfg), random_seed=random_seed)
 
 
-def cache_dir(cfg: Config) -> Path:
-    return Path(cfg.data.cache_dir or Path.home() / ".cache" / "dpojax")
+def cache_dir(cfg: Config):
+    """data.cache_dir (a local folder or a gs:// / s3:// URL), by default ~/.cache/dpojax."""
+    return paths.path(cfg.data.cache_dir or Path.home() / ".cache" / "dpojax")
 
 
 def load_split(cfg: Config, models: Models, spec: str, split: str) -> TokenizedData:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from pathlib import Path
 from typing import Any, Iterator
 
 import jax
@@ -15,7 +14,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from dpojax import distributed, metrics as M
+from dpojax import distributed, metrics as M, paths
 from dpojax.config import Config, dump_yaml, load_config
 from dpojax.data.batching import PreferenceBatch, eval_batches, train_batches
 from dpojax.data.packing import PackedBatch
@@ -129,7 +128,8 @@ def train(cfg: Config) -> dict[str, Any]:
     """Train per `cfg`; resumes from `output_dir/checkpoints` when present. Returns the final eval metrics
     (empty when the run stopped early on SIGTERM or had no eval set)."""
     distributed.initialize(cfg.distributed)  # before anything touches a device
-    out_dir = Path(cfg.output_dir)
+    paths.check_urls(config_urls(cfg))  # a bad gs:// URL fails here, before anything is written
+    out_dir = paths.path(cfg.output_dir)
     is_main = jax.process_index() == 0
     sharder = make_sharder(cfg)
     models = build_models(cfg, sharder)
@@ -149,8 +149,8 @@ def train(cfg: Config) -> dict[str, Any]:
         state = run.from_checkpoint_tree(ckpt.restore(mngr, start, run.checkpoint_tree(state)), start)
         log.info("resumed from %s at step %d", ckpt.checkpoint_dir(cfg.output_dir), start)
     if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(dump_yaml(cfg))
+        paths.makedirs(out_dir)
+        paths.write_text(out_dir / "config.yaml", dump_yaml(cfg))
         M.truncate_after(out_dir / "metrics.jsonl", start)  # records past the checkpoint are redone
     writer = M.MetricsWriter(out_dir / "metrics.jsonl", enabled=is_main)
     log.info(
@@ -159,7 +159,7 @@ def train(cfg: Config) -> dict[str, Any]:
         cfg.grad_accum_steps, dict(sharder.mesh.shape), start,
     )
     best = ckpt.best_manager(out_dir, cfg) if cfg.checkpoint.best_metric else None
-    savers = Savers(mngr, best, run)
+    savers = Savers(mngr, best, run, writer)
     try:
         with Preemption() as preemption:
             state, stopped_at = _loop(run, state, savers, writer, train_data, eval_data, start, preemption)
@@ -170,6 +170,7 @@ def train(cfg: Config) -> dict[str, Any]:
         else:
             final = {}
     finally:  # an error (e.g. divergence) still completes the saves already under way
+        writer.close()
         mngr.wait_until_finished()
         if best is not None:
             best.wait_until_finished()
@@ -188,12 +189,14 @@ class Savers:
     latest: Any  # CheckpointManager of the most recent checkpoints
     best: Any  # CheckpointManager of the best one by checkpoint.best_metric, or None
     run: Run
+    writer: M.MetricsWriter  # flushed at each checkpoint: metrics.jsonl holds every record up to it
 
     def save(self, step: int, state: TrainState) -> None:
         if self.latest.latest_step() == step:
             return
         if not ckpt.all_finite(state.params):
             raise NumericsError(f"refusing to save a checkpoint at step {step}: the parameters are not finite.")
+        self.writer.flush()
         ckpt.save(self.latest, step, self.run.checkpoint_tree(state), self.run.cfg, horizon=self.run.horizon)
 
     def save_best(self, step: int, state: TrainState, metrics: dict[str, float]) -> None:
@@ -268,7 +271,7 @@ class _BadSteps:
             )
 
 
-def _finish(run: Run, state: TrainState, out_dir: Path, final: dict) -> dict[str, Any]:
+def _finish(run: Run, state: TrainState, out_dir, final: dict) -> dict[str, Any]:
     records = M.read_metrics(out_dir / "metrics.jsonl")
     train_recs = [r for r in records if r["split"] == "train"]
     model = nnx.merge(run.spec.policy_graphdef, state.params)
@@ -295,6 +298,7 @@ def _restore_policy(cfg: Config, models, step: int) -> None:
 def evaluate(cfg: Config) -> dict[str, float]:
     """Metrics of the policy (a run's newest checkpoint when `output_dir` has one) on data.eval or data.train."""
     distributed.initialize(cfg.distributed)  # before anything touches a device
+    paths.check_urls(config_urls(cfg))
     is_main = jax.process_index() == 0
     sharder = make_sharder(cfg)
     found = ckpt.find_checkpoint(cfg.output_dir)
@@ -310,13 +314,21 @@ def evaluate(cfg: Config) -> dict[str, float]:
     run = setup_eval(cfg, models, sharder)
     result = run_eval(run, models.policy_params, data)
     if is_main:
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        M.MetricsWriter(Path(cfg.output_dir) / "metrics.jsonl").write(step, "eval", result)
+        writer = M.MetricsWriter(paths.absolute(cfg.output_dir) / "metrics.jsonl")
+        writer.write(step, "eval", result)
+        writer.close()
         print(M.summary_table({"eval": result}))
     return result
 
 
 # -------------------------------------------------------------------------------------------------- CLI
+def config_urls(cfg: Config) -> list[tuple[str, str | None]]:
+    """(config key, path) of everything a run reads or writes, for `paths.check_urls`."""
+    return [("output_dir", cfg.output_dir), ("data.train", cfg.data.train), ("data.eval", cfg.data.eval),
+            ("data.cache_dir", cfg.data.cache_dir), ("model.name_or_path", cfg.model.name_or_path),
+            ("model.tokenizer", cfg.model.tokenizer), ("ref_model.name_or_path", cfg.ref_model.name_or_path)]
+
+
 def train_from_cli(config_path: str, overrides: list[str]) -> None:
     train(load_config(config_path, overrides))
 
@@ -328,6 +340,7 @@ def eval_from_cli(config_path: str, overrides: list[str]) -> None:
 def export_from_cli(source: str, out_dir: str) -> None:
     """Export the newest checkpoint of a run folder (or one checkpoint folder) as a HF folder: the policy is built
     abstractly and its parameters alone are restored (no optimizer state, no reference, no base weights)."""
+    paths.check_urls([("export source", str(source)), ("export folder", str(out_dir))])
     found = ckpt.find_checkpoint(source)
     if found is None:
         raise UserError(f"export: no checkpoint found in '{source}' (expected RUN_DIR/checkpoints/<step>/).")
