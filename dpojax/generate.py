@@ -44,7 +44,7 @@ FINISH_REASONS = ("eos", "stop", "length")  # EOS token | stop string | max_new_
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-    """How to pick tokens (hashable: a static argument of the jitted loop)."""
+    """How to pick tokens; only max_new_tokens (the cache length) and greedy or not shape the compiled code."""
 
     max_new_tokens: int = 128  # most tokens generated per prompt (also capped by the model's context)
     temperature: float = 0.0  # 0 = greedy (argmax); > 0 samples from softmax(logits / temperature)
@@ -74,23 +74,38 @@ class Completion:
 
 
 # ------------------------------------------------------------------------------------------- token choice
-def choose(logits_BxV: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
-    """int32 [B]: argmax when greedy, else a sample after temperature, top-k and top-p (transformers' rules:
-    top-k keeps logits >= the k-th largest; top-p drops the least likely tokens whose cumulative probability is
-    <= 1 - top_p, always keeping the most likely one)."""
-    if sampling.temperature == 0:
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Knobs:
+    """The sampling settings as device scalars (traced, so changing them does not recompile)."""
+
+    temperature: jax.Array  # float32
+    top_k: jax.Array  # int32
+    top_p: jax.Array  # float32
+
+    @classmethod
+    def of(cls, s: Sampling) -> Knobs:
+        return cls(jnp.float32(s.temperature), jnp.int32(s.top_k), jnp.float32(s.top_p))
+
+
+def choose(logits_BxV: jax.Array, key: jax.Array, knobs: Knobs, greedy: bool = False) -> jax.Array:
+    """int32 [B]: argmax when `greedy` (static: no sampling code is compiled) or temperature == 0, else a sample after temperature, top-k and top-p (transformers'
+    rules: top-k keeps logits >= the k-th largest; top-p drops the least likely tokens whose cumulative probability
+    is <= 1 - top_p, always keeping the most likely one)."""
+    V = logits_BxV.shape[-1]
+    logits_BxV = logits_BxV.astype(jnp.float32)
+    if greedy:
         return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-    logits_BxV = logits_BxV.astype(jnp.float32) / sampling.temperature
-    if 0 < sampling.top_k < logits_BxV.shape[-1]:
-        kth_Bx1 = jax.lax.top_k(logits_BxV, sampling.top_k)[0][:, -1:]
-        logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
-    if sampling.top_p < 1:
-        ascending_BxV = jnp.sort(logits_BxV, axis=-1)
-        removed_BxV = jnp.cumsum(jax.nn.softmax(ascending_BxV, axis=-1), axis=-1) <= 1 - sampling.top_p
-        removed_BxV = removed_BxV.at[:, -1].set(False)
-        lowest_kept_Bx1 = jnp.min(jnp.where(removed_BxV, jnp.inf, ascending_BxV), axis=-1, keepdims=True)
-        logits_BxV = jnp.where(logits_BxV < lowest_kept_Bx1, -jnp.inf, logits_BxV)
-    return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
+    scaled_BxV = logits_BxV / jnp.maximum(knobs.temperature, 1e-6)
+    ascending_BxV = jnp.sort(scaled_BxV, axis=-1)  # top-k masking keeps this order
+    k = jnp.where((knobs.top_k > 0) & (knobs.top_k < V), knobs.top_k, V)
+    ascending_BxV = jnp.where(jnp.arange(V) < V - k, -jnp.inf, ascending_BxV)
+    removed_BxV = jnp.cumsum(jax.nn.softmax(ascending_BxV, axis=-1), axis=-1) <= 1 - knobs.top_p
+    removed_BxV = (removed_BxV | (ascending_BxV == -jnp.inf)).at[:, -1].set(False)
+    lowest_kept_Bx1 = jnp.min(jnp.where(removed_BxV, jnp.inf, ascending_BxV), axis=-1, keepdims=True)
+    scaled_BxV = jnp.where(scaled_BxV < lowest_kept_Bx1, -jnp.inf, scaled_BxV)
+    sampled_B = jax.random.categorical(key, scaled_BxV, axis=-1)
+    return jnp.where(knobs.temperature == 0, jnp.argmax(logits_BxV, axis=-1), sampled_B).astype(jnp.int32)
 
 
 # ------------------------------------------------------------------------------------------ device loop
@@ -107,14 +122,15 @@ class DecodeState:
     done_B: jax.Array  # bool
     eos_B: jax.Array  # bool: ended by an EOS token
     key: jax.Array  # PRNG key of sampling (folded with the slot of each step)
+    knobs: Knobs
+    eos_E: jax.Array  # int32: the EOS ids (-1 when there are none)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Static:
     """What the jitted functions are specialized on."""
 
-    sampling: Sampling
-    eos_ids: tuple[int, ...]
+    greedy: bool  # temperature == 0: no sampling code compiled
     pad_id: int
     max_positions: int
     longrope_original: int | None  # original_max_position_embeddings of a LongRoPE model (its refill point)
@@ -126,7 +142,7 @@ def _after_token(state: DecodeState, tok_B: jax.Array, write_at: jax.Array, st: 
     tok_B = jnp.where(active_B, tok_B, st.pad_id)
     tokens_BxZ = jax.lax.dynamic_update_slice_in_dim(state.tokens_BxZ, tok_B[:, None], write_at, axis=1)
     count_B = state.count_B + active_B.astype(jnp.int32)
-    eos_B = state.eos_B | (active_B & jnp.isin(tok_B, jnp.asarray(st.eos_ids or (-1,), jnp.int32)))
+    eos_B = state.eos_B | (active_B & jnp.isin(tok_B, state.eos_E))
     done_B = state.done_B | eos_B | (count_B >= state.budget_B)
     return dataclasses.replace(state, tokens_BxZ=tokens_BxZ, count_B=count_B, eos_B=eos_B, done_B=done_B)
 
@@ -136,17 +152,19 @@ def _positions(slots: jax.Array, start_B: jax.Array, st: _Static) -> jax.Array:
     return jnp.clip(slots[None, :] - start_B[:, None], 0, st.max_positions - 1).astype(jnp.int32)
 
 
-def _prefill(graphdef, params, prompt_BxT, start_B, budget_B, key, *, slots: int, st: _Static) -> DecodeState:
+@functools.partial(jax.jit, static_argnames=("graphdef", "slots", "st"))
+def _prefill(graphdef, params, prompt_BxT, start_B, budget_B, key, knobs: Knobs, eos_E, *, slots: int,
+             st: _Static) -> DecodeState:
     model: Decoder = nnx.merge(graphdef, params)
     cfg = model.cfg
     B, T = prompt_BxT.shape
     cache = empty_cache(cfg.num_layers, B, slots, cfg.num_kv_heads, cfg.head_dim, start_B, model.dtype, model.sharder)
     longest = T - jnp.min(start_B) if st.longrope_original is not None else None
     hidden_BxTxD, cache = model.decode(prompt_BxT, _positions(jnp.arange(T), start_B, st), cache, longest)
-    tok_B = choose(model.logits(hidden_BxTxD[:, -1:])[:, 0], jax.random.fold_in(key, T), st.sampling)
+    tok_B = choose(model.logits(hidden_BxTxD[:, -1:])[:, 0], jax.random.fold_in(key, T), knobs, st.greedy)
     tokens_BxZ = jnp.zeros((B, slots), jnp.int32).at[:, :T].set(prompt_BxT)
     state = DecodeState(cache, tokens_BxZ, jnp.zeros((B,), jnp.int32), budget_B, jnp.zeros((B,), bool),
-                        jnp.zeros((B,), bool), key)
+                        jnp.zeros((B,), bool), key, knobs, eos_E)
     return _after_token(state, tok_B, jnp.asarray(T, jnp.int32), st)
 
 
@@ -168,10 +186,11 @@ def _step(model: Decoder, state: DecodeState, st: _Static) -> DecodeState:
 
         hidden_Bx1xD, cache = jax.lax.cond(longest == st.longrope_original + 1, refill,
                                            lambda _: model.decode(tok_Bx1, pos_Bx1, cache, longest), None)
-    tok_B = choose(model.logits(hidden_Bx1xD)[:, 0], jax.random.fold_in(state.key, index + 1), st.sampling)
+    tok_B = choose(model.logits(hidden_Bx1xD)[:, 0], jax.random.fold_in(state.key, index + 1), state.knobs, st.greedy)
     return _after_token(dataclasses.replace(state, cache=cache), tok_B, index + 1, st)
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "st"))
 def _decode_loop(graphdef, params, state: DecodeState, max_steps, *, st: _Static) -> DecodeState:
     """Up to `max_steps` decode steps; stops early when every row is done."""
     model: Decoder = nnx.merge(graphdef, params)
@@ -219,8 +238,8 @@ def eos_token_ids(model_dir: str | pathlib.Path | None, tokenizer: Any = None) -
 
 
 class Generator:
-    """Generates with one model (its params as loaded, sharded or not); compiled functions are reused across
-    calls of the same shapes and sampling settings."""
+    """Generates with one model (its params as loaded, sharded or not). The compiled prefill and decode loop are
+    shared by every call (and Generator) with the same model structure, shapes, and greedy or not."""
 
     def __init__(self, model: Decoder, cfg: ModelConfig, tokenizer: Any = None, *, eos_ids: Sequence[int] = (),
                  pad_id: int = 0, batch_size: int = 8):
@@ -230,8 +249,6 @@ class Generator:
         self.context = cfg.max_position_embeddings
         longrope = cfg.rope.type == "longrope" and cfg.position == "rope"
         self._longrope_original = cfg.rope.original_max_position_embeddings if longrope else None
-        self._prefill = jax.jit(functools.partial(_prefill, self.graphdef), static_argnames=("slots", "st"))
-        self._loop = jax.jit(functools.partial(_decode_loop, self.graphdef), static_argnames=("st",))
 
     def generate(self, prompts: Sequence[str | Sequence[dict]], sampling: Sampling = Sampling(),
                  progress: Callable[[int], Any] | None = None) -> list[Completion]:
@@ -254,7 +271,7 @@ class Generator:
         return out
 
     def _static(self, sampling: Sampling) -> _Static:
-        return _Static(sampling, self.eos_ids, self.pad_id, self.context, self._longrope_original)
+        return _Static(sampling.temperature == 0, self.pad_id, self.context, self._longrope_original)
 
     def _place(self, x: np.ndarray) -> jax.Array:
         if self.sharder is None:
@@ -270,13 +287,14 @@ class Generator:
         for b, r in enumerate(rows):
             prompt_BxT[b, start_B[b]:] = r
         budget_B = np.array([min(sampling.max_new_tokens, self.context - len(r)) for r in rows], np.int32)
-        st = self._static(dataclasses.replace(sampling, stop=(), seed=0))  # neither changes the compiled code
-        state = self._prefill(self.params, self._place(prompt_BxT), self._place(start_B), self._place(budget_B),
-                              jax.random.key(sampling.seed), slots=T + sampling.max_new_tokens, st=st)
+        st = self._static(sampling)
+        eos_E = jnp.asarray(self.eos_ids or (-1,), jnp.int32)
+        state = _prefill(self.graphdef, self.params, self._place(prompt_BxT), self._place(start_B),
+                         self._place(budget_B), jax.random.key(sampling.seed), Knobs.of(sampling), eos_E, slots=T + sampling.max_new_tokens, st=st)
         stopped = np.zeros(B, bool)
         chunk = STOP_CHUNK if sampling.stop else sampling.max_new_tokens
         while True:
-            state = self._loop(self.params, state, jnp.asarray(chunk, jnp.int32), st=st)
+            state = _decode_loop(self.graphdef, self.params, state, jnp.asarray(chunk, jnp.int32), st=st)
             tokens_BxZ, count_B, done_B = jax.device_get((state.tokens_BxZ, state.count_B, state.done_B))
             if sampling.stop:
                 for b in np.flatnonzero(~done_B[:n]):
