@@ -258,10 +258,7 @@ class Generator:
     def generate_ids(self, prompt_ids: Sequence[Sequence[int]], sampling: Sampling = Sampling(),
                      progress: Callable[[int], Any] | None = None) -> list[Completion]:
         """Completions of tokenized prompts, `batch_size` at a time; `progress(n)` after each batch of n."""
-        for i, ids in enumerate(prompt_ids):
-            if not 0 < len(ids) < self.context:
-                raise DataError(f"prompt {i} has {len(ids)} tokens; a prompt needs 1 to {self.context - 1} tokens "
-                                f"(the model's context is {self.context}): shorten it or leave it out.")
+        self.check_prompts(prompt_ids)
         out: list[Completion] = []
         for lo in range(0, len(prompt_ids), self.batch_size):
             batch = [list(map(int, p)) for p in prompt_ids[lo:lo + self.batch_size]]
@@ -269,6 +266,13 @@ class Generator:
             if progress is not None:
                 progress(len(batch))
         return out
+
+    def check_prompts(self, prompt_ids: Sequence[Sequence[int]]) -> None:
+        """DataError naming the first prompt that is empty or leaves no room in the model's context."""
+        for i, ids in enumerate(prompt_ids):
+            if not 0 < len(ids) < self.context:
+                raise DataError(f"prompt {i} has {len(ids)} tokens; a prompt needs 1 to {self.context - 1} tokens "
+                                f"(the model's context is {self.context}): shorten it or leave it out.")
 
     def _static(self, sampling: Sampling) -> _Static:
         return _Static(sampling.temperature == 0, self.pad_id, self.context, self._longrope_original)

@@ -121,7 +121,7 @@ def output_row(prompt: Any, c: Completion) -> dict:
 def generate_from_cli(args) -> None:
     if args.batch_size < 1:
         raise UserError(f"generate: --batch-size must be >= 1, got {args.batch_size}.")
-    from dpojax.generate import Sampling
+    from dpojax.generate import Sampling, encode_prompt
 
     sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
@@ -129,8 +129,10 @@ def generate_from_cli(args) -> None:
     gen = load_generator(args.source, dtype=args.dtype, batch_size=args.batch_size)
     from tqdm.auto import tqdm
 
+    prompt_ids = [encode_prompt(gen.tokenizer, p) for p in prompts]
+    gen.check_prompts(prompt_ids)
     with tqdm(total=len(prompts), desc="generate", unit="prompt", file=sys.stderr) as bar:
-        completions = gen.generate(prompts, sampling, progress=bar.update)
+        completions = gen.generate_ids(prompt_ids, sampling, progress=bar.update)
     lines = "".join(json.dumps(output_row(p, c), ensure_ascii=False) + "\n" for p, c in zip(prompts, completions,
                                                                                              strict=True))
     if args.output:
