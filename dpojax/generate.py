@@ -89,9 +89,9 @@ class Knobs:
 
 
 def choose(logits_BxV: jax.Array, key: jax.Array, knobs: Knobs, greedy: bool = False) -> jax.Array:
-    """int32 [B]: argmax when `greedy` (static: no sampling code is compiled) or temperature == 0, else a sample after temperature, top-k and top-p (transformers'
-    rules: top-k keeps logits >= the k-th largest; top-p drops the least likely tokens whose cumulative probability
-    is <= 1 - top_p, always keeping the most likely one)."""
+    """int32 [B]: argmax when `greedy` (static: no sampling code is compiled) or temperature == 0, else a sample
+    after temperature, top-k and top-p (transformers' rules: top-k keeps logits >= the k-th largest; top-p drops the
+    least likely tokens whose cumulative probability is <= 1 - top_p, always keeping the most likely one)."""
     V = logits_BxV.shape[-1]
     logits_BxV = logits_BxV.astype(jnp.float32)
     if greedy:
@@ -294,7 +294,8 @@ class Generator:
         st = self._static(sampling)
         eos_E = jnp.asarray(self.eos_ids or (-1,), jnp.int32)
         state = _prefill(self.graphdef, self.params, self._place(prompt_BxT), self._place(start_B),
-                         self._place(budget_B), jax.random.key(sampling.seed), Knobs.of(sampling), eos_E, slots=T + sampling.max_new_tokens, st=st)
+                         self._place(budget_B), jax.random.key(sampling.seed), Knobs.of(sampling), eos_E,
+                         slots=T + sampling.max_new_tokens, st=st)
         stopped = np.zeros(B, bool)
         chunk = STOP_CHUNK if sampling.stop else sampling.max_new_tokens
         while True:

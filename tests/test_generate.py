@@ -126,8 +126,8 @@ def test_stop_strings_eos_and_chat_template(tiny):
     first = free[0].tokens[0]
     eos_gen = Generator(nnx.merge(gen.graphdef, gen.params), gen.cfg, tokenizer, eos_ids=(first,), batch_size=4)
     ended = eos_gen.generate(["the sky is"], Sampling(max_new_tokens=NEW))[0]
-    assert (ended.tokens, ended.finish_reason, ended.text) == ([first], "eos", tokenizer.decode([first],
-                                                                                                skip_special_tokens=True))
+    first_text = tokenizer.decode([first], skip_special_tokens=True)
+    assert (ended.tokens, ended.finish_reason, ended.text) == ([first], "eos", first_text)
 
 
 def test_mesh_decoding_equals_one_device(tiny):
