@@ -70,8 +70,8 @@ class Samples:
         """The last samples of `count` prompts: the prompt, then reference | policy in two columns."""
         blocks = []
         for row in self.last[:count]:
-            left = textwrap.wrap(row["reference"] if row["reference"] is not None else "(left out)", COLUMN) or [""]
-            right = textwrap.wrap(row["policy"], COLUMN) or [""]
+            ref = "(left out)" if row["reference"] is None else row["reference"]
+            left, right = (textwrap.wrap(text, COLUMN) or ["(empty)"] for text in (ref, row["policy"]))
             lines = [f"prompt: {row['prompt'].strip()}", f"{'reference':<{COLUMN}} | policy (step {row['step']})",
                      f"{'-' * COLUMN}-+-{'-' * COLUMN}"]
             lines += [f"{a:<{COLUMN}} | {b}" for a, b in zip(left + [""] * (len(right) - len(left)),
