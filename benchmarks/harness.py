@@ -204,9 +204,10 @@ class StepSetup:
     buckets: tuple[int, ...] | None = None  # dpojax data.buckets (None: its default, powers of two up to max_length)
 
 
-def build_dpojax_step(setup: StepSetup, work: Path, **model_overrides):
+def build_dpojax_step(setup: StepSetup, work: Path, *, data_overrides: dict | None = None, **model_overrides):
     """(step(batch) -> None blocking, batches): the project's real train step, built the way `dpojax train`
-    builds it (the one place to adapt when the trainer's API moves)."""
+    builds it (the one place to adapt when the trainer's API moves); `data_overrides`: more `data.` keys (e.g.
+    packing)."""
     import jax
 
     from dpojax.config import config_from_dict
@@ -217,7 +218,7 @@ def build_dpojax_step(setup: StepSetup, work: Path, **model_overrides):
     cfg = config_from_dict({
         "model": {"name_or_path": str(setup.model_dir), "remat": setup.remat, **model_overrides},
         "data": {"train": str(setup.data), "max_length": setup.max_length, "cache_dir": str(work / "cache"),
-                 "buckets": None if setup.buckets is None else list(setup.buckets)},
+                 "buckets": None if setup.buckets is None else list(setup.buckets), **(data_overrides or {})},
         "optim": {"name": "adamw", "lr": setup.lr, "schedule": "constant", "max_grad_norm": 1.0},
         "train": {"batch_size": setup.batch, "steps": setup.warmup + setup.steps},
         "output_dir": str(work / "dpojax_run"),
@@ -233,13 +234,14 @@ def build_dpojax_step(setup: StepSetup, work: Path, **model_overrides):
         holder["state"], out = run.train_step(holder["state"], run.models.ref_params, build.to_device(batch, sharding))
         jax.block_until_ready((holder["state"], out))
 
-    return step, list(loop._batches(cfg, pairs, 0, cfg.train.steps))
+    return step, list(loop._batches(run, pairs, 0, cfg.train.steps))
 
 
-def dpojax_steps(setup: StepSetup, work: Path, *, profile: bool = False, **model_overrides) -> Timing:
+def dpojax_steps(setup: StepSetup, work: Path, *, profile: bool = False, data_overrides: dict | None = None,
+                 **model_overrides) -> Timing:
     """Seconds per dpojax train step (policy forward+backward, reference forward, AdamW update); `profile`: also
     print the XLA op-kind shares of one more step."""
-    step, batches = build_dpojax_step(setup, work, **model_overrides)
+    step, batches = build_dpojax_step(setup, work, data_overrides=data_overrides, **model_overrides)
     times = []
     for batch in batches:
         t0 = time.perf_counter()

@@ -78,8 +78,10 @@ class SelfAttention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def __call__(self, x_BxTxD, rope_cos_sin, segment_ids_BxT, window, cache: LayerCache | None = None):
-        """rope_cos_sin: (cos, sin) [B, T, Dr] or None (learned positions); window: int32 scalar or None.
+    def __call__(self, x_BxTxD, rope_cos_sin, segment_ids_BxT, window, packed=None,
+                 cache: LayerCache | None = None):
+        """rope_cos_sin: (cos, sin) [B, T, Dr] or None (learned positions); window: int32 scalar or None;
+        packed: None, or the packed-row mask arguments of `attend` (branch_ids_BxT, positions_BxT, band).
         With a KV `cache` (decoding): attends through it and returns (out, updated cache)."""
         q_BxTxHxDh, k_BxTxGxDh, v_BxTxGxDh = self.q_proj(x_BxTxD), self.k_proj(x_BxTxD), self.v_proj(x_BxTxD)
         if self.q_norm is not None:
@@ -99,7 +101,8 @@ class SelfAttention(nnx.Module):
                                                 sharder=self.sharder)
             return self.o_proj(out_BxTxHxDh), cache
         out_BxTxHxDh = attend(q_BxTxHxDh, k_BxTxGxDh, v_BxTxGxDh, segment_ids_BxT, implementation=self.attention,
-                              scale=self.scale, softcap=self.softcap, window=window, sharder=self.sharder)
+                              scale=self.scale, softcap=self.softcap, window=window, sharder=self.sharder,
+                              **(packed or {}))
         out_BxTxHxDh = checkpoint_name(out_BxTxHxDh, "context")
         return self.o_proj(out_BxTxHxDh)
 
@@ -121,12 +124,13 @@ class Block(nnx.Module):
         self.mlp = make_mlp(cfg, **kw)
         self.mlp_output_norm = make_norm(cfg, D, **kw) if cfg.sandwich_norms else None
 
-    def __call__(self, x_BxTxD, rope_cos_sin, segment_ids_BxT, window, cache: LayerCache | None = None):
+    def __call__(self, x_BxTxD, rope_cos_sin, segment_ids_BxT, window, packed=None,
+                 cache: LayerCache | None = None):
         """-> out [B, T, D]; with a KV `cache` (decoding) -> (out, updated cache)."""
         if cache is not None:
-            a_BxTxD, cache = self.self_attn(self.input_layernorm(x_BxTxD), rope_cos_sin, None, window, cache)
+            a_BxTxD, cache = self.self_attn(self.input_layernorm(x_BxTxD), rope_cos_sin, None, window, cache=cache)
             return self._residual(x_BxTxD, a_BxTxD), cache
-        a_BxTxD = self.self_attn(self.input_layernorm(x_BxTxD), rope_cos_sin, segment_ids_BxT, window)
+        a_BxTxD = self.self_attn(self.input_layernorm(x_BxTxD), rope_cos_sin, segment_ids_BxT, window, packed)
         return self._residual(x_BxTxD, a_BxTxD)
 
     def _residual(self, x_BxTxD, a_BxTxD):
@@ -184,10 +188,16 @@ class Decoder(nnx.Module):
         self.norm = make_norm(cfg, D, dtype=dtype, param_dtype=param_dtype, num_layers=None, rngs=rngs)
         self.lm_head = None if cfg.tie_embeddings else LMHead(V, D, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, input_ids_BxT: jax.Array, positions_BxT: jax.Array, segment_ids_BxT: jax.Array) -> jax.Array:
-        self.cfg.check_seq_len(input_ids_BxT.shape[1])
+    def __call__(self, input_ids_BxT: jax.Array, positions_BxT: jax.Array, segment_ids_BxT: jax.Array,
+                 branch_ids_BxT: jax.Array | None = None, band: int | None = None) -> jax.Array:
+        """Packed rows (`dpojax.data.packing`): `band` (static) is the longest segment, `branch_ids_BxT` the shared-
+        prompt branches (None for padding-free packing); positions then count within each sequence."""
+        self.cfg.check_seq_len(input_ids_BxT.shape[1] if band is None else band)
+        packed = None
+        if band is not None:
+            packed = {"branch_ids_BxT": branch_ids_BxT, "positions_BxT": positions_BxT, "band": band}
         x_BxTxD = self._embed(input_ids_BxT, positions_BxT)
-        x_BxTxD = self._run_layers(x_BxTxD, self._rope_tables(positions_BxT), segment_ids_BxT)
+        x_BxTxD = self._run_layers(x_BxTxD, self._rope_tables(positions_BxT), segment_ids_BxT, packed)
         return constrain(self.norm(x_BxTxD), self.sharder, ACT)
 
     def _embed(self, input_ids_BxT, positions_BxT):
@@ -212,7 +222,7 @@ class Decoder(nnx.Module):
             rope = None if ropes is None else (ropes[0][data.get("rope", 0)], ropes[1][data.get("rope", 0)])
             layer_cache = LayerCache(k_BxZxGxDh, v_BxZxGxDh, cache.start_B, cache.index)
             h_BxTxD, layer_cache = nnx.merge(graphdef, layer_state)(h_BxTxD, rope, None, data.get("window"),
-                                                                   layer_cache)
+                                                                   cache=layer_cache)
             return h_BxTxD, (layer_cache.k_BxZxGxDh, layer_cache.v_BxZxGxDh)
 
         xs = (stacked, self.layer_data(), cache.k_LxBxZxGxDh, cache.v_LxBxZxGxDh)
@@ -243,7 +253,7 @@ class Decoder(nnx.Module):
             data["rope"] = jnp.asarray([0 if w is None else 1 for w in cfg.windows], jnp.int32)
         return data
 
-    def _run_layers(self, x_BxTxD, ropes, segment_ids_BxT):
+    def _run_layers(self, x_BxTxD, ropes, segment_ids_BxT, packed=None):
         graphdef, stacked = nnx.split(self.layers)
 
         def body(h_BxTxD, xs):
@@ -253,7 +263,7 @@ class Decoder(nnx.Module):
                 index = data.get("rope", 0)
                 rope = (ropes[0][index], ropes[1][index])
             block = nnx.merge(graphdef, layer_state)
-            return block(h_BxTxD, rope, segment_ids_BxT, data.get("window")), None
+            return block(h_BxTxD, rope, segment_ids_BxT, data.get("window"), packed), None
 
         policy = REMAT_POLICIES[self.remat]
         if self.remat != "none":
