@@ -38,6 +38,7 @@ bench: $(VENV)/.installed-bench
 	$(PY) -m benchmarks.model_body --models bench-llama --repeats 2
 	$(PY) -m benchmarks.cpu_vs_trl --model smollm2 --steps 3 --warmup 1
 	$(PY) -m benchmarks.cpu_vs_trl --steps 2 --warmup 1
+	$(PY) -m benchmarks.generate_smollm2 --repeats 2
 
 clean:
 	rm -rf runs .pytest_cache

@@ -104,6 +104,8 @@ class TrainSection:
     eval_every: Optional[int] = None  # steps between evals; default: only at the end
     eval_batch_size: Optional[int] = None  # prompts per eval step; default: batch_size
     max_bad_steps: int = 5  # consecutive non-finite steps (each skipped) before the run stops
+    eval_samples: int = 0  # eval prompts whose greedy completions go to samples.jsonl at each eval (0 = none)
+    eval_sample_tokens: int = 64  # most new tokens of each sample
 
 
 @dataclasses.dataclass(frozen=True)
@@ -357,6 +359,8 @@ def _validate_sections(cfg: Config) -> None:
     _require(not (r.precompute and r.sync_every),
              "'ref_model.precompute' and 'ref_model.sync_every' (TR-DPO) exclude each other: a reference that "
              "changes during training cannot be precomputed.")
+    _require(t.eval_samples >= 0 and t.eval_sample_tokens >= 1, f"'train.eval_samples' = {t.eval_samples} must be "
+             f">= 0 and 'train.eval_sample_tokens' = {t.eval_sample_tokens} >= 1.")
     _require(t.max_bad_steps >= 1, f"'train.max_bad_steps' = {t.max_bad_steps} must be at least 1.")
     _require(d.max_responses >= 2, f"'data.max_responses' = {d.max_responses} must be at least 2 (a ranking).")
     _require(c.keep >= 1, f"'checkpoint.keep' = {c.keep} must be at least 1.")

@@ -35,6 +35,7 @@ from dpojax.train.build import (
     total_steps,
 )
 from dpojax.train.preemption import Preemption
+from dpojax.train.samples import make_samples
 from dpojax.train.step import TrainState, batch_sharding
 
 log = logging.getLogger("dpojax")
@@ -160,11 +161,14 @@ def train(cfg: Config) -> dict[str, Any]:
     )
     best = ckpt.best_manager(out_dir, cfg) if cfg.checkpoint.best_metric else None
     savers = Savers(mngr, best, run, writer)
+    samples = make_samples(cfg, models, eval_data, out_dir)
     try:
         with Preemption() as preemption:
-            state, stopped_at = _loop(run, state, savers, writer, train_data, eval_data, start, preemption)
+            state, stopped_at = _loop(run, state, savers, writer, train_data, eval_data, start, preemption, samples)
         if stopped_at is None and eval_data is not None:
             final = run_eval(run, state.params, eval_data)
+            if samples is not None:
+                samples(run.total_steps, state.params)
             writer.write(run.total_steps, "eval", final)
             savers.save_best(run.total_steps, state, final)  # the final eval competes for best/ too
         else:
@@ -181,7 +185,7 @@ def train(cfg: Config) -> dict[str, Any]:
             f"output_dir={out_dir}"
         )
         return {}
-    return _finish(run, state, out_dir, final)
+    return _finish(run, state, out_dir, final, samples)
 
 
 @dataclasses.dataclass
@@ -207,7 +211,7 @@ class Savers:
                       metrics=metrics)
 
 
-def _loop(run: Run, state, savers: Savers, writer, train_data, eval_data, start: int, preemption):
+def _loop(run: Run, state, savers: Savers, writer, train_data, eval_data, start: int, preemption, samples=None):
     """Steps start+1 .. total_steps. Returns (state, the step a SIGTERM stopped at, or None)."""
     cfg = run.cfg
     sharding = batch_sharding(run.sharder)
@@ -237,6 +241,8 @@ def _loop(run: Run, state, savers: Savers, writer, train_data, eval_data, start:
             result = run_eval(run, state.params, eval_data)
             writer.write(step, "eval", result)
             savers.save_best(step, state, result)
+            if samples is not None:
+                samples(step, state.params)
             window.t0 = time.perf_counter()
         if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or last:
             savers.save(step, state)
@@ -271,7 +277,7 @@ class _BadSteps:
             )
 
 
-def _finish(run: Run, state: TrainState, out_dir, final: dict) -> dict[str, Any]:
+def _finish(run: Run, state: TrainState, out_dir, final: dict, samples=None) -> dict[str, Any]:
     records = M.read_metrics(out_dir / "metrics.jsonl")
     train_recs = [r for r in records if r["split"] == "train"]
     model = nnx.merge(run.spec.policy_graphdef, state.params)
@@ -283,6 +289,8 @@ def _finish(run: Run, state: TrainState, out_dir, final: dict) -> dict[str, Any]
     if final:
         table["eval"] = final
     print("\n" + M.summary_table(table))
+    if samples is not None and samples.last:
+        print("\n" + samples.summary())
     print(f"\nmetrics: {out_dir / 'metrics.jsonl'}\nplot:    {png}\nexport:  {export_dir}")
     return final
 
