@@ -53,6 +53,7 @@ class StepSpec:
     vocab_tile: int | None = None  # vocabulary tile of the log-prob head (model.vocab_tile; None: one tile)
     sharder: Sharder | None = None
     precomputed_ref: bool = False  # reference log-probs come with the batch (batch.ref_logps_NxK)
+    lora: bool = False  # params are LoRA adapters; the frozen base comes in the reference slot (ref_params)
 
     @property
     def with_wpo(self) -> bool:
@@ -72,7 +73,7 @@ def make_spec(cfg: Config, policy_graphdef, ref_graphdef, sharder: Sharder | Non
     return StepSpec(policy_graphdef=policy_graphdef, ref_graphdef=None if precomputed_ref else ref_graphdef,
                     loss=cfg.loss, optimizer=optimizer, schedule=schedule,
                     grad_accum=cfg.grad_accum_steps if grad_accum is None else grad_accum, sharder=sharder,
-                    precomputed_ref=precomputed_ref, vocab_tile=cfg.model.vocab_tile)
+                    precomputed_ref=precomputed_ref, vocab_tile=cfg.model.vocab_tile, lora=cfg.model.lora.enabled)
 
 
 def sequence_logps(graphdef, params, batch: PreferenceBatch, spec: StepSpec) -> SeqStats:
@@ -123,7 +124,8 @@ def batch_loss(params, ref_params, batch: PreferenceBatch, spec: StepSpec,
     """(sum over real prompts of the loss, metric sums) for one micro-batch; the reference is frozen. `hp`: the
     loss hyper-parameters as data (default: the config's)."""
     k = batch.input_ids_NxKxT.shape[1]
-    policy = sequence_logps(spec.policy_graphdef, params, batch, spec)
+    policy_params = nnx.merge_state(ref_params, params) if spec.lora else params  # LoRA: frozen base + adapters
+    policy = sequence_logps(spec.policy_graphdef, policy_params, batch, spec)
     ref = None
     if spec.precomputed_ref:
         ref = precomputed_stats(batch.ref_logps_NxK)
