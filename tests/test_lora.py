@@ -91,3 +91,74 @@ def test_bad_target_names_the_family_modules(tmp_path):
     model, cfg = load_pretrained(path)
     with pytest.raises(ConfigError, match="c_attn, c_fc, c_proj"):
         lora.select_groups(cfg, ("q_proj",))
+
+
+# ---------------------------------------------------------------------------------------------------- training
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """A LoRA run's config (all-linear, rank 4, 2 micro-batches, checkpoints every 2 steps) and its per-step losses
+    and final state on ONE device, in process."""
+    import yaml
+    from test_sharding import run_steps
+    from trl_harness import dpojax_overrides, make_assets
+
+    from dpojax.config import config_from_dict
+    from dpojax.sharding import make_mesh
+
+    root = tmp_path_factory.mktemp("lora_train")
+    assets = make_assets(root, n_rows=16)
+    raw = dpojax_overrides(
+        assets, assets["standard"], root / "out", train__batch_size=8, train__micro_batch_size=4, train__steps=STEPS,
+        train__log_every=1, data__eval=None, optim__name="adamw", optim__lr=1e-2, optim__schedule="constant",
+        checkpoint__every=2, checkpoint__keep=5, model__lora={"enabled": True, "rank": 4, "alpha": 16,
+                                                              "targets": ["all-linear"]},
+    )  # fmt: skip
+    del raw["ref_model"]  # the reference is the base with the adapters off
+    (root / "run.yaml").write_text(yaml.safe_dump(raw))
+    cfg = config_from_dict(raw)
+    losses, state, _ = run_steps(cfg, make_mesh(1, 1, 1, devices=jax.devices()[:1]), steps=STEPS)
+    return {"root": root, "config": root / "run.yaml", "assets": assets, "losses": losses, "state": state}
+
+
+def test_lora_one_device_trains_adapters_only(lora_run):
+    """Step 1 starts at log 2 (B = 0: the policy is the base, which is the reference); only LoraParams train."""
+    losses, state = lora_run["losses"], lora_run["state"]
+    np.testing.assert_allclose(losses[0], np.log(2), atol=1e-6)
+    assert losses[-1] < losses[0] - 1e-3
+    assert all(isinstance(v, lora.LoraParam) for _, v in nnx.to_flat_state(state.params))
+    n_adapter = sum(x.size for x in jax.tree.leaves(state.params))
+    assert sum(x.size for x in jax.tree.leaves(state.opt_state)) <= 2 * n_adapter + 8  # AdamW moments + counts
+
+
+@pytest.mark.serial
+def test_lora_sigkill_resume_on_mesh_equals_one_device(lora_run, tmp_path):
+    """`dpojax train` on mesh (2,2,2), SIGKILLed after checkpoint 2 and resumed, equals the one-device run; the
+    checkpoint holds adapters only; the run's export/ is a PEFT folder and `dpojax export --merged` equals it merged."""
+    import signal
+
+    import peft
+    from test_resume import _run, _start_held, _train_records, _wait_for_dir
+
+    from dpojax.train import loop
+
+    out, mesh = tmp_path / "run", ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
+    proc = _start_held(lora_run["config"], out, 3, *mesh)
+    _wait_for_dir(out / "checkpoints" / "2")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    result = _run(lora_run["config"], out, *mesh)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stderr
+    np.testing.assert_allclose([r["loss"] for r in _train_records(out)], lora_run["losses"], rtol=1e-6, atol=1e-6)
+
+    params = sum(f.stat().st_size for f in (out / "checkpoints" / "4" / "params").rglob("*") if f.is_file())
+    base = (lora_run["assets"]["policy"] / "model.safetensors").stat().st_size
+    assert params < base / 2  # adapters only (rank 4 on a 32-wide model: ~1/3 of the base's bytes at most)
+
+    merged = tmp_path / "merged"
+    loop.export_from_cli(str(out), str(merged), merged=True)
+    theirs = peft.PeftModel.from_pretrained(_torch_base(lora_run["assets"]["policy"]), str(out / "export"))
+    np.testing.assert_allclose(_torch_logits(_torch_base(merged)), _torch_logits(theirs), atol=1e-4)

@@ -449,11 +449,15 @@ def export_hf(model: Decoder, cfg: ModelConfig, out_dir: str | pathlib.Path, *,
         index = {"metadata": {"total_size": total}, "weight_map": weight_files}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     if write and tokenizer_dir is not None:
-        for name in TOKENIZER_FILES:
-            src = pathlib.Path(tokenizer_dir) / name
-            if src.is_file():
-                shutil.copyfile(src, out / name)
+        copy_tokenizer_files(tokenizer_dir, out)
     return out
+
+
+def copy_tokenizer_files(tokenizer_dir: str | pathlib.Path, out: pathlib.Path) -> None:
+    for name in TOKENIZER_FILES:
+        src = pathlib.Path(tokenizer_dir) / name
+        if src.is_file():
+            shutil.copyfile(src, out / name)
 
 
 def export_config(cfg: ModelConfig, dtype_name: str) -> dict[str, Any]:

@@ -137,6 +137,16 @@ def scale_of(alpha: float, rank: int, rslora: bool) -> float:
     return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
+@dataclasses.dataclass(frozen=True)
+class LoraSetup:
+    """What a LoRA run keeps besides the adapter State: the base graphdef (no adapters), the adapted modules and
+    the scale, for the PEFT and merged exports."""
+
+    base_graphdef: Any
+    groups: tuple[Group, ...]
+    scale: float
+
+
 # ---- attaching adapters to a model ------------------------------------------------------------------------
 def _module(model, path: str):
     for name in path.split("/"):

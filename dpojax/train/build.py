@@ -60,6 +60,7 @@ class Models:
     ref_params: Any
     ref_fingerprint: str = ""  # what the reference weights hash to (precompute cache key)
     ref_tables: dict | None = None  # data fingerprint -> [M, K] precomputed reference log-probs
+    lora: lora.LoraSetup | None = None  # LoRA runs: base graphdef, adapted modules, scale (for exports)
 
 
 def make_sharder(cfg: Config) -> Sharder:
@@ -167,7 +168,8 @@ def _build_lora_models(cfg: Config, sharder: Sharder, tokenizer, tok_dir: Path, 
     rgraph = None if losses.reference_free(cfg.loss) else bgraph
     seed = cfg.model.seed if cfg.model.init == "random" else None
     ref_id = _weights_id(cfg, cfg.model.name_or_path, random_seed=seed) if rgraph is not None else ""
-    return Models(tokenizer, tok_dir, mcfg, pgraph, adapters, rgraph, bparams, ref_fingerprint=ref_id)
+    setup = lora.LoraSetup(bgraph, tuple(groups), lora.scale_of(lcfg.alpha, lcfg.rank, lcfg.rslora))
+    return Models(tokenizer, tok_dir, mcfg, pgraph, adapters, rgraph, bparams, ref_fingerprint=ref_id, lora=setup)
 
 
 def _weights_id(cfg: Config, name: str, random_seed: int | None = None) -> str:
