@@ -246,6 +246,12 @@ def lower_step(cfg, devices, *, backend: str = "tpu", batch_pairs: int | None = 
         else:
             rcfg = ModelConfig.from_hf(read_model_config(cfg.ref_name_or_path, cfg.model.revision))
             rgraph, rparams = abstract_params(rcfg, sharder=sharder, **kw)
+    if cfg.model.lora.enabled:  # the policy trains adapters on the frozen base, which also sits in the reference slot
+        from dpojax.models import lora
+
+        rgraph = None if losses.reference_free(cfg.loss) or precomputed else pgraph
+        rparams = params
+        pgraph, params, _ = lora.lora_model(pgraph, params, mcfg, cfg.model.lora, sharder)
     spec = make_spec(cfg, pgraph, rgraph, sharder, total_steps=cfg.train.steps or 1000, precomputed_ref=precomputed,
                      grad_accum=n_pairs // micro)
     state = _abstract_state(params, spec.optimizer, sharder)

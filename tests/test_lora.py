@@ -162,3 +162,59 @@ def test_lora_sigkill_resume_on_mesh_equals_one_device(lora_run, tmp_path):
     loop.export_from_cli(str(out), str(merged), merged=True)
     theirs = peft.PeftModel.from_pretrained(_torch_base(lora_run["assets"]["policy"]), str(out / "export"))
     np.testing.assert_allclose(_torch_logits(_torch_base(merged)), _torch_logits(theirs), atol=1e-4)
+
+
+@pytest.mark.parametrize("overrides,words", [
+    (["model.lora.rank=16"], ["'model.lora.rank' is set", "model.lora.enabled=true"]),
+    (["model.lora.enabled=true", "model.lora.dropout=0.1"], ["'model.lora.dropout'", "not implemented"]),
+    (["model.lora.enabled=true", "ref_model.name_or_path=other"], ["the reference is the base model"]),
+    (["model.lora.enabled=true", "ref_model.sync_every=4"], ["TR-DPO", "frozen base"]),
+    (["model.lora.enabled=true", "model.lora.rank=0"], ["'model.lora.rank' = 0"]),
+])
+def test_lora_config_errors(overrides, words):
+    from dpojax.config import config_from_dict
+
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"model": {"name_or_path": "m"}, "data": {"train": "d.jsonl"}}, overrides)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_lora_matches_trl_with_peft(tmp_path):
+    """The same PEFT adapter (B random, so policy != reference) in both: `dpojax eval` equals TRL's evaluate() on the
+    PeftModel (its reference: the base with the adapters disabled), and 5 SGD steps give the same losses."""
+    import json
+
+    import peft
+    from test_trl_parity import _close, _our_step_losses
+    from trl_harness import TRL_METRICS, dpojax_overrides, make_assets, trl_trainer
+
+    from dpojax.config import config_from_dict
+    from dpojax.train.loop import evaluate
+
+    assets = make_assets(tmp_path / "assets", n_rows=8)
+    targets = ["q_proj", "v_proj", "down_proj"]
+    made = peft.get_peft_model(_torch_base(assets["policy"]), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    made.save_pretrained(str(tmp_path / "adapter"))
+    lora_keys = {"model__lora": {"enabled": True, "rank": 4, "alpha": 8, "targets": targets,
+                                 "init_from": str(tmp_path / "adapter")}}
+    assets = {**assets, "ref": assets["policy"]}  # dpojax: the reference is the base
+    data = assets["standard"]
+
+    cfg = config_from_dict(dpojax_overrides(assets, data, tmp_path / "ours", train__eval_batch_size=8, **lora_keys))
+    ours = evaluate(cfg)
+    theirs = trl_trainer(assets, data, tmp_path / "trl", adapter=tmp_path / "adapter",
+                         per_device_eval_batch_size=8).evaluate()
+    for name in TRL_METRICS:
+        assert _close(ours[name], theirs[f"eval_{name}"]), (name, ours[name], theirs[f"eval_{name}"])
+    assert abs(ours["rewards/margins"]) > 1e-3  # the adapter moved the policy away from its reference
+
+    ours = _our_step_losses(assets, data, tmp_path / "ours_train", "sgd", 0.5, steps=5, **lora_keys)
+    trainer = trl_trainer(assets, data, tmp_path / "trl_train", adapter=tmp_path / "adapter",
+                          per_device_train_batch_size=8, max_steps=5, learning_rate=0.5, lr_scheduler_type="constant",
+                          optim="sgd", weight_decay=0.0, max_grad_norm=1e9, logging_steps=1, warmup_steps=0)
+    trainer.train()
+    theirs = [h["loss"] for h in trainer.state.log_history if "loss" in h][:5]
+    assert abs(ours[-1] - ours[0]) > 1e-3
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-6)
+    assert json.loads((tmp_path / "ours_train" / "export" / "adapter_config.json").read_text())["r"] == 4
