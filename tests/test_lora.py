@@ -135,8 +135,9 @@ def test_lora_one_device_trains_adapters_only(lora_run):
 
 @pytest.mark.serial
 def test_lora_sigkill_resume_on_mesh_equals_one_device(lora_run, tmp_path):
-    """`dpojax train` on mesh (2,2,2), SIGKILLed after checkpoint 2 and resumed, equals the one-device run; the
-    checkpoint holds adapters only; the run's export/ is a PEFT folder and `dpojax export --merged` equals it merged."""
+    """`dpojax train` on mesh (2,2,2) with precomputed reference log-probs (the base's), SIGKILLed after checkpoint 2
+    and resumed, equals the one-device run (reference in the step); the checkpoint holds adapters only; the run's
+    export/ is a PEFT folder and `dpojax export --merged` equals it merged."""
     import signal
 
     import peft
@@ -144,7 +145,7 @@ def test_lora_sigkill_resume_on_mesh_equals_one_device(lora_run, tmp_path):
 
     from dpojax.train import loop
 
-    out, mesh = tmp_path / "run", ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
+    out, mesh = tmp_path / "run", ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "ref_model.precompute=true")
     proc = _start_held(lora_run["config"], out, 3, *mesh)
     _wait_for_dir(out / "checkpoints" / "2")
     proc.send_signal(signal.SIGKILL)
