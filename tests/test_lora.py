@@ -181,8 +181,9 @@ def test_lora_config_errors(overrides, words):
 
 
 def test_lora_matches_trl_with_peft(tmp_path):
-    """The same PEFT adapter (B random, so policy != reference) in both: `dpojax eval` equals TRL's evaluate() on the
-    PeftModel (its reference: the base with the adapters disabled), and 5 SGD steps give the same losses."""
+    """The same PEFT adapter (B random, so policy != reference) in both: `dpojax eval` equals TRL's evaluate() with
+    it (TRL's reference: the base with the adapters disabled), and 5 SGD steps give the same losses. GPT-2, so the
+    gradient of the A that c_attn's q, k and v parts share is checked too."""
     import json
 
     import peft
@@ -192,8 +193,8 @@ def test_lora_matches_trl_with_peft(tmp_path):
     from dpojax.config import config_from_dict
     from dpojax.train.loop import evaluate
 
-    assets = make_assets(tmp_path / "assets", n_rows=8)
-    targets = ["q_proj", "v_proj", "down_proj"]
+    assets = make_assets(tmp_path / "assets", family="gpt2", n_rows=8)
+    targets = ["c_attn", "c_fc"]
     made = peft.get_peft_model(_torch_base(assets["policy"]), peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
     made.save_pretrained(str(tmp_path / "adapter"))
