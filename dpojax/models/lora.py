@@ -312,7 +312,7 @@ def check_peft_config(peft: dict[str, Any], lora_cfg, cfg: ModelConfig, groups: 
         raise ModelError(f"{where} is a {peft.get('peft_type')} adapter; only LoRA adapters load.")
     for key, harmless in (("bias", "none"), ("use_dora", False), ("modules_to_save", None),
                           ("layers_to_transform", None), ("rank_pattern", {}), ("alpha_pattern", {})):
-        if peft.get(key) not in (harmless, None) and peft.get(key) != harmless:
+        if peft.get(key) not in (harmless, None):
             raise ModelError(f"{where} sets {key}={peft[key]!r}, which dpojax does not support ({harmless!r} only).")
     theirs = peft.get("target_modules") or []
     theirs = [theirs] if isinstance(theirs, str) else list(theirs)
