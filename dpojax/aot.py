@@ -260,10 +260,12 @@ def lower_step(cfg, devices, *, backend: str = "tpu", batch_pairs: int | None = 
     train, _ = compile_steps(spec, state, rparams, sharder)
     tokens = n_pairs * k * cfg.data.max_length
     ref_flops = mcfg.forward_flops_per_token(cfg.data.max_length) if rgraph is not None else 0.0
+    policy_flops = (2.0 * mcfg.forward_flops_per_token(cfg.data.max_length) if cfg.model.lora.enabled  # no base dW
+                    else mcfg.flops_per_token(cfg.data.max_length))
     return LoweredStep(
         lowered=train.lower(state, rparams, batch), mesh=dict(sharder.mesh.shape), attention=attention,
         num_params=mcfg.num_params(), batch_pairs=n_pairs, seq_len=cfg.data.max_length,
-        model_flops_per_step=tokens * (mcfg.flops_per_token(cfg.data.max_length) + ref_flops), num_responses=k,
+        model_flops_per_step=tokens * (policy_flops + ref_flops), num_responses=k,
     )
 
 

@@ -97,10 +97,12 @@ def _progress(total: int, start: int):
 
 
 def _flops_per_token(run: Run) -> float:
-    """Policy forward+backward plus reference forward per real token, at the largest bucket."""
+    """Policy forward+backward plus reference forward per real token, at the largest bucket. LoRA's backward has no
+    base-weight gradients: 2x forward (the adapters' own FLOPs are left out)."""
     c, t = run.models.policy_cfg, run.cfg.data.max_length
     ref = c.forward_flops_per_token(t) if run.models.ref_graphdef is not None else 0.0
-    return c.flops_per_token(t) + ref
+    policy = 2.0 * c.forward_flops_per_token(t) if run.models.lora is not None else c.flops_per_token(t)
+    return policy + ref
 
 
 def _resume_point(mngr, cfg: Config, steps: int) -> tuple[int, int]:
