@@ -274,6 +274,12 @@ def lower_step(cfg, devices, *, backend: str = "tpu", batch_pairs: int | None = 
         else:
             rcfg = ModelConfig.from_hf(read_model_config(cfg.ref_name_or_path, cfg.model.revision))
             rgraph, rparams = abstract_params(rcfg, sharder=sharder, **kw)
+    if cfg.model.lora.enabled:  # the policy trains adapters on the frozen base, which also sits in the reference slot
+        from dpojax.models import lora
+
+        rgraph = None if losses.reference_free(cfg.loss) or precomputed else pgraph
+        rparams = params
+        pgraph, params, _ = lora.lora_model(pgraph, params, mcfg, cfg.model.lora, sharder)
     spec = make_spec(cfg, pgraph, rgraph, sharder, total_steps=cfg.train.steps or 1000, precomputed_ref=precomputed,
                      grad_accum=n_pairs // micro, backend=backend)
     state = _abstract_state(params, spec.optimizer, sharder)
@@ -286,10 +292,12 @@ def lower_step(cfg, devices, *, backend: str = "tpu", batch_pairs: int | None = 
     train, _ = compile_steps(spec, state, rparams, sharder)
     tokens = n_pairs * k * cfg.data.max_length
     ref_flops = mcfg.forward_flops_per_token(cfg.data.max_length) if rgraph is not None else 0.0
+    policy_flops = (2.0 * mcfg.forward_flops_per_token(cfg.data.max_length) if cfg.model.lora.enabled  # no base dW
+                    else mcfg.flops_per_token(cfg.data.max_length))
     return LoweredStep(
         lowered=train.lower(state, rparams, batch), mesh=dict(sharder.mesh.shape), attention=attention,
         num_params=mcfg.num_params(), batch_pairs=n_pairs, seq_len=cfg.data.max_length,
-        model_flops_per_step=tokens * (mcfg.flops_per_token(cfg.data.max_length) + ref_flops), num_responses=k,
+        model_flops_per_step=tokens * (policy_flops + ref_flops), num_responses=k,
     )
 
 

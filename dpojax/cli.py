@@ -2,7 +2,7 @@
 
     dpojax train CONFIG.yaml [section.key=value ...]
     dpojax eval CONFIG.yaml [section.key=value ...]
-    dpojax export RUN_DIR_OR_CHECKPOINT OUT_DIR
+    dpojax export RUN_DIR_OR_CHECKPOINT OUT_DIR [--merged]
     dpojax generate MODEL_OR_RUN --prompts FILE.jsonl [--max-new-tokens N --temperature T --top-k K --top-p P
                     --seed S --stop STR --output OUT.jsonl]
     dpojax compile CONFIG.yaml --topology v5p:2x2x1 [--search-batch] [--model-config config.json] [key=value ...]
@@ -31,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("export", help="write a Hugging Face folder from a run folder or checkpoint")
     s.add_argument("source", help="run folder (output_dir) or one checkpoint folder")
     s.add_argument("out_dir", help="folder to write config.json, *.safetensors and tokenizer files to")
+    s.add_argument("--merged", action="store_true",
+                   help="LoRA runs: write the base with the adapters merged in (default: a PEFT adapter folder)")
     s = sub.add_parser("generate", help="complete prompts (JSONL) with a HF model, a run or a checkpoint")
     generate_cli.add_arguments(s)
     s = sub.add_parser("compile", help="AOT-compile the train step for a TPU topology: memory, FLOPs, fits?")
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "eval":
             loop.eval_from_cli(args.config, args.overrides)
         else:
-            loop.export_from_cli(args.source, args.out_dir)
+            loop.export_from_cli(args.source, args.out_dir, merged=args.merged)
     except UserError as e:
         print(f"dpojax {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -22,6 +22,20 @@ from dpojax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraSection:
+    """LoRA adapters (dpojax.models.lora); defaults are PEFT's LoraConfig. The reference is the base with the
+    adapters off: no second model is loaded."""
+
+    enabled: bool = False  # train LoRA adapters only (the base is frozen and is the reference)
+    rank: int = 8  # r
+    alpha: float = 8.0  # lora_alpha; scale = alpha / rank (alpha / sqrt(rank) with rslora)
+    dropout: float = 0.0  # lora_dropout (only 0 is implemented)
+    targets: tuple[str, ...] = ()  # HF module names (PEFT's target_modules) or "all-linear"; (): PEFT's default
+    rslora: bool = False  # use_rslora
+    init_from: Optional[str] = None  # a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelSection:
     name_or_path: str = ""  # HF hub id or local folder with config.json + *.safetensors
     revision: Optional[str] = None  # hub revision (branch, tag or commit)
@@ -35,6 +49,7 @@ class ModelSection:
     seed: int = 0  # init seed for init=random
     trust_remote_code: bool = False  # never needed by dpojax's own model code; kept off
     vocab_tile: Optional[int] = None  # vocabulary entries per tile of the log-prob head (None: the whole vocabulary)
+    lora: LoraSection = LoraSection()  # LoRA adapters (off unless lora.enabled)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -332,6 +347,7 @@ def validate(cfg: Config) -> None:
     if cfg.optim.lr < 0 or cfg.optim.warmup_steps < 0 or cfg.optim.weight_decay < 0:
         raise ConfigError("config: 'optim.lr', 'optim.warmup_steps' and 'optim.weight_decay' must be >= 0.")
     _validate_sections(cfg)
+    _validate_lora(cfg)
     from dpojax import losses  # the loss registry owns its names, traits, ranges and combinations
 
     losses.validate_loss_config(cfg.loss)
@@ -384,6 +400,25 @@ def _validate_sections(cfg: Config) -> None:
     for key in ("data", "fsdp", "tensor"):
         value = getattr(cfg.mesh, key)
         _require(value == -1 or value > 0, f"'mesh.{key}' = {value} must be positive or -1 (fill).")
+
+
+def _validate_lora(cfg: Config) -> None:
+    lora = cfg.model.lora
+    if not lora.enabled:
+        changed = [f.name for f in dataclasses.fields(lora) if getattr(lora, f.name) != f.default]
+        _require(not changed, f"'model.lora.{changed[0] if changed else ''}' is set but 'model.lora.enabled' is "
+                              "false; set model.lora.enabled=true to train LoRA adapters.")
+        return
+    _require(lora.rank > 0, f"'model.lora.rank' = {lora.rank} must be positive.")
+    _require(lora.alpha > 0, f"'model.lora.alpha' = {lora.alpha} must be positive.")
+    _require(lora.dropout == 0, f"'model.lora.dropout' = {lora.dropout}: adapter dropout is not implemented; "
+                                "use 0.")
+    _require(cfg.ref_model.name_or_path in (None, cfg.model.name_or_path),
+             f"'ref_model.name_or_path' = {cfg.ref_model.name_or_path!r}: with LoRA the reference is the base model "
+             "'model.name_or_path' with the adapters off (no second model is loaded); remove ref_model.name_or_path.")
+    _require(not cfg.ref_model.sync_every,
+             "'ref_model.sync_every' (TR-DPO) moves the reference towards the policy, but with LoRA the reference is "
+             "the frozen base; remove ref_model.sync_every.")
 
 
 def _validate_with_losses(cfg: Config, losses) -> None:

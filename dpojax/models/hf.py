@@ -459,11 +459,16 @@ def export_hf(model: Decoder, cfg: ModelConfig, out_dir: str | pathlib.Path, *,
         index = {"metadata": {"total_size": total}, "weight_map": weight_files}
         paths.write_text(out / "model.safetensors.index.json", json.dumps(index, indent=2, sort_keys=True) + "\n")
     if write and tokenizer_dir is not None:
-        for name in TOKENIZER_FILES:
-            src = paths.path(tokenizer_dir) / name
-            if src.is_file():
-                paths.copy_file(src, out / name)
+        copy_tokenizer_files(tokenizer_dir, out)
     return out
+
+
+def copy_tokenizer_files(tokenizer_dir, out) -> None:
+    """The tokenizer files of `tokenizer_dir` into `out` (either may be a gs:// URL: dpojax.paths)."""
+    for name in TOKENIZER_FILES:
+        src = paths.path(tokenizer_dir) / name
+        if src.is_file():
+            paths.copy_file(src, paths.path(out) / name)
 
 
 def export_config(cfg: ModelConfig, dtype_name: str) -> dict[str, Any]:

@@ -160,6 +160,9 @@ class Dense(nnx.Module):
         y = dense_matmul(x, self.kernel[...], self.n_in, jnp.dtype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
+        lora = getattr(self, "lora", None)  # a LoRA adapter attached by dpojax.models.lora: + scale * (x @ A) @ B
+        if lora is not None:
+            y = y + lora(x)
         return y
 
 

@@ -20,7 +20,8 @@ from dpojax.data.batching import PreferenceBatch, eval_batches, train_batches
 from dpojax.data.packing import PackedBatch
 from dpojax.data.tokenize import TokenizedData
 from dpojax.errors import ConfigError, NumericsError, UserError
-from dpojax.models.hf import export_hf
+from dpojax.models import lora
+from dpojax.models.hf import copy_tokenizer_files, export_hf
 from dpojax.train import checkpoint as ckpt, reference
 from dpojax.train.build import (
     Run,
@@ -98,10 +99,12 @@ def _progress(total: int, start: int):
 
 
 def _flops_per_token(run: Run) -> float:
-    """Policy forward+backward plus reference forward per real token, at the largest bucket."""
+    """Policy forward+backward plus reference forward per real token, at the largest bucket. LoRA's backward has no
+    base-weight gradients: 2x forward (the adapters' own FLOPs are left out)."""
     c, t = run.models.policy_cfg, run.cfg.data.max_length
     ref = c.forward_flops_per_token(t) if run.models.ref_graphdef is not None else 0.0
-    return c.flops_per_token(t) + ref
+    policy = 2.0 * c.forward_flops_per_token(t) if run.models.lora is not None else c.flops_per_token(t)
+    return policy + ref
 
 
 def _resume_point(mngr, cfg: Config, steps: int) -> tuple[int, int]:
@@ -280,8 +283,7 @@ class _BadSteps:
 def _finish(run: Run, state: TrainState, out_dir, final: dict, samples=None) -> dict[str, Any]:
     records = M.read_metrics(out_dir / "metrics.jsonl")
     train_recs = [r for r in records if r["split"] == "train"]
-    model = nnx.merge(run.spec.policy_graphdef, state.params)
-    export_dir = export_hf(model, run.models.policy_cfg, out_dir / "export", tokenizer_dir=run.models.tokenizer_dir)
+    export_dir = export_policy(run.cfg, run.models, state.params, out_dir / "export")
     if jax.process_index() != 0:
         return final
     png = M.plot_curves(records, out_dir / "training_curves.png")
@@ -345,17 +347,37 @@ def eval_from_cli(config_path: str, overrides: list[str]) -> None:
     evaluate(load_config(config_path, overrides))
 
 
-def export_from_cli(source: str, out_dir: str) -> None:
+def export_policy(cfg: Config, models, params, out_dir, *, merged: bool = False):
+    """The policy as a HF folder; a LoRA policy as a PEFT adapter folder (plus the tokenizer files), or with `merged`
+    as a HF folder of the base with the adapters merged in (models.ref_params must then hold the base)."""
+    if models.lora is None:
+        model = nnx.merge(models.policy_graphdef, params)
+        return export_hf(model, models.policy_cfg, out_dir, tokenizer_dir=models.tokenizer_dir)
+    setup = models.lora
+    if merged:
+        base = lora.merged_state(models.ref_params, params, list(setup.groups), setup.scale)
+        return export_hf(nnx.merge(setup.base_graphdef, base), models.policy_cfg, out_dir,
+                         tokenizer_dir=models.tokenizer_dir)
+    path = lora.save_peft(out_dir, params, list(setup.groups), models.policy_cfg, cfg.model.lora,
+                          cfg.model.name_or_path)
+    if jax.process_index() == 0:
+        copy_tokenizer_files(models.tokenizer_dir, path)
+    return path
+
+
+def export_from_cli(source: str, out_dir: str, merged: bool = False) -> None:
     """Export the newest checkpoint of a run folder (or one checkpoint folder) as a HF folder: the policy is built
-    abstractly and its parameters alone are restored (no optimizer state, no reference, no base weights)."""
+    abstractly and its parameters alone are restored (no optimizer state, no reference, no base weights). A LoRA
+    run gives a PEFT adapter folder, or with `merged` a HF folder of the merged model (which reads the base)."""
     paths.check_urls([("export source", str(source)), ("export folder", str(out_dir))])
     found = ckpt.find_checkpoint(source)
     if found is None:
         raise UserError(f"export: no checkpoint found in '{source}' (expected RUN_DIR/checkpoints/<step>/).")
     run_dir = found.path.parent.parent
     cfg = load_config(run_dir / "config.yaml", [f"output_dir={run_dir}"])
-    models = build_models(cfg, make_sharder(cfg), policy_from_checkpoint=True, with_reference=False)
+    if merged and not cfg.model.lora.enabled:
+        raise UserError(f"export: --merged merges LoRA adapters, but '{run_dir}' trained every weight; drop --merged.")
+    models = build_models(cfg, make_sharder(cfg), policy_from_checkpoint=True, with_reference=merged)
     _restore_policy(cfg, models, found.step)
-    model = nnx.merge(models.policy_graphdef, models.policy_params)
-    path = export_hf(model, models.policy_cfg, out_dir, tokenizer_dir=models.tokenizer_dir)
+    path = export_policy(cfg, models, models.policy_params, paths.path(out_dir), merged=merged)
     print(f"exported step {found.step} of {run_dir} to {path}")
