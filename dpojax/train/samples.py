@@ -83,7 +83,7 @@ class Samples:
                                                              right + [""] * (len(left) - len(right)), strict=True)]
             blocks.append("\n".join(lines))
         tail = f"\n({self.note})" if self.note else ""
-        return "\n\n".join(blocks) + tail + f"\nsamples: {self.path}"
+        return "\n\n".join(blocks) + tail + f"\nsamples: {self.out.path}"
 
 
 def make_samples(cfg, models, eval_data: TokenizedData | None, out_dir: Path) -> Samples | None:
