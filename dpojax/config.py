@@ -75,6 +75,7 @@ class LossSection:
     discopop_tau: float = 0.05  # DiscoPOP mixing temperature
     simpo_gamma: float = 0.5  # SimPO target reward margin
     reference_free: bool = False  # use a uniform reference (no reference model)
+    import_: tuple[str, ...] = ()  # modules or .py files that register user losses, imported first (YAML key: import)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,7 +161,7 @@ class Config:
         return self.ref_model.name_or_path or self.model.name_or_path
 
 
-_ALIASES = {"async": "async_"}  # YAML key -> field name (python keywords)
+_ALIASES = {"async": "async_", "import": "import_"}  # YAML key -> field name (python keywords)
 
 
 def _yaml_key(name: str) -> str:
@@ -331,6 +332,7 @@ def validate(cfg: Config) -> None:
     _validate_sections(cfg)
     from dpojax import losses  # the loss registry owns its names, traits, ranges and combinations
 
+    losses.import_loss_modules(cfg.loss.import_)  # user losses register themselves before their names are checked
     losses.validate_loss_config(cfg.loss)
     _validate_with_losses(cfg, losses)
     d = cfg.distributed
