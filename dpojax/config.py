@@ -137,6 +137,9 @@ class CheckpointSection:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
+    """A whole run's configuration, one frozen section per YAML section; build it with `config_from_dict` or
+    `load_config` (which validate), never half-filled."""
+
     model: ModelSection = ModelSection()
     ref_model: RefModelSection = RefModelSection()
     data: DataSection = DataSection()
@@ -283,6 +286,8 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def config_from_dict(raw: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """A validated Config from a dict of sections as in the YAML (`{"loss": {"beta": 0.1}, ...}`) plus dotted
+    `section.key=value` overrides; raises ConfigError naming the key. Imports `loss.import` modules first."""
     raw = dict(raw or {})
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
     for text in overrides:
@@ -294,6 +299,7 @@ def config_from_dict(raw: dict, overrides: list[str] | tuple[str, ...] = ()) -> 
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """`config_from_dict` of a YAML file; errors name the file too."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config: file '{path}' not found.")
