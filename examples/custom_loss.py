@@ -3,8 +3,8 @@
     python examples/custom_loss.py                 # ~30 s on 2 CPU cores: two short runs, then a comparison table
     dpojax train configs/demo.yaml loss.import=[examples/custom_loss.py] loss.type=margin_sigmoid   # the CLI way
 
-Expect both losses to reach eval rewards/accuracies near 1.0, with margin_sigmoid's rewards/margins larger: its
-loss stays high until the implicit reward gap passes MARGIN.
+Expect (30 steps) both losses at held-out rewards/accuracies 1.0 with similar reward margins (~1.3), and
+margin_sigmoid's own loss higher (~0.55 vs ~0.23): it keeps pushing until the reward gap passes MARGIN.
 """
 
 from __future__ import annotations
