@@ -178,3 +178,12 @@ def test_cli_trains_a_loss_from_loss_import(assets, tmp_path, user_losses, capsy
     err = capsys.readouterr().err
     assert "'loss.import' entry 'not_a_module_xyz' could not be imported: no module named" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_api_reference_page_is_current():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_api", REPO / "docs" / "make_api.py")
+    make_api = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_api)
+    assert (REPO / "docs" / "api.md").read_text() == make_api.render(), "run: python docs/make_api.py"
