@@ -7,7 +7,8 @@ the CLI stay fast. Everything else in the package is private and may change.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it the same)
 
 __version__ = "0.1.0"
 
