@@ -70,12 +70,12 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
-    from dpojax.api import ModelPair, evaluate, load_policy_and_reference, train
-    from dpojax.config import Config, config_from_dict, load_config
-    from dpojax.data.batching import PreferenceBatch, eval_batches, train_batches
-    from dpojax.data.loader import load_preferences
-    from dpojax.data.packing import PackedBatch
-    from dpojax.losses import LOSSES, LossInputs, LossParams, Terms, finalize_metrics, preference_loss, register_loss
-    from dpojax.sharding import Sharder, make_mesh
-    from dpojax.train.step import (StepSpec, TrainState, batch_loss, eval_step, init_state, make_spec, sequence_logps,
+    from dpojax.api import ModelPair, evaluate, load_policy_and_reference, train  # noqa: F401
+    from dpojax.config import Config, config_from_dict, load_config  # noqa: F401
+    from dpojax.data.batching import PreferenceBatch, eval_batches, train_batches  # noqa: F401
+    from dpojax.data.loader import load_preferences  # noqa: F401
+    from dpojax.data.packing import PackedBatch  # noqa: F401
+    from dpojax.losses import LOSSES, LossInputs, LossParams, Terms, finalize_metrics, preference_loss, register_loss  # noqa: F401
+    from dpojax.sharding import Sharder, make_mesh  # noqa: F401
+    from dpojax.train.step import (StepSpec, TrainState, batch_loss, eval_step, init_state, make_spec, sequence_logps,  # noqa: F401
                                    train_step)
