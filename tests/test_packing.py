@@ -88,6 +88,10 @@ def test_packed_statistics_and_every_loss_equal_unpacked(tok, llama, mode, trunc
     for name in STAT_FIELDS:
         np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-5, err_msg=name)
     k = data.num_responses
+    twins = [m for m in range(len(data)) if np.array_equal(data.response_ids[m][0], data.response_ids[m][1])]
+    assert twins  # identical responses (kept, as TRL does) get bitwise-equal sums: accuracies count them as TRL
+    for m in twins:
+        assert got.logps_B[m * k] == got.logps_B[m * k + 1]
     for name in losses.LOSSES:
         section = dataclasses.replace(ALL_STATS, type=(name,))
         try:

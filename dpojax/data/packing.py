@@ -28,6 +28,10 @@ order, so the head skips chunks past the longest row's entries. Flags per entry:
 completion tokens: logps/tokens), `lm` (every token after the first of its sequence: ORPO's prompt+response NLL),
 `ld_shared` (LD-DPO: within the prompt's shortest response length, counting scored tokens in order).
 
+Identical responses of a prompt (TRL keeps such rows) are laid out once: the copy's entries read the original's
+positions, so their sums are bitwise equal (as in the [N, K, T] batch, where they are equal computations) and a
+metric such as `rewards/accuracies` (chosen > rejected) counts them as TRL does.
+
 `pack` builds the global batch on every host (deterministic in the batch's prompts only: resume is exact and every
 host count builds the same global batch) and returns this host's contiguous share of rows and prompts. With A
 micro-batches, micro-batch a holds prompts a, a + A, ... (as for unpacked batches) and rows a, a + A, ....
@@ -106,13 +110,13 @@ class _Part:
     prompt_slot: int  # n * (K + 1) + K of the group's prompt
     n: int  # prompt index within the micro-batch
     prefix: np.ndarray
-    branches: list  # (k, ids, completion mask)
+    branches: list  # (k, ids, completion mask, alias): alias j = the same tokens as branch j, not laid out again
     first: bool  # the group's first part (its prompt's NLL entries are emitted once)
     ld_shared: int  # the group's shared length (scored completion tokens)
 
     @property
     def length(self) -> int:
-        return len(self.prefix) + sum(len(ids) for _, ids, _ in self.branches)
+        return len(self.prefix) + sum(len(ids) for _, ids, _, alias in self.branches if alias is None)
 
 
 def _sequences(data: TokenizedData, m: int, max_length: int | None, mode: str):
@@ -140,19 +144,26 @@ def _group_parts(data: TokenizedData, m: int, n: int, k_max: int, *, max_length:
     if not share:
         p = 0
     prefix = prompt[:p]
-    branches = [(k, ids[p:], mask[p:]) for k, (ids, mask) in enumerate(seqs)]
+    branches = []
+    for k, (ids, mask) in enumerate(seqs):
+        alias = next((j for j, (ids_j, mask_j) in enumerate(seqs[:k])
+                      if np.array_equal(ids_j, ids) and np.array_equal(mask_j, mask)), None)
+        branches.append((k, ids[p:], mask[p:], alias))
     cap = max_length if max_length is not None else max(len(ids) for ids, _ in seqs)
     slot = n * (k_max + 1) + k_max
-    if p == 0:  # nothing shared: one segment per sequence (what segment-id kernels such as splash express)
-        return [_Part(slot, n, prefix, [branch], k == 0, ld_shared) for k, branch in enumerate(branches)], \
-            completion_len
-    parts = [_Part(slot, n, prefix, [], True, ld_shared)]
+    parts, part_of = [], {}
     for branch in branches:
-        part = parts[-1]
-        if part.branches and part.length + len(branch[1]) > cap:
-            part = _Part(slot, n, prefix, [], False, ld_shared)
-            parts.append(part)
+        k, ids, _, alias = branch
+        if alias is not None:  # identical responses (TRL keeps such rows) read the same positions: equal sums
+            part = parts[part_of[alias]]
+        elif p == 0 or not parts or (parts[-1].branches and parts[-1].length + len(ids) > cap):
+            # a new part: with nothing shared one segment per sequence (what splash and cuDNN express)
+            parts.append(_Part(slot, n, prefix, [], not parts, ld_shared))
+            part = parts[-1]
+        else:
+            part = parts[-1]
         part.branches.append(branch)
+        part_of[k] = parts.index(part)
     return parts, completion_len
 
 
@@ -196,15 +207,18 @@ class _RowWriter:
         if prompt_nll and part.first:
             for i in range(1, p):
                 self.entry(start + i - 1, part.prefix[i], part.prompt_slot, 0.0, 1.0, 0.0)
-        t = start + p
-        for k, ids, mask in part.branches:
+        t, placed = start + p, {}
+        for k, ids, mask, alias in part.branches:
             n = len(ids)
-            self.ids[t : t + n], self.pos[t : t + n] = ids, p + np.arange(n)
-            self.seg[t : t + n], self.branch[t : t + n] = segment, k + 1
+            if alias is None:
+                self.ids[t : t + n], self.pos[t : t + n] = ids, p + np.arange(n)
+                self.seg[t : t + n], self.branch[t : t + n] = segment, k + 1
+                placed[k] = t
+            at = placed[k if alias is None else alias]  # an alias scores its original's positions
             owner = part.n * (k_max + 1) + k
             scored = 0
             for i in range(n):
-                src = t + i - 1 if i > 0 else (start + p - 1 if p > 0 else -1)
+                src = at + i - 1 if i > 0 else (start + p - 1 if p > 0 else -1)
                 if src < 0:
                     continue
                 completion = float(mask[i])
@@ -213,7 +227,8 @@ class _RowWriter:
                 if completion or prompt_nll:
                     ld = float(completion and scored <= part.ld_shared)
                     self.entry(src, ids[i], owner, completion, 1.0, ld)
-            t += n
+            if alias is None:
+                t += n
         self.t = t
 
 
