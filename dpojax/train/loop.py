@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from dpojax import distributed, metrics as M
+from dpojax import distributed, flops as F, metrics as M, tracking
 from dpojax.config import Config, dump_yaml, load_config
 from dpojax.data.batching import PreferenceBatch, eval_batches, train_batches
 from dpojax.data.tokenize import TokenizedData
@@ -63,28 +63,32 @@ class _Window:
     """Host-side accumulation of step metrics between log records (read back one step late)."""
 
     def __init__(self):
-        self.sums, self.tokens, self.steps, self.t0 = None, 0, 0, time.perf_counter()
+        self.sums, self.tokens, self.flops, self.steps, self.t0 = None, 0, 0.0, 0, time.perf_counter()
 
-    def add(self, step: int, out, tokens: int) -> tuple[int, bool]:
-        """Add one step's metrics; returns (step, whether its update was skipped as non-finite)."""
+    def add(self, step: int, out, tokens: int, flops: float = 0.0) -> tuple[int, bool]:
+        """Add one step's metrics (and its model FLOPs); returns (step, whether its update was skipped as
+        non-finite)."""
         out = jax.device_get(out)
         self.sums = M.add_sums(self.sums, out)
         self.tokens += tokens
+        self.flops += flops
         self.steps += 1
         return step, bool(out["skipped_steps"][0] > 0)
 
-    def flush(self, pairs_per_step: int, flops_per_token: float) -> dict[str, float]:
+    def flush(self, pairs_per_step: int) -> dict[str, float]:
         """Every process calls this at the same steps: each counted only its own rows' tokens, so they are
         summed over processes here (one small host all-gather per log record)."""
         dt = max(time.perf_counter() - self.t0, 1e-9)
         out = M.finalize(self.sums)
         if jax.process_count() > 1:
             self.tokens = int(np.sum(multihost_utils.process_allgather(np.asarray(self.tokens, np.int32))))
+            self.flops = float(np.sum(multihost_utils.process_allgather(np.asarray(self.flops / 1e9, np.float32))))
+            self.flops *= 1e9
         out["tokens_per_second"] = self.tokens / dt
         out["pairs_per_second"] = self.steps * pairs_per_step / dt
-        peak = M.peak_flops_per_second()
+        peak = F.peak_flops_per_second()
         if peak:
-            out["mfu"] = self.tokens * flops_per_token / dt / peak
+            out["mfu"] = self.flops / dt / peak  # dpojax.flops: model FLOPs of the real tokens, causal attention
         self.__init__()
         return out
 
@@ -95,11 +99,9 @@ def _progress(total: int, start: int):
     return tqdm(total=total, initial=start, desc="train", unit="step", disable=jax.process_index() != 0)
 
 
-def _flops_per_token(run: Run) -> float:
-    """Policy forward+backward plus reference forward per real token, at the largest bucket."""
-    c, t = run.models.policy_cfg, run.cfg.data.max_length
-    ref = c.forward_flops_per_token(t) if run.models.ref_graphdef is not None else 0.0
-    return c.flops_per_token(t) + ref
+def _model_flops(run: Run, batch: PreferenceBatch) -> float:
+    """Model FLOPs of one step on this process's rows (dpojax.flops: policy forward+backward, reference forward)."""
+    return F.batch_flops(run.models.policy_cfg, batch, reference=run.models.ref_graphdef is not None).model
 
 
 def _resume_point(mngr, cfg: Config, steps: int) -> tuple[int, int]:
@@ -150,7 +152,8 @@ def train(cfg: Config) -> dict[str, Any]:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(dump_yaml(cfg))
         M.truncate_after(out_dir / "metrics.jsonl", start)  # records past the checkpoint are redone
-    writer = M.MetricsWriter(out_dir / "metrics.jsonl", enabled=is_main)
+    writer = tracking.Trackers(M.MetricsWriter(out_dir / "metrics.jsonl", enabled=is_main), cfg, out_dir, is_main)
+    profiler = tracking.Profiler(cfg, out_dir / "profile", enabled=is_main)
     log.info(
         "training %s: %d prompts x %d responses, %d steps of %d prompts (%d micro-batches), mesh %s, from step %d",
         cfg.model.name_or_path, len(train_data), train_data.num_responses, run.total_steps, cfg.train.batch_size,
@@ -160,7 +163,7 @@ def train(cfg: Config) -> dict[str, Any]:
     savers = Savers(mngr, best, run)
     try:
         with Preemption() as preemption:
-            state, stopped_at = _loop(run, state, savers, writer, train_data, eval_data, start, preemption)
+            state, stopped_at = _loop(run, state, savers, writer, train_data, eval_data, start, preemption, profiler)
         if stopped_at is None and eval_data is not None:
             final = run_eval(run, state.params, eval_data)
             writer.write(run.total_steps, "eval", final)
@@ -168,6 +171,8 @@ def train(cfg: Config) -> dict[str, Any]:
         else:
             final = {}
     finally:  # an error (e.g. divergence) still completes the saves already under way
+        profiler.stop()
+        writer.close()
         mngr.wait_until_finished()
         if best is not None:
             best.wait_until_finished()
@@ -202,26 +207,27 @@ class Savers:
                       metrics=metrics)
 
 
-def _loop(run: Run, state, savers: Savers, writer, train_data, eval_data, start: int, preemption):
+def _loop(run: Run, state, savers: Savers, writer, train_data, eval_data, start: int, preemption, profiler):
     """Steps start+1 .. total_steps. Returns (state, the step a SIGTERM stopped at, or None)."""
     cfg = run.cfg
     sharding = batch_sharding(run.sharder)
-    flops = _flops_per_token(run)
     window, pending, bar, bad = _Window(), None, _progress(run.total_steps, start), _BadSteps(cfg)
     table = reference.lookup(run.models.ref_tables, train_data)
     for step, batch in enumerate(_batches(cfg, train_data, start, run.total_steps), start=start + 1):
         batch = reference.attach(batch, table)
+        profiler.before_step(step)
         state, out = run.train_step(state, run.models.ref_params, to_device(batch, sharding))
+        profiler.after_step(step, out)
         if run.sync_reference is not None and step % cfg.ref_model.sync_every == 0:
             run.models.ref_params = run.sync_reference(state.params, run.models.ref_params)
         if pending is not None:  # read the previous step's metrics while this one runs
             bad.check(*window.add(*pending))
-        pending = (step, out, batch.real_tokens())
+        pending = (step, out, batch.real_tokens(), _model_flops(run, batch))
         last = step == run.total_steps
         if step % cfg.train.log_every == 0 or last:
             bad.check(*window.add(*pending))
             pending = None
-            record = window.flush(cfg.train.batch_size, flops)
+            record = window.flush(cfg.train.batch_size)
             writer.write(step, "train", record)
             bar.set_postfix(
                 loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",

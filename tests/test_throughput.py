@@ -1,0 +1,108 @@
+"""FLOP accounting (dpojax.flops) against a hand count and against XLA's cost analysis; peaks per device kind; the
+throughput benchmark runs the real step of its tiny preset and prints every field."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dpojax import flops
+from dpojax.data.batching import PreferenceBatch
+from dpojax.models import Decoder, ModelConfig
+
+# D 64, F 128, H 4, G 2, Dh 16, L 2, V 256
+TINY = {"model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
+        "tie_word_embeddings": False}  # fmt: skip
+
+
+def test_step_flops_hand_count():
+    cfg = ModelConfig.from_hf(TINY)
+    # one layer's matmul weights: q 64*64 + k, v 2 * 64*32 + o 64*64 + gate, up, down 3 * 64*128 = 36864
+    # sequences of 5 and 3 real tokens: 8 tokens, causal pairs 5*6/2 + 3*4/2 = 21 per layer; 4 scored tokens
+    f = flops.step_flops(cfg, [5, 3], 4, remat="none")
+    assert f.policy_forward.matmul == 2 * 2 * 36864 * 8
+    assert f.policy_forward.attention == 4 * 4 * 16 * 21 * 2
+    assert f.policy_forward.head == 2 * 256 * 64 * 4
+    fwd = 2 * 2 * 36864 * 8 + 4 * 4 * 16 * 21 * 2 + 2 * 256 * 64 * 4
+    assert f.policy_backward == 2 * fwd and f.reference_forward.total == fwd
+    assert f.model == 4 * fwd and f.tokens == 8
+    assert f.remat_recompute == 2 * 256 * 64 * 4  # remat none: only the log-prob head recomputes its logits
+    full = flops.step_flops(cfg, [5, 3], 4, remat="full")
+    assert full.remat_recompute == fwd and full.model == f.model
+    dots = flops.step_flops(cfg, [5, 3], 4, remat="dots", reference=False)
+    assert dots.remat_recompute == 2 * 256 * 64 * 4 + 4 * 4 * 16 * 21 * 2 and dots.model == 3 * fwd
+    # a sliding window of 2 over 5 tokens: keys per query 1, 2, 2, 2, 2
+    assert flops.causal_pairs([5], window=2) == 9 and flops.causal_pairs([5, 3]) == 21
+
+
+def test_batch_counts_skip_padding_and_fillers():
+    seg = np.zeros((2, 2, 6), np.int32)
+    seg[0, 0, :5], seg[0, 1, :3], seg[1, :, :4] = 1, 1, 1
+    comp = np.zeros_like(seg)
+    comp[0, 0, 2:5], comp[0, 1, 2:3], comp[1, :, 2:4] = 1, 1, 1
+    batch = PreferenceBatch(seg, seg, seg, comp, np.ones((2, 2), np.float32), np.zeros((2, 2), np.int32),
+                            np.array([1.0, 0.0], np.float32), np.array([0, -1], np.int32))  # row 1: a filler
+    lengths, scored = flops.batch_counts(batch)
+    assert lengths.tolist() == [5, 3, 0, 0] and scored == 4
+    assert flops.batch_flops(ModelConfig.from_hf(TINY), batch).model == flops.step_flops(
+        ModelConfig.from_hf(TINY), [5, 3], 4).model
+
+
+def test_forward_and_backward_match_xla_cost_analysis():
+    """XLA counts every op of an unrolled body (attention over the full T x T at T < 256, as attend_xla computes
+    it): our matmul + attention count is within 5% of it forward, and backward is 2x forward."""
+    cfg = ModelConfig.from_hf({**TINY, "vocab_size": 512, "hidden_size": 128, "intermediate_size": 256})
+    B, T = 2, 64
+    graphdef, state = nnx.split(Decoder(cfg, attention="xla", scan_layers=False, rngs=nnx.Rngs(0)))
+    ids, seg = jnp.zeros((B, T), jnp.int32), jnp.ones((B, T), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+
+    def hidden(s):
+        return nnx.merge(graphdef, s)(ids, pos, seg)
+
+    def xla_flops(fn):
+        return jax.jit(fn).lower(state).compile().cost_analysis()["flops"]
+
+    ours = flops.forward_flops(cfg, tokens=B * T, scored=0, pairs_per_layer=[B * T * T] * cfg.num_layers).total
+    assert xla_flops(hidden) == pytest.approx(ours, rel=0.05)
+    grad = jax.grad(lambda s: jnp.sum(hidden(s) ** 2))
+    assert xla_flops(grad) == pytest.approx(3 * ours, rel=0.05)
+
+
+def test_peaks_by_device_kind():
+    assert flops.chip_name("NVIDIA H100 80GB HBM3") == "H100" and flops.chip_name("NVIDIA H200") == "H200"
+    assert flops.chip_name("NVIDIA A100-SXM4-80GB") == "A100"
+    assert flops.chip_name("TPU v5 lite") == "v5e" and flops.chip_name("TPU v5") == "v5p"
+    assert flops.chip_name("TPU v6 lite") == "v6e" and flops.chip_name("TPU v4") == "v4"
+    assert flops.device_peak("cpu") is None and flops.peak_flops_per_second() is None  # CPU here
+    assert flops.device_peak("NVIDIA H200") == 989e12
+
+
+def test_throughput_accounting_of_the_large_presets(capsys):
+    from benchmarks import throughput
+
+    throughput.main(["--preset", "llama-1b", "--accounting"])
+    throughput.main(["--preset", "llama-8b", "--accounting"])
+    out = capsys.readouterr().out
+    assert "llama-1b: 1235.8M params, T 2048" in out and "llama-8b: 8030.3M params" in out
+    for part in ("policy forward", "policy backward", "reference forward", "remat recompute", "at 40% MFU on H200"):
+        assert part in out
+
+
+@pytest.mark.serial  # timing
+def test_throughput_script_runs_the_tiny_preset(capsys, tmp_path):
+    from benchmarks import throughput
+
+    result = throughput.main(["--preset", "tiny", "--steps", "2", "--warmup", "1", "--json", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    for field in ("tokens/s", "pairs/s", "step time", "median", "compile time", "peak memory", "policy forward",
+                  "reference forward", "remat recompute", "MFU per chip", "HFU per chip", "H200", "v5e", "CPU"):
+        assert field in out, field
+    assert result["timed_steps"] == 2 and result["chips"] == jax.device_count()
+    assert result["flops_per_step"]["tokens"] == 8 * 2 * 64  # 8 pairs, every sequence fills T 64
+    assert 0 < result["mfu"] < result["hfu"] and result["compile_s"] > 0 and result["peak_memory_bytes"] > 0
+    assert (tmp_path / "r.json").is_file()
