@@ -5,7 +5,7 @@ time, compile time, peak memory and MFU per chip, with the FLOP accounting writt
     python -m benchmarks.throughput --preset llama-1b                # Llama-3.2-1B shape, random init, T 2048, bf16
     python -m benchmarks.throughput --preset llama-8b                # Llama-3.1-8B shape, FSDP over all chips
     python -m benchmarks.throughput --config configs/demo.yaml       # any config (its data, model, mesh)
-    python -m benchmarks.throughput --preset llama-1b --attention cudnn --remat dots --micro-batch 4 \\
+    python -m benchmarks.throughput --preset llama-1b --attention cudnn --remat qkv --micro-batch 4 \\
         --set data.packing=...                                       # any config key, passed through
     python -m benchmarks.throughput --preset llama-8b --accounting   # the FLOP accounting only, nothing runs
 
@@ -69,7 +69,7 @@ PRESETS = {
     "tiny": Preset(TINY_LLAMA, 64, 8, note="2 layers, d 64: a smoke test"),
     "bench-llama": Preset(BENCH_LLAMA, 512, 8, note="benchmarks/cpu_vs_trl.py's synthetic Llama (4 layers, d 512, "
                                                     "vocab 32k), fp32"),
-    "llama-1b": Preset(LLAMA_32_1B, 2048, 8, dtype="bfloat16", remat="dots",
+    "llama-1b": Preset(LLAMA_32_1B, 2048, 8, dtype="bfloat16", remat="full",
                        note="Llama-3.2-1B shape, random init, bf16 compute, fp32 params"),
     "llama-8b": Preset(LLAMA_31_8B, 2048, 8, dtype="bfloat16", remat="full", mesh=(1, -1, 1),
                        note="Llama-3.1-8B shape, random init, bf16 compute, FSDP over all chips"),

@@ -14,9 +14,10 @@ Model FLOPs of one train step (what MFU counts, the same in the trainer's `mfu` 
 
 Remat recompute (the forward work the backward pass redoes) is hardware work, not model work: it is reported
 separately, and counted only in the hardware FLOPs utilization (HFU). The log-prob head always recomputes its
-logits in the backward pass; the layers recompute what their remat policy does not save:
-none: nothing; full: the whole layer; dots: the attention products (matmuls with batch dimensions);
-dots_all: nothing (every matmul is saved); qkv: the output projection, the MLP and the attention scores.
+logits in the backward pass; the layers recompute what their remat policy does not save (the MLP's down projection
+never: the backward needs only its input): none: nothing; full and dots: every other matmul and the attention;
+dots_all: every other matmul (the attention products are saved); qkv: the output projection and the MLP's gate/up.
+(`dots` saves no projection because dpojax's Dense is a custom_vjp whose matmul the policy cannot see.)
 
 Peaks are dense bf16 FLOP/s per chip from the vendors' datasheets (H100 and H200: SXM). On CPU there is no
 datasheet number: `measured_matmul_peak` times a large matmul instead.
@@ -66,7 +67,7 @@ def peak_flops_per_second() -> float | None:
     return None if per_device is None else per_device * jax.device_count()
 
 
-def measured_matmul_peak(dtype: str = "float32", n: int = 2048, repeats: int = 5) -> float:
+def measured_matmul_peak(dtype: str = "float32", n: int = 2048, repeats: int = 3) -> float:
     """FLOP/s of an n x n x n matmul on the default device (median of `repeats`), in `dtype` with fp32
     accumulation: the stand-in for a peak where no datasheet number exists (CPU)."""
     import jax
@@ -157,20 +158,23 @@ def forward_flops(cfg, *, tokens: int, scored: int, pairs_per_layer: Sequence[in
     )
 
 
-def remat_recompute(cfg, policy_forward: Forward, remat: str, *, tokens: int, pairs_per_layer: Sequence[int]) -> float:
-    """Forward FLOPs the backward pass redoes under remat policy `remat` (see the module docstring)."""
+def remat_recompute(cfg, policy_forward: Forward, remat: str, *, tokens: int) -> float:
+    """Forward FLOPs the backward pass redoes under remat policy `remat` (see the module docstring): what XLA's cost
+    analysis of the unrolled model shows (tests/test_throughput.py). The MLP's down projection is never redone (the
+    backward needs its input, not its output); dpojax's Dense is a custom_vjp, whose matmul the dot-saving policies
+    do not see, so `dots` saves nothing (as `full`) and `dots_all` saves only the attention products."""
     head = policy_forward.head  # the log-prob head recomputes its logits chunk by chunk
-    if remat in ("none", "dots_all"):
+    D, F, H, Dh, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.head_dim, cfg.num_layers
+    down = 2.0 * L * F * D * tokens
+    if remat == "none":
         return head
-    if remat == "full":
-        return head + policy_forward.matmul + policy_forward.attention
-    if remat == "dots":
-        return head + policy_forward.attention
-    if remat == "qkv":
-        D, F, H, Dh = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.head_dim
-        mlp_mats = 3 if cfg.mlp == "gated" else 2
-        o_and_mlp = 2.0 * cfg.num_layers * (H * Dh * D + mlp_mats * D * F) * tokens
-        return head + o_and_mlp + 2.0 * H * Dh * float(sum(pairs_per_layer))  # scores only
+    if remat in ("full", "dots"):
+        return head + policy_forward.matmul - down + policy_forward.attention
+    if remat == "dots_all":
+        return head + policy_forward.matmul - down
+    if remat == "qkv":  # q, k, v and the attention context saved: the output projection and the MLP's input side
+        mlp_in = (3 if cfg.mlp == "gated" else 2) - 1
+        return head + 2.0 * L * (H * Dh * D + mlp_in * D * F) * tokens
     raise ValueError(f"remat={remat!r}: no FLOP accounting for this policy")
 
 
@@ -185,7 +189,7 @@ def step_flops(cfg, lengths: Sequence[int] | np.ndarray, scored: int, *, remat: 
     return StepFlops(
         policy_forward=policy,
         reference_forward=policy if reference else Forward(),
-        remat_recompute=remat_recompute(cfg, policy, remat, tokens=tokens, pairs_per_layer=pairs),
+        remat_recompute=remat_recompute(cfg, policy, remat, tokens=tokens),
         tokens=tokens,
     )
 

@@ -4,7 +4,9 @@ metrics.jsonl, and train.profile writes a trace openable in TensorBoard / Perfet
 from __future__ import annotations
 
 import collections
+import contextlib
 import gzip
+import io
 import json
 import math
 import os
@@ -19,29 +21,44 @@ from dpojax.metrics import read_metrics
 from dpojax.tracking import wandb_mode
 
 REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "configs" / "demo.yaml"
 TIMING = ("tokens_per_second", "pairs_per_second", "mfu")  # wall-clock figures: differ between any two runs
 
 
-def _short_run(root: Path, out: Path, *extra: str) -> Path:
+def _overrides(root: Path) -> list[str]:
+    """The demo config, shortened: 32 train and 16 eval rows, 4 steps of 8 pairs in one length bucket."""
     demo = REPO / "configs" / "demo"
     for name, n in (("train.jsonl", 32), ("eval.jsonl", 16)):
         if not (root / name).exists():
             (root / name).write_text("".join((demo / name).read_text().splitlines(keepends=True)[:n]))
-    args = [
-        "train", str(REPO / "configs" / "demo.yaml"), f"output_dir={out}", f"data.cache_dir={root}/cache",
-        f"model.name_or_path={demo / 'model'}", f"data.train={root / 'train.jsonl'}", f"data.eval={root / 'eval.jsonl'}",
-        "train.batch_size=8", "train.steps=4", "train.log_every=1", "train.eval_every=2", "checkpoint.every=null",
-        "data.buckets=[32]",
-        *extra,
-    ]  # fmt: skip
+    return [f"data.cache_dir={root}/cache", f"model.name_or_path={demo / 'model'}", f"data.train={root / 'train.jsonl'}",
+            f"data.eval={root / 'eval.jsonl'}", "train.batch_size=8", "train.steps=4", "data.buckets=[32]"]
+
+
+def _short_run(root: Path, out: Path, *extra: str) -> Path:
+    args = ["train", str(DEMO), f"output_dir={out}", *_overrides(root), "train.log_every=1", "train.eval_every=2",
+            "checkpoint.every=null", *extra]
     assert main(args) == 0
     return out
 
 
+def _throughput(root: Path) -> tuple[dict, str]:
+    """benchmarks/throughput.py on the same config: 2 warm-up + 2 timed steps (the same 4-step schedule, so the
+    same compiled step)."""
+    from benchmarks import throughput
+
+    set_args = [arg for o in _overrides(root) if not o.startswith("train.") for arg in ("--set", o)]
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        result = throughput.main(["--config", str(DEMO), "--batch", "8", "--warmup", "2", "--steps", "2",
+                                  "--json", str(root / "throughput.json"), *set_args])
+    return result, out.getvalue()
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The same short run twice: with TensorBoard, W&B (offline) and a profile of step 3, and without. The second
-    run reads its compiled steps from a persistent compilation cache the first one filled."""
+    """The same short run twice: with TensorBoard, W&B (offline) and a profile of step 3, and without; then the
+    throughput benchmark on that config. The later runs read their compiled steps from a persistent compilation
+    cache the first one filled."""
     root = tmp_path_factory.mktemp("tracking")
     saved = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
     env = {k: os.environ.get(k) for k in ("WANDB_SILENT", "WANDB_CONSOLE")}
@@ -52,13 +69,14 @@ def runs(tmp_path_factory):
         on = _short_run(root, root / "on", "train.report_to=[tensorboard, wandb]", "train.wandb.mode=offline",
                         "train.profile.start_step=3", "train.profile.steps=1")
         off = _short_run(root, root / "off")
+        bench = _throughput(root)
     finally:
         for k, v in saved.items():
             jax.config.update(k, v)
         compilation_cache.reset_cache()  # later tests in this process neither read nor fill it
         for k, v in env.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    return on, off
+    return on, off, bench
 
 
 def _by_step(records: list[dict]) -> dict[int, dict[str, float]]:
@@ -73,7 +91,7 @@ def _by_step(records: list[dict]) -> dict[int, dict[str, float]]:
 
 @pytest.mark.serial  # W&B starts its service process
 def test_tracking_leaves_metrics_jsonl_unchanged(runs):
-    on, off = (read_metrics(run / "metrics.jsonl") for run in runs)
+    on, off = (read_metrics(run / "metrics.jsonl") for run in runs[:2])
     assert [(r["step"], r["split"]) for r in on] == [(1, "train"), (2, "train"), (2, "eval"), (3, "train"),
                                                      (4, "train"), (4, "eval")]
     strip = [[{k: v for k, v in r.items() if k not in TIMING} for r in records] for records in (on, off)]
@@ -155,3 +173,17 @@ def test_wandb_mode_auto(monkeypatch, tmp_path):
     assert wandb_mode("auto") == "online"
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert wandb_mode("auto") == "disabled"
+
+
+@pytest.mark.serial  # timing
+def test_throughput_script_on_a_config(runs):
+    result, out = runs[2]
+    for field in ("tokens/s", "pairs/s", "step time", "median", "compile time", "peak memory", "policy forward",
+                  "attention causal", "reference forward", "remat recompute", "MFU per chip", "HFU per chip", "H200",
+                  "v5e", "CPU"):
+        assert field in out, field
+    assert result["timed_steps"] == 2 and result["chips"] == jax.device_count() and result["batch_pairs"] == 8
+    assert result["attention"] == "xla" and result["reference_in_step"]
+    assert result["flops_per_step"]["tokens"] > 0 and result["flops_per_step"]["model"] > 0
+    assert 0 < result["mfu"] < result["hfu"] and result["peak_memory_bytes"] > 0
+    assert json.loads((runs[0].parent / "throughput.json").read_text())["tokens_per_s"] == result["tokens_per_s"]
