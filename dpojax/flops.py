@@ -195,12 +195,18 @@ def step_flops(cfg, lengths: Sequence[int] | np.ndarray, scored: int, *, remat: 
 
 
 def batch_counts(batch) -> tuple[np.ndarray, int]:
-    """(real length of every sequence, scored tokens) of a PreferenceBatch: padding responses and filler prompts
-    count 0, as in `PreferenceBatch.real_tokens`."""
+    """(real length of every segment, scored tokens) of a PreferenceBatch: a segment is a run of equal positive
+    segment ids in a row (one sequence unpacked; several when rows are packed), attending causally within itself;
+    padding responses and filler prompts count 0, as in `PreferenceBatch.real_tokens`. (A mask that is not
+    segment equality, e.g. responses that also attend to a shared prompt, needs its own pair count.)"""
     real_NxK = np.asarray(batch.response_mask_NxK) * np.asarray(batch.prompt_mask_N)[:, None]
-    lengths_NxK = np.sum(np.asarray(batch.segment_ids_NxKxT) > 0, axis=-1) * (real_NxK > 0)
+    seg_NxKxT = np.asarray(batch.segment_ids_NxKxT) * (real_NxK[..., None] > 0)
+    seg_RxT = seg_NxKxT.reshape(-1, seg_NxKxT.shape[-1]).astype(np.int64)
+    width = int(seg_RxT.max(initial=0)) + 1
+    counts = np.bincount((seg_RxT + width * np.arange(len(seg_RxT))[:, None]).ravel(), minlength=width * len(seg_RxT))
+    lengths = counts.reshape(len(seg_RxT), width)[:, 1:].ravel()  # id 0 is padding
     scored = int(np.sum(np.asarray(batch.completion_mask_NxKxT) * (real_NxK[..., None] > 0)))
-    return lengths_NxK.reshape(-1), scored
+    return lengths[lengths > 0], scored
 
 
 def batch_flops(cfg, batch, *, remat: str = "none", reference: bool = True) -> StepFlops:

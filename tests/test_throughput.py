@@ -50,7 +50,11 @@ def test_batch_counts_skip_padding_and_fillers():
     batch = PreferenceBatch(seg, seg, seg, comp, np.ones((2, 2), np.float32), np.zeros((2, 2), np.int32),
                             np.array([1.0, 0.0], np.float32), np.array([0, -1], np.int32))  # row 1: a filler
     lengths, scored = flops.batch_counts(batch)
-    assert lengths.tolist() == [5, 3, 0, 0] and scored == 4
+    assert lengths.tolist() == [5, 3] and scored == 4
+    packed = PreferenceBatch(*(np.array([[[1, 1, 2, 2, 2, 0]]], np.int32),) * 3, comp[:1, :1],
+                             np.ones((1, 1), np.float32), np.zeros((1, 1), np.int32), np.ones(1, np.float32),
+                             np.zeros(1, np.int32))  # two sequences of 2 and 3 tokens in one row
+    assert sorted(flops.batch_counts(packed)[0].tolist()) == [2, 3]
     assert flops.batch_flops(ModelConfig.from_hf(TINY), batch).model == flops.step_flops(
         ModelConfig.from_hf(TINY), [5, 3], 4).model
 
