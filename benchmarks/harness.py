@@ -204,14 +204,15 @@ class StepSetup:
     buckets: tuple[int, ...] | None = None  # dpojax data.buckets (None: its default, powers of two up to max_length)
 
 
-def setup_config(setup: StepSetup, work: Path, **model_overrides):
-    """The dpojax Config of `setup` (adamw, constant lr, one device mesh axis over all devices)."""
+def setup_config(setup: StepSetup, work: Path, *, data_overrides: dict | None = None, **model_overrides):
+    """The dpojax Config of `setup` (adamw, constant lr, one device mesh axis over all devices); `data_overrides`:
+    more `data.` keys (e.g. packing)."""
     from dpojax.config import config_from_dict
 
     return config_from_dict({
         "model": {"name_or_path": str(setup.model_dir), "remat": setup.remat, **model_overrides},
         "data": {"train": str(setup.data), "max_length": setup.max_length, "cache_dir": str(work / "cache"),
-                 "buckets": None if setup.buckets is None else list(setup.buckets)},
+                 "buckets": None if setup.buckets is None else list(setup.buckets), **(data_overrides or {})},
         "optim": {"name": "adamw", "lr": setup.lr, "schedule": "constant", "max_grad_norm": 1.0},
         "train": {"batch_size": setup.batch, "steps": setup.warmup + setup.steps},
         "output_dir": str(work / "dpojax_run"),
@@ -251,20 +252,21 @@ def build_step(cfg) -> BuiltStep:
     build.precompute_references(cfg, models, sharder, [pairs])
     steps = build.total_steps(cfg, len(pairs))
     run, state = build.setup_train(cfg, models, sharder, steps=steps)
-    return BuiltStep(run, state, list(loop._batches(cfg, pairs, 0, steps)),
+    return BuiltStep(run, state, list(loop._batches(run, pairs, 0, steps)),
                      reference.lookup(run.models.ref_tables, pairs))
 
 
-def build_dpojax_step(setup: StepSetup, work: Path, **model_overrides):
+def build_dpojax_step(setup: StepSetup, work: Path, *, data_overrides: dict | None = None, **model_overrides):
     """(step(batch) -> None blocking, batches): the real train step on `setup`."""
-    built = build_step(setup_config(setup, work, **model_overrides))
+    built = build_step(setup_config(setup, work, data_overrides=data_overrides, **model_overrides))
     return built, built.batches
 
 
-def dpojax_steps(setup: StepSetup, work: Path, *, profile: bool = False, **model_overrides) -> Timing:
+def dpojax_steps(setup: StepSetup, work: Path, *, profile: bool = False, data_overrides: dict | None = None,
+                 **model_overrides) -> Timing:
     """Seconds per dpojax train step (policy forward+backward, reference forward, AdamW update); `profile`: also
     print the XLA op-kind shares of one more step."""
-    step, batches = build_dpojax_step(setup, work, **model_overrides)
+    step, batches = build_dpojax_step(setup, work, data_overrides=data_overrides, **model_overrides)
     times = []
     for batch in batches:
         t0 = time.perf_counter()

@@ -6,7 +6,7 @@ time, compile time, peak memory and MFU per chip, with the FLOP accounting writt
     python -m benchmarks.throughput --preset llama-8b                # Llama-3.1-8B shape, FSDP over all chips
     python -m benchmarks.throughput --config configs/demo.yaml       # any config (its data, model, mesh)
     python -m benchmarks.throughput --preset llama-1b --attention cudnn --remat qkv --micro-batch 4 \\
-        --set data.packing=...                                       # any config key, passed through
+        --set data.packing=padding_free                              # any config key, passed through
     python -m benchmarks.throughput --preset llama-8b --accounting   # the FLOP accounting only, nothing runs
 
 Presets build a random-init model from its config.json shape alone (no weights on disk) and a word-level
@@ -138,6 +138,7 @@ def measure(cfg, args) -> dict:
     import jax
 
     from dpojax import flops
+    from dpojax.data.packing import attention_for
     from dpojax.models.attention import resolve_attention
     from dpojax.train.build import DTYPES
 
@@ -163,13 +164,15 @@ def measure(cfg, args) -> dict:
     model = sum(f.model for f in step_flops)
     tokens = sum(f.tokens for f in step_flops)
     typical = step_flops[len(step_flops) // 2]
-    attention = resolve_attention(cfg.model.attention, dtype=DTYPES[cfg.model.dtype], head_dim=mcfg.head_dim,
-                                  softcap=mcfg.attn_softcap, sliding_window=mcfg.has_sliding_window)
+    attention = resolve_attention(attention_for(cfg.model.attention, run.spec.packing), dtype=DTYPES[cfg.model.dtype],
+                                  head_dim=mcfg.head_dim, softcap=mcfg.attn_softcap,
+                                  sliding_window=mcfg.has_sliding_window)
     return {
         "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind, "chips": n,
         "machine": harness.machine(), "model": cfg.model.name_or_path, "params": mcfg.num_params(),
         "max_length": cfg.data.max_length, "batch_pairs": cfg.train.batch_size, "micro_batch": cfg.micro_batch_size,
-        "dtype": cfg.model.dtype, "attention": attention, "remat": cfg.model.remat, "reference_in_step": with_ref,
+        "dtype": cfg.model.dtype, "attention": attention, "packing": run.spec.packing, "remat": cfg.model.remat,
+        "reference_in_step": with_ref,
         "timed_steps": len(times), "step": timing.as_dict(), "setup_s": round(setup_s, 2),
         "compile_s": round(compiled.seconds, 2),
         "tokens_per_s": tokens / total_s, "tokens_per_s_per_chip": tokens / total_s / n,
@@ -206,9 +209,11 @@ def report(r: dict) -> str:
     lines = [
         f"backend {r['backend']}: {r['chips']} x {r['device_kind']}  [{r['machine']}]",
         f"model {r['model']}: {r['params'] / 1e6:.1f}M params, T {r['max_length']}, batch {r['batch_pairs']} pairs "
-        f"(micro-batch {r['micro_batch']}), {r['dtype']}, attention {r['attention']}, remat {r['remat']}, "
+        f"(micro-batch {r['micro_batch']}), {r['dtype']}, attention {r['attention']}, packing {r['packing']}, "
+        f"remat {r['remat']}, "
         f"reference {'in the step' if r['reference_in_step'] else 'precomputed/none'}",
-        f"tokens/s            {r['tokens_per_s']:.1f}  ({r['tokens_per_s_per_chip']:.1f} per chip)",
+        f"tokens/s            {r['tokens_per_s']:.1f}  ({r['tokens_per_s_per_chip']:.1f} per chip; computed tokens: "
+        "a shared prompt counts once)",
         f"pairs/s             {r['pairs_per_s']:.3f}",
         f"step time           {s['median_s']:.4f} s median [{s['min_s']:.4f}-{s['max_s']:.4f}] over {s['n']} steps "
         "after warm-up",

@@ -194,6 +194,29 @@ def _abstract_batch(n_prompts: int, num_responses: int, seq_len: int, sharder, p
     )
 
 
+def _abstract_packed_batch(n_prompts: int, num_responses: int, max_length: int, sharder, precomputed: bool,
+                           micro_batches: int):
+    """The packed batch of the worst case: nothing shared, every sequence max_length long, rows balanced."""
+    import jax
+    import jax.numpy as jnp
+
+    from dpojax.data.packing import ROW_CAPACITY, PackedBatch, row_length
+    from dpojax.train.step import batch_sharding
+
+    shards = sharder.batch_shards
+    tokens = n_prompts // micro_batches * num_responses * max_length  # per micro-batch
+    rows = shards * max(1, -(-tokens // (shards * ROW_CAPACITY * max_length)))
+    length = row_length(-(-tokens // rows))
+    sh = batch_sharding(sharder)
+    arr = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)  # noqa: E731
+    rxl, nxk = (rows * micro_batches, length), (n_prompts, num_responses)
+    return PackedBatch(
+        *(arr(rxl, jnp.int32) for _ in range(7)), *(arr(rxl, jnp.float32) for _ in range(3)),
+        arr(nxk, jnp.float32), arr(nxk, jnp.float32), arr(nxk, jnp.int32), arr((n_prompts,), jnp.float32),
+        arr((n_prompts,), jnp.int32), arr(nxk, jnp.float32) if precomputed else None,
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class LoweredStep:
     lowered: Any  # jax.stages.Lowered of the train step
@@ -216,6 +239,7 @@ def lower_step(cfg, devices, *, backend: str = "tpu", batch_pairs: int | None = 
     import jax.numpy as jnp
 
     from dpojax import losses
+    from dpojax.data import packing as packing_lib
     from dpojax.models.attention import resolve_attention
     from dpojax.models.config import ModelConfig
     from dpojax.models.hf import abstract_params
@@ -232,7 +256,9 @@ def lower_step(cfg, devices, *, backend: str = "tpu", batch_pairs: int | None = 
     policy_json = read_model_config(model_config or cfg.model.name_or_path, cfg.model.revision)
     mcfg = ModelConfig.from_hf(policy_json)
     dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-    attention = resolve_attention(cfg.model.attention, dtype=dtypes[cfg.model.dtype], head_dim=mcfg.head_dim,
+    packing_mode = packing_lib.resolve_mode(cfg.data.packing, cfg.model.attention, backend)
+    attention = resolve_attention(packing_lib.attention_for(cfg.model.attention, packing_mode),
+                                  dtype=dtypes[cfg.model.dtype], head_dim=mcfg.head_dim,
                                   backend=backend, softcap=mcfg.attn_softcap,
                                   sliding_window=mcfg.has_sliding_window)
     kw = dict(dtype=dtypes[cfg.model.dtype], param_dtype=dtypes[cfg.model.param_dtype], attention=attention,
@@ -248,10 +274,13 @@ def lower_step(cfg, devices, *, backend: str = "tpu", batch_pairs: int | None = 
             rcfg = ModelConfig.from_hf(read_model_config(cfg.ref_name_or_path, cfg.model.revision))
             rgraph, rparams = abstract_params(rcfg, sharder=sharder, **kw)
     spec = make_spec(cfg, pgraph, rgraph, sharder, total_steps=cfg.train.steps or 1000, precomputed_ref=precomputed,
-                     grad_accum=n_pairs // micro)
+                     grad_accum=n_pairs // micro, backend=backend)
     state = _abstract_state(params, spec.optimizer, sharder)
     k = cfg.data.max_responses if losses.is_kwise(cfg.loss) else 2
-    batch = _abstract_batch(n_pairs, k, cfg.data.max_length, sharder, precomputed)
+    if spec.packing == "none":
+        batch = _abstract_batch(n_pairs, k, cfg.data.max_length, sharder, precomputed)
+    else:
+        batch = _abstract_packed_batch(n_pairs, k, cfg.data.max_length, sharder, precomputed, n_pairs // micro)
     train, _ = compile_steps(spec, state, rparams, sharder)
     tokens = n_pairs * k * cfg.data.max_length
     ref_flops = mcfg.forward_flops_per_token(cfg.data.max_length) if rgraph is not None else 0.0

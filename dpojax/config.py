@@ -57,6 +57,8 @@ class DataSection:
     buckets: Optional[tuple[int, ...]] = None  # padded lengths; default: powers of two up to max_length
     max_responses: int = 8  # most responses per ranked/scored row (prompt, responses[, scores]); more is a bad row
     pairs_from_scores: Literal["none", "best_vs_worst", "all_pairs"] = "none"  # expand ranked rows into pairs
+    # auto | none | padding_free | shared_prompt (dpojax.data.packing); auto: shared_prompt, padding_free on TPU
+    packing: Literal["auto", "none", "padding_free", "shared_prompt"] = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +104,7 @@ class ProfileSection:
 class WandbSection:
     project: str = "dpojax"  # W&B project
     name: Optional[str] = None  # run name; default: output_dir's folder name
-    mode: Literal["auto", "online", "offline"] = "auto"  # auto: online with WANDB_API_KEY or a wandb login, else offline
+    mode: Literal["auto", "online", "offline"] = "auto"  # auto: online given an API key (env, wandb login)
 
 
 @dataclasses.dataclass(frozen=True)

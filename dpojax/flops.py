@@ -178,13 +178,16 @@ def remat_recompute(cfg, policy_forward: Forward, remat: str, *, tokens: int) ->
     raise ValueError(f"remat={remat!r}: no FLOP accounting for this policy")
 
 
-def step_flops(cfg, lengths: Sequence[int] | np.ndarray, scored: int, *, remat: str = "none",
+def step_flops(cfg, lengths: Sequence[int] | np.ndarray, scored: int, *,
+               prefix: Sequence[int] | np.ndarray | None = None, remat: str = "none",
                reference: bool = True) -> StepFlops:
-    """FLOPs of one train step over sequences of real `lengths` (one entry per sequence: N * K of them) with
-    `scored` completion tokens; `reference`: the reference forward runs in the step."""
+    """FLOPs of one train step over causal sequences of real `lengths` tokens (one entry per sequence), each also
+    attending to `prefix` earlier keys (a shared prompt computed once: packing; default 0), with `scored`
+    completion tokens; `reference`: the reference forward runs in the step."""
     lengths = np.asarray(lengths, np.int64).reshape(-1)
+    prefix = np.zeros_like(lengths) if prefix is None else np.asarray(prefix, np.int64).reshape(-1)
     tokens = int(lengths.sum())
-    pairs = [causal_pairs(lengths, w) for w in cfg.windows]
+    pairs = [causal_pairs(prefix + lengths, w) - causal_pairs(prefix, w) for w in cfg.windows]
     policy = forward_flops(cfg, tokens=tokens, scored=scored, pairs_per_layer=pairs)
     return StepFlops(
         policy_forward=policy,
@@ -194,22 +197,41 @@ def step_flops(cfg, lengths: Sequence[int] | np.ndarray, scored: int, *, remat: 
     )
 
 
-def batch_counts(batch) -> tuple[np.ndarray, int]:
-    """(real length of every segment, scored tokens) of a PreferenceBatch: a segment is a run of equal positive
-    segment ids in a row (one sequence unpacked; several when rows are packed), attending causally within itself;
-    padding responses and filler prompts count 0, as in `PreferenceBatch.real_tokens`. (A mask that is not
-    segment equality, e.g. responses that also attend to a shared prompt, needs its own pair count.)"""
+def _counts(ids_RxL: np.ndarray, valid_RxL: np.ndarray, *keys: np.ndarray) -> np.ndarray:
+    """Token counts per (row, key values...) of the valid tokens, as a [rows * ..., last key] array."""
+    sizes = [int(k.max(initial=0)) + 1 for k in keys]
+    flat = np.arange(len(ids_RxL))[:, None] * np.ones_like(ids_RxL)
+    for k, n in zip(keys, sizes):
+        flat = flat * n + k
+    counts = np.bincount(flat[valid_RxL].ravel(), minlength=len(ids_RxL) * int(np.prod(sizes)))
+    return counts.reshape(-1, sizes[-1])
+
+
+def batch_counts(batch) -> tuple[np.ndarray, np.ndarray, int]:
+    """(prefix, length, scored) of a batch's sequences: each sequence is `length` real tokens attending causally to
+    themselves and to `prefix` shared keys before them; `scored` counts the scored completion tokens.
+
+    PreferenceBatch [N, K, T]: every run of equal positive segment ids in a row is a sequence with prefix 0; padding
+    responses and filler prompts count 0 (as `real_tokens`). PackedBatch (data.packing): per group part (segment),
+    the shared prompt (branch 0) is a sequence with prefix 0 and each response (branch k + 1) a sequence with the
+    prompt as prefix: the prompt is computed, and counted, once."""
+    if hasattr(batch, "branch_ids_RxL"):
+        seg_RxL, branch_RxL = np.asarray(batch.segment_ids_RxL, np.int64), np.asarray(batch.branch_ids_RxL, np.int64)
+        counts_SxB = _counts(seg_RxL, seg_RxL > 0, seg_RxL, branch_RxL)
+        prompt_S, responses_SxB = counts_SxB[:, :1], counts_SxB[:, 1:]
+        prefix = np.concatenate([np.zeros(prompt_S.size, np.int64),
+                                 np.broadcast_to(prompt_S, responses_SxB.shape).ravel()])
+        lengths = np.concatenate([prompt_S.ravel(), responses_SxB.ravel()])
+        return prefix[lengths > 0], lengths[lengths > 0], int(np.sum(np.asarray(batch.completion_RxL)))
     real_NxK = np.asarray(batch.response_mask_NxK) * np.asarray(batch.prompt_mask_N)[:, None]
-    seg_NxKxT = np.asarray(batch.segment_ids_NxKxT) * (real_NxK[..., None] > 0)
-    seg_RxT = seg_NxKxT.reshape(-1, seg_NxKxT.shape[-1]).astype(np.int64)
-    width = int(seg_RxT.max(initial=0)) + 1
-    counts = np.bincount((seg_RxT + width * np.arange(len(seg_RxT))[:, None]).ravel(), minlength=width * len(seg_RxT))
-    lengths = counts.reshape(len(seg_RxT), width)[:, 1:].ravel()  # id 0 is padding
+    seg_NxKxT = np.asarray(batch.segment_ids_NxKxT).astype(np.int64) * (real_NxK[..., None] > 0)
+    seg_RxT = seg_NxKxT.reshape(-1, seg_NxKxT.shape[-1])
+    lengths = _counts(seg_RxT, seg_RxT > 0, seg_RxT)[:, 1:].ravel()  # id 0 is padding
     scored = int(np.sum(np.asarray(batch.completion_mask_NxKxT) * (real_NxK[..., None] > 0)))
-    return lengths[lengths > 0], scored
+    return np.zeros(np.sum(lengths > 0), np.int64), lengths[lengths > 0], scored
 
 
 def batch_flops(cfg, batch, *, remat: str = "none", reference: bool = True) -> StepFlops:
-    """`step_flops` of one PreferenceBatch (host arrays)."""
-    lengths, scored = batch_counts(batch)
-    return step_flops(cfg, lengths, scored, remat=remat, reference=reference)
+    """`step_flops` of one PreferenceBatch or PackedBatch (host arrays)."""
+    prefix, lengths, scored = batch_counts(batch)
+    return step_flops(cfg, lengths, scored, prefix=prefix, remat=remat, reference=reference)

@@ -287,6 +287,25 @@ def _head_bwd(spec: _HeadSpec, residuals, cotangents):
 _head.defvjp(_head_fwd, _head_bwd)
 
 
+def _head_spec(unembed_VxD, t: int, *, chunk_len: int, softcap, logit_scale, vocab_tile, with_mean_logit, with_wpo,
+               with_entropy, with_top1) -> _HeadSpec:
+    if vocab_tile is not None and vocab_tile < 1:
+        raise ValueError(f"vocab_tile = {vocab_tile} must be a positive number of vocabulary entries (or None).")
+    outputs = tuple(
+        name
+        for name, wanted in (
+            ("mean_logit", with_mean_logit),
+            ("log_sum_sq_probs", with_wpo),
+            ("entropy", with_entropy),
+            ("is_top1", with_top1),
+        )
+        if wanted
+    )
+    tile = None if vocab_tile is None or vocab_tile >= unembed_VxD.shape[0] else int(vocab_tile)
+    return _HeadSpec(max(1, min(chunk_len, t)), None if softcap is None else float(softcap), float(logit_scale),
+                     outputs, tile)
+
+
 def token_logprobs(
     hidden_BxTxD: Array,
     unembed_VxD: Array,
@@ -317,21 +336,10 @@ def token_logprobs(
     passes no gradient), and chunks made only of unneeded positions are never computed (module docstring).
     """
     b, t, _ = hidden_BxTxD.shape
-    chunk = max(1, min(chunk_len, t))
-    if vocab_tile is not None and vocab_tile < 1:
-        raise ValueError(f"vocab_tile = {vocab_tile} must be a positive number of vocabulary entries (or None).")
-    outputs = tuple(
-        name
-        for name, wanted in (
-            ("mean_logit", with_mean_logit),
-            ("log_sum_sq_probs", with_wpo),
-            ("entropy", with_entropy),
-            ("is_top1", with_top1),
-        )
-        if wanted
-    )
-    tile = None if vocab_tile is None or vocab_tile >= unembed_VxD.shape[0] else int(vocab_tile)
-    spec = _HeadSpec(chunk, None if softcap is None else float(softcap), float(logit_scale), outputs, tile)
+    spec = _head_spec(unembed_VxD, t, chunk_len=chunk_len, softcap=softcap, logit_scale=logit_scale,
+                      vocab_tile=vocab_tile, with_mean_logit=with_mean_logit, with_wpo=with_wpo,
+                      with_entropy=with_entropy, with_top1=with_top1)
+    chunk = spec.chunk_len
     ids_BxT = input_ids_BxT.astype(jnp.int32)
     targets_BxT = jnp.concatenate([ids_BxT[:, 1:], jnp.zeros((b, 1), jnp.int32)], axis=1)
     scored_BxT = jnp.broadcast_to(jnp.arange(t) < t - 1, (b, t))
@@ -357,6 +365,55 @@ def token_logprobs(
         x_BxT = stats[name][:, :t]
         x_BxT = x_BxT if name == "logps" else lax.stop_gradient(x_BxT)
         return jnp.where(scored_BxT, x_BxT, jnp.zeros((), x_BxT.dtype))
+
+    return TokenStats(
+        logps_BxT=clean("logps"),
+        mean_logit_BxT=clean("mean_logit"),
+        log_sum_sq_probs_BxT=clean("log_sum_sq_probs"),
+        entropy_BxT=clean("entropy"),
+        is_top1_BxT=clean("is_top1"),
+    )
+
+
+def entry_logprobs(
+    hidden_RxLxD: Array,
+    unembed_VxD: Array,
+    src_RxE: Array,
+    targets_RxE: Array,
+    valid_RxE: Array,
+    *,
+    chunk_len: int = 256,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    with_mean_logit: bool = True,
+    with_wpo: bool = False,
+    with_entropy: bool = False,
+    with_top1: bool = False,
+    vocab_tile: int | None = None,
+) -> TokenStats:
+    """`token_logprobs` for packed rows (`dpojax.data.packing`): entry e of a row scores `targets_RxE[e]` from the
+    hidden state at `src_RxE[e]` (TokenStats fields are [R, E], 0 where `valid_RxE` is 0). Valid entries come
+    first in each row, so chunks past the longest row's count are skipped, as with `needed_BxT`."""
+    spec = _head_spec(unembed_VxD, src_RxE.shape[1], chunk_len=chunk_len, softcap=softcap, logit_scale=logit_scale,
+                      vocab_tile=vocab_tile, with_mean_logit=with_mean_logit, with_wpo=with_wpo,
+                      with_entropy=with_entropy, with_top1=with_top1)
+    e = src_RxE.shape[1]
+    valid_RxE = valid_RxE.astype(bool)
+    hidden_RxExD = jnp.take_along_axis(hidden_RxLxD, src_RxE.astype(jnp.int32)[..., None], axis=1)
+    targets_RxE = targets_RxE.astype(jnp.int32)
+    n_live = jnp.max(jnp.sum(valid_RxE, axis=1, dtype=jnp.int32))
+    pad = -e % spec.chunk_len
+    if pad:
+        hidden_RxExD = jnp.pad(hidden_RxExD, ((0, 0), (0, pad), (0, 0)))
+        targets_RxE = jnp.pad(targets_RxE, ((0, 0), (0, pad)))
+    stats = _head(hidden_RxExD, unembed_VxD, targets_RxE, n_live, spec)
+
+    def clean(name):
+        if name not in stats:
+            return None
+        x_RxE = stats[name][:, :e]
+        x_RxE = x_RxE if name == "logps" else lax.stop_gradient(x_RxE)
+        return jnp.where(valid_RxE, x_RxE, jnp.zeros((), x_RxE.dtype))
 
     return TokenStats(
         logps_BxT=clean("logps"),
@@ -440,6 +497,66 @@ def sequence_stats(
         wpo_sum_B=wpo_sum_B,
         entropy_sum_B=masked_sum(tok.entropy_BxT),
         top1_sum_B=masked_sum(tok.is_top1_BxT),
+        lm_logps_B=lm_logps_B,
+        lm_tokens_B=lm_tokens_B,
+    )
+
+
+def entry_sequence_stats(
+    tok: TokenStats,
+    owner_RxE: Array,
+    completion_RxE: Array,
+    completion_len_NxK: Array,
+    response_mask_NxK: Array,
+    *,
+    ld_shared_RxE: Array | None = None,
+    ld_alpha: float | None = None,
+    lm_RxE: Array | None = None,
+) -> SeqStats:
+    """`sequence_stats` of packed rows: entries summed into their owner slots n * (K + 1) + k (k = K: the shared
+    prompt), giving the same B = N * K rows, prompt by prompt, as the [N, K, T] batch. ORPO's prompt+response NLL
+    (`lm_RxE`) adds the shared prompt's sum to each real response of its prompt, as each unpacked sequence holds it."""
+    n, k = response_mask_NxK.shape
+    slots = n * (k + 1)
+    owner_X = owner_RxE.reshape(-1)
+    comp_RxE = completion_RxE.astype(jnp.float32)
+
+    def per_response(x_RxE, gradient=False):
+        """[N * K] sums of x over each response's entries (the shared prompt's slot dropped)."""
+        x_RxE = x_RxE if gradient else lax.stop_gradient(x_RxE)
+        sums_NxKp1 = jax.ops.segment_sum(x_RxE.astype(jnp.float32).reshape(-1), owner_X, slots).reshape(n, k + 1)
+        return sums_NxKp1
+
+    def masked(x_RxE):
+        return None if x_RxE is None else per_response(x_RxE * comp_RxE)[:, :k].reshape(-1)
+
+    ld_logps_B = None
+    if ld_alpha is not None:
+        shared_RxE = ld_shared_RxE.astype(jnp.float32)
+        weight_RxE = comp_RxE * (shared_RxE + ld_alpha * (1.0 - shared_RxE))
+        ld_logps_B = per_response(tok.logps_BxT * weight_RxE, gradient=True)[:, :k].reshape(-1)
+    wpo_sum_B = None
+    if tok.log_sum_sq_probs_BxT is not None:
+        wpo_sum_B = masked(tok.logps_BxT - tok.log_sum_sq_probs_BxT)
+    lm_logps_B = lm_tokens_B = None
+    if lm_RxE is not None:
+        lm_RxE = lm_RxE.astype(jnp.float32)
+        real_NxK = response_mask_NxK.astype(jnp.float32)
+
+        def with_prompt(sums_NxKp1):
+            return (sums_NxKp1[:, :k] + sums_NxKp1[:, k:] * real_NxK).reshape(-1)
+
+        lm_logps_B = with_prompt(per_response(tok.logps_BxT * lm_RxE, gradient=True))
+        lm_tokens_B = with_prompt(per_response(lm_RxE))
+    return SeqStats(
+        logps_B=per_response(tok.logps_BxT * comp_RxE, gradient=True)[:, :k].reshape(-1),
+        tokens_B=per_response(comp_RxE)[:, :k].reshape(-1),
+        completion_len_B=completion_len_NxK.astype(jnp.float32).reshape(-1),
+        ld_logps_B=ld_logps_B,
+        mean_logit_sum_B=masked(tok.mean_logit_BxT),
+        wpo_sum_B=wpo_sum_B,
+        entropy_sum_B=masked(tok.entropy_BxT),
+        top1_sum_B=masked(tok.is_top1_BxT),
         lm_logps_B=lm_logps_B,
         lm_tokens_B=lm_tokens_B,
     )

@@ -120,6 +120,13 @@ class Sharder:
             out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
         return P(*out)
 
+    @property
+    def batch_shards(self) -> int:
+        """How many ways the batch axis is split (the data-parallel devices)."""
+        target = dict(self.rules).get("batch")
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        return math.prod(self.mesh.shape[a] for a in axes)
+
     def named(self, names: tuple[str | None, ...], shape: tuple[int, ...] | None = None) -> NamedSharding:
         return NamedSharding(self.mesh, self.spec(names, shape))
 

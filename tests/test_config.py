@@ -69,7 +69,7 @@ def test_wrong_type_names_key_value_and_type(override, words):
         ("checkpoint.best_metric=loss", ["needs an eval set"]),
         ("checkpoint.keep=0", ["'checkpoint.keep'"]),
         ("mesh.tensor=0", ["'mesh.tensor'"]),
-        ("data.packing=true", ["unknown key 'data.packing'"]),  # the placeholder is gone until packing lands
+        ("data.packing=true", ["data.packing", "shared_prompt", "padding_free"]),
         ("model.trust_remote_code=true", ["trust_remote_code"]),
     ],
 )

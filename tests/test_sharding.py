@@ -2,12 +2,15 @@
 
 The same 5 AdamW steps (policy + frozen reference, tiny GQA Llama: 4 query heads, 2 kv heads) run on one device
 and on meshes (data, fsdp, tensor) = (8,1,1), (1,8,1), (2,2,2), (1,4,2) and (2,1,4) (kv heads 2 < tensor 4):
-per-step losses and final parameters agree in fp32. Parameters and AdamW moments carry exactly the sharding that
+per-step losses and final parameters agree in fp32 (the meshes train on shared-prompt packed rows, the single
+device on padded [N, K, T] batches). Parameters and AdamW moments carry exactly the sharding that
 `Sharder.spec(logical_axes)` gives; FSDP splits every matrix over `fsdp`, tensor parallelism splits heads, mlp
 and vocab; and `check_fsdp_sharded` refuses a mesh that would leave big parameters whole on every device.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import numpy as np
@@ -18,7 +21,6 @@ from trl_harness import dpojax_overrides, make_assets
 
 from dpojax import metrics as M
 from dpojax.config import config_from_dict
-from dpojax.data.batching import train_batches
 from dpojax.errors import ConfigError
 from dpojax.models.config import ModelConfig
 from dpojax.models.hf import abstract_params
@@ -49,7 +51,7 @@ def run_steps(cfg, mesh):
     run, state = build.setup_train(cfg, models, sharder, steps=build.total_steps(cfg, len(pairs)))
     placement = batch_sharding(sharder)
     losses = []
-    for batch in train_batches(pairs, cfg.train.batch_size, cfg.train.seed, stop_step=STEPS):
+    for batch in loop._batches(run, pairs, 0, STEPS):
         state, out = run.train_step(state, models.ref_params, build.to_device(batch, placement))
         losses.append(M.finalize(jax.device_get(out))["loss"])
     return np.asarray(losses), state, sharder
@@ -57,7 +59,9 @@ def run_steps(cfg, mesh):
 
 @pytest.fixture(scope="module")
 def single(cfg):
-    return run_steps(cfg, make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+    """One device, padded [N, K, T] batches: every mesh below trains on packed rows (the default)."""
+    unpacked = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, packing="none"))
+    return run_steps(unpacked, make_mesh(1, 1, 1, devices=jax.devices()[:1]))
 
 
 def _flat(params) -> dict[str, nnx.Variable]:

@@ -49,14 +49,31 @@ def test_batch_counts_skip_padding_and_fillers():
     comp[0, 0, 2:5], comp[0, 1, 2:3], comp[1, :, 2:4] = 1, 1, 1
     batch = PreferenceBatch(seg, seg, seg, comp, np.ones((2, 2), np.float32), np.zeros((2, 2), np.int32),
                             np.array([1.0, 0.0], np.float32), np.array([0, -1], np.int32))  # row 1: a filler
-    lengths, scored = flops.batch_counts(batch)
-    assert lengths.tolist() == [5, 3] and scored == 4
-    packed = PreferenceBatch(*(np.array([[[1, 1, 2, 2, 2, 0]]], np.int32),) * 3, comp[:1, :1],
-                             np.ones((1, 1), np.float32), np.zeros((1, 1), np.int32), np.ones(1, np.float32),
-                             np.zeros(1, np.int32))  # two sequences of 2 and 3 tokens in one row
-    assert sorted(flops.batch_counts(packed)[0].tolist()) == [2, 3]
+    prefix, lengths, scored = flops.batch_counts(batch)
+    assert lengths.tolist() == [5, 3] and prefix.tolist() == [0, 0] and scored == 4
+    two = PreferenceBatch(*(np.array([[[1, 1, 2, 2, 2, 0]]], np.int32),) * 3, comp[:1, :1],
+                          np.ones((1, 1), np.float32), np.zeros((1, 1), np.int32), np.ones(1, np.float32),
+                          np.zeros(1, np.int32))  # two sequences of 2 and 3 tokens in one row
+    assert sorted(flops.batch_counts(two)[1].tolist()) == [2, 3]
     assert flops.batch_flops(ModelConfig.from_hf(TINY), batch).model == flops.step_flops(
         ModelConfig.from_hf(TINY), [5, 3], 4).model
+
+
+def test_packed_batch_counts_the_shared_prompt_once():
+    from dpojax.data.packing import PackedBatch
+
+    # one row: a prompt of 3 tokens shared by responses of 2 and 1 tokens, then 2 padding positions
+    seg, branch = np.array([[1, 1, 1, 1, 1, 1, 0, 0]], np.int32), np.array([[0, 0, 0, 1, 1, 2, 0, 0]], np.int32)
+    zeros, scored = np.zeros_like(seg), np.array([[1, 1, 1, 0, 0, 0, 0, 0]], np.float32)
+    one = np.ones((1, 2), np.float32)
+    batch = PackedBatch(zeros, zeros, seg, branch, zeros, zeros, zeros, scored, scored * 0, scored * 0, one, one,
+                        zeros[:, :2], one[:, 0], zeros[:, 0])
+    prefix, lengths, n_scored = flops.batch_counts(batch)
+    assert sorted(zip(prefix.tolist(), lengths.tolist())) == [(0, 3), (3, 1), (3, 2)] and n_scored == 3
+    cfg = ModelConfig.from_hf(TINY)
+    f = flops.batch_flops(cfg, batch)
+    # keys per query: prompt 1, 2, 3; response 1: 4, 5; response 2: 4 -> 19 pairs per layer; 6 tokens, once each
+    assert f.tokens == 6 and f.policy_forward.attention == 4 * 4 * 16 * 19 * 2
 
 
 def test_forward_backward_and_remat_match_xla_cost_analysis():

@@ -31,8 +31,9 @@ def _overrides(root: Path) -> list[str]:
     for name, n in (("train.jsonl", 32), ("eval.jsonl", 16)):
         if not (root / name).exists():
             (root / name).write_text("".join((demo / name).read_text().splitlines(keepends=True)[:n]))
-    return [f"data.cache_dir={root}/cache", f"model.name_or_path={demo / 'model'}", f"data.train={root / 'train.jsonl'}",
-            f"data.eval={root / 'eval.jsonl'}", "train.batch_size=8", "train.steps=4", "data.buckets=[32]"]
+    return [f"data.cache_dir={root}/cache", f"model.name_or_path={demo / 'model'}",
+            f"data.train={root / 'train.jsonl'}", f"data.eval={root / 'eval.jsonl'}", "train.batch_size=8",
+            "train.steps=4", "data.buckets=[32]"]
 
 
 def _short_run(root: Path, out: Path, *extra: str) -> Path:
@@ -60,7 +61,8 @@ def runs(tmp_path_factory):
     throughput benchmark on that config. The later runs read their compiled steps from a persistent compilation
     cache the first one filled."""
     root = tmp_path_factory.mktemp("tracking")
-    saved = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    saved = {k: getattr(jax.config, k) for k in keys}
     env = {k: os.environ.get(k) for k in ("WANDB_SILENT", "WANDB_CONSOLE")}
     os.environ.update(WANDB_SILENT="true", WANDB_CONSOLE="off")
     jax.config.update("jax_compilation_cache_dir", str(root / "jax_cache"))

@@ -6,7 +6,8 @@ max_length tokens; `keep_end`: its last max_length tokens; the completion mask i
 to T = the smallest bucket >= the longest sequence in the *global* batch, so a run compiles a handful of shapes and
 every host builds the same T. K is the data set's largest number of responses; a row with fewer gets padding
 responses (all pad tokens, segment id 0, no completion tokens, `response_mask_NxK` 0, rank K) that take part in no
-comparison, metric or gradient. Batches are host numpy; the trainer places them on devices.
+comparison, metric or gradient. Batches are host numpy; the trainer places them on devices. With `packing`
+the same prompts of each step come as packed rows instead (`dpojax.data.packing`: shared prompts, no padding).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Iterator, Sequence
 import jax
 import numpy as np
 
+from dpojax.data.packing import Packing, PackedBatch, pack
 from dpojax.data.tokenize import TRUNCATION_MODES, TokenizedData
 from dpojax.errors import DataError
 
@@ -131,9 +133,11 @@ class _Layout:
     buckets: tuple[int, ...]
     process_index: int
     process_count: int
+    packing: Packing | None = None  # None: [N, K, T] rows padded to a bucket
 
 
-def _layout(data, batch_size, max_length, truncation_mode, buckets, process_index, process_count) -> _Layout:
+def _layout(data, batch_size, max_length, truncation_mode, buckets, process_index, process_count,
+            packing=None) -> _Layout:
     if batch_size < 1:
         raise DataError(f"batch size must be a positive number of prompts, got {batch_size}")
     if batch_size % process_count:
@@ -141,11 +145,16 @@ def _layout(data, batch_size, max_length, truncation_mode, buckets, process_inde
     max_length = data.max_length if max_length is None else max_length
     mode = truncation_mode or data.truncation_mode
     buckets = tuple(buckets) if buckets else default_buckets(_effective_max_length(data, max_length))
-    return _Layout(max_length, mode, buckets, process_index, process_count)
+    if packing is not None and batch_size % packing.micro_batches:
+        raise DataError(f"batch size {batch_size} prompts does not split into {packing.micro_batches} micro-batches")
+    return _Layout(max_length, mode, buckets, process_index, process_count, packing)
 
 
-def _build(data: TokenizedData, idx: np.ndarray, mask: np.ndarray, lay: _Layout) -> PreferenceBatch:
+def _build(data: TokenizedData, idx: np.ndarray, mask: np.ndarray, lay: _Layout) -> PreferenceBatch | PackedBatch:
     """The batch for global row indices `idx`: T from the whole global batch, rows for this host only."""
+    if lay.packing is not None:
+        return pack(data, idx, mask, lay.packing, max_length=lay.max_length, truncation_mode=lay.truncation_mode,
+                    process_index=lay.process_index, process_count=lay.process_count)
     longest = int(data.lengths_MxK[idx].max())
     if lay.max_length is not None:
         longest = min(longest, lay.max_length)
@@ -178,16 +187,18 @@ def train_batches(
     buckets: Sequence[int] | None = None,
     process_index: int = 0,
     process_count: int = 1,
-) -> Iterator[PreferenceBatch]:
+    packing: Packing | None = None,
+) -> Iterator[PreferenceBatch | PackedBatch]:
     """Training batches for global steps start_step, start_step+1, ... (until stop_step, or forever).
 
     Step s uses epoch s // steps_per_epoch, shuffled by `epoch_order(M, seed, epoch)`; each epoch yields
     M // batch_size full batches and drops the remaining M % batch_size rows (they come back, in other positions,
     in later epochs). Starting at start_step gives exactly the batches a run from step 0 yields there (exact resume).
     `batch_size` (prompts) is the global batch; with several hosts each gets its contiguous batch_size //
-    process_count rows. max_length and truncation_mode default to the ones the data was tokenized with.
+    process_count rows. max_length and truncation_mode default to the ones the data was tokenized with. With
+    `packing` the same prompts come as a `PackedBatch` (`dpojax.data.packing`).
     """
-    lay = _layout(data, batch_size, max_length, truncation_mode, buckets, process_index, process_count)
+    lay = _layout(data, batch_size, max_length, truncation_mode, buckets, process_index, process_count, packing)
     spe = steps_per_epoch(len(data), batch_size)
     if spe == 0:
         raise DataError(f"{data.source}: {len(data)} rows are fewer than one batch of {batch_size}")
@@ -210,10 +221,11 @@ def eval_batches(
     buckets: Sequence[int] | None = None,
     process_index: int = 0,
     process_count: int = 1,
-) -> Iterator[PreferenceBatch]:
+    packing: Packing | None = None,
+) -> Iterator[PreferenceBatch | PackedBatch]:
     """Every row exactly once, in data set order. The last batch is filled up to batch_size with copies of its first
     row marked prompt_mask_N = 0 (copies, not empty rows, so per-token averages never divide by zero)."""
-    lay = _layout(data, batch_size, max_length, truncation_mode, buckets, process_index, process_count)
+    lay = _layout(data, batch_size, max_length, truncation_mode, buckets, process_index, process_count, packing)
     for start in range(0, len(data), batch_size):
         idx = np.arange(start, min(start + batch_size, len(data)))
         mask = np.ones(batch_size, np.float32)

@@ -4,9 +4,11 @@
 window=None, sharder=None) -> out_BxTxHxDh`.
 Masking is always: causal (by index) AND only between equal segment ids AND, with a sliding `window`
 (a traced int32 scalar, so it can differ per scanned layer), only keys with query_index - key_index < window
-(transformers' rule). Segment id 0 marks padding; padding tokens attend among themselves (never to real
-tokens, and real tokens never to them), so no row is fully masked and no NaN can appear. This covers right
-padding now and packing later. `softcap` caps the scaled scores, cap * tanh(s / cap), before the mask (Gemma 2).
+(transformers' rule; in packed rows: query_position - key_position). Segment id 0 marks padding; padding tokens
+attend among themselves (never to real tokens, and real tokens never to them), so no row is fully masked and no
+NaN can appear. Shared-prompt packing (`dpojax.data.packing`) adds branch ids: a response's tokens see their
+prompt and themselves, never a sibling response; only the XLA kernel expresses that (cuDNN and splash take
+segment ids alone, which is enough for padding-free packing). `softcap` caps the scaled scores, cap * tanh(s / cap), before the mask (Gemma 2).
 
 - "xla": einsum, scores and softmax in fp32; the reference implementation, runs everywhere. From 256 tokens on
   the queries go in (up to 8) blocks that skip the key blocks causality masks anyway.
@@ -82,22 +84,34 @@ def segment_mask(segment_ids_BxT: jax.Array, window: jax.Array | None = None) ->
 
 
 CAUSAL_BLOCK = 128  # attend_xla: query block length from which it skips the all-masked (future) key blocks
+MAX_BLOCKS = 32  # attend_xla with a band: at most this many query blocks (unrolled)
 
 
-def _query_blocks(T: int) -> list[tuple[int, int]]:
-    """[start, end) query ranges: one block below 2 * CAUSAL_BLOCK tokens, else at most 8 blocks of at least
-    CAUSAL_BLOCK tokens (the last may be shorter)."""
-    if T < 2 * CAUSAL_BLOCK:
-        return [(0, T)]
-    size = max(CAUSAL_BLOCK, -(-T // 8))
+def _query_blocks(T: int, band: int | None = None) -> list[tuple[int, int]]:
+    """[start, end) query ranges. Without a band: one block below 2 * CAUSAL_BLOCK tokens, else at most 8 blocks of
+    at least CAUSAL_BLOCK tokens (the last may be shorter). With a band (packed rows): blocks of about band / 2
+    (at least CAUSAL_BLOCK, at most MAX_BLOCKS of them), each reading only the keys of its band."""
+    if band is None or T <= band:
+        if T < 2 * CAUSAL_BLOCK:
+            return [(0, T)]
+        size = max(CAUSAL_BLOCK, -(-T // 8))
+    else:
+        size = max(CAUSAL_BLOCK, band // 2, -(-T // MAX_BLOCKS))
     return [(s, min(s + size, T)) for s in range(0, T, size)]
 
 
 def attend_xla(q_BxTxHxDh: jax.Array, k_BxTxGxDh: jax.Array, v_BxTxGxDh: jax.Array,
                segment_ids_BxT: jax.Array, *, scale: float, softcap: float | None = None,
-               window: jax.Array | None = None) -> jax.Array:
+               window: jax.Array | None = None, branch_ids_BxT: jax.Array | None = None,
+               positions_BxT: jax.Array | None = None, band: int | None = None) -> jax.Array:
     """Queries in blocks, each against only the keys up to its last position (causality masks the rest, so
     the result is the same): about half the score FLOPs and memory of the full [T, T] at long lengths.
+
+    Packed rows (`dpojax.data.packing`) add three things. `band`: no segment is longer than this many tokens, so
+    a query block starting at s reads keys from s - band + 1 on (static slices: the cost grows with T * band, not
+    T^2). `branch_ids_BxT`: a key of another response of the same prompt is masked (keys on the shared prompt,
+    branch 0, and on the query's own branch are kept). `positions_BxT`: sliding windows count positions within a
+    sequence, not row indices.
 
     Layout: heads move ahead of positions once ([B, G, T, R, Dh], a copy of whole R*Dh rows), so both
     products are plain batched matmuls over (B, G) whose rows are the R query heads of a kv head at each of
@@ -109,23 +123,33 @@ def attend_xla(q_BxTxHxDh: jax.Array, k_BxTxGxDh: jax.Array, v_BxTxGxDh: jax.Arr
     k_BxGxTxDh, v_BxGxTxDh = k_BxTxGxDh.transpose(0, 2, 1, 3), v_BxTxGxDh.transpose(0, 2, 1, 3)
     batch = ((0, 1), (0, 1))
     outs = []
-    for start, end in _query_blocks(T):
+    for start, end in _query_blocks(T, band):
         S = end - start
+        first = 0 if band is None else max(0, start - band + 1)  # keys before `first` share no segment with the block
+        E = end - first
         q_BxGxSRxDh = q_BxGxTxRxDh[:, :, start:end].reshape(B, G, S * R, Dh)
-        k_BxGxExDh, v_BxGxExDh = k_BxGxTxDh[:, :, :end], v_BxGxTxDh[:, :, :end]
+        k_BxGxExDh, v_BxGxExDh = k_BxGxTxDh[:, :, first:end], v_BxGxTxDh[:, :, first:end]
         scores_BxGxSRxE = jax.lax.dot_general(q_BxGxSRxDh, k_BxGxExDh, ((3, 3), batch),
                                               preferred_element_type=jnp.float32) * scale
-        scores_BxGxSxRxE = scores_BxGxSRxE.reshape(B, G, S, R, end)
+        scores_BxGxSxRxE = scores_BxGxSRxE.reshape(B, G, S, R, E)
         if softcap is not None:
             scores_BxGxSxRxE = jnp.tanh(scores_BxGxSxRxE / softcap) * softcap
-        distance_SxE = jnp.arange(start, end)[:, None] - jnp.arange(end)[None, :]
-        allowed_SxE = distance_SxE >= 0
+        index_distance_SxE = jnp.arange(start, end)[:, None] - jnp.arange(first, end)[None, :]
+        mask_BxSxE = (segment_ids_BxT[:, start:end, None] == segment_ids_BxT[:, None, first:end]) \
+            & (index_distance_SxE >= 0)[None]
         if window is not None:
-            allowed_SxE = allowed_SxE & (distance_SxE < window)
-        same_BxSxE = segment_ids_BxT[:, start:end, None] == segment_ids_BxT[:, None, :end]
-        mask_Bx1xSx1xE = (same_BxSxE & allowed_SxE[None])[:, None, :, None, :]
+            if positions_BxT is None:
+                mask_BxSxE = mask_BxSxE & (index_distance_SxE < window)[None]
+            else:
+                distance_BxSxE = positions_BxT[:, start:end, None] - positions_BxT[:, None, first:end]
+                mask_BxSxE = mask_BxSxE & (distance_BxSxE < window)
+        if branch_ids_BxT is not None:
+            key_branch_Bx1xE = branch_ids_BxT[:, None, first:end]
+            mask_BxSxE = mask_BxSxE & ((key_branch_Bx1xE == 0)
+                                       | (key_branch_Bx1xE == branch_ids_BxT[:, start:end, None]))
+        mask_Bx1xSx1xE = mask_BxSxE[:, None, :, None, :]
         scores_BxGxSxRxE = jnp.where(mask_Bx1xSx1xE, scores_BxGxSxRxE, jnp.finfo(jnp.float32).min)
-        probs_BxGxSRxE = jax.nn.softmax(scores_BxGxSxRxE, axis=-1).astype(v_BxTxGxDh.dtype).reshape(B, G, S * R, end)
+        probs_BxGxSRxE = jax.nn.softmax(scores_BxGxSxRxE, axis=-1).astype(v_BxTxGxDh.dtype).reshape(B, G, S * R, E)
         outs.append(jax.lax.dot_general(probs_BxGxSRxE, v_BxGxExDh, ((3, 2), batch)))  # [B, G, S*R, Dh]
     out_BxGxTRxDh = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
     return out_BxGxTRxDh.reshape(B, G, T, R, Dh).transpose(0, 2, 1, 3, 4).reshape(B, T, H, Dh)
@@ -141,12 +165,18 @@ def attend_cudnn(q_BxTxHxDh: jax.Array, k_BxTxGxDh: jax.Array, v_BxTxGxDh: jax.A
 
 def attend(q_BxTxHxDh: jax.Array, k_BxTxGxDh: jax.Array, v_BxTxGxDh: jax.Array, segment_ids_BxT: jax.Array,
            *, implementation: str, scale: float, softcap: float | None = None,
-           window: jax.Array | None = None, sharder: Sharder | None = None) -> jax.Array:
+           window: jax.Array | None = None, sharder: Sharder | None = None, branch_ids_BxT: jax.Array | None = None,
+           positions_BxT: jax.Array | None = None, band: int | None = None) -> jax.Array:
     """Causal, segment-masked (optionally sliding-window, soft-capped) attention with GQA (H a multiple of G);
-    returns [B, T, H, Dh] in q's dtype. `sharder`: the mesh the activations live on (splash runs per device)."""
+    returns [B, T, H, Dh] in q's dtype. `sharder`: the mesh the activations live on (splash runs per device).
+    Packed rows: `branch_ids_BxT` (shared-prompt packing; the XLA kernel only), `positions_BxT` (windows in
+    positions) and `band` (the longest segment), see `attend_xla`."""
     if implementation == "xla":
         return attend_xla(q_BxTxHxDh, k_BxTxGxDh, v_BxTxGxDh, segment_ids_BxT, scale=scale, softcap=softcap,
-                          window=window)
+                          window=window, branch_ids_BxT=branch_ids_BxT, positions_BxT=positions_BxT, band=band)
+    if branch_ids_BxT is not None:
+        raise ModelError(f"attention={implementation!r} cannot mask the responses of a shared prompt from each other "
+                         "(data.packing='shared_prompt'); use model.attention='xla' or data.packing='padding_free'.")
     if implementation == "cudnn":
         if softcap is not None:
             raise NotImplementedError("cuDNN attention cannot soft-cap scores; use attention='xla'.")

@@ -77,8 +77,9 @@ class SelfAttention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def __call__(self, x_BxTxD, rope_cos_sin, segment_ids_BxT, window):
-        """rope_cos_sin: (cos, sin) [B, T, Dr] or None (learned positions); window: int32 scalar or None."""
+    def __call__(self, x_BxTxD, rope_cos_sin, segment_ids_BxT, window, packed=None):
+        """rope_cos_sin: (cos, sin) [B, T, Dr] or None (learned positions); window: int32 scalar or None;
+        packed: None, or the packed-row mask arguments of `attend` (branch_ids_BxT, positions_BxT, band)."""
         q_BxTxHxDh, k_BxTxGxDh, v_BxTxGxDh = self.q_proj(x_BxTxD), self.k_proj(x_BxTxD), self.v_proj(x_BxTxD)
         if self.q_norm is not None:
             q_BxTxHxDh, k_BxTxGxDh = self.q_norm(q_BxTxHxDh), self.k_norm(k_BxTxGxDh)
@@ -92,7 +93,8 @@ class SelfAttention(nnx.Module):
         v_BxTxGxDh = checkpoint_name(constrain(v_BxTxGxDh, self.sharder, ("batch", "length", "kv_heads", "head_dim")),
                                      "value")
         out_BxTxHxDh = attend(q_BxTxHxDh, k_BxTxGxDh, v_BxTxGxDh, segment_ids_BxT, implementation=self.attention,
-                              scale=self.scale, softcap=self.softcap, window=window, sharder=self.sharder)
+                              scale=self.scale, softcap=self.softcap, window=window, sharder=self.sharder,
+                              **(packed or {}))
         out_BxTxHxDh = checkpoint_name(out_BxTxHxDh, "context")
         return self.o_proj(out_BxTxHxDh)
 
@@ -114,8 +116,8 @@ class Block(nnx.Module):
         self.mlp = make_mlp(cfg, **kw)
         self.mlp_output_norm = make_norm(cfg, D, **kw) if cfg.sandwich_norms else None
 
-    def __call__(self, x_BxTxD, rope_cos_sin, segment_ids_BxT, window):
-        a_BxTxD = self.self_attn(self.input_layernorm(x_BxTxD), rope_cos_sin, segment_ids_BxT, window)
+    def __call__(self, x_BxTxD, rope_cos_sin, segment_ids_BxT, window, packed=None):
+        a_BxTxD = self.self_attn(self.input_layernorm(x_BxTxD), rope_cos_sin, segment_ids_BxT, window, packed)
         if self.attn_output_norm is not None:
             a_BxTxD = self.attn_output_norm(a_BxTxD)
         if self.parallel_residual:
@@ -169,16 +171,22 @@ class Decoder(nnx.Module):
         self.norm = make_norm(cfg, D, dtype=dtype, param_dtype=param_dtype, num_layers=None, rngs=rngs)
         self.lm_head = None if cfg.tie_embeddings else LMHead(V, D, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, input_ids_BxT: jax.Array, positions_BxT: jax.Array, segment_ids_BxT: jax.Array) -> jax.Array:
+    def __call__(self, input_ids_BxT: jax.Array, positions_BxT: jax.Array, segment_ids_BxT: jax.Array,
+                 branch_ids_BxT: jax.Array | None = None, band: int | None = None) -> jax.Array:
+        """Packed rows (`dpojax.data.packing`): `band` (static) is the longest segment, `branch_ids_BxT` the shared-
+        prompt branches (None for padding-free packing); positions then count within each sequence."""
         cfg = self.cfg
-        cfg.check_seq_len(input_ids_BxT.shape[1])
+        cfg.check_seq_len(input_ids_BxT.shape[1] if band is None else band)
+        packed = None
+        if band is not None:
+            packed = {"branch_ids_BxT": branch_ids_BxT, "positions_BxT": positions_BxT, "band": band}
         x_BxTxD = self.embed_tokens(input_ids_BxT)
         if cfg.embed_scale:  # Gemma: sqrt(D) rounded to the compute dtype, as transformers does
             x_BxTxD = x_BxTxD * jnp.asarray(cfg.hidden_size**0.5, self.dtype)
         if self.embed_positions is not None:
             x_BxTxD = x_BxTxD + self.embed_positions(positions_BxT)
         x_BxTxD = constrain(x_BxTxD, self.sharder, ACT)
-        x_BxTxD = self._run_layers(x_BxTxD, self._rope_tables(positions_BxT), segment_ids_BxT)
+        x_BxTxD = self._run_layers(x_BxTxD, self._rope_tables(positions_BxT), segment_ids_BxT, packed)
         return constrain(self.norm(x_BxTxD), self.sharder, ACT)
 
     def _rope_tables(self, positions_BxT):
@@ -202,7 +210,7 @@ class Decoder(nnx.Module):
             data["rope"] = jnp.asarray([0 if w is None else 1 for w in cfg.windows], jnp.int32)
         return data
 
-    def _run_layers(self, x_BxTxD, ropes, segment_ids_BxT):
+    def _run_layers(self, x_BxTxD, ropes, segment_ids_BxT, packed=None):
         graphdef, stacked = nnx.split(self.layers)
 
         def body(h_BxTxD, xs):
@@ -212,7 +220,7 @@ class Decoder(nnx.Module):
                 index = data.get("rope", 0)
                 rope = (ropes[0][index], ropes[1][index])
             block = nnx.merge(graphdef, layer_state)
-            return block(h_BxTxD, rope, segment_ids_BxT, data.get("window")), None
+            return block(h_BxTxD, rope, segment_ids_BxT, data.get("window"), packed), None
 
         policy = REMAT_POLICIES[self.remat]
         if self.remat != "none":

@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dpojax import losses
 from dpojax.config import Config
+from dpojax.data import packing
 from dpojax.data.batching import PreferenceBatch, steps_per_epoch
 from dpojax.data.loader import load_preferences
 from dpojax.data.tokenize import TokenizedData, check_token_ids
@@ -41,6 +42,7 @@ from dpojax.train.step import (
     compile_sync,
     init_state,
     make_spec,
+    packing_of,
 )
 
 log = logging.getLogger("dpojax")
@@ -95,9 +97,14 @@ def load_tokenizer(cfg: Config) -> tuple[Any, Path]:
         raise ModelError(f"tokenizer: could not load a tokenizer from '{folder}': {e}") from None
 
 
+def model_attention(cfg: Config) -> str:
+    """model.attention as the models are built (`auto` is xla under shared-prompt packing)."""
+    return packing.attention_for(cfg.model.attention, packing.resolve_mode(cfg.data.packing, cfg.model.attention))
+
+
 def _model_kw(cfg: Config, sharder: Sharder) -> dict:
     return dict(dtype=DTYPES[cfg.model.dtype], param_dtype=DTYPES[cfg.model.param_dtype],
-                attention=cfg.model.attention, remat=cfg.model.remat, scan_layers=cfg.model.scan_layers,
+                attention=model_attention(cfg), remat=cfg.model.remat, scan_layers=cfg.model.scan_layers,
                 sharder=sharder)
 
 
@@ -186,7 +193,7 @@ def precompute_references(cfg: Config, models: Models, sharder: Sharder, dataset
         tables[data.fingerprint] = reference.load_or_compute(
             cache_dir(cfg) / f"ref-{key}.npz",
             lambda: reference.precompute(forward, models.ref_params, data, bs, lambda b: to_device(b, sharding),
-                                         buckets=cfg.data.buckets, process_kw=process_kw()),  # fmt: skip
+                                         batch_kw=batch_kw(cfg, spec, sharder, train=False)),  # fmt: skip
         )
     models.ref_graphdef, models.ref_params, models.ref_tables = None, None, tables
 
@@ -198,6 +205,11 @@ def to_device(batch: PreferenceBatch, sharding) -> PreferenceBatch:
 
 def process_kw() -> dict:
     return {"process_index": jax.process_index(), "process_count": jax.process_count()}
+
+
+def batch_kw(cfg: Config, spec: StepSpec, sharder: Sharder | None, *, train: bool) -> dict:
+    """Keyword arguments of `train_batches` / `eval_batches` for a run: buckets, packing, this host's share."""
+    return {"buckets": cfg.data.buckets, "packing": packing_of(spec, sharder, train=train), **process_kw()}
 
 
 # ------------------------------------------------------------------------------------------------ the run

@@ -18,17 +18,18 @@ from jax.experimental import multihost_utils
 from dpojax import distributed, flops as F, metrics as M, tracking
 from dpojax.config import Config, dump_yaml, load_config
 from dpojax.data.batching import PreferenceBatch, eval_batches, train_batches
+from dpojax.data.packing import PackedBatch
 from dpojax.data.tokenize import TokenizedData
 from dpojax.errors import ConfigError, NumericsError, UserError
 from dpojax.models.hf import export_hf
 from dpojax.train import checkpoint as ckpt, reference
 from dpojax.train.build import (
     Run,
+    batch_kw,
     build_models,
     load_split,
     make_sharder,
     precompute_references,
-    process_kw,
     setup_eval,
     setup_train,
     to_device,
@@ -46,16 +47,17 @@ def run_eval(run: Run, params, data: TokenizedData) -> dict[str, float]:
     sharding = batch_sharding(run.sharder)
     sums = None
     table = reference.lookup(run.models.ref_tables, data)
-    for batch in eval_batches(data, bs, buckets=cfg.data.buckets, **process_kw()):
+    for batch in eval_batches(data, bs, **batch_kw(cfg, run.spec, run.sharder, train=False)):
         batch = reference.attach(batch, table)
         out = run.eval_step(params, run.models.ref_params, to_device(batch, sharding))
         sums = M.add_sums(sums, jax.device_get(out))
     return M.finalize(sums)
 
 
-def _batches(cfg: Config, data: TokenizedData, start: int, stop: int) -> Iterator[PreferenceBatch]:
+def _batches(run: Run, data: TokenizedData, start: int, stop: int) -> Iterator[PreferenceBatch | PackedBatch]:
+    cfg = run.cfg
     return train_batches(data, cfg.train.batch_size, cfg.train.seed, start_step=start, stop_step=stop,
-                         buckets=cfg.data.buckets, **process_kw())
+                         **batch_kw(cfg, run.spec, run.sharder, train=True))
 
 
 # ------------------------------------------------------------------------------------------------ train
@@ -99,7 +101,7 @@ def _progress(total: int, start: int):
     return tqdm(total=total, initial=start, desc="train", unit="step", disable=jax.process_index() != 0)
 
 
-def _model_flops(run: Run, batch: PreferenceBatch) -> float:
+def _model_flops(run: Run, batch: PreferenceBatch | PackedBatch) -> float:
     """Model FLOPs of one step on this process's rows (dpojax.flops: policy forward+backward, reference forward)."""
     return F.batch_flops(run.models.policy_cfg, batch, reference=run.models.ref_graphdef is not None).model
 
@@ -213,7 +215,7 @@ def _loop(run: Run, state, savers: Savers, writer, train_data, eval_data, start:
     sharding = batch_sharding(run.sharder)
     window, pending, bar, bad = _Window(), None, _progress(run.total_steps, start), _BadSteps(cfg)
     table = reference.lookup(run.models.ref_tables, train_data)
-    for step, batch in enumerate(_batches(cfg, train_data, start, run.total_steps), start=start + 1):
+    for step, batch in enumerate(_batches(run, train_data, start, run.total_steps), start=start + 1):
         batch = reference.attach(batch, table)
         profiler.before_step(step)
         state, out = run.train_step(state, run.models.ref_params, to_device(batch, sharding))

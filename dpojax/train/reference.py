@@ -63,12 +63,11 @@ def cache_key(data: TokenizedData, weights: str, settings: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def precompute(forward, ref_params, data: TokenizedData, batch_size: int, to_device, *, buckets=None,
-               process_kw: dict) -> np.ndarray:
+def precompute(forward, ref_params, data: TokenizedData, batch_size: int, to_device, *, batch_kw: dict) -> np.ndarray:
     """[M, K] reference log-probs of every response, in the order of `data` (0 for padding responses)."""
     table = np.zeros((len(data), data.num_responses), np.float32)
     done = np.zeros(len(data), bool)
-    for batch in eval_batches(data, batch_size, buckets=buckets, **process_kw):
+    for batch in eval_batches(data, batch_size, **batch_kw):
         index_N, logps_NxK = jax.device_get(forward(ref_params, to_device(batch)))
         index_N = np.asarray(index_N)
         real = index_N >= 0

@@ -23,8 +23,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dpojax import losses
 from dpojax.config import Config, LossSection
+from dpojax.data import packing as packing_lib
 from dpojax.data.batching import PreferenceBatch
-from dpojax.logprobs import SeqStats, head_chunk, scored_mask, sequence_stats, token_logprobs, token_metric_sums
+from dpojax.data.packing import PackedBatch
+from dpojax.logprobs import (SeqStats, entry_logprobs, entry_sequence_stats, head_chunk, scored_mask, sequence_stats,
+                             token_logprobs, token_metric_sums)
 from dpojax.sharding import Sharder
 from dpojax.train.optim import make_optimizer
 
@@ -53,6 +56,8 @@ class StepSpec:
     vocab_tile: int | None = None  # vocabulary tile of the log-prob head (model.vocab_tile; None: one tile)
     sharder: Sharder | None = None
     precomputed_ref: bool = False  # reference log-probs come with the batch (batch.ref_logps_NxK)
+    packing: str = "none"  # none | padding_free | shared_prompt (dpojax.data.packing; resolved, never auto)
+    band: int | None = None  # packed rows: the longest sequence (data.max_length), the attention band
 
     @property
     def with_wpo(self) -> bool:
@@ -64,7 +69,7 @@ class StepSpec:
 
 
 def make_spec(cfg: Config, policy_graphdef, ref_graphdef, sharder: Sharder | None, *, total_steps: int,
-              precomputed_ref: bool = False, grad_accum: int | None = None) -> StepSpec:
+              precomputed_ref: bool = False, grad_accum: int | None = None, backend: str | None = None) -> StepSpec:
     """The one step builder: the StepSpec of `cfg` for `train`, `eval` and `dpojax compile` (`total_steps` is the
     learning-rate schedule's horizon)."""
     losses.validate_loss_config(cfg.loss)
@@ -72,11 +77,26 @@ def make_spec(cfg: Config, policy_graphdef, ref_graphdef, sharder: Sharder | Non
     return StepSpec(policy_graphdef=policy_graphdef, ref_graphdef=None if precomputed_ref else ref_graphdef,
                     loss=cfg.loss, optimizer=optimizer, schedule=schedule,
                     grad_accum=cfg.grad_accum_steps if grad_accum is None else grad_accum, sharder=sharder,
-                    precomputed_ref=precomputed_ref, vocab_tile=cfg.model.vocab_tile)
+                    precomputed_ref=precomputed_ref, vocab_tile=cfg.model.vocab_tile,
+                    packing=packing_lib.resolve_mode(cfg.data.packing, cfg.model.attention, backend),
+                    band=cfg.data.max_length)
 
 
-def sequence_logps(graphdef, params, batch: PreferenceBatch, spec: StepSpec) -> SeqStats:
-    """Per-sequence sums (SeqStats) of one model over a [N, K, T] batch, flattened to B = N * K rows."""
+def packing_of(spec: StepSpec, sharder: Sharder | None, *, train: bool) -> packing_lib.Packing | None:
+    """How `spec`'s batches are packed (None: [N, K, T] batches): rows per micro-batch a multiple of the
+    data-parallel devices; training batches in `spec.grad_accum` micro-batches."""
+    if spec.packing == "none":
+        return None
+    shards = 1 if sharder is None else sharder.batch_shards
+    return packing_lib.Packing(spec.packing, shards=shards, micro_batches=spec.grad_accum if train else 1,
+                               prompt_nll=spec.lm_mask)
+
+
+def sequence_logps(graphdef, params, batch: PreferenceBatch | PackedBatch, spec: StepSpec) -> SeqStats:
+    """Per-sequence sums (SeqStats) of one model over a [N, K, T] batch (or the same prompts packed), flattened
+    to B = N * K rows."""
+    if isinstance(batch, PackedBatch):
+        return packed_logps(graphdef, params, batch, spec)
     n, k, t = batch.input_ids_NxKxT.shape
     fields = (batch.input_ids_NxKxT, batch.positions_NxKxT, batch.segment_ids_NxKxT, batch.completion_mask_NxKxT)
     return row_logps(graphdef, params, *(x.reshape(n * k, t) for x in fields), spec, num_responses=k)
@@ -97,6 +117,23 @@ def row_logps(graphdef, params, ids_BxT, positions_BxT, seg_BxT, completion_mask
                          needed_BxT=needed_BxT, vocab_tile=spec.vocab_tile)
     return sequence_stats(tok, completion_mask_BxT, ld_alpha=spec.loss.ld_alpha, lm_mask_BxT=lm_mask_BxT,
                           num_responses=num_responses)
+
+
+def packed_logps(graphdef, params, batch: PackedBatch, spec: StepSpec) -> SeqStats:
+    """SeqStats of one model over packed rows: the same B = N * K rows as the [N, K, T] batch would give."""
+    model = nnx.merge(graphdef, params)
+    length = batch.input_ids_RxL.shape[1]
+    branch_RxL = batch.branch_ids_RxL if spec.packing == "shared_prompt" else None
+    hidden_RxLxD = model(batch.input_ids_RxL, batch.positions_RxL, batch.segment_ids_RxL, branch_RxL,
+                         band=min(spec.band or length, length))
+    lm_RxE = batch.lm_RxL if spec.lm_mask else None
+    valid_RxE = batch.completion_RxL > 0 if lm_RxE is None else (batch.completion_RxL > 0) | (lm_RxE > 0)
+    tok = entry_logprobs(hidden_RxLxD, model.unembedding(), batch.src_RxL, batch.target_RxL, valid_RxE,
+                         chunk_len=head_chunk(length, spec.chunk_len), with_wpo=spec.with_wpo,
+                         softcap=model.final_softcap, vocab_tile=spec.vocab_tile)
+    return entry_sequence_stats(tok, batch.owner_RxL, batch.completion_RxL, batch.completion_len_NxK,
+                                batch.response_mask_NxK, ld_shared_RxE=batch.ld_shared_RxL,
+                                ld_alpha=spec.loss.ld_alpha, lm_RxE=lm_RxE)
 
 
 def reference_logps(graphdef, params, batch: PreferenceBatch, spec: StepSpec) -> jax.Array:
@@ -122,7 +159,7 @@ def batch_loss(params, ref_params, batch: PreferenceBatch, spec: StepSpec,
                hp: losses.LossParams | None = None) -> tuple[jax.Array, MetricSums]:
     """(sum over real prompts of the loss, metric sums) for one micro-batch; the reference is frozen. `hp`: the
     loss hyper-parameters as data (default: the config's)."""
-    k = batch.input_ids_NxKxT.shape[1]
+    k = batch.response_mask_NxK.shape[1]
     policy = sequence_logps(spec.policy_graphdef, params, batch, spec)
     ref = None
     if spec.precomputed_ref:

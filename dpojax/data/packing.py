@@ -1,0 +1,296 @@
+"""Packed preference batches: every prompt computed once, no padding, the same numbers as the [N, K, T] batch.
+
+A prompt group is `[prompt | response_1 | ... | response_K]` laid out along one row. Each response's positions
+continue from the end of its prompt (as if it alone followed the prompt); a token attends causally to its own
+response and to its group's prompt, never to another response or group (`branch_ids`: 0 on the prompt, k + 1 on
+response k; `segment_ids`: one id per group part in a row, 0 on padding). Rows are long: each micro-batch packs its
+prompts' groups into a few rows per data-parallel shard, balanced by a deterministic longest-first assignment, and
+the row length is rounded up to a sixteenth of an octave, so a run compiles a handful of (rows, length) shapes.
+
+Truncation stays per sequence (prompt + one response, TRL's rules; `batching.truncate_sequence`), so packing never
+cuts further than the [N, K, T] batch does:
+- `keep_start` keeps every sequence's first max_length tokens: the kept prompt (min(P, max_length) tokens) is the
+  same for every response, so it is shared and each response keeps what is left of it.
+- `keep_end` keeps the last max_length tokens: when no sequence of the group was cut its prompt is intact and
+  shared; otherwise the responses may keep different parts of the prompt and the group falls back to one
+  sequence per response (each its own branch with an empty shared prompt): still packed, nothing shared.
+- A group longer than max_length (UltraFeedback-like: 150 + 4 x 250 tokens at 1024) is split into parts of at most
+  max_length tokens, each `[prompt | some responses]` with the prompt repeated. So no attention segment is longer
+  than max_length, which is the band the attention kernel uses to skip key blocks (`models.attention`).
+
+The log-prob head scores entries, not positions: entry e of a row predicts token `target[e]` from the hidden state
+at `src[e]` and adds to the sums of `owner[e]`, a slot `n * (K + 1) + k` of the micro-batch's prompt n (k = K: the
+shared prompt, which only ORPO's prompt NLL reads). A response's first token is predicted from its prompt's last
+position, every other token from the token before it in its own response. Entries come first in each row, in row
+order, so the head skips chunks past the longest row's entries. Flags per entry: `completion` (the scored
+completion tokens: logps/tokens), `lm` (every token after the first of its sequence: ORPO's prompt+response NLL),
+`ld_shared` (LD-DPO: within the prompt's shortest response length, counting scored tokens in order).
+
+`pack` builds the global batch on every host (deterministic in the batch's prompts only: resume is exact and every
+host count builds the same global batch) and returns this host's contiguous share of rows and prompts. With A
+micro-batches, micro-batch a holds prompts a, a + A, ... (as for unpacked batches) and rows a, a + A, ....
+Glossary: `dpojax.glossary` (R rows, L row length, E entries = L per row).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from dpojax.data.tokenize import TokenizedData
+
+MODES = ("auto", "none", "padding_free", "shared_prompt")
+ROW_QUANTUM = 16  # row lengths are multiples of this
+ROW_CAPACITY = 8  # a shard's rows are split when they would exceed this many times max_length tokens
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PackedBatch:
+    """R packed rows of L tokens (this host's share) and the N prompts they hold; per-prompt fields as in
+    `PreferenceBatch`, so the loss side does not see the difference."""
+
+    input_ids_RxL: np.ndarray  # int32, pad_token_id on padding
+    positions_RxL: np.ndarray  # int32, position within the token's own sequence (prompt 0..P-1, response P..)
+    segment_ids_RxL: np.ndarray  # int32, one id per group part within the row; 0 on padding
+    branch_ids_RxL: np.ndarray  # int32, 0 on a shared prompt, k + 1 on response k
+    src_RxL: np.ndarray  # int32, entry e: position of the hidden state that predicts target e
+    target_RxL: np.ndarray  # int32, entry e: the predicted token
+    owner_RxL: np.ndarray  # int32, entry e: slot n * (K + 1) + k within its micro-batch (0 on empty entries)
+    completion_RxL: np.ndarray  # float32, entry e is a scored completion token
+    lm_RxL: np.ndarray  # float32, entry e counts in the prompt+response NLL (only filled for losses that use it)
+    ld_shared_RxL: np.ndarray  # float32, entry e is within its prompt's shared length (LD-DPO)
+    completion_len_NxK: np.ndarray  # float32, completion tokens of each sequence (TRL's IPO normaliser)
+    response_mask_NxK: np.ndarray
+    rank_NxK: np.ndarray
+    prompt_mask_N: np.ndarray
+    prompt_index_N: np.ndarray
+    ref_logps_NxK: np.ndarray | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.input_ids_RxL.shape
+
+    def real_tokens(self) -> int:
+        """Computed positions that hold a token (a shared prompt counts once): what tokens/s counts."""
+        return int(np.sum(np.asarray(self.segment_ids_RxL) > 0))
+
+
+@dataclasses.dataclass(frozen=True)
+class Packing:
+    """How to pack: `mode` (padding_free | shared_prompt), the data-parallel `shards` (rows per micro-batch are a
+    multiple), the `micro_batches` A per step, and whether entries for ORPO's prompt+response NLL are needed."""
+
+    mode: str
+    shards: int = 1
+    micro_batches: int = 1
+    prompt_nll: bool = False
+
+
+@dataclasses.dataclass
+class _Part:
+    """One attention segment: the shared prefix and some of the group's branches."""
+
+    prompt_slot: int  # n * (K + 1) + K of the group's prompt
+    n: int  # prompt index within the micro-batch
+    prefix: np.ndarray
+    branches: list  # (k, ids, completion mask)
+    first: bool  # the group's first part (its prompt's NLL entries are emitted once)
+    ld_shared: int  # the group's shared length (scored completion tokens)
+
+    @property
+    def length(self) -> int:
+        return len(self.prefix) + sum(len(ids) for _, ids, _ in self.branches)
+
+
+def _sequences(data: TokenizedData, m: int, max_length: int | None, mode: str):
+    from dpojax.data.batching import truncate_sequence  # batching imports this module
+
+    return [truncate_sequence(data.prompt_ids[m], r, max_length, mode) for r in data.response_ids[m]]
+
+
+def _group_parts(data: TokenizedData, m: int, n: int, k_max: int, *, max_length: int | None, truncation: str,
+                 share: bool) -> tuple[list[_Part], np.ndarray]:
+    """The parts of prompt row m (micro-batch index n) and its completion lengths [K]."""
+    prompt = np.asarray(data.prompt_ids[m])
+    seqs = _sequences(data, m, max_length, truncation)
+    completion_len = np.zeros(k_max, np.float32)
+    scored = np.zeros(k_max, np.int64)  # scored completion tokens per sequence (the first position never scores)
+    for k, (ids, mask) in enumerate(seqs):
+        completion_len[k] = mask.sum()
+        scored[k] = mask[1:].sum()
+    ld_shared = int(scored.min())  # padding responses count 0 tokens, as in the [N, K, T] batch
+    if truncation == "keep_start":
+        p = min(len(prompt), max_length) if max_length is not None else len(prompt)
+    else:
+        intact = max_length is None or all(len(prompt) + len(r) <= max_length for r in data.response_ids[m])
+        p = len(prompt) if intact else 0
+    if not share:
+        p = 0
+    prefix = prompt[:p]
+    branches = [(k, ids[p:], mask[p:]) for k, (ids, mask) in enumerate(seqs)]
+    cap = max_length if max_length is not None else max(len(ids) for ids, _ in seqs)
+    slot = n * (k_max + 1) + k_max
+    if p == 0:  # nothing shared: one segment per sequence (what segment-id kernels such as splash express)
+        return [_Part(slot, n, prefix, [branch], k == 0, ld_shared) for k, branch in enumerate(branches)], \
+            completion_len
+    parts = [_Part(slot, n, prefix, [], True, ld_shared)]
+    for branch in branches:
+        part = parts[-1]
+        if part.branches and part.length + len(branch[1]) > cap:
+            part = _Part(slot, n, prefix, [], False, ld_shared)
+            parts.append(part)
+        part.branches.append(branch)
+    return parts, completion_len
+
+
+def _assign(lengths: Sequence[int], bins: int) -> list[list[int]]:
+    """Longest first onto the least-filled bin (ties: lowest index): a deterministic balanced assignment."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    fill, out = [0] * bins, [[] for _ in range(bins)]
+    for i in order:
+        b = min(range(bins), key=lambda j: (fill[j], j))
+        fill[b] += lengths[i]
+        out[b].append(i)
+    return [sorted(parts) for parts in out]
+
+
+def row_length(n_tokens: int) -> int:
+    """n_tokens rounded up to a sixteenth of an octave (and a multiple of ROW_QUANTUM): at most ~6% padding."""
+    n = max(n_tokens, ROW_QUANTUM)
+    step = max(ROW_QUANTUM, 1 << max(0, n.bit_length() - 5))
+    return -(-n // step) * step
+
+
+class _RowWriter:
+    def __init__(self, length: int, pad_id: int):
+        self.ids = np.full(length, pad_id, np.int32)
+        self.pos, self.seg, self.branch = (np.zeros(length, np.int32) for _ in range(3))
+        self.src, self.target, self.owner = (np.zeros(length, np.int32) for _ in range(3))
+        self.completion, self.lm, self.ld = (np.zeros(length, np.float32) for _ in range(3))
+        self.t = 0  # next token position
+        self.e = 0  # next entry
+
+    def entry(self, src: int, target: int, owner: int, completion: float, lm: float, ld: float):
+        e = self.e
+        self.src[e], self.target[e], self.owner[e] = src, target, owner
+        self.completion[e], self.lm[e], self.ld[e] = completion, lm, ld
+        self.e += 1
+
+    def write(self, part: _Part, segment: int, k_max: int, prompt_nll: bool):
+        start, p = self.t, len(part.prefix)
+        self.ids[start : start + p], self.pos[start : start + p] = part.prefix, np.arange(p)
+        self.seg[start : start + p] = segment
+        if prompt_nll and part.first:
+            for i in range(1, p):
+                self.entry(start + i - 1, part.prefix[i], part.prompt_slot, 0.0, 1.0, 0.0)
+        t = start + p
+        for k, ids, mask in part.branches:
+            n = len(ids)
+            self.ids[t : t + n], self.pos[t : t + n] = ids, p + np.arange(n)
+            self.seg[t : t + n], self.branch[t : t + n] = segment, k + 1
+            owner = part.n * (k_max + 1) + k
+            scored = 0
+            for i in range(n):
+                src = t + i - 1 if i > 0 else (start + p - 1 if p > 0 else -1)
+                if src < 0:
+                    continue
+                completion = float(mask[i])
+                if completion:
+                    scored += 1
+                if completion or prompt_nll:
+                    ld = float(completion and scored <= part.ld_shared)
+                    self.entry(src, ids[i], owner, completion, 1.0, ld)
+            t += n
+        self.t = t
+
+
+def pack(data: TokenizedData, indices: Sequence[int], prompt_mask: np.ndarray, packing: Packing, *,
+         max_length: int | None, truncation_mode: str, process_index: int = 0,
+         process_count: int = 1) -> PackedBatch:
+    """The packed global batch of rows `indices` (prompt_mask: 1 real, 0 filler), this host's share of it."""
+    n_global, k_max, a = len(indices), data.num_responses, packing.micro_batches
+    if n_global % a:
+        raise ValueError(f"{n_global} prompts do not split into {a} micro-batches")
+    share = packing.mode == "shared_prompt"
+    micro_parts, completion_len = [], np.zeros((n_global, k_max), np.float32)
+    for micro in range(a):
+        parts = []
+        for n, p in enumerate(range(micro, n_global, a)):
+            group, completion_len[p] = _group_parts(data, int(indices[p]), n, k_max, max_length=max_length,
+                                                    truncation=truncation_mode, share=share)
+            parts.extend(group)
+        micro_parts.append(parts)
+    cap = max_length if max_length is not None else int(data.lengths_MxK.max())
+    shards = packing.shards
+    total = max(sum(part.length for part in parts) for parts in micro_parts)
+    rows = shards * max(1, -(-total // (shards * ROW_CAPACITY * cap)))  # rows per micro-batch
+    assignments = [_assign([part.length for part in parts], rows) for parts in micro_parts]
+    longest = max(sum(parts[i].length for i in row) for parts, rows_ in zip(micro_parts, assignments)
+                  for row in rows_)
+    length = row_length(longest)
+    writers = []
+    for parts, rows_ in zip(micro_parts, assignments):
+        micro_writers = []
+        for row in rows_:
+            w = _RowWriter(length, data.pad_token_id)
+            for segment, i in enumerate(row, start=1):
+                w.write(parts[i], segment, k_max, packing.prompt_nll)
+            micro_writers.append(w)
+        writers.append(micro_writers)
+    ordered = [writers[r % a][r // a] for r in range(rows * a)]  # row r of micro-batch a sits at r * A + a
+
+    def stack(name):
+        return np.stack([getattr(w, name) for w in ordered])
+
+    response_mask = np.zeros((n_global, k_max), np.float32)
+    rank = np.full((n_global, k_max), k_max, np.int32)
+    for p, m in enumerate(indices):
+        n_real = len(data.response_ids[int(m)])
+        response_mask[p, :n_real] = 1.0
+        rank[p, :n_real] = data.ranks[int(m)]
+    prompt_mask = np.asarray(prompt_mask, np.float32)
+    prompt_index = np.where(prompt_mask > 0, np.asarray(indices, np.int64), -1).astype(np.int32)
+    if rows * a % process_count or n_global % process_count:
+        raise ValueError(f"{rows * a} rows / {n_global} prompts do not split over {process_count} hosts")
+    r_share, n_share = rows * a // process_count, n_global // process_count
+    rs = slice(process_index * r_share, (process_index + 1) * r_share)
+    ns = slice(process_index * n_share, (process_index + 1) * n_share)
+    return PackedBatch(
+        stack("ids")[rs], stack("pos")[rs], stack("seg")[rs], stack("branch")[rs], stack("src")[rs],
+        stack("target")[rs], stack("owner")[rs], stack("completion")[rs], stack("lm")[rs], stack("ld")[rs],
+        completion_len[ns], response_mask[ns], rank[ns], prompt_mask[ns], prompt_index[ns],
+    )
+
+
+SEGMENT_ID_KERNELS = ("splash", "cudnn")  # attention kernels that mask by segment ids only
+
+
+def resolve_mode(mode: str, attention: str, backend: str | None = None) -> str:
+    """The packing a run uses: `auto` is shared_prompt (the XLA kernel masks sibling responses) except where the
+    attention kernel takes segment ids only (splash on TPU, cuDNN when asked for), where it is padding_free."""
+    from dpojax.errors import ConfigError
+
+    if mode not in MODES:
+        raise ConfigError(f"config: 'data.packing' = {mode!r} is not one of {', '.join(MODES)}.")
+    backend = backend or jax.default_backend()
+    if mode == "shared_prompt" and attention in SEGMENT_ID_KERNELS:
+        raise ConfigError(
+            f"config: data.packing='shared_prompt' needs model.attention='xla' or 'auto': the {attention} kernel "
+            "masks by segment ids only and cannot keep a prompt's responses apart; use data.packing='padding_free' "
+            f"with model.attention='{attention}'."
+        )
+    if mode != "auto":
+        return mode
+    if attention in SEGMENT_ID_KERNELS or (attention == "auto" and backend == "tpu"):
+        return "padding_free"
+    return "shared_prompt"
+
+
+def attention_for(attention: str, mode: str) -> str:
+    """model.attention as the model is built: `auto` becomes xla under shared-prompt packing (the only kernel
+    that expresses its mask)."""
+    return "xla" if attention == "auto" and mode == "shared_prompt" else attention
