@@ -241,7 +241,8 @@ def accounting_only(name: str, args) -> str:
     cfg = ModelConfig.from_hf(p.hf)
     completion = T - T // 2  # scored positions per sequence: the completion and its EOS
     f = flops.step_flops(cfg, np.full(2 * batch, T), 2 * batch * completion, remat=args.remat or p.remat)
-    lines = [f"{name}: {cfg.num_params() / 1e6:.1f}M params, T {T}, batch {batch} pairs ({p.note})", *f.lines()]
+    lines = [f"{name}: {cfg.num_params() / 1e6:.1f}M params, T {T}, batch {batch} pairs ({p.note}); unpacked "
+             "(data.packing=none: each sequence computes its prompt)", *f.lines()]
     for chip, peak in flops.PEAK_BF16_FLOPS.items():
         lines.append(f"  at 40% MFU on {chip:<5}: {f.model / (0.4 * peak):.4f} s/step for one chip")
     return "\n".join(lines)

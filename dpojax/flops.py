@@ -124,16 +124,24 @@ class StepFlops:
         return self.model + self.remat_recompute
 
     def lines(self) -> list[str]:
-        """The accounting written out, one part per line (TFLOPs per step)."""
+        """The accounting written out, one part per line."""
         p, r = self.policy_forward, self.reference_forward
         return [
-            f"policy forward      {p.total / 1e12:10.4f} TFLOP  (matmul {p.matmul / 1e12:.4f}, attention causal "
-            f"{p.attention / 1e12:.4f}, head {p.head / 1e12:.4f})",
-            f"policy backward     {self.policy_backward / 1e12:10.4f} TFLOP  (2 x forward)",
-            f"reference forward   {r.total / 1e12:10.4f} TFLOP" + ("  (precomputed or none)" if not r.total else ""),
-            f"model FLOPs (MFU)   {self.model / 1e12:10.4f} TFLOP  over {self.tokens} real tokens",
-            f"remat recompute     {self.remat_recompute / 1e12:10.4f} TFLOP  (counted in HFU only)",
+            f"policy forward      {_fmt(p.total)}  (matmul {_fmt(p.matmul)}, attention causal {_fmt(p.attention)}, "
+            f"head {_fmt(p.head)})",
+            f"policy backward     {_fmt(self.policy_backward)}  (2 x forward)",
+            f"reference forward   {_fmt(r.total)}" + ("  (precomputed or none)" if not r.total else ""),
+            f"model FLOPs (MFU)   {_fmt(self.model)}  over {self.tokens} real tokens",
+            f"remat recompute     {_fmt(self.remat_recompute)}  (counted in HFU only)",
         ]
+
+
+def _fmt(flops: float) -> str:
+    """FLOPs with a unit that keeps 4 significant digits readable: 307.1 TFLOP, 1.234 GFLOP."""
+    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if abs(flops) >= scale:
+            return f"{flops / scale:.4g} {unit}"
+    return f"{flops:.4g} FLOP"
 
 
 def causal_pairs(lengths: Sequence[int] | np.ndarray, window: int | None = None) -> int:
