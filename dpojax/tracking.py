@@ -29,13 +29,18 @@ def _scalars(split: str, metrics: Mapping) -> dict[str, float]:
 
 
 class TensorBoard:
-    """Scalars to event files in `logdir`, with tensorboard's own writer."""
+    """Scalars to event files in `logdir`, with tensorboard's own writer. A run resumed at step `start` marks a
+    restart there, so TensorBoard drops the previous session's records past it (the run redoes those steps)."""
 
-    def __init__(self, logdir: Path):
+    def __init__(self, logdir: Path, start: int = 0):
+        from tensorboard.compat.proto import event_pb2
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
         Path(logdir).mkdir(parents=True, exist_ok=True)
         self.writer = EventFileWriter(str(logdir))
+        if start:
+            self.writer.add_event(event_pb2.Event(wall_time=time.time(), step=int(start) + 1,  # keeps < start + 1
+                                                  session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
 
     def write(self, step: int, split: str, metrics: Mapping) -> None:
         from tensorboard.compat.proto import event_pb2, summary_pb2
@@ -85,13 +90,13 @@ class WandB:
 class Trackers:
     """A metrics writer (metrics.jsonl) plus the trackers of `train.report_to`: `write` goes to all of them."""
 
-    def __init__(self, writer, cfg: Config, out_dir: Path, enabled: bool = True):
+    def __init__(self, writer, cfg: Config, out_dir: Path, enabled: bool = True, start: int = 0):
         self.writer, self.trackers = writer, []
         if not enabled:
             return
         for name in cfg.train.report_to:
             try:
-                self.trackers.append(TensorBoard(out_dir / "tensorboard") if name == "tensorboard"
+                self.trackers.append(TensorBoard(out_dir / "tensorboard", start) if name == "tensorboard"
                                      else WandB(cfg, out_dir))
             except ImportError:
                 raise ConfigError(f"config: 'train.report_to' lists {name!r} but it is not installed; "

@@ -18,7 +18,7 @@ from jax._src import compilation_cache
 
 from dpojax.cli import main
 from dpojax.metrics import read_metrics
-from dpojax.tracking import wandb_mode
+from dpojax.tracking import TensorBoard, wandb_mode
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
@@ -189,3 +189,19 @@ def test_throughput_script_on_a_config(runs):
     assert result["flops_per_step"]["tokens"] > 0 and result["flops_per_step"]["model"] > 0
     assert 0 < result["mfu"] < result["hfu"] and result["peak_memory_bytes"] > 0
     assert json.loads((runs[0].parent / "throughput.json").read_text())["tokens_per_s"] == result["tokens_per_s"]
+
+
+def test_tensorboard_resume_drops_the_redone_steps(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = TensorBoard(tmp_path)
+    for step in (1, 2, 3, 4):
+        first.write(step, "train", {"loss": float(step)})
+    first.close()
+    resumed = TensorBoard(tmp_path, start=2)  # the checkpoint was at step 2: steps 3 and 4 run again
+    for step in (3, 4):
+        resumed.write(step, "train", {"loss": 10.0 * step})
+    resumed.close()
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]

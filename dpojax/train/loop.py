@@ -154,7 +154,8 @@ def train(cfg: Config) -> dict[str, Any]:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(dump_yaml(cfg))
         M.truncate_after(out_dir / "metrics.jsonl", start)  # records past the checkpoint are redone
-    writer = tracking.Trackers(M.MetricsWriter(out_dir / "metrics.jsonl", enabled=is_main), cfg, out_dir, is_main)
+    writer = tracking.Trackers(M.MetricsWriter(out_dir / "metrics.jsonl", enabled=is_main), cfg, out_dir, is_main,
+                               start=start)
     profiler = tracking.Profiler(cfg, out_dir / "profile", enabled=is_main)
     log.info(
         "training %s: %d prompts x %d responses, %d steps of %d prompts (%d micro-batches), mesh %s, from step %d",
