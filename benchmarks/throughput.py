@@ -155,7 +155,8 @@ def measure(cfg, args) -> dict:
             dt = time.perf_counter() - t0
             if i >= args.warmup:
                 times.append(dt)
-                step_flops.append(flops.batch_flops(mcfg, batch, remat=cfg.model.remat, reference=with_ref))
+                step_flops.append(flops.batch_flops(mcfg, batch, remat=cfg.model.remat, reference=with_ref,
+                                                    weight_grads=run.models.lora is None))
     timing = harness.Timing(tuple(times))
     memory, memory_what = harness.peak_memory()
     n = jax.device_count()

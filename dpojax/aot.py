@@ -79,10 +79,12 @@ def topology_devices(topology: str, slices: int = 1) -> list:
 
 
 def read_model_config(name_or_path: str, revision: str | None = None) -> dict[str, Any]:
-    """config.json of a local folder, or of a hub id (downloads config.json only, never weights)."""
+    """config.json of a folder (local or gs://), or of a hub id (reads config.json only, never weights)."""
     import json
 
-    folder = Path(name_or_path).expanduser()
+    from dpojax import paths
+
+    folder = paths.path(name_or_path)
     if folder.is_file() and folder.suffix == ".json":  # a config.json given directly
         return json.loads(folder.read_text())
     if folder.is_dir():
@@ -194,18 +196,18 @@ def _abstract_batch(n_prompts: int, num_responses: int, seq_len: int, sharder, p
     )
 
 
-def _abstract_packed_batch(n_prompts: int, num_responses: int, max_length: int, sharder, precomputed: bool,
-                           micro_batches: int):
+def _abstract_packed_batch(mode: str, n_prompts: int, num_responses: int, max_length: int, sharder,
+                           precomputed: bool, micro_batches: int):
     """The packed batch of the worst case: nothing shared, every sequence max_length long, rows balanced."""
     import jax
     import jax.numpy as jnp
 
-    from dpojax.data.packing import ROW_CAPACITY, PackedBatch, row_length
+    from dpojax.data.packing import PackedBatch, Packing, row_length
     from dpojax.train.step import batch_sharding
 
     shards = sharder.batch_shards
     tokens = n_prompts // micro_batches * num_responses * max_length  # per micro-batch
-    rows = shards * max(1, -(-tokens // (shards * ROW_CAPACITY * max_length)))
+    rows = shards * max(1, -(-tokens // (shards * Packing(mode).row_capacity * max_length)))
     length = row_length(-(-tokens // rows))
     sh = batch_sharding(sharder)
     arr = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)  # noqa: E731
@@ -273,6 +275,12 @@ def lower_step(cfg, devices, *, backend: str = "tpu", batch_pairs: int | None = 
         else:
             rcfg = ModelConfig.from_hf(read_model_config(cfg.ref_name_or_path, cfg.model.revision))
             rgraph, rparams = abstract_params(rcfg, sharder=sharder, **kw)
+    if cfg.model.lora.enabled:  # the policy trains adapters on the frozen base, which also sits in the reference slot
+        from dpojax.models import lora
+
+        rgraph = None if losses.reference_free(cfg.loss) or precomputed else pgraph
+        rparams = params
+        pgraph, params, _ = lora.lora_model(pgraph, params, mcfg, cfg.model.lora, sharder)
     spec = make_spec(cfg, pgraph, rgraph, sharder, total_steps=cfg.train.steps or 1000, precomputed_ref=precomputed,
                      grad_accum=n_pairs // micro, backend=backend)
     state = _abstract_state(params, spec.optimizer, sharder)
@@ -280,14 +288,17 @@ def lower_step(cfg, devices, *, backend: str = "tpu", batch_pairs: int | None = 
     if spec.packing == "none":
         batch = _abstract_batch(n_pairs, k, cfg.data.max_length, sharder, precomputed)
     else:
-        batch = _abstract_packed_batch(n_pairs, k, cfg.data.max_length, sharder, precomputed, n_pairs // micro)
+        batch = _abstract_packed_batch(spec.packing, n_pairs, k, cfg.data.max_length, sharder, precomputed,
+                                       n_pairs // micro)
     train, _ = compile_steps(spec, state, rparams, sharder)
     tokens = n_pairs * k * cfg.data.max_length
     ref_flops = mcfg.forward_flops_per_token(cfg.data.max_length) if rgraph is not None else 0.0
+    policy_flops = (2.0 * mcfg.forward_flops_per_token(cfg.data.max_length) if cfg.model.lora.enabled  # no base dW
+                    else mcfg.flops_per_token(cfg.data.max_length))
     return LoweredStep(
         lowered=train.lower(state, rparams, batch), mesh=dict(sharder.mesh.shape), attention=attention,
         num_params=mcfg.num_params(), batch_pairs=n_pairs, seq_len=cfg.data.max_length,
-        model_flops_per_step=tokens * (mcfg.flops_per_token(cfg.data.max_length) + ref_flops), num_responses=k,
+        model_flops_per_step=tokens * (policy_flops + ref_flops), num_responses=k,
     )
 
 

@@ -2,7 +2,9 @@
 
     dpojax train CONFIG.yaml [section.key=value ...]
     dpojax eval CONFIG.yaml [section.key=value ...]
-    dpojax export RUN_DIR_OR_CHECKPOINT OUT_DIR
+    dpojax export RUN_DIR_OR_CHECKPOINT OUT_DIR [--merged]
+    dpojax generate MODEL_OR_RUN --prompts FILE.jsonl [--max-new-tokens N --temperature T --top-k K --top-p P
+                    --seed S --stop STR --output OUT.jsonl]
     dpojax compile CONFIG.yaml --topology v5p:2x2x1 [--search-batch] [--model-config config.json] [key=value ...]
 
 A user mistake (config, data, model files) prints one paragraph and exits 2; never a traceback.
@@ -15,6 +17,7 @@ import logging
 import os
 import sys
 
+from dpojax import generate_cli
 from dpojax.errors import UserError
 
 
@@ -28,6 +31,10 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("export", help="write a Hugging Face folder from a run folder or checkpoint")
     s.add_argument("source", help="run folder (output_dir) or one checkpoint folder")
     s.add_argument("out_dir", help="folder to write config.json, *.safetensors and tokenizer files to")
+    s.add_argument("--merged", action="store_true",
+                   help="LoRA runs: write the base with the adapters merged in (default: a PEFT adapter folder)")
+    s = sub.add_parser("generate", help="complete prompts (JSONL) with a HF model, a run or a checkpoint")
+    generate_cli.add_arguments(s)
     s = sub.add_parser("compile", help="AOT-compile the train step for a TPU topology: memory, FLOPs, fits?")
     s.add_argument("config", help="YAML config file (the model needs only its config.json)")
     s.add_argument("--topology", required=True, help="TPU topology, e.g. v5p:2x2x1, v5e:2x4 or v5p-8")
@@ -46,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for name in ("absl", "jax._src", "orbax", "datasets", "httpx", "filelock"):
+    for name in ("absl", "jax._src", "orbax", "datasets", "httpx", "filelock", "gcsfs", "fsspec"):
         logging.getLogger(name).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
@@ -56,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
 
             return aot.compile_from_cli(args.config, args.topology, args.overrides, slices=args.slices,
                                         search_batch=args.search_batch, model_config=args.model_config)
+        if args.command == "generate":
+            return generate_cli.generate_from_cli(args) or 0
         from dpojax.train import loop
 
         if args.command == "train":
@@ -63,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "eval":
             loop.eval_from_cli(args.config, args.overrides)
         else:
-            loop.export_from_cli(args.source, args.out_dir)
+            loop.export_from_cli(args.source, args.out_dir, merged=args.merged)
     except UserError as e:
         print(f"dpojax {args.command}: error: {e}", file=sys.stderr)
         return 2

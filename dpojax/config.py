@@ -17,7 +17,22 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from dpojax import paths
 from dpojax.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSection:
+    """LoRA adapters (dpojax.models.lora); defaults are PEFT's LoraConfig. The reference is the base with the
+    adapters off: no second model is loaded."""
+
+    enabled: bool = False  # train LoRA adapters only (the base is frozen and is the reference)
+    rank: int = 8  # r
+    alpha: float = 8.0  # lora_alpha; scale = alpha / rank (alpha / sqrt(rank) with rslora)
+    dropout: float = 0.0  # lora_dropout (only 0 is implemented)
+    targets: tuple[str, ...] = ()  # HF module names (PEFT's target_modules) or "all-linear"; (): PEFT's default
+    rslora: bool = False  # use_rslora
+    init_from: Optional[str] = None  # a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +49,7 @@ class ModelSection:
     seed: int = 0  # init seed for init=random
     trust_remote_code: bool = False  # never needed by dpojax's own model code; kept off
     vocab_tile: Optional[int] = None  # vocabulary entries per tile of the log-prob head (None: the whole vocabulary)
+    lora: LoraSection = LoraSection()  # LoRA adapters (off unless lora.enabled)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +134,8 @@ class TrainSection:
     eval_every: Optional[int] = None  # steps between evals; default: only at the end
     eval_batch_size: Optional[int] = None  # prompts per eval step; default: batch_size
     max_bad_steps: int = 5  # consecutive non-finite steps (each skipped) before the run stops
+    eval_samples: int = 0  # eval prompts whose greedy completions go to samples.jsonl at each eval (0 = none)
+    eval_sample_tokens: int = 64  # most new tokens of each sample
     report_to: tuple[Literal["tensorboard", "wandb"], ...] = ()  # also send metrics.jsonl's records there (TRL's name)
     wandb: WandbSection = WandbSection()  # W&B run settings (report_to: [wandb])
     profile: ProfileSection = ProfileSection()  # profiler trace of a few steps
@@ -163,7 +181,7 @@ class Config:
     mesh: MeshSection = MeshSection()
     checkpoint: CheckpointSection = CheckpointSection()
     distributed: DistributedSection = DistributedSection()
-    output_dir: str = "runs/default"  # run folder: config.yaml, metrics.jsonl, checkpoints/, export/
+    output_dir: str = "runs/default"  # run folder (local or gs://): config.yaml, metrics.jsonl, checkpoints/, export/
 
     @property
     def micro_batch_size(self) -> int:
@@ -311,7 +329,7 @@ def config_from_dict(raw: dict, overrides: list[str] | tuple[str, ...] = ()) -> 
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    path = Path(path)
+    path = paths.path(path)
     if not path.is_file():
         raise ConfigError(f"config: file '{path}' not found.")
     try:
@@ -347,6 +365,7 @@ def validate(cfg: Config) -> None:
     if cfg.optim.lr < 0 or cfg.optim.warmup_steps < 0 or cfg.optim.weight_decay < 0:
         raise ConfigError("config: 'optim.lr', 'optim.warmup_steps' and 'optim.weight_decay' must be >= 0.")
     _validate_sections(cfg)
+    _validate_lora(cfg)
     from dpojax import losses  # the loss registry owns its names, traits, ranges and combinations
 
     losses.validate_loss_config(cfg.loss)
@@ -374,6 +393,8 @@ def _validate_sections(cfg: Config) -> None:
     _require(not (r.precompute and r.sync_every),
              "'ref_model.precompute' and 'ref_model.sync_every' (TR-DPO) exclude each other: a reference that "
              "changes during training cannot be precomputed.")
+    _require(t.eval_samples >= 0 and t.eval_sample_tokens >= 1, f"'train.eval_samples' = {t.eval_samples} must be "
+             f">= 0 and 'train.eval_sample_tokens' = {t.eval_sample_tokens} >= 1.")
     _require(t.max_bad_steps >= 1, f"'train.max_bad_steps' = {t.max_bad_steps} must be at least 1.")
     _require(t.profile.start_step is None or (t.profile.start_step >= 1 and t.profile.steps >= 1),
              f"'train.profile.start_step' = {t.profile.start_step} and 'train.profile.steps' = {t.profile.steps} "
@@ -400,6 +421,25 @@ def _validate_sections(cfg: Config) -> None:
     for key in ("data", "fsdp", "tensor"):
         value = getattr(cfg.mesh, key)
         _require(value == -1 or value > 0, f"'mesh.{key}' = {value} must be positive or -1 (fill).")
+
+
+def _validate_lora(cfg: Config) -> None:
+    lora = cfg.model.lora
+    if not lora.enabled:
+        changed = [f.name for f in dataclasses.fields(lora) if getattr(lora, f.name) != f.default]
+        _require(not changed, f"'model.lora.{changed[0] if changed else ''}' is set but 'model.lora.enabled' is "
+                              "false; set model.lora.enabled=true to train LoRA adapters.")
+        return
+    _require(lora.rank > 0, f"'model.lora.rank' = {lora.rank} must be positive.")
+    _require(lora.alpha > 0, f"'model.lora.alpha' = {lora.alpha} must be positive.")
+    _require(lora.dropout == 0, f"'model.lora.dropout' = {lora.dropout}: adapter dropout is not implemented; "
+                                "use 0.")
+    _require(cfg.ref_model.name_or_path in (None, cfg.model.name_or_path),
+             f"'ref_model.name_or_path' = {cfg.ref_model.name_or_path!r}: with LoRA the reference is the base model "
+             "'model.name_or_path' with the adapters off (no second model is loaded); remove ref_model.name_or_path.")
+    _require(not cfg.ref_model.sync_every,
+             "'ref_model.sync_every' (TR-DPO) moves the reference towards the policy, but with LoRA the reference is "
+             "the frozen base; remove ref_model.sync_every.")
 
 
 def _validate_with_losses(cfg: Config, losses) -> None:

@@ -108,10 +108,14 @@ class StepFlops:
     reference_forward: Forward  # Forward() when the reference is precomputed or absent
     remat_recompute: float  # forward work redone in the backward pass (not model FLOPs)
     tokens: int  # real tokens through the body
+    weight_grads: bool = True  # False under LoRA: the frozen base weights get no gradient (the adapters not counted)
 
     @property
     def policy_backward(self) -> float:
-        return 2.0 * self.policy_forward.total
+        """2 x forward: each matmul's input and weight gradients; without weight gradients (LoRA) the matmuls and
+        the head cost 1 x forward, the attention products (no weights) still 2 x."""
+        p = self.policy_forward
+        return 2.0 * p.total if self.weight_grads else p.matmul + p.head + 2.0 * p.attention
 
     @property
     def model(self) -> float:
@@ -129,7 +133,8 @@ class StepFlops:
         return [
             f"policy forward      {_fmt(p.total)}  (matmul {_fmt(p.matmul)}, attention causal {_fmt(p.attention)}, "
             f"head {_fmt(p.head)})",
-            f"policy backward     {_fmt(self.policy_backward)}  (2 x forward)",
+            f"policy backward     {_fmt(self.policy_backward)}  " + ("(2 x forward)" if self.weight_grads else
+                                                                "(no base-weight gradients: LoRA)"),
             f"reference forward   {_fmt(r.total)}" + ("  (precomputed or none)" if not r.total else ""),
             f"model FLOPs (MFU)   {_fmt(self.model)}  over {self.tokens} real tokens",
             f"remat recompute     {_fmt(self.remat_recompute)}  (counted in HFU only)",
@@ -188,10 +193,10 @@ def remat_recompute(cfg, policy_forward: Forward, remat: str, *, tokens: int) ->
 
 def step_flops(cfg, lengths: Sequence[int] | np.ndarray, scored: int, *,
                prefix: Sequence[int] | np.ndarray | None = None, remat: str = "none",
-               reference: bool = True) -> StepFlops:
+               reference: bool = True, weight_grads: bool = True) -> StepFlops:
     """FLOPs of one train step over causal sequences of real `lengths` tokens (one entry per sequence), each also
     attending to `prefix` earlier keys (a shared prompt computed once: packing; default 0), with `scored`
-    completion tokens; `reference`: the reference forward runs in the step."""
+    completion tokens; `reference`: the reference forward runs in the step; `weight_grads`: False under LoRA."""
     lengths = np.asarray(lengths, np.int64).reshape(-1)
     prefix = np.zeros_like(lengths) if prefix is None else np.asarray(prefix, np.int64).reshape(-1)
     tokens = int(lengths.sum())
@@ -202,6 +207,7 @@ def step_flops(cfg, lengths: Sequence[int] | np.ndarray, scored: int, *,
         reference_forward=policy if reference else Forward(),
         remat_recompute=remat_recompute(cfg, policy, remat, tokens=tokens),
         tokens=tokens,
+        weight_grads=weight_grads,
     )
 
 
@@ -239,7 +245,8 @@ def batch_counts(batch) -> tuple[np.ndarray, np.ndarray, int]:
     return np.zeros(np.sum(lengths > 0), np.int64), lengths[lengths > 0], scored
 
 
-def batch_flops(cfg, batch, *, remat: str = "none", reference: bool = True) -> StepFlops:
+def batch_flops(cfg, batch, *, remat: str = "none", reference: bool = True, weight_grads: bool = True) -> StepFlops:
     """`step_flops` of one PreferenceBatch or PackedBatch (host arrays)."""
     prefix, lengths, scored = batch_counts(batch)
-    return step_flops(cfg, lengths, scored, prefix=prefix, remat=remat, reference=reference)
+    return step_flops(cfg, lengths, scored, prefix=prefix, remat=remat, reference=reference,
+                      weight_grads=weight_grads)

@@ -522,10 +522,9 @@ def entry_sequence_stats(
     comp_RxE = completion_RxE.astype(jnp.float32)
 
     def per_response(x_RxE, gradient=False):
-        """[N * K] sums of x over each response's entries (the shared prompt's slot dropped)."""
+        """[N, K + 1] sums of x over the entries of each slot (column K: the shared prompt)."""
         x_RxE = x_RxE if gradient else lax.stop_gradient(x_RxE)
-        sums_NxKp1 = jax.ops.segment_sum(x_RxE.astype(jnp.float32).reshape(-1), owner_X, slots).reshape(n, k + 1)
-        return sums_NxKp1
+        return jax.ops.segment_sum(x_RxE.astype(jnp.float32).reshape(-1), owner_X, slots).reshape(n, k + 1)
 
     def masked(x_RxE):
         return None if x_RxE is None else per_response(x_RxE * comp_RxE)[:, :k].reshape(-1)

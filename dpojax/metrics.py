@@ -1,15 +1,25 @@
 """Metric aggregation (sums and counts -> TRL-named means), the metrics.jsonl writer, the curves PNG.
 
 Steps return sums and counts; `finalize` divides once. Only process 0 writes files.
+
+metrics.jsonl lives in output_dir, local or on object storage. Locally each record is appended; an object store
+has no append, so there the writer keeps the file's lines and rewrites the whole object, at most every
+`flush_every_s` seconds and at every `flush()` (the loop flushes at each checkpoint, so the file always holds
+every record up to the newest checkpoint; records past it are dropped on resume either way).
 """
 
 from __future__ import annotations
 
+import io
 import json
-from pathlib import Path
+import os
 from typing import Mapping
 
 import numpy as np
+
+from dpojax import paths
+
+PathLike = str | os.PathLike
 
 # TRL's names, in the order a summary prints them.
 PAIR_METRICS = (
@@ -42,20 +52,22 @@ def finalize(sums: Mapping[str, tuple[float, float]]) -> dict[str, float]:
 
 
 class MetricsWriter:
-    """Appends one JSON object per line to output_dir/metrics.jsonl (process 0 only)."""
+    """Adds one JSON object per line to output_dir/metrics.jsonl (process 0 only): appended to a local file,
+    buffered and rewritten whole on object storage (see the module docstring)."""
 
-    def __init__(self, path: Path, enabled: bool = True):
-        self.path = Path(path)
-        self.enabled = enabled
-        if enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: PathLike, enabled: bool = True, flush_every_s: float = 30.0):
+        self.lines = paths.LineAppender(path, enabled, flush_every_s)
+        self.path = self.lines.path
 
     def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
-        if not self.enabled:
-            return
         record = {"step": int(step), "split": split, **{k: _jsonable(v) for k, v in metrics.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        self.lines.add(json.dumps(record))
+
+    def flush(self) -> None:
+        """Make every record written so far durable (a no-op for a local file: appends are)."""
+        self.lines.flush()
+
+    close = flush
 
 
 def _jsonable(v):
@@ -65,23 +77,20 @@ def _jsonable(v):
     return v
 
 
-def read_metrics(path: Path) -> list[dict]:
-    path = Path(path)
+def read_metrics(path: PathLike) -> list[dict]:
+    path = paths.path(path)
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def truncate_after(path: Path, step: int) -> None:
+def truncate_after(path: PathLike, step: int) -> None:
     """Drop records past `step` (a resumed run redoes them), rewriting the file atomically."""
-    path = Path(path)
     records = read_metrics(path)
     keep = [r for r in records if r["step"] <= step]
     if len(keep) == len(records):
         return
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-    tmp.replace(path)
+    paths.write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def summary_table(rows: Mapping[str, Mapping[str, float]]) -> str:
@@ -96,7 +105,7 @@ def summary_table(rows: Mapping[str, Mapping[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(records: list[dict], out_png: Path) -> Path:
+def plot_curves(records: list[dict], out_png: PathLike):
     """Loss, reward accuracy, margins and chosen/rejected rewards against step, train and eval."""
     import matplotlib
 
@@ -123,8 +132,9 @@ def plot_curves(records: list[dict], out_png: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    out_png = Path(out_png)
-    fig.savefig(out_png, dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
-    return out_png
+    paths.write_bytes(out_png, buffer.getvalue())
+    return paths.path(out_png)
 

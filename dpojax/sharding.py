@@ -15,6 +15,7 @@ Logical axis glossary:
   vocab     vocabulary V
   layers    the stacked-layer axis L (never sharded)
   norm      a norm scale vector (never sharded)
+  lora_rank the rank r of a LoRA adapter (never sharded)
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("vocab", "tensor"),
     ("layers", None),
     ("norm", None),
+    ("lora_rank", None),
 )
 
 

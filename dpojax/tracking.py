@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import netrc
 import os
@@ -20,8 +21,11 @@ import time
 from pathlib import Path
 from typing import Mapping
 
+from dpojax import paths
 from dpojax.config import Config, to_dict
 from dpojax.errors import ConfigError
+
+log = logging.getLogger("dpojax")
 
 
 def _scalars(split: str, metrics: Mapping) -> dict[str, float]:
@@ -32,12 +36,12 @@ class TensorBoard:
     """Scalars to event files in `logdir`, with tensorboard's own writer. A run resumed at step `start` marks a
     restart there, so TensorBoard drops the previous session's records past it (the run redoes those steps)."""
 
-    def __init__(self, logdir: Path, start: int = 0):
+    def __init__(self, logdir, start: int = 0):
         from tensorboard.compat.proto import event_pb2
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-        Path(logdir).mkdir(parents=True, exist_ok=True)
-        self.writer = EventFileWriter(str(logdir))
+        paths.makedirs(logdir)
+        self.writer = EventFileWriter(os.fspath(logdir))  # gs://: through fsspec (gcsfs), visible once closed
         if start:
             self.writer.add_event(event_pb2.Event(wall_time=time.time(), step=int(start) + 1,  # keeps < start + 1
                                                   session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
@@ -72,13 +76,17 @@ def wandb_mode(mode: str) -> str:
 class WandB:
     """One W&B run per training process (process 0); records logged at their step."""
 
-    def __init__(self, cfg: Config, out_dir: Path):
+    def __init__(self, cfg: Config, out_dir):
         import wandb
 
-        out_dir.mkdir(parents=True, exist_ok=True)
+        local = Path(os.fspath(out_dir))
+        if paths.is_remote(out_dir):  # W&B writes its files locally
+            local = Path.home() / ".cache" / "dpojax" / "wandb" / local.name
+            log.info("W&B files of %s go to %s (output_dir is object storage)", out_dir, local)
+        local.mkdir(parents=True, exist_ok=True)
         w = cfg.train.wandb
-        self.run = wandb.init(project=w.project, name=w.name or Path(cfg.output_dir).name, dir=str(out_dir),
-                              mode=wandb_mode(w.mode), config=to_dict(cfg))
+        self.run = wandb.init(project=w.project, name=w.name or local.name, dir=str(local), mode=wandb_mode(w.mode),
+                              config=to_dict(cfg))
 
     def write(self, step: int, split: str, metrics: Mapping) -> None:
         self.run.log({k: v for k, v in _scalars(split, metrics).items() if math.isfinite(v)}, step=int(step))
@@ -90,7 +98,7 @@ class WandB:
 class Trackers:
     """A metrics writer (metrics.jsonl) plus the trackers of `train.report_to`: `write` goes to all of them."""
 
-    def __init__(self, writer, cfg: Config, out_dir: Path, enabled: bool = True, start: int = 0):
+    def __init__(self, writer, cfg: Config, out_dir, enabled: bool = True, start: int = 0):
         self.writer, self.trackers = writer, []
         if not enabled:
             return
@@ -107,7 +115,12 @@ class Trackers:
         for tracker in self.trackers:
             tracker.write(step, split, metrics)
 
+    def flush(self) -> None:
+        """metrics.jsonl durable up to here (the loop calls this at each checkpoint)."""
+        self.writer.flush()
+
     def close(self) -> None:
+        self.writer.close()
         for tracker in self.trackers:
             tracker.close()
         self.trackers = []
@@ -116,9 +129,9 @@ class Trackers:
 class Profiler:
     """Traces optimizer steps start_step .. start_step + steps - 1 into `logdir` (process 0 only)."""
 
-    def __init__(self, cfg: Config, logdir: Path, enabled: bool = True):
+    def __init__(self, cfg: Config, logdir, enabled: bool = True):
         p = cfg.train.profile
-        self.logdir, self.active = Path(logdir), False
+        self.logdir, self.active = logdir, False
         self.first = p.start_step if enabled else None
         self.last = None if self.first is None else self.first + p.steps - 1
 
@@ -126,8 +139,8 @@ class Profiler:
         import jax
 
         if step == self.first:
-            self.logdir.mkdir(parents=True, exist_ok=True)
-            jax.profiler.start_trace(str(self.logdir), create_perfetto_trace=True)
+            paths.makedirs(self.logdir)  # jax writes gs:// itself; the Perfetto copy only to a local folder
+            jax.profiler.start_trace(os.fspath(self.logdir), create_perfetto_trace=not paths.is_remote(self.logdir))
             self.active = True
 
     def after_step(self, step: int, out) -> None:

@@ -7,7 +7,9 @@
 # Copies this checkout to ~/dpojax on all workers, installs it with the tpu extra (once), and starts
 # `dpojax train` on all workers at once. JAX finds the other hosts itself (distributed.mode=on: JAX's Cloud
 # TPU cluster detection); process 0 writes metrics, every host writes its checkpoint shards, so output_dir
-# must be a shared path (gs://... or a mounted filesystem). Check first that the config fits:
+# must be shared: a gs:// URL (no mount needed; the VM's service account is used), or a mounted filesystem.
+#   e.g. launch/tpu_vm_pod.sh my-v5p-128 us-east5-a CONFIG.yaml output_dir=gs://my-bucket/runs/NAME
+# Check first that the config fits:
 #   dpojax compile CONFIG.yaml --topology v5p-128
 # Env: PROJECT (gcloud project, optional), PYTHON (default python3 on the workers).
 set -euo pipefail
@@ -22,6 +24,6 @@ tar -C "$ROOT" --exclude=.venv --exclude=runs --exclude=.git -czf /tmp/dpojax-sr
 "${GCLOUD[@]}" scp /tmp/dpojax-src.tgz "$TPU":/tmp/dpojax-src.tgz --zone "$ZONE" --worker=all
 "${GCLOUD[@]}" ssh "$TPU" --zone "$ZONE" --worker=all --command "
   set -e; mkdir -p ~/dpojax && tar -C ~/dpojax -xzf /tmp/dpojax-src.tgz && cd ~/dpojax
-  test -x .venv/bin/dpojax || { $PY -m venv .venv && .venv/bin/pip install -q -e '.[tpu]'; }
+  test -x .venv/bin/dpojax || { $PY -m venv .venv && .venv/bin/pip install -q -e '.[tpu,gcs]'; }
   .venv/bin/dpojax train $CONFIG distributed.mode=on $*
 "

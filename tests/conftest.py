@@ -14,3 +14,15 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import pytest  # noqa: E402
+
+SERIAL_MODULES = {"test_multihost.py", "test_resume.py"}  # subprocesses whose timing a busy neighbour would skew
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests of SERIAL_MODULES are `serial`: `make test` runs them alone after the parallel pool."""
+    for item in items:
+        if item.path.name in SERIAL_MODULES:
+            item.add_marker(pytest.mark.serial)

@@ -30,7 +30,8 @@ def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
     args = _demo_args(
         out, "model.name_or_path=" + str(REPO / "configs/demo/model"), "train.steps=40", "train.eval_every=20",
-        "checkpoint.every=20", "data.train=" + str(REPO / "configs/demo/train.jsonl"),
+        "checkpoint.every=20", "train.eval_samples=2", "train.eval_sample_tokens=8",
+        "data.train=" + str(REPO / "configs/demo/train.jsonl"),
         "data.eval=" + str(REPO / "configs/demo/eval.jsonl"),
     )  # fmt: skip
     assert main(["train", *args]) == 0
@@ -71,6 +72,34 @@ def test_eval_and_export_from_the_run(demo_run, tmp_path):
     final = AutoModelForCausalLM.from_pretrained(demo_run / "export")
     ids = torch.tensor([[1, 5, 9, 12, 30]])
     torch.testing.assert_close(ours(ids).logits, final(ids).logits)
+
+
+def test_samples_and_generate_from_the_run(demo_run, tmp_path, capsys):
+    rows = [json.loads(line) for line in (demo_run / "samples.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [20, 20, 40, 40]
+    assert set(rows[0]) == {"step", "prompt", "policy", "reference", "chosen"}
+    assert rows[0]["reference"] == rows[2]["reference"] and rows[0]["chosen"] and rows[0]["prompt"]
+    prompts = _write(tmp_path / "prompts.jsonl", [{"prompt": rows[0]["prompt"]}, {"prompt": "a movie"}])
+    runs = {}
+    for source in (demo_run, demo_run / "export"):  # the newest checkpoint, then the HF export of the same weights
+        out = tmp_path / f"{source.name}.jsonl"
+        assert main(["generate", str(source), "--prompts", str(prompts), "--max-new-tokens", "8",
+                     "--output", str(out)]) == 0
+        runs[source.name] = [json.loads(line) for line in out.read_text().splitlines()]
+    got = runs["run"]
+    assert got == runs["export"] and [set(r) for r in got] == [{"prompt", "completion", "tokens", "finish_reason"}] * 2
+    assert got[0]["prompt"] == rows[0]["prompt"] and all(r["finish_reason"] in ("eos", "length") for r in got)
+    assert all(1 <= len(r["tokens"]) <= 8 for r in got)
+    # user errors: one line, exit 2
+    for bad_file, message in ((_write(tmp_path / "empty.jsonl", []), "no prompts"),
+                              (_write(tmp_path / "long.jsonl", [{"prompt": "good " * 200}]), "prompt 0 has")):
+        capsys.readouterr()
+        assert main(["generate", str(demo_run / "export"), "--prompts", str(bad_file)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("dpojax generate: error: ") and message in err and err.count("\n") == 1, err
+    with pytest.raises(SystemExit) as e:
+        main(["generate", str(demo_run), "--prompts", str(prompts), "--temprature", "1"])
+    assert e.value.code == 2 and "--temprature" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------- user errors

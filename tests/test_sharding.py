@@ -43,15 +43,15 @@ def cfg(tmp_path_factory):
     ))  # fmt: skip
 
 
-def run_steps(cfg, mesh):
-    """(per-step losses, final TrainState, Sharder) of STEPS training steps on `mesh`."""
+def run_steps(cfg, mesh, steps=STEPS):
+    """(per-step losses, final TrainState, Sharder) of `steps` training steps on `mesh`."""
     sharder = Sharder(mesh)
     models = build.build_models(cfg, sharder)
     pairs = build.load_split(cfg, models, cfg.data.train, cfg.data.train_split)
     run, state = build.setup_train(cfg, models, sharder, steps=build.total_steps(cfg, len(pairs)))
     placement = batch_sharding(sharder)
     losses = []
-    for batch in loop._batches(run, pairs, 0, STEPS):
+    for batch in loop._batches(run, pairs, 0, steps):
         state, out = run.train_step(state, models.ref_params, build.to_device(batch, placement))
         losses.append(M.finalize(jax.device_get(out))["loss"])
     return np.asarray(losses), state, sharder

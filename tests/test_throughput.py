@@ -36,6 +36,8 @@ def test_step_flops_hand_count():
     assert full.remat_recompute == fwd - down and full.model == f.model
     dots_all = flops.step_flops(cfg, [5, 3], 4, remat="dots_all", reference=False)
     assert dots_all.remat_recompute == fwd - down - 4 * 4 * 16 * 21 * 2 and dots_all.model == 3 * fwd
+    lora = flops.step_flops(cfg, [5, 3], 4, weight_grads=False)  # LoRA: no base-weight gradients
+    assert lora.policy_backward == 2 * 2 * 36864 * 8 + 2 * 256 * 64 * 4 + 2 * (4 * 4 * 16 * 21 * 2)
     qkv = flops.step_flops(cfg, [5, 3], 4, remat="qkv")  # o (64*64) and gate, up (2 * 64*128) again
     assert qkv.remat_recompute == 2 * 256 * 64 * 4 + 2 * 2 * (64 * 64 + 2 * 64 * 128) * 8
     # a sliding window of 2 over 5 tokens: keys per query 1, 2, 2, 2, 2

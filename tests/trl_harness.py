@@ -52,8 +52,10 @@ def dpojax_overrides(assets: dict[str, Path], data: Path, out_dir: Path, **extra
     return cfg
 
 
-def trl_trainer(assets: dict[str, Path], data: Path, out_dir: Path, **dpo_args):
-    """A TRL DPOTrainer on the same models, tokenizer and rows (CPU, fp32, no reporting)."""
+def trl_trainer(assets: dict[str, Path], data: Path, out_dir: Path, *, adapter: Path | None = None, **dpo_args):
+    """A TRL DPOTrainer on the same models, tokenizer and rows (CPU, fp32, no reporting). `adapter`: a PEFT adapter
+    folder whose config and weights become the trainer's new LoRA adapter (TRL's reference is then the base with the
+    adapters disabled; a PeftModel passed in would instead get a frozen copy of its adapter as the reference)."""
     import datasets
     import torch
     from transformers import AutoModelForCausalLM
@@ -78,11 +80,23 @@ def trl_trainer(assets: dict[str, Path], data: Path, out_dir: Path, **dpo_args):
         disable_tqdm=True,
     )
     args.update(dpo_args)
-    return DPOTrainer(
+    peft_config = None
+    if adapter is not None:
+        import peft
+
+        peft_config, ref = peft.LoraConfig.from_pretrained(str(adapter)), None
+        peft_config.inference_mode = False
+    trainer = DPOTrainer(
         model=policy,
         ref_model=ref,
         args=DPOConfig(**args),
         train_dataset=ds,
         eval_dataset=ds,
         processing_class=load_tiny_tokenizer(assets["tok"]),
+        peft_config=peft_config,
     )
+    if adapter is not None:
+        from safetensors.torch import load_file
+
+        peft.set_peft_model_state_dict(trainer.model, load_file(str(Path(adapter) / "adapter_model.safetensors")))
+    return trainer

@@ -6,6 +6,8 @@ response and to its group's prompt, never to another response or group (`branch_
 response k; `segment_ids`: one id per group part in a row, 0 on padding). Rows are long: each micro-batch packs its
 prompts' groups into a few rows per data-parallel shard, balanced by a deterministic longest-first assignment, and
 the row length is rounded up to a sixteenth of an octave, so a run compiles a handful of (rows, length) shapes.
+Shared-prompt rows may hold up to ROW_CAPACITY x max_length tokens (the XLA kernel reads only a band of keys);
+padding-free rows at most max_length (splash and cuDNN compute every causal block of a row).
 
 Truncation stays per sequence (prompt + one response, TRL's rules; `batching.truncate_sequence`), so packing never
 cuts further than the [N, K, T] batch does:
@@ -44,7 +46,7 @@ from dpojax.data.tokenize import TokenizedData
 
 MODES = ("auto", "none", "padding_free", "shared_prompt")
 ROW_QUANTUM = 16  # row lengths are multiples of this
-ROW_CAPACITY = 8  # a shard's rows are split when they would exceed this many times max_length tokens
+ROW_CAPACITY = 8  # shared_prompt rows hold up to this many times max_length tokens (the XLA kernel reads a band)
 
 
 @jax.tree_util.register_dataclass
@@ -88,6 +90,13 @@ class Packing:
     shards: int = 1
     micro_batches: int = 1
     prompt_nll: bool = False
+
+    @property
+    def row_capacity(self) -> int:
+        """Most tokens of a row, in units of max_length: padding-free rows are for kernels that mask by segment ids
+        alone (splash, cuDNN), which compute every causal block of a row, so they stay max_length long; shared-prompt
+        rows run on the XLA kernel, whose cost grows with row length x max_length, so they may be longer."""
+        return ROW_CAPACITY if self.mode == "shared_prompt" else 1
 
 
 @dataclasses.dataclass
@@ -225,12 +234,16 @@ def pack(data: TokenizedData, indices: Sequence[int], prompt_mask: np.ndarray, p
             parts.extend(group)
         micro_parts.append(parts)
     cap = max_length if max_length is not None else int(data.lengths_MxK.max())
-    shards = packing.shards
+    shards, capacity = packing.shards, packing.row_capacity * cap
     total = max(sum(part.length for part in parts) for parts in micro_parts)
-    rows = shards * max(1, -(-total // (shards * ROW_CAPACITY * cap)))  # rows per micro-batch
-    assignments = [_assign([part.length for part in parts], rows) for parts in micro_parts]
-    longest = max(sum(parts[i].length for i in row) for parts, rows_ in zip(micro_parts, assignments)
-                  for row in rows_)
+    rows = shards * max(1, -(-total // (shards * capacity)))  # rows per micro-batch, a multiple of the shards
+    while True:  # balanced rows; more of them while one would exceed its capacity (parts are at most `cap` long)
+        assignments = [_assign([part.length for part in parts], rows) for parts in micro_parts]
+        longest = max(sum(parts[i].length for i in row) for parts, rows_ in zip(micro_parts, assignments)
+                      for row in rows_)
+        if longest <= capacity:
+            break
+        rows += shards
     length = row_length(longest)
     writers = []
     for parts, rows_ in zip(micro_parts, assignments):

@@ -1,27 +1,32 @@
-"""Read preference rows from a local .jsonl/.json/.parquet/.csv file, a saved dataset folder, or a hub dataset id."""
+"""Read preference rows from a .jsonl/.json/.parquet/.csv file, a saved dataset folder (local or gs:// / s3://),
+or a hub dataset id."""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
-import os
-from pathlib import Path
 from typing import Any
 
+from etils import epath
+
+from dpojax import paths
 from dpojax.errors import DataError
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
 
 def load_rows(spec: str, split: str = "train") -> tuple[list[dict] | Any, str]:
-    """Rows from a local .jsonl/.json/.parquet/.csv file, a local dataset folder, or a Hugging Face hub dataset id.
+    """Rows from a .jsonl/.json/.parquet/.csv file, a dataset folder saved by `save_to_disk` (either local or at a
+    gs:// / s3:// URL), or a Hugging Face hub dataset id.
 
     Returns (rows, source_name): a list of dicts (or a `datasets.Dataset` for folders and hub ids) and the name that
     error messages use for this source.
     """
-    path = Path(os.path.expanduser(str(spec)))
-    looks_local = path.suffix.lower() in LOCAL_SUFFIXES or str(spec).startswith((".", "/", "~"))
-    if path.is_file() or (looks_local and not path.is_dir()):
+    path = paths.path(str(spec))
+    prefixes = (".", "/", "~", *paths.REMOTE_SCHEMES)
+    looks_like_path = path.suffix.lower() in LOCAL_SUFFIXES or str(spec).startswith(prefixes)
+    if path.is_file() or (looks_like_path and not path.is_dir()):
         if not path.is_file():
             raise DataError(f"{spec}: data file not found")
         return _load_file(path), str(spec)
@@ -30,7 +35,7 @@ def load_rows(spec: str, split: str = "train") -> tuple[list[dict] | Any, str]:
     source = str(spec) if path.is_dir() else f"{spec}[{split}]"
     try:
         if path.is_dir() and (path / "state.json").is_file():
-            data = datasets.load_from_disk(str(path))
+            data = datasets.load_from_disk(str(paths.local_copy(path)))
             data = data[split] if isinstance(data, datasets.DatasetDict) else data
         else:
             data = datasets.load_dataset(str(spec), split=split)
@@ -39,26 +44,26 @@ def load_rows(spec: str, split: str = "train") -> tuple[list[dict] | Any, str]:
     return data, source
 
 
-def _load_file(path: Path) -> list[dict]:
+def _load_file(path: epath.Path) -> list[dict]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         return _read_jsonl(path)
     if suffix == ".json":
         return _read_json(path)
     if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            return [dict(r) for r in csv.DictReader(f)]
+        return [dict(r) for r in csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"), newline=""))]
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
         try:
-            return pq.read_table(path).to_pylist()
+            with path.open("rb") as f:
+                return pq.read_table(f).to_pylist()
         except Exception as e:  # noqa: BLE001
             raise DataError(f"{path}: not a readable parquet file: {e}") from e
     raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(LOCAL_SUFFIXES)}")
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def _read_jsonl(path: epath.Path) -> list[dict]:
     rows = []
     with path.open(encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
@@ -71,7 +76,7 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def _read_json(path: Path) -> list[dict]:
+def _read_json(path: epath.Path) -> list[dict]:
     text = path.read_text(encoding="utf-8")
     try:
         data = json.loads(text)

@@ -21,14 +21,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import io
 import json
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dpojax import paths
 from dpojax.data.formats import OnBadRow, PreferenceRows, normalize_rows
 from dpojax.errors import DataError, ModelError
 
@@ -242,23 +243,21 @@ def _flat_to_ragged(flat: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]:
 _BIG = ("prompt_ids", "response_ids", "ranks", "row_index", "from_cache", "stats")
 
 
-def _save_cache(path: Path, data: TokenizedData) -> None:
+def _save_cache(path, data: TokenizedData) -> None:
     meta = {f.name: getattr(data, f.name) for f in dataclasses.fields(data) if f.name not in _BIG}
     meta["stats"] = dataclasses.asdict(data.stats)
     arrays = {"row_index": data.row_index, "meta": np.array(json.dumps(meta))}
     arrays["prompt_flat"], arrays["prompt_offsets"] = _ragged_to_flat(data.prompt_ids)
     arrays["response_flat"], arrays["response_offsets"] = _ragged_to_flat([r for rs in data.response_ids for r in rs])
     arrays["ranks_flat"], arrays["ranks_offsets"] = _ragged_to_flat(data.ranks)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)  # atomic: concurrent writers (hosts, workers) never leave a torn file
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    paths.write_bytes(path, buffer.getvalue())  # atomic: concurrent writers (hosts, workers) never leave a torn file
 
 
-def _load_cache(path: Path) -> TokenizedData | None:
+def _load_cache(path) -> TokenizedData | None:
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as z:
             meta = json.loads(str(z["meta"]))
             prompts = _flat_to_ragged(z["prompt_flat"], z["prompt_offsets"])
             flat_responses = _flat_to_ragged(z["response_flat"], z["response_offsets"])
@@ -297,7 +296,7 @@ def tokenize_rows(
     else:
         prefrows = normalize_rows(rows, source, on_bad_row=on_bad_row, max_responses=max_responses)
     key = _fingerprint(prefrows, tokenizer, max_length, truncation_mode)
-    path = Path(cache_dir) / f"preferences-{key}.npz" if cache_dir is not None else None
+    path = paths.path(cache_dir) / f"preferences-{key}.npz" if cache_dir is not None else None
     if path is not None and path.is_file():
         cached = _load_cache(path)
         if cached is not None:

@@ -8,7 +8,8 @@ Masking is always: causal (by index) AND only between equal segment ids AND, wit
 attend among themselves (never to real tokens, and real tokens never to them), so no row is fully masked and no
 NaN can appear. Shared-prompt packing (`dpojax.data.packing`) adds branch ids: a response's tokens see their
 prompt and themselves, never a sibling response; only the XLA kernel expresses that (cuDNN and splash take
-segment ids alone, which is enough for padding-free packing). `softcap` caps the scaled scores, cap * tanh(s / cap), before the mask (Gemma 2).
+segment ids alone, which is enough for padding-free packing). `softcap` caps the scaled scores,
+cap * tanh(s / cap), before the mask (Gemma 2).
 
 - "xla": einsum, scores and softmax in fp32; the reference implementation, runs everywhere. From 256 tokens on
   the queries go in (up to 8) blocks that skip the key blocks causality masks anyway.

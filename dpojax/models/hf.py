@@ -16,7 +16,7 @@ import functools
 import json
 import pathlib
 import re
-import shutil
+import tempfile
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dpojax import paths
 from dpojax.errors import ModelError
 from dpojax.models.config import ModelConfig
 from dpojax.models.families import FAMILIES
@@ -178,7 +179,10 @@ def _init_fn(cfg: ModelConfig, kw: tuple[tuple[str, Any], ...]):
 
 
 def resolve_model_dir(name_or_path: str | pathlib.Path, revision: str | None = None) -> pathlib.Path:
-    """A local folder as is; anything else is a hub id downloaded (json, safetensors, tokenizer files only)."""
+    """A local folder as is; a gs:// or s3:// folder mirrored locally, and anything else a hub id downloaded
+    (json, safetensors, tokenizer files only, either way)."""
+    if paths.is_remote(name_or_path):
+        return paths.local_copy(name_or_path, patterns=WEIGHT_PATTERNS)
     path = pathlib.Path(name_or_path).expanduser()
     if path.is_dir():
         return path
@@ -419,41 +423,52 @@ def _plan_shards(tensors: list, max_shard_bytes: int) -> list[list]:
 
 
 def export_hf(model: Decoder, cfg: ModelConfig, out_dir: str | pathlib.Path, *,
-              tokenizer_dir: str | pathlib.Path | None = None, max_shard_bytes: int = 5 * 2**30) -> pathlib.Path:
+              tokenizer_dir: str | pathlib.Path | None = None, max_shard_bytes: int = 5 * 2**30):
     """Write a HF folder (config.json, safetensors shards, tokenizer files) loadable by transformers.
 
     Tensors are saved in the model's param dtype; every process must call this (gathers are collective),
-    only process 0 writes. Host memory holds at most one shard.
+    only process 0 writes. Host memory holds at most one shard. `out_dir` may be a gs:// or s3:// URL: each
+    shard is written to a local temporary file, then uploaded.
     """
     from safetensors.numpy import save_file
 
-    out = pathlib.Path(out_dir)
+    out = paths.path(out_dir)
     tensors = hf_tensors(model, cfg)
     dtype_name = jnp.dtype(tensors[0][3]).name
     shards = _plan_shards(tensors, max_shard_bytes)
     write = jax.process_index() == 0
     if write:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(export_config(cfg, dtype_name), indent=2, sort_keys=True) + "\n")
+        paths.makedirs(out)
+        paths.write_text(out / "config.json", json.dumps(export_config(cfg, dtype_name), indent=2, sort_keys=True)
+                         + "\n")
     names = ["model.safetensors"] if len(shards) == 1 else [
         f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
     weight_files: dict[str, str] = {}
     for file_name, shard in zip(names, shards):
         arrays = {name: thunk() for name, thunk, _, _ in shard}
-        if write:
+        if write and paths.is_remote(out):
+            with tempfile.TemporaryDirectory() as tmp:
+                save_file(arrays, f"{tmp}/{file_name}", metadata={"format": "pt"})
+                paths.copy_file(f"{tmp}/{file_name}", out / file_name)
+        elif write:
             save_file(arrays, str(out / file_name), metadata={"format": "pt"})
         weight_files.update({name: file_name for name in arrays})
         del arrays
     if write and len(shards) > 1:
         total = sum(int(np.prod(t[2])) * jnp.dtype(t[3]).itemsize for t in tensors)
         index = {"metadata": {"total_size": total}, "weight_map": weight_files}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        paths.write_text(out / "model.safetensors.index.json", json.dumps(index, indent=2, sort_keys=True) + "\n")
     if write and tokenizer_dir is not None:
-        for name in TOKENIZER_FILES:
-            src = pathlib.Path(tokenizer_dir) / name
-            if src.is_file():
-                shutil.copyfile(src, out / name)
+        copy_tokenizer_files(tokenizer_dir, out)
     return out
+
+
+def copy_tokenizer_files(tokenizer_dir, out) -> None:
+    """The tokenizer files of `tokenizer_dir` into `out` (either may be a gs:// URL: dpojax.paths)."""
+    for name in TOKENIZER_FILES:
+        src = paths.path(tokenizer_dir) / name
+        if src.is_file():
+            paths.copy_file(src, paths.path(out) / name)
 
 
 def export_config(cfg: ModelConfig, dtype_name: str) -> dict[str, Any]:

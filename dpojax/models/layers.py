@@ -160,6 +160,9 @@ class Dense(nnx.Module):
         y = dense_matmul(x, self.kernel[...], self.n_in, jnp.dtype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
+        lora = getattr(self, "lora", None)  # a LoRA adapter attached by dpojax.models.lora: + scale * (x @ A) @ B
+        if lora is not None:
+            y = y + lora(x)
         return y
 
 
@@ -303,16 +306,17 @@ def rope_cos_sin(positions_BxT: jax.Array, inv_freq: np.ndarray, scale: float, d
 
 
 def rope_tables(rope: RopeConfig, rotary_dims: int, max_position_embeddings: int, positions_BxT: jax.Array,
-                dtype) -> tuple[jax.Array, jax.Array]:
+                dtype, longest: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """cos, sin [B, T, Dr] for `rope`. LongRoPE, as transformers: the long factors when the longest position
-    in the batch (+1) exceeds original_max_position_embeddings, the short ones otherwise."""
+    in the batch (+1; or `longest` when given: decoding one token sees one position) exceeds
+    original_max_position_embeddings, the short ones otherwise."""
     inv_freq, scale = rope_frequencies(rope, rotary_dims, max_position_embeddings)
     cos_BxTxDr, sin_BxTxDr = rope_cos_sin(positions_BxT, inv_freq, scale, dtype)
     original = rope.original_max_position_embeddings
-    if rope.type == "longrope" and positions_BxT.shape[1] > original:  # only then can the long set apply
+    if rope.type == "longrope" and (longest is not None or positions_BxT.shape[1] > original):  # else short
         long_inv_freq, long_scale = rope_frequencies(rope, rotary_dims, max_position_embeddings, long=True)
         long_cos, long_sin = rope_cos_sin(positions_BxT, long_inv_freq, long_scale, dtype)
-        use_long = jnp.max(positions_BxT) + 1 > original
+        use_long = (jnp.max(positions_BxT) + 1 if longest is None else longest) > original
         cos_BxTxDr, sin_BxTxDr = jnp.where(use_long, long_cos, cos_BxTxDr), jnp.where(use_long, long_sin, sin_BxTxDr)
     return cos_BxTxDr, sin_BxTxDr
 

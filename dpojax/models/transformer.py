@@ -41,6 +41,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from dpojax.models.attention import attend, resolve_attention
 from dpojax.models.config import ModelConfig
+from dpojax.models.kv_cache import KVCache, LayerCache, attend_cached
 from dpojax.models.layers import Dense, RMSNorm, apply_rope, make_mlp, make_norm, make_param, rope_tables
 from dpojax.sharding import Sharder, constrain
 
@@ -77,9 +78,11 @@ class SelfAttention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def __call__(self, x_BxTxD, rope_cos_sin, segment_ids_BxT, window, packed=None):
+    def __call__(self, x_BxTxD, rope_cos_sin, segment_ids_BxT, window, packed=None,
+                 cache: LayerCache | None = None):
         """rope_cos_sin: (cos, sin) [B, T, Dr] or None (learned positions); window: int32 scalar or None;
-        packed: None, or the packed-row mask arguments of `attend` (branch_ids_BxT, positions_BxT, band)."""
+        packed: None, or the packed-row mask arguments of `attend` (branch_ids_BxT, positions_BxT, band).
+        With a KV `cache` (decoding): attends through it and returns (out, updated cache)."""
         q_BxTxHxDh, k_BxTxGxDh, v_BxTxGxDh = self.q_proj(x_BxTxD), self.k_proj(x_BxTxD), self.v_proj(x_BxTxD)
         if self.q_norm is not None:
             q_BxTxHxDh, k_BxTxGxDh = self.q_norm(q_BxTxHxDh), self.k_norm(k_BxTxGxDh)
@@ -92,6 +95,11 @@ class SelfAttention(nnx.Module):
                                      "key")
         v_BxTxGxDh = checkpoint_name(constrain(v_BxTxGxDh, self.sharder, ("batch", "length", "kv_heads", "head_dim")),
                                      "value")
+        if cache is not None:
+            out_BxTxHxDh, cache = attend_cached(q_BxTxHxDh, k_BxTxGxDh, v_BxTxGxDh, cache, scale=self.scale,
+                                                implementation=self.attention, softcap=self.softcap, window=window,
+                                                sharder=self.sharder)
+            return self.o_proj(out_BxTxHxDh), cache
         out_BxTxHxDh = attend(q_BxTxHxDh, k_BxTxGxDh, v_BxTxGxDh, segment_ids_BxT, implementation=self.attention,
                               scale=self.scale, softcap=self.softcap, window=window, sharder=self.sharder,
                               **(packed or {}))
@@ -116,8 +124,17 @@ class Block(nnx.Module):
         self.mlp = make_mlp(cfg, **kw)
         self.mlp_output_norm = make_norm(cfg, D, **kw) if cfg.sandwich_norms else None
 
-    def __call__(self, x_BxTxD, rope_cos_sin, segment_ids_BxT, window, packed=None):
+    def __call__(self, x_BxTxD, rope_cos_sin, segment_ids_BxT, window, packed=None,
+                 cache: LayerCache | None = None):
+        """-> out [B, T, D]; with a KV `cache` (decoding) -> (out, updated cache)."""
+        if cache is not None:
+            a_BxTxD, cache = self.self_attn(self.input_layernorm(x_BxTxD), rope_cos_sin, None, window, cache=cache)
+            return self._residual(x_BxTxD, a_BxTxD), cache
         a_BxTxD = self.self_attn(self.input_layernorm(x_BxTxD), rope_cos_sin, segment_ids_BxT, window, packed)
+        return self._residual(x_BxTxD, a_BxTxD)
+
+    def _residual(self, x_BxTxD, a_BxTxD):
+        """The rest of the block after attention: output norm, MLP and the residual layout."""
         if self.attn_output_norm is not None:
             a_BxTxD = self.attn_output_norm(a_BxTxD)
         if self.parallel_residual:
@@ -175,29 +192,55 @@ class Decoder(nnx.Module):
                  branch_ids_BxT: jax.Array | None = None, band: int | None = None) -> jax.Array:
         """Packed rows (`dpojax.data.packing`): `band` (static) is the longest segment, `branch_ids_BxT` the shared-
         prompt branches (None for padding-free packing); positions then count within each sequence."""
-        cfg = self.cfg
-        cfg.check_seq_len(input_ids_BxT.shape[1] if band is None else band)
+        self.cfg.check_seq_len(input_ids_BxT.shape[1] if band is None else band)
         packed = None
         if band is not None:
             packed = {"branch_ids_BxT": branch_ids_BxT, "positions_BxT": positions_BxT, "band": band}
-        x_BxTxD = self.embed_tokens(input_ids_BxT)
-        if cfg.embed_scale:  # Gemma: sqrt(D) rounded to the compute dtype, as transformers does
-            x_BxTxD = x_BxTxD * jnp.asarray(cfg.hidden_size**0.5, self.dtype)
-        if self.embed_positions is not None:
-            x_BxTxD = x_BxTxD + self.embed_positions(positions_BxT)
-        x_BxTxD = constrain(x_BxTxD, self.sharder, ACT)
+        x_BxTxD = self._embed(input_ids_BxT, positions_BxT)
         x_BxTxD = self._run_layers(x_BxTxD, self._rope_tables(positions_BxT), segment_ids_BxT, packed)
         return constrain(self.norm(x_BxTxD), self.sharder, ACT)
 
-    def _rope_tables(self, positions_BxT):
+    def _embed(self, input_ids_BxT, positions_BxT):
+        x_BxTxD = self.embed_tokens(input_ids_BxT)
+        if self.cfg.embed_scale:  # Gemma: sqrt(D) rounded to the compute dtype, as transformers does
+            x_BxTxD = x_BxTxD * jnp.asarray(self.cfg.hidden_size**0.5, self.dtype)
+        if self.embed_positions is not None:
+            x_BxTxD = x_BxTxD + self.embed_positions(positions_BxT)
+        return constrain(x_BxTxD, self.sharder, ACT)
+
+    def decode(self, input_ids_BxT: jax.Array, positions_BxT: jax.Array, cache: KVCache,
+               longest: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+        """Incremental decoding (`dpojax.models.kv_cache`): T > 1 new tokens prefill the cache from slot 0, T = 1
+        writes slot cache.index. -> (final-normed hidden [B, T, D], updated cache). `longest`: the longest
+        sequence so far (picks LongRoPE's factors as transformers does; default: from the positions)."""
+        x_BxTxD = self._embed(input_ids_BxT, positions_BxT)
+        ropes = self._rope_tables(positions_BxT, longest)
+        graphdef, stacked = nnx.split(self.layers)
+
+        def body(h_BxTxD, xs):
+            layer_state, data, k_BxZxGxDh, v_BxZxGxDh = xs
+            rope = None if ropes is None else (ropes[0][data.get("rope", 0)], ropes[1][data.get("rope", 0)])
+            layer_cache = LayerCache(k_BxZxGxDh, v_BxZxGxDh, cache.start_B, cache.index)
+            h_BxTxD, layer_cache = nnx.merge(graphdef, layer_state)(h_BxTxD, rope, None, data.get("window"),
+                                                                   cache=layer_cache)
+            return h_BxTxD, (layer_cache.k_BxZxGxDh, layer_cache.v_BxZxGxDh)
+
+        xs = (stacked, self.layer_data(), cache.k_LxBxZxGxDh, cache.v_LxBxZxGxDh)
+        x_BxTxD, (k_LxBxZxGxDh, v_LxBxZxGxDh) = jax.lax.scan(body, x_BxTxD, xs)
+        T = input_ids_BxT.shape[1]
+        index = cache.index + 1 if T == 1 else jnp.asarray(T, jnp.int32)  # the next slot to write
+        new = KVCache(k_LxBxZxGxDh, v_LxBxZxGxDh, cache.start_B, index)
+        return constrain(self.norm(x_BxTxD), self.sharder, ACT), new
+
+    def _rope_tables(self, positions_BxT, longest=None):
         """(cos, sin), each [n_tables, B, T, Dr]: the global RoPE, then the local one when it differs; None
         without RoPE."""
         cfg = self.cfg
         if cfg.position != "rope":
             return None
         ropes = [cfg.rope] + ([cfg.local_rope] if cfg.local_rope is not None else [])
-        tables = [rope_tables(r, cfg.rotary_dims, cfg.max_position_embeddings, positions_BxT, self.dtype)
-                  for r in ropes]
+        tables = [rope_tables(r, cfg.rotary_dims, cfg.max_position_embeddings, positions_BxT, self.dtype,
+                              longest=longest) for r in ropes]
         return jnp.stack([c for c, _ in tables]), jnp.stack([s for _, s in tables])
 
     def layer_data(self) -> dict[str, jax.Array]:

@@ -21,13 +21,14 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dpojax import losses
+from dpojax import losses, paths
 from dpojax.config import Config
 from dpojax.data import packing
 from dpojax.data.batching import PreferenceBatch, steps_per_epoch
 from dpojax.data.loader import load_preferences
 from dpojax.data.tokenize import TokenizedData, check_token_ids
 from dpojax.errors import ConfigError, ModelError
+from dpojax.models import lora
 from dpojax.models.config import ModelConfig
 from dpojax.models.hf import abstract_params, init_random, load_pretrained, read_hf_config, resolve_model_dir
 from dpojax.sharding import Sharder, check_fsdp_sharded, make_mesh
@@ -61,6 +62,7 @@ class Models:
     ref_params: Any
     ref_fingerprint: str = ""  # what the reference weights hash to (precompute cache key)
     ref_tables: dict | None = None  # data fingerprint -> [M, K] precomputed reference log-probs
+    lora: lora.LoraSetup | None = None  # LoRA runs: base graphdef, adapted modules, scale (for exports)
 
 
 def make_sharder(cfg: Config) -> Sharder:
@@ -126,6 +128,9 @@ def build_models(cfg: Config, sharder: Sharder, *, policy_from_checkpoint: bool 
     """Tokenizer, policy and (unless the loss is reference-free or `with_reference` is off) the frozen reference,
     all placed on the mesh. `policy_from_checkpoint`: the policy is abstract, to be restored from a checkpoint."""
     tokenizer, tok_dir = load_tokenizer(cfg)
+    if cfg.model.lora.enabled:
+        return _build_lora_models(cfg, sharder, tokenizer, tok_dir, policy_from_checkpoint=policy_from_checkpoint,
+                                  with_base=with_reference)
     how = "abstract" if policy_from_checkpoint else ("random" if cfg.model.init == "random" else "pretrained")
     pgraph, pparams, pcfg = _build_model(cfg, cfg.model.name_or_path, sharder, how=how)
     rgraph = rparams = None
@@ -154,6 +159,26 @@ def build_models(cfg: Config, sharder: Sharder, *, policy_from_checkpoint: bool 
     return Models(tokenizer, tok_dir, pcfg, pgraph, pparams, rgraph, rparams, ref_fingerprint=ref_id)
 
 
+def _build_lora_models(cfg: Config, sharder: Sharder, tokenizer, tok_dir: Path, *, policy_from_checkpoint: bool,
+                       with_base: bool) -> Models:
+    """LoRA: the policy parameters are the adapters (initialized as PEFT does, read from `model.lora.init_from`, or
+    abstract for a checkpoint restore); the frozen base sits in the reference slot (`ref_params`), where the step
+    reads it for the policy too, and the reference is the base graphdef without adapters (None when the loss is
+    reference-free). `with_base` off: the base stays abstract (a PEFT adapter export reads no base weights)."""
+    how = ("random" if cfg.model.init == "random" else "pretrained") if with_base else "abstract"
+    bgraph, bparams, mcfg = _build_model(cfg, cfg.model.name_or_path, sharder, how=how)
+    lcfg = cfg.model.lora
+    pgraph, adapters, groups = lora.lora_model(bgraph, bparams, mcfg, lcfg, sharder)
+    if not policy_from_checkpoint:
+        adapters = (lora.load_peft(lcfg.init_from, adapters, groups, mcfg, lcfg) if lcfg.init_from
+                    else lora.init_values(adapters, cfg.model.seed))
+    rgraph = None if losses.reference_free(cfg.loss) else bgraph
+    seed = cfg.model.seed if cfg.model.init == "random" else None
+    ref_id = _weights_id(cfg, cfg.model.name_or_path, random_seed=seed) if rgraph is not None else ""
+    setup = lora.LoraSetup(bgraph, tuple(groups), lora.scale_of(lcfg.alpha, lcfg.rank, lcfg.rslora))
+    return Models(tokenizer, tok_dir, mcfg, pgraph, adapters, rgraph, bparams, ref_fingerprint=ref_id, lora=setup)
+
+
 def _weights_id(cfg: Config, name: str, random_seed: int | None = None) -> str:
     """Fingerprint of reference weights, computed only when they will be precomputed (it reads the files)."""
     if not cfg.ref_model.precompute:
@@ -162,8 +187,9 @@ def _weights_id(cfg: Config, name: str, random_seed: int | None = None) -> str:
     return reference.weights_fingerprint(folder, cache_dir(cfg), random_seed=random_seed)
 
 
-def cache_dir(cfg: Config) -> Path:
-    return Path(cfg.data.cache_dir or Path.home() / ".cache" / "dpojax")
+def cache_dir(cfg: Config):
+    """data.cache_dir (a local folder or a gs:// / s3:// URL), by default ~/.cache/dpojax."""
+    return paths.path(cfg.data.cache_dir or Path.home() / ".cache" / "dpojax")
 
 
 def load_split(cfg: Config, models: Models, spec: str, split: str) -> TokenizedData:
@@ -195,7 +221,8 @@ def precompute_references(cfg: Config, models: Models, sharder: Sharder, dataset
             lambda: reference.precompute(forward, models.ref_params, data, bs, lambda b: to_device(b, sharding),
                                          batch_kw=batch_kw(cfg, spec, sharder, train=False)),  # fmt: skip
         )
-    models.ref_graphdef, models.ref_params, models.ref_tables = None, None, tables
+    base = models.ref_params if cfg.model.lora.enabled else None  # LoRA: the base stays, the policy runs on it
+    models.ref_graphdef, models.ref_params, models.ref_tables = None, base, tables
 
 
 def to_device(batch: PreferenceBatch, sharding) -> PreferenceBatch:
@@ -269,7 +296,8 @@ def setup_train(cfg: Config, models: Models, sharder: Sharder, *, steps: int,
     check_batch(cfg, sharder)
     spec = make_spec(cfg, models.policy_graphdef, models.ref_graphdef, sharder, total_steps=horizon,
                      precomputed_ref=models.ref_tables is not None)
-    check_fsdp_sharded(models.policy_params, sharder.mesh)  # no big parameter silently whole on every device
+    # no big parameter silently whole on every device (with LoRA: the frozen base)
+    check_fsdp_sharded(models.ref_params if cfg.model.lora.enabled else models.policy_params, sharder.mesh)
     state = init_state(models.policy_params, spec.optimizer, sharder)
     models.policy_params = None  # the state owns (and donates) them now
     train, evaluate = compile_steps(spec, state, models.ref_params, sharder)

@@ -1,23 +1,26 @@
 """Orbax checkpoints of the train state (params, optimizer state, step) plus JSON metadata.
 
-`output_dir/checkpoints/<step>/` holds `params/` (the policy), `opt_state/` (the optimizer), `ref/` (the reference,
-only when TR-DPO changes it) and `meta/` (step = data position, resolved config, the learning-rate schedule's
-horizon), each an Orbax item, so `dpojax eval` and `dpojax export` restore the parameters alone. Orbax writes
-each step to a temporary folder and renames it when complete, so a crash mid-save leaves the previous checkpoint
-usable; `latest_step` only sees complete ones. The data position is
-the step itself: batches are a pure function of (seed, step). The reference model is re-loaded, not saved.
-All processes must call save/restore (Orbax coordinates them); only the metadata is host-independent.
+`output_dir/checkpoints/<step>/` (a local folder, or on object storage: Orbax writes `gs://` natively) holds
+`params/` (the policy), `opt_state/` (the optimizer), `ref/` (the reference, only when TR-DPO changes it) and
+`meta/` (step = data position, resolved config, the learning-rate schedule's horizon), each an Orbax item, so
+`dpojax eval` and `dpojax export` restore the parameters alone. Orbax writes each step to a temporary folder and
+renames it when complete (on GCS, which has no rename, it writes `commit_success.txt` last), so a crash mid-save
+leaves the previous checkpoint usable; `latest_step` and `find_checkpoint` only see complete ones. The data
+position is the step itself: batches are a pure function of (seed, step). The reference model is re-loaded, not
+saved. All processes must call save/restore (Orbax coordinates them: each writes its own shards); only the
+metadata is host-independent.
 """
-
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
+import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
+from dpojax import paths
 from dpojax.config import Config, to_dict
 
 # Keys that may change when a run resumes: they change how it runs (speed, memory, mesh, logging, saving), not the
@@ -31,11 +34,11 @@ RESUME_FREE = (
 )  # fmt: skip
 
 
-def checkpoint_dir(output_dir: str | Path) -> Path:
-    return Path(output_dir).absolute() / "checkpoints"
+def checkpoint_dir(output_dir: str | os.PathLike) -> epath.Path:
+    return paths.absolute(output_dir) / "checkpoints"
 
 
-def manager(output_dir: str | Path, cfg: Config) -> ocp.CheckpointManager:
+def manager(output_dir: str | os.PathLike, cfg: Config) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=cfg.checkpoint.keep,
         enable_async_checkpointing=cfg.checkpoint.async_,
@@ -45,7 +48,7 @@ def manager(output_dir: str | Path, cfg: Config) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(checkpoint_dir(output_dir), options=options)
 
 
-def best_manager(output_dir: str | Path, cfg: Config) -> ocp.CheckpointManager:
+def best_manager(output_dir: str | os.PathLike, cfg: Config) -> ocp.CheckpointManager:
     """Keeps the single best checkpoint by the eval metric `checkpoint.best_metric` in output_dir/best."""
     name, mode = cfg.checkpoint.best_metric, cfg.checkpoint.best_mode
     options = ocp.CheckpointManagerOptions(
@@ -55,7 +58,7 @@ def best_manager(output_dir: str | Path, cfg: Config) -> ocp.CheckpointManager:
         enable_async_checkpointing=cfg.checkpoint.async_,
         create=True,
     )
-    return ocp.CheckpointManager(Path(output_dir).absolute() / "best", options=options)
+    return ocp.CheckpointManager(paths.absolute(output_dir) / "best", options=options)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, tree: dict[str, Any], cfg: Config, *, horizon: int,
@@ -128,16 +131,20 @@ def schedule_conflict(cfg: Config, horizon: int, total_steps: int) -> str | None
 @dataclasses.dataclass
 class Found:
     step: int
-    path: Path
+    path: epath.Path
 
 
-def find_checkpoint(source: str | Path) -> Found | None:
+def _complete(step_dir: epath.Path) -> bool:
+    return step_dir.name.isdigit() and (step_dir / "params").is_dir() and ocp.utils.is_checkpoint_finalized(step_dir)
+
+
+def find_checkpoint(source: str | os.PathLike) -> Found | None:
     """A run folder (newest complete checkpoint) or one checkpoint folder `.../checkpoints/<step>`."""
-    source = Path(source).absolute()
-    if (source / "params").is_dir() and source.name.isdigit():
+    source = paths.absolute(source)
+    if _complete(source):
         return Found(int(source.name), source)
     root = source / "checkpoints"
     if not root.is_dir():
         return None
-    steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "params").is_dir())
+    steps = sorted(int(p.name) for p in root.iterdir() if _complete(p))
     return Found(steps[-1], root / str(steps[-1])) if steps else None

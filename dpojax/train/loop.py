@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from pathlib import Path
 from typing import Any, Iterator
 
 import jax
@@ -15,13 +14,14 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from dpojax import distributed, flops as F, metrics as M, tracking
+from dpojax import distributed, flops as F, metrics as M, paths, tracking
 from dpojax.config import Config, dump_yaml, load_config
 from dpojax.data.batching import PreferenceBatch, eval_batches, train_batches
 from dpojax.data.packing import PackedBatch
 from dpojax.data.tokenize import TokenizedData
 from dpojax.errors import ConfigError, NumericsError, UserError
-from dpojax.models.hf import export_hf
+from dpojax.models import lora
+from dpojax.models.hf import copy_tokenizer_files, export_hf
 from dpojax.train import checkpoint as ckpt, reference
 from dpojax.train.build import (
     Run,
@@ -36,6 +36,7 @@ from dpojax.train.build import (
     total_steps,
 )
 from dpojax.train.preemption import Preemption
+from dpojax.train.samples import make_samples
 from dpojax.train.step import TrainState, batch_sharding
 
 log = logging.getLogger("dpojax")
@@ -102,8 +103,10 @@ def _progress(total: int, start: int):
 
 
 def _model_flops(run: Run, batch: PreferenceBatch | PackedBatch) -> float:
-    """Model FLOPs of one step on this process's rows (dpojax.flops: policy forward+backward, reference forward)."""
-    return F.batch_flops(run.models.policy_cfg, batch, reference=run.models.ref_graphdef is not None).model
+    """Model FLOPs of one step on this process's rows (dpojax.flops: policy forward+backward, reference forward;
+    under LoRA the backward computes no base-weight gradients)."""
+    return F.batch_flops(run.models.policy_cfg, batch, reference=run.models.ref_graphdef is not None,
+                         weight_grads=run.models.lora is None).model
 
 
 def _resume_point(mngr, cfg: Config, steps: int) -> tuple[int, int]:
@@ -131,7 +134,8 @@ def train(cfg: Config) -> dict[str, Any]:
     """Train per `cfg`; resumes from `output_dir/checkpoints` when present. Returns the final eval metrics
     (empty when the run stopped early on SIGTERM or had no eval set)."""
     distributed.initialize(cfg.distributed)  # before anything touches a device
-    out_dir = Path(cfg.output_dir)
+    paths.check_urls(config_urls(cfg))  # a bad gs:// URL fails here, before anything is written
+    out_dir = paths.path(cfg.output_dir)
     is_main = jax.process_index() == 0
     sharder = make_sharder(cfg)
     models = build_models(cfg, sharder)
@@ -151,8 +155,8 @@ def train(cfg: Config) -> dict[str, Any]:
         state = run.from_checkpoint_tree(ckpt.restore(mngr, start, run.checkpoint_tree(state)), start)
         log.info("resumed from %s at step %d", ckpt.checkpoint_dir(cfg.output_dir), start)
     if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(dump_yaml(cfg))
+        paths.makedirs(out_dir)
+        paths.write_text(out_dir / "config.yaml", dump_yaml(cfg))
         M.truncate_after(out_dir / "metrics.jsonl", start)  # records past the checkpoint are redone
     writer = tracking.Trackers(M.MetricsWriter(out_dir / "metrics.jsonl", enabled=is_main), cfg, out_dir, is_main,
                                start=start)
@@ -163,12 +167,16 @@ def train(cfg: Config) -> dict[str, Any]:
         cfg.grad_accum_steps, dict(sharder.mesh.shape), start,
     )
     best = ckpt.best_manager(out_dir, cfg) if cfg.checkpoint.best_metric else None
-    savers = Savers(mngr, best, run)
+    savers = Savers(mngr, best, run, writer)
+    samples = make_samples(cfg, models, eval_data, out_dir)
     try:
         with Preemption() as preemption:
-            state, stopped_at = _loop(run, state, savers, writer, train_data, eval_data, start, preemption, profiler)
+            state, stopped_at = _loop(run, state, savers, writer, train_data, eval_data, start, preemption, samples,
+                                      profiler)
         if stopped_at is None and eval_data is not None:
             final = run_eval(run, state.params, eval_data)
+            if samples is not None:
+                samples(run.total_steps, state.params)
             writer.write(run.total_steps, "eval", final)
             savers.save_best(run.total_steps, state, final)  # the final eval competes for best/ too
         else:
@@ -186,7 +194,7 @@ def train(cfg: Config) -> dict[str, Any]:
             f"output_dir={out_dir}"
         )
         return {}
-    return _finish(run, state, out_dir, final)
+    return _finish(run, state, out_dir, final, samples)
 
 
 @dataclasses.dataclass
@@ -194,12 +202,14 @@ class Savers:
     latest: Any  # CheckpointManager of the most recent checkpoints
     best: Any  # CheckpointManager of the best one by checkpoint.best_metric, or None
     run: Run
+    writer: M.MetricsWriter  # flushed at each checkpoint: metrics.jsonl holds every record up to it
 
     def save(self, step: int, state: TrainState) -> None:
         if self.latest.latest_step() == step:
             return
         if not ckpt.all_finite(state.params):
             raise NumericsError(f"refusing to save a checkpoint at step {step}: the parameters are not finite.")
+        self.writer.flush()
         ckpt.save(self.latest, step, self.run.checkpoint_tree(state), self.run.cfg, horizon=self.run.horizon)
 
     def save_best(self, step: int, state: TrainState, metrics: dict[str, float]) -> None:
@@ -210,7 +220,8 @@ class Savers:
                       metrics=metrics)
 
 
-def _loop(run: Run, state, savers: Savers, writer, train_data, eval_data, start: int, preemption, profiler):
+def _loop(run: Run, state, savers: Savers, writer, train_data, eval_data, start: int, preemption, samples,
+          profiler):
     """Steps start+1 .. total_steps. Returns (state, the step a SIGTERM stopped at, or None)."""
     cfg = run.cfg
     sharding = batch_sharding(run.sharder)
@@ -241,6 +252,8 @@ def _loop(run: Run, state, savers: Savers, writer, train_data, eval_data, start:
             result = run_eval(run, state.params, eval_data)
             writer.write(step, "eval", result)
             savers.save_best(step, state, result)
+            if samples is not None:
+                samples(step, state.params)
             window.t0 = time.perf_counter()
         if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or last:
             savers.save(step, state)
@@ -275,11 +288,10 @@ class _BadSteps:
             )
 
 
-def _finish(run: Run, state: TrainState, out_dir: Path, final: dict) -> dict[str, Any]:
+def _finish(run: Run, state: TrainState, out_dir, final: dict, samples=None) -> dict[str, Any]:
     records = M.read_metrics(out_dir / "metrics.jsonl")
     train_recs = [r for r in records if r["split"] == "train"]
-    model = nnx.merge(run.spec.policy_graphdef, state.params)
-    export_dir = export_hf(model, run.models.policy_cfg, out_dir / "export", tokenizer_dir=run.models.tokenizer_dir)
+    export_dir = export_policy(run.cfg, run.models, state.params, out_dir / "export")
     if jax.process_index() != 0:
         return final
     png = M.plot_curves(records, out_dir / "training_curves.png")
@@ -287,6 +299,8 @@ def _finish(run: Run, state: TrainState, out_dir: Path, final: dict) -> dict[str
     if final:
         table["eval"] = final
     print("\n" + M.summary_table(table))
+    if samples is not None and samples.last:
+        print("\n" + samples.summary())
     print(f"\nmetrics: {out_dir / 'metrics.jsonl'}\nplot:    {png}\nexport:  {export_dir}")
     return final
 
@@ -302,6 +316,7 @@ def _restore_policy(cfg: Config, models, step: int) -> None:
 def evaluate(cfg: Config) -> dict[str, float]:
     """Metrics of the policy (a run's newest checkpoint when `output_dir` has one) on data.eval or data.train."""
     distributed.initialize(cfg.distributed)  # before anything touches a device
+    paths.check_urls(config_urls(cfg))
     is_main = jax.process_index() == 0
     sharder = make_sharder(cfg)
     found = ckpt.find_checkpoint(cfg.output_dir)
@@ -317,13 +332,21 @@ def evaluate(cfg: Config) -> dict[str, float]:
     run = setup_eval(cfg, models, sharder)
     result = run_eval(run, models.policy_params, data)
     if is_main:
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        M.MetricsWriter(Path(cfg.output_dir) / "metrics.jsonl").write(step, "eval", result)
+        writer = M.MetricsWriter(paths.absolute(cfg.output_dir) / "metrics.jsonl")
+        writer.write(step, "eval", result)
+        writer.close()
         print(M.summary_table({"eval": result}))
     return result
 
 
 # -------------------------------------------------------------------------------------------------- CLI
+def config_urls(cfg: Config) -> list[tuple[str, str | None]]:
+    """(config key, path) of everything a run reads or writes, for `paths.check_urls`."""
+    return [("output_dir", cfg.output_dir), ("data.train", cfg.data.train), ("data.eval", cfg.data.eval),
+            ("data.cache_dir", cfg.data.cache_dir), ("model.name_or_path", cfg.model.name_or_path),
+            ("model.tokenizer", cfg.model.tokenizer), ("ref_model.name_or_path", cfg.ref_model.name_or_path)]
+
+
 def train_from_cli(config_path: str, overrides: list[str]) -> None:
     train(load_config(config_path, overrides))
 
@@ -332,16 +355,37 @@ def eval_from_cli(config_path: str, overrides: list[str]) -> None:
     evaluate(load_config(config_path, overrides))
 
 
-def export_from_cli(source: str, out_dir: str) -> None:
+def export_policy(cfg: Config, models, params, out_dir, *, merged: bool = False):
+    """The policy as a HF folder; a LoRA policy as a PEFT adapter folder (plus the tokenizer files), or with `merged`
+    as a HF folder of the base with the adapters merged in (models.ref_params must then hold the base)."""
+    if models.lora is None:
+        model = nnx.merge(models.policy_graphdef, params)
+        return export_hf(model, models.policy_cfg, out_dir, tokenizer_dir=models.tokenizer_dir)
+    setup = models.lora
+    if merged:
+        base = lora.merged_state(models.ref_params, params, list(setup.groups), setup.scale)
+        return export_hf(nnx.merge(setup.base_graphdef, base), models.policy_cfg, out_dir,
+                         tokenizer_dir=models.tokenizer_dir)
+    path = lora.save_peft(out_dir, params, list(setup.groups), models.policy_cfg, cfg.model.lora,
+                          cfg.model.name_or_path)
+    if jax.process_index() == 0:
+        copy_tokenizer_files(models.tokenizer_dir, path)
+    return path
+
+
+def export_from_cli(source: str, out_dir: str, merged: bool = False) -> None:
     """Export the newest checkpoint of a run folder (or one checkpoint folder) as a HF folder: the policy is built
-    abstractly and its parameters alone are restored (no optimizer state, no reference, no base weights)."""
+    abstractly and its parameters alone are restored (no optimizer state, no reference, no base weights). A LoRA
+    run gives a PEFT adapter folder, or with `merged` a HF folder of the merged model (which reads the base)."""
+    paths.check_urls([("export source", str(source)), ("export folder", str(out_dir))])
     found = ckpt.find_checkpoint(source)
     if found is None:
         raise UserError(f"export: no checkpoint found in '{source}' (expected RUN_DIR/checkpoints/<step>/).")
     run_dir = found.path.parent.parent
     cfg = load_config(run_dir / "config.yaml", [f"output_dir={run_dir}"])
-    models = build_models(cfg, make_sharder(cfg), policy_from_checkpoint=True, with_reference=False)
+    if merged and not cfg.model.lora.enabled:
+        raise UserError(f"export: --merged merges LoRA adapters, but '{run_dir}' trained every weight; drop --merged.")
+    models = build_models(cfg, make_sharder(cfg), policy_from_checkpoint=True, with_reference=merged)
     _restore_policy(cfg, models, found.step)
-    model = nnx.merge(models.policy_graphdef, models.policy_params)
-    path = export_hf(model, models.policy_cfg, out_dir, tokenizer_dir=models.tokenizer_dir)
+    path = export_policy(cfg, models, models.policy_params, paths.path(out_dir), merged=merged)
     print(f"exported step {found.step} of {run_dir} to {path}")

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import logging
-import os
 from pathlib import Path
 
 import jax
 import numpy as np
 
+from dpojax import paths
 from dpojax.data.batching import PreferenceBatch, eval_batches
 from dpojax.data.tokenize import TokenizedData
 
@@ -40,10 +41,10 @@ def _file_digest(path: Path, memo: dict) -> str:
     return memo[key]
 
 
-def weights_fingerprint(model_dir: Path, cache_dir: Path, *, random_seed: int | None = None) -> str:
-    """Hash of a reference: config.json plus every safetensors file, or config.json plus the seed of a
-    randomly initialised one."""
-    memo_path = cache_dir / "weights-digests.json"
+def weights_fingerprint(model_dir: Path, cache_dir, *, random_seed: int | None = None) -> str:
+    """Hash of a reference (a local folder): config.json plus every safetensors file, or config.json plus the
+    seed of a randomly initialised one. `cache_dir` (local or a URL) keeps the file digests."""
+    memo_path = paths.path(cache_dir) / "weights-digests.json"
     memo = json.loads(memo_path.read_text()) if memo_path.is_file() else {}
     h = hashlib.sha256((model_dir / "config.json").read_bytes())
     if random_seed is not None:
@@ -51,10 +52,7 @@ def weights_fingerprint(model_dir: Path, cache_dir: Path, *, random_seed: int | 
     else:
         for path in sorted(model_dir.glob("*.safetensors")):
             h.update(path.name.encode() + _file_digest(path, memo).encode())
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = memo_path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(memo))
-    tmp.replace(memo_path)
+    paths.write_text(memo_path, json.dumps(memo))
     return h.hexdigest()[:24]
 
 
@@ -78,17 +76,18 @@ def precompute(forward, ref_params, data: TokenizedData, batch_size: int, to_dev
     return table
 
 
-def load_or_compute(path: Path, compute) -> np.ndarray:
+def load_or_compute(path, compute) -> np.ndarray:
+    """The cached table at `path` (local or a URL), or `compute()`'s, then cached there by process 0."""
+    path = paths.path(path)
     if path.is_file():
-        with np.load(path, allow_pickle=False) as f:
+        with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as f:
             log.info("reference log-probs loaded from cache %s", path)
             return f["ref_logps"]
     table = compute()
     if jax.process_index() == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
-        np.savez(tmp, ref_logps=table)
-        tmp.replace(path)
+        buffer = io.BytesIO()
+        np.savez(buffer, ref_logps=table)
+        paths.write_bytes(path, buffer.getvalue())
         what = "pairs" if table.shape[1] == 2 else "rankings"
         log.info("reference log-probs computed for %d %s and cached in %s", len(table), what, path)
     return table

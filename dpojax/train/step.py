@@ -58,6 +58,7 @@ class StepSpec:
     precomputed_ref: bool = False  # reference log-probs come with the batch (batch.ref_logps_NxK)
     packing: str = "none"  # none | padding_free | shared_prompt (dpojax.data.packing; resolved, never auto)
     band: int | None = None  # packed rows: the longest sequence (data.max_length), the attention band
+    lora: bool = False  # params are LoRA adapters; the frozen base comes in the reference slot (ref_params)
 
     @property
     def with_wpo(self) -> bool:
@@ -79,7 +80,7 @@ def make_spec(cfg: Config, policy_graphdef, ref_graphdef, sharder: Sharder | Non
                     grad_accum=cfg.grad_accum_steps if grad_accum is None else grad_accum, sharder=sharder,
                     precomputed_ref=precomputed_ref, vocab_tile=cfg.model.vocab_tile,
                     packing=packing_lib.resolve_mode(cfg.data.packing, cfg.model.attention, backend),
-                    band=cfg.data.max_length)
+                    band=cfg.data.max_length, lora=cfg.model.lora.enabled)
 
 
 def packing_of(spec: StepSpec, sharder: Sharder | None, *, train: bool) -> packing_lib.Packing | None:
@@ -160,7 +161,8 @@ def batch_loss(params, ref_params, batch: PreferenceBatch, spec: StepSpec,
     """(sum over real prompts of the loss, metric sums) for one micro-batch; the reference is frozen. `hp`: the
     loss hyper-parameters as data (default: the config's)."""
     k = batch.response_mask_NxK.shape[1]
-    policy = sequence_logps(spec.policy_graphdef, params, batch, spec)
+    policy_params = nnx.merge_state(ref_params, params) if spec.lora else params  # LoRA: frozen base + adapters
+    policy = sequence_logps(spec.policy_graphdef, policy_params, batch, spec)
     ref = None
     if spec.precomputed_ref:
         ref = precomputed_stats(batch.ref_logps_NxK)

@@ -1,0 +1,252 @@
+"""Every path a run reads or writes, local or on object storage (`gs://`, `s3://`), behind one API: etils `epath`,
+the path type Orbax itself uses (its `gs://`/`s3://` backend is fsspec: gcsfs / s3fs, the `gcs` extra).
+
+What differs on object storage, and how dpojax handles it:
+- No append and no rename: a file is written whole (an object appears complete or not at all), so
+  `write_bytes`/`write_text` write in place there and through a temporary file + `os.replace` locally, and
+  `LineAppender` (metrics.jsonl, samples.jsonl) buffers lines and rewrites the object.
+- Libraries that need a local file (safetensors memory maps, tokenizers, `datasets.load_from_disk`) get a local
+  mirror from `local_copy`, re-downloaded when the remote size or checksum changes.
+- A URL without credentials or with a missing bucket fails at start (`check_urls`) with one line naming the URL
+  and what to set, before anything is written.
+
+A local GCS emulator is used when `STORAGE_EMULATOR_HOST` is set (the variable google-cloud-storage and gcsfs
+read): `use_emulator_if_set` points tensorstore (Orbax's array writer) at it too.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import time
+from typing import Iterable
+
+from etils import epath
+
+from dpojax.errors import UserError
+
+REMOTE_SCHEMES = ("gs://", "s3://")
+_COPY_CHUNK = 16 << 20
+
+
+class StorageError(UserError):
+    """An object-storage URL that cannot be used: no credentials, a missing bucket, a missing client package."""
+
+
+def is_remote(p: str | os.PathLike) -> bool:
+    return os.fspath(p).startswith(REMOTE_SCHEMES)
+
+
+def path(p: str | os.PathLike) -> epath.Path:
+    """An `epath.Path` of a local path (`~` expanded) or an object-store URL."""
+    text = os.fspath(p)
+    return epath.Path(text if is_remote(text) else os.path.expanduser(text))
+
+
+def absolute(p: str | os.PathLike) -> epath.Path:
+    """`path(p)`, made absolute when local (a URL is absolute already)."""
+    text = os.fspath(p)
+    return epath.Path(text) if is_remote(text) else epath.Path(os.path.abspath(os.path.expanduser(text)))
+
+
+def write_bytes(dst: str | os.PathLike, data: bytes) -> None:
+    """Write a whole file atomically: a reader sees the old file or the new one, never a torn one."""
+    if is_remote(dst):
+        with path(dst).open("wb") as f:  # one object upload: visible only once complete
+            f.write(data)
+        return
+    local = pathlib.Path(os.path.expanduser(os.fspath(dst)))
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.with_name(f"{local.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, local)
+
+
+def write_text(dst: str | os.PathLike, text: str) -> None:
+    write_bytes(dst, text.encode("utf-8"))
+
+
+def makedirs(p: str | os.PathLike) -> None:
+    """A folder locally; nothing to do on object storage (prefixes need no folder objects)."""
+    if not is_remote(p):
+        path(p).mkdir(parents=True, exist_ok=True)
+
+
+def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy one file between any two places (local, gs://, s3://), streamed in chunks."""
+    if not is_remote(dst):
+        pathlib.Path(os.path.expanduser(os.fspath(dst))).parent.mkdir(parents=True, exist_ok=True)
+    with path(src).open("rb") as fin, path(dst).open("wb") as fout:
+        shutil.copyfileobj(fin, fout, _COPY_CHUNK)
+
+
+class LineAppender:
+    """Adds lines to a text file (metrics.jsonl, samples.jsonl): appended to a local file; on object storage, which
+    has no append, the file's lines are kept in memory and the whole object is rewritten at most every
+    `flush_every_s` seconds and at every `flush()`. `enabled=False` (a process other than 0) writes nothing."""
+
+    def __init__(self, dst: str | os.PathLike, enabled: bool = True, flush_every_s: float = 30.0):
+        self.path, self.enabled, self.flush_every_s = path(dst), enabled, flush_every_s
+        self.remote = is_remote(dst)
+        self._text: list[str] = []
+        self._dirty, self._flushed_at = False, float("-inf")
+        if enabled and self.remote and self.path.exists():
+            text = self.path.read_text()
+            self._text = [text if text.endswith("\n") or not text else text + "\n"]
+        elif enabled and not self.remote:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def add(self, line: str) -> None:
+        if not self.enabled:
+            return
+        if not self.remote:
+            with self.path.open("a") as f:
+                f.write(line + "\n")
+            return
+        self._text.append(line + "\n")
+        self._dirty = True
+        if time.monotonic() - self._flushed_at >= self.flush_every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        """Make every line added so far durable (local appends already are)."""
+        if self.enabled and self.remote and self._dirty:
+            write_text(self.path, "".join(self._text))
+            self._dirty, self._flushed_at = False, time.monotonic()
+
+    close = flush
+
+
+# ------------------------------------------------------------------------------------------ local mirrors
+def cache_root() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("DPOJAX_CACHE", "~/.cache/dpojax")).expanduser()
+
+
+def _fs(url: str):
+    import fsspec
+
+    return fsspec.filesystem(url.split("://", 1)[0])
+
+
+def _stamp(info: dict) -> str:
+    """What identifies one version of an object: size plus the store's checksum or generation."""
+    for key in ("md5Hash", "crc32c", "generation", "ETag", "etag", "mtime", "updated"):
+        if info.get(key):
+            return f"{info.get('size')}:{info[key]}"
+    return str(info.get("size"))
+
+
+def local_copy(url: str | os.PathLike, patterns: Iterable[str] | None = None) -> pathlib.Path:
+    """A local path holding the same bytes as `url`: the path itself when local; for a URL, a mirror under
+    `$DPOJAX_CACHE/remote/` of the file, or of the folder's files (recursively; only names matching `patterns`
+    when given). A file is downloaded again only when its size or checksum changed."""
+    text = os.fspath(url)
+    if not is_remote(text):
+        return pathlib.Path(os.path.expanduser(text))
+    import fnmatch
+
+    fs, text = _fs(text), text.rstrip("/")
+    scheme, key = text.split("://", 1)
+    dest = cache_root() / "remote" / scheme / key
+    if fs.isfile(text):
+        _download(fs, text, fs.info(text), dest)
+        return dest
+    found = fs.find(text, detail=True)
+    if not found:
+        raise StorageError(f"{text}: no such file or folder")
+    prefix = text.split("://", 1)[1] + "/"
+    for name, info in sorted(found.items()):
+        rel = name.split("://", 1)[-1][len(prefix):]
+        if rel and (patterns is None or any(fnmatch.fnmatch(pathlib.PurePosixPath(rel).name, p) for p in patterns)):
+            _download(fs, f"{scheme}://{name.split('://', 1)[-1]}", info, dest / rel)
+    return dest
+
+
+def _download(fs, url: str, info: dict, dest: pathlib.Path) -> None:
+    stamp_file = dest.with_name(f".{dest.name}.stamp")
+    stamp = _stamp(info)
+    if dest.is_file() and stamp_file.is_file() and stamp_file.read_text() == stamp:
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
+    fs.get_file(url, str(tmp))
+    os.replace(tmp, dest)  # concurrent processes on one machine each write whole files
+    write_text(stamp_file, stamp)
+
+
+# ------------------------------------------------------------------------------------------ checks at start
+def use_emulator_if_set() -> None:
+    """With `STORAGE_EMULATOR_HOST` set (a local GCS emulator, as google-cloud-storage and gcsfs read it), point
+    tensorstore at it as well, with a placeholder token, and keep gcsfs off the control-plane API that
+    emulators lack. Explicit settings win."""
+    host = os.environ.get("STORAGE_EMULATOR_HOST", "")
+    if host in ("", "default"):
+        return
+    url = host if host.startswith(("http://", "https://")) else f"http://{host}"
+    os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", url)
+    os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
+    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+
+use_emulator_if_set()  # before gcsfs or tensorstore read their settings
+
+_CREDENTIALS_HELP = {
+    "gs": "set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file, or run "
+          "`gcloud auth application-default login` (on a TPU VM or GCE the VM's service account is used)",
+    "s3": "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)",
+}  # fmt: skip
+_PACKAGE = {"gs": "gcsfs", "s3": "s3fs"}
+
+
+def check_urls(urls: Iterable[tuple[str, str | None]]) -> None:
+    """Fail early, with one line naming the URL and the fix, when an object-store URL in `urls` ((what, url)
+    pairs; local paths and None are skipped) lacks its client package, credentials, or bucket."""
+    seen = set()
+    for what, url in urls:
+        if url is None or not is_remote(url) or url in seen:
+            continue
+        seen.add(url)
+        scheme = url.split("://", 1)[0]
+        _check_package(what, url, scheme)
+        if scheme == "gs":
+            _check_gcs_credentials(what, url)
+        _check_bucket(what, url, scheme)
+
+
+def _check_package(what: str, url: str, scheme: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(_PACKAGE[scheme]) is None:
+        raise StorageError(f"{what} '{url}': reading and writing {scheme}:// needs the {_PACKAGE[scheme]} package: "
+                           f"pip install 'dpojax[gcs]' (or pip install {_PACKAGE[scheme]})")
+
+
+def _check_gcs_credentials(what: str, url: str) -> None:
+    if os.environ.get("STORAGE_EMULATOR_HOST", "") not in ("", "default"):
+        return
+    import google.auth
+    import google.auth.exceptions
+
+    try:
+        google.auth.default()
+    except google.auth.exceptions.DefaultCredentialsError:
+        raise StorageError(f"{what} '{url}': no Google Cloud credentials found; {_CREDENTIALS_HELP['gs']}") from None
+
+
+def _check_bucket(what: str, url: str, scheme: str) -> None:
+    bucket = url.split("://", 1)[1].split("/", 1)[0]
+    if not bucket:
+        raise StorageError(f"{what} '{url}': the URL names no bucket (expected {scheme}://BUCKET/PATH)")
+    try:
+        fs = _fs(url)
+        fs.invalidate_cache()
+        fs.ls(f"{scheme}://{bucket}", detail=False)  # one listing: needs only object-list permission
+    except FileNotFoundError:
+        raise StorageError(f"{what} '{url}': bucket '{bucket}' does not exist; create it (gcloud storage buckets "
+                           f"create {scheme}://{bucket}) or fix the URL") from None
+    except Exception as e:  # noqa: BLE001 - 401/403 and the like (gcsfs raises HttpError or OSError)
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise StorageError(f"{what} '{url}': cannot access bucket '{bucket}' ({first}); "
+                           f"{_CREDENTIALS_HELP[scheme]}, with permission to list and write objects") from None
+

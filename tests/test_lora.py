@@ -1,0 +1,250 @@
+"""LoRA: adapters interchangeable with PEFT (export, init_from, merged export) for each fused-weight layout."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from dpojax.config import LoraSection
+from dpojax.errors import ConfigError
+from dpojax.models import export_hf, load_pretrained
+from dpojax.models import lora
+from test_models import padded_batch
+from tiny_models import make_tiny_checkpoint
+
+FAMILIES = ("llama", "gpt2", "gpt_neox", "phi3")  # every layout: unfused, Conv1D cat, per-head, cat rows
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _run(graphdef, states, ids, pos, seg):
+    model = nnx.merge(graphdef, *states)
+    return model.logits(model(ids, pos, seg))
+
+
+def _logits(graphdef, *states):
+    ids, pos, seg = padded_batch()
+    return np.asarray(_run(graphdef, states, ids, pos, seg))[seg > 0]
+
+
+def _torch_logits(model):
+    import torch
+
+    ids, _, seg = padded_batch()
+    with torch.no_grad():
+        out = model.eval()(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(seg))
+    return out.logits.numpy()[seg > 0]  # real tokens (padding rows differ by design)
+
+
+def _torch_base(path):
+    import torch
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32)
+
+
+def _random_adapters(abstract, seed):
+    """Every A and B random (B = 0 would hide a wrong B layout); numpy, so no compile per shape."""
+    rng = np.random.default_rng(seed)
+    return nnx.from_flat_state([(p, v.replace(value=jax.device_put(0.2 * rng.standard_normal(v.shape, np.float32))))
+                                for p, v in nnx.to_flat_state(abstract)])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_peft_interchange(family, tmp_path):
+    """dpojax adapter -> PEFT folder -> PeftModel logits; PEFT-made adapter -> init_from -> same logits; merged export
+    == PEFT merge_and_unload."""
+    import peft
+
+    path = make_tiny_checkpoint(tmp_path / "base", family, num_kv_heads=2 if family != "gpt2" else 4)
+    model, cfg = load_pretrained(path)
+    bgraph, base = nnx.split(model)
+    lcfg = LoraSection(enabled=True, rank=4, alpha=8.0, targets=("all-linear",))
+    pgraph, abstract, groups = lora.lora_model(bgraph, base, cfg, lcfg, None)
+    assert {g.leaf for g in groups} == set(lora.valid_targets(cfg))
+
+    # ours -> PEFT
+    adapters = _random_adapters(abstract, seed=1)
+    ours = _logits(pgraph, base, adapters)
+    lora.save_peft(tmp_path / "ours", adapters, groups, cfg, lcfg, str(path))
+    torch_base = _torch_base(path)
+    assert np.abs(ours - _torch_logits(torch_base)).max() > 1e-2  # the adapters change the function
+    theirs = peft.PeftModel.from_pretrained(torch_base, str(tmp_path / "ours"))
+    np.testing.assert_allclose(_torch_logits(theirs), ours, atol=1e-4)
+
+    # merged export == PEFT's merge
+    export_hf(nnx.merge(bgraph, lora.merged_state(base, adapters, groups, 2.0)), cfg, tmp_path / "merged")
+    np.testing.assert_allclose(_torch_logits(_torch_base(tmp_path / "merged")),
+                               _torch_logits(theirs.merge_and_unload()), atol=1e-4)
+
+    # PEFT -> ours (init_lora_weights=False: B random too)
+    made = peft.get_peft_model(_torch_base(path), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                                  init_lora_weights=False))
+    made.save_pretrained(str(tmp_path / "peft"))
+    loaded = lora.load_peft(tmp_path / "peft", abstract, groups, cfg, lcfg)
+    np.testing.assert_allclose(_logits(pgraph, base, loaded), _torch_logits(made), atol=1e-4)
+
+
+def test_bad_target_names_the_family_modules(tmp_path):
+    path = make_tiny_checkpoint(tmp_path / "base", "gpt2", num_kv_heads=4)
+    model, cfg = load_pretrained(path)
+    with pytest.raises(ConfigError, match="c_attn, c_fc, c_proj"):
+        lora.select_groups(cfg, ("q_proj",))
+
+
+# ---------------------------------------------------------------------------------------------------- training
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """A LoRA run's config (all-linear, rank 4, 2 micro-batches, checkpoints every 2 steps) and its per-step losses
+    and final state on ONE device, in process."""
+    import yaml
+    from test_sharding import run_steps
+    from trl_harness import dpojax_overrides, make_assets
+
+    from dpojax.config import config_from_dict
+    from dpojax.sharding import make_mesh
+
+    root = tmp_path_factory.mktemp("lora_train")
+    assets = make_assets(root, n_rows=16)
+    raw = dpojax_overrides(
+        assets, assets["standard"], root / "out", train__batch_size=8, train__micro_batch_size=4, train__steps=STEPS,
+        train__log_every=1, data__eval=None, optim__name="adamw", optim__lr=1e-2, optim__schedule="constant",
+        checkpoint__every=2, checkpoint__keep=5, model__lora={"enabled": True, "rank": 4, "alpha": 16,
+                                                              "targets": ["all-linear"]},
+    )  # fmt: skip
+    del raw["ref_model"]  # the reference is the base with the adapters off
+    (root / "run.yaml").write_text(yaml.safe_dump(raw))
+    cfg = config_from_dict(raw)
+    losses, state, _ = run_steps(cfg, make_mesh(1, 1, 1, devices=jax.devices()[:1]), steps=STEPS)
+    return {"root": root, "config": root / "run.yaml", "assets": assets, "losses": losses, "state": state}
+
+
+def test_lora_one_device_trains_adapters_only(lora_run):
+    """Step 1 starts at log 2 (B = 0: the policy is the base, which is the reference); only LoraParams train."""
+    losses, state = lora_run["losses"], lora_run["state"]
+    np.testing.assert_allclose(losses[0], np.log(2), atol=1e-6)
+    assert losses[-1] < losses[0] - 1e-3
+    assert all(isinstance(v, lora.LoraParam) for _, v in nnx.to_flat_state(state.params))
+    n_adapter = sum(x.size for x in jax.tree.leaves(state.params))
+    assert sum(x.size for x in jax.tree.leaves(state.opt_state)) <= 2 * n_adapter + 8  # AdamW moments + counts
+
+
+@pytest.mark.serial
+def test_lora_sigkill_resume_on_mesh_equals_one_device(lora_run, tmp_path):
+    """`dpojax train` on mesh (2,2,2) with precomputed reference log-probs (the base's), SIGKILLed after checkpoint 2
+    and resumed, equals the one-device run (reference in the step); the checkpoint holds adapters only; the run's
+    export/ is a PEFT folder and `dpojax export --merged` equals it merged."""
+    import signal
+
+    import peft
+    from test_resume import _run, _start_held, _train_records, _wait_for_dir
+
+    from dpojax.train import loop
+
+    out, mesh = tmp_path / "run", ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "ref_model.precompute=true")
+    proc = _start_held(lora_run["config"], out, 3, *mesh)
+    _wait_for_dir(out / "checkpoints" / "2")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    result = _run(lora_run["config"], out, *mesh)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stderr
+    np.testing.assert_allclose([r["loss"] for r in _train_records(out)], lora_run["losses"], rtol=1e-6, atol=1e-6)
+
+    import orbax.checkpoint as ocp
+
+    saved = ocp.StandardCheckpointer().restore(out / "checkpoints" / "4" / "params")
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(saved)[0]]
+    assert paths and all("lora" in p for p in paths), paths  # adapters only, no base weight
+    n_adapter = sum(x.size for x in jax.tree.leaves(lora_run["state"].params))
+    assert sum(np.size(x) for x in jax.tree.leaves(saved)) == n_adapter
+
+    merged = tmp_path / "merged"
+    loop.export_from_cli(str(out), str(merged), merged=True)
+    theirs = peft.PeftModel.from_pretrained(_torch_base(lora_run["assets"]["policy"]), str(out / "export"))
+    np.testing.assert_allclose(_torch_logits(_torch_base(merged)), _torch_logits(theirs), atol=1e-4)
+
+
+@pytest.mark.parametrize("overrides,words", [
+    (["model.lora.rank=16"], ["'model.lora.rank' is set", "model.lora.enabled=true"]),
+    (["model.lora.enabled=true", "model.lora.dropout=0.1"], ["'model.lora.dropout'", "not implemented"]),
+    (["model.lora.enabled=true", "ref_model.name_or_path=other"], ["the reference is the base model"]),
+    (["model.lora.enabled=true", "ref_model.sync_every=4"], ["TR-DPO", "frozen base"]),
+    (["model.lora.enabled=true", "model.lora.rank=0"], ["'model.lora.rank' = 0"]),
+])
+def test_lora_config_errors(overrides, words):
+    from dpojax.config import config_from_dict
+
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"model": {"name_or_path": "m"}, "data": {"train": "d.jsonl"}}, overrides)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_lora_matches_trl_with_peft(tmp_path):
+    """The same PEFT adapter (B random, so policy != reference) in both: `dpojax eval` equals TRL's evaluate() with
+    it (TRL's reference: the base with the adapters disabled), and 5 SGD steps give the same losses. GPT-2, so the
+    gradient of the A that c_attn's q, k and v parts share is checked too."""
+    import json
+
+    import peft
+    from test_trl_parity import _close, _our_step_losses
+    from trl_harness import TRL_METRICS, dpojax_overrides, make_assets, trl_trainer
+
+    from dpojax.config import config_from_dict
+    from dpojax.train.loop import evaluate
+
+    assets = make_assets(tmp_path / "assets", family="gpt2", n_rows=8)
+    targets = ["c_attn", "c_fc"]
+    made = peft.get_peft_model(_torch_base(assets["policy"]), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    made.save_pretrained(str(tmp_path / "adapter"))
+    lora_keys = {"model__lora": {"enabled": True, "rank": 4, "alpha": 8, "targets": targets,
+                                 "init_from": str(tmp_path / "adapter")}}
+    assets = {**assets, "ref": assets["policy"]}  # dpojax: the reference is the base
+    data = assets["standard"]
+
+    cfg = config_from_dict(dpojax_overrides(assets, data, tmp_path / "ours", train__eval_batch_size=8, **lora_keys))
+    ours = evaluate(cfg)
+    theirs = trl_trainer(assets, data, tmp_path / "trl", adapter=tmp_path / "adapter",
+                         per_device_eval_batch_size=8).evaluate()
+    for name in TRL_METRICS:
+        assert _close(ours[name], theirs[f"eval_{name}"]), (name, ours[name], theirs[f"eval_{name}"])
+    assert abs(ours["rewards/margins"]) > 1e-3  # the adapter moved the policy away from its reference
+
+    ours = _our_step_losses(assets, data, tmp_path / "ours_train", "sgd", 0.5, steps=5, **lora_keys)
+    trainer = trl_trainer(assets, data, tmp_path / "trl_train", adapter=tmp_path / "adapter",
+                          per_device_train_batch_size=8, max_steps=5, learning_rate=0.5, lr_scheduler_type="constant",
+                          optim="sgd", weight_decay=0.0, max_grad_norm=1e9, logging_steps=1, warmup_steps=0)
+    trainer.train()
+    theirs = [h["loss"] for h in trainer.state.log_history if "loss" in h][:5]
+    assert abs(ours[-1] - ours[0]) > 1e-3
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-6)
+    assert json.loads((tmp_path / "ours_train" / "export" / "adapter_config.json").read_text())["r"] == 4
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"])
+def test_peft_layout_of_the_other_families(family, tmp_path):
+    """The families that share Llama's module layout: our PEFT file has exactly PEFT's keys and shapes for
+    all-linear, and PEFT loads it (no compile: abstract base, adapters from numpy)."""
+    import peft
+    import transformers
+
+    from dpojax.models.config import ModelConfig
+    from dpojax.models.hf import abstract_params, read_hf_config
+
+    path = make_tiny_checkpoint(tmp_path / "base", family, num_kv_heads=2)
+    cfg = ModelConfig.from_hf(read_hf_config(path))
+    bgraph, base = abstract_params(cfg)
+    lcfg = LoraSection(enabled=True, rank=4, alpha=8.0, targets=("all-linear",))
+    _, abstract, groups = lora.lora_model(bgraph, base, cfg, lcfg, None)
+    ours = lora.peft_tensors(_random_adapters(abstract, seed=2), groups, cfg)
+    made = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(path),
+                               peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    theirs = {k: tuple(v.shape) for k, v in peft.get_peft_model_state_dict(made).items()}
+    assert {k: v.shape for k, v in ours.items()} == theirs
+    lora.save_peft(tmp_path / "ours", _random_adapters(abstract, seed=2), groups, cfg, lcfg, str(path))
+    peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(path), str(tmp_path / "ours"))
