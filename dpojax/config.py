@@ -91,6 +91,7 @@ class LossSection:
     discopop_tau: float = 0.05  # DiscoPOP mixing temperature
     simpo_gamma: float = 0.5  # SimPO target reward margin
     reference_free: bool = False  # use a uniform reference (no reference model)
+    import_: tuple[str, ...] = ()  # modules or .py files that register user losses, imported first (YAML key: import)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +173,9 @@ class CheckpointSection:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
+    """A whole run's configuration, one frozen section per YAML section; build it with `config_from_dict` or
+    `load_config` (which validate), never half-filled."""
+
     model: ModelSection = ModelSection()
     ref_model: RefModelSection = RefModelSection()
     data: DataSection = DataSection()
@@ -196,7 +200,7 @@ class Config:
         return self.ref_model.name_or_path or self.model.name_or_path
 
 
-_ALIASES = {"async": "async_"}  # YAML key -> field name (python keywords)
+_ALIASES = {"async": "async_", "import": "import_"}  # YAML key -> field name (python keywords)
 
 
 def _yaml_key(name: str) -> str:
@@ -318,6 +322,8 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def config_from_dict(raw: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """A validated Config from a dict of sections as in the YAML (`{"loss": {"beta": 0.1}, ...}`) plus dotted
+    `section.key=value` overrides; raises ConfigError naming the key. Imports `loss.import` modules first."""
     raw = dict(raw or {})
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
     for text in overrides:
@@ -329,6 +335,7 @@ def config_from_dict(raw: dict, overrides: list[str] | tuple[str, ...] = ()) -> 
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """`config_from_dict` of a YAML file; errors name the file too."""
     path = paths.path(path)
     if not path.is_file():
         raise ConfigError(f"config: file '{path}' not found.")
@@ -368,6 +375,7 @@ def validate(cfg: Config) -> None:
     _validate_lora(cfg)
     from dpojax import losses  # the loss registry owns its names, traits, ranges and combinations
 
+    losses.import_loss_modules(cfg.loss.import_)  # user losses register themselves before their names are checked
     losses.validate_loss_config(cfg.loss)
     _validate_with_losses(cfg, losses)
     d = cfg.distributed

@@ -27,11 +27,12 @@ from dpojax.losses.core import (
     validate_loss_config,
     worst_index,
 )
+from dpojax.losses.user import import_loss_modules
 
 __all__ = [
     "F_DIVERGENCES", "LOSSES", "Loss", "LossInputs", "LossParams", "MetricSums", "Terms", "best_and_worst",
     "finalize_metrics", "is_kwise", "loss_inputs_from_stats", "loss_types", "make_terms", "metric_names",
     "needs_prompt_nll",
     "per_pair_losses", "preference_loss", "reference_free", "register_loss", "reward_metrics", "traits",
-    "validate_loss_config", "worst_index",
+    "validate_loss_config", "worst_index", "import_loss_modules",
 ]  # fmt: skip

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dpojax.errors import ConfigError
+from dpojax.errors import ConfigError, UserError
 
 Array = jax.Array
 MetricSums = dict[str, tuple[Array, Array]]  # name -> (sum, count); value = sum / count after accumulation
@@ -142,8 +142,15 @@ def register_loss(name: str | LossFn | None = None, *, replace: bool = False, **
         fn, name = name, None
         return register_loss()(fn)
 
+    valid = [f.name for f in dataclasses.fields(Loss) if f.name not in ("name", "fn")]
+    unknown = sorted(set(traits) - set(valid))
+    if unknown:
+        raise TypeError(f"register_loss({name!r}): unknown traits {unknown}; valid traits: {', '.join(valid)}")
+
     def add(fn: LossFn) -> LossFn:
         key = name or fn.__name__
+        if not callable(fn):
+            raise TypeError(f"register_loss({key!r}) decorates a function (terms, hp) -> loss [N], got {fn!r}")
         if key in LOSSES and not replace:
             raise ValueError(f"loss {key!r} is already registered; pass replace=True to redefine it")
         LOSSES[key] = Loss(key, fn, **traits)
@@ -343,7 +350,7 @@ def batch_nll(logps: Array, tokens: Array, mask: Array) -> Array:
 
 def _per_prompt(t: Terms, cfg, hp: LossParams) -> tuple[Array, dict[str, Array]]:
     types = loss_types(cfg)
-    parts = {name: LOSSES[name].fn(t, hp) for name in dict.fromkeys(types)}
+    parts = {name: _checked(name, LOSSES[name].fn(t, hp), t) for name in dict.fromkeys(types)}
     total = sum(w * parts[name] for name, w in zip(types, hp.weights, strict=True))
     if cfg.rpo_alpha is not None:  # RPO (Pang et al. 2024, arXiv:2404.19733): + alpha * NLL(chosen), as TRL 0.x
         parts["rpo_nll"] = batch_nll(t.w.raw_logps, t.w.tokens, t.mask_N)
@@ -351,6 +358,23 @@ def _per_prompt(t: Terms, cfg, hp: LossParams) -> tuple[Array, dict[str, Array]]
     if cfg.use_weighting:
         total = total * wpo_weights(t)
     return total, parts
+
+
+def _checked(name: str, out, t: Terms) -> Array:
+    """A loss's output as the registry promises it: a float array [N] (one loss per prompt). Checked when the step is
+    traced (shapes and dtypes are static), so a user loss with the wrong output fails with one line naming it."""
+    n = t.mask_N.shape[0]
+    shape, dtype = getattr(out, "shape", None), getattr(out, "dtype", None)
+    if shape != (n,) or dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        what = f"shape {shape} and dtype {dtype}" if shape is not None else f"a {type(out).__name__}"
+        raise LossOutputError(
+            f"loss {name!r} returned {what}; a loss returns one float value per prompt, shape [N] = ({n},) "
+            f"(K = {t.logratios_NxK.shape[1]} responses each); reduce over K inside the loss, not over N.")
+    return out
+
+
+class LossOutputError(UserError, ValueError):
+    """A registered loss function returned something other than a float array [N]."""
 
 
 def _check_shape(inputs: LossInputs, cfg) -> None:

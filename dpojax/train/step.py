@@ -37,6 +37,8 @@ MetricSums = dict[str, tuple[jax.Array, jax.Array]]
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class TrainState:
+    """What one optimizer step updates: a pytree (jit, vmap and donate it whole)."""
+
     step: jax.Array  # int32 scalar: batches consumed (= data position; a skipped non-finite step counts too)
     params: Any  # nnx.State of the policy
     opt_state: Any  # optax state
@@ -194,6 +196,12 @@ def _add(a, b):
 
 def train_step(state: TrainState, ref_params, batch: PreferenceBatch, spec: StepSpec,
                hp: losses.LossParams | None = None):
+    """One optimizer update from a batch of `train.batch_size` prompts in `spec.grad_accum` micro-batches (pure).
+
+    Gradients of `batch_loss` are summed over micro-batches (`lax.scan`) and divided once by the number of real
+    prompts; a non-finite loss or gradient norm keeps params and optimizer state (`skipped_steps` 1). Returns
+    (TrainState, {name: (sum, count)}) with `grad_norm`, `learning_rate` and `skipped_steps` added. `hp`: the loss
+    hyper-parameters as data (default: the config's), e.g. vmapped for a beta sweep."""
     grad_fn = jax.value_and_grad(batch_loss, has_aux=True)
 
     def accumulate(carry, micro: PreferenceBatch):
@@ -227,6 +235,7 @@ def train_step(state: TrainState, ref_params, batch: PreferenceBatch, spec: Step
 
 def eval_step(params, ref_params, batch: PreferenceBatch, spec: StepSpec,
               hp: losses.LossParams | None = None) -> MetricSums:
+    """Metric sums {name: (sum, count)} of the policy `params` against the reference on one batch (pure)."""
     _, metrics = batch_loss(params, ref_params, batch, spec, hp)
     return metrics
 
