@@ -42,7 +42,7 @@ bench: $(VENV)/.installed-bench
 	$(PY) -m benchmarks.throughput --preset bench-llama --steps 2 --warmup 1
 
 # tokens/s, MFU and the FLOP accounting of the real train step on the backend JAX finds (CPU, GPU, TPU);
-# PRESET: tiny | bench-llama | llama-1b | llama-8b, ARGS: e.g. --attention cudnn --remat dots --micro-batch 4
+# PRESET: tiny | bench-llama | llama-1b | llama-8b, ARGS: e.g. --attention cudnn --remat qkv --micro-batch 4
 PRESET ?= bench-llama
 throughput: $(VENV)/.installed
 	$(PY) -m benchmarks.throughput --preset $(PRESET) $(ARGS)
