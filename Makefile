@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: demo test install install-test bench clean
+.PHONY: demo test install install-test bench throughput clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,13 @@ bench: $(VENV)/.installed-bench
 	$(PY) -m benchmarks.cpu_vs_trl --model smollm2 --steps 3 --warmup 1
 	$(PY) -m benchmarks.cpu_vs_trl --steps 2 --warmup 1
 	$(PY) -m benchmarks.generate_smollm2 --repeats 2
+	$(PY) -m benchmarks.throughput --preset bench-llama --steps 2 --warmup 1
+
+# tokens/s, MFU and the FLOP accounting of the real train step on the backend JAX finds (CPU, GPU, TPU);
+# PRESET: tiny | bench-llama | llama-1b | llama-8b, ARGS: e.g. --attention cudnn --remat qkv --micro-batch 4
+PRESET ?= bench-llama
+throughput: $(VENV)/.installed
+	$(PY) -m benchmarks.throughput --preset $(PRESET) $(ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

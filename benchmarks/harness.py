@@ -204,18 +204,12 @@ class StepSetup:
     buckets: tuple[int, ...] | None = None  # dpojax data.buckets (None: its default, powers of two up to max_length)
 
 
-def build_dpojax_step(setup: StepSetup, work: Path, *, data_overrides: dict | None = None, **model_overrides):
-    """(step(batch) -> None blocking, batches): the project's real train step, built the way `dpojax train`
-    builds it (the one place to adapt when the trainer's API moves); `data_overrides`: more `data.` keys (e.g.
-    packing)."""
-    import jax
-
+def setup_config(setup: StepSetup, work: Path, *, data_overrides: dict | None = None, **model_overrides):
+    """The dpojax Config of `setup` (adamw, constant lr, one device mesh axis over all devices); `data_overrides`:
+    more `data.` keys (e.g. packing)."""
     from dpojax.config import config_from_dict
-    from dpojax.sharding import Sharder, make_mesh
-    from dpojax.train import build, loop
-    from dpojax.train.step import batch_sharding
 
-    cfg = config_from_dict({
+    return config_from_dict({
         "model": {"name_or_path": str(setup.model_dir), "remat": setup.remat, **model_overrides},
         "data": {"train": str(setup.data), "max_length": setup.max_length, "cache_dir": str(work / "cache"),
                  "buckets": None if setup.buckets is None else list(setup.buckets), **(data_overrides or {})},
@@ -223,18 +217,49 @@ def build_dpojax_step(setup: StepSetup, work: Path, *, data_overrides: dict | No
         "train": {"batch_size": setup.batch, "steps": setup.warmup + setup.steps},
         "output_dir": str(work / "dpojax_run"),
     })  # fmt: skip
-    sharder = Sharder(make_mesh(-1, 1, 1))
+
+
+@dataclasses.dataclass
+class BuiltStep:
+    """The project's real train step, built the way `dpojax train` builds it, and the run's first batches."""
+
+    run: object  # dpojax.train.build.Run
+    state: object  # the train state (replaced by each step: it is donated)
+    batches: list  # host PreferenceBatches, train.steps of them, in the trainer's order
+    table: object = None  # precomputed reference log-probs of the data (ref_model.precompute), else None
+
+    def __call__(self, batch) -> None:
+        """One train step on `batch`, blocking until it is done."""
+        import jax
+
+        from dpojax.train import build, reference
+        from dpojax.train.step import batch_sharding
+
+        batch = reference.attach(batch, self.table)
+        self.state, out = self.run.train_step(self.state, self.run.models.ref_params,
+                                              build.to_device(batch, batch_sharding(self.run.sharder)))
+        jax.block_until_ready((self.state, out))
+
+
+def build_step(cfg) -> BuiltStep:
+    """Mesh, models, data (and precomputed reference log-probs when the config asks), the compiled train step
+    and train state of `cfg`: the stages of `dpojax train` (the one place to adapt when the trainer's API moves)."""
+    from dpojax.train import build, loop, reference
+
+    sharder = build.make_sharder(cfg)
     models = build.build_models(cfg, sharder)
-    pairs = build.load_split(cfg, models, cfg.data.train, "train")
-    run, state = build.setup_train(cfg, models, sharder, steps=cfg.train.steps)
-    sharding = batch_sharding(sharder)
-    holder = {"state": state}
+    pairs = build.load_split(cfg, models, cfg.data.train, cfg.data.train_split)
+    build.precompute_references(cfg, models, sharder, [pairs])
+    steps = build.total_steps(cfg, len(pairs))
+    run, state = build.setup_train(cfg, models, sharder, steps=steps)
+    return BuiltStep(run, state, list(loop._batches(run, pairs, 0, steps)),
+                     reference.lookup(run.models.ref_tables, pairs))
 
-    def step(batch) -> None:
-        holder["state"], out = run.train_step(holder["state"], run.models.ref_params, build.to_device(batch, sharding))
-        jax.block_until_ready((holder["state"], out))
 
-    return step, list(loop._batches(run, pairs, 0, cfg.train.steps))
+def build_dpojax_step(setup: StepSetup, work: Path, *, data_overrides: dict | None = None, **model_overrides):
+    """(step(batch) -> None blocking, batches): the real train step on `setup`."""
+    built = build_step(setup_config(setup, work, data_overrides=data_overrides, **model_overrides))
+    return built, built.batches
 
 
 def dpojax_steps(setup: StepSetup, work: Path, *, profile: bool = False, data_overrides: dict | None = None,
@@ -302,3 +327,79 @@ def side_by_side(setup: StepSetup, work: Path, *, label: str, profile: bool = Fa
           f"{setup.batch / theirs.median:.2f} pairs/s ({theirs}/step): {ratio(theirs, ours):.2f}x  "
           f"[{machine()}]", flush=True)
     return result
+
+
+# ---- compile time, peak memory, synthetic random-init models ------------------------------------------------
+COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                  "/jax/core/compile/backend_compile_duration")
+
+
+class CompileTimer:
+    """Seconds JAX spent tracing, lowering and compiling (its own monitoring events) inside the `with` block."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def _listen(self, event: str, duration: float, **_) -> None:
+        if event in COMPILE_EVENTS:
+            self.seconds += duration
+
+    def __enter__(self) -> "CompileTimer":
+        import jax
+
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import jax
+
+        jax.monitoring.unregister_event_duration_listener(self._listen)
+
+
+def peak_memory() -> tuple[int, str]:
+    """(bytes, what was measured): the largest `peak_bytes_in_use` over this process's devices where the backend
+    reports it (GPU, TPU), else the process's peak resident set size (CPU: host memory is device memory)."""
+    import resource
+
+    import jax
+
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
+    if peaks and all(p is not None for p in peaks):
+        return max(peaks), "peak device memory (largest over local devices)"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS of this process (CPU)"
+
+
+def synthetic_model_dir(root: Path, hf_config: dict) -> Path:
+    """A model folder of config.json and a word-level tokenizer covering the whole vocabulary ("w0" .. ): enough
+    for `model.init: random` (no weights on disk), so a model of any size costs nothing to set up."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {w: i for i, w in enumerate(specials + [f"w{i}" for i in range(hf_config["vocab_size"] - len(specials))])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")  # fmt: skip
+    root.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(root)
+    ids = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    (root / "config.json").write_text(json.dumps({**ids, **hf_config}, indent=1))
+    return root
+
+
+def full_length_pairs(path: Path, n: int, max_length: int, vocab_size: int, seed: int = 0) -> Path:
+    """`n` random-word pairs whose prompt + completion (+ EOS) is exactly `max_length` tokens of a
+    `synthetic_model_dir` tokenizer: every batch fills the largest bucket, so steps time one compiled shape."""
+    import random
+
+    rng = random.Random(seed)
+    words = [f"w{i}" for i in range(vocab_size - 4)]
+    prompt, completion = max_length // 2, max_length - max_length // 2 - 1  # EOS appended to the completion
+    with path.open("w") as f:
+        for _ in range(n):
+            row = {"prompt": " ".join(rng.choices(words, k=prompt))}
+            for key in ("chosen", "rejected"):
+                row[key] = " " + " ".join(rng.choices(words, k=completion))
+            f.write(json.dumps(row) + "\n")
+    return path

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dpojax.errors import ConfigError, UserError
+from dpojax.flops import PEAK_BF16_FLOPS
 
 GiB = 2**30
 
@@ -32,11 +33,11 @@ class Chip:
     peak_bf16_flops: float  # dense bf16 FLOP/s per chip
 
 
-CHIPS = {
-    "v4": Chip(32 * GiB, 275e12),
-    "v5e": Chip(16 * GiB, 197e12),
-    "v5p": Chip(95 * GiB, 459e12),
-    "v6e": Chip(32 * GiB, 918e12),
+CHIPS = {  # peaks: dpojax.flops, the one table the trainer's MFU and the throughput benchmark use too
+    "v4": Chip(32 * GiB, PEAK_BF16_FLOPS["v4"]),
+    "v5e": Chip(16 * GiB, PEAK_BF16_FLOPS["v5e"]),
+    "v5p": Chip(95 * GiB, PEAK_BF16_FLOPS["v5p"]),
+    "v6e": Chip(32 * GiB, PEAK_BF16_FLOPS["v6e"]),
 }
 # Cloud TPU accelerator type -> libtpu topology (v4/v5p count TensorCores, 2 per chip; v5e/v6e count chips)
 ACCELERATOR_TYPES = {

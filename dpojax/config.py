@@ -110,6 +110,21 @@ class OptimSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class ProfileSection:
+    """A JAX profiler trace of a few train steps, written to output_dir/profile/ (TensorBoard / Perfetto)."""
+
+    start_step: Optional[int] = None  # first traced optimizer step (1-based); null: no profile
+    steps: int = 3  # traced steps from start_step
+
+
+@dataclasses.dataclass(frozen=True)
+class WandbSection:
+    project: str = "dpojax"  # W&B project
+    name: Optional[str] = None  # run name; default: output_dir's folder name
+    mode: Literal["auto", "online", "offline"] = "auto"  # auto: online given an API key (env, wandb login)
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainSection:
     batch_size: int = 64  # global prompts per optimizer step (a pair, or a ranking of K responses, each)
     micro_batch_size: Optional[int] = None  # prompts per forward/backward; default: batch_size (no accumulation)
@@ -122,6 +137,9 @@ class TrainSection:
     max_bad_steps: int = 5  # consecutive non-finite steps (each skipped) before the run stops
     eval_samples: int = 0  # eval prompts whose greedy completions go to samples.jsonl at each eval (0 = none)
     eval_sample_tokens: int = 64  # most new tokens of each sample
+    report_to: tuple[Literal["tensorboard", "wandb"], ...] = ()  # also send metrics.jsonl's records there (TRL's name)
+    wandb: WandbSection = WandbSection()  # W&B run settings (report_to: [wandb])
+    profile: ProfileSection = ProfileSection()  # profiler trace of a few steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -386,6 +404,9 @@ def _validate_sections(cfg: Config) -> None:
     _require(t.eval_samples >= 0 and t.eval_sample_tokens >= 1, f"'train.eval_samples' = {t.eval_samples} must be "
              f">= 0 and 'train.eval_sample_tokens' = {t.eval_sample_tokens} >= 1.")
     _require(t.max_bad_steps >= 1, f"'train.max_bad_steps' = {t.max_bad_steps} must be at least 1.")
+    _require(t.profile.start_step is None or (t.profile.start_step >= 1 and t.profile.steps >= 1),
+             f"'train.profile.start_step' = {t.profile.start_step} and 'train.profile.steps' = {t.profile.steps} "
+             "must be at least 1 (start_step: null turns profiling off).")
     _require(d.max_responses >= 2, f"'data.max_responses' = {d.max_responses} must be at least 2 (a ranking).")
     _require(c.keep >= 1, f"'checkpoint.keep' = {c.keep} must be at least 1.")
     _require(cfg.model.vocab_tile is None or cfg.model.vocab_tile > 0,

@@ -138,28 +138,3 @@ def plot_curves(records: list[dict], out_png: PathLike):
     paths.write_bytes(out_png, buffer.getvalue())
     return paths.path(out_png)
 
-
-# Dense bf16 peak FLOP/s per device by jax `device_kind` (vendor figures), for MFU.
-PEAK_FLOPS = {
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v5": 459e12,
-    "TPU v5p": 459e12,
-    "TPU v6 lite": 918e12,
-    "TPU v6e": 918e12,
-    "NVIDIA H100 80GB HBM3": 989e12,
-    "NVIDIA H100": 989e12,
-    "NVIDIA H200": 989e12,
-    "NVIDIA A100-SXM4-80GB": 312e12,
-    "NVIDIA A100-SXM4-40GB": 312e12,
-}
-
-
-def peak_flops_per_second() -> float | None:
-    """Peak FLOP/s of all devices together, when the device kind is known (None on CPU)."""
-    import jax
-
-    kind = jax.devices()[0].device_kind
-    per_device = PEAK_FLOPS.get(kind) or next((v for k, v in PEAK_FLOPS.items() if kind.startswith(k)), None)
-    return None if per_device is None else per_device * jax.device_count()

@@ -19,8 +19,8 @@ cap * tanh(s / cap), before the mask (Gemma 2).
 - "splash": the Pallas splash kernel (`dpojax.models.splash`) per device under `shard_map` on TPU: never builds
   the [B, H, T, T] scores, forward or backward. No sliding windows (its masks are static, our windows are
   per-layer data). On a CPU mesh it runs in the Pallas interpreter (tests; slow); refused on GPU.
-- "auto": splash on TPU unless a layer has a sliding window; cudnn on GPU when the dtype and head_dim allow it
-  and no soft-cap is needed; else xla.
+- "auto": splash on TPU unless a layer has a sliding window; cudnn on GPU when `cudnn_allows` (bf16/fp16, no
+  soft-cap, head_dim a multiple of 8 up to 256 on Hopper, 128 on Ampere); else xla.
 """
 
 from __future__ import annotations
@@ -34,10 +34,23 @@ from dpojax.sharding import Sharder
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 
 
+def cudnn_allows(*, dtype, head_dim: int, softcap: float | None = None, capability: str | None = None) -> bool:
+    """Whether cuDNN flash attention runs this model: bf16/fp16, no soft-cap, head_dim a multiple of 8 and at most
+    256 on Hopper and later (compute capability >= 9.0), 128 before (A100: 8.0); unknown capability: Hopper."""
+    major = int(str(capability).split(".")[0]) if capability else 9
+    return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and softcap is None
+            and head_dim % 8 == 0 and head_dim <= (256 if major >= 9 else 128))
+
+
+def _gpu_capability() -> str | None:
+    return getattr(jax.devices()[0], "compute_capability", None)
+
+
 def resolve_attention(name: str, *, dtype, head_dim: int, backend: str | None = None,
-                      softcap: float | None = None, sliding_window: bool = False) -> str:
+                      softcap: float | None = None, sliding_window: bool = False,
+                      gpu_capability: str | None = None) -> str:
     """The concrete implementation for `name` on `backend` (default: jax.default_backend()); `sliding_window`:
-    some layer of the model has one."""
+    some layer of the model has one; `gpu_capability`: e.g. "9.0" (default: the first device's, on GPU)."""
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"attention={name!r} is not one of {', '.join(IMPLEMENTATIONS)}")
     if name == "cudnn" and softcap is not None:
@@ -54,9 +67,8 @@ def resolve_attention(name: str, *, dtype, head_dim: int, backend: str | None = 
         return name
     if backend == "tpu":
         return "xla" if sliding_window else "splash"
-    cudnn_ok = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and head_dim % 8 == 0 \
-        and head_dim <= 256 and softcap is None
-    if backend in ("gpu", "cuda") and cudnn_ok:
+    if backend in ("gpu", "cuda") and cudnn_allows(dtype=dtype, head_dim=head_dim, softcap=softcap,
+                                                   capability=gpu_capability or _gpu_capability()):
         return "cudnn"
     return "xla"
 

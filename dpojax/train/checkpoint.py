@@ -30,8 +30,7 @@ RESUME_FREE = (
     "train.steps", "train.epochs", "train.log_every", "train.eval_every", "train.eval_batch_size",
     "train.micro_batch_size", "train.max_bad_steps", "data.eval", "data.eval_split", "data.cache_dir",
     "model.attention", "model.remat", "model.scan_layers", "model.vocab_tile", "ref_model.precompute", "mesh.",
-    "data.packing",
-    "checkpoint.", "distributed.", "output_dir",
+    "data.packing", "checkpoint.", "distributed.", "output_dir", "train.report_to", "train.wandb.", "train.profile.",
 )  # fmt: skip
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from dpojax import distributed, metrics as M, paths
+from dpojax import distributed, flops as F, metrics as M, paths, tracking
 from dpojax.config import Config, dump_yaml, load_config
 from dpojax.data.batching import PreferenceBatch, eval_batches, train_batches
 from dpojax.data.packing import PackedBatch
@@ -66,28 +66,32 @@ class _Window:
     """Host-side accumulation of step metrics between log records (read back one step late)."""
 
     def __init__(self):
-        self.sums, self.tokens, self.steps, self.t0 = None, 0, 0, time.perf_counter()
+        self.sums, self.tokens, self.flops, self.steps, self.t0 = None, 0, 0.0, 0, time.perf_counter()
 
-    def add(self, step: int, out, tokens: int) -> tuple[int, bool]:
-        """Add one step's metrics; returns (step, whether its update was skipped as non-finite)."""
+    def add(self, step: int, out, tokens: int, flops: float = 0.0) -> tuple[int, bool]:
+        """Add one step's metrics (and its model FLOPs); returns (step, whether its update was skipped as
+        non-finite)."""
         out = jax.device_get(out)
         self.sums = M.add_sums(self.sums, out)
         self.tokens += tokens
+        self.flops += flops
         self.steps += 1
         return step, bool(out["skipped_steps"][0] > 0)
 
-    def flush(self, pairs_per_step: int, flops_per_token: float) -> dict[str, float]:
+    def flush(self, pairs_per_step: int) -> dict[str, float]:
         """Every process calls this at the same steps: each counted only its own rows' tokens, so they are
         summed over processes here (one small host all-gather per log record)."""
         dt = max(time.perf_counter() - self.t0, 1e-9)
         out = M.finalize(self.sums)
         if jax.process_count() > 1:
             self.tokens = int(np.sum(multihost_utils.process_allgather(np.asarray(self.tokens, np.int32))))
+            self.flops = float(np.sum(multihost_utils.process_allgather(np.asarray(self.flops / 1e9, np.float32))))
+            self.flops *= 1e9
         out["tokens_per_second"] = self.tokens / dt
         out["pairs_per_second"] = self.steps * pairs_per_step / dt
-        peak = M.peak_flops_per_second()
+        peak = F.peak_flops_per_second()
         if peak:
-            out["mfu"] = self.tokens * flops_per_token / dt / peak
+            out["mfu"] = self.flops / dt / peak  # dpojax.flops: model FLOPs of the real tokens, causal attention
         self.__init__()
         return out
 
@@ -98,13 +102,11 @@ def _progress(total: int, start: int):
     return tqdm(total=total, initial=start, desc="train", unit="step", disable=jax.process_index() != 0)
 
 
-def _flops_per_token(run: Run) -> float:
-    """Policy forward+backward plus reference forward per real token, at the largest bucket. LoRA's backward has no
-    base-weight gradients: 2x forward (the adapters' own FLOPs are left out)."""
-    c, t = run.models.policy_cfg, run.cfg.data.max_length
-    ref = c.forward_flops_per_token(t) if run.models.ref_graphdef is not None else 0.0
-    policy = 2.0 * c.forward_flops_per_token(t) if run.models.lora is not None else c.flops_per_token(t)
-    return policy + ref
+def _model_flops(run: Run, batch: PreferenceBatch | PackedBatch) -> float:
+    """Model FLOPs of one step on this process's rows (dpojax.flops: policy forward+backward, reference forward;
+    under LoRA the backward computes no base-weight gradients)."""
+    return F.batch_flops(run.models.policy_cfg, batch, reference=run.models.ref_graphdef is not None,
+                         weight_grads=run.models.lora is None).model
 
 
 def _resume_point(mngr, cfg: Config, steps: int) -> tuple[int, int]:
@@ -156,7 +158,9 @@ def train(cfg: Config) -> dict[str, Any]:
         paths.makedirs(out_dir)
         paths.write_text(out_dir / "config.yaml", dump_yaml(cfg))
         M.truncate_after(out_dir / "metrics.jsonl", start)  # records past the checkpoint are redone
-    writer = M.MetricsWriter(out_dir / "metrics.jsonl", enabled=is_main)
+    writer = tracking.Trackers(M.MetricsWriter(out_dir / "metrics.jsonl", enabled=is_main), cfg, out_dir, is_main,
+                               start=start)
+    profiler = tracking.Profiler(cfg, out_dir / "profile", enabled=is_main)
     log.info(
         "training %s: %d prompts x %d responses, %d steps of %d prompts (%d micro-batches), mesh %s, from step %d",
         cfg.model.name_or_path, len(train_data), train_data.num_responses, run.total_steps, cfg.train.batch_size,
@@ -167,7 +171,8 @@ def train(cfg: Config) -> dict[str, Any]:
     samples = make_samples(cfg, models, eval_data, out_dir)
     try:
         with Preemption() as preemption:
-            state, stopped_at = _loop(run, state, savers, writer, train_data, eval_data, start, preemption, samples)
+            state, stopped_at = _loop(run, state, savers, writer, train_data, eval_data, start, preemption, samples,
+                                      profiler)
         if stopped_at is None and eval_data is not None:
             final = run_eval(run, state.params, eval_data)
             if samples is not None:
@@ -177,6 +182,7 @@ def train(cfg: Config) -> dict[str, Any]:
         else:
             final = {}
     finally:  # an error (e.g. divergence) still completes the saves already under way
+        profiler.stop()
         writer.close()
         mngr.wait_until_finished()
         if best is not None:
@@ -214,26 +220,28 @@ class Savers:
                       metrics=metrics)
 
 
-def _loop(run: Run, state, savers: Savers, writer, train_data, eval_data, start: int, preemption, samples=None):
+def _loop(run: Run, state, savers: Savers, writer, train_data, eval_data, start: int, preemption, samples,
+          profiler):
     """Steps start+1 .. total_steps. Returns (state, the step a SIGTERM stopped at, or None)."""
     cfg = run.cfg
     sharding = batch_sharding(run.sharder)
-    flops = _flops_per_token(run)
     window, pending, bar, bad = _Window(), None, _progress(run.total_steps, start), _BadSteps(cfg)
     table = reference.lookup(run.models.ref_tables, train_data)
     for step, batch in enumerate(_batches(run, train_data, start, run.total_steps), start=start + 1):
         batch = reference.attach(batch, table)
+        profiler.before_step(step)
         state, out = run.train_step(state, run.models.ref_params, to_device(batch, sharding))
+        profiler.after_step(step, out)
         if run.sync_reference is not None and step % cfg.ref_model.sync_every == 0:
             run.models.ref_params = run.sync_reference(state.params, run.models.ref_params)
         if pending is not None:  # read the previous step's metrics while this one runs
             bad.check(*window.add(*pending))
-        pending = (step, out, batch.real_tokens())
+        pending = (step, out, batch.real_tokens(), _model_flops(run, batch))
         last = step == run.total_steps
         if step % cfg.train.log_every == 0 or last:
             bad.check(*window.add(*pending))
             pending = None
-            record = window.flush(cfg.train.batch_size, flops)
+            record = window.flush(cfg.train.batch_size)
             writer.write(step, "train", record)
             bar.set_postfix(
                 loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
