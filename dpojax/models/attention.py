@@ -90,14 +90,14 @@ MAX_BLOCKS = 32  # attend_xla with a band: at most this many query blocks (unrol
 
 def _query_blocks(T: int, band: int | None = None) -> list[tuple[int, int]]:
     """[start, end) query ranges. Without a band: one block below 2 * CAUSAL_BLOCK tokens, else at most 8 blocks of
-    at least CAUSAL_BLOCK tokens (the last may be shorter). With a band (packed rows): blocks of about band / 2
+    at least CAUSAL_BLOCK tokens (the last may be shorter). With a band (packed rows): blocks of about band / 4
     (at least CAUSAL_BLOCK, at most MAX_BLOCKS of them), each reading only the keys of its band."""
     if band is None or T <= band:
         if T < 2 * CAUSAL_BLOCK:
             return [(0, T)]
         size = max(CAUSAL_BLOCK, -(-T // 8))
     else:
-        size = max(CAUSAL_BLOCK, band // 2, -(-T // MAX_BLOCKS))
+        size = max(CAUSAL_BLOCK, band // 4, -(-T // MAX_BLOCKS))
     return [(s, min(s + size, T)) for s in range(0, T, size)]
 
 
