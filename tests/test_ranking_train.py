@@ -67,7 +67,7 @@ def _step_metrics(assets, data, out, steps: int = 3, **extra) -> list[dict]:
     train_data = build.load_split(cfg, models, cfg.data.train, cfg.data.train_split)
     run, state = build.setup_train(cfg, models, sharder, steps=build.total_steps(cfg, len(train_data)))
     out = []
-    for batch in loop._batches(cfg, train_data, 0, steps):
+    for batch in loop._batches(run, train_data, 0, steps):
         state, metrics = run.train_step(state, models.ref_params, build.to_device(batch, batch_sharding(sharder)))
         out.append(M.finalize(M.add_sums(None, jax.device_get(metrics))))
     return out
