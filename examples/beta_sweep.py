@@ -7,7 +7,8 @@ The loss hyper-parameters are data (`dpojax.LossParams`), so vmapping the pure s
 a vector of betas trains one policy per beta side by side on the same batches. Each policy is the one a separate
 run with that beta gives, step for step (tests/test_api_transforms.py checks this to 1e-6). Printed: per beta, the
 last training step's loss and accuracy and the held-out eval metrics. Expect (30 steps) accuracy 1.0 for every
-beta, a higher loss for small betas, and eval reward margins that grow with beta (~0.6 nats at 0.02, ~11 at 1.0: rewards are beta * log-ratios).
+beta, a higher loss for small betas, and eval reward margins that grow with beta (~0.6 nats at 0.02, ~11 at
+1.0: rewards are beta * log-ratios).
 """
 
 from __future__ import annotations

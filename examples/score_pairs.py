@@ -28,7 +28,8 @@ def train_demo(steps: int, out: Path, overrides: list[str] = ()) -> Path:
     config = dpojax.load_config(REPO / "configs/demo.yaml", [
         f"train.steps={steps}", f"train.log_every={steps}", "train.eval_every=null", "checkpoint.every=null",
         "data.eval=null", f"output_dir={out}", f"data.cache_dir={out / 'cache'}",
-        f"model.name_or_path={REPO / 'configs/demo/model'}", f"data.train={REPO / 'configs/demo/train.jsonl'}", *overrides,
+        f"model.name_or_path={REPO / 'configs/demo/model'}", f"data.train={REPO / 'configs/demo/train.jsonl'}",
+        *overrides,
     ])  # fmt: skip
     dpojax.train(config)
     return out
@@ -61,8 +62,8 @@ def score(run: Path, pairs: Path, batch_size: int = 16) -> dict:
     for batch in dpojax.eval_batches(data, batch_size):
         real = batch.prompt_mask_N > 0
         rewards[batch.prompt_index_N[real]] = cfg.loss.beta * np.asarray(logratios(batch))[real]
-    return {"chosen": rewards[:, 0], "rejected": rewards[:, 1], "accuracy": float(np.mean(rewards[:, 0] > rewards[:, 1])),
-            "beta": cfg.loss.beta}
+    accuracy = float(np.mean(rewards[:, 0] > rewards[:, 1]))  # TRL's rewards/accuracies: strictly greater
+    return {"chosen": rewards[:, 0], "rejected": rewards[:, 1], "accuracy": accuracy, "beta": cfg.loss.beta}
 
 
 def main(argv: list[str] | None = None) -> dict:
