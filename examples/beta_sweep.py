@@ -35,11 +35,13 @@ def sweep(betas: list[float], steps: int, batch_size: int = 32, lr: float = 1e-3
     spec = dpojax.make_spec(cfg, pair.policy_graphdef, pair.ref_graphdef, pair.sharder, total_steps=steps)
     n = len(betas)
     # n copies of the initial state, and n sets of loss hyper-parameters that differ only in beta
-    states = jax.tree.map(lambda x: jnp.stack([x] * n), dpojax.init_state(pair.policy_params, spec.optimizer, pair.sharder))
+    state = dpojax.init_state(pair.policy_params, spec.optimizer, pair.sharder)
+    states = jax.tree.map(lambda x: jnp.stack([x] * n), state)
     hps = jax.tree.map(lambda x: jnp.full((n,), x, jnp.float32), dpojax.LossParams.of(cfg.loss))
     hps = hps.replace(beta=jnp.asarray(betas, jnp.float32))
     # in_axes: state and hp carry the beta axis, the batch is shared (None)
-    train = jax.jit(jax.vmap(lambda s, hp, b: dpojax.train_step(s, pair.ref_params, b, spec, hp), in_axes=(0, 0, None)))
+    train = jax.jit(jax.vmap(lambda s, hp, b: dpojax.train_step(s, pair.ref_params, b, spec, hp),
+                             in_axes=(0, 0, None)))
     evaluate = jax.jit(jax.vmap(lambda p, hp, b: dpojax.eval_step(p, pair.ref_params, b, spec, hp), in_axes=(0, 0, None)))
 
     kw = {"max_length": 32}

@@ -1,6 +1,6 @@
 """What DPO changed, token by token: per-token log-probs of a trained policy and its reference on one pair.
 
-    python examples/token_logps.py                          # ~30 s on 2 CPU cores: train the demo 30 steps, then show pair 0
+    python examples/token_logps.py                          # ~30 s on 2 CPU cores: train 30 demo steps, show pair 0
     python examples/token_logps.py --run runs/demo --index 3 --pairs configs/demo/eval.jsonl
 
 For the chosen and the rejected completion of pair `--index` it prints each completion token with log pi(token),
