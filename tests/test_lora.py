@@ -248,3 +248,28 @@ def test_peft_layout_of_the_other_families(family, tmp_path):
     assert {k: v.shape for k, v in ours.items()} == theirs
     lora.save_peft(tmp_path / "ours", _random_adapters(abstract, seed=2), groups, cfg, lcfg, str(path))
     peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(path), str(tmp_path / "ours"))
+
+
+def test_lora_only_learns_the_demo_preference(tmp_path):
+    """Learning with the adapters only: `dpojax train` of the demo config (a random-init tiny Llama, frozen) with
+    rank-8 all-linear adapters reaches held-out reward accuracy >= 0.9 in 30 steps (0.996 measured; steps are
+    ~0.06 s, the time is compiles); the reference is the base."""
+    from pathlib import Path
+
+    from dpojax.cli import main
+    from dpojax.metrics import read_metrics
+
+    demo = Path(__file__).resolve().parents[1] / "configs"
+    out = tmp_path / "run"
+    assert main(["train", str(demo / "demo.yaml"), f"output_dir={out}", f"data.cache_dir={out}/cache",
+                 f"model.name_or_path={demo / 'demo' / 'model'}", f"data.train={demo / 'demo' / 'train.jsonl'}",
+                 f"data.eval={demo / 'demo' / 'eval.jsonl'}", "train.steps=30", "train.eval_every=30",
+                 "checkpoint.every=1000", "optim.lr=1e-2", "optim.warmup_steps=0", "model.lora.enabled=true",
+                 "model.lora.rank=8", "model.lora.alpha=16", "model.lora.targets=[all-linear]"]) == 0
+    records = read_metrics(out / "metrics.jsonl")
+    final = [r for r in records if r["split"] == "eval"][-1]
+    print(f"\nLoRA-only held-out reward accuracy {final['rewards/accuracies']:.3f}")
+    assert final["rewards/accuracies"] >= 0.9, final
+    assert final["rewards/margins"] > 0
+    train = [r for r in records if r["split"] == "train"]
+    assert train[-1]["loss"] < train[0]["loss"]
