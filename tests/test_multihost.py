@@ -125,7 +125,8 @@ def _busy_reference_run(config, out: Path, run: list[str], tmp_path: Path) -> No
 
 def test_sigterm_to_one_process_stops_both_at_the_same_step(config, tmp_path):
     """(Its uninterrupted reference run is also the busy-thread check: `_busy_reference_run`.)"""
-    run = ["train.steps=6", "data.eval=null", "checkpoint.every=100"]
+    # preemption mechanics, not the batch layout: padded batches compile once (packed rows: see the test above)
+    run = ["train.steps=6", "data.eval=null", "checkpoint.every=100", "data.packing=none"]
     reference, out = tmp_path / "uninterrupted", tmp_path / "preempted"
     _busy_reference_run(config, reference, run, tmp_path)
 
@@ -156,7 +157,8 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(config, tmp_path):
 def test_dead_peer_stops_the_other_within_60s(config, tmp_path):
     """Default distributed settings: the survivor is stopped by the coordinator's heartbeat verdict."""
     out, logs = tmp_path / "run", [tmp_path / "p0.log", tmp_path / "p1.log"]
-    procs = _spawn(["train", str(config), f"output_dir={out}", "train.steps=100000", "data.eval=null"], logs)
+    procs = _spawn(["train", str(config), f"output_dir={out}", "train.steps=100000", "data.eval=null",
+                    "data.packing=none"], logs)
     try:
         deadline = time.monotonic() + 240
         while not (out / "metrics.jsonl").is_file():  # wait until both are training (collectives in flight)

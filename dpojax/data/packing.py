@@ -49,7 +49,7 @@ import numpy as np
 from dpojax.data.tokenize import TokenizedData
 
 MODES = ("auto", "none", "padding_free", "shared_prompt")
-ROW_QUANTUM = 16  # row lengths are multiples of this
+ROW_QUANTUM = 64  # row lengths are multiples of this (fewer shapes, so fewer compiles, for short rows)
 ROW_CAPACITY = 8  # shared_prompt rows hold up to this many times max_length tokens (the XLA kernel reads a band)
 
 
@@ -179,7 +179,8 @@ def _assign(lengths: Sequence[int], bins: int) -> list[list[int]]:
 
 
 def row_length(n_tokens: int) -> int:
-    """n_tokens rounded up to a sixteenth of an octave (and a multiple of ROW_QUANTUM): at most ~6% padding."""
+    """n_tokens rounded up to a sixteenth of an octave, and to a multiple of ROW_QUANTUM (which is coarser below 2,048
+    tokens): at most ~6% padding from 1,024 tokens on."""
     n = max(n_tokens, ROW_QUANTUM)
     step = max(ROW_QUANTUM, 1 << max(0, n.bit_length() - 5))
     return -(-n // step) * step
