@@ -40,6 +40,7 @@ bench: $(VENV)/.installed-bench
 	$(PY) -m benchmarks.cpu_vs_trl --steps 2 --warmup 1
 	$(PY) -m benchmarks.generate_smollm2 --repeats 2
 	$(PY) -m benchmarks.throughput --preset bench-llama --steps 2 --warmup 1
+	$(PY) -m benchmarks.packing --profiles short_qa hh --steps 2
 
 # tokens/s, MFU and the FLOP accounting of the real train step on the backend JAX finds (CPU, GPU, TPU);
 # PRESET: tiny | bench-llama | llama-1b | llama-8b, ARGS: e.g. --attention cudnn --remat qkv --micro-batch 4

@@ -2,6 +2,7 @@
 positions computed per pair, and training pairs/s, on three length profiles modelled on public data sets.
 
     python -m benchmarks.packing                        # all three profiles, benchmark Llama (4 layers, d 512, V 32k)
+    make bench                                          # includes the short-QA and HH profiles, 2 timed steps
     python -m benchmarks.packing --profiles hh --steps 3
 
 Profiles (token counts drawn uniformly around the mean, word-level tokenizer: one word = one token):
