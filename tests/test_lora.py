@@ -120,7 +120,7 @@ def lora_run(tmp_path_factory):
     (root / "run.yaml").write_text(yaml.safe_dump(raw))
     cfg = config_from_dict(raw)
     losses, state, _ = run_steps(cfg, make_mesh(1, 1, 1, devices=jax.devices()[:1]), steps=STEPS)
-    return {"root": root, "config": root / "run.yaml", "assets": assets, "losses": losses, "state": state}
+    return {"root": root, "config": root / "run.yaml", "assets": assets, "losses": losses, "state": state, "cfg": cfg}
 
 
 def test_lora_one_device_trains_adapters_only(lora_run):
@@ -131,6 +131,25 @@ def test_lora_one_device_trains_adapters_only(lora_run):
     assert all(isinstance(v, lora.LoraParam) for _, v in nnx.to_flat_state(state.params))
     n_adapter = sum(x.size for x in jax.tree.leaves(state.params))
     assert sum(x.size for x in jax.tree.leaves(state.opt_state)) <= 2 * n_adapter + 8  # AdamW moments + counts
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (1, 4, 2)], ids=lambda s: "x".join(map(str, s)))
+def test_lora_on_mesh_equals_one_device(lora_run, shape):
+    """The same LoRA run in process on 8 CPU devices (no accumulation: 8 pairs split over data=8, or fsdp 4 x
+    tensor 2) gives the one-device losses and adapters."""
+    import dataclasses
+
+    from test_sharding import run_steps
+
+    from dpojax.sharding import make_mesh
+
+    cfg = lora_run["cfg"]
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=None))
+    losses, state, _ = run_steps(cfg, make_mesh(*shape), steps=STEPS)
+    np.testing.assert_allclose(losses, lora_run["losses"], rtol=1e-5, atol=1e-6)
+    ours = dict(nnx.to_flat_state(state.params))
+    for path, v in nnx.to_flat_state(lora_run["state"].params):
+        np.testing.assert_allclose(np.asarray(ours[path].value), np.asarray(v.value), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.serial
