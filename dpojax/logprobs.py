@@ -358,13 +358,20 @@ def token_logprobs(
     if needed_BxT is not None:  # back to the original positions
         inverse_BxT = jnp.argsort(order_BxT, axis=1)
         stats = {k: jnp.take_along_axis(v[:, :t], inverse_BxT, axis=1) for k, v in stats.items()}
+    return _token_stats(stats, scored_BxT)
+
+
+def _token_stats(stats: dict[str, Array], keep_BxT: Array) -> TokenStats:
+    """The head's [B, >= T] statistics cut to T = keep's length, 0 where `keep` is False; only logps keeps a
+    gradient."""
+    t = keep_BxT.shape[1]
 
     def clean(name):
         if name not in stats:
             return None
         x_BxT = stats[name][:, :t]
         x_BxT = x_BxT if name == "logps" else lax.stop_gradient(x_BxT)
-        return jnp.where(scored_BxT, x_BxT, jnp.zeros((), x_BxT.dtype))
+        return jnp.where(keep_BxT, x_BxT, jnp.zeros((), x_BxT.dtype))
 
     return TokenStats(
         logps_BxT=clean("logps"),
@@ -406,22 +413,7 @@ def entry_logprobs(
     if pad:
         hidden_RxExD = jnp.pad(hidden_RxExD, ((0, 0), (0, pad), (0, 0)))
         targets_RxE = jnp.pad(targets_RxE, ((0, 0), (0, pad)))
-    stats = _head(hidden_RxExD, unembed_VxD, targets_RxE, n_live, spec)
-
-    def clean(name):
-        if name not in stats:
-            return None
-        x_RxE = stats[name][:, :e]
-        x_RxE = x_RxE if name == "logps" else lax.stop_gradient(x_RxE)
-        return jnp.where(valid_RxE, x_RxE, jnp.zeros((), x_RxE.dtype))
-
-    return TokenStats(
-        logps_BxT=clean("logps"),
-        mean_logit_BxT=clean("mean_logit"),
-        log_sum_sq_probs_BxT=clean("log_sum_sq_probs"),
-        entropy_BxT=clean("entropy"),
-        is_top1_BxT=clean("is_top1"),
-    )
+    return _token_stats(_head(hidden_RxExD, unembed_VxD, targets_RxE, n_live, spec), valid_RxE)
 
 
 def head_chunk(t: int, cap: int = 256) -> int:
