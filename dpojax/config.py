@@ -140,6 +140,9 @@ class TrainSection:
     report_to: tuple[Literal["tensorboard", "wandb"], ...] = ()  # also send metrics.jsonl's records there (TRL's name)
     wandb: WandbSection = WandbSection()  # W&B run settings (report_to: [wandb])
     profile: ProfileSection = ProfileSection()  # profiler trace of a few steps
+    # persistent XLA compilation cache (local or gs://): a resumed or repeated run loads its compiled steps instead
+    # of compiling them again; null: off. The JAX_COMPILATION_CACHE_DIR environment variable, when set, wins.
+    compilation_cache: Optional[str] = "~/.cache/dpojax/xla"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Test session set-up: 8 fake CPU devices (set before jax is imported anywhere), fp32 matmuls."""
 
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "")
 if "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
@@ -10,6 +11,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+# One persistent compilation cache for the session's processes (xdist workers, the serial pass, the CLI subprocesses
+# they start): the same tiny model compiles the same step in many tests. Entries are keyed by the program, the
+# compile options and the JAX version, so a stale entry is never read.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"dpojax-tests-jax-{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402
 

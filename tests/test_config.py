@@ -119,3 +119,25 @@ def test_every_shipped_config_parses(path):
     text = path.read_text()
     assert text.startswith("#"), "a config opens with the command that runs it"
     load_config(path)
+
+
+def test_compilation_cache_follows_the_config_and_the_environment_wins(tmp_path, monkeypatch):
+    import jax
+    from jax._src import compilation_cache
+
+    from dpojax.train.loop import use_compilation_cache
+
+    saved = jax.config.jax_compilation_cache_dir
+    try:
+        monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "env"))
+        cfg = config_from_dict({**BASE, "train": {"compilation_cache": str(tmp_path / "cfg")}})
+        assert use_compilation_cache(cfg) == str(tmp_path / "env")
+        monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+        assert use_compilation_cache(cfg) == str(tmp_path / "cfg") == jax.config.jax_compilation_cache_dir
+        assert use_compilation_cache(config_from_dict({**BASE, "train": {"compilation_cache": "~/x"}})) == str(
+            Path.home() / "x")
+        assert use_compilation_cache(config_from_dict({**BASE, "train": {"compilation_cache": None}})) is None
+        assert config_from_dict(BASE).train.compilation_cache == "~/.cache/dpojax/xla"
+    finally:
+        jax.config.update("jax_compilation_cache_dir", saved)
+        compilation_cache.reset_cache()

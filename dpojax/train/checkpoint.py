@@ -31,6 +31,7 @@ RESUME_FREE = (
     "train.micro_batch_size", "train.max_bad_steps", "data.eval", "data.eval_split", "data.cache_dir",
     "model.attention", "model.remat", "model.scan_layers", "model.vocab_tile", "ref_model.precompute", "mesh.",
     "data.packing", "checkpoint.", "distributed.", "output_dir", "train.report_to", "train.wandb.", "train.profile.",
+    "train.compilation_cache",
 )  # fmt: skip
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from typing import Any, Iterator
 
@@ -344,15 +345,33 @@ def config_urls(cfg: Config) -> list[tuple[str, str | None]]:
     """(config key, path) of everything a run reads or writes, for `paths.check_urls`."""
     return [("output_dir", cfg.output_dir), ("data.train", cfg.data.train), ("data.eval", cfg.data.eval),
             ("data.cache_dir", cfg.data.cache_dir), ("model.name_or_path", cfg.model.name_or_path),
-            ("model.tokenizer", cfg.model.tokenizer), ("ref_model.name_or_path", cfg.ref_model.name_or_path)]
+            ("model.tokenizer", cfg.model.tokenizer), ("ref_model.name_or_path", cfg.ref_model.name_or_path),
+            ("train.compilation_cache", cfg.train.compilation_cache)]
+
+
+def use_compilation_cache(cfg: Config) -> str | None:
+    """Point JAX's persistent compilation cache at `train.compilation_cache` (a process-wide setting, so the CLI does
+    it, not `train`); JAX_COMPILATION_CACHE_DIR in the environment wins. Returns the folder in use, or None."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return os.environ["JAX_COMPILATION_CACHE_DIR"]
+    where = cfg.train.compilation_cache
+    if where is None:
+        return None
+    where = where if paths.is_remote(where) else os.path.expanduser(where)
+    jax.config.update("jax_compilation_cache_dir", where)
+    return where
 
 
 def train_from_cli(config_path: str, overrides: list[str]) -> None:
-    train(load_config(config_path, overrides))
+    cfg = load_config(config_path, overrides)
+    use_compilation_cache(cfg)
+    train(cfg)
 
 
 def eval_from_cli(config_path: str, overrides: list[str]) -> None:
-    evaluate(load_config(config_path, overrides))
+    cfg = load_config(config_path, overrides)
+    use_compilation_cache(cfg)
+    evaluate(cfg)
 
 
 def export_policy(cfg: Config, models, params, out_dir, *, merged: bool = False):
