@@ -119,3 +119,14 @@ def test_every_shipped_config_parses(path):
     text = path.read_text()
     assert text.startswith("#"), "a config opens with the command that runs it"
     load_config(path)
+
+
+def test_shipped_smollm2_set_is_what_its_script_writes(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("arithmetic", REPO / "configs" / "smollm2" / "arithmetic.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.make(tmp_path)
+    for name in ("train.jsonl", "eval.jsonl", "eval_prompts.jsonl"):
+        assert (tmp_path / name).read_bytes() == (REPO / "configs" / "smollm2" / name).read_bytes(), name
