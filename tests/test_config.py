@@ -141,3 +141,14 @@ def test_compilation_cache_follows_the_config_and_the_environment_wins(tmp_path,
     finally:
         jax.config.update("jax_compilation_cache_dir", saved)
         compilation_cache.reset_cache()
+
+
+def test_shipped_smollm2_set_is_what_its_script_writes(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("arithmetic", REPO / "configs" / "smollm2" / "arithmetic.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.make(tmp_path)
+    for name in ("train.jsonl", "eval.jsonl", "eval_prompts.jsonl"):
+        assert (tmp_path / name).read_bytes() == (REPO / "configs" / "smollm2" / name).read_bytes(), name

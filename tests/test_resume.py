@@ -97,11 +97,15 @@ def test_sigkill_between_checkpoints_resumes_exactly(setup):
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert not (out / "export").exists()
+    # samples.jsonl is trimmed like metrics.jsonl (this run has no eval set, so the lines stand for an eval's)
+    lines = [json.dumps({"step": s, "prompt": "p", "policy": "é"}, ensure_ascii=False) for s in (4, 5)]
+    (out / "samples.jsonl").write_text("".join(line + "\n" for line in lines))
     result = _run(setup["config"], out)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stderr
     # bitwise: the same compiled step on the same inputs from the same restored state
     assert _train_records(out) == _train_records(setup["reference"])
+    assert (out / "samples.jsonl").read_text() == lines[0] + "\n"  # the step-5 line, past checkpoint 4, is gone
 
 
 STALL = """

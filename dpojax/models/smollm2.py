@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import pathlib
+import shutil
 import sys
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -47,10 +48,24 @@ def convert(out_dir: pathlib.Path, gguf_file: pathlib.Path) -> pathlib.Path:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    (out_dir / DONE).write_text(GGUF_NAME + "\n")
+    # written next to out_dir and renamed into place: two processes converting at once (e.g. test workers)
+    # never see, or leave, a half-written folder
+    tmp = out_dir.with_name(f"{out_dir.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / DONE).write_text(GGUF_NAME + "\n")
+    if (out_dir / DONE).is_file():  # another process finished first
+        shutil.rmtree(tmp)
+        return out_dir
+    shutil.rmtree(out_dir, ignore_errors=True)  # a half-written folder from an older version
+    try:
+        os.rename(tmp, out_dir)
+    except OSError:  # another process renamed its folder in between
+        shutil.rmtree(tmp)
+        if not (out_dir / DONE).is_file():
+            raise
     return out_dir
 
 

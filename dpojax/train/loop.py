@@ -158,7 +158,8 @@ def train(cfg: Config) -> dict[str, Any]:
     if is_main:
         paths.makedirs(out_dir)
         paths.write_text(out_dir / "config.yaml", dump_yaml(cfg))
-        M.truncate_after(out_dir / "metrics.jsonl", start)  # records past the checkpoint are redone
+        for name in ("metrics.jsonl", "samples.jsonl"):  # records past the checkpoint are redone
+            M.truncate_after(out_dir / name, start)
     writer = tracking.Trackers(M.MetricsWriter(out_dir / "metrics.jsonl", enabled=is_main), cfg, out_dir, is_main,
                                start=start)
     profiler = tracking.Profiler(cfg, out_dir / "profile", enabled=is_main)
