@@ -87,8 +87,10 @@ def test_peft_interchange(family, tmp_path):
 
 
 def test_bad_target_names_the_family_modules(tmp_path):
-    path = make_tiny_checkpoint(tmp_path / "base", "gpt2", num_kv_heads=4)
-    model, cfg = load_pretrained(path)
+    from dpojax.models.config import ModelConfig
+    from dpojax.models.hf import read_hf_config
+
+    cfg = ModelConfig.from_hf(read_hf_config(make_tiny_checkpoint(tmp_path / "base", "gpt2", num_kv_heads=4)))
     with pytest.raises(ConfigError, match="c_attn, c_fc, c_proj"):
         lora.select_groups(cfg, ("q_proj",))
 
@@ -152,27 +154,84 @@ def test_lora_on_mesh_equals_one_device(lora_run, shape):
         np.testing.assert_allclose(np.asarray(ours[path].value), np.asarray(v.value), rtol=1e-4, atol=1e-6)
 
 
+@pytest.fixture(scope="module")
+def dropout_run(lora_run):
+    """The LoRA run with PEFT's lora_dropout 0.5 and padded [N, K, T] batches (whose rows, hence dropout masks, do
+    not depend on the mesh), on one device; also its compiled Run and first batch."""
+    import yaml
+
+    from dpojax import metrics as M
+    from dpojax.config import config_from_dict
+    from dpojax.sharding import Sharder, make_mesh
+    from dpojax.train import build, loop
+
+    raw = yaml.safe_load(lora_run["config"].read_text())
+    raw["model"]["lora"]["dropout"] = 0.5
+    raw["data"]["packing"] = "none"
+    path = lora_run["root"] / "dropout.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    cfg = config_from_dict(raw)
+    sharder = Sharder(make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+    models = build.build_models(cfg, sharder)
+    pairs = build.load_split(cfg, models, cfg.data.train, cfg.data.train_split)
+    run, state = build.setup_train(cfg, models, sharder, steps=STEPS)
+    batches = [build.to_device(b, build.batch_sharding(sharder)) for b in loop._batches(run, pairs, 0, STEPS)]
+    losses = []
+    for batch in batches:
+        state, out = run.train_step(state, models.ref_params, batch)
+        losses.append(M.finalize(jax.device_get(out))["loss"])
+    return {"config": path, "losses": np.asarray(losses), "state": state, "run": run, "batch": batches[0]}
+
+
+def test_lora_dropout_in_training_steps_only(lora_run, dropout_run):
+    """model.lora.dropout (PEFT: B(A(dropout(x))) * scale): step 1 is log 2 whatever the masks (B = 0), later steps
+    differ from dropout 0 and the loss falls; a training forward differs from eval on the same adapters, while eval
+    (and the reference) never drop: the eval step of the dropout config equals that of dropout 0."""
+    import dataclasses
+
+    from dpojax.train import step as step_lib
+
+    losses, run = dropout_run["losses"], dropout_run["run"]
+    np.testing.assert_allclose(losses[0], np.log(2), atol=1e-6)
+    assert abs(losses[1] - lora_run["losses"][1]) > 1e-4 and losses[-1] < losses[0] - 1e-3
+    spec_d, spec_0 = run.spec, dataclasses.replace(run.spec, lora_dropout=0.0)
+
+    @jax.jit
+    def losses_of(params, base, batch):
+        train, _ = step_lib.batch_loss(params, base, batch, spec_d, dropout_key=lora.dropout_key(0, 1, 0))
+        return (train, step_lib.eval_step(params, base, batch, spec_d)["loss"][0],
+                step_lib.eval_step(params, base, batch, spec_0)["loss"][0])
+
+    train, eval_d, eval_0 = losses_of(dropout_run["state"].params, run.models.ref_params, dropout_run["batch"])
+    assert float(eval_d) == float(eval_0) and abs(float(train) - float(eval_d)) > 1e-4, (train, eval_d)
+
+
 @pytest.mark.serial
-def test_lora_sigkill_resume_on_mesh_equals_one_device(lora_run, tmp_path):
-    """`dpojax train` on mesh (2,2,2) with precomputed reference log-probs (the base's), SIGKILLed after checkpoint 2
-    and resumed, equals the one-device run (reference in the step); the checkpoint holds adapters only; the run's
-    export/ is a PEFT folder and `dpojax export --merged` equals it merged."""
+def test_lora_sigkill_resume_on_two_processes_equals_one_device(lora_run, dropout_run, tmp_path, capfd):
+    """`dpojax train` of the dropout run on mesh (2,2,2) with precomputed reference log-probs (the base's),
+    SIGKILLed after checkpoint 2 and resumed as 2 processes x 4 CPU devices (gloo), equals the one-device run
+    (reference in the step): the same dropout masks after a resume and on another mesh; the checkpoint holds
+    adapters only; the export/ written by the 2 processes is a PEFT folder and `dpojax export --merged` equals it
+    merged."""
     import signal
 
     import peft
-    from test_resume import _run, _start_held, _train_records, _wait_for_dir
+    from test_multihost import local_cpu
+    from test_resume import _start_held, _train_records, _wait_for_dir
 
     from dpojax.train import loop
 
     out, mesh = tmp_path / "run", ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "ref_model.precompute=true")
-    proc = _start_held(lora_run["config"], out, 3, *mesh)
+    proc = _start_held(dropout_run["config"], out, 3, *mesh)
     _wait_for_dir(out / "checkpoints" / "2")
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    result = _run(lora_run["config"], out, *mesh)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "resumed from" in result.stderr
-    np.testing.assert_allclose([r["loss"] for r in _train_records(out)], lora_run["losses"], rtol=1e-6, atol=1e-6)
+    assert local_cpu.main(["--processes", "2", "--devices-per-process", "4", "--grace", "30", "train",
+                           str(dropout_run["config"]), f"output_dir={out}", *mesh]) == 0
+    text = capfd.readouterr().out
+    assert "resumed from" in text and "[p1] " in text, text[-3000:]
+    np.testing.assert_allclose([r["loss"] for r in _train_records(out)], dropout_run["losses"], rtol=1e-6,
+                               atol=1e-6)
 
     import orbax.checkpoint as ocp
 
@@ -190,7 +249,7 @@ def test_lora_sigkill_resume_on_mesh_equals_one_device(lora_run, tmp_path):
 
 @pytest.mark.parametrize("overrides,words", [
     (["model.lora.rank=16"], ["'model.lora.rank' is set", "model.lora.enabled=true"]),
-    (["model.lora.enabled=true", "model.lora.dropout=0.1"], ["'model.lora.dropout'", "not implemented"]),
+    (["model.lora.enabled=true", "model.lora.dropout=1"], ["'model.lora.dropout' = 1", "[0, 1)"]),
     (["model.lora.enabled=true", "ref_model.name_or_path=other"], ["the reference is the base model"]),
     (["model.lora.enabled=true", "ref_model.sync_every=4"], ["TR-DPO", "frozen base"]),
     (["model.lora.enabled=true", "model.lora.rank=0"], ["'model.lora.rank' = 0"]),
