@@ -235,11 +235,11 @@ def test_lora_sigkill_resume_on_two_processes_equals_one_device(lora_run, dropou
 
     import orbax.checkpoint as ocp
 
-    saved = ocp.StandardCheckpointer().restore(out / "checkpoints" / "4" / "params")
-    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(saved)[0]]
-    assert paths and all("lora" in p for p in paths), paths  # adapters only, no base weight
+    saved = ocp.StandardCheckpointer().metadata(out / "checkpoints" / "4" / "params").item_metadata  # shapes only
+    leaves = jax.tree_util.tree_flatten_with_path(saved)[0]
+    assert leaves and all("lora" in jax.tree_util.keystr(p) for p, _ in leaves), leaves  # adapters only, no base
     n_adapter = sum(x.size for x in jax.tree.leaves(lora_run["state"].params))
-    assert sum(np.size(x) for x in jax.tree.leaves(saved)) == n_adapter
+    assert sum(np.prod(x.shape) for _, x in leaves) == n_adapter
 
     merged = tmp_path / "merged"
     loop.export_from_cli(str(out), str(merged), merged=True)
