@@ -100,15 +100,10 @@ STEPS = 4
 
 
 @pytest.fixture(scope="module")
-def lora_run(tmp_path_factory):
-    """A LoRA run's config (all-linear, rank 4, 2 micro-batches, checkpoints every 2 steps) and its per-step losses
-    and final state on ONE device, in process."""
+def lora_setup(tmp_path_factory):
+    """A LoRA run's assets and config (all-linear, rank 4, 2 micro-batches, checkpoints every 2 steps)."""
     import yaml
-    from test_sharding import run_steps
     from trl_harness import dpojax_overrides, make_assets
-
-    from dpojax.config import config_from_dict
-    from dpojax.sharding import make_mesh
 
     root = tmp_path_factory.mktemp("lora_train")
     assets = make_assets(root, n_rows=16)
@@ -120,9 +115,20 @@ def lora_run(tmp_path_factory):
     )  # fmt: skip
     del raw["ref_model"]  # the reference is the base with the adapters off
     (root / "run.yaml").write_text(yaml.safe_dump(raw))
-    cfg = config_from_dict(raw)
+    return {"root": root, "config": root / "run.yaml", "assets": assets, "raw": raw}
+
+
+@pytest.fixture(scope="module")
+def lora_run(lora_setup):
+    """The LoRA run's per-step losses and final state on ONE device, in process."""
+    from test_sharding import run_steps
+
+    from dpojax.config import config_from_dict
+    from dpojax.sharding import make_mesh
+
+    cfg = config_from_dict(lora_setup["raw"])
     losses, state, _ = run_steps(cfg, make_mesh(1, 1, 1, devices=jax.devices()[:1]), steps=STEPS)
-    return {"root": root, "config": root / "run.yaml", "assets": assets, "losses": losses, "state": state, "cfg": cfg}
+    return {**lora_setup, "losses": losses, "state": state, "cfg": cfg}
 
 
 def test_lora_one_device_trains_adapters_only(lora_run):
@@ -155,7 +161,7 @@ def test_lora_on_mesh_equals_one_device(lora_run, shape):
 
 
 @pytest.fixture(scope="module")
-def dropout_run(lora_run):
+def dropout_run(lora_setup):
     """The LoRA run with PEFT's lora_dropout 0.5 and padded [N, K, T] batches (whose rows, hence dropout masks, do
     not depend on the mesh), on one device; also its compiled Run and first batch."""
     import yaml
@@ -165,10 +171,10 @@ def dropout_run(lora_run):
     from dpojax.sharding import Sharder, make_mesh
     from dpojax.train import build, loop
 
-    raw = yaml.safe_load(lora_run["config"].read_text())
+    raw = yaml.safe_load(lora_setup["config"].read_text())
     raw["model"]["lora"]["dropout"] = 0.5
     raw["data"]["packing"] = "none"
-    path = lora_run["root"] / "dropout.yaml"
+    path = lora_setup["root"] / "dropout.yaml"
     path.write_text(yaml.safe_dump(raw))
     cfg = config_from_dict(raw)
     sharder = Sharder(make_mesh(1, 1, 1, devices=jax.devices()[:1]))
@@ -183,17 +189,17 @@ def dropout_run(lora_run):
     return {"config": path, "losses": np.asarray(losses), "state": state, "run": run, "batch": batches[0]}
 
 
-def test_lora_dropout_in_training_steps_only(lora_run, dropout_run):
-    """model.lora.dropout (PEFT: B(A(dropout(x))) * scale): step 1 is log 2 whatever the masks (B = 0), later steps
-    differ from dropout 0 and the loss falls; a training forward differs from eval on the same adapters, while eval
-    (and the reference) never drop: the eval step of the dropout config equals that of dropout 0."""
+def _check_dropout(dropout_run):
+    """model.lora.dropout (PEFT: B(A(dropout(x))) * scale): step 1 is log 2 whatever the masks (B = 0) and the loss
+    falls; on the same adapters a training forward differs from eval, and eval (like the reference) never drops: the
+    eval step of the dropout config equals that of dropout 0."""
     import dataclasses
 
     from dpojax.train import step as step_lib
 
     losses, run = dropout_run["losses"], dropout_run["run"]
     np.testing.assert_allclose(losses[0], np.log(2), atol=1e-6)
-    assert abs(losses[1] - lora_run["losses"][1]) > 1e-4 and losses[-1] < losses[0] - 1e-3
+    assert losses[-1] < losses[0] - 1e-3
     spec_d, spec_0 = run.spec, dataclasses.replace(run.spec, lora_dropout=0.0)
 
     @jax.jit
@@ -207,8 +213,8 @@ def test_lora_dropout_in_training_steps_only(lora_run, dropout_run):
 
 
 @pytest.mark.serial
-def test_lora_sigkill_resume_on_two_processes_equals_one_device(lora_run, dropout_run, tmp_path, capfd):
-    """`dpojax train` of the dropout run on mesh (2,2,2) with precomputed reference log-probs (the base's),
+def test_lora_dropout_sigkill_resume_on_two_processes_equals_one_device(lora_setup, dropout_run, tmp_path, capfd):
+    """LoRA dropout (`_check_dropout`, in process on one device), then `dpojax train` of that run on mesh (2,2,2) with precomputed reference log-probs (the base's),
     SIGKILLed after checkpoint 2 and resumed as 2 processes x 4 CPU devices (gloo), equals the one-device run
     (reference in the step): the same dropout masks after a resume and on another mesh; the checkpoint holds
     adapters only; the export/ written by the 2 processes is a PEFT folder and `dpojax export --merged` equals it
@@ -221,6 +227,7 @@ def test_lora_sigkill_resume_on_two_processes_equals_one_device(lora_run, dropou
 
     from dpojax.train import loop
 
+    _check_dropout(dropout_run)
     out, mesh = tmp_path / "run", ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "ref_model.precompute=true")
     proc = _start_held(dropout_run["config"], out, 3, *mesh)
     _wait_for_dir(out / "checkpoints" / "2")
@@ -238,12 +245,12 @@ def test_lora_sigkill_resume_on_two_processes_equals_one_device(lora_run, dropou
     saved = ocp.StandardCheckpointer().metadata(out / "checkpoints" / "4" / "params").item_metadata  # shapes only
     leaves = jax.tree_util.tree_flatten_with_path(saved)[0]
     assert leaves and all("lora" in jax.tree_util.keystr(p) for p, _ in leaves), leaves  # adapters only, no base
-    n_adapter = sum(x.size for x in jax.tree.leaves(lora_run["state"].params))
+    n_adapter = sum(x.size for x in jax.tree.leaves(dropout_run["state"].params))
     assert sum(np.prod(x.shape) for _, x in leaves) == n_adapter
 
     merged = tmp_path / "merged"
     loop.export_from_cli(str(out), str(merged), merged=True)
-    theirs = peft.PeftModel.from_pretrained(_torch_base(lora_run["assets"]["policy"]), str(out / "export"))
+    theirs = peft.PeftModel.from_pretrained(_torch_base(lora_setup["assets"]["policy"]), str(out / "export"))
     np.testing.assert_allclose(_torch_logits(_torch_base(merged)), _torch_logits(theirs), atol=1e-4)
 
 
