@@ -29,7 +29,7 @@ class LoraSection:
     enabled: bool = False  # train LoRA adapters only (the base is frozen and is the reference)
     rank: int = 8  # r
     alpha: float = 8.0  # lora_alpha; scale = alpha / rank (alpha / sqrt(rank) with rslora)
-    dropout: float = 0.0  # lora_dropout (only 0 is implemented)
+    dropout: float = 0.0  # lora_dropout: on the adapter inputs in training steps, in [0, 1)
     targets: tuple[str, ...] = ()  # HF module names (PEFT's target_modules) or "all-linear"; (): PEFT's default
     rslora: bool = False  # use_rslora
     init_from: Optional[str] = None  # a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)
@@ -443,8 +443,7 @@ def _validate_lora(cfg: Config) -> None:
         return
     _require(lora.rank > 0, f"'model.lora.rank' = {lora.rank} must be positive.")
     _require(lora.alpha > 0, f"'model.lora.alpha' = {lora.alpha} must be positive.")
-    _require(lora.dropout == 0, f"'model.lora.dropout' = {lora.dropout}: adapter dropout is not implemented; "
-                                "use 0.")
+    _require(0 <= lora.dropout < 1, f"'model.lora.dropout' = {lora.dropout} must be in [0, 1).")
     _require(cfg.ref_model.name_or_path in (None, cfg.model.name_or_path),
              f"'ref_model.name_or_path' = {cfg.ref_model.name_or_path!r}: with LoRA the reference is the base model "
              "'model.name_or_path' with the adapters off (no second model is loaded); remove ref_model.name_or_path.")

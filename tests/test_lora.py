@@ -14,7 +14,7 @@ from dpojax.models import lora
 from test_models import padded_batch
 from tiny_models import make_tiny_checkpoint
 
-FAMILIES = ("llama", "gpt2", "gpt_neox", "phi3")  # every layout: unfused, Conv1D cat, per-head, cat rows
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "gemma", "gemma2", "gemma3_text", "phi3")
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -87,8 +87,10 @@ def test_peft_interchange(family, tmp_path):
 
 
 def test_bad_target_names_the_family_modules(tmp_path):
-    path = make_tiny_checkpoint(tmp_path / "base", "gpt2", num_kv_heads=4)
-    model, cfg = load_pretrained(path)
+    from dpojax.models.config import ModelConfig
+    from dpojax.models.hf import read_hf_config
+
+    cfg = ModelConfig.from_hf(read_hf_config(make_tiny_checkpoint(tmp_path / "base", "gpt2", num_kv_heads=4)))
     with pytest.raises(ConfigError, match="c_attn, c_fc, c_proj"):
         lora.select_groups(cfg, ("q_proj",))
 
@@ -98,15 +100,10 @@ STEPS = 4
 
 
 @pytest.fixture(scope="module")
-def lora_run(tmp_path_factory):
-    """A LoRA run's config (all-linear, rank 4, 2 micro-batches, checkpoints every 2 steps) and its per-step losses
-    and final state on ONE device, in process."""
+def lora_setup(tmp_path_factory):
+    """A LoRA run's assets and config (all-linear, rank 4, 2 micro-batches, checkpoints every 2 steps)."""
     import yaml
-    from test_sharding import run_steps
     from trl_harness import dpojax_overrides, make_assets
-
-    from dpojax.config import config_from_dict
-    from dpojax.sharding import make_mesh
 
     root = tmp_path_factory.mktemp("lora_train")
     assets = make_assets(root, n_rows=16)
@@ -118,9 +115,20 @@ def lora_run(tmp_path_factory):
     )  # fmt: skip
     del raw["ref_model"]  # the reference is the base with the adapters off
     (root / "run.yaml").write_text(yaml.safe_dump(raw))
-    cfg = config_from_dict(raw)
+    return {"root": root, "config": root / "run.yaml", "assets": assets, "raw": raw}
+
+
+@pytest.fixture(scope="module")
+def lora_run(lora_setup):
+    """The LoRA run's per-step losses and final state on ONE device, in process."""
+    from test_sharding import run_steps
+
+    from dpojax.config import config_from_dict
+    from dpojax.sharding import make_mesh
+
+    cfg = config_from_dict(lora_setup["raw"])
     losses, state, _ = run_steps(cfg, make_mesh(1, 1, 1, devices=jax.devices()[:1]), steps=STEPS)
-    return {"root": root, "config": root / "run.yaml", "assets": assets, "losses": losses, "state": state, "cfg": cfg}
+    return {**lora_setup, "losses": losses, "state": state, "cfg": cfg}
 
 
 def test_lora_one_device_trains_adapters_only(lora_run):
@@ -152,45 +160,103 @@ def test_lora_on_mesh_equals_one_device(lora_run, shape):
         np.testing.assert_allclose(np.asarray(ours[path].value), np.asarray(v.value), rtol=1e-4, atol=1e-6)
 
 
+@pytest.fixture(scope="module")
+def dropout_run(lora_setup):
+    """The LoRA run with PEFT's lora_dropout 0.5 and padded [N, K, T] batches (whose rows, hence dropout masks, do
+    not depend on the mesh), on one device; also its compiled Run and first batch."""
+    import yaml
+
+    from dpojax import metrics as M
+    from dpojax.config import config_from_dict
+    from dpojax.sharding import Sharder, make_mesh
+    from dpojax.train import build, loop
+
+    raw = yaml.safe_load(lora_setup["config"].read_text())
+    raw["model"]["lora"]["dropout"] = 0.5
+    raw["data"]["packing"] = "none"
+    path = lora_setup["root"] / "dropout.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    cfg = config_from_dict(raw)
+    sharder = Sharder(make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+    models = build.build_models(cfg, sharder)
+    pairs = build.load_split(cfg, models, cfg.data.train, cfg.data.train_split)
+    run, state = build.setup_train(cfg, models, sharder, steps=STEPS)
+    batches = [build.to_device(b, build.batch_sharding(sharder)) for b in loop._batches(run, pairs, 0, STEPS)]
+    losses = []
+    for batch in batches:
+        state, out = run.train_step(state, models.ref_params, batch)
+        losses.append(M.finalize(jax.device_get(out))["loss"])
+    return {"config": path, "losses": np.asarray(losses), "state": state, "run": run, "batch": batches[0]}
+
+
+def _check_dropout(dropout_run):
+    """model.lora.dropout (PEFT: B(A(dropout(x))) * scale): step 1 is log 2 whatever the masks (B = 0) and the loss
+    falls; on the same adapters a training forward differs from eval, and eval (like the reference) never drops: the
+    eval step of the dropout config equals that of dropout 0."""
+    import dataclasses
+
+    from dpojax.train import step as step_lib
+
+    losses, run = dropout_run["losses"], dropout_run["run"]
+    np.testing.assert_allclose(losses[0], np.log(2), atol=1e-6)
+    assert losses[-1] < losses[0] - 1e-3
+    spec_d, spec_0 = run.spec, dataclasses.replace(run.spec, lora_dropout=0.0)
+
+    @jax.jit
+    def losses_of(params, base, batch):
+        train, _ = step_lib.batch_loss(params, base, batch, spec_d, dropout_key=lora.dropout_key(0, 1, 0))
+        return (train, step_lib.eval_step(params, base, batch, spec_d)["loss"][0],
+                step_lib.eval_step(params, base, batch, spec_0)["loss"][0])
+
+    train, eval_d, eval_0 = losses_of(dropout_run["state"].params, run.models.ref_params, dropout_run["batch"])
+    assert float(eval_d) == float(eval_0) and abs(float(train) - float(eval_d)) > 1e-4, (train, eval_d)
+
+
 @pytest.mark.serial
-def test_lora_sigkill_resume_on_mesh_equals_one_device(lora_run, tmp_path):
-    """`dpojax train` on mesh (2,2,2) with precomputed reference log-probs (the base's), SIGKILLed after checkpoint 2
-    and resumed, equals the one-device run (reference in the step); the checkpoint holds adapters only; the run's
-    export/ is a PEFT folder and `dpojax export --merged` equals it merged."""
+def test_lora_dropout_sigkill_resume_on_two_processes_equals_one_device(lora_setup, dropout_run, tmp_path, capfd):
+    """LoRA dropout (`_check_dropout`, in process on one device), then `dpojax train` of that run on mesh (2,2,2) with precomputed reference log-probs (the base's),
+    SIGKILLed after checkpoint 2 and resumed as 2 processes x 4 CPU devices (gloo), equals the one-device run
+    (reference in the step): the same dropout masks after a resume and on another mesh; the checkpoint holds
+    adapters only; the export/ written by the 2 processes is a PEFT folder and `dpojax export --merged` equals it
+    merged."""
     import signal
 
     import peft
-    from test_resume import _run, _start_held, _train_records, _wait_for_dir
+    from test_multihost import local_cpu
+    from test_resume import _start_held, _train_records, _wait_for_dir
 
     from dpojax.train import loop
 
+    _check_dropout(dropout_run)
     out, mesh = tmp_path / "run", ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "ref_model.precompute=true")
-    proc = _start_held(lora_run["config"], out, 3, *mesh)
+    proc = _start_held(dropout_run["config"], out, 3, *mesh)
     _wait_for_dir(out / "checkpoints" / "2")
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    result = _run(lora_run["config"], out, *mesh)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "resumed from" in result.stderr
-    np.testing.assert_allclose([r["loss"] for r in _train_records(out)], lora_run["losses"], rtol=1e-6, atol=1e-6)
+    assert local_cpu.main(["--processes", "2", "--devices-per-process", "4", "--grace", "30", "train",
+                           str(dropout_run["config"]), f"output_dir={out}", *mesh]) == 0
+    text = capfd.readouterr().out
+    assert "resumed from" in text and "[p1] " in text, text[-3000:]
+    np.testing.assert_allclose([r["loss"] for r in _train_records(out)], dropout_run["losses"], rtol=1e-6,
+                               atol=1e-6)
 
     import orbax.checkpoint as ocp
 
-    saved = ocp.StandardCheckpointer().restore(out / "checkpoints" / "4" / "params")
-    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(saved)[0]]
-    assert paths and all("lora" in p for p in paths), paths  # adapters only, no base weight
-    n_adapter = sum(x.size for x in jax.tree.leaves(lora_run["state"].params))
-    assert sum(np.size(x) for x in jax.tree.leaves(saved)) == n_adapter
+    saved = ocp.StandardCheckpointer().metadata(out / "checkpoints" / "4" / "params").item_metadata  # shapes only
+    leaves = jax.tree_util.tree_flatten_with_path(saved)[0]
+    assert leaves and all("lora" in jax.tree_util.keystr(p) for p, _ in leaves), leaves  # adapters only, no base
+    n_adapter = sum(x.size for x in jax.tree.leaves(dropout_run["state"].params))
+    assert sum(np.prod(x.shape) for _, x in leaves) == n_adapter
 
     merged = tmp_path / "merged"
     loop.export_from_cli(str(out), str(merged), merged=True)
-    theirs = peft.PeftModel.from_pretrained(_torch_base(lora_run["assets"]["policy"]), str(out / "export"))
+    theirs = peft.PeftModel.from_pretrained(_torch_base(lora_setup["assets"]["policy"]), str(out / "export"))
     np.testing.assert_allclose(_torch_logits(_torch_base(merged)), _torch_logits(theirs), atol=1e-4)
 
 
 @pytest.mark.parametrize("overrides,words", [
     (["model.lora.rank=16"], ["'model.lora.rank' is set", "model.lora.enabled=true"]),
-    (["model.lora.enabled=true", "model.lora.dropout=0.1"], ["'model.lora.dropout'", "not implemented"]),
+    (["model.lora.enabled=true", "model.lora.dropout=1"], ["'model.lora.dropout' = 1", "[0, 1)"]),
     (["model.lora.enabled=true", "ref_model.name_or_path=other"], ["the reference is the base model"]),
     (["model.lora.enabled=true", "ref_model.sync_every=4"], ["TR-DPO", "frozen base"]),
     (["model.lora.enabled=true", "model.lora.rank=0"], ["'model.lora.rank' = 0"]),
@@ -243,30 +309,6 @@ def test_lora_matches_trl_with_peft(tmp_path):
     assert abs(ours[-1] - ours[0]) > 1e-3
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-6)
     assert json.loads((tmp_path / "ours_train" / "export" / "adapter_config.json").read_text())["r"] == 4
-
-
-@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"])
-def test_peft_layout_of_the_other_families(family, tmp_path):
-    """The families that share Llama's module layout: our PEFT file has exactly PEFT's keys and shapes for
-    all-linear, and PEFT loads it (no compile: abstract base, adapters from numpy)."""
-    import peft
-    import transformers
-
-    from dpojax.models.config import ModelConfig
-    from dpojax.models.hf import abstract_params, read_hf_config
-
-    path = make_tiny_checkpoint(tmp_path / "base", family, num_kv_heads=2)
-    cfg = ModelConfig.from_hf(read_hf_config(path))
-    bgraph, base = abstract_params(cfg)
-    lcfg = LoraSection(enabled=True, rank=4, alpha=8.0, targets=("all-linear",))
-    _, abstract, groups = lora.lora_model(bgraph, base, cfg, lcfg, None)
-    ours = lora.peft_tensors(_random_adapters(abstract, seed=2), groups, cfg)
-    made = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(path),
-                               peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    theirs = {k: tuple(v.shape) for k, v in peft.get_peft_model_state_dict(made).items()}
-    assert {k: v.shape for k, v in ours.items()} == theirs
-    lora.save_peft(tmp_path / "ours", _random_adapters(abstract, seed=2), groups, cfg, lcfg, str(path))
-    peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(path), str(tmp_path / "ours"))
 
 
 def test_lora_only_learns_the_demo_preference(tmp_path):

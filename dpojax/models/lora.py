@@ -12,8 +12,13 @@ How adapters run (the x-path): an attached Dense computes `y = x @ W (+ bias) + 
 is never copied or differentiated, so the backward pass skips every base weight gradient. Adapters are
 `LoraParam` Variables (fp32 whatever the base's param_dtype); the base keeps `nnx.Param`, so
 `nnx.split(model, LoraParam, ...)` separates what trains from what stays frozen. The reference is the same base
-state run through the graphdef without adapters. Dropout on the adapter input is not implemented (config refuses
-dropout > 0).
+state run through the graphdef without adapters.
+
+Dropout (PEFT's `lora_dropout`): `scale * B(A(dropout(x)))` in training steps only. `with_dropout` gives the
+traced model one `LoraKey` per adapted HF module (shared by its parts, as PEFT has one dropout per module), a
+[L, key] Variable scanned with the layers; keys come from (model.seed, step, micro-batch), so a resumed run draws
+the same masks, and threefry's partitionable bits make them independent of the mesh. Eval and the reference never
+drop.
 
 Shapes (per layer; every Dense is stacked with a leading `layers` axis L):
   A  [L, *in, r]    axes (layers, *in_axes of the kernel, lora_rank)
@@ -54,15 +59,27 @@ class LoraParam(nnx.Variable):
     """A LoRA adapter weight: the only thing that trains in a LoRA run."""
 
 
+class LoraKey(nnx.Variable):
+    """Per-layer dropout key data [L, *key] of one adapted HF module (set inside a training step only)."""
+
+
+DROPOUT_STREAM = 0x6C6F7261  # folded into key(model.seed): dropout draws apart from the adapter init's
+
+
 class LoraAdapter(nnx.Module):
-    """`scale * (x @ A) @ B` for one Dense of in-rank `n_in`; `a` may be shared with the other parts of a fused
-    HF module."""
+    """`scale * (dropout(x) @ A) @ B` for one Dense of in-rank `n_in`; `a` may be shared with the other parts of a
+    fused HF module (and then its dropout key too)."""
 
     def __init__(self, a: LoraParam, b: LoraParam, *, n_in: int, scale: float, dtype):
         self.a, self.b, self.n_in, self.scale, self.dtype = a, b, n_in, scale, dtype
+        self.dropout_rate = 0.0  # with_dropout sets it and a `dropout_key` LoraKey (training steps only)
 
     def __call__(self, x: jax.Array) -> jax.Array:  # x [..., *in] -> [..., *out]
         dtype = jnp.dtype(self.dtype)
+        if getattr(self, "dropout_key", None) is not None:
+            rate = self.dropout_rate
+            keep = jax.random.bernoulli(jax.random.wrap_key_data(self.dropout_key[...]), 1.0 - rate, x.shape)
+            x = jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
         u_xR = dense_matmul(x, self.a[...], self.n_in, dtype)
         return dense_matmul(u_xR, self.b[...], 1, dtype) * jnp.asarray(self.scale, dtype)
 
@@ -222,6 +239,28 @@ def lora_model(base_graphdef, base_state, cfg: ModelConfig, lora_cfg, sharder: S
            sharder=sharder)
     graphdef, adapters, _ = nnx.split(model, LoraParam, ...)
     return graphdef, adapters, groups
+
+
+def dropout_key(seed: int, step: jax.Array, micro: jax.Array) -> jax.Array:
+    """The dropout key of one micro-batch of one optimizer step (a function of data only: resume is exact)."""
+    key = jax.random.fold_in(jax.random.key(seed), DROPOUT_STREAM)
+    return jax.random.fold_in(jax.random.fold_in(key, step), micro)
+
+
+def with_dropout(graphdef, state, rate: float, key: jax.Array):
+    """(graphdef, State) of the adapted model with dropout `rate` on every adapter input (call inside the traced
+    step): each HF module (the parts sharing one A) gets LoraKey [L, *key] from fold_in(key, its index)."""
+    model = nnx.merge(graphdef, state)
+    modules: dict[int, list[LoraAdapter]] = {}
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, LoraAdapter):
+            modules.setdefault(id(node.a), []).append(node)
+    for i, parts in enumerate(modules.values()):
+        keys = jax.random.split(jax.random.fold_in(key, i), parts[0].a.shape[0])
+        shared = LoraKey(jax.random.key_data(keys))
+        for adapter in parts:
+            adapter.dropout_key, adapter.dropout_rate = shared, rate
+    return nnx.split(model)
 
 
 # ---- merging ------------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from dpojax.data.batching import PreferenceBatch
 from dpojax.data.packing import PackedBatch
 from dpojax.logprobs import (SeqStats, entry_logprobs, entry_sequence_stats, head_chunk, scored_mask, sequence_stats,
                              token_logprobs, token_metric_sums)
+from dpojax.models import lora
 from dpojax.sharding import Sharder
 from dpojax.train.optim import make_optimizer
 
@@ -61,6 +62,8 @@ class StepSpec:
     packing: str = "none"  # none | padding_free | shared_prompt (dpojax.data.packing; resolved, never auto)
     band: int | None = None  # packed rows: the longest sequence (data.max_length), the attention band
     lora: bool = False  # params are LoRA adapters; the frozen base comes in the reference slot (ref_params)
+    lora_dropout: float = 0.0  # model.lora.dropout: on the adapter inputs in training steps (not in eval)
+    seed: int = 0  # model.seed: the dropout keys' root
 
     @property
     def with_wpo(self) -> bool:
@@ -82,7 +85,8 @@ def make_spec(cfg: Config, policy_graphdef, ref_graphdef, sharder: Sharder | Non
                     grad_accum=cfg.grad_accum_steps if grad_accum is None else grad_accum, sharder=sharder,
                     precomputed_ref=precomputed_ref, vocab_tile=cfg.model.vocab_tile,
                     packing=packing_lib.resolve_mode(cfg.data.packing, cfg.model.attention, backend),
-                    band=cfg.data.max_length, lora=cfg.model.lora.enabled)
+                    band=cfg.data.max_length, lora=cfg.model.lora.enabled,
+                    lora_dropout=cfg.model.lora.dropout if cfg.model.lora.enabled else 0.0, seed=cfg.model.seed)
 
 
 def packing_of(spec: StepSpec, sharder: Sharder | None, *, train: bool) -> packing_lib.Packing | None:
@@ -159,12 +163,18 @@ def sync_reference(params, ref_params, alpha: float):
 
 
 def batch_loss(params, ref_params, batch: PreferenceBatch, spec: StepSpec,
-               hp: losses.LossParams | None = None) -> tuple[jax.Array, MetricSums]:
+               hp: losses.LossParams | None = None,
+               dropout_key: jax.Array | None = None) -> tuple[jax.Array, MetricSums]:
     """(sum over real prompts of the loss, metric sums) for one micro-batch; the reference is frozen. `hp`: the
-    loss hyper-parameters as data (default: the config's)."""
+    loss hyper-parameters as data (default: the config's); `dropout_key`: training steps of a LoRA run with
+    model.lora.dropout > 0."""
     k = batch.response_mask_NxK.shape[1]
+    policy_graphdef = spec.policy_graphdef
     policy_params = nnx.merge_state(ref_params, params) if spec.lora else params  # LoRA: frozen base + adapters
-    policy = sequence_logps(spec.policy_graphdef, policy_params, batch, spec)
+    if dropout_key is not None:
+        policy_graphdef, policy_params = lora.with_dropout(policy_graphdef, policy_params, spec.lora_dropout,
+                                                           dropout_key)
+    policy = sequence_logps(policy_graphdef, policy_params, batch, spec)
     ref = None
     if spec.precomputed_ref:
         ref = precomputed_stats(batch.ref_logps_NxK)
@@ -204,15 +214,19 @@ def train_step(state: TrainState, ref_params, batch: PreferenceBatch, spec: Step
     hyper-parameters as data (default: the config's), e.g. vmapped for a beta sweep."""
     grad_fn = jax.value_and_grad(batch_loss, has_aux=True)
 
-    def accumulate(carry, micro: PreferenceBatch):
-        (_, metrics), grads = grad_fn(state.params, ref_params, micro, spec, hp)
+    def key_of(a):  # LoRA dropout: one key per (step, micro-batch)
+        return lora.dropout_key(spec.seed, state.step, a) if spec.lora_dropout > 0 else None
+
+    def accumulate(carry, xs):
+        micro, a = xs
+        (_, metrics), grads = grad_fn(state.params, ref_params, micro, spec, hp, key_of(a))
         return _add(carry, (grads, metrics)), None
 
     micros = _micro_batches(batch, spec.grad_accum, spec.sharder)
     first = jax.tree.map(lambda x: x[0], micros)
-    shapes = jax.eval_shape(lambda: grad_fn(state.params, ref_params, first, spec, hp))
+    shapes = jax.eval_shape(lambda: grad_fn(state.params, ref_params, first, spec, hp, key_of(0)))
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[1], shapes[0][1]))
-    (grads, metrics), _ = jax.lax.scan(accumulate, zeros, micros)
+    (grads, metrics), _ = jax.lax.scan(accumulate, zeros, (micros, jnp.arange(spec.grad_accum)))
     n_prompts = jnp.maximum(metrics["loss"][1], 1.0)  # real prompts in the batch: the loss's count
     grads = jax.tree.map(lambda g: g / n_prompts.astype(g.dtype), grads)
     grad_norm = optax.global_norm(grads)
