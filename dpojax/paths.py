@@ -7,8 +7,12 @@ What differs on object storage, and how dpojax handles it:
   `LineAppender` (metrics.jsonl, samples.jsonl) buffers lines and rewrites the object.
 - Libraries that need a local file (safetensors memory maps, tokenizers, `datasets.load_from_disk`) get a local
   mirror from `local_copy`, re-downloaded when the remote size or checksum changes.
-- A URL without credentials or with a missing bucket fails at start (`check_urls`) with one line naming the URL
-  and what to set, before anything is written.
+- Writers that only know local files (TensorBoard's event writer, the JAX profiler, whose own gs:// client
+  cannot be pointed at an emulator and whose fsspec "append" rewrites the object) write into a local
+  `staging_dir` that `upload_tree` copies to the URL (at each checkpoint and at the end).
+- A URL without credentials, with a missing bucket, or (for what a run writes) where an object cannot be
+  created and deleted fails at start (`check_urls`) with one line naming the URL and what to set, before
+  anything is written.
 
 A local GCS emulator is used when `STORAGE_EMULATOR_HOST` is set (the variable google-cloud-storage and gcsfs
 read): `use_emulator_if_set` points tensorstore (Orbax's array writer) at it too.
@@ -19,6 +23,8 @@ from __future__ import annotations
 import os
 import pathlib
 import shutil
+import socket
+import tempfile
 import time
 from typing import Iterable
 
@@ -118,6 +124,19 @@ class LineAppender:
     close = flush
 
 
+def staging_dir() -> pathlib.Path:
+    """A new, empty local folder for files bound for object storage (`upload_tree`); the caller removes it."""
+    root = cache_root() / "staging"
+    root.mkdir(parents=True, exist_ok=True)
+    return pathlib.Path(tempfile.mkdtemp(dir=root))
+
+
+def upload_tree(local: pathlib.Path, dst: str | os.PathLike) -> None:
+    """Every file under the local folder `local` copied to the same relative place under `dst` (whole files)."""
+    for f in sorted(p for p in local.rglob("*") if p.is_file()):
+        copy_file(f, path(dst) / f.relative_to(local).as_posix())
+
+
 # ------------------------------------------------------------------------------------------ local mirrors
 def cache_root() -> pathlib.Path:
     return pathlib.Path(os.environ.get("DPOJAX_CACHE", "~/.cache/dpojax")).expanduser()
@@ -199,12 +218,15 @@ _CREDENTIALS_HELP = {
 _PACKAGE = {"gs": "gcsfs", "s3": "s3fs"}
 
 
-def check_urls(urls: Iterable[tuple[str, str | None]]) -> None:
+def check_urls(urls: Iterable[tuple[str, str | None]], written: Iterable[str] = ()) -> None:
     """Fail early, with one line naming the URL and the fix, when an object-store URL in `urls` ((what, url)
-    pairs; local paths and None are skipped) lacks its client package, credentials, or bucket."""
+    pairs, checked in order; local paths and None are skipped) lacks its client package, credentials, or bucket;
+    or, when its `what` is in `written` (e.g. "output_dir"), when an object cannot be written there and deleted."""
+    urls = [(what, url) for what, url in urls if url is not None and is_remote(url)]
+    writes = {url: what for what, url in urls if what in set(written)}
     seen = set()
     for what, url in urls:
-        if url is None or not is_remote(url) or url in seen:
+        if url in seen:
             continue
         seen.add(url)
         scheme = url.split("://", 1)[0]
@@ -212,6 +234,8 @@ def check_urls(urls: Iterable[tuple[str, str | None]]) -> None:
         if scheme == "gs":
             _check_gcs_credentials(what, url)
         _check_bucket(what, url, scheme)
+        if url in writes:
+            _check_writable(writes[url], url)
 
 
 def _check_package(what: str, url: str, scheme: str) -> None:
@@ -250,3 +274,20 @@ def _check_bucket(what: str, url: str, scheme: str) -> None:
         raise StorageError(f"{what} '{url}': cannot access bucket '{bucket}' ({first}); "
                            f"{_CREDENTIALS_HELP[scheme]}, with permission to list and write objects") from None
 
+
+PROBE = ".dpojax-probe"
+
+
+def _check_writable(what: str, url: str) -> None:
+    """Write one empty object under `url` and delete it, as every later write, overwrite (metrics.jsonl) and
+    Orbax's pruning of old checkpoints will. The name is unique to the process: every host of a pod probes."""
+    probe = path(url) / f"{PROBE}-{socket.gethostname()}-{os.getpid()}"
+    try:
+        write_bytes(probe, b"")
+        probe.unlink(missing_ok=True)
+    except Exception as e:  # noqa: BLE001 - 403 (HttpError), 404 or 412 raised as OSError subclasses, ...
+        first = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+        bucket = url.split("://", 1)[1].split("/", 1)[0]
+        raise StorageError(f"{what} '{url}': cannot create and delete objects there ({first}); grant the account "
+                           f"write access to bucket '{bucket}' (on GCS the Storage Object User role: create, "
+                           f"overwrite, delete) or choose another {what}") from None

@@ -3,12 +3,13 @@
 - `train.report_to: [tensorboard, wandb]` (TRL's key): every record written to metrics.jsonl goes to the same
   trackers too, under `<split>/<metric name>` (e.g. `train/loss`, `eval/rewards/accuracies`) at the same step.
   TensorBoard: event files in output_dir/tensorboard/ (`tensorboard --logdir OUTPUT_DIR/tensorboard`), written
-  with tensorboard's own event writer (no TensorFlow, no torch). W&B: `train.wandb.{project, name, mode}`; mode
-  auto is online when an API key is known (WANDB_API_KEY or a `wandb login`) and offline otherwise (files under
-  output_dir/wandb/, `wandb sync` uploads them later). Only process 0 writes. `pip install 'dpojax[tracking]'`.
+  with tensorboard's own event writer (no TensorFlow, no torch); on gs:// uploaded at each checkpoint and at the
+  end. W&B: `train.wandb.{project, name, mode}`; mode auto is online when an API key is known (WANDB_API_KEY or a
+  `wandb login`) and offline otherwise (files under output_dir/wandb/, `wandb sync` uploads them later). Only
+  process 0 writes. `pip install 'dpojax[tracking]'`.
 - `train.profile: {start_step, steps}`: a JAX profiler trace of those optimizer steps in output_dir/profile/
-  (process 0): `tensorboard --logdir OUTPUT_DIR/profile` with tensorboard-plugin-profile, or the
-  `plugins/profile/*/*.trace.json.gz` file in https://ui.perfetto.dev.
+  (process 0; on gs:// uploaded when the trace ends): `tensorboard --logdir OUTPUT_DIR/profile` with
+  tensorboard-plugin-profile, or the `plugins/profile/*/*.trace.json.gz` file in https://ui.perfetto.dev.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 import math
 import netrc
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Mapping
@@ -34,14 +36,19 @@ def _scalars(split: str, metrics: Mapping) -> dict[str, float]:
 
 class TensorBoard:
     """Scalars to event files in `logdir`, with tensorboard's own writer. A run resumed at step `start` marks a
-    restart there, so TensorBoard drops the previous session's records past it (the run redoes those steps)."""
+    restart there, so TensorBoard drops the previous session's records past it (the run redoes those steps).
+    On object storage (no append: tensorboard's fsspec "append" would rewrite the object with the last event
+    only) the events go to a local staging folder, uploaded whole at each `flush` (every checkpoint) and at
+    `close`."""
 
     def __init__(self, logdir, start: int = 0):
         from tensorboard.compat.proto import event_pb2
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
+        self.logdir = logdir
+        self.local = paths.staging_dir() if paths.is_remote(logdir) else None
         paths.makedirs(logdir)
-        self.writer = EventFileWriter(os.fspath(logdir))  # gs://: through fsspec (gcsfs), visible once closed
+        self.writer = EventFileWriter(os.fspath(self.local or logdir))
         if start:
             self.writer.add_event(event_pb2.Event(wall_time=time.time(), step=int(start) + 1,  # keeps < start + 1
                                                   session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
@@ -54,8 +61,17 @@ class TensorBoard:
                                               summary=summary_pb2.Summary(value=values)))
         self.writer.flush()
 
+    def flush(self) -> None:
+        self.writer.flush()
+        if self.local is not None:
+            paths.upload_tree(self.local, self.logdir)
+
     def close(self) -> None:
         self.writer.close()
+        if self.local is not None:
+            paths.upload_tree(self.local, self.logdir)
+            shutil.rmtree(self.local, ignore_errors=True)
+            self.local = None
 
 
 def wandb_mode(mode: str) -> str:
@@ -116,8 +132,11 @@ class Trackers:
             tracker.write(step, split, metrics)
 
     def flush(self) -> None:
-        """metrics.jsonl durable up to here (the loop calls this at each checkpoint)."""
+        """metrics.jsonl (and TensorBoard's events) durable up to here (the loop calls this at each checkpoint)."""
         self.writer.flush()
+        for tracker in self.trackers:
+            if hasattr(tracker, "flush"):
+                tracker.flush()
 
     def close(self) -> None:
         self.writer.close()
@@ -127,11 +146,13 @@ class Trackers:
 
 
 class Profiler:
-    """Traces optimizer steps start_step .. start_step + steps - 1 into `logdir` (process 0 only)."""
+    """Traces optimizer steps start_step .. start_step + steps - 1 into `logdir` (process 0 only). On object storage
+    the trace is written to a local staging folder and uploaded when it ends (JAX's own gs:// writer talks to
+    storage.googleapis.com only)."""
 
     def __init__(self, cfg: Config, logdir, enabled: bool = True):
         p = cfg.train.profile
-        self.logdir, self.active = logdir, False
+        self.logdir, self.active, self.local = logdir, False, None
         self.first = p.start_step if enabled else None
         self.last = None if self.first is None else self.first + p.steps - 1
 
@@ -139,8 +160,9 @@ class Profiler:
         import jax
 
         if step == self.first:
-            paths.makedirs(self.logdir)  # jax writes gs:// itself; the Perfetto copy only to a local folder
-            jax.profiler.start_trace(os.fspath(self.logdir), create_perfetto_trace=not paths.is_remote(self.logdir))
+            self.local = paths.staging_dir() if paths.is_remote(self.logdir) else None
+            paths.makedirs(self.local or self.logdir)
+            jax.profiler.start_trace(os.fspath(self.local or self.logdir), create_perfetto_trace=True)
             self.active = True
 
     def after_step(self, step: int, out) -> None:
@@ -155,3 +177,7 @@ class Profiler:
             jax.block_until_ready(out)
             jax.profiler.stop_trace()
             self.active = False
+            if self.local is not None:
+                paths.upload_tree(self.local, self.logdir)
+                shutil.rmtree(self.local, ignore_errors=True)
+                self.local = None

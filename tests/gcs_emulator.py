@@ -19,12 +19,21 @@ from dpojax import paths
 _DERIVED = ("TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")
 
 
-class Emulator:
-    """fake-gcs-server in memory on a free port of 127.0.0.1, its log in a file (a pipe nobody reads would fill
-    up and stall it), and the client variables set while it runs (restored after)."""
+def _forget_clients() -> None:
+    """gcsfs keeps one client per set of arguments, bound to the emulator of its day: drop them."""
+    import gcsfs
 
-    def __init__(self, log: Path):
-        self.log, self.proc, self.url = log, None, None
+    gcsfs.GCSFileSystem.clear_instance_cache()
+
+
+class Emulator:
+    """fake-gcs-server on a free port of 127.0.0.1, its log in a file (a pipe nobody reads would fill up and stall
+    it), and the client variables set while it runs (restored after). Objects are kept in memory, or with
+    `files` as files under that folder (fake-gcs-server's filesystem backend, where an object's name cannot also
+    be the folder of others). One may run inside another: the clients follow the innermost."""
+
+    def __init__(self, log: Path, files: Path | None = None):
+        self.log, self.files, self.proc, self.url = log, files, None, None
         self.saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", *_DERIVED)}
 
     def __enter__(self) -> "Emulator":
@@ -34,10 +43,12 @@ class Emulator:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
+        backend = ["-backend", "memory"] if self.files is None else ["-backend", "filesystem", "-filesystem-root",
+                                                                      str(self.files)]  # fmt: skip
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-backend", "memory",
-                                          "-host", "127.0.0.1", "-port", str(port), "-external-url", self.url,
-                                          "-log-level", "warn"], stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+            self.proc = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", *backend, "-host", "127.0.0.1",
+                                          "-port", str(port), "-external-url", self.url, "-log-level", "warn"],
+                                         stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
         deadline = time.monotonic() + 20
         while True:
             try:
@@ -50,6 +61,7 @@ class Emulator:
             os.environ.pop(key, None)
         os.environ["STORAGE_EMULATOR_HOST"] = self.url
         paths.use_emulator_if_set()
+        _forget_clients()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -60,6 +72,7 @@ class Emulator:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+        _forget_clients()
 
     def create_bucket(self, name: str) -> str:
         request = urllib.request.Request(f"{self.url}/storage/v1/b?project=test", method="POST",

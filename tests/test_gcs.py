@@ -2,14 +2,17 @@
 
 The model, tokenizer, train and eval data are read from `gs://`, and output_dir, the tokenized-data cache,
 checkpoints (Orbax through tensorstore's GCS driver), metrics.jsonl, the plot and the export are written there:
-an uninterrupted run, a run killed with SIGKILL and resumed (bitwise equal metrics), a 2-process run writing
-its checkpoint shards to the bucket and resumed on 1 process, and `dpojax export` to `gs://`, loadable by
-transformers after download. A missing bucket or missing credentials fail at start with one line.
+an uninterrupted run, a run killed with SIGKILL and resumed (bitwise equal metrics), a 2-process LoRA run
+writing its checkpoint shards to the bucket and resumed on 1 process, and `dpojax export` to `gs://`, loadable by
+transformers after download; TensorBoard events and a profiler trace land in the bucket; a LoRA run exports a
+PEFT adapter folder there. A missing bucket, missing credentials or a bucket that refuses writes fail at start
+with one line.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -30,6 +33,7 @@ from dpojax.models.hf import TOKENIZER_FILES
 
 pytestmark = pytest.mark.serial  # every test shares the module's emulator and its subprocess reference run
 STEPS = 6
+LORA = ("model.lora.enabled=true", "model.lora.rank=4", "model.lora.alpha=8")  # PEFT's default targets
 TIMING = {"tokens_per_second", "pairs_per_second", "mfu"}
 TESTS = Path(__file__).parent
 REPO = TESTS.parent
@@ -43,7 +47,8 @@ def _jsonl(path: Path, rows: list[dict]) -> Path:
 @pytest.fixture(scope="module")
 def gcs(tmp_path_factory):
     """The emulator with one bucket holding the inputs, and a config that reads them from it; plus the
-    uninterrupted reference run, written to gs://runs/reference by `dpojax train` in a subprocess."""
+    uninterrupted reference run (with TensorBoard and a profile of step 2), written to gs://runs/reference by
+    `dpojax train` in a subprocess."""
     root = tmp_path_factory.mktemp("gcs")
     with Emulator(root / "emulator.log") as emulator:
         inputs, runs = emulator.create_bucket("inputs"), emulator.create_bucket("runs")
@@ -63,7 +68,8 @@ def gcs(tmp_path_factory):
         config = root / "run.yaml"
         config.write_text(yaml.safe_dump(cfg))
         env = {"root": root, "config": config, "runs": runs, "emulator": emulator}
-        result = _run(env, f"{runs}/reference")
+        result = _run(env, f"{runs}/reference", "train.report_to=[tensorboard]", "train.profile.start_step=2",
+                      "train.profile.steps=1")
         assert result.returncode == 0, result.stderr[-3000:]
         yield env
 
@@ -106,6 +112,24 @@ def test_run_reads_and_writes_gcs(gcs):
     assert not (Path.cwd() / "gs:").exists()  # nothing landed in a local folder named after the URL
 
 
+def test_tensorboard_and_profile_land_in_the_bucket(gcs):
+    """Event files and the trace are written locally and uploaded (at each checkpoint and at the end; when the trace
+    ends): every metrics.jsonl record is in the events, the trace opens in TensorBoard's profile plugin."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = f"{gcs['runs']}/reference"
+    names = gcs["emulator"].names(out)
+    assert sum(n.startswith("tensorboard/events.out.tfevents.") for n in names) == 1, names
+    assert sum(n.startswith("profile/plugins/profile/") and n.endswith(".xplane.pb") for n in names) == 1, names
+    assert any(n.startswith("profile/plugins/profile/") and n.endswith(".trace.json.gz") for n in names), names
+    events = EventAccumulator(str(paths.local_copy(f"{out}/tensorboard")), size_guidance={"scalars": 0})
+    events.Reload()
+    for split in ("train", "eval"):
+        want = {r["step"]: r["loss"] for r in M.read_metrics(f"{out}/metrics.jsonl") if r["split"] == split}
+        got = {e.step: e.value for e in events.Scalars(f"{split}/loss")}
+        assert got == pytest.approx(want, rel=1e-6), split
+
+
 def test_missing_bucket_fails_at_start(gcs, capsys):
     code = main(["train", str(gcs["config"]), "output_dir=gs://no-such-bucket/run"])
     err = capsys.readouterr().err.strip()
@@ -126,6 +150,22 @@ def test_missing_credentials_fail_at_start(gcs, tmp_path, monkeypatch, capsys):
     assert "data.train 'gs://inputs/train.jsonl': no Google Cloud credentials found" in err
     assert "GOOGLE_APPLICATION_CREDENTIALS" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_unwritable_output_dir_fails_at_start(gcs, tmp_path, capsys):
+    """A bucket that lists but refuses writes fails at start, before anything is written, on the probe object that
+    check_urls writes and deletes under output_dir. fake-gcs-server has no IAM to deny a write with 403; it refuses
+    one for real in its filesystem backend, which stores objects as files: nothing can be created under a name
+    that is already an object (`taken` here), while the bucket lists and reads as usual."""
+    with Emulator(tmp_path / "emulator.log", files=tmp_path / "objects") as emulator:
+        bucket = emulator.create_bucket("readonly")
+        paths.write_text(f"{bucket}/taken", "an object where output_dir needs a folder")
+        code = main(["train", str(gcs["config"]), f"output_dir={bucket}/taken/run"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.count("\n") == 0, err
+        assert "output_dir 'gs://readonly/taken/run': cannot create and delete objects there" in err, err
+        assert "Storage Object User" in err
+        assert emulator.names(bucket) == ["taken"]
 
 
 def _exists(url: str) -> bool:
@@ -164,10 +204,14 @@ def test_sigkill_then_resume_is_bitwise_exact(gcs):
     assert _train_records(out) == _train_records(f"{gcs['runs']}/reference")
 
 
-@pytest.mark.skipif(os.environ.get("DPOJAX_SLOW_TESTS") != "1",
-                    reason="two more runs, one of 2 processes (36 s on 2 idle cores); DPOJAX_SLOW_TESTS=1 runs it")
-def test_two_processes_write_their_shards_then_resume_on_one(gcs, monkeypatch):
+def test_two_processes_write_their_shards_then_resume_on_one(gcs, monkeypatch, caplog):
+    """A LoRA run of 2 processes (4 devices each, mesh (2,2,2)) writes its checkpoint shards to the bucket, each
+    process its own, and exports a PEFT adapter folder there; with its last checkpoint gone (the pod died after
+    step 2), 1 process of 8 devices (this one: no imports to pay) resumes from step 2 and redoes step 3 as the
+    2 processes did."""
     import importlib.util
+
+    import fsspec
 
     spec = importlib.util.spec_from_file_location("local_cpu", REPO / "launch" / "local_cpu.py")
     local_cpu = importlib.util.module_from_spec(spec)
@@ -175,19 +219,46 @@ def test_two_processes_write_their_shards_then_resume_on_one(gcs, monkeypatch):
     for key, value in _shared(gcs).items():
         monkeypatch.setenv(key, value)
     out = f"{gcs['runs']}/two"
-    code = local_cpu.main(["--processes", "2", "--devices-per-process", "4", "--grace", "30", "train",
-                           str(gcs["config"]), f"output_dir={out}", "train.steps=4", "data.eval=null"])  # fmt: skip
-    assert code == 0
-    names = gcs["emulator"].names(f"{out}/checkpoints/4/params")
-    assert {n.split("/")[0] for n in names if n.startswith("ocdbt.process_")} == {"ocdbt.process_0", "ocdbt.process_1"}
-    result = _run(gcs, out, "data.eval=null")  # one process, 8 devices, the same mesh
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "at step 4" in result.stderr
-    ours, ref = _train_records(out), _train_records(f"{gcs['runs']}/reference")
-    assert [r["step"] for r in ours] == list(range(1, STEPS + 1))
-    for a, b in zip(ours, ref):
-        keys = sorted(set(a) - {"step", "split"})
-        np.testing.assert_allclose([a[k] for k in keys], [b[k] for k in keys], rtol=1e-5, atol=1e-6, err_msg=str(keys))
+    args = ["train", str(gcs["config"]), f"output_dir={out}", *LORA, "train.steps=3", "data.eval=null"]
+    assert local_cpu.main(["--processes", "2", "--devices-per-process", "4", "--grace", "30", *args]) == 0
+    names = gcs["emulator"].names(f"{out}/checkpoints/2")
+    assert {p for n in names for p in n.split("/") if p.startswith("ocdbt.process_")} == {"ocdbt.process_0",
+                                                                                         "ocdbt.process_1"}
+    _check_peft_export(gcs, f"{out}/export")  # gathered by both processes, written by process 0
+    two = _train_records(out)
+    fsspec.filesystem("gs").rm(f"{out}/checkpoints/3", recursive=True)
+    with caplog.at_level(logging.INFO, logger="dpojax"):
+        assert main(args) == 0
+    assert "at step 2" in caplog.text
+    one = _train_records(out)
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 3]
+    assert one[:2] == two[:2]  # kept from the 2-process run
+    keys = sorted(set(two[2]) - {"step", "split"})
+    np.testing.assert_allclose([one[2][k] for k in keys], [two[2][k] for k in keys], rtol=1e-5, atol=1e-6,
+                               err_msg=str(keys))  # fmt: skip
+
+
+def _check_peft_export(gcs, url: str) -> None:
+    """The adapter folder a LoRA run exported to `url`, downloaded, is a PEFT adapter of the base."""
+    import peft
+    import torch
+    import transformers
+    from safetensors.numpy import load_file
+
+    local = paths.local_copy(url)
+    assert json.loads((local / "adapter_config.json").read_text())["r"] == 4
+    tensors = load_file(local / "adapter_model.safetensors")
+    base = transformers.AutoModelForCausalLM.from_pretrained(gcs["root"] / "policy", dtype=torch.float32)
+    ids = torch.arange(1, 17)[None]
+    with torch.no_grad():
+        before = base(ids).logits.numpy()
+        model = peft.PeftModel.from_pretrained(base, str(local))
+        after = model(ids).logits.numpy()
+    state = {k.replace(".default", ""): v.numpy() for k, v in model.state_dict().items() if "lora_" in k}
+    assert state.keys() == tensors.keys()
+    for name, value in tensors.items():
+        np.testing.assert_array_equal(state[name], value, err_msg=name)
+    assert np.abs(after - before).max() > 1e-4  # training moved the adapters off PEFT's identity start
 
 
 def test_export_to_gcs_loads_in_transformers(gcs):

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dpojax import paths
 from dpojax.errors import ConfigError, ModelError
 from dpojax.models.config import ModelConfig
 from dpojax.models.families import FAMILIES
@@ -322,17 +323,18 @@ def adapter_config(lora_cfg, groups: list[Group], base_name: str) -> dict[str, A
     }
 
 
-def save_peft(out_dir, adapters, groups: list[Group], cfg: ModelConfig, lora_cfg, base_name: str) -> pathlib.Path:
-    """Write a PEFT adapter folder; every process must call it (gathers), only process 0 writes."""
-    from safetensors.numpy import save_file
+def save_peft(out_dir, adapters, groups: list[Group], cfg: ModelConfig, lora_cfg, base_name: str):
+    """Write a PEFT adapter folder (local or gs://: dpojax.paths); every process must call it (gathers), only
+    process 0 writes. Returns its `epath.Path`."""
+    from safetensors.numpy import save
 
-    out = pathlib.Path(out_dir)
+    out = paths.path(out_dir)
     tensors = peft_tensors(adapters, groups, cfg)
     if jax.process_index() == 0:
-        out.mkdir(parents=True, exist_ok=True)
+        paths.makedirs(out)
         config = adapter_config(lora_cfg, groups, base_name)
-        (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        paths.write_text(out / ADAPTER_CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
+        paths.write_bytes(out / ADAPTER_WEIGHTS, save(tensors, metadata={"format": "pt"}))
     return out
 
 

@@ -135,7 +135,7 @@ def train(cfg: Config) -> dict[str, Any]:
     """Train per `cfg`; resumes from `output_dir/checkpoints` when present. Returns the final eval metrics
     (empty when the run stopped early on SIGTERM or had no eval set)."""
     distributed.initialize(cfg.distributed)  # before anything touches a device
-    paths.check_urls(config_urls(cfg))  # a bad gs:// URL fails here, before anything is written
+    paths.check_urls(config_urls(cfg), written=WRITTEN)  # a bad gs:// URL fails here, before anything is written
     out_dir = paths.path(cfg.output_dir)
     is_main = jax.process_index() == 0
     sharder = make_sharder(cfg)
@@ -318,7 +318,7 @@ def _restore_policy(cfg: Config, models, step: int) -> None:
 def evaluate(cfg: Config) -> dict[str, float]:
     """Metrics of the policy (a run's newest checkpoint when `output_dir` has one) on data.eval or data.train."""
     distributed.initialize(cfg.distributed)  # before anything touches a device
-    paths.check_urls(config_urls(cfg))
+    paths.check_urls(config_urls(cfg), written=WRITTEN)
     is_main = jax.process_index() == 0
     sharder = make_sharder(cfg)
     found = ckpt.find_checkpoint(cfg.output_dir)
@@ -342,6 +342,9 @@ def evaluate(cfg: Config) -> dict[str, float]:
 
 
 # -------------------------------------------------------------------------------------------------- CLI
+WRITTEN = ("output_dir", "data.cache_dir")  # the config keys of config_urls that a run writes to
+
+
 def config_urls(cfg: Config) -> list[tuple[str, str | None]]:
     """(config key, path) of everything a run reads or writes, for `paths.check_urls`."""
     return [("output_dir", cfg.output_dir), ("data.train", cfg.data.train), ("data.eval", cfg.data.eval),
@@ -397,7 +400,7 @@ def export_from_cli(source: str, out_dir: str, merged: bool = False) -> None:
     """Export the newest checkpoint of a run folder (or one checkpoint folder) as a HF folder: the policy is built
     abstractly and its parameters alone are restored (no optimizer state, no reference, no base weights). A LoRA
     run gives a PEFT adapter folder, or with `merged` a HF folder of the merged model (which reads the base)."""
-    paths.check_urls([("export source", str(source)), ("export folder", str(out_dir))])
+    paths.check_urls([("export source", str(source)), ("export folder", str(out_dir))], written=["export folder"])
     found = ckpt.find_checkpoint(source)
     if found is None:
         raise UserError(f"export: no checkpoint found in '{source}' (expected RUN_DIR/checkpoints/<step>/).")
