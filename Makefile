@@ -43,7 +43,7 @@ bench: $(VENV)/.installed-bench
 	$(PY) -m benchmarks.packing --profiles short_qa hh --steps 2
 
 # tokens/s, MFU and the FLOP accounting of the real train step on the backend JAX finds (CPU, GPU, TPU);
-# PRESET: tiny | bench-llama | llama-1b | llama-8b, ARGS: e.g. --attention cudnn --remat qkv --micro-batch 4
+# PRESET: host | tiny | bench-llama | llama-1b | llama-8b, ARGS: e.g. --attention cudnn --remat qkv --micro-batch 4
 PRESET ?= bench-llama
 throughput: $(VENV)/.installed
 	$(PY) -m benchmarks.throughput --preset $(PRESET) $(ARGS)
