@@ -62,7 +62,7 @@ smollm2: $(VENV)/.installed-bench
 	$(PY) configs/smollm2/arithmetic.py score $(SMOLLM2_RUN)/greedy_before.jsonl $(SMOLLM2_RUN)/greedy_after.jsonl
 
 # tokens/s, MFU and the FLOP accounting of the real train step on the backend JAX finds (CPU, GPU, TPU);
-# PRESET: tiny | bench-llama | llama-1b | llama-8b, ARGS: e.g. --attention cudnn --remat qkv --micro-batch 4
+# PRESET: host | tiny | bench-llama | llama-1b | llama-8b, ARGS: e.g. --attention cudnn --remat qkv --micro-batch 4
 PRESET ?= bench-llama
 throughput: $(VENV)/.installed
 	$(PY) -m benchmarks.throughput --preset $(PRESET) $(ARGS)

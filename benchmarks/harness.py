@@ -117,10 +117,12 @@ def ratio(slow: Timing, fast: Timing) -> float:
 
 # ---- FLOPs --------------------------------------------------------------------------------------------------
 def body_flops(cfg, batch: int, seq_len: int, *, backward: bool = False) -> float:
-    """FLOPs of the decoder body (no lm_head) on [batch, seq_len] tokens, attention over the full T x T
-    (`ModelConfig.forward_flops_per_token` without the vocabulary matmul); backward = 2x forward."""
-    per_token = cfg.forward_flops_per_token(seq_len) - 2.0 * cfg.vocab_size * cfg.hidden_size
-    return per_token * batch * seq_len * (2.0 if backward else 1.0)
+    """Model FLOPs of the decoder body (no head) on `batch` causal sequences of `seq_len` tokens, counted as
+    `dpojax.flops` counts them for MFU (attention over the causal pairs); backward = 2x forward."""
+    from dpojax import flops
+
+    forward = flops.step_flops(cfg, [seq_len] * batch, 0, reference=False).policy_forward.total
+    return forward * (2.0 if backward else 1.0)
 
 
 def gflops_per_s(flops: float, t: Timing) -> float:

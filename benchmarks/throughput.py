@@ -53,6 +53,9 @@ TINY_LLAMA = {
     "max_position_embeddings": 128, "tie_word_embeddings": False, "hidden_act": "silu",
 }  # fmt: skip
 
+HOST_LLAMA = {**TINY_LLAMA, "vocab_size": 256, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
+              "num_key_value_heads": 1}  # a CPU step of a few ms: what the host must keep up with (GPU, TPU)
+
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
@@ -67,6 +70,8 @@ class Preset:
 
 PRESETS = {
     "tiny": Preset(TINY_LLAMA, 64, 8, note="2 layers, d 64: a smoke test"),
+    "host": Preset(HOST_LLAMA, 32, 4, note="2 layers, d 32, T 32: a step of a few ms on CPU "
+                                           "(benchmarks/host_overhead.py)"),
     "bench-llama": Preset(BENCH_LLAMA, 512, 8, note="benchmarks/cpu_vs_trl.py's synthetic Llama (4 layers, d 512, "
                                                     "vocab 32k), fp32"),
     "llama-1b": Preset(LLAMA_32_1B, 2048, 8, dtype="bfloat16", remat="full",

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dpojax.errors import ConfigError, UserError
-from dpojax.flops import PEAK_BF16_FLOPS
+from dpojax import flops
 
 GiB = 2**30
 
@@ -34,10 +34,10 @@ class Chip:
 
 
 CHIPS = {  # peaks: dpojax.flops, the one table the trainer's MFU and the throughput benchmark use too
-    "v4": Chip(32 * GiB, PEAK_BF16_FLOPS["v4"]),
-    "v5e": Chip(16 * GiB, PEAK_BF16_FLOPS["v5e"]),
-    "v5p": Chip(95 * GiB, PEAK_BF16_FLOPS["v5p"]),
-    "v6e": Chip(32 * GiB, PEAK_BF16_FLOPS["v6e"]),
+    "v4": Chip(32 * GiB, flops.PEAK_BF16_FLOPS["v4"]),
+    "v5e": Chip(16 * GiB, flops.PEAK_BF16_FLOPS["v5e"]),
+    "v5p": Chip(95 * GiB, flops.PEAK_BF16_FLOPS["v5p"]),
+    "v6e": Chip(32 * GiB, flops.PEAK_BF16_FLOPS["v6e"]),
 }
 # Cloud TPU accelerator type -> libtpu topology (v4/v5p count TensorCores, 2 per chip; v5e/v6e count chips)
 ACCELERATOR_TYPES = {
@@ -124,7 +124,7 @@ class CompileReport:
     temp_bytes: int | None = None  # per device: activations, gradients, workspace
     code_bytes: int | None = None
     flops_per_step: float | None = None  # XLA cost analysis, summed over devices
-    model_flops_per_step: float | None = None  # 6N + attention per token (policy) + 2N + attention (reference)
+    model_flops_per_step: float | None = None  # dpojax.flops: policy forward+backward + reference forward, causal
     seconds_per_step: float | None = None  # XLA's cost model estimate
     error: str | None = None  # the compiler's message when it refused (out of memory)
 
@@ -291,14 +291,15 @@ def lower_step(cfg, devices, *, backend: str = "tpu", batch_pairs: int | None = 
         batch = _abstract_packed_batch(spec.packing, n_pairs, k, cfg.data.max_length, sharder, precomputed,
                                        n_pairs // micro)
     train, _ = compile_steps(spec, state, rparams, sharder)
-    tokens = n_pairs * k * cfg.data.max_length
-    ref_flops = mcfg.forward_flops_per_token(cfg.data.max_length) if rgraph is not None else 0.0
-    policy_flops = (2.0 * mcfg.forward_flops_per_token(cfg.data.max_length) if cfg.model.lora.enabled  # no base dW
-                    else mcfg.flops_per_token(cfg.data.max_length))
+    # model FLOPs as the trainer's MFU counts them (dpojax.flops: causal attention), for the batch compiled here:
+    # n_pairs x K sequences of max_length tokens, nothing shared, every position scored (the head's worst case)
+    n_seq = n_pairs * k
+    counted = flops.step_flops(mcfg, [cfg.data.max_length] * n_seq, n_seq * cfg.data.max_length,
+                               reference=rgraph is not None, weight_grads=not cfg.model.lora.enabled)
     return LoweredStep(
         lowered=train.lower(state, rparams, batch), mesh=dict(sharder.mesh.shape), attention=attention,
         num_params=mcfg.num_params(), batch_pairs=n_pairs, seq_len=cfg.data.max_length,
-        model_flops_per_step=tokens * (policy_flops + ref_flops), num_responses=k,
+        model_flops_per_step=counted.model, num_responses=k,
     )
 
 

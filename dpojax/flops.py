@@ -15,9 +15,9 @@ Model FLOPs of one train step (what MFU counts, the same in the trainer's `mfu` 
 Remat recompute (the forward work the backward pass redoes) is hardware work, not model work: it is reported
 separately, and counted only in the hardware FLOPs utilization (HFU). The log-prob head always recomputes its
 logits in the backward pass; the layers recompute what their remat policy does not save (the MLP's down projection
-never: the backward needs only its input): none: nothing; full and dots: every other matmul and the attention;
-dots_all: every other matmul (the attention products are saved); qkv: the output projection and the MLP's gate/up.
-(`dots` saves no projection because dpojax's Dense is a custom_vjp whose matmul the policy cannot see.)
+never: the backward needs only its input): none: nothing; full: every other matmul and the attention; dots: the
+attention (every Dense output is saved); dots_all: nothing (the attention products are saved too); qkv: the output
+projection and the MLP's gate/up.
 
 Peaks are dense bf16 FLOP/s per chip from the vendors' datasheets (H100 and H200: SXM). On CPU there is no
 datasheet number: `measured_matmul_peak` times a large matmul instead.
@@ -174,17 +174,18 @@ def forward_flops(cfg, *, tokens: int, scored: int, pairs_per_layer: Sequence[in
 def remat_recompute(cfg, policy_forward: Forward, remat: str, *, tokens: int) -> float:
     """Forward FLOPs the backward pass redoes under remat policy `remat` (see the module docstring): what XLA's cost
     analysis of the unrolled model shows (tests/test_throughput.py). The MLP's down projection is never redone (the
-    backward needs its input, not its output); dpojax's Dense is a custom_vjp, whose matmul the dot-saving policies
-    do not see, so `dots` saves nothing (as `full`) and `dots_all` saves only the attention products."""
+    backward needs its input, not its output). `dots` and `dots_all` save every Dense output (named
+    `models.layers.DENSE_OUTPUT`: the matmul sits in a custom_vjp the dot policies cannot see); `dots_all` also
+    saves the attention products."""
     head = policy_forward.head  # the log-prob head recomputes its logits chunk by chunk
     D, F, H, Dh, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.head_dim, cfg.num_layers
     down = 2.0 * L * F * D * tokens
-    if remat == "none":
+    if remat in ("none", "dots_all"):
         return head
-    if remat in ("full", "dots"):
+    if remat == "full":
         return head + policy_forward.matmul - down + policy_forward.attention
-    if remat == "dots_all":
-        return head + policy_forward.matmul - down
+    if remat == "dots":
+        return head + policy_forward.attention
     if remat == "qkv":  # q, k, v and the attention context saved: the output projection and the MLP's input side
         mlp_in = (3 if cfg.mlp == "gated" else 2) - 1
         return head + 2.0 * L * (H * Dh * D + mlp_in * D * F) * tokens

@@ -12,9 +12,10 @@ from pathlib import Path
 import jax
 import pytest
 
-from dpojax import aot
+from dpojax import aot, flops
 from dpojax.config import load_config
 from dpojax.errors import ConfigError
+from dpojax.models import ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 HF_CONFIGS = REPO / "tests" / "assets" / "hf_configs"
@@ -80,6 +81,9 @@ def test_shipped_config_lowers_for_its_topology(name):
     assert step.mesh["fsdp"] == len(devices)
     assert step.attention == ("xla" if topology is None else "splash")  # auto: the Pallas kernel on TPU
     assert "stablehlo.while" in step.lowered.as_text()  # layers scanned, micro-batches accumulated
+    mcfg, n = ModelConfig.from_hf(aot.read_model_config(cfg.model.name_or_path)), step.batch_pairs * 2
+    counted = flops.step_flops(mcfg, [step.seq_len] * n, n * step.seq_len, reference=not cfg.ref_model.precompute)
+    assert step.model_flops_per_step == counted.model  # counted as the trainer's MFU counts (causal attention)
 
 
 @needs_libtpu

@@ -195,19 +195,19 @@ class _RowWriter:
         self.t = 0  # next token position
         self.e = 0  # next entry
 
-    def entry(self, src: int, target: int, owner: int, completion: float, lm: float, ld: float):
-        e = self.e
-        self.src[e], self.target[e], self.owner[e] = src, target, owner
-        self.completion[e], self.lm[e], self.ld[e] = completion, lm, ld
-        self.e += 1
+    def entries(self, src, target, owner, completion, lm, ld):
+        """Append entries (arrays of one length, or scalars broadcast over it)."""
+        e, n = self.e, len(src)
+        self.src[e : e + n], self.target[e : e + n], self.owner[e : e + n] = src, target, owner
+        self.completion[e : e + n], self.lm[e : e + n], self.ld[e : e + n] = completion, lm, ld
+        self.e += n
 
     def write(self, part: _Part, segment: int, k_max: int, prompt_nll: bool):
         start, p = self.t, len(part.prefix)
         self.ids[start : start + p], self.pos[start : start + p] = part.prefix, np.arange(p)
         self.seg[start : start + p] = segment
-        if prompt_nll and part.first:
-            for i in range(1, p):
-                self.entry(start + i - 1, part.prefix[i], part.prompt_slot, 0.0, 1.0, 0.0)
+        if prompt_nll and part.first and p > 1:  # the prompt's tokens after its first, each from the one before
+            self.entries(start + np.arange(p - 1), part.prefix[1:], part.prompt_slot, 0.0, 1.0, 0.0)
         t, placed = start + p, {}
         for k, ids, mask, alias in part.branches:
             n = len(ids)
@@ -216,18 +216,15 @@ class _RowWriter:
                 self.seg[t : t + n], self.branch[t : t + n] = segment, k + 1
                 placed[k] = t
             at = placed[k if alias is None else alias]  # an alias scores its original's positions
-            owner = part.n * (k_max + 1) + k
-            scored = 0
-            for i in range(n):
-                src = at + i - 1 if i > 0 else (start + p - 1 if p > 0 else -1)
-                if src < 0:
-                    continue
-                completion = float(mask[i])
-                if completion:
-                    scored += 1
-                if completion or prompt_nll:
-                    ld = float(completion and scored <= part.ld_shared)
-                    self.entry(src, ids[i], owner, completion, 1.0, ld)
+            # token i is predicted from the one before it; the first from the prompt's last (none without a prompt)
+            src = at + np.arange(n) - 1
+            if n:
+                src[0] = start + p - 1 if p > 0 else -1
+            completion = np.asarray(mask, np.float32) * (src >= 0)
+            scored = np.cumsum(completion)  # scored completion tokens so far (LD-DPO's shared length)
+            take = (src >= 0) & ((completion > 0) | prompt_nll)
+            ld = ((completion > 0) & (scored <= part.ld_shared)).astype(np.float32)
+            self.entries(src[take], np.asarray(ids)[take], part.n * (k_max + 1) + k, completion[take], 1.0, ld[take])
             if alias is None:
                 t += n
         self.t = t

@@ -15,10 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from dpojax.models.config import ModelConfig, RopeConfig
 
 Initializer = str  # "normal" (std = init_std), "ones", "zeros"
+DENSE_OUTPUT = "dense"  # checkpoint_name of every Dense matmul output (the `dots` remat policies save it)
 
 
 def make_param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], *, init: Initializer,
@@ -157,7 +159,8 @@ class Dense(nnx.Module):
                                 num_layers=num_layers) if use_bias else None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = dense_matmul(x, self.kernel[...], self.n_in, jnp.dtype(self.dtype))
+        # named: the matmul is inside a custom_vjp, where the dot-saving remat policies cannot see it
+        y = checkpoint_name(dense_matmul(x, self.kernel[...], self.n_in, jnp.dtype(self.dtype)), DENSE_OUTPUT)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         lora = getattr(self, "lora", None)  # a LoRA adapter attached by dpojax.models.lora: + scale * (x @ A) @ B

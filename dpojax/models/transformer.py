@@ -24,8 +24,9 @@ which RoPE table) is per-layer DATA scanned together with the stacked parameters
 Remat policies (`remat=`), applied per block:
   "none"      no rematerialization (fastest, most memory)
   "full"      save only each block's input; recompute everything in the backward pass
-  "dots"      save matmul outputs without batch dims (the weight projections); recompute attention
-              scores/softmax and elementwise ops (jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+  "dots"      save matmul outputs without batch dims (the weight projections: every Dense output, named
+              layers.DENSE_OUTPUT as its custom_vjp hides the dot); recompute attention scores/softmax and
+              elementwise ops (jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
   "dots_all"  save every matmul output including attention scores [B, H, T, T] (checkpoint_dots)
   "qkv"       save only the q/k/v projections and the attention context; recompute the MLP
 """
@@ -42,14 +43,17 @@ from jax.ad_checkpoint import checkpoint_name
 from dpojax.models.attention import attend, resolve_attention
 from dpojax.models.config import ModelConfig
 from dpojax.models.kv_cache import KVCache, LayerCache, attend_cached
-from dpojax.models.layers import Dense, RMSNorm, apply_rope, make_mlp, make_norm, make_param, rope_tables
+from dpojax.models.layers import DENSE_OUTPUT, Dense, RMSNorm, apply_rope, make_mlp, make_norm, make_param, rope_tables
 from dpojax.sharding import Sharder, constrain
 
+_policies = jax.checkpoint_policies
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "dots_all": jax.checkpoint_policies.checkpoint_dots,
+    "dots": _policies.save_from_both_policies(_policies.dots_with_no_batch_dims_saveable,
+                                              _policies.save_only_these_names(DENSE_OUTPUT)),
+    "dots_all": _policies.save_from_both_policies(_policies.checkpoint_dots,
+                                                  _policies.save_only_these_names(DENSE_OUTPUT)),
     "qkv": jax.checkpoint_policies.save_only_these_names("query", "key", "value", "context"),
 }
 

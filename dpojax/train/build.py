@@ -226,7 +226,10 @@ def precompute_references(cfg: Config, models: Models, sharder: Sharder, dataset
 
 
 def to_device(batch: PreferenceBatch, sharding) -> PreferenceBatch:
-    """Host batch (this process's rows) -> global jax.Arrays sharded over the data axes."""
+    """Host batch (this process's rows) -> global jax.Arrays sharded over the data axes. One process: one batched
+    transfer of every field (a call per field costs ~0.25 ms of host time each)."""
+    if jax.process_count() == 1:
+        return jax.device_put(batch, sharding)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
 
 

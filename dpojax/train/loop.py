@@ -52,14 +52,39 @@ def run_eval(run: Run, params, data: TokenizedData) -> dict[str, float]:
     for batch in eval_batches(data, bs, **batch_kw(cfg, run.spec, run.sharder, train=False)):
         batch = reference.attach(batch, table)
         out = run.eval_step(params, run.models.ref_params, to_device(batch, sharding))
-        sums = M.add_sums(sums, jax.device_get(out))
+        sums = M.add_sums(sums, fetch(out))
     return M.finalize(sums)
+
+
+def fetch(tree):
+    """Device values to the host: the loop's one point of reading them (a host sync). In the train loop it reads a
+    step's metrics one step late (after the next step was dispatched), or the step just run where the host needs
+    it: a log record, an eval, a checkpoint, the last step."""
+    return jax.device_get(tree)
 
 
 def _batches(run: Run, data: TokenizedData, start: int, stop: int) -> Iterator[PreferenceBatch | PackedBatch]:
     cfg = run.cfg
     return train_batches(data, cfg.train.batch_size, cfg.train.seed, start_step=start, stop_step=stop,
                          **batch_kw(cfg, run.spec, run.sharder, train=True))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ready:
+    """One step's batch, on the devices, with what the host counts of it."""
+
+    batch: PreferenceBatch | PackedBatch  # global jax.Arrays
+    tokens: int  # this process's real tokens
+    flops: float  # model FLOPs of this process's rows
+
+
+def _ready_batches(run: Run, data: TokenizedData, start: int, table) -> Iterator[_Ready]:
+    """Batches of steps start+1 .. total_steps, built (packing, reference log-probs), counted and sent to the
+    devices; the loop takes step s+1's while step s runs."""
+    sharding = batch_sharding(run.sharder)
+    for batch in _batches(run, data, start, run.total_steps):
+        batch = reference.attach(batch, table)
+        yield _Ready(to_device(batch, sharding), batch.real_tokens(), _model_flops(run, batch))
 
 
 # ------------------------------------------------------------------------------------------------ train
@@ -72,7 +97,7 @@ class _Window:
     def add(self, step: int, out, tokens: int, flops: float = 0.0) -> tuple[int, bool]:
         """Add one step's metrics (and its model FLOPs); returns (step, whether its update was skipped as
         non-finite)."""
-        out = jax.device_get(out)
+        out = fetch(out)
         self.sums = M.add_sums(self.sums, out)
         self.tokens += tokens
         self.flops += flops
@@ -224,21 +249,25 @@ class Savers:
 
 def _loop(run: Run, state, savers: Savers, writer, train_data, eval_data, start: int, preemption, samples,
           profiler):
-    """Steps start+1 .. total_steps. Returns (state, the step a SIGTERM stopped at, or None)."""
+    """Steps start+1 .. total_steps. Returns (state, the step a SIGTERM stopped at, or None).
+
+    The host keeps ahead of the devices: while step s runs it builds and sends step s+1's batch, then reads step
+    s-1's metrics (finished by then); it waits for step s itself only where it needs its values (a log record,
+    an eval, a checkpoint, a stop)."""
     cfg = run.cfg
-    sharding = batch_sharding(run.sharder)
     window, pending, bar, bad = _Window(), None, _progress(run.total_steps, start), _BadSteps(cfg)
-    table = reference.lookup(run.models.ref_tables, train_data)
-    for step, batch in enumerate(_batches(run, train_data, start, run.total_steps), start=start + 1):
-        batch = reference.attach(batch, table)
+    upcoming = _ready_batches(run, train_data, start, reference.lookup(run.models.ref_tables, train_data))
+    ready = next(upcoming, None)
+    for step in range(start + 1, run.total_steps + 1):
         profiler.before_step(step)
-        state, out = run.train_step(state, run.models.ref_params, to_device(batch, sharding))
+        state, out = run.train_step(state, run.models.ref_params, ready.batch)
         profiler.after_step(step, out)
         if run.sync_reference is not None and step % cfg.ref_model.sync_every == 0:
             run.models.ref_params = run.sync_reference(state.params, run.models.ref_params)
-        if pending is not None:  # read the previous step's metrics while this one runs
+        done, ready = ready, next(upcoming, None)  # step s+1's batch, built and sent while step s runs
+        if pending is not None:  # the previous step's metrics, read while this one runs
             bad.check(*window.add(*pending))
-        pending = (step, out, batch.real_tokens(), _model_flops(run, batch))
+        pending = (step, out, done.tokens, done.flops)
         last = step == run.total_steps
         if step % cfg.train.log_every == 0 or last:
             bad.check(*window.add(*pending))
