@@ -77,8 +77,15 @@ def all_finite(tree: Any) -> bool:
     import jax.numpy as jnp
 
     leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
-    flags = jax.jit(lambda xs: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs])))(leaves)
-    return bool(flags)
+    return bool(_all_finite(leaves))
+
+
+@jax.jit
+def _all_finite(leaves: list) -> jax.Array:
+    """One jitted function, so each save after the first reuses its compiled reduction."""
+    import jax.numpy as jnp
+
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
 def abstract_like(tree: Any) -> Any:
