@@ -225,6 +225,7 @@ def test_two_processes_write_their_shards_then_resume_on_one(gcs, monkeypatch, c
     assert {p for n in names for p in n.split("/") if p.startswith("ocdbt.process_")} == {"ocdbt.process_0",
                                                                                          "ocdbt.process_1"}
     _check_peft_export(gcs, f"{out}/export")  # gathered by both processes, written by process 0
+    _check_init_from(gcs, f"{out}/export")
     two = _train_records(out)
     fsspec.filesystem("gs").rm(f"{out}/checkpoints/3", recursive=True)
     with caplog.at_level(logging.INFO, logger="dpojax"):
@@ -236,6 +237,23 @@ def test_two_processes_write_their_shards_then_resume_on_one(gcs, monkeypatch, c
     keys = sorted(set(two[2]) - {"step", "split"})
     np.testing.assert_allclose([one[2][k] for k in keys], [two[2][k] for k in keys], rtol=1e-5, atol=1e-6,
                                err_msg=str(keys))  # fmt: skip
+
+
+def _check_init_from(gcs, url: str) -> None:
+    """`model.lora.init_from` reads an adapter folder on gs:// as the same folder downloaded."""
+    import jax
+
+    from dpojax.config import load_config
+    from dpojax.train.build import build_models, make_sharder
+
+    def adapters(init_from):
+        cfg = load_config(gcs["config"], [*LORA, f"model.lora.init_from={init_from}"])
+        return jax.tree.leaves(build_models(cfg, make_sharder(cfg)).policy_params)
+
+    remote, local = adapters(url), adapters(paths.local_copy(url))
+    assert len(remote) == len(local) > 0
+    for a, b in zip(remote, local):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def _check_peft_export(gcs, url: str) -> None:

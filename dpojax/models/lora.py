@@ -373,7 +373,7 @@ def load_peft(folder, abstract_adapters, groups: list[Group], cfg: ModelConfig, 
 
     from dpojax.models.hf import _unfuse
 
-    folder = pathlib.Path(folder).expanduser()
+    folder = paths.local_copy(folder, [ADAPTER_CONFIG, ADAPTER_WEIGHTS])  # a gs:// folder: its local mirror
     check_peft_config(read_peft_config(folder), lora_cfg, cfg, groups, folder)
     tensors = load_file(str(folder / ADAPTER_WEIGHTS))
     tensors = {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v

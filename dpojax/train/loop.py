@@ -379,7 +379,7 @@ def config_urls(cfg: Config) -> list[tuple[str, str | None]]:
     return [("output_dir", cfg.output_dir), ("data.train", cfg.data.train), ("data.eval", cfg.data.eval),
             ("data.cache_dir", cfg.data.cache_dir), ("model.name_or_path", cfg.model.name_or_path),
             ("model.tokenizer", cfg.model.tokenizer), ("ref_model.name_or_path", cfg.ref_model.name_or_path),
-            ("train.compilation_cache", cfg.train.compilation_cache)]
+            ("model.lora.init_from", cfg.model.lora.init_from), ("train.compilation_cache", cfg.train.compilation_cache)]
 
 
 def use_compilation_cache(cfg: Config) -> str | None:
