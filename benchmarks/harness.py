@@ -70,15 +70,6 @@ def machine() -> str:
     return f"{cpu_model()}, {os.cpu_count()} cores" + (f", {'/'.join(ext)}" if ext else "") + no_amx
 
 
-def prepare_process() -> bool:
-    """What `dpojax train` does to the process on a CPU device (`dpojax.host_malloc`: freed buffers are reused, not
-    faulted in again each step); torch allocates through the same glibc heap. Call first in a benchmark's main(),
-    before JAX starts. -> whether it applied."""
-    from dpojax import host_malloc
-
-    return host_malloc.keep_freed_memory()
-
-
 # ---- timing -------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Timing:

@@ -186,5 +186,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    harness.prepare_process()  # as `dpojax train` on a CPU device (DPOJAX_HOST_MALLOC=default: off)
     main()

@@ -56,10 +56,6 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("absl", "jax._src", "orbax", "datasets", "httpx", "filelock", "gcsfs", "fsspec"):
         logging.getLogger(name).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if argv is None and args.command in ("train", "eval", "generate"):  # the real command line, before JAX starts
-        from dpojax import host_malloc
-
-        host_malloc.keep_freed_memory()
     try:
         if args.command == "compile":  # no local accelerator needed: compile on the host CPU for the topology
             os.environ.setdefault("JAX_PLATFORMS", "cpu")
