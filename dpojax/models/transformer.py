@@ -276,8 +276,10 @@ class Decoder(nnx.Module):
         if self.scan_layers:
             x_BxTxD, _ = jax.lax.scan(body, x_BxTxD, xs)
             return x_BxTxD
-        for i in range(self.cfg.num_layers):
-            x_BxTxD, _ = body(x_BxTxD, jax.tree.map(functools.partial(_take, i=i), xs))
+        per_layer_states = unstack_layers(stacked, self.cfg.num_layers)
+        for i, layer_state in enumerate(per_layer_states):
+            data = jax.tree.map(functools.partial(_take, i=i), xs[1])
+            x_BxTxD, _ = body(x_BxTxD, (layer_state, data))
         return x_BxTxD
 
     def unembedding(self) -> jax.Array:
@@ -300,3 +302,22 @@ GLOBAL_WINDOW = 2**30  # the window of a global layer: longer than any sequence
 
 def _take(x: jax.Array, i: int) -> jax.Array:
     return x[i]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def unstack_layers(stacked, num_layers: int) -> tuple:
+    """The stacked [L, ...] parameters as L per-layer trees (static slices), for the unrolled layer loop. The
+    backward stacks the L cotangents once: the plain transpose of each slice is a zero-padded [L, ...] copy of
+    every parameter, summed over the layers (L full-size buffers)."""
+    return tuple(jax.tree.map(functools.partial(_take, i=i), stacked) for i in range(num_layers))
+
+
+def _unstack_fwd(stacked, num_layers):
+    return unstack_layers(stacked, num_layers), None
+
+
+def _unstack_bwd(num_layers, _, cotangents):
+    return (jax.tree.map(lambda *layers: jnp.stack(layers), *cotangents),)
+
+
+unstack_layers.defvjp(_unstack_fwd, _unstack_bwd)
