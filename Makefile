@@ -23,7 +23,7 @@ demo: $(VENV)/.installed
 
 # Two workers for most tests (each compiles on its own core); subprocess/timing tests (`serial`) after, alone.
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q -n 2 -m "not serial" tests
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not serial" tests
 	$(PY) -m pytest -q -m serial tests
 
 # tests/test_smollm2.py on the real model, which `make test` skips (it does not install the 93 MB wheel): ~3 min on

@@ -18,7 +18,6 @@ from dpojax.losses import core
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.serial
 def test_custom_loss_example_trains_next_to_sigmoid(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "XLA_FLAGS": ""}  # one CPU device, as a user runs it (conftest's 8 fake devices compile slower)

@@ -31,7 +31,6 @@ from dpojax import metrics as M, paths
 from dpojax.cli import main
 from dpojax.models.hf import TOKENIZER_FILES
 
-pytestmark = pytest.mark.serial  # every test shares the module's emulator and its subprocess reference run
 STEPS = 6
 LORA = ("model.lora.enabled=true", "model.lora.rank=4", "model.lora.alpha=8")  # PEFT's default targets
 TIMING = {"tokens_per_second", "pairs_per_second", "mfu"}

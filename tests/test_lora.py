@@ -212,7 +212,6 @@ def _check_dropout(dropout_run):
     assert float(eval_d) == float(eval_0) and abs(float(train) - float(eval_d)) > 1e-4, (train, eval_d)
 
 
-@pytest.mark.serial
 def test_lora_dropout_sigkill_resume_on_mesh_equals_one_device(lora_setup, dropout_run, tmp_path):
     """LoRA dropout (`_check_dropout`, in process on one device), then `dpojax train` of that run on mesh (2,2,2)
     with precomputed reference log-probs (the base's), SIGKILLed after checkpoint 2 and resumed (in this process,
