@@ -97,7 +97,7 @@ class WandB:
 
         local = Path(os.fspath(out_dir))
         if paths.is_remote(out_dir):  # W&B writes its files locally
-            local = Path.home() / ".cache" / "dpojax" / "wandb" / local.name
+            local = paths.cache_root() / "wandb" / local.name
             log.info("W&B files of %s go to %s (output_dir is object storage)", out_dir, local)
         local.mkdir(parents=True, exist_ok=True)
         w = cfg.train.wandb
