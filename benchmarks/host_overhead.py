@@ -3,15 +3,21 @@ tokens and FLOPs, sending it, dispatching the step, reading metrics back, loggin
 the step's device time, on a model whose CPU step takes a few ms (as GPU and TPU steps do). Target: under 10%.
 
     python -m benchmarks.host_overhead                          # the `host` preset: 2 layers, d 32, T 32, 4 pairs
-    python -m benchmarks.host_overhead --log-every 1 --set data.packing=none
+    python -m benchmarks.host_overhead --repeats 5 --json out.json   # medians over 5 runs
+    python -m benchmarks.host_overhead --prefetch 0             # batches built in the loop thread (no producer)
     python -m benchmarks.host_overhead --preset tiny --steps 100
 
-It runs `dpojax train` itself (`dpojax.train.loop.train`) with the loop's phases timed by wrappers around the batch
-iterator (`loop._ready_batches`: build, pack, count, send to the devices), the step call (dispatch) and `loop.fetch`
-(the loop's one read of device values), whose wait for the device is timed apart from the copy. Host ms/step = the
-loop's wall time per step minus its waits for the device; the rest of it ("other") is the loop's bookkeeping.
-Step ms = the same compiled step run back to back on batches already on the devices, with the run's final state.
-Means over the steps after --skip (compilation) and before the last, log steps included.
+It runs `dpojax train` itself (`dpojax.train.loop.train`) with the loop's phases timed by wrappers: the batch
+producer (`loop._ready_batches`: build, pack, count, send to the devices; in the producer thread, wall and thread
+CPU time), the loop thread's take of a ready batch (`loop._Prefetch.__next__`: a wait for the producer), the step
+call (dispatch) and `loop.fetch` (the loop's one read of device values), whose wait for the device is timed apart
+from the copy. Two figures:
+  - loop-thread host work per step = the loop's wall time per step minus its waits for the device, against the
+    step's device time ("host share"; the producer thread's work runs beside it and is reported apart);
+  - loop slowdown = the loop's wall time per step against the same compiled step run back to back on batches
+    already on the devices, with the run's final state: what a user sees of all host work, the producer's too.
+Means over the steps after --skip (compilation) and before the last, log steps included; with --repeats, the
+median over runs of each figure.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ class LoopClock:
     def __init__(self):
         self.starts: list[float] = []  # perf_counter at each step's dispatch
         self.phases: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        self.produce: list[tuple[float, float]] = []  # (wall, thread CPU) seconds of each batch in the producer
         self.run = self.step = self.state = None  # the run, its compiled step and latest state (to time the step)
         self.batches: list = []  # device batches of the run (the last few), for the same
         self._saved: dict = {}
@@ -46,19 +53,29 @@ class LoopClock:
     def install(self) -> None:
         from dpojax.train import loop
 
-        self._saved = {name: getattr(loop, name) for name in ("_ready_batches", "fetch", "setup_train")}
-        ready_batches, fetch, setup_train = (self._saved[n] for n in ("_ready_batches", "fetch", "setup_train"))
+        names = ("_ready_batches", "_Prefetch", "fetch", "setup_train")
+        self._saved = {name: getattr(loop, name) for name in names}
+        ready_batches, prefetch, fetch, setup_train = (self._saved[n] for n in names)
+        clock = self
 
-        def timed_batches(*args, **kw):
+        def timed_batches(*args, **kw):  # runs in the producer thread (or in the loop thread with --prefetch 0)
             it = ready_batches(*args, **kw)
             while True:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.thread_time()
                 item = next(it, None)
-                self._add("batch", time.perf_counter() - t0)
+                self.produce.append((time.perf_counter() - t0, time.thread_time() - c0))
                 if item is None:
                     return
                 self.batches = (self.batches + [item.batch])[-8:]
                 yield item
+
+        class TimedPrefetch(prefetch):
+            def __next__(self):
+                t0 = time.perf_counter()
+                try:
+                    return super().__next__()
+                finally:
+                    clock._add("take", time.perf_counter() - t0)
 
         def timed_fetch(tree):
             import jax
@@ -85,7 +102,8 @@ class LoopClock:
             self.run, self.step, run.train_step = run, step, dispatch
             return run, state
 
-        loop._ready_batches, loop.fetch, loop.setup_train = timed_batches, timed_fetch, timed_setup
+        loop._ready_batches, loop._Prefetch, loop.fetch, loop.setup_train = (timed_batches, TimedPrefetch,
+                                                                             timed_fetch, timed_setup)
 
     def uninstall(self) -> None:
         from dpojax.train import loop
@@ -93,30 +111,38 @@ class LoopClock:
         for name, fn in self._saved.items():
             setattr(loop, name, fn)
 
-    def per_step(self, skip: int) -> dict[str, float]:
+    def per_step(self, skip: int, inline: bool) -> dict[str, float]:
         """Mean seconds per step of each phase, the wall time and the host time, over steps skip+1 .. last-1."""
         steps = range(skip + 1, len(self.starts))  # step i (1-based) runs from starts[i-1] to starts[i]
         wall = [self.starts[i] - self.starts[i - 1] for i in steps]
         out = {name: sum(c[i] for i in steps) / len(wall) for name, c in self.phases.items()}
         out["wall"], out["wall_median"] = statistics.mean(wall), statistics.median(wall)
         out["host"] = out["wall"] - out.get("wait", 0.0)
-        out["other"] = out["host"] - sum(out.get(k, 0.0) for k in ("batch", "dispatch", "read-back"))
+        produced = self.produce[skip + 1 : len(self.starts)]
+        out["produce_wall"] = statistics.mean(w for w, _ in produced)
+        out["produce_cpu"] = statistics.mean(c for _, c in produced)
+        if inline:  # the loop thread built the batches itself: that is its "take"
+            out["take"] = out["produce_wall"]
+        out["other"] = out["host"] - sum(out.get(k, 0.0) for k in ("take", "dispatch", "read-back"))
         return out
 
-    def device_step(self, repeats: int = 20) -> float:
+    def device_step(self, repeats: int = 5, steps: int = 20) -> float:
         """Seconds per step of the run's compiled step, dispatched back to back on its last batches from its final
-        state (no host work between the steps)."""
+        state (no host work between the steps): the median of `repeats` timings of `steps` steps."""
         import jax
 
         state, ref = self.state, self.run.models.ref_params
         for batch in self.batches[:2]:  # warm
             state, out = self.step(state, ref, batch)
         jax.block_until_ready(state)
-        t0 = time.perf_counter()
-        for i in range(repeats):
-            state, out = self.step(state, ref, self.batches[i % len(self.batches)])
-        jax.block_until_ready((state, out))
-        return (time.perf_counter() - t0) / repeats
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for i in range(steps):
+                state, out = self.step(state, ref, self.batches[i % len(self.batches)])
+            jax.block_until_ready((state, out))
+            times.append((time.perf_counter() - t0) / steps)
+        return statistics.median(times)
 
 
 def measure(args) -> dict:
@@ -125,6 +151,7 @@ def measure(args) -> dict:
     from dpojax.train import loop
 
     clock = LoopClock()
+    saved_prefetch, loop.PREFETCH = loop.PREFETCH, args.prefetch
     with tempfile.TemporaryDirectory() as tmp:
         ns = argparse.Namespace(max_length=None, batch=None, warmup=0, steps=args.steps, dtype=None, attention=None,
                                 remat=None, micro_batch=None, set=[f"train.log_every={args.log_every}", *args.set])
@@ -134,28 +161,44 @@ def measure(args) -> dict:
             loop.train(cfg)
         finally:
             clock.uninstall()
+            loop.PREFETCH = saved_prefetch
         step_s = clock.device_step()
-    r = clock.per_step(args.skip)
+    r = clock.per_step(args.skip, inline=args.prefetch == 0)
     return {"machine": harness.machine(), "backend": jax.default_backend(), "devices": jax.device_count(),
             "preset": args.preset, "steps": args.steps, "log_every": args.log_every, "overrides": args.set,
-            "packing": clock.run.spec.packing, "step_ms": step_s * 1e3, **{f"{k}_ms": v * 1e3 for k, v in r.items()},
-            "host_share": r["host"] / step_s}
+            "prefetch": args.prefetch, "packing": clock.run.spec.packing, "step_ms": step_s * 1e3,
+            **{f"{k}_ms": v * 1e3 for k, v in r.items()}, "host_share": r["host"] / step_s,
+            "slowdown": r["wall_median"] / step_s - 1.0}
+
+
+def median_of(runs: list[dict]) -> dict:
+    """Each number's median over runs (the other fields from the first)."""
+    out = dict(runs[0])
+    for key, value in runs[0].items():
+        if isinstance(value, float):
+            out[key] = statistics.median(r[key] for r in runs)
+    out["repeats"] = len(runs)
+    return out
 
 
 def report(r: dict) -> str:
     ms = lambda key: f"{r.get(key + '_ms', 0.0):8.3f} ms"  # noqa: E731
+    producer = "producer thread" if r["prefetch"] else "loop thread, inline"
     return "\n".join([
-        f"host overhead: preset {r['preset']}, {r['steps']} steps, log_every {r['log_every']}, packing {r['packing']}"
-        f"{', ' + ' '.join(r['overrides']) if r['overrides'] else ''}; {r['devices']} {r['backend']} device(s)  "
-        f"[{r['machine']}]",
-        f"step (device, back to back)      {ms('step')}",
-        f"loop wall per step               {ms('wall')}  (median {r['wall_median_ms']:.3f} ms)",
-        f"host work per step               {ms('host')}  = {r['host_share']:.1%} of the step",
-        f"  batch (build, pack, count, send) {ms('batch')}",
-        f"  dispatch                         {ms('dispatch')}",
-        f"  metrics read-back (copy)         {ms('read-back')}",
-        f"  other (metrics, log, bookkeeping){ms('other')}",
-        f"waiting for the device           {ms('wait')}",
+        f"host overhead: preset {r['preset']}, {r['steps']} steps, log_every {r['log_every']}, packing {r['packing']}, "
+        f"prefetch {r['prefetch']}{', ' + ' '.join(r['overrides']) if r['overrides'] else ''}; {r['devices']} "
+        f"{r['backend']} device(s); median of {r.get('repeats', 1)} run(s)  [{r['machine']}]",
+        f"step (device, back to back)        {ms('step')}",
+        f"loop wall per step                 {ms('wall_median')}  (mean {r['wall_ms']:.3f} ms) = "
+        f"{r['slowdown']:+.1%} against the step",
+        f"loop-thread host work per step     {ms('host')}  = {r['host_share']:.1%} of the step",
+        f"  take a ready batch                 {ms('take')}",
+        f"  dispatch                           {ms('dispatch')}",
+        f"  metrics read-back (copy)           {ms('read-back')}",
+        f"  other (metrics, log, bookkeeping)  {ms('other')}",
+        f"loop waiting for the device        {ms('wait')}",
+        f"batch build/pack/count/send ({producer}): {r['produce_wall_ms']:.3f} ms wall, "
+        f"{r['produce_cpu_ms']:.3f} ms CPU per batch",
     ])  # fmt: skip
 
 
@@ -166,9 +209,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--skip", type=int, default=10, help="first steps left out of the means (compilation)")
     ap.add_argument("--log-every", type=int, default=10, help="train.log_every")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config override")
+    ap.add_argument("--prefetch", type=int, default=None,
+                    help="batches the producer thread keeps ready (default: dpojax's own; 0: built in the loop thread)")
+    ap.add_argument("--repeats", type=int, default=1, help="runs; each figure is the median over them")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
-    result = measure(args)
+    if args.prefetch is None:
+        from dpojax.train import loop
+
+        args.prefetch = loop.PREFETCH
+    result = median_of([measure(args) for _ in range(args.repeats)])
     print(report(result), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

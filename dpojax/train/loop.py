@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import queue
+import threading
 import time
 from typing import Any, Iterator
 
@@ -80,11 +82,77 @@ class _Ready:
 
 def _ready_batches(run: Run, data: TokenizedData, start: int, table) -> Iterator[_Ready]:
     """Batches of steps start+1 .. total_steps, built (packing, reference log-probs), counted and sent to the
-    devices; the loop takes step s+1's while step s runs."""
+    devices (collective-free: each process places its own rows); `_Prefetch` runs it in a thread."""
     sharding = batch_sharding(run.sharder)
     for batch in _batches(run, data, start, run.total_steps):
         batch = reference.attach(batch, table)
         yield _Ready(to_device(batch, sharding), batch.real_tokens(), _model_flops(run, batch))
+
+
+PREFETCH = 2  # ready batches the producer thread keeps ahead of the loop (0: the loop thread builds them)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Failed:
+    error: BaseException
+
+
+class _Prefetch:
+    """The items of `items` (here `_ready_batches`), made by a background thread up to `depth` ahead of the loop
+    and taken in order, so the loop thread spends no time building, counting or sending batches. An error in the
+    producer is raised by `next` in the loop thread (the same exception, after the items made before it);
+    `close` (end of training, SIGTERM stop, an error in the loop) stops the thread and joins it."""
+
+    _END = object()
+
+    def __init__(self, items: Iterator, depth: int = PREFETCH):
+        self._items, self._queue, self._closed = items, queue.Queue(maxsize=depth), threading.Event()
+        self._finished = False
+        self._thread = threading.Thread(target=self._produce, name="dpojax-batches", daemon=True)
+        self._thread.start()
+
+    def _produce(self) -> None:
+        try:
+            for item in self._items:
+                if not self._put(item):
+                    return
+            self._put(self._END)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the loop thread
+            self._put(_Failed(e))
+        finally:
+            self._items = None  # the generator is closed here, in its own thread
+
+    def _put(self, item) -> bool:
+        while not self._closed.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> _Ready:
+        if self._finished:
+            raise StopIteration
+        item = self._queue.get()
+        if item is self._END or isinstance(item, _Failed):
+            self._finished = True
+            if isinstance(item, _Failed):
+                raise item.error
+            raise StopIteration
+        return item
+
+    def close(self, timeout: float = 60.0) -> None:
+        self._closed.set()
+        self._finished = True
+        self._thread.join(timeout)
+        if self._thread.is_alive():  # a batch build that takes minutes; the thread is a daemon, so exit still works
+            log.warning("the batch thread did not stop within %.0f s; leaving it", timeout)
+        while not self._queue.empty():  # drop ready batches: free their device memory now
+            self._queue.get_nowait()
 
 
 # ------------------------------------------------------------------------------------------------ train
@@ -253,10 +321,19 @@ def _loop(run: Run, state, savers: Savers, writer, train_data, eval_data, start:
 
     The host keeps ahead of the devices: while step s runs it builds and sends step s+1's batch, then reads step
     s-1's metrics (finished by then); it waits for step s itself only where it needs its values (a log record,
-    an eval, a checkpoint, a stop)."""
+    an eval, a checkpoint, a stop). The batches come from a producer thread (`_Prefetch`)."""
+    items = _ready_batches(run, train_data, start, reference.lookup(run.models.ref_tables, train_data))
+    upcoming = _Prefetch(items, PREFETCH) if PREFETCH else items
+    try:
+        return _steps(run, state, savers, writer, eval_data, start, preemption, samples, profiler, upcoming)
+    finally:
+        upcoming.close()
+
+
+def _steps(run: Run, state, savers: Savers, writer, eval_data, start: int, preemption, samples, profiler,
+           upcoming: Iterator[_Ready]):
     cfg = run.cfg
     window, pending, bar, bad = _Window(), None, _progress(run.total_steps, start), _BadSteps(cfg)
-    upcoming = _ready_batches(run, train_data, start, reference.lookup(run.models.ref_tables, train_data))
     ready = next(upcoming, None)
     for step in range(start + 1, run.total_steps + 1):
         profiler.before_step(step)
@@ -264,7 +341,7 @@ def _loop(run: Run, state, savers: Savers, writer, train_data, eval_data, start:
         profiler.after_step(step, out)
         if run.sync_reference is not None and step % cfg.ref_model.sync_every == 0:
             run.models.ref_params = run.sync_reference(state.params, run.models.ref_params)
-        done, ready = ready, next(upcoming, None)  # step s+1's batch, built and sent while step s runs
+        done, ready = ready, next(upcoming, None)  # step s+1's batch, built and sent by the producer thread
         if pending is not None:  # the previous step's metrics, read while this one runs
             bad.check(*window.add(*pending))
         pending = (step, out, done.tokens, done.flops)
