@@ -43,7 +43,7 @@ class LoopClock:
         self.starts: list[float] = []  # perf_counter at each step's dispatch
         self.phases: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         self.produce: list[tuple[float, float]] = []  # (wall, thread CPU) seconds of each batch in the producer
-        self.run = self.step = self.state = None  # the run, its compiled step and latest state (to time the step)
+        self.run = self.step = self.state = None  # the run, its flat step and latest state leaves (to time the step)
         self.batches: list = []  # device batches of the run (the last few), for the same
         self._saved: dict = {}
 
@@ -90,7 +90,7 @@ class LoopClock:
 
         def timed_setup(*args, **kw):
             run, state = setup_train(*args, **kw)
-            step = run.train_step
+            step = run.train_step.flat  # what the loop calls: the step over the state's flat leaves
 
             def dispatch(*a):
                 t0 = time.perf_counter()
@@ -99,7 +99,7 @@ class LoopClock:
                 self._add("dispatch", time.perf_counter() - t0)
                 return self.state, out
 
-            self.run, self.step, run.train_step = run, step, dispatch
+            self.run, self.step, run.train_step.flat = run, step, dispatch
             return run, state
 
         loop._ready_batches, loop._Prefetch, loop.fetch, loop.setup_train = (timed_batches, TimedPrefetch,
@@ -131,7 +131,7 @@ class LoopClock:
         state (no host work between the steps): the median of `repeats` timings of `steps` steps."""
         import jax
 
-        state, ref = self.state, self.run.models.ref_params
+        state, ref = self.state, jax.tree.leaves(self.run.models.ref_params)
         for batch in self.batches[:2]:  # warm
             state, out = self.step(state, ref, batch)
         jax.block_until_ready(state)

@@ -53,21 +53,23 @@ def batch_threads() -> list[threading.Thread]:
 def test_loop_reads_metrics_a_step_late_except_where_needed(files, tmp_path, monkeypatch):
     dispatched, reads, batches = [], [], []  # outputs of each step; (step read, steps dispatched by then); batches
     runs, other_reads, in_fetch = [], [], []  # steps dispatched at each host read of a device value outside fetch
-    setup_train, fetch, value = loop.setup_train, loop.fetch, jax_array.ArrayImpl._value
+    setup_train, fetch, stack, value = loop.setup_train, loop.fetch, loop._stack, jax_array.ArrayImpl._value
 
     def counting_setup(*args, **kw):
         run, state = setup_train(*args, **kw)
-        step = run.train_step
+        step = run.train_step.flat
 
-        def dispatch(state, ref, batch):
-            state, out = step(state, ref, batch)
-            dispatched.append(out)
+        def dispatch(state_leaves, ref_leaves, batch):
             batches.append(batch)
-            return state, out
+            return step(state_leaves, ref_leaves, batch)
 
-        run.train_step = dispatch
+        run.train_step.flat = dispatch
         runs.append(run)
         return run, state
+
+    def counting_stack(tree):  # the loop stacks each step's metrics right after dispatching it
+        dispatched.append(stack(tree))
+        return dispatched[-1]
 
     def counting_fetch(tree):
         reads.append((next(i + 1 for i, out in enumerate(dispatched) if out is tree), len(dispatched)))
@@ -84,6 +86,7 @@ def test_loop_reads_metrics_a_step_late_except_where_needed(files, tmp_path, mon
 
     monkeypatch.setattr(loop, "setup_train", counting_setup)
     monkeypatch.setattr(loop, "fetch", counting_fetch)
+    monkeypatch.setattr(loop, "_stack", counting_stack)
     monkeypatch.setattr(jax_array.ArrayImpl, "_value", property(watched_value))
     loop.train(make_cfg(files, tmp_path / "run"))
     assert sorted(step for step, _ in reads) == list(range(1, STEPS + 1))  # every step's metrics read once

@@ -13,6 +13,7 @@ import time
 from typing import Any, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -156,16 +157,25 @@ class _Prefetch:
 
 
 # ------------------------------------------------------------------------------------------------ train
+_stack = jax.jit(lambda tree: jnp.stack(jax.tree.leaves(tree)))
+
+
 class _Window:
     """Host-side accumulation of step metrics between log records (read back one step late)."""
 
     def __init__(self):
         self.sums, self.tokens, self.flops, self.steps, self.t0 = None, 0, 0.0, 0, time.perf_counter()
 
-    def add(self, step: int, out, tokens: int, flops: float = 0.0) -> tuple[int, bool]:
-        """Add one step's metrics (and its model FLOPs); returns (step, whether its update was skipped as
-        non-finite)."""
-        out = fetch(out)
+    def stack(self, out) -> jax.Array:
+        """A step's metrics {name: (sum, count)} as one device array (dispatched, not waited for): one read back
+        instead of one per scalar."""
+        self.metrics_def = jax.tree.structure(out)
+        return _stack(out)
+
+    def add(self, step: int, out: jax.Array, tokens: int, flops: float = 0.0) -> tuple[int, bool]:
+        """Add one step's metrics (`stack`ed; and its model FLOPs); returns (step, whether its update was skipped
+        as non-finite)."""
+        out = self.metrics_def.unflatten(fetch(out).tolist())
         self.sums = M.add_sums(self.sums, out)
         self.tokens += tokens
         self.flops += flops
@@ -332,15 +342,20 @@ def _loop(run: Run, state, savers: Savers, writer, train_data, eval_data, start:
 
 def _steps(run: Run, state, savers: Savers, writer, eval_data, start: int, preemption, samples, profiler,
            upcoming: Iterator[_Ready]):
-    cfg = run.cfg
+    cfg, step_fn, state_def = run.cfg, run.train_step.flat, run.train_step.state_def
     window, pending, bar, bad = _Window(), None, _progress(run.total_steps, start), _BadSteps(cfg)
+    leaves, ref_leaves = jax.tree.leaves(state), jax.tree.leaves(run.models.ref_params)  # the step's flat arguments
     ready = next(upcoming, None)
     for step in range(start + 1, run.total_steps + 1):
         profiler.before_step(step)
-        state, out = run.train_step(state, run.models.ref_params, ready.batch)
+        leaves, out = step_fn(leaves, ref_leaves, ready.batch)
+        out = window.stack(out)
         profiler.after_step(step, out)
+        state = None  # built from the leaves where needed
         if run.sync_reference is not None and step % cfg.ref_model.sync_every == 0:
+            state = state_def.unflatten(leaves)
             run.models.ref_params = run.sync_reference(state.params, run.models.ref_params)
+            ref_leaves = jax.tree.leaves(run.models.ref_params)
         done, ready = ready, next(upcoming, None)  # step s+1's batch, built and sent by the producer thread
         if pending is not None:  # the previous step's metrics, read while this one runs
             bad.check(*window.add(*pending))
@@ -356,23 +371,28 @@ def _steps(run: Run, state, savers: Savers, writer, eval_data, start: int, preem
                 pairs_s=f"{record['pairs_per_second']:.1f}",
             )
         bar.update(1)
-        if eval_data is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0 and not last:
+        evaluate = eval_data is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0 and not last
+        save = (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or last
+        stop = not last and preemption.should_stop(step)
+        if (evaluate or save or stop) and state is None:
+            state = state_def.unflatten(leaves)
+        if evaluate:
             result = run_eval(run, state.params, eval_data)
             writer.write(step, "eval", result)
             savers.save_best(step, state, result)
             if samples is not None:
                 samples(step, state.params)
             window.t0 = time.perf_counter()
-        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or last:
+        if save:
             savers.save(step, state)
-        if not last and preemption.should_stop(step):
+        if stop:
             if pending is not None:
                 bad.check(*window.add(*pending))
             savers.save(step, state)
             bar.close()
             return state, step
     bar.close()
-    return state, None
+    return state_def.unflatten(leaves), None
 
 
 class _BadSteps:
