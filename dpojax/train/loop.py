@@ -61,8 +61,8 @@ def run_eval(run: Run, params, data: TokenizedData) -> dict[str, float]:
 
 def fetch(tree):
     """Device values to the host: the loop's one point of reading them (a host sync). In the train loop it reads a
-    step's metrics one step late (after the next step was dispatched), or the step just run where the host needs
-    it: a log record, an eval, a checkpoint, the last step."""
+    step's metrics one step late (after the next step was dispatched; log records too), or the step just run where
+    the loop waits for it anyway: an eval, a checkpoint, a stop, the last step."""
     return jax.device_get(tree)
 
 
@@ -329,9 +329,10 @@ def _loop(run: Run, state, savers: Savers, writer, train_data, eval_data, start:
           profiler):
     """Steps start+1 .. total_steps. Returns (state, the step a SIGTERM stopped at, or None).
 
-    The host keeps ahead of the devices: while step s runs it builds and sends step s+1's batch, then reads step
-    s-1's metrics (finished by then); it waits for step s itself only where it needs its values (a log record,
-    an eval, a checkpoint, a stop). The batches come from a producer thread (`_Prefetch`)."""
+    The host keeps ahead of the devices: a producer thread (`_Prefetch`) builds and sends the batches; the loop
+    dispatches step s, then reads step s-1's metrics (finished by then) and writes step s-1's log record; it waits
+    for step s itself only where that waits anyway (an eval, a checkpoint, a stop, the last step). The state stays
+    as the step's flat leaves between steps."""
     items = _ready_batches(run, train_data, start, reference.lookup(run.models.ref_tables, train_data))
     upcoming = _Prefetch(items, PREFETCH) if PREFETCH else items
     try:
@@ -345,6 +346,21 @@ def _steps(run: Run, state, savers: Savers, writer, eval_data, start: int, preem
     cfg, step_fn, state_def = run.cfg, run.train_step.flat, run.train_step.state_def
     window, pending, bar, bad = _Window(), None, _progress(run.total_steps, start), _BadSteps(cfg)
     leaves, ref_leaves = jax.tree.leaves(state), jax.tree.leaves(run.models.ref_params)  # the step's flat arguments
+
+    def settle():
+        """Read the pending step's metrics; at a log step, write its record."""
+        nonlocal pending
+        if pending is None:
+            return
+        step, out, tokens, flops, log_step = pending
+        pending = None
+        bad.check(*window.add(step, out, tokens, flops))
+        if log_step:
+            record = window.flush(cfg.train.batch_size)
+            writer.write(step, "train", record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
+                            pairs_s=f"{record['pairs_per_second']:.1f}")
+
     ready = next(upcoming, None)
     for step in range(start + 1, run.total_steps + 1):
         profiler.before_step(step)
@@ -357,23 +373,15 @@ def _steps(run: Run, state, savers: Savers, writer, eval_data, start: int, preem
             run.models.ref_params = run.sync_reference(state.params, run.models.ref_params)
             ref_leaves = jax.tree.leaves(run.models.ref_params)
         done, ready = ready, next(upcoming, None)  # step s+1's batch, built and sent by the producer thread
-        if pending is not None:  # the previous step's metrics, read while this one runs
-            bad.check(*window.add(*pending))
-        pending = (step, out, done.tokens, done.flops)
+        settle()  # the previous step's metrics (and its log record), read while this one runs
         last = step == run.total_steps
-        if step % cfg.train.log_every == 0 or last:
-            bad.check(*window.add(*pending))
-            pending = None
-            record = window.flush(cfg.train.batch_size)
-            writer.write(step, "train", record)
-            bar.set_postfix(
-                loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
-                pairs_s=f"{record['pairs_per_second']:.1f}",
-            )
+        pending = (step, out, done.tokens, done.flops, step % cfg.train.log_every == 0 or last)
         bar.update(1)
         evaluate = eval_data is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0 and not last
         save = (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or last
         stop = not last and preemption.should_stop(step)
+        if last or evaluate or save or stop:  # these wait for the step anyway; its record comes first
+            settle()
         if (evaluate or save or stop) and state is None:
             state = state_def.unflatten(leaves)
         if evaluate:
@@ -386,8 +394,6 @@ def _steps(run: Run, state, savers: Savers, writer, eval_data, start: int, preem
         if save:
             savers.save(step, state)
         if stop:
-            if pending is not None:
-                bad.check(*window.add(*pending))
             savers.save(step, state)
             bar.close()
             return state, step
