@@ -147,8 +147,10 @@ def test_sigkill_during_async_save_resumes_from_previous(setup):
 
 def test_sigterm_saves_exits_zero_and_resumes(setup):
     out, release = setup["root"] / "preempted", setup["root"] / "preempted.release"
-    proc = _start_held(setup["config"], out, 3, "checkpoint.every=100", release=release)
-    proc.send_signal(signal.SIGTERM)  # lands while step 3 is held: the run saves at step 3's boundary
+    # step 2's record is written after step 3 is dispatched (records are read a step late): held there, the SIGTERM
+    # lands before step 3's boundary, where the run saves
+    proc = _start_held(setup["config"], out, 2, "checkpoint.every=100", release=release)
+    proc.send_signal(signal.SIGTERM)
     release.touch()
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output[-3000:]
