@@ -5,7 +5,7 @@ the step's device time, on a model whose CPU step takes a few ms (as GPU and TPU
     python -m benchmarks.host_overhead                          # the `host` preset: 2 layers, d 32, T 32, 4 pairs
     python -m benchmarks.host_overhead --repeats 5 --json out.json   # medians over 5 runs
     python -m benchmarks.host_overhead --prefetch 0             # batches built in the loop thread (no producer)
-    python -m benchmarks.host_overhead --preset tiny --steps 100
+    python -m benchmarks.host_overhead --batch 16                # a ~15 ms CPU step
 
 It runs `dpojax train` itself (`dpojax.train.loop.train`) with the loop's phases timed by wrappers: the batch
 producer (`loop._ready_batches`: build, pack, count, send to the devices; in the producer thread, wall and thread
@@ -154,7 +154,7 @@ def measure(args) -> dict:
     clock = LoopClock()
     saved_prefetch, loop.PREFETCH = loop.PREFETCH, args.prefetch
     with tempfile.TemporaryDirectory() as tmp:
-        ns = argparse.Namespace(max_length=None, batch=None, warmup=0, steps=args.steps, dtype=None, attention=None,
+        ns = argparse.Namespace(max_length=args.max_length, batch=args.batch, warmup=0, steps=args.steps, dtype=None, attention=None,
                                 remat=None, micro_batch=None, set=[f"train.log_every={args.log_every}", *args.set])
         cfg = throughput.preset_config(args.preset, ns, Path(tmp), jax.device_count())
         clock.install()
@@ -166,7 +166,8 @@ def measure(args) -> dict:
         step_s = clock.device_step()
     r = clock.per_step(args.skip, inline=args.prefetch == 0)
     return {"machine": harness.machine(), "backend": jax.default_backend(), "devices": jax.device_count(),
-            "preset": args.preset, "steps": args.steps, "log_every": args.log_every, "overrides": args.set,
+            "preset": args.preset, "batch": cfg.train.batch_size, "max_length": cfg.data.max_length,
+            "steps": args.steps, "log_every": args.log_every, "overrides": args.set,
             "prefetch": args.prefetch, "packing": clock.run.spec.packing, "step_ms": step_s * 1e3,
             **{f"{k}_ms": v * 1e3 for k, v in r.items()}, "host_share": r["host"] / step_s,
             "slowdown": r["wall"] / step_s - 1.0, "slowdown_median": r["wall_median"] / step_s - 1.0}
@@ -186,7 +187,7 @@ def report(r: dict) -> str:
     ms = lambda key: f"{r.get(key + '_ms', 0.0):8.3f} ms"  # noqa: E731
     producer = "producer thread" if r["prefetch"] else "loop thread, inline"
     return "\n".join([
-        f"host overhead: preset {r['preset']}, {r['steps']} steps, log_every {r['log_every']}, packing {r['packing']}, "
+        f"host overhead: preset {r['preset']} ({r['batch']} pairs, T {r['max_length']}), {r['steps']} steps, log_every {r['log_every']}, packing {r['packing']}, "
         f"prefetch {r['prefetch']}{', ' + ' '.join(r['overrides']) if r['overrides'] else ''}; {r['devices']} "
         f"{r['backend']} device(s); median of {r.get('repeats', 1)} run(s)  [{r['machine']}]",
         f"step (device, back to back)        {ms('step')}",
@@ -209,6 +210,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--skip", type=int, default=10, help="first steps left out of the means (compilation)")
     ap.add_argument("--log-every", type=int, default=10, help="train.log_every")
+    ap.add_argument("--batch", type=int, default=None, help="pairs per step (default: the preset's)")
+    ap.add_argument("--max-length", type=int, default=None, help="tokens per sequence (default: the preset's)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config override")
     ap.add_argument("--prefetch", type=int, default=None,
                     help="batches the producer thread keeps ready (default: dpojax's own; 0: built in the loop thread)")
