@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=5, help="timed steps per trainer")
     p.add_argument("--warmup", type=int, default=2, help="untimed first steps (compilation)")
     p.add_argument("--remat", default="none", help="dpojax model.remat (TRL: gradient checkpointing if not none)")
+    p.add_argument("--no-scan", action="store_true", help="dpojax model.scan_layers: false (a Python loop over layers)")
     p.add_argument("--profile", action="store_true", help="print the XLA op-kind breakdown of one dpojax step")
     args = p.parse_args(argv)
     args.max_length = args.max_length or (128 if args.model == "smollm2" else 512)
@@ -138,7 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
         label = ("SmolLM2-135M-Instruct, ChatML pairs (" + token_profile(model_dir, data) + ")"
                  if args.model == "smollm2" else f"llama L={args.layers} d={args.d} V={args.vocab}") + \
             f", fp32, max_length {args.max_length}"
-        result = harness.side_by_side(setup, root, label=label, profile=args.profile)
+        result = harness.side_by_side(setup, root, label=label + (", scan_layers false" if args.no_scan else ""),
+                                      profile=args.profile, **({"scan_layers": False} if args.no_scan else {}))
     print(json.dumps(result, indent=1))
     return result
 

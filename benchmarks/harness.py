@@ -315,9 +315,10 @@ def trl_steps(setup: StepSetup, work: Path) -> Timing:
     return Timing(tuple(times[setup.warmup:]))
 
 
-def side_by_side(setup: StepSetup, work: Path, *, label: str, profile: bool = False) -> dict:
-    """Both trainers on `setup`, one after the other in this process; the report names the CPU."""
-    ours, theirs = dpojax_steps(setup, work, profile=profile), trl_steps(setup, work)
+def side_by_side(setup: StepSetup, work: Path, *, label: str, profile: bool = False, **model_overrides) -> dict:
+    """Both trainers on `setup`, one after the other in this process; the report names the CPU. `model_overrides`:
+    dpojax `model.*` keys (e.g. scan_layers=False)."""
+    ours, theirs = dpojax_steps(setup, work, profile=profile, **model_overrides), trl_steps(setup, work)
     result = {
         "machine": machine(), "model": label, "max_length": setup.max_length, "batch_pairs": setup.batch,
         "dpojax_step": ours.as_dict(), "trl_step": theirs.as_dict(),

@@ -47,6 +47,7 @@ def dpojax_body(hf: dict, B: int, T: int, dtype: str, *, scan_layers: bool = Tru
     from flax import nnx
 
     from dpojax.models import ModelConfig, init_random
+    from dpojax.train.step import compiler_options
 
     cfg = ModelConfig.from_hf(hf)
     model = init_random(cfg, dtype=jnp.dtype(dtype), scan_layers=scan_layers, remat=remat)
@@ -61,10 +62,11 @@ def dpojax_body(hf: dict, B: int, T: int, dtype: str, *, scan_layers: bool = Tru
         h = nnx.merge(graphdef, p)(ids, pos, seg)
         return jnp.sum(h.astype(jnp.float32) * w)
 
-    fwd = jax.jit(loss)
-    vjp = jax.jit(lambda p: jax.vjp(loss, p))
-    pullback = jax.jit(lambda f: f(jnp.float32(1.0)))
-    grad = jax.jit(jax.value_and_grad(loss))
+    opts = compiler_options()  # the train steps' XLA options (on CPU: the memory-optimized scheduler)
+    fwd = jax.jit(loss, compiler_options=opts)
+    vjp = jax.jit(lambda p: jax.vjp(loss, p), compiler_options=opts)
+    pullback = jax.jit(lambda f: f(jnp.float32(1.0)), compiler_options=opts)
+    grad = jax.jit(jax.value_and_grad(loss), compiler_options=opts)
 
     def time_backward(warmup: int, repeats: int) -> harness.Timing:
         """The pullback alone; its residuals live only during this call (at [8, 512] they take gigabytes)."""

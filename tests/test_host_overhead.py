@@ -1,8 +1,8 @@
 """The train loop keeps ahead of the devices: a producer thread builds, counts and sends the batches (in step order,
 the same batches as built inline); the loop thread reads device values only through `loop.fetch`, once per step,
 and the step it just dispatched only at the last step (also at an eval, a checkpoint or a stop, which wait for it
-anyway); everywhere else, log records included, it reads the previous step's metrics while the next step runs. A producer error reaches the loop as itself; the thread
-is gone when `train` returns. The host-time figures: benchmarks/host_overhead.py.
+anyway); everywhere else, log records included, it reads the previous step's metrics while the next step runs. A
+producer error reaches the loop as itself; the thread is gone when `train` returns. The host-time figures: benchmarks/host_overhead.py.
 
 A host read of a device value is caught where jax funnels it (`ArrayImpl._value`: float, int, bool, item, tolist,
 device_get; a transfer guard does not fire on CPU, where the copy is zero-copy); np.asarray of a CPU array takes
@@ -53,23 +53,21 @@ def batch_threads() -> list[threading.Thread]:
 def test_loop_reads_metrics_a_step_late_except_where_needed(files, tmp_path, monkeypatch):
     dispatched, reads, batches = [], [], []  # outputs of each step; (step read, steps dispatched by then); batches
     runs, other_reads, in_fetch = [], [], []  # steps dispatched at each host read of a device value outside fetch
-    setup_train, fetch, stack, value = loop.setup_train, loop.fetch, loop._stack, jax_array.ArrayImpl._value
+    setup_train, fetch, value = loop.setup_train, loop.fetch, jax_array.ArrayImpl._value
 
     def counting_setup(*args, **kw):
         run, state = setup_train(*args, **kw)
         step = run.train_step.flat
 
-        def dispatch(state_leaves, ref_leaves, batch):
+        def dispatch(state_leaves, ref_leaves, batch):  # the step's metrics come out stacked in one array
             batches.append(batch)
-            return step(state_leaves, ref_leaves, batch)
+            leaves, out = step(state_leaves, ref_leaves, batch)
+            dispatched.append(out)
+            return leaves, out
 
         run.train_step.flat = dispatch
         runs.append(run)
         return run, state
-
-    def counting_stack(tree):  # the loop stacks each step's metrics right after dispatching it
-        dispatched.append(stack(tree))
-        return dispatched[-1]
 
     def counting_fetch(tree):
         reads.append((next(i + 1 for i, out in enumerate(dispatched) if out is tree), len(dispatched)))
@@ -86,7 +84,6 @@ def test_loop_reads_metrics_a_step_late_except_where_needed(files, tmp_path, mon
 
     monkeypatch.setattr(loop, "setup_train", counting_setup)
     monkeypatch.setattr(loop, "fetch", counting_fetch)
-    monkeypatch.setattr(loop, "_stack", counting_stack)
     monkeypatch.setattr(jax_array.ArrayImpl, "_value", property(watched_value))
     loop.train(make_cfg(files, tmp_path / "run"))
     assert sorted(step for step, _ in reads) == list(range(1, STEPS + 1))  # every step's metrics read once

@@ -13,7 +13,6 @@ import time
 from typing import Any, Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -157,24 +156,15 @@ class _Prefetch:
 
 
 # ------------------------------------------------------------------------------------------------ train
-_stack = jax.jit(lambda tree: jnp.stack(jax.tree.leaves(tree)))
-
-
 class _Window:
     """Host-side accumulation of step metrics between log records (read back one step late)."""
 
     def __init__(self):
         self.sums, self.tokens, self.flops, self.steps, self.t0 = None, 0, 0.0, 0, time.perf_counter()
 
-    def stack(self, out) -> jax.Array:
-        """A step's metrics {name: (sum, count)} as one device array (dispatched, not waited for): one read back
-        instead of one per scalar."""
-        self.metrics_def = jax.tree.structure(out)
-        return _stack(out)
-
     def add(self, step: int, out: jax.Array, tokens: int, flops: float = 0.0) -> tuple[int, bool]:
-        """Add one step's metrics (`stack`ed; and its model FLOPs); returns (step, whether its update was skipped
-        as non-finite)."""
+        """Add one step's metrics (`TrainStep.flat`'s stacked array, unflattened by `metrics_def`) and its model
+        FLOPs; returns (step, whether its update was skipped as non-finite)."""
         out = self.metrics_def.unflatten(fetch(out).tolist())
         self.sums = M.add_sums(self.sums, out)
         self.tokens += tokens
@@ -365,7 +355,7 @@ def _steps(run: Run, state, savers: Savers, writer, eval_data, start: int, preem
     for step in range(start + 1, run.total_steps + 1):
         profiler.before_step(step)
         leaves, out = step_fn(leaves, ref_leaves, ready.batch)
-        out = window.stack(out)
+        window.metrics_def = run.train_step.metrics_def
         profiler.after_step(step, out)
         state = None  # built from the leaves where needed
         if run.sync_reference is not None and step % cfg.ref_model.sync_every == 0:
