@@ -223,10 +223,12 @@ def setup_config(setup: StepSetup, work: Path, *, data_overrides: dict | None = 
 
 @dataclasses.dataclass
 class BuiltStep:
-    """The project's real train step, built the way `dpojax train` builds it, and the run's first batches."""
+    """The project's real train step, built the way `dpojax train` builds it, and the run's first batches. Steps
+    run as the train loop runs them: over the state's flat leaves (`TrainStep.flat`; per layer when the layers are
+    unrolled), which `state` turns back into a TrainState."""
 
     run: object  # dpojax.train.build.Run
-    state: object  # the train state (replaced by each step: it is donated)
+    leaves: list  # the train state as the step's flat leaves (replaced by each step: they are donated)
     batches: list  # host PreferenceBatches, train.steps of them, in the trainer's order
     table: object = None  # precomputed reference log-probs of the data (ref_model.precompute), else None
 
@@ -238,9 +240,14 @@ class BuiltStep:
         from dpojax.train.step import batch_sharding
 
         batch = reference.attach(batch, self.table)
-        self.state, out = self.run.train_step(self.state, self.run.models.ref_params,
-                                              build.to_device(batch, batch_sharding(self.run.sharder)))
-        jax.block_until_ready((self.state, out))
+        self.leaves, out = self.run.train_step.flat(self.leaves, jax.tree.leaves(self.run.models.ref_params),
+                                                    build.to_device(batch, batch_sharding(self.run.sharder)))
+        jax.block_until_ready((self.leaves, out))
+
+    @property
+    def state(self):
+        """The structured TrainState of the leaves (a copy when the layers are split)."""
+        return self.run.train_step.state_of(self.leaves)
 
 
 def build_step(cfg) -> BuiltStep:
@@ -254,7 +261,7 @@ def build_step(cfg) -> BuiltStep:
     build.precompute_references(cfg, models, sharder, [pairs])
     steps = build.total_steps(cfg, len(pairs))
     run, state = build.setup_train(cfg, models, sharder, steps=steps)
-    return BuiltStep(run, state, list(loop._batches(run, pairs, 0, steps)),
+    return BuiltStep(run, run.train_step.leaves_of(state), list(loop._batches(run, pairs, 0, steps)),
                      reference.lookup(run.models.ref_tables, pairs))
 
 

@@ -47,11 +47,13 @@ def dpojax_body(hf: dict, B: int, T: int, dtype: str, *, scan_layers: bool = Tru
     from flax import nnx
 
     from dpojax.models import ModelConfig, init_random
-    from dpojax.train.step import compiler_options
+    from dpojax.train.step import compiler_options, join_layers, split_layers
 
     cfg = ModelConfig.from_hf(hf)
     model = init_random(cfg, dtype=jnp.dtype(dtype), scan_layers=scan_layers, remat=remat)
     graphdef, params = nnx.split(model)
+    if not scan_layers:  # unrolled: the parameters as the train step takes them, one array per layer
+        params = jax.jit(lambda p: split_layers(p, cfg.num_layers))(params)
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, T)), jnp.int32)
     pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -59,7 +61,7 @@ def dpojax_body(hf: dict, B: int, T: int, dtype: str, *, scan_layers: bool = Tru
     w = jnp.asarray(rng.standard_normal((T, cfg.hidden_size)), jnp.float32) / T
 
     def loss(p):
-        h = nnx.merge(graphdef, p)(ids, pos, seg)
+        h = nnx.merge(graphdef, join_layers(p))(ids, pos, seg)
         return jnp.sum(h.astype(jnp.float32) * w)
 
     opts = compiler_options()  # the train steps' XLA options (on CPU: the memory-optimized scheduler)
@@ -171,7 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--remat", default="none")
-    p.add_argument("--no-scan", action="store_true", help="dpojax: a Python loop over layers instead of scan")
+    p.add_argument("--no-scan", action="store_true",
+                   help="dpojax: layers unrolled (model.scan_layers false; per-layer weights, as the train step)")
     p.add_argument("--no-torch", action="store_true", help="time dpojax only")
     p.add_argument("--profile", action="store_true", help="print the XLA op-kind breakdown of forward+backward")
     p.add_argument("--json", default=None, help="also write the rows to this file")

@@ -333,9 +333,10 @@ def _loop(run: Run, state, savers: Savers, writer, train_data, eval_data, start:
 
 def _steps(run: Run, state, savers: Savers, writer, eval_data, start: int, preemption, samples, profiler,
            upcoming: Iterator[_Ready]):
-    cfg, step_fn, state_def = run.cfg, run.train_step.flat, run.train_step.state_def
+    cfg, step_fn, state_of = run.cfg, run.train_step.flat, run.train_step.state_of
     window, pending, bar, bad = _Window(), None, _progress(run.total_steps, start), _BadSteps(cfg)
-    leaves, ref_leaves = jax.tree.leaves(state), jax.tree.leaves(run.models.ref_params)  # the step's flat arguments
+    leaves, ref_leaves = run.train_step.leaves_of(state), jax.tree.leaves(run.models.ref_params)  # the step's flat
+    state = None  # arguments (per layer when the layers are unrolled; the stacked state is consumed)
 
     def settle():
         """Read the pending step's metrics; at a log step, write its record."""
@@ -359,7 +360,7 @@ def _steps(run: Run, state, savers: Savers, writer, eval_data, start: int, preem
         profiler.after_step(step, out)
         state = None  # built from the leaves where needed
         if run.sync_reference is not None and step % cfg.ref_model.sync_every == 0:
-            state = state_def.unflatten(leaves)
+            state = state_of(leaves)
             run.models.ref_params = run.sync_reference(state.params, run.models.ref_params)
             ref_leaves = jax.tree.leaves(run.models.ref_params)
         done, ready = ready, next(upcoming, None)  # step s+1's batch, built and sent by the producer thread
@@ -373,7 +374,7 @@ def _steps(run: Run, state, savers: Savers, writer, eval_data, start: int, preem
         if last or evaluate or save or stop:  # these wait for the step anyway; its record comes first
             settle()
         if (evaluate or save or stop) and state is None:
-            state = state_def.unflatten(leaves)
+            state = state_of(leaves)
         if evaluate:
             result = run_eval(run, state.params, eval_data)
             writer.write(step, "eval", result)
@@ -388,7 +389,7 @@ def _steps(run: Run, state, savers: Savers, writer, eval_data, start: int, preem
             bar.close()
             return state, step
     bar.close()
-    return state_def.unflatten(leaves), None
+    return state_of(leaves), None
 
 
 class _BadSteps:
