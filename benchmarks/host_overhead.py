@@ -153,6 +153,25 @@ class LoopClock:
                 out.get(prefix + k, 0.0) for k in ("take", "dispatch", "read-back"))
         return out
 
+    def python_calls_per_dispatch(self, calls: int = 3) -> float:
+        """Python functions run during one call of the compiled step (0: jax's C++ dispatch path, no Python
+        fallback), counted with `sys.setprofile` over `calls` calls."""
+        import jax
+
+        seen, ref, state = [0], jax.tree.leaves(self.run.models.ref_params), self.state
+
+        def profile(frame, event, arg):
+            seen[0] += event == "call"
+
+        for _ in range(calls):
+            sys.setprofile(profile)
+            try:
+                state, out = self.step(state, ref, self.batches[-1])
+            finally:
+                sys.setprofile(None)
+        self.state = jax.block_until_ready(state)
+        return seen[0] / calls
+
     def device_step(self, repeats: int = 5, steps: int = 20) -> float:
         """Seconds per step of the run's compiled step, dispatched back to back on its last batches from its final
         state (no host work between the steps): the median of `repeats` timings of `steps` steps."""
@@ -189,12 +208,14 @@ def measure(args) -> dict:
         finally:
             clock.uninstall()
             loop.PREFETCH = saved_prefetch
+        py_calls = clock.python_calls_per_dispatch()
         step_s = clock.device_step()
     r = clock.per_step(args.skip, inline=args.prefetch == 0)
     return {"machine": harness.machine(), "backend": jax.default_backend(), "devices": jax.device_count(),
             "preset": args.preset, "batch": cfg.train.batch_size, "max_length": cfg.data.max_length,
             "steps": args.steps, "log_every": args.log_every, "overrides": args.set,
             "prefetch": args.prefetch, "packing": clock.run.spec.packing, "step_ms": step_s * 1e3,
+            "python_calls_per_dispatch": py_calls,
             **{f"{k}_ms": v * 1e3 for k, v in r.items()}, "host_share": r["host"] / step_s,
             "cpu_host_share": r["cpu_host"] / step_s,
             "slowdown": r["wall"] / step_s - 1.0, "slowdown_median": r["wall_median"] / step_s - 1.0}
@@ -225,7 +246,8 @@ def report(r: dict) -> str:
         f"  total                            {both('host')}  = {r['host_share']:.1%} (wall), "
         f"{r['cpu_host_share']:.1%} (CPU) of the step",
         f"  take a ready batch               {both('take')}",
-        f"  dispatch                         {both('dispatch')}",
+        f"  dispatch                         {both('dispatch')}  ({r['python_calls_per_dispatch']:.0f} Python calls "
+        "inside: 0 = jax's C++ path)",
         f"  metrics read-back (copy)         {both('read-back')}",
         f"  other (metrics, log, bookkeeping){both('other')}",
         f"loop waiting for the device        {both('wait')}",
