@@ -195,10 +195,9 @@ class _Window:
         return skipped
 
     def flush(self, metrics_def, pairs_per_step: int) -> dict[str, float]:
-        """The record of the window's steps, all read (`read`; `metrics_def` unflattens their sums to
-        {name: (sum, count)}); starts the next window. Every process calls this at
-        the same steps: each counted only its own rows' tokens, so they are summed over processes here (one small
-        host all-gather per log record)."""
+        """The record of the window's steps, all read (`read`; `metrics_def` unflattens their sums to {name: (sum,
+        count)}); starts the next window. Every process calls this at the same steps: each counted only its own rows'
+        tokens, so they are summed over processes here (one small host all-gather per log record)."""
         assert not self.unread, "read the window's metrics first"
         dt = max(time.perf_counter() - self.t0, 1e-9)
         out = M.finalize(metrics_def.unflatten(self.sums.tolist()))
@@ -417,15 +416,14 @@ def _steps(run: Run, state, savers: Savers, writer, eval_data, start: int, preem
         evaluate = eval_every and step % eval_every == 0 and not last
         save = (save_every and step % save_every == 0) or last
         stop = not last and preemption.should_stop(step)
-        previous = (step, out)
-        if last or evaluate or save or stop:  # these wait for the step anyway: read it (and its record) first
-            previous = None
-            if last or step % log_every == 0:
-                write(step)
-            else:
-                read()
-        else:
+        boundary = last or evaluate or save or stop  # these wait for the step anyway: read it (and its record) first
+        previous = None if boundary else (step, out)
+        if not boundary:
             continue
+        if last or step % log_every == 0:
+            write(step)
+        else:
+            read()
         if (evaluate or save or stop) and state is None:
             state = state_def.unflatten(leaves)
         if evaluate:
