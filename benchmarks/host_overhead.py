@@ -242,7 +242,7 @@ def report(r: dict) -> str:
         f"step (device, back to back)        {ms('step')}",
         f"loop wall per step (mean)          {ms('wall')}  = {r['slowdown']:+.1%} against the step  (median "
         f"{r['wall_median_ms']:.3f} ms = {r['slowdown_median']:+.1%})",
-        f"loop-thread host work per step           wall         CPU",
+        "loop-thread host work per step           wall         CPU",
         f"  total                            {both('host')}  = {r['host_share']:.1%} (wall), "
         f"{r['cpu_host_share']:.1%} (CPU) of the step",
         f"  take a ready batch               {both('take')}",
