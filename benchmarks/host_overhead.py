@@ -10,10 +10,14 @@ the step's device time, on a model whose CPU step takes a few ms (as GPU and TPU
 It runs `dpojax train` itself (`dpojax.train.loop.train`) with the loop's phases timed by wrappers: the batch
 producer (`loop._ready_batches`: build, pack, count, send to the devices; in the producer thread, wall and thread
 CPU time), the loop thread's take of a ready batch (`loop._Prefetch.__next__`: a wait for the producer), the step
-call (dispatch) and `loop.fetch` (the loop's one read of device values), whose wait for the device is timed apart
-from the copy. Two figures:
+call (dispatch), `loop.wait` (the loop's wait for a step without reading it) and `loop.fetch` (the loop's one read
+of device values), whose wait for the device is timed apart from the copy. Figures:
   - loop-thread host work per step = the loop's wall time per step minus its waits for the device, against the
     step's device time ("host share"; the producer thread's work runs beside it and is reported apart);
+  - the same as the loop thread's own CPU time (`time.thread_time`) per step minus the CPU time of its waits: on a
+    machine whose cores the device's compute threads keep busy (a CPU "device" on 2 cores), the wall figure also
+    counts the time the loop thread was preempted by them; a GPU/TPU host has cores to spare, and there the CPU
+    figure is the closer one. Both are reported; the target applies to each;
   - loop slowdown = the loop's mean wall time per step against the same compiled step run back to back on batches
     already on the devices, with the run's final state: what a user sees of all host work, the producer's too
     (the median step is shown too: it leaves out the log, eval and checkpoint steps).
@@ -37,27 +41,34 @@ from benchmarks import harness, throughput  # noqa: E402
 
 
 class LoopClock:
-    """Seconds per loop phase per step (a step runs from its dispatch to the next one's), by wrapping the loop's
-    phase functions; `install` patches them, `uninstall` restores them."""
+    """Seconds per loop phase per step (a step runs from its dispatch to the next one's), wall and loop-thread CPU,
+    by wrapping the loop's phase functions; `install` patches them, `uninstall` restores them."""
 
     def __init__(self):
-        self.starts: list[float] = []  # perf_counter at each step's dispatch
-        self.phases: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        self.starts: list[tuple[float, float]] = []  # (perf_counter, thread_time) at each step's dispatch
+        self.phases: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)  # wall
+        self.cpu: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)  # loop-thread CPU
         self.produce: list[tuple[float, float]] = []  # (wall, thread CPU) seconds of each batch in the producer
         self.run = self.step = self.state = None  # the run, its flat step and latest state leaves (to time the step)
         self.batches: list = []  # device batches of the run (the last few), for the same
         self._saved: dict = {}
 
-    def _add(self, phase: str, seconds: float) -> None:
-        self.phases[phase][len(self.starts)] += seconds
+    def _add(self, phase: str, t0: tuple[float, float], t1: tuple[float, float]) -> None:
+        self.phases[phase][len(self.starts)] += t1[0] - t0[0]
+        self.cpu[phase][len(self.starts)] += t1[1] - t0[1]
+
+    @staticmethod
+    def now() -> tuple[float, float]:
+        return time.perf_counter(), time.thread_time()
 
     def install(self) -> None:
         from dpojax.train import loop
 
-        names = ("_ready_batches", "_Prefetch", "fetch", "setup_train")
-        self._saved = {name: getattr(loop, name) for name in names}
-        ready_batches, prefetch, fetch, setup_train = (self._saved[n] for n in names)
-        clock = self
+        names = ("_ready_batches", "_Prefetch", "fetch", "wait", "setup_train")
+        self._saved = {name: getattr(loop, name) for name in names if hasattr(loop, name)}
+        ready_batches, prefetch, fetch, setup_train = (self._saved[n] for n in names if n != "wait")
+        wait = self._saved.get("wait")
+        clock, now = self, self.now
 
         def timed_batches(*args, **kw):  # runs in the producer thread (or in the loop thread with --prefetch 0)
             it = ready_batches(*args, **kw)
@@ -72,32 +83,39 @@ class LoopClock:
 
         class TimedPrefetch(prefetch):
             def __next__(self):
-                t0 = time.perf_counter()
+                t0 = now()
                 try:
                     return super().__next__()
                 finally:
-                    clock._add("take", time.perf_counter() - t0)
+                    clock._add("take", t0, now())
 
         def timed_fetch(tree):
             import jax
 
-            t0 = time.perf_counter()
+            t0 = now()
             jax.block_until_ready(tree)
-            t1 = time.perf_counter()
+            t1 = now()
             out = fetch(tree)
-            self._add("wait", t1 - t0)
-            self._add("read-back", time.perf_counter() - t1)
+            self._add("wait", t0, t1)
+            self._add("read-back", t1, now())
             return out
+
+        def timed_wait(tree):
+            t0 = now()
+            try:
+                return wait(tree)
+            finally:
+                self._add("wait", t0, now())
 
         def timed_setup(*args, **kw):
             run, state = setup_train(*args, **kw)
             step = run.train_step.flat  # what the loop calls: the step over the state's flat leaves
 
             def dispatch(*a):
-                t0 = time.perf_counter()
+                t0 = now()
                 self.starts.append(t0)
                 self.state, out = step(*a)
-                self._add("dispatch", time.perf_counter() - t0)
+                self._add("dispatch", t0, now())
                 return self.state, out
 
             self.run, self.step, run.train_step.flat = run, step, dispatch
@@ -105,6 +123,8 @@ class LoopClock:
 
         loop._ready_batches, loop._Prefetch, loop.fetch, loop.setup_train = (timed_batches, TimedPrefetch,
                                                                              timed_fetch, timed_setup)
+        if wait is not None:
+            loop.wait = timed_wait
 
     def uninstall(self) -> None:
         from dpojax.train import loop
@@ -113,19 +133,44 @@ class LoopClock:
             setattr(loop, name, fn)
 
     def per_step(self, skip: int, inline: bool) -> dict[str, float]:
-        """Mean seconds per step of each phase, the wall time and the host time, over steps skip+1 .. last-1."""
+        """Mean seconds per step of each phase, the wall time and the host time (wall, and loop-thread CPU as
+        `cpu_*`), over steps skip+1 .. last-1."""
         steps = range(skip + 1, len(self.starts))  # step i (1-based) runs from starts[i-1] to starts[i]
-        wall = [self.starts[i] - self.starts[i - 1] for i in steps]
+        wall = [self.starts[i][0] - self.starts[i - 1][0] for i in steps]
+        cpu = [self.starts[i][1] - self.starts[i - 1][1] for i in steps]
         out = {name: sum(c[i] for i in steps) / len(wall) for name, c in self.phases.items()}
+        out |= {f"cpu_{name}": sum(c[i] for i in steps) / len(wall) for name, c in self.cpu.items()}
         out["wall"], out["wall_median"] = statistics.mean(wall), statistics.median(wall)
         out["host"] = out["wall"] - out.get("wait", 0.0)
+        out["cpu_host"] = statistics.mean(cpu) - out.get("cpu_wait", 0.0)
         produced = self.produce[skip + 1 : len(self.starts)]
         out["produce_wall"] = statistics.mean(w for w, _ in produced)
         out["produce_cpu"] = statistics.mean(c for _, c in produced)
         if inline:  # the loop thread built the batches itself: that is its "take"
-            out["take"] = out["produce_wall"]
-        out["other"] = out["host"] - sum(out.get(k, 0.0) for k in ("take", "dispatch", "read-back"))
+            out["take"], out["cpu_take"] = out["produce_wall"], out["produce_cpu"]
+        for prefix in ("", "cpu_"):
+            out[prefix + "other"] = out[prefix + "host"] - sum(
+                out.get(prefix + k, 0.0) for k in ("take", "dispatch", "read-back"))
         return out
+
+    def python_calls_per_dispatch(self, calls: int = 3) -> float:
+        """Python functions run during one call of the compiled step (0: jax's C++ dispatch path, no Python
+        fallback), counted with `sys.setprofile` over `calls` calls."""
+        import jax
+
+        seen, ref, state = [0], jax.tree.leaves(self.run.models.ref_params), self.state
+
+        def profile(frame, event, arg):
+            seen[0] += event == "call"
+
+        for _ in range(calls):
+            sys.setprofile(profile)
+            try:
+                state, out = self.step(state, ref, self.batches[-1])
+            finally:
+                sys.setprofile(None)
+        self.state = jax.block_until_ready(state)
+        return seen[0] / calls
 
     def device_step(self, repeats: int = 5, steps: int = 20) -> float:
         """Seconds per step of the run's compiled step, dispatched back to back on its last batches from its final
@@ -163,13 +208,16 @@ def measure(args) -> dict:
         finally:
             clock.uninstall()
             loop.PREFETCH = saved_prefetch
+        py_calls = clock.python_calls_per_dispatch()
         step_s = clock.device_step()
     r = clock.per_step(args.skip, inline=args.prefetch == 0)
     return {"machine": harness.machine(), "backend": jax.default_backend(), "devices": jax.device_count(),
             "preset": args.preset, "batch": cfg.train.batch_size, "max_length": cfg.data.max_length,
             "steps": args.steps, "log_every": args.log_every, "overrides": args.set,
             "prefetch": args.prefetch, "packing": clock.run.spec.packing, "step_ms": step_s * 1e3,
+            "python_calls_per_dispatch": py_calls,
             **{f"{k}_ms": v * 1e3 for k, v in r.items()}, "host_share": r["host"] / step_s,
+            "cpu_host_share": r["cpu_host"] / step_s,
             "slowdown": r["wall"] / step_s - 1.0, "slowdown_median": r["wall_median"] / step_s - 1.0}
 
 
@@ -185,6 +233,7 @@ def median_of(runs: list[dict]) -> dict:
 
 def report(r: dict) -> str:
     ms = lambda key: f"{r.get(key + '_ms', 0.0):8.3f} ms"  # noqa: E731
+    both = lambda key: f"{ms(key)} {ms('cpu_' + key)}"  # noqa: E731
     producer = "producer thread" if r["prefetch"] else "loop thread, inline"
     return "\n".join([
         f"host overhead: preset {r['preset']} ({r['batch']} pairs, T {r['max_length']}), {r['steps']} steps, log_every {r['log_every']}, packing {r['packing']}, "
@@ -193,12 +242,15 @@ def report(r: dict) -> str:
         f"step (device, back to back)        {ms('step')}",
         f"loop wall per step (mean)          {ms('wall')}  = {r['slowdown']:+.1%} against the step  (median "
         f"{r['wall_median_ms']:.3f} ms = {r['slowdown_median']:+.1%})",
-        f"loop-thread host work per step     {ms('host')}  = {r['host_share']:.1%} of the step",
-        f"  take a ready batch                 {ms('take')}",
-        f"  dispatch                           {ms('dispatch')}",
-        f"  metrics read-back (copy)           {ms('read-back')}",
-        f"  other (metrics, log, bookkeeping)  {ms('other')}",
-        f"loop waiting for the device        {ms('wait')}",
+        "loop-thread host work per step           wall         CPU",
+        f"  total                            {both('host')}  = {r['host_share']:.1%} (wall), "
+        f"{r['cpu_host_share']:.1%} (CPU) of the step",
+        f"  take a ready batch               {both('take')}",
+        f"  dispatch                         {both('dispatch')}  ({r['python_calls_per_dispatch']:.0f} Python calls "
+        "inside: 0 = jax's C++ path)",
+        f"  metrics read-back (copy)         {both('read-back')}",
+        f"  other (metrics, log, bookkeeping){both('other')}",
+        f"loop waiting for the device        {both('wait')}",
         f"batch build/pack/count/send ({producer}): {r['produce_wall_ms']:.3f} ms wall, "
         f"{r['produce_cpu_ms']:.3f} ms CPU per batch",
     ])  # fmt: skip

@@ -1,12 +1,15 @@
 """The train loop keeps ahead of the devices: a producer thread builds, counts and sends the batches (in step order,
-the same batches as built inline); the loop thread reads device values only through `loop.fetch`, once per step,
-and the step it just dispatched only at the last step (also at an eval, a checkpoint or a stop, which wait for it
-anyway); everywhere else, log records included, it reads the previous step's metrics while the next step runs. A
-producer error reaches the loop as itself; the thread is gone when `train` returns. The host-time figures: benchmarks/host_overhead.py.
+the same batches as built inline); the loop thread dispatches step s, then waits for step s-1 (one host sync per
+step, on a step already dispatched before) and reads metrics only through `loop.fetch`: a log window's steps in one
+read, at the log step (after the next step was dispatched), and the step it just dispatched only at the last step
+(also at an eval, a checkpoint or a stop, which wait for it anyway). A producer error reaches the loop as itself; the
+thread is gone when `train` returns. The host-time figures: benchmarks/host_overhead.py.
 
-A host read of a device value is caught where jax funnels it (`ArrayImpl._value`: float, int, bool, item, tolist,
-device_get; a transfer guard does not fire on CPU, where the copy is zero-copy); np.asarray of a CPU array takes
-the buffer protocol and is not seen."""
+A host sync is caught where jax funnels it: `ArrayImpl._value` (float, int, bool, item, tolist, device_get, np.asarray
+of a non-CPU array), `ArrayImpl.block_until_ready` and the batched `block_until_ready` of several arrays (a
+transfer guard does not fire on CPU, where the copy is zero-copy; np.asarray of a CPU array takes the buffer protocol
+and is not seen). The same count run on a loop made to wait for the step it just dispatched shows it catches that.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import pytest
 from tiny_models import make_tiny_checkpoint
 from tiny_tokenizer import make_pref_rows, make_tokenizer
 
-from jax._src import array as jax_array
+from jax._src import api as jax_api, array as jax_array
 
 from dpojax.config import config_from_dict
 from dpojax.train import loop, reference
@@ -50,57 +53,104 @@ def batch_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "dpojax-batches"]
 
 
-def test_loop_reads_metrics_a_step_late_except_where_needed(files, tmp_path, monkeypatch):
-    dispatched, reads, batches = [], [], []  # outputs of each step; (step read, steps dispatched by then); batches
-    runs, other_reads, in_fetch = [], [], []  # steps dispatched at each host read of a device value outside fetch
-    setup_train, fetch, value = loop.setup_train, loop.fetch, jax_array.ArrayImpl._value
+class SyncCounter:
+    """Patches the loop's step (to know which step made each device array) and jax's host syncs (to record, in the
+    loop thread, which step each sync waits for and how many steps were dispatched by then)."""
 
-    def counting_setup(*args, **kw):
-        run, state = setup_train(*args, **kw)
-        step = run.train_step.flat
+    def __init__(self, monkeypatch):
+        self.dispatched, self.batches, self.runs = [], [], []  # each step's metrics output; its batch; the run
+        self.made_by: dict[int, int] = {}  # id of a device array a step returned -> that step (1-based)
+        self.syncs: list[tuple[str, int, int]] = []  # (kind, step waited for, steps dispatched by then)
+        self.fetched: list[tuple[int, int]] = []  # (step whose metrics loop.fetch read, steps dispatched by then)
+        setup_train, fetch = loop.setup_train, loop.fetch
+        value, block = jax_array.ArrayImpl._value, jax_array.ArrayImpl.block_until_ready
+        batched = jax_api.xc.batched_block_until_ready
+        counter = self
 
-        def dispatch(state_leaves, ref_leaves, batch):  # the step's metrics come out stacked in one array
-            batches.append(batch)
-            leaves, out = step(state_leaves, ref_leaves, batch)
-            dispatched.append(out)
-            return leaves, out
+        def counting_setup(*args, **kw):
+            run, state = setup_train(*args, **kw)
+            step = run.train_step.flat
 
-        run.train_step.flat = dispatch
-        runs.append(run)
-        return run, state
+            def dispatch(state_leaves, ref_leaves, batch):  # the step's metrics come out stacked in one array
+                self.batches.append(batch)
+                leaves, out = step(state_leaves, ref_leaves, batch)
+                self.dispatched.append(out)
+                self.made_by.update((id(x), len(self.dispatched)) for x in [out, *leaves])
+                return leaves, out
 
-    def counting_fetch(tree):
-        reads.append((next(i + 1 for i, out in enumerate(dispatched) if out is tree), len(dispatched)))
-        in_fetch.append(True)
-        try:
+            run.train_step.flat = dispatch
+            self.runs.append(run)
+            return run, state
+
+        def counting_fetch(tree):
+            self.fetched.extend((self.made_by[id(x)], len(self.dispatched)) for x in jax.tree.leaves(tree))
             return fetch(tree)
-        finally:
-            in_fetch.pop()
 
-    def watched_value(self):
-        if dispatched and not in_fetch and threading.current_thread() is threading.main_thread():
-            other_reads.append(len(dispatched))
-        return value.fget(self)
+        def watched_value(self):
+            counter.seen("read", self)
+            return value.fget(self)
 
-    monkeypatch.setattr(loop, "setup_train", counting_setup)
-    monkeypatch.setattr(loop, "fetch", counting_fetch)
-    monkeypatch.setattr(jax_array.ArrayImpl, "_value", property(watched_value))
+        def watched_block(self):
+            counter.seen("wait", self)
+            return block(self)
+
+        def watched_batched(arrays):
+            for x in arrays:
+                counter.seen("wait", x)
+            return batched(arrays)
+
+        monkeypatch.setattr(loop, "setup_train", counting_setup)
+        monkeypatch.setattr(loop, "fetch", counting_fetch)
+        monkeypatch.setattr(jax_array.ArrayImpl, "_value", property(watched_value))
+        monkeypatch.setattr(jax_array.ArrayImpl, "block_until_ready", watched_block)
+        monkeypatch.setattr(jax_api.xc, "batched_block_until_ready", watched_batched)
+
+    def seen(self, kind: str, x) -> None:
+        step = self.made_by.get(id(x))
+        if step is not None and threading.current_thread() is threading.main_thread():
+            self.syncs.append((kind, step, len(self.dispatched)))
+
+    def on_just_dispatched(self) -> list[int]:
+        """The steps at which the loop thread synced on the step it had just dispatched."""
+        return sorted({n for _, step, n in self.syncs if step == n})
+
+
+def read_point(step: int, log_every: int = 3) -> int:
+    """Steps dispatched when `step`'s metrics are read: those of a log window at the step after its log step, the
+    last step's at once."""
+    log_step = min(-(-step // log_every) * log_every, STEPS)
+    return log_step if log_step == STEPS else log_step + 1
+
+
+def test_loop_syncs_on_the_previous_step_and_reads_once_per_log_window(files, tmp_path, monkeypatch):
+    counter = SyncCounter(monkeypatch)
     loop.train(make_cfg(files, tmp_path / "run"))
-    assert sorted(step for step, _ in reads) == list(range(1, STEPS + 1))  # every step's metrics read once
-    same_step = [step for step, dispatched_by_then in reads if step == dispatched_by_then]
-    assert same_step == [STEPS]  # the last step; every other one late, log records (log_every 3) too
-    assert other_reads and set(other_reads) == {STEPS}  # no other read before the last step's save and export
+    assert counter.on_just_dispatched() == [STEPS]  # no host sync on the step just dispatched but at the last one
+    # one wait per step, for the step before it (then finished: it ran while the host dispatched this one)
+    waits = [(step, n) for kind, step, n in counter.syncs if kind == "wait" and n < STEPS]
+    assert waits == [(n - 1, n) for n in range(2, STEPS)]
+    # every step's metrics read once, in one read per log window (log_every 3): steps 1-3 once step 4 is dispatched
+    assert sorted(counter.fetched) == sorted((step, read_point(step)) for step in range(1, STEPS + 1))
+    reads = [(step, n) for kind, step, n in counter.syncs if kind == "read" and n < STEPS]
+    assert reads == [(step, 4) for step in (1, 2, 3)]  # no other read before the last step's save and export
     assert batch_threads() == []  # the producer thread is gone
 
     # the batches the producer thread sent, step by step, are the ones the loop thread builds inline
-    run = runs[0]
+    run = counter.runs[0]
     data = loop.load_split(run.cfg, run.models, run.cfg.data.train, run.cfg.data.train_split)
     table = reference.lookup(run.models.ref_tables, data)
     inline = [reference.attach(b, table) for b in loop._batches(run, data, 0, STEPS)]
-    assert len(batches) == len(inline) == STEPS
-    for sent, built in zip(batches, inline):
+    assert len(counter.batches) == len(inline) == STEPS
+    for sent, built in zip(counter.batches, inline):
         for a, b in zip(jax.tree.leaves(jax.device_get(sent)), jax.tree.leaves(built)):
             np.testing.assert_array_equal(a, b)
+
+
+def test_sync_count_catches_a_loop_that_waits_for_the_step_it_dispatched(files, tmp_path, monkeypatch):
+    counter = SyncCounter(monkeypatch)
+    monkeypatch.setattr(loop, "wait", lambda x: jax.block_until_ready(counter.dispatched[-1]))  # the broken loop
+    loop.train(make_cfg(files, tmp_path / "run"))
+    assert counter.on_just_dispatched() == list(range(2, STEPS + 1))
 
 
 def test_producer_error_reaches_the_loop_as_itself(files, tmp_path, monkeypatch):

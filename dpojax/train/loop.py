@@ -59,10 +59,17 @@ def run_eval(run: Run, params, data: TokenizedData) -> dict[str, float]:
 
 
 def fetch(tree):
-    """Device values to the host: the loop's one point of reading them (a host sync). In the train loop it reads a
-    step's metrics one step late (after the next step was dispatched; log records too), or the step just run where
-    the loop waits for it anyway: an eval, a checkpoint, a stop, the last step."""
+    """Device values to the host: the loop's one point of reading them (a host sync). In the train loop it reads the
+    metrics of a log window's steps at once, one step late (after the next step was dispatched), or up to the step
+    just run where the loop waits for it anyway: an eval, a checkpoint, a stop, the last step."""
     return jax.device_get(tree)
+
+
+def wait(x):
+    """Wait for device values without reading them (a host sync): the train loop waits for step s-1 after it has
+    dispatched step s, which keeps it at most one step ahead of the devices (a bounded queue of steps and batches in
+    device memory, and a log window's wall time that is the devices')."""
+    return jax.block_until_ready(x)
 
 
 def _batches(run: Run, data: TokenizedData, start: int, stop: int) -> Iterator[PreferenceBatch | PackedBatch]:
@@ -157,26 +164,43 @@ class _Prefetch:
 
 # ------------------------------------------------------------------------------------------------ train
 class _Window:
-    """Host-side accumulation of step metrics between log records (read back one step late)."""
+    """The steps since the last log record. Their metrics stay on the devices (`TrainStep.flat`'s stacked array, one
+    small array per step) until `read` brings them all to the host in one read: at a log step, and where the loop
+    waits for the devices anyway (an eval, a checkpoint, a stop, the last step)."""
 
     def __init__(self):
-        self.sums, self.tokens, self.flops, self.steps, self.t0 = None, 0, 0.0, 0, time.perf_counter()
+        self.unread: list[tuple[int, jax.Array]] = []  # (step, its stacked metrics on the devices), in step order
+        self.sums: np.ndarray | None = None  # the read steps' metric leaves summed (float64), in metrics_def order
+        self.tokens, self.flops, self.steps, self.t0 = 0, 0.0, 0, time.perf_counter()
 
-    def add(self, step: int, out: jax.Array, tokens: int, flops: float = 0.0) -> tuple[int, bool]:
-        """Add one step's metrics (`TrainStep.flat`'s stacked array, unflattened by `metrics_def`) and its model
-        FLOPs; returns (step, whether its update was skipped as non-finite)."""
-        out = self.metrics_def.unflatten(fetch(out).tolist())
-        self.sums = M.add_sums(self.sums, out)
+    def add(self, step: int, out: jax.Array, tokens: int, flops: float = 0.0) -> None:
+        """Count one step (its metrics are read later, by `read`) with its real tokens and model FLOPs."""
+        self.unread.append((step, out))
         self.tokens += tokens
         self.flops += flops
         self.steps += 1
-        return step, bool(out["skipped_steps"][0] > 0)
 
-    def flush(self, pairs_per_step: int) -> dict[str, float]:
-        """Every process calls this at the same steps: each counted only its own rows' tokens, so they are
-        summed over processes here (one small host all-gather per log record)."""
+    def read(self, skipped_index: int) -> list[tuple[int, bool]]:
+        """Read the unread steps' metrics (one `fetch` for all of them) and add them to the window's sums, step by
+        step in float64 (as `metrics.add_sums` would); returns (step, whether its update was skipped as
+        non-finite: leaf `skipped_index` > 0) for each, in step order."""
+        if not self.unread:
+            return []
+        rows = np.asarray(fetch([out for _, out in self.unread]), np.float64)  # [steps, metric leaves]
+        skipped = [(step, bool(flag)) for (step, _), flag in zip(self.unread, rows[:, skipped_index] > 0)]
+        if self.sums is not None:
+            rows = np.concatenate([self.sums[None], rows])
+        self.sums = np.cumsum(rows, axis=0)[-1]  # a running sum: the same additions in the same order, step by step
+        self.unread = []
+        return skipped
+
+    def flush(self, metrics_def, pairs_per_step: int) -> dict[str, float]:
+        """The record of the window's steps, all read (`read`; `metrics_def` unflattens their sums to {name: (sum,
+        count)}); starts the next window. Every process calls this at the same steps: each counted only its own rows'
+        tokens, so they are summed over processes here (one small host all-gather per log record)."""
+        assert not self.unread, "read the window's metrics first"
         dt = max(time.perf_counter() - self.t0, 1e-9)
-        out = M.finalize(self.sums)
+        out = M.finalize(metrics_def.unflatten(self.sums.tolist()))
         if jax.process_count() > 1:
             self.tokens = int(np.sum(multihost_utils.process_allgather(np.asarray(self.tokens, np.int32))))
             self.flops = float(np.sum(multihost_utils.process_allgather(np.asarray(self.flops / 1e9, np.float32))))
@@ -190,10 +214,18 @@ class _Window:
         return out
 
 
+def _skipped_index(metrics_def) -> int:
+    """Where the `skipped_steps` sum sits among the step's stacked metrics (`TrainStep.flat`)."""
+    return metrics_def.unflatten(range(metrics_def.num_leaves))["skipped_steps"][0]
+
+
 def _progress(total: int, start: int):
+    """The progress bar (process 0). It redraws at most once a second: a redraw costs the loop thread ~0.5 ms on a
+    busy CPU host, ~30 us a step at tqdm's default of 10 a second with a few-ms step."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=start, desc="train", unit="step", disable=jax.process_index() != 0)
+    return tqdm(total=total, initial=start, desc="train", unit="step", mininterval=1.0,
+                disable=jax.process_index() != 0)
 
 
 def _model_flops(run: Run, batch: PreferenceBatch | PackedBatch) -> float:
@@ -320,9 +352,10 @@ def _loop(run: Run, state, savers: Savers, writer, train_data, eval_data, start:
     """Steps start+1 .. total_steps. Returns (state, the step a SIGTERM stopped at, or None).
 
     The host keeps ahead of the devices: a producer thread (`_Prefetch`) builds and sends the batches; the loop
-    dispatches step s, then reads step s-1's metrics (finished by then) and writes step s-1's log record; it waits
-    for step s itself only where that waits anyway (an eval, a checkpoint, a stop, the last step). The state stays
-    as the step's flat leaves between steps."""
+    dispatches step s, then waits for step s-1 (finished by then: it stays one step ahead) and, when s-1 is a log
+    step, reads the window's metrics in one read and writes its record. It reads or waits for step s itself only
+    where the loop waits for it anyway (an eval, a checkpoint, a stop, the last step). The state stays as the
+    step's flat leaves between steps."""
     items = _ready_batches(run, train_data, start, reference.lookup(run.models.ref_tables, train_data))
     upcoming = _Prefetch(items, PREFETCH) if PREFETCH else items
     try:
@@ -334,45 +367,64 @@ def _loop(run: Run, state, savers: Savers, writer, train_data, eval_data, start:
 def _steps(run: Run, state, savers: Savers, writer, eval_data, start: int, preemption, samples, profiler,
            upcoming: Iterator[_Ready]):
     cfg, step_fn, state_of = run.cfg, run.train_step.flat, run.train_step.state_of
-    window, pending, bar, bad = _Window(), None, _progress(run.total_steps, start), _BadSteps(cfg)
+    window, bar, bad = _Window(), _progress(run.total_steps, start), _BadSteps(cfg)
+    log_every, eval_every, save_every = cfg.train.log_every, cfg.train.eval_every, cfg.checkpoint.every
+    if eval_data is None:
+        eval_every = 0
+    sync_every = cfg.ref_model.sync_every if run.sync_reference is not None else 0
     leaves, ref_leaves = run.train_step.leaves_of(state), jax.tree.leaves(run.models.ref_params)  # the step's flat
     state = None  # arguments (per layer when the layers are unrolled; the stacked state is consumed)
+    previous = None  # (step, its metrics) of the step dispatched before this one, not yet waited for
+    profiling, skipped_index = profiler.first is not None, None
 
-    def settle():
-        """Read the pending step's metrics; at a log step, write its record."""
-        nonlocal pending
-        if pending is None:
-            return
-        step, out, tokens, flops, log_step = pending
-        pending = None
-        bad.check(*window.add(step, out, tokens, flops))
-        if log_step:
-            record = window.flush(cfg.train.batch_size)
-            writer.write(step, "train", record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
-                            pairs_s=f"{record['pairs_per_second']:.1f}")
+    def read() -> None:
+        """Read the window's unread metrics; a non-finite step found there (up to log_every - 1 steps after it ran:
+        its update was skipped, so the state is unchanged, and checkpoints refuse non-finite parameters) counts
+        towards train.max_bad_steps and names its own step."""
+        nonlocal skipped_index
+        if skipped_index is None:  # the metrics' structure is known once the step is traced
+            skipped_index = _skipped_index(run.train_step.metrics_def)
+        for step_read, skipped in window.read(skipped_index):
+            bad.check(step_read, skipped)
+
+    def write(step_written: int) -> None:
+        read()
+        record = window.flush(run.train_step.metrics_def, cfg.train.batch_size)
+        writer.write(step_written, "train", record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
+                        pairs_s=f"{record['pairs_per_second']:.1f}", refresh=False)  # shown at the bar's next refresh
 
     ready = next(upcoming, None)
     for step in range(start + 1, run.total_steps + 1):
-        profiler.before_step(step)
+        if profiling:
+            profiler.before_step(step)
         leaves, out = step_fn(leaves, ref_leaves, ready.batch)
-        window.metrics_def = run.train_step.metrics_def
-        profiler.after_step(step, out)
+        if profiling:
+            profiler.after_step(step, out)
         state = None  # built from the leaves where needed
-        if run.sync_reference is not None and step % cfg.ref_model.sync_every == 0:
+        if sync_every and step % sync_every == 0:
             state = state_of(leaves)
             run.models.ref_params = run.sync_reference(state.params, run.models.ref_params)
             ref_leaves = jax.tree.leaves(run.models.ref_params)
         done, ready = ready, next(upcoming, None)  # step s+1's batch, built and sent by the producer thread
-        settle()  # the previous step's metrics (and its log record), read while this one runs
-        last = step == run.total_steps
-        pending = (step, out, done.tokens, done.flops, step % cfg.train.log_every == 0 or last)
+        if previous is not None:  # step s-1, finished by now (it ran while the host did the above)
+            wait(previous[1])
+            if previous[0] % log_every == 0:  # its record, read while this step runs
+                write(previous[0])
+        window.add(step, out, done.tokens, done.flops)
         bar.update(1)
-        evaluate = eval_data is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0 and not last
-        save = (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or last
+        last = step == run.total_steps
+        evaluate = eval_every and step % eval_every == 0 and not last
+        save = (save_every and step % save_every == 0) or last
         stop = not last and preemption.should_stop(step)
-        if last or evaluate or save or stop:  # these wait for the step anyway; its record comes first
-            settle()
+        boundary = last or evaluate or save or stop  # these wait for the step anyway: read it (and its record) first
+        previous = None if boundary else (step, out)
+        if not boundary:
+            continue
+        if last or step % log_every == 0:
+            write(step)
+        else:
+            read()
         if (evaluate or save or stop) and state is None:
             state = state_of(leaves)
         if evaluate:
