@@ -360,7 +360,7 @@ class TrainStep:
             out_shardings=(state_sh, NamedSharding(sharder.mesh, P())),
             donate_argnums=(0,),
         )
-        if self.num_layers:  # donated both ways: the state is never held twice
+        if self.num_layers:  # the stacked state is donated into its per-layer leaves (never held twice)
             self._to_leaves = jax.jit(lambda s: jax.tree.leaves(self._split(s)), out_shardings=state_sh,
                                       donate_argnums=0)
             self._to_state = jax.jit(lambda leaves: join_layers(self.state_def.unflatten(leaves)),
@@ -379,7 +379,8 @@ class TrainStep:
             return self._to_leaves(state)
 
     def state_of(self, leaves: list) -> TrainState:
-        """The structured TrainState of `flat`'s state leaves (a copy when the layers are split)."""
+        """The structured TrainState of `flat`'s state leaves (a copy when the layers are split: an eval or a
+        checkpoint briefly holds the state twice)."""
         return self._to_state(leaves) if self.num_layers else self.state_def.unflatten(leaves)
 
     def __call__(self, state: TrainState, ref_params, batch):
@@ -387,10 +388,8 @@ class TrainStep:
         return self.state_of(leaves), self.metrics_def.unflatten(list(metrics))
 
     def lower(self, state: TrainState, ref_params, batch):
-        if self.num_layers and isinstance(jax.tree.leaves(state)[0], jax.ShapeDtypeStruct):
-            leaves = jax.tree.leaves(self._split(state))  # abstract (dpojax compile): per-layer shapes
-        else:
-            leaves = self.leaves_of(state)
+        """The lowered step for `state` (arrays or ShapeDtypeStructs with shardings; not consumed)."""
+        leaves = jax.tree.leaves(self._split(_abstract(state)) if self.num_layers else state)
         return self.flat.lower(leaves, jax.tree.leaves(ref_params), batch)
 
 
