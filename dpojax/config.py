@@ -44,7 +44,8 @@ class ModelSection:
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # storage dtype of trainable params
     attention: Literal["auto", "xla", "cudnn", "splash"] = "auto"  # attention kernel
     remat: str = "none"  # rematerialization policy of each layer (see dpojax.models.transformer)
-    scan_layers: bool = True  # lax.scan over stacked layers (one compiled layer body)
+    scan_layers: bool = True  # lax.scan over stacked layers (one compiled layer body); false: unrolled, a longer
+    # compile, faster steps on CPU (SmolLM2 DPO step 7% faster, first step 50 s vs 13 s: README, Tests)
     init: Literal["pretrained", "random"] = "pretrained"  # random: build from config.json alone
     seed: int = 0  # init seed for init=random
     trust_remote_code: bool = False  # never needed by dpojax's own model code; kept off
