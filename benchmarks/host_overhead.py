@@ -65,9 +65,8 @@ class LoopClock:
         from dpojax.train import loop
 
         names = ("_ready_batches", "_Prefetch", "fetch", "wait", "setup_train")
-        self._saved = {name: getattr(loop, name) for name in names if hasattr(loop, name)}
-        ready_batches, prefetch, fetch, setup_train = (self._saved[n] for n in names if n != "wait")
-        wait = self._saved.get("wait")
+        self._saved = {name: getattr(loop, name) for name in names}
+        ready_batches, prefetch, fetch, wait, setup_train = (self._saved[n] for n in names)
         clock, now = self, self.now
 
         def timed_batches(*args, **kw):  # runs in the producer thread (or in the loop thread with --prefetch 0)
@@ -121,10 +120,8 @@ class LoopClock:
             self.run, self.step, run.train_step.flat = run, step, dispatch
             return run, state
 
-        loop._ready_batches, loop._Prefetch, loop.fetch, loop.setup_train = (timed_batches, TimedPrefetch,
-                                                                             timed_fetch, timed_setup)
-        if wait is not None:
-            loop.wait = timed_wait
+        loop._ready_batches, loop._Prefetch, loop.fetch, loop.wait, loop.setup_train = (
+            timed_batches, TimedPrefetch, timed_fetch, timed_wait, timed_setup)
 
     def uninstall(self) -> None:
         from dpojax.train import loop

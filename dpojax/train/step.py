@@ -177,17 +177,15 @@ def _is_per_layer(x) -> bool:
     return isinstance(x, PerLayer)
 
 
-def _layer_stacked(path, x, num_layers: int) -> bool:
-    return (any(getattr(k, "key", None) == "layers" for k in path) and len(getattr(x, "shape", ())) >= 1
-            and x.shape[0] == num_layers)
+def _under_layers(path, x) -> bool:
+    """A leaf with a leading dimension under `layers/` (the stacked blocks)."""
+    return any(getattr(k, "key", None) == "layers" for k in path) and len(getattr(x, "shape", ())) >= 1
 
 
 def stacked_layers(tree) -> int | None:
     """L, the leading dimension of the tree's parameters under `layers/` (None: it has none)."""
-    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        if any(getattr(k, "key", None) == "layers" for k in path) and len(getattr(x, "shape", ())) >= 1:
-            return int(x.shape[0])
-    return None
+    return next((int(x.shape[0]) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+                 if _under_layers(path, x)), None)
 
 
 def split_layers(tree, num_layers: int):
@@ -207,7 +205,8 @@ def split_layers(tree, num_layers: int):
         return x[i]
 
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: PerLayer(part(x, i) for i in range(num_layers)) if _layer_stacked(path, x, num_layers) else x,
+        lambda path, x: PerLayer(part(x, i) for i in range(num_layers))
+        if _under_layers(path, x) and x.shape[0] == num_layers else x,
         tree)
 
 
@@ -342,9 +341,10 @@ class TrainStep:
 
     def __init__(self, spec: StepSpec, state: TrainState, ref_params, sharder: Sharder):
         self.num_layers = stacked_layers(state.params) if spec.per_layer else None
-        self.state_def, self.ref_def = jax.tree.structure(self._split(state)), jax.tree.structure(ref_params)
+        flat_state = self._split(_abstract(state))  # what `flat` takes (shapes and shardings only: nothing sliced)
+        self.state_def, self.ref_def = jax.tree.structure(flat_state), jax.tree.structure(ref_params)
         self.stacked_sh = shardings_of(state)  # the structured state's shardings
-        state_sh = [x.sharding for x in jax.tree.leaves(self._split(_abstract(state)))]
+        state_sh = [x.sharding for x in jax.tree.leaves(flat_state)]
 
         self.metrics_def = None  # the metrics' tree structure, known once `flat` is traced
 
