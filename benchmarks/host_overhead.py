@@ -23,6 +23,12 @@ of device values), whose wait for the device is timed apart from the copy. Figur
     (the median step is shown too: it leaves out the log, eval and checkpoint steps).
 Means over the steps after --skip (compilation) and before the last, log steps included; with --repeats, the
 median over runs of each figure.
+
+`--device-cores N` gives the CPU device N of the machine's cores and the host the others, as a GPU or TPU host's
+devices leave its cores to it: XLA's CPU client starts with only the device cores allowed (its compute threads are
+made there and stay there), then the loop thread moves to the others, and the batch producer it starts follows it.
+Without it (the default) the device's compute threads and the host's threads share every core, which on a 2-core
+machine counts, in the host's figures, the time and cache the compute takes from them.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -235,7 +242,7 @@ def report(r: dict) -> str:
     return "\n".join([
         f"host overhead: preset {r['preset']} ({r['batch']} pairs, T {r['max_length']}), {r['steps']} steps, log_every {r['log_every']}, packing {r['packing']}, "
         f"prefetch {r['prefetch']}{', ' + ' '.join(r['overrides']) if r['overrides'] else ''}; {r['devices']} "
-        f"{r['backend']} device(s); median of {r.get('repeats', 1)} run(s)  [{r['machine']}]",
+        f"{r['backend']} device(s); median of {r.get('repeats', 1)} run(s)  [{r['machine']}]; {r['cores']}",
         f"step (device, back to back)        {ms('step')}",
         f"loop wall per step (mean)          {ms('wall')}  = {r['slowdown']:+.1%} against the step  (median "
         f"{r['wall_median_ms']:.3f} ms = {r['slowdown_median']:+.1%})",
@@ -253,6 +260,26 @@ def report(r: dict) -> str:
     ])  # fmt: skip
 
 
+def split_cores(device_cores: int) -> tuple[list[int], list[int]]:
+    """Start XLA's CPU client on the first `device_cores` of this process's cores and move this thread to the
+    others (see the module docstring); returns (device cores, host cores). Call it before JAX makes its client."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if not 0 < device_cores < len(cpus):
+        raise SystemExit(f"--device-cores {device_cores}: this process may use {len(cpus)} core(s); leave the host "
+                         "at least one")
+    device, host = cpus[:device_cores], cpus[device_cores:]
+    os.sched_setaffinity(0, device)
+    import jax
+    import jax.numpy as jnp
+
+    if jax.default_backend() != "cpu":
+        raise SystemExit(f"--device-cores is for a CPU device (JAX found {jax.default_backend()})")
+    x = jnp.ones((256, 256))
+    jax.block_until_ready(jax.jit(lambda a: a @ a)(x))  # the client's compute and dispatch threads start here
+    os.sched_setaffinity(0, host)
+    return device, host
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="host", choices=sorted(throughput.PRESETS))
@@ -266,12 +293,16 @@ def main(argv: list[str] | None = None) -> dict:
                     help="batches the producer thread keeps ready (default: dpojax's own; 0: built in the loop thread)")
     ap.add_argument("--repeats", type=int, default=1, help="runs; each figure is the median over them")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    ap.add_argument("--device-cores", type=int, default=0,
+                    help="cores the CPU device computes on, the rest left to the host (default 0: all shared)")
     args = ap.parse_args(argv)
+    cores = split_cores(args.device_cores) if args.device_cores else None
     if args.prefetch is None:
         from dpojax.train import loop
 
         args.prefetch = loop.PREFETCH
     result = median_of([measure(args) for _ in range(args.repeats)])
+    result["cores"] = f"device on cores {cores[0]}, host on {cores[1]}" if cores else "device and host share all cores"
     print(report(result), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

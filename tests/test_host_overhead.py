@@ -13,6 +13,7 @@ and is not seen). The same count run on a loop made to wait for the step it just
 
 from __future__ import annotations
 
+import gc
 import json
 import threading
 import time
@@ -167,6 +168,31 @@ def test_producer_error_reaches_the_loop_as_itself(files, tmp_path, monkeypatch)
         loop.train(make_cfg(files, tmp_path / "run"))
     assert set(calls) == {"dpojax-batches"}
     assert batch_threads() == []
+
+
+def test_steps_run_with_the_heap_frozen_and_hand_it_back(files, tmp_path, monkeypatch):
+    """The objects alive when the loop starts are out of reach of Python's collections while it runs (a full
+    collection of them stalled a thread for ~0.35 s); they are handed back when `train` returns, also after an error."""
+    steps, seen = loop._steps, []
+
+    def watched(*args, **kw):
+        seen.append(gc.get_freeze_count())
+        return steps(*args, **kw)
+
+    monkeypatch.setattr(loop, "_steps", watched)
+    assert gc.get_freeze_count() == 0
+    loop.train(make_cfg(files, tmp_path / "run"))
+    assert len(seen) == 1 and seen[0] > 50_000, seen  # jax, flax, transformers, the models: all frozen
+    assert gc.get_freeze_count() == 0
+
+    def failing(*args, **kw):
+        seen.append(gc.get_freeze_count())
+        raise ValueError("a made-up loop error")
+
+    monkeypatch.setattr(loop, "_steps", failing)
+    with pytest.raises(ValueError, match="a made-up loop error"):
+        loop.train(make_cfg(files, tmp_path / "run2"))
+    assert seen[1] > 50_000 and gc.get_freeze_count() == 0
 
 
 def test_prefetch_keeps_order_and_stops_when_closed():
