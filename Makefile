@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: demo smollm2 test test-smollm2 install install-test bench throughput clean
+.PHONY: demo smollm2 test test-smollm2 install install-test bench throughput gpu-wheels clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -66,6 +66,14 @@ smollm2: $(VENV)/.installed-bench
 PRESET ?= bench-llama
 throughput: $(VENV)/.installed
 	$(PY) -m benchmarks.throughput --preset $(PRESET) $(ARGS)
+
+# What benchmarks/gpu_h200.sh needs on a lent H200 beyond its image (Python 3.12, no internet): TRL and datasets at
+# this project's versions and their needs the image lacks, as wheels in .whl/ (git-ignored; the device run carries it)
+GPU_WHEELS := trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+gpu-wheels:
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl $(GPU_WHEELS)
 
 clean:
 	rm -rf runs .pytest_cache

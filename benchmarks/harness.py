@@ -23,6 +23,7 @@ import os
 import re
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -287,39 +288,89 @@ def dpojax_steps(setup: StepSetup, work: Path, *, profile: bool = False, data_ov
     return Timing(tuple(times[setup.warmup:]))
 
 
-def trl_steps(setup: StepSetup, work: Path) -> Timing:
-    """Seconds per TRL DPOTrainer step on the same model, data, batch and optimizer (CPU, fp32)."""
+def trl_steps(setup: StepSetup, work: Path, *, dtype: str = "float32", device: str = "cpu") -> Timing:
+    """Seconds per TRL DPOTrainer step on the same model, data, batch and optimizer. `dtype` "bfloat16": fp32
+    weights with bf16 autocast (TRL's `bf16=True`, as dpojax's bf16 compute over fp32 params); `device` "cuda": the
+    first GPU (torch's SDPA attention, flash kernels in bf16). A model folder without weights (a preset's
+    `synthetic_model_dir`) is random-initialized from its config.json, the reference a copy of the policy."""
+    import copy
+
     import datasets
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     torch.set_num_threads(os.cpu_count() or 1)
     rows = [json.loads(line) for line in setup.data.read_text().splitlines()]
-    policy = AutoModelForCausalLM.from_pretrained(setup.model_dir, dtype=torch.float32)
-    ref = AutoModelForCausalLM.from_pretrained(setup.model_dir, dtype=torch.float32)
+    if glob.glob(str(setup.model_dir / "*.safetensors")):
+        policy = AutoModelForCausalLM.from_pretrained(setup.model_dir, dtype=torch.float32)
+        ref = AutoModelForCausalLM.from_pretrained(setup.model_dir, dtype=torch.float32)
+    else:
+        torch.manual_seed(0)
+        policy = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(setup.model_dir), dtype=torch.float32)
+        ref = copy.deepcopy(policy)
     times: list[float] = []
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     class Timer(TrainerCallback):
         def on_step_begin(self, *a, **k):
+            sync()
             self.t0 = time.perf_counter()
 
         def on_step_end(self, *a, **k):
+            sync()
             times.append(time.perf_counter() - self.t0)
 
     trainer = DPOTrainer(
         model=policy, ref_model=ref, processing_class=AutoTokenizer.from_pretrained(setup.model_dir),
         train_dataset=datasets.Dataset.from_list(rows),
         args=DPOConfig(
-            output_dir=str(work / "trl_run"), report_to=[], use_cpu=True, bf16=False, max_length=setup.max_length,
-            per_device_train_batch_size=setup.batch, max_steps=setup.warmup + setup.steps,
-            learning_rate=setup.lr, lr_scheduler_type="constant", save_strategy="no", logging_steps=10**6,
-            disable_tqdm=True, gradient_checkpointing=setup.remat != "none",
+            output_dir=str(work / "trl_run"), report_to=[], use_cpu=device == "cpu", bf16=dtype == "bfloat16",
+            max_length=setup.max_length, per_device_train_batch_size=setup.batch,
+            max_steps=setup.warmup + setup.steps, learning_rate=setup.lr, lr_scheduler_type="constant",
+            save_strategy="no", logging_steps=10**6, disable_tqdm=True, gradient_checkpointing=setup.remat != "none",
         ),
         callbacks=[Timer()],
     )  # fmt: skip
     trainer.train()
     return Timing(tuple(times[setup.warmup:]))
+
+
+def trl_main(argv: list[str] | None = None) -> dict:
+    """`python -m benchmarks.harness trl ...`: `trl_steps` in a process of its own (no JAX in it: on a GPU, JAX's
+    preallocated memory would not leave TRL room); writes {step timing, pairs/s} to --json."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.harness trl")
+    ap.add_argument("--model-dir", required=True)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--batch", type=int, required=True)
+    ap.add_argument("--max-length", type=int, required=True)
+    ap.add_argument("--steps", type=int, required=True)
+    ap.add_argument("--warmup", type=int, required=True)
+    ap.add_argument("--remat", default="none")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--json", required=True)
+    args = ap.parse_args(argv)
+    setup = StepSetup(Path(args.model_dir), Path(args.data), args.batch, args.max_length, args.steps, args.warmup,
+                      remat=args.remat)
+    with tempfile.TemporaryDirectory() as tmp:
+        timing = trl_steps(setup, Path(tmp), dtype=args.dtype, device=args.device)
+    out = {"step": timing.as_dict(), "pairs_per_s": args.batch / timing.median, "dtype": args.dtype,
+           "device": args.device, "remat": args.remat}
+    Path(args.json).write_text(json.dumps(out, indent=1))
+    return out
+
+
+def trl_in_subprocess(setup: StepSetup, *, dtype: str, device: str, json_path: Path) -> dict:
+    """`trl_main` in a child process of this Python; returns what it wrote."""
+    cmd = [sys.executable, "-m", "benchmarks.harness", "trl", "--model-dir", str(setup.model_dir), "--data",
+           str(setup.data), "--batch", str(setup.batch), "--max-length", str(setup.max_length), "--steps",
+           str(setup.steps), "--warmup", str(setup.warmup), "--remat", setup.remat, "--dtype", dtype, "--device",
+           device, "--json", str(json_path)]
+    subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parents[1])
+    return json.loads(json_path.read_text())
 
 
 def side_by_side(setup: StepSetup, work: Path, *, label: str, profile: bool = False, **model_overrides) -> dict:
@@ -413,3 +464,9 @@ def full_length_pairs(path: Path, n: int, max_length: int, vocab_size: int, seed
                 row[key] = " " + " ".join(rng.choices(words, k=completion))
             f.write(json.dumps(row) + "\n")
     return path
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["trl"]:
+        raise SystemExit("usage: python -m benchmarks.harness trl --model-dir DIR --data FILE ... (see trl_main)")
+    trl_main(sys.argv[2:])

@@ -254,6 +254,31 @@ def accounting_only(name: str, args) -> str:
     return "\n".join(lines)
 
 
+def trl_side(cfg, args, result: dict, work: Path) -> dict:
+    """TRL's DPOTrainer on `cfg`'s model folder and JSONL pairs, same length, batch, remat (gradient checkpointing)
+    and compute dtype, on the same kind of device, in a child process (`harness.trl_in_subprocess`)."""
+    device = {"cpu": "cpu", "gpu": "cuda"}.get(result["backend"])
+    model_dir, data = Path(cfg.model.name_or_path), Path(cfg.data.train)
+    if device is None:
+        raise SystemExit(f"--trl: TRL runs on CPU or CUDA, not on {result['backend']}")
+    if not model_dir.is_dir() or data.suffix != ".jsonl":
+        raise SystemExit(f"--trl needs a local model folder and a JSONL file of pairs (got {model_dir}, {data})")
+    setup = harness.StepSetup(model_dir, data, cfg.train.batch_size, cfg.data.max_length, args.steps, args.warmup,
+                              remat=cfg.model.remat)
+    return harness.trl_in_subprocess(setup, dtype=cfg.model.dtype, device=device, json_path=work / "trl.json")
+
+
+def trl_report(r: dict) -> str:
+    t, s = r["trl"], r["trl"]["step"]
+    return "\n".join([
+        f"TRL DPOTrainer      {t['pairs_per_s']:.3f} pairs/s, step {s['median_s']:.4f} s median "
+        f"[{s['min_s']:.4f}-{s['max_s']:.4f}] over {s['n']} steps (torch on {t['device']}, {t['dtype']}"
+        f"{', gradient checkpointing' if t['remat'] != 'none' else ''}; same model, pairs, T and batch)",
+        f"dpojax / TRL        {s['median_s'] / r['step']['median_s']:.2f}x pairs/s, median steps (the same pairs: "
+        "the same ratio of tokens/s)  [" + r["machine"] + "]",
+    ])
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group()
@@ -271,6 +296,9 @@ def main(argv: list[str] | None = None) -> dict | None:
                     help="any config override, e.g. data.packing=... (repeatable)")
     ap.add_argument("--accounting", action="store_true", help="presets: print the FLOP accounting only")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    ap.add_argument("--trl", action="store_true",
+                    help="then TRL's DPOTrainer on the same model, data, length and batch (a child process; "
+                         "CPU or CUDA), and the ratio of pairs/s")
     args = ap.parse_args(argv)
     name = args.preset or (None if args.config else "bench-llama")
     if args.accounting:
@@ -284,8 +312,11 @@ def main(argv: list[str] | None = None) -> dict | None:
         work = Path(tmp)
         cfg = preset_config(name, args, work, jax.device_count()) if name else file_config(args.config, args, work)
         result = measure(cfg, args)
-    result["preset"] = name or args.config
-    print(report(result), flush=True)
+        result["preset"] = name or args.config
+        print(report(result), flush=True)
+        if args.trl:
+            result["trl"] = trl_side(cfg, args, result, work)
+            print(trl_report(result), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({k: v for k, v in result.items() if not k.startswith("_")}, indent=1))
     return result

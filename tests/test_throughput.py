@@ -3,6 +3,8 @@ throughput benchmark runs the real step of its tiny preset and prints every fiel
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -167,3 +169,19 @@ def test_cpu_steps_compile_with_the_memory_optimized_scheduler():
     temp = {name: jax.jit(grad, compiler_options=opts).lower(params).compile().memory_analysis().temp_size_in_bytes
             for name, opts in (("default", None), ("memory", compiler_options(cpu)))}
     assert temp["memory"] < temp["default"], temp
+
+
+def test_throughput_runs_trl_side_by_side(tmp_path, capsys):
+    """`--trl`: after dpojax's timed steps, TRL's DPOTrainer runs in a child process on the same model folder (a
+    random init from its config.json, as dpojax's `model.init: random`), the same pairs, length and batch, on the
+    same kind of device, and the report gives both and their ratio."""
+    from benchmarks import throughput
+
+    out = tmp_path / "r.json"
+    result = throughput.main(["--preset", "tiny", "--steps", "2", "--warmup", "1", "--trl", "--json", str(out)])
+    trl = json.loads(out.read_text())["trl"]
+    assert trl == result["trl"] and (trl["device"], trl["dtype"], trl["remat"]) == ("cpu", "float32", "none")
+    assert trl["step"]["n"] == 2 and trl["pairs_per_s"] == pytest.approx(8 / trl["step"]["median_s"], rel=1e-3)
+    printed = capsys.readouterr().out
+    ratio = trl["step"]["median_s"] / result["step"]["median_s"]
+    assert f"dpojax / TRL        {ratio:.2f}x pairs/s" in printed and "TRL DPOTrainer      " in printed
