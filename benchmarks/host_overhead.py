@@ -6,6 +6,8 @@ the step's device time, on a model whose CPU step takes a few ms (as GPU and TPU
     python -m benchmarks.host_overhead --repeats 5 --json out.json   # medians over 5 runs
     python -m benchmarks.host_overhead --prefetch 0             # batches built in the loop thread (no producer)
     python -m benchmarks.host_overhead --batch 16                # a ~15 ms CPU step
+    python -m benchmarks.host_overhead --set train.steps_per_dispatch=10   # 10 steps per dispatch
+    python -m benchmarks.host_overhead --device-cores 1          # the device on one core, the host on the rest
 
 It runs `dpojax train` itself (`dpojax.train.loop.train`) with the loop's phases timed by wrappers: the batch
 producer (`loop._ready_batches`: build, pack, count, send to the devices; in the producer thread, wall and thread
@@ -22,7 +24,8 @@ of device values), whose wait for the device is timed apart from the copy. Figur
     already on the devices, with the run's final state: what a user sees of all host work, the producer's too
     (the median step is shown too: it leaves out the log, eval and checkpoint steps).
 Means over the steps after --skip (compilation) and before the last, log steps included; with --repeats, the
-median over runs of each figure.
+median over runs of each figure. With train.steps_per_dispatch = K the phases are timed per dispatch and divided
+by its K steps (--skip counts dispatches).
 
 `--device-cores N` gives the CPU device N of the machine's cores and the host the others, as a GPU or TPU host's
 devices leave its cores to it: XLA's CPU client starts with only the device cores allowed (its compute threads are
@@ -52,12 +55,14 @@ class LoopClock:
     by wrapping the loop's phase functions; `install` patches them, `uninstall` restores them."""
 
     def __init__(self):
-        self.starts: list[tuple[float, float]] = []  # (perf_counter, thread_time) at each step's dispatch
+        self.starts: list[tuple[float, float]] = []  # (perf_counter, thread_time) at each dispatch
+        self.sizes: list[int] = []  # steps in each dispatch (train.steps_per_dispatch > 1: K at once)
         self.phases: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)  # wall
         self.cpu: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)  # loop-thread CPU
         self.produce: list[tuple[float, float]] = []  # (wall, thread CPU) seconds of each batch in the producer
-        self.run = self.step = self.state = None  # the run, its flat step and latest state leaves (to time the step)
-        self.batches: list = []  # device batches of the run (the last few), for the same
+        self.run = self.state = None  # the run and its latest state leaves (to time the step)
+        self.fns: dict[int, object] = {}  # its compiled step by steps per dispatch: 1 `flat`, K `many`
+        self.batches: list = []  # (device batch, its steps) of the run's last dispatches, for the same
         self._saved: dict = {}
 
     def _add(self, phase: str, t0: tuple[float, float], t1: tuple[float, float]) -> None:
@@ -84,7 +89,7 @@ class LoopClock:
                 self.produce.append((time.perf_counter() - t0, time.thread_time() - c0))
                 if item is None:
                     return
-                self.batches = (self.batches + [item.batch])[-8:]
+                self.batches = (self.batches + [(item.batch, item.steps)])[-8:]
                 yield item
 
         class TimedPrefetch(prefetch):
@@ -115,16 +120,24 @@ class LoopClock:
 
         def timed_setup(*args, **kw):
             run, state = setup_train(*args, **kw)
-            step = run.train_step.flat  # what the loop calls: the step over the state's flat leaves
 
-            def dispatch(*a):
-                t0 = now()
-                self.starts.append(t0)
-                self.state, out = step(*a)
-                self._add("dispatch", t0, now())
-                return self.state, out
+            def timed(fn, size):  # what the loop calls: the step(s) over the state's flat leaves
+                def dispatch(*a):
+                    t0 = now()
+                    self.starts.append(t0)
+                    self.sizes.append(size(a[2]))
+                    self.state, out = fn(*a)
+                    self._add("dispatch", t0, now())
+                    return self.state, out
 
-            self.run, self.step, run.train_step.flat = run, step, dispatch
+                return dispatch
+
+            import jax
+
+            self.run, self.fns = run, {1: run.train_step.flat}
+            self.fns[run.cfg.train.steps_per_dispatch] = run.train_step.many
+            run.train_step.flat = timed(run.train_step.flat, lambda batch: 1)
+            run.train_step.many = timed(run.train_step.many, lambda batch: jax.tree.leaves(batch)[0].shape[0])
             return run, state
 
         loop._ready_batches, loop._Prefetch, loop.fetch, loop.wait, loop.setup_train = (
@@ -138,18 +151,20 @@ class LoopClock:
 
     def per_step(self, skip: int, inline: bool) -> dict[str, float]:
         """Mean seconds per step of each phase, the wall time and the host time (wall, and loop-thread CPU as
-        `cpu_*`), over steps skip+1 .. last-1."""
-        steps = range(skip + 1, len(self.starts))  # step i (1-based) runs from starts[i-1] to starts[i]
-        wall = [self.starts[i][0] - self.starts[i - 1][0] for i in steps]
-        cpu = [self.starts[i][1] - self.starts[i - 1][1] for i in steps]
-        out = {name: sum(c[i] for i in steps) / len(wall) for name, c in self.phases.items()}
-        out |= {f"cpu_{name}": sum(c[i] for i in steps) / len(wall) for name, c in self.cpu.items()}
-        out["wall"], out["wall_median"] = statistics.mean(wall), statistics.median(wall)
+        `cpu_*`), over dispatches skip+1 .. last-1 (a dispatch of K steps counts K steps)."""
+        spans = range(skip + 1, len(self.starts))  # dispatch i (1-based) runs from starts[i-1] to starts[i]
+        n = sum(self.sizes[i - 1] for i in spans)  # steps in them
+        wall = [(self.starts[i][0] - self.starts[i - 1][0]) / self.sizes[i - 1] for i in spans]  # per step
+        cpu = sum(self.starts[i][1] - self.starts[i - 1][1] for i in spans) / n
+        out = {name: sum(c[i] for i in spans) / n for name, c in self.phases.items()}
+        out |= {f"cpu_{name}": sum(c[i] for i in spans) / n for name, c in self.cpu.items()}
+        out["wall"] = sum(self.starts[i][0] - self.starts[i - 1][0] for i in spans) / n
+        out["wall_median"] = statistics.median(wall)
         out["host"] = out["wall"] - out.get("wait", 0.0)
-        out["cpu_host"] = statistics.mean(cpu) - out.get("cpu_wait", 0.0)
+        out["cpu_host"] = cpu - out.get("cpu_wait", 0.0)
         produced = self.produce[skip + 1 : len(self.starts)]
-        out["produce_wall"] = statistics.mean(w for w, _ in produced)
-        out["produce_cpu"] = statistics.mean(c for _, c in produced)
+        out["produce_wall"] = sum(w for w, _ in produced) / n
+        out["produce_cpu"] = sum(c for _, c in produced) / n
         if inline:  # the loop thread built the batches itself: that is its "take"
             out["take"], out["cpu_take"] = out["produce_wall"], out["produce_cpu"]
         for prefix in ("", "cpu_"):
@@ -163,6 +178,7 @@ class LoopClock:
         import jax
 
         seen, ref, state = [0], jax.tree.leaves(self.run.models.ref_params), self.state
+        batch, size = self.batches[-1]
 
         def profile(frame, event, arg):
             seen[0] += event == "call"
@@ -170,7 +186,7 @@ class LoopClock:
         for _ in range(calls):
             sys.setprofile(profile)
             try:
-                state, out = self.step(state, ref, self.batches[-1])
+                state, out = self.fns[size](state, ref, batch)
             finally:
                 sys.setprofile(None)
         self.state = jax.block_until_ready(state)
@@ -182,16 +198,19 @@ class LoopClock:
         import jax
 
         state, ref = self.state, jax.tree.leaves(self.run.models.ref_params)
-        for batch in self.batches[:2]:  # warm
-            state, out = self.step(state, ref, batch)
+        size = max(size for _, size in self.batches)  # the run's usual dispatch: K steps (or 1)
+        batches = [batch for batch, n in self.batches if n == size]
+        fn = self.fns[size]
+        for batch in batches[:2]:  # warm
+            state, out = fn(state, ref, batch)
         jax.block_until_ready(state)
-        times = []
+        times, calls = [], -(-steps // size)
         for _ in range(repeats):
             t0 = time.perf_counter()
-            for i in range(steps):
-                state, out = self.step(state, ref, self.batches[i % len(self.batches)])
+            for i in range(calls):
+                state, out = fn(state, ref, batches[i % len(batches)])
             jax.block_until_ready((state, out))
-            times.append((time.perf_counter() - t0) / steps)
+            times.append((time.perf_counter() - t0) / (calls * size))
         return statistics.median(times)
 
 

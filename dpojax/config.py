@@ -136,6 +136,11 @@ class TrainSection:
     eval_every: Optional[int] = None  # steps between evals; default: only at the end
     eval_batch_size: Optional[int] = None  # prompts per eval step; default: batch_size
     max_bad_steps: int = 5  # consecutive non-finite steps (each skipped) before the run stops
+    # optimizer steps per dispatch of the compiled step: K > 1 runs K consecutive steps (batches of one shape) in one
+    # program, a loop over them on the devices, so the host's work per dispatch is paid once per K steps (for steps
+    # of a few ms: small models on GPU/TPU); the same updates and records as K = 1. log_every, eval_every,
+    # checkpoint.every and ref_model.sync_every must be multiples of it
+    steps_per_dispatch: int = 1
     eval_samples: int = 0  # eval prompts whose greedy completions go to samples.jsonl at each eval (0 = none)
     eval_sample_tokens: int = 64  # most new tokens of each sample
     report_to: tuple[Literal["tensorboard", "wandb"], ...] = ()  # also send metrics.jsonl's records there (TRL's name)
@@ -408,6 +413,14 @@ def _validate_sections(cfg: Config) -> None:
     _require(t.eval_samples >= 0 and t.eval_sample_tokens >= 1, f"'train.eval_samples' = {t.eval_samples} must be "
              f">= 0 and 'train.eval_sample_tokens' = {t.eval_sample_tokens} >= 1.")
     _require(t.max_bad_steps >= 1, f"'train.max_bad_steps' = {t.max_bad_steps} must be at least 1.")
+    k = t.steps_per_dispatch
+    _require(k >= 1, f"'train.steps_per_dispatch' = {k} must be at least 1.")
+    for key, value in (("train.log_every", t.log_every), ("train.eval_every", t.eval_every),
+                       ("checkpoint.every", c.every), ("ref_model.sync_every", r.sync_every)):
+        _require(value is None or value % k == 0,
+                 f"'{key}' = {value} must be a multiple of 'train.steps_per_dispatch' = {k}: records, evals, "
+                 f"checkpoints and reference syncs fall where a dispatch of {k} steps ends (set {key} to a multiple "
+                 f"of {k}, or lower train.steps_per_dispatch).")
     _require(t.profile.start_step is None or (t.profile.start_step >= 1 and t.profile.steps >= 1),
              f"'train.profile.start_step' = {t.profile.start_step} and 'train.profile.steps' = {t.profile.steps} "
              "must be at least 1 (start_step: null turns profiling off).")

@@ -42,7 +42,7 @@ from dpojax.train.build import (
 )
 from dpojax.train.preemption import Preemption
 from dpojax.train.samples import make_samples
-from dpojax.train.step import TrainState, batch_sharding
+from dpojax.train.step import TrainState, batch_sharding, stacked_batch_sharding
 
 log = logging.getLogger("dpojax")
 
@@ -82,20 +82,52 @@ def _batches(run: Run, data: TokenizedData, start: int, stop: int) -> Iterator[P
 
 @dataclasses.dataclass(frozen=True)
 class _Ready:
-    """One step's batch, on the devices, with what the host counts of it."""
+    """One dispatch's batch, on the devices, with what the host counts of each of its steps: one step's batch, or
+    the batches of K steps stacked on a leading axis (`TrainStep.many`)."""
 
     batch: PreferenceBatch | PackedBatch  # global jax.Arrays
-    tokens: int  # this process's real tokens
-    flops: float  # model FLOPs of this process's rows
+    tokens: tuple[int, ...]  # this process's real tokens, per step
+    flops: tuple[float, ...]  # model FLOPs of this process's rows, per step
+
+    @property
+    def steps(self) -> int:
+        return len(self.tokens)
 
 
 def _ready_batches(run: Run, data: TokenizedData, start: int, table) -> Iterator[_Ready]:
     """Batches of steps start+1 .. total_steps, built (packing, reference log-probs), counted and sent to the
-    devices (collective-free: each process places its own rows); `_Prefetch` runs it in a thread."""
-    sharding = batch_sharding(run.sharder)
-    for batch in _batches(run, data, start, run.total_steps):
+    devices (collective-free: each process places its own rows); `_Prefetch` runs it in a thread. With
+    train.steps_per_dispatch = K > 1, the steps k*K+1 .. (k+1)*K go as one stacked batch when their batches have
+    one shape (one length bucket, one packed layout); otherwise, and for steps outside such a run of K (a resume
+    at a step that is not a multiple of K, the last steps), a batch goes alone."""
+    single, stacked = batch_sharding(run.sharder), stacked_batch_sharding(run.sharder)
+    k, total, group = run.cfg.train.steps_per_dispatch, run.total_steps, []
+
+    def alone(batch) -> _Ready:
+        return _Ready(to_device(batch, single), (batch.real_tokens(),), (_model_flops(run, batch),))
+
+    for step, batch in enumerate(_batches(run, data, start, total), start + 1):
         batch = reference.attach(batch, table)
-        yield _Ready(to_device(batch, sharding), batch.real_tokens(), _model_flops(run, batch))
+        if k == 1 or (not group and ((step - 1) % k or step + k - 1 > total)):
+            yield alone(batch)
+            continue
+        group.append(batch)
+        if len(group) < k:
+            continue
+        batches, group = group, []
+        if _one_shape(batches):
+            yield _Ready(to_device(jax.tree.map(lambda *xs: np.stack(xs), *batches), stacked),
+                         tuple(b.real_tokens() for b in batches), tuple(_model_flops(run, b) for b in batches))
+        else:
+            yield from (alone(b) for b in batches)
+
+
+def _one_shape(batches: list) -> bool:
+    """Whether host batches can be stacked: one tree structure, one shape and dtype per leaf."""
+    first = jax.tree.structure(batches[0])
+    shapes = [(x.shape, x.dtype) for x in jax.tree.leaves(batches[0])]
+    return all(jax.tree.structure(b) == first and [(x.shape, x.dtype) for x in jax.tree.leaves(b)] == shapes
+               for b in batches[1:])
 
 
 PREFETCH = 2  # ready batches the producer thread keeps ahead of the loop (0: the loop thread builds them)
@@ -171,13 +203,15 @@ class _Window:
     waits for the devices anyway (an eval, a checkpoint, a stop, the last step)."""
 
     def __init__(self):
-        self.unread: list[tuple[int, jax.Array]] = []  # (step, its stacked metrics on the devices), in step order
+        # (step, its dispatch's metrics on the devices, the step's row in them or None), in step order
+        self.unread: list[tuple[int, jax.Array, int | None]] = []
         self.sums: np.ndarray | None = None  # the read steps' metric leaves summed (float64), in metrics_def order
         self.tokens, self.flops, self.steps, self.t0 = 0, 0.0, 0, time.perf_counter()
 
-    def add(self, step: int, out: jax.Array, tokens: int, flops: float = 0.0) -> None:
-        """Count one step (its metrics are read later, by `read`) with its real tokens and model FLOPs."""
-        self.unread.append((step, out))
+    def add(self, step: int, out: jax.Array, tokens: int, flops: float = 0.0, row: int | None = None) -> None:
+        """Count one step (its metrics are read later, by `read`: `out`, or row `row` of the stacked metrics of a
+        dispatch of several steps) with its real tokens and model FLOPs."""
+        self.unread.append((step, out, row))
         self.tokens += tokens
         self.flops += flops
         self.steps += 1
@@ -188,8 +222,11 @@ class _Window:
         non-finite: leaf `skipped_index` > 0) for each, in step order."""
         if not self.unread:
             return []
-        rows = np.asarray(fetch([out for _, out in self.unread]), np.float64)  # [steps, metric leaves]
-        skipped = [(step, bool(flag)) for (step, _), flag in zip(self.unread, rows[:, skipped_index] > 0)]
+        outs = list({id(out): out for _, out, _ in self.unread}.values())  # a dispatch of K steps is read once
+        host = {id(out): np.asarray(value, np.float64) for out, value in zip(outs, fetch(outs))}
+        rows = np.stack([host[id(out)] if row is None else host[id(out)][row]
+                         for _, out, row in self.unread])  # [steps, metric leaves]
+        skipped = [(step, bool(flag)) for (step, _, _), flag in zip(self.unread, rows[:, skipped_index] > 0)]
         if self.sums is not None:
             rows = np.concatenate([self.sums[None], rows])
         self.sums = np.cumsum(rows, axis=0)[-1]  # a running sum: the same additions in the same order, step by step
@@ -357,7 +394,8 @@ def _loop(run: Run, state, savers: Savers, writer, train_data, eval_data, start:
     dispatches step s, then waits for step s-1 (finished by then: it stays one step ahead) and, when s-1 is a log
     step, reads the window's metrics in one read and writes its record. It reads or waits for step s itself only
     where the loop waits for it anyway (an eval, a checkpoint, a stop, the last step). The state stays as the
-    step's flat leaves between steps."""
+    step's flat leaves between steps. With train.steps_per_dispatch = K a dispatch runs K steps (`TrainStep.many`
+    on K stacked batches) and all of the above holds per dispatch."""
     items = _ready_batches(run, train_data, start, reference.lookup(run.models.ref_tables, train_data))
     upcoming = _Prefetch(items, PREFETCH) if PREFETCH else items
     try:
@@ -386,7 +424,7 @@ def _frozen_heap():
 
 def _steps(run: Run, state, savers: Savers, writer, eval_data, start: int, preemption, samples, profiler,
            upcoming: Iterator[_Ready]):
-    cfg, step_fn, state_of = run.cfg, run.train_step.flat, run.train_step.state_of
+    cfg, state_of = run.cfg, run.train_step.state_of
     window, bar, bad = _Window(), _progress(run.total_steps, start), _BadSteps(cfg)
     log_every, eval_every, save_every = cfg.train.log_every, cfg.train.eval_every, cfg.checkpoint.every
     if eval_data is None:
@@ -394,7 +432,7 @@ def _steps(run: Run, state, savers: Savers, writer, eval_data, start: int, preem
     sync_every = cfg.ref_model.sync_every if run.sync_reference is not None else 0
     leaves, ref_leaves = run.train_step.leaves_of(state), jax.tree.leaves(run.models.ref_params)  # the step's flat
     state = None  # arguments (per layer when the layers are unrolled; the stacked state is consumed)
-    previous = None  # (step, its metrics) of the step dispatched before this one, not yet waited for
+    previous = None  # (last step, metrics) of the dispatch before this one, not yet waited for
     profiling, skipped_index = profiler.first is not None, None
 
     def read() -> None:
@@ -414,25 +452,31 @@ def _steps(run: Run, state, savers: Savers, writer, eval_data, start: int, preem
         bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
                         pairs_s=f"{record['pairs_per_second']:.1f}", refresh=False)  # shown at the bar's next refresh
 
-    ready = next(upcoming, None)
-    for step in range(start + 1, run.total_steps + 1):
+    ready, step = next(upcoming, None), start
+    while step < run.total_steps:  # a dispatch runs `ready.steps` steps: step+1 .. step+n (one, or K stacked)
+        n, first = ready.steps, step + 1
+        step += n
         if profiling:
-            profiler.before_step(step)
+            for s in range(first, step + 1):
+                profiler.before_step(s)
+        step_fn = run.train_step.flat if n == 1 else run.train_step.many
         leaves, out = step_fn(leaves, ref_leaves, ready.batch)
         if profiling:
-            profiler.after_step(step, out)
+            for s in range(first, step + 1):
+                profiler.after_step(s, out)
         state = None  # built from the leaves where needed
         if sync_every and step % sync_every == 0:
             state = state_of(leaves)
             run.models.ref_params = run.sync_reference(state.params, run.models.ref_params)
             ref_leaves = jax.tree.leaves(run.models.ref_params)
-        done, ready = ready, next(upcoming, None)  # step s+1's batch, built and sent by the producer thread
-        if previous is not None:  # step s-1, finished by now (it ran while the host did the above)
+        done, ready = ready, next(upcoming, None)  # the next dispatch's batch, built and sent by the producer thread
+        if previous is not None:  # the dispatch before, finished by now (it ran while the host did the above)
             wait(previous[1])
-            if previous[0] % log_every == 0:  # its record, read while this step runs
+            if previous[0] % log_every == 0:  # its record, read while this dispatch runs
                 write(previous[0])
-        window.add(step, out, done.tokens, done.flops)
-        bar.update(1)
+        for i, s in enumerate(range(first, step + 1)):
+            window.add(s, out, done.tokens[i], done.flops[i], None if n == 1 else i)
+        bar.update(n)
         last = step == run.total_steps
         evaluate = eval_every and step % eval_every == 0 and not last
         save = (save_every and step % save_every == 0) or last

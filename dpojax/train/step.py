@@ -313,6 +313,12 @@ def batch_sharding(sharder: Sharder) -> NamedSharding:
     return NamedSharding(sharder.mesh, P(sharder.spec(("batch",))[0]))
 
 
+def stacked_batch_sharding(sharder: Sharder) -> NamedSharding:
+    """K steps' batches stacked on a leading axis (`TrainStep.many`): that axis whole, the prompts split as in
+    `batch_sharding`."""
+    return NamedSharding(sharder.mesh, P(None, sharder.spec(("batch",))[0]))
+
+
 def shardings_of(tree) -> Any:
     return jax.tree.map(lambda x: x.sharding, tree)
 
@@ -337,7 +343,9 @@ class TrainStep:
     so a step's dispatch does no Python pytree work (nnx Variables flatten and unflatten in Python: ~0.3 ms a
     step). With unrolled layers (`spec.per_layer`) the policy state's leaves are per layer (`split_layers`).
     `flat` returns the metrics stacked into one array (one read back per step; `metrics_def` unflattens them);
-    `__call__` and `lower` take and give the structured state and metrics."""
+    `many` runs K steps in one dispatch (`train.steps_per_dispatch`: a `lax.scan` of `flat`'s step over K batches
+    stacked on a leading axis, returning the K steps' metric arrays stacked); `__call__` and `lower` take and give
+    the structured state and metrics."""
 
     def __init__(self, spec: StepSpec, state: TrainState, ref_params, sharder: Sharder):
         self.num_layers = stacked_layers(state.params) if spec.per_layer else None
@@ -354,9 +362,19 @@ class TrainStep:
             self.metrics_def = jax.tree.structure(metrics)
             return jax.tree.leaves(new), jnp.stack(jax.tree.leaves(metrics))
 
+        def steps(state_leaves, ref_leaves, batches):  # K steps, one per batch of `batches` (stacked on axis 0)
+            return jax.lax.scan(lambda leaves, batch: step(leaves, ref_leaves, batch), state_leaves, batches)
+
+        ref_sh = [x.sharding for x in jax.tree.leaves(ref_params)]
         self.flat = jax.jit(
             step, compiler_options=compiler_options(sharder),
-            in_shardings=(state_sh, [x.sharding for x in jax.tree.leaves(ref_params)], batch_sharding(sharder)),
+            in_shardings=(state_sh, ref_sh, batch_sharding(sharder)),
+            out_shardings=(state_sh, NamedSharding(sharder.mesh, P())),
+            donate_argnums=(0,),
+        )
+        self.many = jax.jit(
+            steps, compiler_options=compiler_options(sharder),
+            in_shardings=(state_sh, ref_sh, stacked_batch_sharding(sharder)),
             out_shardings=(state_sh, NamedSharding(sharder.mesh, P())),
             donate_argnums=(0,),
         )
