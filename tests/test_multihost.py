@@ -53,14 +53,18 @@ def config(tmp_path_factory):
 
 
 def test_two_processes_equal_one(config, tmp_path):
+    """Two processes train like one; they also run two steps per dispatch (train.steps_per_dispatch: each process
+    stacks and places its own rows of both steps), the single process one."""
     one, two = tmp_path / "one", tmp_path / "two"
-    assert main(["train", str(config), f"output_dir={one}"]) == 0
+    max_length = yaml.safe_load(config.read_text())["data"]["max_length"]
+    run = ["train.steps=4", "train.log_every=2", f"data.buckets=[{max_length}]"]  # one shape: steps stack
+    assert main(["train", str(config), f"output_dir={one}", *run]) == 0
     code = local_cpu.main(["--processes", "2", "--devices-per-process", "4", "--grace", "30",
-                           "train", str(config), f"output_dir={two}"])
+                           "train", str(config), f"output_dir={two}", *run, "train.steps_per_dispatch=2"])
     assert code == 0
     ref, got = read_metrics(one / "metrics.jsonl"), read_metrics(two / "metrics.jsonl")
     assert [(r["step"], r["split"]) for r in got] == [(r["step"], r["split"]) for r in ref]  # written once
-    assert [r["split"] for r in ref] == ["train"] * 3 + ["eval"]
+    assert [r["split"] for r in ref] == ["train"] * 2 + ["eval"]
     for a, b in zip(ref, got):
         keys = sorted(set(a) - {"step", "split", *TIMING})
         assert keys == sorted(set(b) - {"step", "split", *TIMING})
@@ -70,7 +74,7 @@ def test_two_processes_equal_one(config, tmp_path):
             np.testing.assert_allclose(b["tokens_per_second"] / b["pairs_per_second"],
                                        a["tokens_per_second"] / a["pairs_per_second"], rtol=1e-6)
     assert (two / "export" / "model.safetensors").is_file()
-    assert sorted(p.name for p in (two / "checkpoints").iterdir() if p.name.isdigit()) == ["3"]
+    assert sorted(p.name for p in (two / "checkpoints").iterdir() if p.name.isdigit()) == ["4"]
 
 
 def _spawn(args: list[str], logs: list[Path], envs=({}, {}), program=("-m", "dpojax.cli")):
