@@ -306,6 +306,8 @@ def main(argv: list[str] | None = None) -> dict | None:
             ap.error("--accounting needs a --preset")
         print(accounting_only(name, args), flush=True)
         return None
+    if args.trl:  # on a GPU, JAX would take 75% of its memory up front and keep it: TRL's process would not fit
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import jax
 
     with tempfile.TemporaryDirectory() as tmp:
