@@ -14,15 +14,13 @@ and is not seen). The same count run on a loop made to wait for the step it just
 from __future__ import annotations
 
 import gc
-import json
 import threading
 import time
 
 import jax
 import numpy as np
 import pytest
-from tiny_models import make_tiny_checkpoint
-from tiny_tokenizer import make_pref_rows, make_tokenizer
+from tiny_models import tiny_run_files
 
 from jax._src import api as jax_api, array as jax_array
 
@@ -34,11 +32,7 @@ STEPS = 7
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("host")
-    data = tmp / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in make_pref_rows(16, "standard", seed=5)))
-    return {"policy": str(make_tiny_checkpoint(tmp / "policy", seed=0)), "tok": str(make_tokenizer(tmp / "tok")),
-            "data": str(data), "cache": str(tmp / "cache")}
+    return tiny_run_files(tmp_path_factory.mktemp("host"), rows=16, data_seed=5)
 
 
 def make_cfg(files, out_dir):

@@ -5,15 +5,13 @@ leaves into the model's per-layer slices, forward and backward)."""
 
 from __future__ import annotations
 
-import json
 import re
 
 import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
-from tiny_models import make_tiny_checkpoint
-from tiny_tokenizer import make_pref_rows, make_tokenizer
+from tiny_models import tiny_run_files
 
 from dpojax.config import config_from_dict
 from dpojax.metrics import read_metrics
@@ -25,11 +23,7 @@ LAYERS = 3
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("per_layer")
-    data = tmp / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in make_pref_rows(24, "standard", seed=3)))
-    return {"policy": str(make_tiny_checkpoint(tmp / "policy", seed=1, num_layers=LAYERS)),
-            "tok": str(make_tokenizer(tmp / "tok")), "data": str(data), "cache": str(tmp / "cache")}
+    return tiny_run_files(tmp_path_factory.mktemp("per_layer"), rows=24, data_seed=3, model_seed=1, num_layers=LAYERS)
 
 
 def make_cfg(files, out_dir, scan: bool):

@@ -6,14 +6,12 @@ where a dispatch ends."""
 
 from __future__ import annotations
 
-import json
 
 import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
-from tiny_models import make_tiny_checkpoint
-from tiny_tokenizer import make_pref_rows, make_tokenizer
+from tiny_models import tiny_run_files
 
 from dpojax.config import config_from_dict
 from dpojax.errors import ConfigError
@@ -25,11 +23,7 @@ STEPS = 8
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("dispatch")
-    data = tmp / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in make_pref_rows(32, "standard", seed=4)))
-    return {"policy": str(make_tiny_checkpoint(tmp / "policy", seed=2)), "tok": str(make_tokenizer(tmp / "tok")),
-            "data": str(data), "cache": str(tmp / "cache")}
+    return tiny_run_files(tmp_path_factory.mktemp("dispatch"), rows=32, data_seed=4, model_seed=2)
 
 
 def make_cfg(files, out_dir, k: int, **train):

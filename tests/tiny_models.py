@@ -108,3 +108,16 @@ def _randomize(model, seed: int) -> None:
             p.copy_(torch.from_numpy(value.astype(np.float32)))
     if model.config.tie_word_embeddings:
         model.tie_weights()
+
+
+def tiny_run_files(root: pathlib.Path, *, rows: int, data_seed: int, model_seed: int = 0, **checkpoint_kw) -> dict:
+    """What a small training run reads, under `root`: a tiny Llama checkpoint (`make_tiny_checkpoint`), the test
+    tokenizer, `rows` standard preference rows as JSONL, and a data cache folder; as config-ready strings."""
+    import json
+
+    from tiny_tokenizer import make_pref_rows, make_tokenizer
+
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in make_pref_rows(rows, "standard", seed=data_seed)))
+    return {"policy": str(make_tiny_checkpoint(root / "policy", seed=model_seed, **checkpoint_kw)),
+            "tok": str(make_tokenizer(root / "tok")), "data": str(data), "cache": str(root / "cache")}
