@@ -135,7 +135,8 @@ class LoopClock:
             import jax
 
             self.run, self.fns = run, {1: run.train_step.flat}
-            self.fns[run.cfg.train.steps_per_dispatch] = run.train_step.many
+            if run.cfg.train.steps_per_dispatch > 1:
+                self.fns[run.cfg.train.steps_per_dispatch] = run.train_step.many
             run.train_step.flat = timed(run.train_step.flat, lambda batch: 1)
             run.train_step.many = timed(run.train_step.many, lambda batch: jax.tree.leaves(batch)[0].shape[0])
             return run, state

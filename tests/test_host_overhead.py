@@ -206,3 +206,15 @@ def test_prefetch_keeps_order_and_stops_when_closed():
     assert time.perf_counter() - t0 < 1.0 and batch_threads() == []
     with pytest.raises(StopIteration):
         next(ahead)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_host_overhead_benchmark_runs(k):
+    """benchmarks/host_overhead.py times the loop it patches and the same compiled step run back to back, one step
+    per dispatch and K at once (each dispatch's steps counted)."""
+    from benchmarks import host_overhead
+
+    r = host_overhead.main(["--steps", "24", "--skip", "2", "--log-every", "4", "--set",
+                            f"train.steps_per_dispatch={k}"])
+    assert r["step_ms"] > 0 and r["python_calls_per_dispatch"] == 0
+    assert 0 < r["host_ms"] < r["wall_ms"] and r["dispatch_ms"] > 0 and r["produce_cpu_ms"] > 0
