@@ -21,8 +21,9 @@ install-test: $(VENV)/.installed-test
 demo: $(VENV)/.installed
 	$(VENV)/bin/dpojax train configs/demo.yaml
 
-# Two workers for most tests (each compiles on its own core); subprocess/timing tests (`serial`) after, alone.
+# The linter (pyproject.toml [tool.ruff]), then two workers for most tests (each compiles on its own core); subprocess/timing tests (`serial`) after, alone.
 test: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not serial" tests
 	$(PY) -m pytest -q -m serial tests
 

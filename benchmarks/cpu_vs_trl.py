@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import harness  # noqa: E402
+from benchmarks import harness  # noqa: E402 - after the sys.path or environment set-up above
 
 
 def synthetic_assets(root: Path, args) -> tuple[Path, Path]:
@@ -38,7 +38,7 @@ def synthetic_assets(root: Path, args) -> tuple[Path, Path]:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")  # fmt: skip
+                                   unk_token="<unk>")
     model_dir = root / "model"
     fast.save_pretrained(model_dir)
     torch.manual_seed(0)
@@ -46,7 +46,7 @@ def synthetic_assets(root: Path, args) -> tuple[Path, Path]:
         vocab_size=args.vocab, hidden_size=args.d, intermediate_size=int(args.d * 8 / 3) // 64 * 64,
         num_hidden_layers=args.layers, num_attention_heads=args.d // 64, num_key_value_heads=args.d // 64,
         max_position_embeddings=args.max_length, tie_word_embeddings=False,
-    )  # fmt: skip
+    )
     LlamaForCausalLM(cfg).to(torch.float32).save_pretrained(model_dir)
     rng = random.Random(0)
     words = list(vocab)[len(specials):]
@@ -58,7 +58,7 @@ def synthetic_assets(root: Path, args) -> tuple[Path, Path]:
             "prompt": " ".join(rng.choices(words, k=p)),
             "chosen": " " + " ".join(rng.choices(words, k=c)),
             "rejected": " " + " ".join(rng.choices(words, k=r)),
-        })  # fmt: skip
+        })
     return model_dir, write_jsonl(root / "pairs.jsonl", rows)
 
 

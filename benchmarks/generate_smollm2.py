@@ -88,9 +88,10 @@ def main(argv=None) -> int:
     for b in (1, 8):
         batch = prompt_ids[:b]
         n_ours = sum(len(c.tokens) for c in ours[b].generate_ids(batch, sampling))  # compiles
-        t_ours = harness.time_fn(lambda: ours[b].generate_ids(batch, sampling), warmup=0, repeats=args.repeats)
+        t_ours = harness.time_fn(lambda b=b, batch=batch: ours[b].generate_ids(batch, sampling), warmup=0,
+                                 repeats=args.repeats)
         n_hf = sum(map(len, torch_generate(hf, batch, args.max_new_tokens, pad, eos)))
-        t_hf = harness.time_fn(lambda: torch_generate(hf, batch, args.max_new_tokens, pad, eos), warmup=0,
+        t_hf = harness.time_fn(lambda batch=batch: torch_generate(hf, batch, args.max_new_tokens, pad, eos), warmup=0,
                                repeats=args.repeats)
         ratio = (n_ours / t_ours.median) / (n_hf / t_hf.median)
         print(f"  batch {b}: dpojax {n_ours / t_ours.median:7.1f} tok/s ({t_ours})   "

@@ -219,7 +219,7 @@ def setup_config(setup: StepSetup, work: Path, *, data_overrides: dict | None = 
         "optim": {"name": "adamw", "lr": setup.lr, "schedule": "constant", "max_grad_norm": 1.0},
         "train": {"batch_size": setup.batch, "steps": setup.warmup + setup.steps},
         "output_dir": str(work / "dpojax_run"),
-    })  # fmt: skip
+    })
 
 
 @dataclasses.dataclass
@@ -228,7 +228,7 @@ class BuiltStep:
     run as the train loop runs them: over the state's flat leaves (`TrainStep.flat`; per layer when the layers are
     unrolled), which `state` turns back into a TrainState."""
 
-    run: object  # dpojax.train.build.Run
+    run: object  # dpojax.trainer.build.Run
     leaves: list  # the train state as the step's flat leaves (replaced by each step: they are donated)
     batches: list  # host PreferenceBatches, train.steps of them, in the trainer's order
     table: object = None  # precomputed reference log-probs of the data (ref_model.precompute), else None
@@ -237,8 +237,8 @@ class BuiltStep:
         """One train step on `batch`, blocking until it is done."""
         import jax
 
-        from dpojax.train import build, reference
-        from dpojax.train.step import batch_sharding
+        from dpojax.trainer import build, reference
+        from dpojax.trainer.step import batch_sharding
 
         batch = reference.attach(batch, self.table)
         self.leaves, out = self.run.train_step.flat(self.leaves, jax.tree.leaves(self.run.models.ref_params),
@@ -254,7 +254,7 @@ class BuiltStep:
 def build_step(cfg) -> BuiltStep:
     """Mesh, models, data (and precomputed reference log-probs when the config asks), the compiled train step
     and train state of `cfg`: the stages of `dpojax train` (the one place to adapt when the trainer's API moves)."""
-    from dpojax.train import build, loop, reference
+    from dpojax.trainer import build, loop, reference
 
     sharder = build.make_sharder(cfg)
     models = build.build_models(cfg, sharder)
@@ -331,7 +331,7 @@ def trl_steps(setup: StepSetup, work: Path, *, dtype: str = "float32", device: s
             save_strategy="no", logging_steps=10**6, disable_tqdm=True, gradient_checkpointing=setup.remat != "none",
         ),
         callbacks=[Timer()],
-    )  # fmt: skip
+    )
     trainer.train()
     return Timing(tuple(times[setup.warmup:]))
 
@@ -441,7 +441,7 @@ def synthetic_model_dir(root: Path, hf_config: dict) -> Path:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")  # fmt: skip
+                                   unk_token="<unk>")
     root.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(root)
     ids = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}

@@ -9,7 +9,7 @@ the step's device time, on a model whose CPU step takes a few ms (as GPU and TPU
     python -m benchmarks.host_overhead --set train.steps_per_dispatch=10   # 10 steps per dispatch
     python -m benchmarks.host_overhead --device-cores 1          # the device on one core, the host on the rest
 
-It runs `dpojax train` itself (`dpojax.train.loop.train`) with the loop's phases timed by wrappers: the batch
+It runs `dpojax train` itself (`dpojax.trainer.loop.train`) with the loop's phases timed by wrappers: the batch
 producer (`loop._ready_batches`: build, pack, count, send to the devices; in the producer thread, wall and thread
 CPU time), the loop thread's take of a ready batch (`loop._Prefetch.__next__`: a wait for the producer), the step
 call (dispatch), `loop.wait` (the loop's wait for a step without reading it) and `loop.fetch` (the loop's one read
@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import harness, throughput  # noqa: E402
+from benchmarks import harness, throughput  # noqa: E402 - after the sys.path or environment set-up above
 
 
 class LoopClock:
@@ -74,7 +74,7 @@ class LoopClock:
         return time.perf_counter(), time.thread_time()
 
     def install(self) -> None:
-        from dpojax.train import loop
+        from dpojax.trainer import loop
 
         names = ("_ready_batches", "_Prefetch", "fetch", "wait", "setup_train")
         self._saved = {name: getattr(loop, name) for name in names}
@@ -145,7 +145,7 @@ class LoopClock:
             timed_batches, TimedPrefetch, timed_fetch, timed_wait, timed_setup)
 
     def uninstall(self) -> None:
-        from dpojax.train import loop
+        from dpojax.trainer import loop
 
         for name, fn in self._saved.items():
             setattr(loop, name, fn)
@@ -218,13 +218,14 @@ class LoopClock:
 def measure(args) -> dict:
     import jax
 
-    from dpojax.train import loop
+    from dpojax.trainer import loop
 
     clock = LoopClock()
     saved_prefetch, loop.PREFETCH = loop.PREFETCH, args.prefetch
     with tempfile.TemporaryDirectory() as tmp:
-        ns = argparse.Namespace(max_length=args.max_length, batch=args.batch, warmup=0, steps=args.steps, dtype=None, attention=None,
-                                remat=None, micro_batch=None, set=[f"train.log_every={args.log_every}", *args.set])
+        ns = argparse.Namespace(max_length=args.max_length, batch=args.batch, warmup=0, steps=args.steps, dtype=None,
+                                attention=None, remat=None, micro_batch=None,
+                                set=[f"train.log_every={args.log_every}", *args.set])
         cfg = throughput.preset_config(args.preset, ns, Path(tmp), jax.device_count())
         clock.install()
         try:
@@ -256,11 +257,12 @@ def median_of(runs: list[dict]) -> dict:
 
 
 def report(r: dict) -> str:
-    ms = lambda key: f"{r.get(key + '_ms', 0.0):8.3f} ms"  # noqa: E731
-    both = lambda key: f"{ms(key)} {ms('cpu_' + key)}"  # noqa: E731
+    ms = lambda key: f"{r.get(key + '_ms', 0.0):8.3f} ms"
+    both = lambda key: f"{ms(key)} {ms('cpu_' + key)}"
     producer = "producer thread" if r["prefetch"] else "loop thread, inline"
     return "\n".join([
-        f"host overhead: preset {r['preset']} ({r['batch']} pairs, T {r['max_length']}), {r['steps']} steps, log_every {r['log_every']}, packing {r['packing']}, "
+        f"host overhead: preset {r['preset']} ({r['batch']} pairs, T {r['max_length']}), {r['steps']} steps, "
+        f"log_every {r['log_every']}, packing {r['packing']}, "
         f"prefetch {r['prefetch']}{', ' + ' '.join(r['overrides']) if r['overrides'] else ''}; {r['devices']} "
         f"{r['backend']} device(s); median of {r.get('repeats', 1)} run(s)  [{r['machine']}]; {r['cores']}",
         f"step (device, back to back)        {ms('step')}",
@@ -277,7 +279,7 @@ def report(r: dict) -> str:
         f"loop waiting for the device        {both('wait')}",
         f"batch build/pack/count/send ({producer}): {r['produce_wall_ms']:.3f} ms wall, "
         f"{r['produce_cpu_ms']:.3f} ms CPU per batch",
-    ])  # fmt: skip
+    ])
 
 
 def split_cores(device_cores: int) -> tuple[list[int], list[int]]:
@@ -318,7 +320,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     cores = split_cores(args.device_cores) if args.device_cores else None
     if args.prefetch is None:
-        from dpojax.train import loop
+        from dpojax.trainer import loop
 
         args.prefetch = loop.PREFETCH
     result = median_of([measure(args) for _ in range(args.repeats)])

@@ -47,7 +47,7 @@ def dpojax_body(hf: dict, B: int, T: int, dtype: str, *, scan_layers: bool = Tru
     from flax import nnx
 
     from dpojax.models import ModelConfig, init_random
-    from dpojax.train.step import compiler_options, join_layers, split_layers
+    from dpojax.trainer.step import compiler_options, join_layers, split_layers
 
     cfg = ModelConfig.from_hf(hf)
     model = init_random(cfg, dtype=jnp.dtype(dtype), scan_layers=scan_layers, remat=remat)

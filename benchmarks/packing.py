@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import cpu_vs_trl, harness  # noqa: E402
+from benchmarks import cpu_vs_trl, harness  # noqa: E402 - after the sys.path or environment set-up above
 
 PROFILES = {  # (prompt lo, hi), (response lo, hi), max_length
     "ultrafeedback": ((40, 260), (80, 420), 1024),

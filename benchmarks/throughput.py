@@ -32,8 +32,8 @@ from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "")  # any backend (the harness defaults other benchmarks to CPU)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import harness  # noqa: E402
-from benchmarks.model_body import BENCH_LLAMA  # noqa: E402
+from benchmarks import harness  # noqa: E402 - after the sys.path or environment set-up above
+from benchmarks.model_body import BENCH_LLAMA  # noqa: E402 - after the sys.path or environment set-up above
 
 LLAMA_32_1B = {
     "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 2048,
@@ -42,16 +42,16 @@ LLAMA_32_1B = {
     "rope_scaling": {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                      "original_max_position_embeddings": 8192, "rope_type": "llama3"},
     "tie_word_embeddings": True, "hidden_act": "silu",
-}  # fmt: skip
+}
 LLAMA_31_8B = {
     **LLAMA_32_1B, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "head_dim": 128,
     "rope_scaling": {**LLAMA_32_1B["rope_scaling"], "factor": 8.0}, "tie_word_embeddings": False,
-}  # fmt: skip
+}
 TINY_LLAMA = {
     "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 512, "hidden_size": 64,
     "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
     "max_position_embeddings": 128, "tie_word_embeddings": False, "hidden_act": "silu",
-}  # fmt: skip
+}
 
 HOST_LLAMA = {**TINY_LLAMA, "vocab_size": 256, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
               "num_key_value_heads": 1}  # a CPU step of a few ms: what the host must keep up with (GPU, TPU)
@@ -109,7 +109,7 @@ def preset_config(name: str, args, work: Path, n_devices: int):
         "train": {"batch_size": batch, "steps": args.warmup + args.steps},
         "mesh": dict(zip(("data", "fsdp", "tensor"), p.mesh)),
         "output_dir": str(work / "run"),
-    }  # fmt: skip
+    }
     return config_from_dict(raw, option_overrides(args))
 
 
@@ -145,7 +145,7 @@ def measure(cfg, args) -> dict:
     from dpojax import flops
     from dpojax.data.packing import attention_for
     from dpojax.models.attention import resolve_attention
-    from dpojax.train.build import DTYPES
+    from dpojax.trainer.build import DTYPES
 
     t0 = time.perf_counter()
     built = harness.build_step(cfg)

@@ -19,10 +19,6 @@ not listed here is private. Shapes use the letters of `dpojax/glossary.py` (N pr
 
 
 def _entry(name: str, obj) -> list[str]:
-    import dpojax.api
-
-    if name == "train":  # the package dpojax.train is callable: it runs dpojax.api.train
-        obj = dpojax.api.train
     if isinstance(obj, dict):
         return [f"## `{name}`", "", f"A dict: {name.lower()} name -> `Loss` (the function and its traits); "
                 "`register_loss` adds to it.", ""]

@@ -24,14 +24,14 @@ _EXPORTS = {
     "PreferenceBatch": "dpojax.data.batching",
     "PackedBatch": "dpojax.data.packing",
     # pure steps
-    "sequence_logps": "dpojax.train.step",
-    "batch_loss": "dpojax.train.step",
-    "train_step": "dpojax.train.step",
-    "eval_step": "dpojax.train.step",
-    "make_spec": "dpojax.train.step",
-    "StepSpec": "dpojax.train.step",
-    "TrainState": "dpojax.train.step",
-    "init_state": "dpojax.train.step",
+    "sequence_logps": "dpojax.trainer.step",
+    "batch_loss": "dpojax.trainer.step",
+    "train_step": "dpojax.trainer.step",
+    "eval_step": "dpojax.trainer.step",
+    "make_spec": "dpojax.trainer.step",
+    "StepSpec": "dpojax.trainer.step",
+    "TrainState": "dpojax.trainer.step",
+    "init_state": "dpojax.trainer.step",
     # losses
     "preference_loss": "dpojax.losses",
     "register_loss": "dpojax.losses",
@@ -47,7 +47,7 @@ _EXPORTS = {
     "Config": "dpojax.config",
     "config_from_dict": "dpojax.config",
     "load_config": "dpojax.config",
-    "train": "dpojax.train",  # the package dpojax.train, callable (see its docstring)
+    "train": "dpojax.api",
     "evaluate": "dpojax.api",
 }
 
@@ -70,12 +70,20 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
-    from dpojax.api import ModelPair, evaluate, load_policy_and_reference, train  # noqa: F401
-    from dpojax.config import Config, config_from_dict, load_config  # noqa: F401
-    from dpojax.data.batching import PreferenceBatch, eval_batches, train_batches  # noqa: F401
-    from dpojax.data.loader import load_preferences  # noqa: F401
-    from dpojax.data.packing import PackedBatch  # noqa: F401
-    from dpojax.losses import LOSSES, LossInputs, LossParams, Terms, finalize_metrics, preference_loss, register_loss  # noqa: F401
-    from dpojax.sharding import Sharder, make_mesh  # noqa: F401
-    from dpojax.train.step import (StepSpec, TrainState, batch_loss, eval_step, init_state, make_spec, sequence_logps,  # noqa: F401
-                                   train_step)
+    from dpojax.api import ModelPair, evaluate, load_policy_and_reference, train  # noqa: F401 - names for type checkers only
+    from dpojax.config import Config, config_from_dict, load_config  # noqa: F401 - names for type checkers only
+    from dpojax.data.batching import PreferenceBatch, eval_batches, train_batches  # noqa: F401 - names for type checkers only
+    from dpojax.data.loader import load_preferences  # noqa: F401 - names for type checkers only
+    from dpojax.data.packing import PackedBatch  # noqa: F401 - names for type checkers only
+    from dpojax.losses import LOSSES, LossInputs, LossParams, Terms, finalize_metrics, preference_loss, register_loss  # noqa: F401 - names for type checkers only
+    from dpojax.sharding import Sharder, make_mesh  # noqa: F401 - names for type checkers only
+    from dpojax.trainer.step import (  # noqa: F401 - names for type checkers only
+        StepSpec,
+        TrainState,
+        batch_loss,
+        eval_step,
+        init_state,
+        make_spec,
+        sequence_logps,
+        train_step,
+    )

@@ -4,7 +4,7 @@
 reference parameters as sharded `ShapeDtypeStruct`s from config.json alone (no weights, no memory), the
 optimizer state and step counter with the shardings `init_state` gives them, and one global batch of
 `train.batch_size` pairs at `data.max_length` tokens (the largest bucket). It then lowers and compiles
-`dpojax.train.step.compile_steps`'s train step for the topology's devices (`jax.experimental.topologies`)
+`dpojax.trainer.step.compile_steps`'s train step for the topology's devices (`jax.experimental.topologies`)
 and reads XLA's per-device memory and cost analyses. When the step does not fit, the TPU compiler refuses it
 (RESOURCE_EXHAUSTED); that is reported as "fits: no" with the compiler's numbers.
 
@@ -21,8 +21,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from dpojax.errors import ConfigError, UserError
 from dpojax import flops
+from dpojax.errors import ConfigError, UserError
 
 GiB = 2**30
 
@@ -46,7 +46,7 @@ ACCELERATOR_TYPES = {
     "v5p-128": "v5p:4x4x4", "v5p-256": "v5p:4x4x8", "v5p-512": "v5p:4x8x8",
     "v5e-4": "v5e:2x2", "v5e-8": "v5e:2x4", "v5e-16": "v5e:4x4", "v5e-32": "v5e:4x8", "v5e-64": "v5e:8x8",
     "v6e-4": "v6e:2x2", "v6e-8": "v6e:2x4", "v6e-16": "v6e:4x4", "v6e-32": "v6e:4x8", "v6e-64": "v6e:8x8",
-}  # fmt: skip
+}
 # No TPU here: stop libtpu probing for one, and let several compiling processes load it at once.
 QUIET_LIBTPU_ENV = {"TPU_ACCELERATOR_TYPE": "v5litepod-8", "TPU_WORKER_HOSTNAMES": "localhost", "TPU_WORKER_ID": "0",
                     "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
@@ -135,7 +135,7 @@ class CompileReport:
         return self.argument_bytes + (self.output_bytes or 0) + (self.temp_bytes or 0)
 
     def format(self) -> str:
-        g = lambda b: "n/a" if b is None else f"{b / GiB:.2f} GiB"  # noqa: E731
+        g = lambda b: "n/a" if b is None else f"{b / GiB:.2f} GiB"
         lines = [
             f"topology            {self.topology} ({self.chips} {self.chip} chips, {self.devices} devices), "
             f"mesh {self.mesh}",
@@ -165,9 +165,10 @@ def _abstract_state(params, optimizer, sharder):
     import jax
     import jax.numpy as jnp
     import optax
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
-    from dpojax.train.step import TrainState, shardings_of
+    from dpojax.trainer.step import TrainState, shardings_of
 
     replicated = NamedSharding(sharder.mesh, P())
     abstract = jax.eval_shape(optimizer.init, params)
@@ -183,11 +184,11 @@ def _abstract_batch(n_prompts: int, num_responses: int, seq_len: int, sharder, p
     import jax.numpy as jnp
 
     from dpojax.data.batching import PreferenceBatch
-    from dpojax.train.step import batch_sharding
+    from dpojax.trainer.step import batch_sharding
 
     sh = batch_sharding(sharder)
     shape = (n_prompts, num_responses, seq_len)
-    arr = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)  # noqa: E731
+    arr = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
     nxk = (n_prompts, num_responses)
     return PreferenceBatch(
         arr(shape, jnp.int32), arr(shape, jnp.int32), arr(shape, jnp.int32), arr(shape, jnp.int32),
@@ -203,14 +204,14 @@ def _abstract_packed_batch(mode: str, n_prompts: int, num_responses: int, max_le
     import jax.numpy as jnp
 
     from dpojax.data.packing import PackedBatch, Packing, row_length
-    from dpojax.train.step import batch_sharding
+    from dpojax.trainer.step import batch_sharding
 
     shards = sharder.batch_shards
     tokens = n_prompts // micro_batches * num_responses * max_length  # per micro-batch
     rows = shards * max(1, -(-tokens // (shards * Packing(mode).row_capacity * max_length)))
     length = row_length(-(-tokens // rows))
     sh = batch_sharding(sharder)
-    arr = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)  # noqa: E731
+    arr = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
     rxl, nxk = (rows * micro_batches, length), (n_prompts, num_responses)
     return PackedBatch(
         *(arr(rxl, jnp.int32) for _ in range(7)), *(arr(rxl, jnp.float32) for _ in range(3)),
@@ -246,7 +247,7 @@ def lower_step(cfg, devices, *, backend: str = "tpu", batch_pairs: int | None = 
     from dpojax.models.config import ModelConfig
     from dpojax.models.hf import abstract_params
     from dpojax.sharding import Sharder, check_fsdp_sharded, make_mesh
-    from dpojax.train.step import compile_steps, make_spec
+    from dpojax.trainer.step import compile_steps, make_spec
 
     sharder = Sharder(make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices))
     n_pairs = batch_pairs or cfg.train.batch_size

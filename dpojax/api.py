@@ -45,7 +45,7 @@ def load_policy_and_reference(policy: str | Path, reference: str | Path | None =
     data axis). `init="random"` builds the policy from its config.json alone (seeded; the demo model).
 
     `dtype` is the compute dtype, `param_dtype` the storage dtype of the weights. Not pure: reads files."""
-    from dpojax.train import build
+    from dpojax.trainer import build
 
     raw = {"model": {"name_or_path": str(policy), "dtype": dtype, "param_dtype": param_dtype, "attention": attention,
                      "init": init, "seed": seed, "revision": revision,
@@ -71,7 +71,7 @@ def train(config: Config | dict | str | Path, overrides: list[str] | tuple[str, 
     """Train as `dpojax train` does (run folder, checkpoints, resume, export) from a Config, a dict of sections or
     a YAML path, with optional `section.key=value` overrides. Returns the final eval metrics ({} without an eval set
     or when stopped by SIGTERM). Not pure: writes `output_dir`."""
-    from dpojax.train import loop
+    from dpojax.trainer import loop
 
     return loop.train(as_config(config, overrides))
 
@@ -79,6 +79,6 @@ def train(config: Config | dict | str | Path, overrides: list[str] | tuple[str, 
 def evaluate(config: Config | dict | str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, float]:
     """Evaluate as `dpojax eval` does (the newest checkpoint of `output_dir` when there is one, else
     `model.name_or_path`) and return the eval metrics (TRL's names). Appends a record to `output_dir/metrics.jsonl`."""
-    from dpojax.train import loop
+    from dpojax.trainer import loop
 
     return loop.evaluate(as_config(config, overrides))

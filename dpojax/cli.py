@@ -1,4 +1,4 @@
-"""`dpojax` command line: a thin shell over dpojax.train.loop.
+"""`dpojax` command line: a thin shell over dpojax.trainer.loop.
 
     dpojax train CONFIG.yaml [section.key=value ...]
     dpojax eval CONFIG.yaml [section.key=value ...]
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                                         search_batch=args.search_batch, model_config=args.model_config)
         if args.command == "generate":
             return generate_cli.generate_from_cli(args) or 0
-        from dpojax.train import loop
+        from dpojax.trainer import loop
 
         if args.command == "train":
             loop.train_from_cli(args.config, args.overrides)

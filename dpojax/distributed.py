@@ -21,7 +21,7 @@ terminated with "the JAX distributed service detected fatal errors ... tasks are
 on CPU). They cannot learn it sooner from their collectives: on CPU a gloo collective waits for a killed peer
 until the heartbeat verdict.
 
-SIGTERM belongs to `dpojax.train.preemption`: JAX's preemption service is switched off because it installs
+SIGTERM belongs to `dpojax.trainer.preemption`: JAX's preemption service is switched off because it installs
 its own SIGTERM handler, which would swallow a SIGTERM that arrives before the training loop starts.
 """
 

@@ -45,7 +45,7 @@ PEAK_BF16_FLOPS = {
 DEVICE_KINDS = (
     ("TPU v5 lite", "v5e"), ("TPU v5e", "v5e"), ("TPU v6 lite", "v6e"), ("TPU v6e", "v6e"), ("TPU v5p", "v5p"),
     ("TPU v5", "v5p"), ("TPU v4", "v4"), ("H200", "H200"), ("H100", "H100"), ("A100", "A100"),
-)  # fmt: skip
+)
 
 
 def chip_name(device_kind: str) -> str | None:

@@ -69,8 +69,8 @@ def load_generator(source: str, *, dtype: str = "float32", batch_size: int = 8) 
 
     from dpojax.models.hf import load_pretrained, resolve_model_dir
     from dpojax.sharding import Sharder, make_mesh
-    from dpojax.train import checkpoint as ckpt
-    from dpojax.train.build import _import_transformers_quietly
+    from dpojax.trainer import checkpoint as ckpt
+    from dpojax.trainer.build import _import_transformers_quietly
 
     found = ckpt.find_checkpoint(source) if Path(source).is_dir() else None
     if found is not None:
@@ -94,8 +94,8 @@ def _from_checkpoint(found, dtype: str, batch_size: int) -> Generator:
     from flax import nnx
 
     from dpojax.config import load_config
-    from dpojax.train.build import build_models, make_sharder
-    from dpojax.train.loop import _restore_policy
+    from dpojax.trainer.build import build_models, make_sharder
+    from dpojax.trainer.loop import _restore_policy
 
     run_dir = found.path.parent.parent
     cfg = load_config(run_dir / "config.yaml", [f"output_dir={run_dir}", f"model.dtype={dtype}"])

@@ -135,7 +135,7 @@ def _tile_partials(h_BxCxD, unembed_VxD, targets_BxC, j, tiling: _Tiling, spec: 
     z_BxCxW, _ = _tile_logits(h_BxCxD, unembed_VxD, j, tiling, spec)
     ids_W = tiling.ids(j, targets_BxC.dtype)
     valid_W = tiling.mask(ids_W, j)
-    masked = lambda x, fill: x if valid_W is None else jnp.where(valid_W, x, jnp.asarray(fill, x.dtype))  # noqa: E731
+    masked = lambda x, fill: x if valid_W is None else jnp.where(valid_W, x, jnp.asarray(fill, x.dtype))
     zv_BxCxW = masked(z_BxCxW, -jnp.inf)
     max_BxC = lax.stop_gradient(jnp.max(zv_BxCxW, axis=-1))
     shifted_BxCxW = zv_BxCxW - max_BxC[..., None]
@@ -205,7 +205,10 @@ def _head_forward(hidden_BxTxD, unembed_VxD, targets_BxT, n_live, spec: _HeadSpe
     def body(_, xs):
         k, h_BxCxD, t_BxC = xs
         compute = functools.partial(_chunk_stats, h_BxCxD, unembed_VxD, t_BxC, tiling, spec)
-        zeros = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(compute))
+
+        def zeros():
+            return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(compute))
+
         return None, _live(k, n_live, spec, compute, zeros)
 
     chunks = hidden_BxTxD.shape[1] // spec.chunk_len
@@ -274,7 +277,10 @@ def _head_bwd(spec: _HeadSpec, residuals, cotangents):
     def body(dw_VxD, xs):
         k, h_BxCxD = xs[:2]
         compute = functools.partial(chunk_grads, dw_VxD, *xs[1:])
-        skipped = lambda: (dw_VxD, jnp.zeros(h_BxCxD.shape, hidden_BxTxD.dtype))
+
+        def skipped():
+            return dw_VxD, jnp.zeros(h_BxCxD.shape, hidden_BxTxD.dtype)
+
         return _live(k, n_live, spec, compute, skipped)
 
     chunks = hidden_BxTxD.shape[1] // spec.chunk_len

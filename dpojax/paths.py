@@ -214,7 +214,7 @@ _CREDENTIALS_HELP = {
     "gs": "set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file, or run "
           "`gcloud auth application-default login` (on a TPU VM or GCE the VM's service account is used)",
     "s3": "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)",
-}  # fmt: skip
+}
 _PACKAGE = {"gs": "gcsfs", "s3": "s3fs"}
 
 

@@ -42,7 +42,8 @@ def sweep(betas: list[float], steps: int, batch_size: int = 32, lr: float = 1e-3
     # in_axes: state and hp carry the beta axis, the batch is shared (None)
     train = jax.jit(jax.vmap(lambda s, hp, b: dpojax.train_step(s, pair.ref_params, b, spec, hp),
                              in_axes=(0, 0, None)))
-    evaluate = jax.jit(jax.vmap(lambda p, hp, b: dpojax.eval_step(p, pair.ref_params, b, spec, hp), in_axes=(0, 0, None)))
+    evaluate = jax.jit(jax.vmap(lambda p, hp, b: dpojax.eval_step(p, pair.ref_params, b, spec, hp),
+                                in_axes=(0, 0, None)))
 
     kw = {"max_length": 32}
     train_data = dpojax.load_preferences(str(REPO / "configs/demo/train.jsonl"), pair.tokenizer, **kw)
@@ -55,7 +56,7 @@ def sweep(betas: list[float], steps: int, batch_size: int = 32, lr: float = 1e-3
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     results = {}
     for i, beta in enumerate(betas):
-        pick = lambda tree, i=i: jax.tree.map(lambda x: np.asarray(x[i]), tree)  # noqa: E731
+        pick = lambda tree, i=i: jax.tree.map(lambda x: np.asarray(x[i]), tree)
         results[beta] = {**{f"train/{k}": float(v) for k, v in dpojax.finalize_metrics(pick(last)).items()},
                          **{f"eval/{k}": float(v) for k, v in dpojax.finalize_metrics(pick(totals)).items()}}
     return results

@@ -35,7 +35,7 @@ def run(loss: str, steps: int, out: Path) -> dict:
         "checkpoint.every=null", f"output_dir={out / loss}", f"data.cache_dir={out / 'cache'}",
         f"model.name_or_path={repo / 'configs/demo/model'}", f"data.train={repo / 'configs/demo/train.jsonl'}",
         f"data.eval={repo / 'configs/demo/eval.jsonl'}",
-    ])  # fmt: skip
+    ])
     return dpojax.train(config)
 
 

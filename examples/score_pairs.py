@@ -30,7 +30,7 @@ def train_demo(steps: int, out: Path, overrides: list[str] = ()) -> Path:
         "data.eval=null", f"output_dir={out}", f"data.cache_dir={out / 'cache'}",
         f"model.name_or_path={REPO / 'configs/demo/model'}", f"data.train={REPO / 'configs/demo/train.jsonl'}",
         *overrides,
-    ])  # fmt: skip
+    ])
     dpojax.train(config)
     return out
 
@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\nimplicit rewards beta * (log pi - log pi_ref), beta {result['beta']}, of {run} on {args.pairs}")
     print(f"{'pair':>6}{'chosen':>12}{'rejected':>12}{'margin':>12}  prefers chosen")
     for i in range(min(args.show, len(chosen))):
-        print(f"{i:>6}{chosen[i]:>12.4f}{rejected[i]:>12.4f}{chosen[i] - rejected[i]:>12.4f}  {chosen[i] > rejected[i]}")
+        margin = chosen[i] - rejected[i]
+        print(f"{i:>6}{chosen[i]:>12.4f}{rejected[i]:>12.4f}{margin:>12.4f}  {margin > 0}")
     print(f"accuracy {result['accuracy']:.4f} over {len(chosen)} pairs "
           f"(mean margin {np.mean(chosen - rejected):.4f})")
     return result

@@ -14,15 +14,16 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 # One persistent compilation cache for the session's processes (xdist workers, the serial pass, the CLI subprocesses
 # they start): the same tiny model compiles the same step in many tests. Entries are keyed by the program, the
 # compile options and the JAX version, so a stale entry is never read.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"dpojax-tests-jax-{os.getuid()}"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"dpojax-tests-jax-{os.getuid()}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
-import jax  # noqa: E402
+import jax  # noqa: E402 - after the sys.path or environment set-up above
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
-import pytest  # noqa: E402
+import pytest  # noqa: E402 - after the sys.path or environment set-up above
 
 SERIAL_MODULES = {"test_multihost.py", "test_resume.py"}  # subprocesses whose timing a busy neighbour would skew
 

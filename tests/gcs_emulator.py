@@ -44,11 +44,11 @@ class Emulator:
             port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
         backend = ["-backend", "memory"] if self.files is None else ["-backend", "filesystem", "-filesystem-root",
-                                                                      str(self.files)]  # fmt: skip
+                                                                      str(self.files)]
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", *backend, "-host", "127.0.0.1",
                                           "-port", str(port), "-external-url", self.url, "-log-level", "warn"],
-                                         stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+                                         stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 20
         while True:
             try:
@@ -77,7 +77,7 @@ class Emulator:
     def create_bucket(self, name: str) -> str:
         request = urllib.request.Request(f"{self.url}/storage/v1/b?project=test", method="POST",
                                          data=json.dumps({"name": name}).encode(),
-                                         headers={"Content-Type": "application/json"})  # fmt: skip
+                                         headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request) as response:
             assert response.status == 200
         return f"gs://{name}"

@@ -31,7 +31,7 @@ SLOW = os.environ.get("DPOJAX_SLOW_TESTS") == "1"
 
 def _libtpu() -> bool:
     try:
-        import libtpu  # noqa: F401
+        import libtpu  # noqa: F401 - imported only to see whether it is installed
     except ImportError:
         return False
     return True

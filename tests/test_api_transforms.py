@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from tiny_models import make_tiny_checkpoint
 from tiny_tokenizer import make_pref_rows, make_tokenizer
 
@@ -110,7 +111,8 @@ def test_jit_with_explicit_shardings_on_8_devices_equals_one_device(setup):
         return jax.tree.map(lambda x: x.sharding, tree)
 
     step = jax.jit(lambda s, r, b: dpojax.train_step(s, r, b, spec),
-                   in_shardings=(shardings(state), shardings(pair.ref_params), NamedSharding(mesh, P(("data", "fsdp")))),
+                   in_shardings=(shardings(state), shardings(pair.ref_params),
+                                 NamedSharding(mesh, P(("data", "fsdp")))),
                    out_shardings=(shardings(state), NamedSharding(mesh, P())), donate_argnums=0)
     for i, batch in enumerate(setup["batches"]):
         state, metrics = step(state, pair.ref_params, batch)

@@ -53,7 +53,7 @@ def test_collate_matches_trl_collator(fmt, mode, tok):
     examples = [
         {"prompt_ids": tp.prompt_ids[k].tolist(), "chosen_ids": tp.response_ids[k][0].tolist(),
          "rejected_ids": tp.response_ids[k][1].tolist()} for k in idx
-    ]  # fmt: skip
+    ]
     theirs = DataCollatorForPreference(pad_token_id=tok.pad_token_id, max_length=MAX_LEN, truncation_mode=mode)(
         examples
     )
@@ -66,7 +66,7 @@ def test_collate_matches_trl_collator(fmt, mode, tok):
     pad_tail = ours.input_ids_NxKxT[:, :, t:]
     assert (pad_tail == tok.pad_token_id).all()
     np.testing.assert_array_equal(np.concatenate([ours.input_ids_NxKxT[:, 0, :t], ours.input_ids_NxKxT[:, 1, :t]]),
-                                  theirs["input_ids"].numpy())  # fmt: skip
+                                  theirs["input_ids"].numpy())
     np.testing.assert_array_equal(stacked(ours.segment_ids_NxKxT), theirs["attention_mask"].numpy())
     np.testing.assert_array_equal(stacked(ours.completion_mask_NxKxT), theirs["completion_mask"].numpy())
 

@@ -33,7 +33,7 @@ def demo_run(tmp_path_factory):
         "checkpoint.every=20", "train.eval_samples=2", "train.eval_sample_tokens=8",
         "data.train=" + str(REPO / "configs/demo/train.jsonl"),
         "data.eval=" + str(REPO / "configs/demo/eval.jsonl"),
-    )  # fmt: skip
+    )
     assert main(["train", *args]) == 0
     return out
 
@@ -51,7 +51,8 @@ def test_demo_learns_held_out_preference(demo_run):
 
 
 def test_run_folder_contract(demo_run):
-    for name in ("config.yaml", "metrics.jsonl", "training_curves.png", "export/config.json", "export/model.safetensors"):
+    for name in ("config.yaml", "metrics.jsonl", "training_curves.png", "export/config.json",
+                 "export/model.safetensors"):
         assert (demo_run / name).is_file(), name
     assert sorted(p.name for p in (demo_run / "checkpoints").iterdir() if p.name.isdigit()) == ["20", "40"]
 
@@ -114,7 +115,8 @@ def bad(tmp_path_factory):
     small_vocab = make_tiny_checkpoint(root / "small", vocab_size=64)
     policy = make_tiny_checkpoint(root / "policy", vocab_size=128)
     ref = make_tiny_checkpoint(root / "ref", vocab_size=160, seed=1)
-    return {"root": root, "tok": tok, "nochat": nochat, "good": good, "small": small_vocab, "policy": policy, "ref": ref}
+    return {"root": root, "tok": tok, "nochat": nochat, "good": good, "small": small_vocab, "policy": policy,
+            "ref": ref}
 
 
 def _write(path: Path, rows: list) -> Path:
@@ -128,7 +130,7 @@ def _run(capsys, bad, *overrides: str, data: Path | None = None, tok: Path | Non
         f"model.name_or_path={bad['policy']}", f"model.tokenizer={tok or bad['tok']}", "model.init=pretrained",
         f"data.train={data or bad['good']}", "data.eval=null", "train.batch_size=8", "train.steps=1",
         *overrides,
-    ]  # fmt: skip
+    ]
     code = main(args)
     err = capsys.readouterr().err
     assert code == 2, err
@@ -236,7 +238,7 @@ def test_identical_pairs_and_long_prompts_are_counted(capsys, bad, caplog):
             "train", str(DEMO), f"output_dir={bad['root']}/mixed", f"data.cache_dir={bad['root']}/cache",
             f"model.name_or_path={bad['policy']}", f"model.tokenizer={bad['tok']}", "model.init=pretrained",
             f"data.train={path}", "data.eval=null", "train.batch_size=8", "train.steps=1", "data.max_length=24",
-        ])  # fmt: skip
+        ])
     assert code == 0
     text = caplog.text
     assert "2 row(s) have chosen == rejected" in text

@@ -25,7 +25,7 @@ def _ok(*overrides: str):
 
 def test_overrides_are_typed():
     cfg = config_from_dict(BASE, ["optim.lr=1e-5", "loss.type=[sigmoid,sft]", "loss.weights=[1, 0.5]",
-                                  "checkpoint.async=false", "train.micro_batch_size=16"])  # fmt: skip
+                                  "checkpoint.async=false", "train.micro_batch_size=16"])
     assert cfg.optim.lr == 1e-5 and cfg.loss.type == ("sigmoid", "sft") and cfg.loss.weights == (1.0, 0.5)
     assert cfg.checkpoint.async_ is False and cfg.grad_accum_steps == 4
     assert config_from_dict(BASE, ["loss.type=ipo"]).loss.type == ("ipo",)
@@ -125,7 +125,7 @@ def test_compilation_cache_follows_the_config_and_the_environment_wins(tmp_path,
     import jax
     from jax._src import compilation_cache
 
-    from dpojax.train.loop import use_compilation_cache
+    from dpojax.trainer.loop import use_compilation_cache
 
     saved = jax.config.jax_compilation_cache_dir
     try:

@@ -34,11 +34,11 @@ def trl_prepared(rows, tok, tmp_path, max_length, truncation_mode="keep_start"):
     cfg = transformers.LlamaConfig(
         vocab_size=128, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
         num_key_value_heads=2, max_position_embeddings=128,
-    )  # fmt: skip
+    )
     args = trl.DPOConfig(
         output_dir=str(tmp_path / "trl"), max_length=max_length, truncation_mode=truncation_mode, report_to=[],
         use_cpu=True, bf16=False, disable_tqdm=True,
-    )  # fmt: skip
+    )
     trainer = trl.DPOTrainer(
         model=transformers.LlamaForCausalLM(cfg),
         ref_model=transformers.LlamaForCausalLM(cfg),
@@ -92,7 +92,7 @@ def test_tokenize_matches_trl_keep_end_from_dataset(tok, tmp_path):
         ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
          [{"role": "user", "content": "a"}, {"role": "assistant", "content": "c"}]),
     ],
-)  # fmt: skip
+)
 def test_extract_prompt_matches_trl(chosen, rejected):
     from trl.data_utils import extract_prompt as trl_extract
 

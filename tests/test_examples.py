@@ -106,7 +106,7 @@ def test_token_logps_example_differences_sum_to_the_log_ratio(examples, scored_r
     printed = capsys.readouterr().out
     assert "chosen completion of pair 5" in printed and "rejected completion of pair 5" in printed
     beta = result["beta"]
-    for k, name in enumerate(("chosen", "rejected")):
+    for name in ("chosen", "rejected"):
         tokens = table[name]
         assert tokens and all(isinstance(text, str) and lp < 0 and lr < 0 for text, lp, lr in tokens)
         log_ratio = sum(lp - lr for _, lp, lr in tokens)

@@ -27,7 +27,8 @@ from gcs_emulator import Emulator
 from tiny_models import make_tiny_checkpoint
 from tiny_tokenizer import make_pref_rows, make_tokenizer
 
-from dpojax import metrics as M, paths
+from dpojax import metrics as M
+from dpojax import paths
 from dpojax.cli import main
 from dpojax.models.hf import TOKENIZER_FILES
 
@@ -63,7 +64,7 @@ def gcs(tmp_path_factory):
             "train": {"batch_size": 8, "steps": STEPS, "log_every": 1},
             "checkpoint": {"every": 2, "keep": 10},
             "mesh": {"data": 2, "fsdp": 2, "tensor": 2},
-        }  # fmt: skip
+        }
         config = root / "run.yaml"
         config.write_text(yaml.safe_dump(cfg))
         env = {"root": root, "config": config, "runs": runs, "emulator": emulator}
@@ -95,14 +96,14 @@ def _run(gcs, out: str, *overrides: str) -> subprocess.CompletedProcess:
 
 def _train_records(url: str) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMING} for r in M.read_metrics(f"{url}/metrics.jsonl")
-            if r["split"] == "train"]  # fmt: skip
+            if r["split"] == "train"]
 
 
 def test_run_reads_and_writes_gcs(gcs):
     out = f"{gcs['runs']}/reference"
     names = gcs["emulator"].names(out)
     assert {"config.yaml", "metrics.jsonl", "training_curves.png", "export/model.safetensors",
-            "export/config.json", "export/tokenizer.json"} <= set(names), names  # fmt: skip
+            "export/config.json", "export/tokenizer.json"} <= set(names), names
     assert f"checkpoints/{STEPS}/commit_success.txt" in names  # Orbax's commit marker on object storage
     assert any(n.startswith(f"checkpoints/{STEPS}/params/") for n in names)
     records = M.read_metrics(f"{out}/metrics.jsonl")
@@ -179,7 +180,7 @@ def test_sigkill_then_resume_is_bitwise_exact(gcs):
     out = f"{gcs['runs']}/killed"
     proc = subprocess.Popen(_cmd(gcs, out, "data.eval=null", program=(str(TESTS / "held_cli.py"),)),
                             env=_env(gcs, DPOJAX_HOLD_AT="5"),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen = []
     try:
         for line in proc.stdout:  # held after step 5's record, while checkpoint 4 is committed in the background
@@ -235,7 +236,7 @@ def test_two_processes_write_their_shards_then_resume_on_one(gcs, monkeypatch, c
     assert one[:2] == two[:2]  # kept from the 2-process run
     keys = sorted(set(two[2]) - {"step", "split"})
     np.testing.assert_allclose([one[2][k] for k in keys], [two[2][k] for k in keys], rtol=1e-5, atol=1e-6,
-                               err_msg=str(keys))  # fmt: skip
+                               err_msg=str(keys))
 
 
 def _check_init_from(gcs, url: str) -> None:
@@ -243,7 +244,7 @@ def _check_init_from(gcs, url: str) -> None:
     import jax
 
     from dpojax.config import load_config
-    from dpojax.train.build import build_models, make_sharder
+    from dpojax.trainer.build import build_models, make_sharder
 
     def adapters(init_from):
         cfg = load_config(gcs["config"], [*LORA, f"model.lora.init_from={init_from}"])
@@ -324,7 +325,7 @@ def test_uncommitted_checkpoint_is_ignored_then_redone(gcs):
     import jax.numpy as jnp
     import orbax.checkpoint as ocp
 
-    from dpojax.train import checkpoint as ckpt
+    from dpojax.trainer import checkpoint as ckpt
 
     run = f"{gcs['runs']}/partial"
 

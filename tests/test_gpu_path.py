@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
     (jnp.bfloat16, 100, None, "9.0", "xla"),  # not a multiple of 8
     (jnp.float32, 64, None, "9.0", "xla"),  # cuDNN flash attention is bf16/fp16 only
     (jnp.bfloat16, 256, 50.0, "9.0", "xla"),  # Gemma 2's soft-capped scores
-])  # fmt: skip
+])
 def test_auto_attention_on_gpu(dtype, head_dim, softcap, capability, expected):
     got = resolve_attention("auto", dtype=dtype, head_dim=head_dim, softcap=softcap, backend="gpu",
                             gpu_capability=capability)
@@ -38,7 +38,7 @@ def test_auto_attention_on_gpu(dtype, head_dim, softcap, capability, expected):
     ("demo_gpu.yaml", REPO / "configs/demo/model/config.json"),
     ("llama-3.2-1b_ultrafeedback_h200.yaml", REPO / "tests/assets/hf_configs/Llama-3.2-1B-Instruct/config.json"),
     ("llama-3.1-8b_ultrafeedback_8xh100.yaml", REPO / "tests/assets/hf_configs/Llama-3.1-8B-Instruct/config.json"),
-])  # fmt: skip
+])
 def test_gpu_configs_use_cudnn_on_a_gpu(name, hf_config):
     cfg = load_config(REPO / "configs" / name)
     model = ModelConfig.from_hf(json.loads(hf_config.read_text()))

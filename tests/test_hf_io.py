@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
+from test_models import our_logits, padded_batch, torch_logits
+from tiny_models import make_tiny_checkpoint
 
 from dpojax.errors import ModelError
 from dpojax.models import ModelConfig, abstract_params, export_hf, init_random, load_pretrained
 from dpojax.sharding import Sharder, make_mesh
-from test_models import our_logits, padded_batch, torch_logits
-from tiny_models import make_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

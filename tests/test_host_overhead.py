@@ -20,12 +20,12 @@ import time
 import jax
 import numpy as np
 import pytest
+from jax._src import api as jax_api
+from jax._src import array as jax_array
 from tiny_models import tiny_run_files
 
-from jax._src import api as jax_api, array as jax_array
-
 from dpojax.config import config_from_dict
-from dpojax.train import loop, reference
+from dpojax.trainer import loop, reference
 
 STEPS = 7
 
@@ -41,7 +41,7 @@ def make_cfg(files, out_dir):
         "data": {"train": files["data"], "max_length": 32, "cache_dir": files["cache"]},
         "train": {"batch_size": 8, "steps": STEPS, "log_every": 3},
         "output_dir": str(out_dir),
-    })  # fmt: skip
+    })
 
 
 def batch_threads() -> list[threading.Thread]:

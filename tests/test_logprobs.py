@@ -47,7 +47,7 @@ def _naive(hidden_BxTxD, unembed_VxD, ids_BxT, softcap=None, logit_scale=1.0):
         z = softcap * jnp.tanh(z / softcap)
     logp = jax.nn.log_softmax(z, axis=-1)
     target = jnp.take_along_axis(logp[:, :-1], ids_BxT[:, 1:, None], axis=-1)[..., 0]
-    pad = lambda x: jnp.pad(x, ((0, 0), (0, 1)))  # noqa: E731
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, 1)))
     return {
         "logps": pad(target),
         "mean_logit": pad(z.mean(-1)[:, :-1]),

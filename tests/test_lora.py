@@ -6,13 +6,12 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from test_models import padded_batch
+from tiny_models import make_tiny_checkpoint
 
 from dpojax.config import LoraSection
 from dpojax.errors import ConfigError
-from dpojax.models import export_hf, load_pretrained
-from dpojax.models import lora
-from test_models import padded_batch
-from tiny_models import make_tiny_checkpoint
+from dpojax.models import export_hf, load_pretrained, lora
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "gemma", "gemma2", "gemma3_text", "phi3")
 
@@ -112,7 +111,7 @@ def lora_setup(tmp_path_factory):
         train__log_every=1, data__eval=None, optim__name="adamw", optim__lr=1e-2, optim__schedule="constant",
         checkpoint__every=2, checkpoint__keep=5, model__lora={"enabled": True, "rank": 4, "alpha": 16,
                                                               "targets": ["all-linear"]},
-    )  # fmt: skip
+    )
     del raw["ref_model"]  # the reference is the base with the adapters off
     (root / "run.yaml").write_text(yaml.safe_dump(raw))
     return {"root": root, "config": root / "run.yaml", "assets": assets, "raw": raw}
@@ -169,7 +168,7 @@ def dropout_run(lora_setup):
     from dpojax import metrics as M
     from dpojax.config import config_from_dict
     from dpojax.sharding import Sharder, make_mesh
-    from dpojax.train import build, loop
+    from dpojax.trainer import build, loop
 
     raw = yaml.safe_load(lora_setup["config"].read_text())
     raw["model"]["lora"]["dropout"] = 0.5
@@ -195,7 +194,7 @@ def _check_dropout(dropout_run):
     eval step of the dropout config equals that of dropout 0."""
     import dataclasses
 
-    from dpojax.train import step as step_lib
+    from dpojax.trainer import step as step_lib
 
     losses, run = dropout_run["losses"], dropout_run["run"]
     np.testing.assert_allclose(losses[0], np.log(2), atol=1e-6)
@@ -224,7 +223,7 @@ def test_lora_dropout_sigkill_resume_on_mesh_equals_one_device(lora_setup, dropo
     from test_resume import _start_held, _train_records, _wait_for_dir
 
     from dpojax.config import load_config
-    from dpojax.train import loop
+    from dpojax.trainer import loop
 
     _check_dropout(dropout_run)
     out, mesh = tmp_path / "run", ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "ref_model.precompute=true")
@@ -276,7 +275,7 @@ def test_lora_matches_trl_with_peft(tmp_path):
     from trl_harness import TRL_METRICS, dpojax_overrides, make_assets, trl_trainer
 
     from dpojax.config import config_from_dict
-    from dpojax.train.loop import evaluate
+    from dpojax.trainer.loop import evaluate
 
     assets = make_assets(tmp_path / "assets", family="gpt2", n_rows=8)
     targets = ["c_attn", "c_fc"]

@@ -26,7 +26,7 @@ from dpojax.errors import ConfigError
 from dpojax.logprobs import TokenStats, sequence_stats, token_metric_sums
 
 trl = pytest.importorskip("trl")
-from trl import DPOTrainer  # noqa: E402
+from trl import DPOTrainer  # noqa: E402 - after importorskip, so the file skips without trl
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 N_PAIRS, T = 6, 12
@@ -152,7 +152,7 @@ def _ours_to_trl(x_BxT: np.ndarray) -> np.ndarray:
 
 
 def _tokens(batch, logps_BxT):
-    f32 = lambda k: jnp.asarray(_ours_layout(batch[k]), jnp.float32)  # noqa: E731
+    f32 = lambda k: jnp.asarray(_ours_layout(batch[k]), jnp.float32)
     return TokenStats(
         logps_BxT=logps_BxT,
         mean_logit_BxT=f32("mean_logits"),

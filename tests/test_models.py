@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tiny_models import make_tiny_checkpoint
 
 from dpojax.errors import ModelError
 from dpojax.models import REMAT_POLICIES, Decoder, ModelConfig, abstract_decoder, load_pretrained, resolve_attention
 from dpojax.models.layers import rope_frequencies
-from tiny_models import make_tiny_checkpoint
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 64}
@@ -249,8 +249,8 @@ def test_blocked_xla_attention_equals_full_scores(softcap, window):
     seg = jnp.asarray((np.arange(T)[None] < np.array([[300], [190]])).astype(np.int32))
     w = jnp.cos(jnp.arange(T * H * Dh, dtype=jnp.float32)).reshape(T, H, Dh)
     win = None if window is None else jnp.int32(window)
-    ours = lambda q, k, v: attend_xla(q, k, v, seg, scale=0.3, softcap=softcap, window=win)  # noqa: E731
-    full = lambda q, k, v: _full_attention(q, k, v, seg, 0.3, softcap, window)  # noqa: E731
+    ours = lambda q, k, v: attend_xla(q, k, v, seg, scale=0.3, softcap=softcap, window=win)
+    full = lambda q, k, v: _full_attention(q, k, v, seg, 0.3, softcap, window)
     np.testing.assert_allclose(jax.jit(ours)(q, k, v), full(q, k, v), atol=1e-5)
     g_ours = jax.jit(jax.grad(lambda *a: jnp.sum(ours(*a) * w), argnums=(0, 1, 2)))(q, k, v)
     g_full = jax.grad(lambda *a: jnp.sum(full(*a) * w), argnums=(0, 1, 2))(q, k, v)

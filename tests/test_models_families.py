@@ -12,15 +12,22 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
-
-from dpojax.errors import ModelError
-from dpojax.models import (Decoder, ModelConfig, abstract_decoder, abstract_params, export_hf, init_random,
-                           load_pretrained)
-from dpojax.models.hf import hf_weight_shapes
-from dpojax.sharding import Sharder, check_fsdp_sharded, make_mesh
 from test_hf_io import load_torch
 from test_models import our_logits, padded_batch, torch_logits
 from tiny_models import _longrope_factors, make_tiny_checkpoint
+
+from dpojax.errors import ModelError
+from dpojax.models import (
+    Decoder,
+    ModelConfig,
+    abstract_decoder,
+    abstract_params,
+    export_hf,
+    init_random,
+    load_pretrained,
+)
+from dpojax.models.hf import hf_weight_shapes
+from dpojax.sharding import Sharder, check_fsdp_sharded, make_mesh
 
 # name -> (family, make_tiny_checkpoint overrides, config.json edits written afterwards: the older key names
 # real hub checkpoints carry, which transformers still reads; None deletes a key)

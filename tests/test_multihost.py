@@ -46,7 +46,7 @@ def config(tmp_path_factory):
         assets, assets["standard"], root / "unused",
         train={"batch_size": 8, "steps": 3, "log_every": 1}, mesh={"data": 2, "fsdp": 2, "tensor": 2},
         optim={"name": "adamw", "lr": 1e-3, "schedule": "constant"},
-    )  # fmt: skip
+    )
     path = root / "run.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -85,7 +85,7 @@ def _spawn(args: list[str], logs: list[Path], envs=({}, {}), program=("-m", "dpo
         env = {**local_cpu.process_env(i, 2, coordinator, 4), **extra}
         with open(log, "wb") as f:
             procs.append(subprocess.Popen([sys.executable, *program, *args], stdout=f, stderr=subprocess.STDOUT,
-                                          env=env))  # fmt: skip
+                                          env=env))
     return procs
 
 
@@ -107,7 +107,7 @@ def _kill_all(procs) -> None:
 
 def _train_records(out: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMING} for r in read_metrics(out / "metrics.jsonl")
-            if r["split"] == "train"]  # fmt: skip
+            if r["split"] == "train"]
 
 
 def _busy_reference_run(config, out: Path, run: list[str], tmp_path: Path) -> None:

@@ -17,13 +17,13 @@ from tiny_tokenizer import load_tiny_tokenizer, make_tokenizer
 
 from dpojax import losses
 from dpojax.config import LossSection
-from dpojax.errors import ConfigError
 from dpojax.data import collate, tokenize_rows
 from dpojax.data.batching import train_batches
 from dpojax.data.packing import Packing, pack, row_length
+from dpojax.errors import ConfigError
 from dpojax.models.config import ModelConfig
 from dpojax.models.hf import init_random, read_hf_config
-from dpojax.train.step import StepSpec, batch_loss, sequence_logps
+from dpojax.trainer.step import StepSpec, batch_loss, sequence_logps
 
 ROWS = [
     {"prompt": "the sky is", "responses": [" blue.", " red cat.", " no."]},

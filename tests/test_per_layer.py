@@ -1,4 +1,4 @@
-"""Unrolled layers (`model.scan_layers: false`) train on per-layer leaves (`dpojax.train.step.split_layers`): the
+"""Unrolled layers (`model.scan_layers: false`) train on per-layer leaves (`dpojax.trainer.step.split_layers`): the
 same run as the scanned model, record for record and weight for weight, through evals, checkpoints and the export;
 and the compiled step holds no stacked [L, ...] copy of any weight (XLA folds the step's stack of the per-layer
 leaves into the model's per-layer slices, forward and backward)."""
@@ -15,8 +15,8 @@ from tiny_models import tiny_run_files
 
 from dpojax.config import config_from_dict
 from dpojax.metrics import read_metrics
-from dpojax.train import loop
-from dpojax.train.step import PerLayer, join_layers, split_layers
+from dpojax.trainer import loop
+from dpojax.trainer.step import PerLayer, join_layers, split_layers
 
 LAYERS = 3
 
@@ -34,7 +34,7 @@ def make_cfg(files, out_dir, scan: bool):
         "optim": {"lr": 1e-3, "max_grad_norm": 1.0, "weight_decay": 0.01},
         "checkpoint": {"every": 2},
         "output_dir": str(out_dir),
-    })  # fmt: skip
+    })
 
 
 def test_split_and_join_are_inverse():
@@ -87,6 +87,6 @@ def test_unrolled_layers_train_like_scanned(files, tmp_path, monkeypatch):
 
 
 def run_data(run, files):
-    from dpojax.train.build import load_split
+    from dpojax.trainer.build import load_split
 
     return load_split(run.cfg, run.models, run.cfg.data.train, run.cfg.data.train_split)

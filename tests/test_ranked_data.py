@@ -71,7 +71,7 @@ def test_k2_tokenizes_exactly_like_the_pairs(fmt, mode, tok):
         assert isinstance(b, PreferenceBatch) and a.input_ids_NxKxT.shape == b.input_ids_NxKxT.shape
         for x, y in ((a.input_ids_NxKxT, b.input_ids_NxKxT), (a.segment_ids_NxKxT, b.segment_ids_NxKxT),
                      (a.positions_NxKxT, b.positions_NxKxT), (a.completion_mask_NxKxT, b.completion_mask_NxKxT),
-                     (a.prompt_mask_N, b.prompt_mask_N), (a.prompt_index_N, b.prompt_index_N)):  # fmt: skip
+                     (a.prompt_mask_N, b.prompt_mask_N), (a.prompt_index_N, b.prompt_index_N)):
             np.testing.assert_array_equal(x, y)
 
 
@@ -83,10 +83,10 @@ def test_k_responses_joint_tokenization_and_common_prefix(fmt, tok):
     for i, row in enumerate(rows):
         if fmt == "standard":
             joint = [tok(row["prompt"] + (y if y.endswith("</s>") else y + "</s>"))["input_ids"]
-                     for y in row["responses"]]  # fmt: skip
+                     for y in row["responses"]]
         else:
             joint = [list(tok.apply_chat_template(row["prompt"] + y, tokenize=True, return_dict=True)["input_ids"])
-                     for y in row["responses"]]  # fmt: skip
+                     for y in row["responses"]]
         prompt = data.prompt_ids[i].tolist()
         for ids, response in zip(joint, data.response_ids[i], strict=True):
             assert prompt + response.tolist() == ids  # joint tokenization, cut at the common prefix
@@ -136,12 +136,12 @@ def test_pairs_from_scores(tok, tmp_path):
     allp = load_preferences(str(path), tok, pairs_from_scores="all_pairs", **kw)
     ranked = load_preferences(str(path), tok, ranking_loss=True, **kw)
     assert bvw.num_responses == 2 and allp.num_responses == 2 and ranked.num_responses == 4
-    decode = lambda ids: tok.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
-    pairs = lambda d: [(decode(c), decode(r)) for c, r in d.response_ids]  # noqa: E731
+    decode = lambda ids: tok.decode(ids, skip_special_tokens=True).strip()
+    pairs = lambda d: [(decode(c), decode(r)) for c, r in d.response_ids]
     assert pairs(bvw) == [("blue.", "hot."), ("no.", "yes.")]
     # the tied " red." and " green." (score 1) make no pair with each other
     assert pairs(allp) == [("blue.", "red."), ("blue.", "green."), ("blue.", "hot."), ("red.", "hot."),
-                           ("green.", "hot."), ("no.", "yes.")]  # fmt: skip
+                           ("green.", "hot."), ("no.", "yes.")]
     assert allp.row_index.tolist() == [0, 0, 0, 0, 0, 1]
     assert [r.tolist() for r in ranked.ranks] == [[0, 1, 1, 2], [0, 1]]
 
@@ -224,5 +224,5 @@ def test_batches_pad_responses_and_rows(tok):
     np.testing.assert_array_equal(a[3].input_ids_NxKxT, b2[0].input_ids_NxKxT)
     assert all(x.prompt_mask_N.sum() == 4 for x in a)
     real = sum(int((x.segment_ids_NxKxT[i, j] > 0).sum()) for x in a[:1] for i in range(4) for j in range(4)
-               if x.response_mask_NxK[i, j])  # fmt: skip
+               if x.response_mask_NxK[i, j])
     assert a[0].real_tokens() == real

@@ -18,7 +18,7 @@ from tiny_tokenizer import make_tokenizer
 
 from dpojax.config import config_from_dict
 from dpojax.metrics import read_metrics
-from dpojax.train.loop import evaluate, train
+from dpojax.trainer.loop import evaluate, train
 
 PROMPT_WORDS = "the sky is what color it a in where you are likes".split()
 LEVEL_WORDS = {3: "good yes blue sun", 2: "green sea cat fish", 1: "red dog hot big", 0: "bad no cold why"}
@@ -27,7 +27,7 @@ TINY_LLAMA = {
     "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
     "max_position_embeddings": 128, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
     "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
-}  # fmt: skip
+}
 
 
 def ranked_rows(n: int, seed: int) -> list[dict]:
@@ -61,7 +61,7 @@ def _config(task, out, **sections):
         "optim": {"name": "adamw", "lr": 2e-3, "schedule": "constant", "max_grad_norm": 1.0},
         "train": {"batch_size": 16, "steps": 40, "log_every": 10},
         "output_dir": str(out),
-    }  # fmt: skip
+    }
     for section, values in sections.items():
         raw[section] = {**raw[section], **values}
     return config_from_dict(raw)
@@ -78,7 +78,7 @@ def test_full_ranking_beats_best_vs_worst_pairs(task):
     train(_config(task, pairs_dir, loss={"type": "sigmoid"}, data={"pairs_from_scores": "best_vs_worst"}))
     pl, pairs = held_out_tau(task, pl_dir), held_out_tau(task, pairs_dir)
     print(f"\nheld-out Kendall tau: plackett_luce {pl['rewards/kendall_tau']:.3f}, "
-          f"best_vs_worst {pairs['rewards/kendall_tau']:.3f}")  # fmt: skip
+          f"best_vs_worst {pairs['rewards/kendall_tau']:.3f}")
     # both learn best vs worst ...
     assert pl["rewards/accuracies"] >= 0.95 and pairs["rewards/accuracies"] >= 0.95
     # ... but only the full ranking teaches the order of the middle levels

@@ -19,7 +19,7 @@ from dpojax.data import collate, tokenize_rows
 from dpojax.metrics import read_metrics
 from dpojax.models.config import ModelConfig
 from dpojax.models.hf import init_random, read_hf_config
-from dpojax.train.step import StepSpec, batch_loss
+from dpojax.trainer.step import StepSpec, batch_loss
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_cli_trains_and_evaluates_scored_rankings(assets, tmp_path):
     args = [
         "train", str(tmp_path / "cfg.yaml"), "train.steps=4", "train.batch_size=8", "train.log_every=2",
         "train.eval_every=2", "loss.type=plackett_luce", "optim.lr=1e-3", "data.max_responses=4",
-    ]  # fmt: skip
+    ]
     cfg = dpojax_overrides(assets, data, out)
     (tmp_path / "cfg.yaml").write_text(json.dumps(cfg))  # JSON is YAML
     assert main(args) == 0

@@ -12,7 +12,7 @@ from trl_harness import TRL_METRICS, dpojax_overrides, make_assets, trl_trainer
 
 from dpojax.config import config_from_dict
 from dpojax.metrics import read_metrics
-from dpojax.train.loop import evaluate
+from dpojax.trainer.loop import evaluate
 
 PL = {"loss__type": "plackett_luce"}
 
@@ -55,13 +55,13 @@ def _step_metrics(assets, data, out, steps: int = 3, **extra) -> list[dict]:
 
     from dpojax import metrics as M
     from dpojax.sharding import Sharder, make_mesh
-    from dpojax.train import build, loop
-    from dpojax.train.step import batch_sharding
+    from dpojax.trainer import build, loop
+    from dpojax.trainer.step import batch_sharding
 
     cfg = config_from_dict(dpojax_overrides(
         assets, data, out, train__batch_size=8, data__eval=None, optim__name="adamw", optim__lr=1e-3,
         optim__schedule="constant", optim__max_grad_norm=None, **extra,
-    ))  # fmt: skip
+    ))
     sharder = Sharder(make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
     models = build.build_models(cfg, sharder)
     train_data = build.load_split(cfg, models, cfg.data.train, cfg.data.train_split)
@@ -83,4 +83,4 @@ def test_k2_training_equals_sigmoid_training(assets, tmp_path):
     assert abs(sig[-1]["loss"] - sig[0]["loss"]) > 1e-3  # the updates moved the loss
     for name in ("loss", "grad_norm", "rewards/margins", "rewards/accuracies", "logps/chosen", "logits/rejected"):
         np.testing.assert_allclose([r[name] for r in ours], [r[name] for r in sig], rtol=1e-5, atol=1e-7,
-                                   err_msg=name)  # fmt: skip
+                                   err_msg=name)

@@ -15,8 +15,8 @@ from dpojax.config import config_from_dict
 from dpojax.metrics import read_metrics
 from dpojax.models import load_pretrained
 from dpojax.sharding import Sharder, make_mesh
-from dpojax.train import build, loop
-from dpojax.train.step import sync_reference
+from dpojax.trainer import build, loop
+from dpojax.trainer.step import sync_reference
 
 STEPS = 4
 
@@ -30,7 +30,7 @@ def _cfg(assets, out, **extra):
     base = dict(
         train__batch_size=8, train__steps=STEPS, train__log_every=1, optim__lr=3e-3, optim__schedule="constant",
         checkpoint__every=None,
-    )  # fmt: skip
+    )
     base.update(extra)
     return config_from_dict(dpojax_overrides(assets, assets["standard"], out, **base))
 
@@ -63,7 +63,7 @@ def test_precomputed_reference_matches_in_memory_and_is_cached(assets, tmp_path,
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="dpojax"):
         loop.train(_cfg(assets, tmp_path / "pre3", data__cache_dir=cache, ref_model__precompute=True,
-                        ref_model__name_or_path=str(other)))  # fmt: skip
+                        ref_model__name_or_path=str(other)))
     assert "reference log-probs computed for 16 pairs" in caplog.text
 
 
@@ -88,7 +88,7 @@ def test_tr_dpo_reference_is_mixed_in_and_checkpointed(assets, tmp_path):
     """After sync_every steps the saved reference equals alpha * policy + (1 - alpha) * previous reference."""
     out = tmp_path / "trdpo"
     cfg = _cfg(assets, out, ref_model__sync_every=2, ref_model__mixup_alpha=0.6, train__steps=2,
-               checkpoint__every=2)  # fmt: skip
+               checkpoint__every=2)
     loop.train(cfg)
     policy = jax.tree.leaves(ocp.StandardCheckpointer().restore(out / "checkpoints" / "2" / "params"))
     ref = jax.tree.leaves(ocp.StandardCheckpointer().restore(out / "checkpoints" / "2" / "ref"))

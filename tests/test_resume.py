@@ -67,14 +67,14 @@ def _run(config, out, *overrides, devices=8, timeout=300) -> subprocess.Complete
 
 def _train_records(out: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMING} for r in read_metrics(out / "metrics.jsonl")
-            if r["split"] == "train"]  # fmt: skip
+            if r["split"] == "train"]
 
 
 def _start_held(config: Path, out: Path, step: int, *overrides: str, release: Path | None = None):
     """`dpojax train` in a subprocess, held right after writing step `step`'s metrics until `release` exists."""
     env = _env(DPOJAX_HOLD_AT=str(step), **({"DPOJAX_RELEASE": str(release)} if release else {}))
     proc = subprocess.Popen(_cmd(config, out, *overrides, wrapper=HELD_CLI), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+                            stderr=subprocess.STDOUT, text=True)
     seen = []
     for line in proc.stdout:  # reading as it comes keeps the pipe from filling up
         seen.append(line)
@@ -128,7 +128,7 @@ def test_sigkill_during_async_save_resumes_from_previous(setup):
     wrapper = setup["root"] / "stall.py"
     wrapper.write_text(STALL)
     proc = subprocess.Popen(_cmd(setup["config"], out, wrapper=str(wrapper)), env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     while line and "STALLING" not in line:
         line = proc.stdout.readline()
@@ -190,7 +190,7 @@ def test_changed_config_refuses_resume(setup):
 def test_non_finite_steps_are_skipped_then_stop(setup):
     out = setup["root"] / "diverged"
     result = _run(setup["config"], out, "optim.name=sgd", "optim.lr=1e30", "optim.max_grad_norm=null",
-                  "train.max_bad_steps=2", "checkpoint.every=1")  # fmt: skip
+                  "train.max_bad_steps=2", "checkpoint.every=1")
     assert result.returncode == 2, result.stderr[-3000:]
     assert "consecutive steps had a non-finite loss" in result.stderr
     import orbax.checkpoint as ocp

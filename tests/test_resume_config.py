@@ -14,7 +14,7 @@ from tiny_tokenizer import make_pref_rows, make_tokenizer
 from dpojax.cli import main
 from dpojax.config import config_from_dict, to_dict
 from dpojax.metrics import read_metrics
-from dpojax.train.checkpoint import resume_conflicts, schedule_conflict
+from dpojax.trainer.checkpoint import resume_conflicts, schedule_conflict
 
 BASE = {"model": {"name_or_path": "some/model"}, "data": {"train": "t.jsonl"}}
 

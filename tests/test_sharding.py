@@ -25,8 +25,8 @@ from dpojax.errors import ConfigError
 from dpojax.models.config import ModelConfig
 from dpojax.models.hf import abstract_params
 from dpojax.sharding import Sharder, check_fsdp_sharded, make_mesh, resolve_mesh_shape, unsharded_params
-from dpojax.train import build, loop
-from dpojax.train.step import batch_sharding
+from dpojax.trainer import build, loop
+from dpojax.trainer.step import batch_sharding
 
 STEPS = 5
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2), (2, 1, 4)]
@@ -40,7 +40,7 @@ def cfg(tmp_path_factory):
         assets, assets["standard"], root / "out",
         train__batch_size=8, train__steps=STEPS, data__eval=None,
         optim__name="adamw", optim__lr=1e-3, optim__weight_decay=0.01, optim__schedule="constant",
-    ))  # fmt: skip
+    ))
 
 
 def run_steps(cfg, mesh, steps=STEPS):
@@ -90,7 +90,8 @@ def _check_layout(state, sharder):
         assert var[...].sharding.spec == expected, (name, var[...].sharding.spec, expected)
         shard_shape = var[...].sharding.shard_shape(var.shape)
         for dim, axes in zip(var.shape, expected):  # each device holds 1/k of a dimension split k ways
-            k = 1 if axes is None else int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
+            names = () if axes is None else (axes,) if isinstance(axes, str) else axes
+            k = int(np.prod([mesh.shape[a] for a in names]))
             assert dim // k in shard_shape or k == 1
         if mesh.shape["fsdp"] > 1 and "embed" in var.logical_axes:
             assert "fsdp" in expected, name  # FSDP: every matrix is split over fsdp

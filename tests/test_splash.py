@@ -9,15 +9,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from flax import nnx
+from tiny_models import make_tiny_checkpoint
 
 from dpojax.errors import ModelError
 from dpojax.models import load_pretrained
 from dpojax.models.attention import attend_xla
 from dpojax.models.splash import attend_splash
 from dpojax.sharding import Sharder, make_mesh
-from tiny_models import make_tiny_checkpoint
 
 
 @pytest.mark.parametrize("shape,softcap", [((2, 1, 4), None), ((1, 4, 2), 5.0)],
@@ -35,8 +34,8 @@ def test_splash_equals_xla_attention(shape, softcap):
     def loss(fn, q, k, v):
         return jnp.sum(fn(q, k, v) * weights)
 
-    splash = lambda q, k, v: attend_splash(q, k, v, seg, scale=0.25, sharder=sharder, softcap=softcap)  # noqa: E731
-    xla = lambda q, k, v: attend_xla(q, k, v, seg, scale=0.25, softcap=softcap)  # noqa: E731
+    splash = lambda q, k, v: attend_splash(q, k, v, seg, scale=0.25, sharder=sharder, softcap=softcap)
+    xla = lambda q, k, v: attend_xla(q, k, v, seg, scale=0.25, softcap=softcap)
     np.testing.assert_allclose(jax.jit(splash)(q, k, v), xla(q, k, v), atol=2e-5)
     ours = jax.jit(jax.grad(lambda *a: loss(splash, *a), argnums=(0, 1, 2)))(q, k, v)
     ref = jax.grad(lambda *a: loss(xla, *a), argnums=(0, 1, 2))(q, k, v)
@@ -95,8 +94,8 @@ def test_bf16_splash_under_highest_matmul_precision():
     def loss(fn, *qkv):
         return jnp.sum(fn(*qkv).astype(jnp.float32) * jnp.sin(jnp.arange(Dh, dtype=jnp.float32)))
 
-    splash = lambda q, k, v: attend_splash(q, k, v, seg, scale=0.25, sharder=sharder)  # noqa: E731
-    xla = lambda q, k, v: attend_xla(q, k, v, seg, scale=0.25)  # noqa: E731
+    splash = lambda q, k, v: attend_splash(q, k, v, seg, scale=0.25, sharder=sharder)
+    xla = lambda q, k, v: attend_xla(q, k, v, seg, scale=0.25)
     bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v)]
     got = jax.jit(jax.grad(lambda *a: loss(splash, *a), argnums=(0, 1, 2)))(*bf16)
     want = jax.grad(lambda *a: loss(xla, *a), argnums=(0, 1, 2))(q, k, v)

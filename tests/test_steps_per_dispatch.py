@@ -6,7 +6,6 @@ where a dispatch ends."""
 
 from __future__ import annotations
 
-
 import jax
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from tiny_models import tiny_run_files
 from dpojax.config import config_from_dict
 from dpojax.errors import ConfigError
 from dpojax.metrics import read_metrics
-from dpojax.train import loop, reference
+from dpojax.trainer import loop, reference
 
 STEPS = 8
 
@@ -35,7 +34,7 @@ def make_cfg(files, out_dir, k: int, **train):
         "optim": {"lr": 1e-3, "max_grad_norm": 1.0, "weight_decay": 0.01, "warmup_steps": 2},
         "checkpoint": {"every": 3, "keep": 3},
         "output_dir": str(out_dir),
-    })  # fmt: skip
+    })
 
 
 def test_k_steps_per_dispatch_train_like_one(files, tmp_path, monkeypatch):

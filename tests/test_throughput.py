@@ -18,7 +18,7 @@ from dpojax.models import Decoder, ModelConfig
 # D 64, F 128, H 4, G 2, Dh 16, L 2, V 256
 TINY = {"model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
-        "tie_word_embeddings": False}  # fmt: skip
+        "tie_word_embeddings": False}
 
 
 def test_step_flops_hand_count():
@@ -136,7 +136,7 @@ def test_presets_fill_max_length_exactly(tmp_path):
     """A preset's synthetic model folder and pairs: every pair tokenizes to exactly max_length tokens, so every
     batch is one compiled shape (tests/test_tracking.py runs the script's timed steps on a config)."""
     from benchmarks import throughput
-    from dpojax.train import build
+    from dpojax.trainer import build
 
     args = throughput.argparse.Namespace(attention=None, remat="full", micro_batch=4, set=["train.seed=3"],
                                          max_length=None, batch=None, dtype=None, warmup=1, steps=2)
@@ -157,7 +157,7 @@ def test_cpu_steps_compile_with_the_memory_optimized_scheduler():
     from jax.sharding import Mesh
 
     from dpojax.sharding import Sharder
-    from dpojax.train.step import CPU_COMPILER_OPTIONS, compiler_options
+    from dpojax.trainer.step import CPU_COMPILER_OPTIONS, compiler_options
 
     cpu = Sharder(Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor")))
     assert compiler_options(cpu) == CPU_COMPILER_OPTIONS and compiler_options() == CPU_COMPILER_OPTIONS

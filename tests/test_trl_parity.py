@@ -9,7 +9,7 @@ from trl_harness import TRL_METRICS, dpojax_overrides, make_assets, trl_trainer
 
 from dpojax.config import config_from_dict
 from dpojax.metrics import read_metrics
-from dpojax.train.loop import evaluate, train
+from dpojax.trainer.loop import evaluate, train
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def _trl_step_losses(assets, data, out, optim: str, lr: float, steps: int) -> li
         per_device_train_batch_size=8, max_steps=steps, learning_rate=lr, lr_scheduler_type="constant",
         optim="sgd" if optim == "sgd" else "adamw_torch", weight_decay=0.0, max_grad_norm=1e9,
         logging_steps=1, warmup_steps=0,
-    )  # fmt: skip
+    )
     trainer.train()
     return [h["loss"] for h in trainer.state.log_history if "loss" in h][:steps]
 
@@ -71,7 +71,7 @@ def _our_step_losses(assets, data, out, optim: str, lr: float, steps: int, **ext
             assets, data, out,
             train__batch_size=8, train__steps=steps, train__log_every=1, data__eval=None,
             optim__name=optim, optim__lr=lr, optim__schedule="constant", optim__max_grad_norm=None, **extra,
-        )  # fmt: skip
+        )
     )
     train(cfg)
     return [r["loss"] for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"]
@@ -100,5 +100,6 @@ def test_gradient_accumulation_is_exact(assets, tmp_path):
     data.write_text("\n".join(rows) + "\n")
     mesh = {"mesh": {"data": 2, "fsdp": 1, "tensor": 4}}  # 2 data shards, so a micro-batch of 2 pairs fits
     whole = _our_step_losses(assets, data, tmp_path / "whole", "adamw", 1e-3, steps=5, **mesh)
-    accum = _our_step_losses(assets, data, tmp_path / "accum", "adamw", 1e-3, steps=5, train__micro_batch_size=2, **mesh)
+    accum = _our_step_losses(assets, data, tmp_path / "accum", "adamw", 1e-3, steps=5, train__micro_batch_size=2,
+                             **mesh)
     np.testing.assert_allclose(accum, whole, rtol=1e-5, atol=1e-6)

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 import jax
 import numpy as np
 
-from dpojax.data.packing import Packing, PackedBatch, pack
+from dpojax.data.packing import PackedBatch, Packing, pack
 from dpojax.data.tokenize import TRUNCATION_MODES, TokenizedData
 from dpojax.errors import DataError
 

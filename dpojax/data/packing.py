@@ -132,7 +132,7 @@ def _group_parts(data: TokenizedData, m: int, n: int, k_max: int, *, max_length:
     seqs = _sequences(data, m, max_length, truncation)
     completion_len = np.zeros(k_max, np.float32)
     scored = np.zeros(k_max, np.int64)  # scored completion tokens per sequence (the first position never scores)
-    for k, (ids, mask) in enumerate(seqs):
+    for k, (_ids, mask) in enumerate(seqs):
         completion_len[k] = mask.sum()
         scored[k] = mask[1:].sum()
     ld_shared = int(scored.min())  # padding responses count 0 tokens, as in the [N, K, T] batch

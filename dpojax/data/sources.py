@@ -58,7 +58,7 @@ def _load_file(path: epath.Path) -> list[dict]:
         try:
             with path.open("rb") as f:
                 return pq.read_table(f).to_pylist()
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - any failure becomes one DataError naming the file
             raise DataError(f"{path}: not a readable parquet file: {e}") from e
     raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(LOCAL_SUFFIXES)}")
 

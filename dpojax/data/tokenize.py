@@ -209,7 +209,7 @@ def split_at_prompt(prefrows: PreferenceRows, p_ids: list, pr_ids: list, max_len
                 "%s: row %d: the tokenized prompt is not a prefix of prompt+%s (chat template or a token merge "
                 "across the boundary); as TRL does, the %s starts where they diverge. Shown once.",
                 prefrows.source, prefrows.row_index[j], what, what,
-            )  # fmt: skip
+            )
         if max_length is not None and truncation_mode == "keep_start" and n >= max_length:
             dropped += 1
             continue
@@ -308,13 +308,13 @@ def tokenize_rows(
     if not split:
         raise DataError(f"{prefrows.source}: every prompt has >= max_length={max_length} tokens; raise max_length")
     stats = DataStats(prefrows.rows_in, prefrows.rows_skipped_bad, prefrows.rows_identical, prefrows.rows_all_tied,
-                      dropped, len(split))  # fmt: skip
+                      dropped, len(split))
     data = TokenizedData(
         [p for _, p, _ in split], [tails for _, _, tails in split],
         [np.asarray(prefrows.rows[j]["ranks"], np.int32) for j, _, _ in split],
         np.asarray([prefrows.row_index[j] for j, _, _ in split], np.int64), pad_id, max_length, truncation_mode,
         prefrows.fmt.name, prefrows.source, stats, key,
-    )  # fmt: skip
+    )
     if path is not None:
         _save_cache(path, data)
     return _report(data)

@@ -35,4 +35,4 @@ __all__ = [
     "needs_prompt_nll",
     "per_pair_losses", "preference_loss", "reference_free", "register_loss", "reward_metrics", "traits",
     "validate_loss_config", "worst_index", "import_loss_modules",
-]  # fmt: skip
+]

@@ -105,7 +105,7 @@ class Terms(NamedTuple):
     scores_NxK: Array
     mask_N: Array  # 1.0 real prompt, 0.0 filler
     w: Side
-    l: Side  # noqa: E741
+    l: Side  # noqa: E741 - l and r: the two sides of a pairwise loss, short as in its formula
 
     @property
     def delta_score(self) -> Array:

@@ -74,7 +74,7 @@ def _import_file(path_text: str) -> ModuleType:
     sys.modules[module_name] = module
     try:
         spec.loader.exec_module(module)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - whatever the user's module raises is reported as theirs
         del sys.modules[module_name]
         _fail(path_text, f"importing it raised {type(e).__name__}: {e}")
     return module

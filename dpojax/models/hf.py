@@ -224,7 +224,8 @@ def weight_map(folder: pathlib.Path) -> dict[str, pathlib.Path]:
             "safe_serialization=True)."
         )
     raise ModelError(f"{folder} has no model.safetensors or model.safetensors.index.json (dpojax reads "
-                     "safetensors only; convert pickle *.bin checkpoints with save_pretrained(safe_serialization=True)).")
+                     "safetensors only; convert pickle *.bin checkpoints with "
+                     "save_pretrained(safe_serialization=True)).")
 
 
 class _Reader:

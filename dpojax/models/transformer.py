@@ -310,7 +310,7 @@ def unstack_layers(stacked, num_layers: int) -> tuple:
     backward stacks the L cotangents once: the plain transpose of each slice is a zero-padded [L, ...] copy of
     every parameter, summed over the layers (L full-size buffers). Each slice is a copy, unless the stacked array
     was itself stacked from per-layer arrays in the same program: the train step passes the policy's parameters
-    that way (`dpojax.train.step.split_layers`), and XLA folds slice(stack) and its transpose away."""
+    that way (`dpojax.trainer.step.split_layers`), and XLA folds slice(stack) and its transpose away."""
     return tuple(jax.tree.map(functools.partial(_take, i=i), stacked) for i in range(num_layers))
 
 

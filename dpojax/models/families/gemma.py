@@ -16,8 +16,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from dpojax.errors import ModelError
-from dpojax.models.families.common import (Family, activation, decoder_sizes, layer_windows, parse_rope, refuse,
-                                           rope_params)
+from dpojax.models.families.common import (
+    Family,
+    activation,
+    decoder_sizes,
+    layer_windows,
+    parse_rope,
+    refuse,
+    rope_params,
+)
 from dpojax.models.families.llama import llama_table
 
 P = "model.layers.{i}."

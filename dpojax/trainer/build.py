@@ -9,6 +9,7 @@ its parameters alone (no optimizer state; export loads no reference).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import sys
@@ -19,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from dpojax import losses, paths
 from dpojax.config import Config
@@ -32,8 +34,8 @@ from dpojax.models import lora
 from dpojax.models.config import ModelConfig
 from dpojax.models.hf import abstract_params, init_random, load_pretrained, read_hf_config, resolve_model_dir
 from dpojax.sharding import Sharder, check_fsdp_sharded, make_mesh
-from dpojax.train import reference
-from dpojax.train.step import (
+from dpojax.trainer import reference
+from dpojax.trainer.step import (
     StepSpec,
     TrainState,
     batch_sharding,
@@ -199,7 +201,7 @@ def load_split(cfg: Config, models: Models, spec: str, split: str) -> TokenizedD
         truncation_mode=cfg.data.truncation_mode, cache_dir=str(cache_dir(cfg)), on_bad_row=cfg.data.on_bad_row,
         max_responses=cfg.data.max_responses, pairs_from_scores=cfg.data.pairs_from_scores,
         ranking_loss=losses.is_kwise(cfg.loss),
-    )  # fmt: skip
+    )
     return check_token_ids(data, models.policy_cfg.vocab_size, models.tokenizer,
                            f"the policy '{cfg.model.name_or_path}'")
 
@@ -218,8 +220,8 @@ def precompute_references(cfg: Config, models: Models, sharder: Sharder, dataset
         key = reference.cache_key(data, models.ref_fingerprint, settings)
         tables[data.fingerprint] = reference.load_or_compute(
             cache_dir(cfg) / f"ref-{key}.npz",
-            lambda: reference.precompute(forward, models.ref_params, data, bs, lambda b: to_device(b, sharding),
-                                         batch_kw=batch_kw(cfg, spec, sharder, train=False)),  # fmt: skip
+            functools.partial(reference.precompute, forward, models.ref_params, data, bs,
+                              lambda b: to_device(b, sharding), batch_kw=batch_kw(cfg, spec, sharder, train=False)),
         )
     base = models.ref_params if cfg.model.lora.enabled else None  # LoRA: the base stays, the policy runs on it
     models.ref_graphdef, models.ref_params, models.ref_tables = None, base, tables

@@ -20,18 +20,27 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from dpojax import losses
 from dpojax.config import Config, LossSection
 from dpojax.data import packing as packing_lib
 from dpojax.data.batching import PreferenceBatch
 from dpojax.data.packing import PackedBatch
-from dpojax.logprobs import (SeqStats, entry_logprobs, entry_sequence_stats, head_chunk, scored_mask, sequence_stats,
-                             token_logprobs, token_metric_sums)
+from dpojax.logprobs import (
+    SeqStats,
+    entry_logprobs,
+    entry_sequence_stats,
+    head_chunk,
+    scored_mask,
+    sequence_stats,
+    token_logprobs,
+    token_metric_sums,
+)
 from dpojax.models import lora
 from dpojax.sharding import Sharder
-from dpojax.train.optim import make_optimizer
+from dpojax.trainer.optim import make_optimizer
 
 MetricSums = dict[str, tuple[jax.Array, jax.Array]]
 

@@ -19,7 +19,9 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from dpojax import distributed, flops as F, metrics as M, paths, tracking
+from dpojax import distributed, paths, tracking
+from dpojax import flops as F
+from dpojax import metrics as M
 from dpojax.config import Config, dump_yaml, load_config
 from dpojax.data.batching import PreferenceBatch, eval_batches, train_batches
 from dpojax.data.packing import PackedBatch
@@ -27,8 +29,9 @@ from dpojax.data.tokenize import TokenizedData
 from dpojax.errors import ConfigError, NumericsError, UserError
 from dpojax.models import lora
 from dpojax.models.hf import copy_tokenizer_files, export_hf
-from dpojax.train import checkpoint as ckpt, reference
-from dpojax.train.build import (
+from dpojax.trainer import checkpoint as ckpt
+from dpojax.trainer import reference
+from dpojax.trainer.build import (
     Run,
     batch_kw,
     build_models,
@@ -40,9 +43,9 @@ from dpojax.train.build import (
     to_device,
     total_steps,
 )
-from dpojax.train.preemption import Preemption
-from dpojax.train.samples import make_samples
-from dpojax.train.step import TrainState, batch_sharding, stacked_batch_sharding
+from dpojax.trainer.preemption import Preemption
+from dpojax.trainer.samples import make_samples
+from dpojax.trainer.step import TrainState, batch_sharding, stacked_batch_sharding
 
 log = logging.getLogger("dpojax")
 
@@ -589,7 +592,8 @@ def config_urls(cfg: Config) -> list[tuple[str, str | None]]:
     return [("output_dir", cfg.output_dir), ("data.train", cfg.data.train), ("data.eval", cfg.data.eval),
             ("data.cache_dir", cfg.data.cache_dir), ("model.name_or_path", cfg.model.name_or_path),
             ("model.tokenizer", cfg.model.tokenizer), ("ref_model.name_or_path", cfg.ref_model.name_or_path),
-            ("model.lora.init_from", cfg.model.lora.init_from), ("train.compilation_cache", cfg.train.compilation_cache)]
+            ("model.lora.init_from", cfg.model.lora.init_from),
+            ("train.compilation_cache", cfg.train.compilation_cache)]
 
 
 def use_compilation_cache(cfg: Config) -> str | None:

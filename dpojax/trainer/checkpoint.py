@@ -32,7 +32,7 @@ RESUME_FREE = (
     "model.attention", "model.remat", "model.scan_layers", "model.vocab_tile", "ref_model.precompute", "mesh.",
     "data.packing", "checkpoint.", "distributed.", "output_dir", "train.report_to", "train.wandb.", "train.profile.",
     "train.compilation_cache",
-)  # fmt: skip
+)
 
 
 def checkpoint_dir(output_dir: str | os.PathLike) -> epath.Path:
