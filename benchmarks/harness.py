@@ -254,7 +254,7 @@ class BuiltStep:
 def build_step(cfg) -> BuiltStep:
     """Mesh, models, data (and precomputed reference log-probs when the config asks), the compiled train step
     and train state of `cfg`: the stages of `dpojax train` (the one place to adapt when the trainer's API moves)."""
-    from dpojax.trainer import build, loop, reference
+    from dpojax.trainer import build, prefetch, reference
 
     sharder = build.make_sharder(cfg)
     models = build.build_models(cfg, sharder)
@@ -262,7 +262,7 @@ def build_step(cfg) -> BuiltStep:
     build.precompute_references(cfg, models, sharder, [pairs])
     steps = build.total_steps(cfg, len(pairs))
     run, state = build.setup_train(cfg, models, sharder, steps=steps)
-    return BuiltStep(run, run.train_step.leaves_of(state), list(loop._batches(run, pairs, 0, steps)),
+    return BuiltStep(run, run.train_step.leaves_of(state), list(prefetch.host_batches(run, pairs, 0, steps)),
                      reference.lookup(run.models.ref_tables, pairs))
 
 

@@ -10,10 +10,10 @@ the step's device time, on a model whose CPU step takes a few ms (as GPU and TPU
     python -m benchmarks.host_overhead --device-cores 1          # the device on one core, the host on the rest
 
 It runs `dpojax train` itself (`dpojax.trainer.loop.train`) with the loop's phases timed by wrappers: the batch
-producer (`loop._ready_batches`: build, pack, count, send to the devices; in the producer thread, wall and thread
-CPU time), the loop thread's take of a ready batch (`loop._Prefetch.__next__`: a wait for the producer), the step
-call (dispatch), `loop.wait` (the loop's wait for a step without reading it) and `loop.fetch` (the loop's one read
-of device values), whose wait for the device is timed apart from the copy. Figures:
+producer (`prefetch.ready_batches`: build, pack, count, send to the devices; in the producer thread, wall and thread
+CPU time), the loop thread's take of a ready batch (`prefetch.Prefetch.__next__`: a wait for the producer), the step
+call (dispatch), `window.wait` (the loop's wait for a step without reading it) and `window.fetch` (the loop's one
+read of device values), whose wait for the device is timed apart from the copy. Figures:
   - loop-thread host work per step = the loop's wall time per step minus its waits for the device, against the
     step's device time ("host share"; the producer thread's work runs beside it and is reported apart);
   - the same as the loop thread's own CPU time (`time.thread_time`) per step minus the CPU time of its waits: on a
@@ -73,12 +73,17 @@ class LoopClock:
     def now() -> tuple[float, float]:
         return time.perf_counter(), time.thread_time()
 
-    def install(self) -> None:
-        from dpojax.trainer import loop
+    @staticmethod
+    def _patched() -> list[tuple[object, str]]:
+        """(module, name) of each function the clock wraps, in `install`'s order."""
+        from dpojax.trainer import loop, prefetch, window
 
-        names = ("_ready_batches", "_Prefetch", "fetch", "wait", "setup_train")
-        self._saved = {name: getattr(loop, name) for name in names}
-        ready_batches, prefetch, fetch, wait, setup_train = (self._saved[n] for n in names)
+        return [(prefetch, "ready_batches"), (prefetch, "Prefetch"), (window, "fetch"), (window, "wait"),
+                (loop, "setup_train")]
+
+    def install(self) -> None:
+        self._saved = {(module, name): getattr(module, name) for module, name in self._patched()}
+        ready_batches, prefetch, fetch, wait, setup_train = self._saved.values()
         clock, now = self, self.now
 
         def timed_batches(*args, **kw):  # runs in the producer thread (or in the loop thread with --prefetch 0)
@@ -141,14 +146,13 @@ class LoopClock:
             run.train_step.many = timed(run.train_step.many, lambda batch: jax.tree.leaves(batch)[0].shape[0])
             return run, state
 
-        loop._ready_batches, loop._Prefetch, loop.fetch, loop.wait, loop.setup_train = (
-            timed_batches, TimedPrefetch, timed_fetch, timed_wait, timed_setup)
+        for (module, name), fn in zip(self._patched(), (timed_batches, TimedPrefetch, timed_fetch, timed_wait,
+                                                         timed_setup)):
+            setattr(module, name, fn)
 
     def uninstall(self) -> None:
-        from dpojax.trainer import loop
-
-        for name, fn in self._saved.items():
-            setattr(loop, name, fn)
+        for (module, name), fn in self._saved.items():
+            setattr(module, name, fn)
 
     def per_step(self, skip: int, inline: bool) -> dict[str, float]:
         """Mean seconds per step of each phase, the wall time and the host time (wall, and loop-thread CPU as
@@ -218,10 +222,10 @@ class LoopClock:
 def measure(args) -> dict:
     import jax
 
-    from dpojax.trainer import loop
+    from dpojax.trainer import loop, prefetch
 
     clock = LoopClock()
-    saved_prefetch, loop.PREFETCH = loop.PREFETCH, args.prefetch
+    saved_prefetch, prefetch.PREFETCH = prefetch.PREFETCH, args.prefetch
     with tempfile.TemporaryDirectory() as tmp:
         ns = argparse.Namespace(max_length=args.max_length, batch=args.batch, warmup=0, steps=args.steps, dtype=None,
                                 attention=None, remat=None, micro_batch=None,
@@ -232,7 +236,7 @@ def measure(args) -> dict:
             loop.train(cfg)
         finally:
             clock.uninstall()
-            loop.PREFETCH = saved_prefetch
+            prefetch.PREFETCH = saved_prefetch
         py_calls = clock.python_calls_per_dispatch()
         step_s = clock.device_step()
     r = clock.per_step(args.skip, inline=args.prefetch == 0)
@@ -320,9 +324,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     cores = split_cores(args.device_cores) if args.device_cores else None
     if args.prefetch is None:
-        from dpojax.trainer import loop
+        from dpojax.trainer import prefetch
 
-        args.prefetch = loop.PREFETCH
+        args.prefetch = prefetch.PREFETCH
     result = median_of([measure(args) for _ in range(args.repeats)])
     result["cores"] = f"device on cores {cores[0]}, host on {cores[1]}" if cores else "device and host share all cores"
     print(report(result), flush=True)

@@ -372,17 +372,3 @@ def largest_batch(cfg, topology: str, *, slices: int = 1, limit: int = 4096,
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo * unit, reports
-
-
-def compile_from_cli(config_path: str, topology: str, overrides: list[str], *, slices: int = 1,
-                     search_batch: bool = False, model_config: str | None = None) -> int:
-    """`dpojax compile`: print the report; exit 0 when the step fits, 1 when it does not."""
-    from dpojax.config import load_config
-
-    cfg = load_config(config_path, overrides)
-    report = compile_for_topology(cfg, topology, slices=slices, model_config=model_config)
-    print(report.format())
-    if search_batch:
-        best, _ = largest_batch(cfg, topology, slices=slices, model_config=model_config)
-        print(f"largest batch       {best} pairs without accumulation" if best else "largest batch       none fits")
-    return 0 if report.fits else 1

@@ -14,6 +14,7 @@ from jax.sharding import Mesh
 from dpojax.config import Config, config_from_dict, load_config, to_dict
 from dpojax.models.config import ModelConfig
 from dpojax.sharding import Sharder, make_mesh
+from dpojax.trainer import build, evaluation, loop
 
 
 @dataclasses.dataclass
@@ -45,8 +46,6 @@ def load_policy_and_reference(policy: str | Path, reference: str | Path | None =
     data axis). `init="random"` builds the policy from its config.json alone (seeded; the demo model).
 
     `dtype` is the compute dtype, `param_dtype` the storage dtype of the weights. Not pure: reads files."""
-    from dpojax.trainer import build
-
     raw = {"model": {"name_or_path": str(policy), "dtype": dtype, "param_dtype": param_dtype, "attention": attention,
                      "init": init, "seed": seed, "revision": revision,
                      "tokenizer": None if tokenizer is None else str(tokenizer)},
@@ -71,14 +70,10 @@ def train(config: Config | dict | str | Path, overrides: list[str] | tuple[str, 
     """Train as `dpojax train` does (run folder, checkpoints, resume, export) from a Config, a dict of sections or
     a YAML path, with optional `section.key=value` overrides. Returns the final eval metrics ({} without an eval set
     or when stopped by SIGTERM). Not pure: writes `output_dir`."""
-    from dpojax.trainer import loop
-
     return loop.train(as_config(config, overrides))
 
 
 def evaluate(config: Config | dict | str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, float]:
     """Evaluate as `dpojax eval` does (the newest checkpoint of `output_dir` when there is one, else
     `model.name_or_path`) and return the eval metrics (TRL's names). Appends a record to `output_dir/metrics.jsonl`."""
-    from dpojax.trainer import loop
-
-    return loop.evaluate(as_config(config, overrides))
+    return evaluation.evaluate(as_config(config, overrides))

@@ -125,7 +125,7 @@ def test_compilation_cache_follows_the_config_and_the_environment_wins(tmp_path,
     import jax
     from jax._src import compilation_cache
 
-    from dpojax.trainer.loop import use_compilation_cache
+    from dpojax.cli import use_compilation_cache
 
     saved = jax.config.jax_compilation_cache_dir
     try:

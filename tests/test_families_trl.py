@@ -8,7 +8,7 @@ import pytest
 from trl_harness import TRL_METRICS, dpojax_overrides, make_assets, trl_trainer
 
 from dpojax.config import config_from_dict
-from dpojax.trainer.loop import evaluate
+from dpojax.trainer.evaluation import evaluate
 
 FAMILIES = ["gpt2", "gpt_neox", "gemma", "gemma2", "gemma3_text", "phi3"]
 METRICS = (*TRL_METRICS, "logits/chosen", "logits/rejected")  # mean logits: Gemma 2's final soft-cap shows here

@@ -1,6 +1,6 @@
 """The train loop keeps ahead of the devices: a producer thread builds, counts and sends the batches (in step order,
 the same batches as built inline); the loop thread dispatches step s, then waits for step s-1 (one host sync per
-step, on a step already dispatched before) and reads metrics only through `loop.fetch`: a log window's steps in one
+step, on a step already dispatched before) and reads metrics only through `window.fetch`: a log window's steps in one
 read, at the log step (after the next step was dispatched), and the step it just dispatched only at the last step
 (also at an eval, a checkpoint or a stop, which wait for it anyway). A producer error reaches the loop as itself; the
 thread is gone when `train` returns. The host-time figures: benchmarks/host_overhead.py.
@@ -25,7 +25,7 @@ from jax._src import array as jax_array
 from tiny_models import tiny_run_files
 
 from dpojax.config import config_from_dict
-from dpojax.trainer import loop, reference
+from dpojax.trainer import loop, prefetch, reference, window
 
 STEPS = 7
 
@@ -56,8 +56,8 @@ class SyncCounter:
         self.dispatched, self.batches, self.runs = [], [], []  # each step's metrics output; its batch; the run
         self.made_by: dict[int, int] = {}  # id of a device array a step returned -> that step (1-based)
         self.syncs: list[tuple[str, int, int]] = []  # (kind, step waited for, steps dispatched by then)
-        self.fetched: list[tuple[int, int]] = []  # (step whose metrics loop.fetch read, steps dispatched by then)
-        setup_train, fetch = loop.setup_train, loop.fetch
+        self.fetched: list[tuple[int, int]] = []  # (step whose metrics window.fetch read, steps dispatched by then)
+        setup_train, fetch = loop.setup_train, window.fetch
         value, block = jax_array.ArrayImpl._value, jax_array.ArrayImpl.block_until_ready
         batched = jax_api.xc.batched_block_until_ready
         counter = self
@@ -95,7 +95,7 @@ class SyncCounter:
             return batched(arrays)
 
         monkeypatch.setattr(loop, "setup_train", counting_setup)
-        monkeypatch.setattr(loop, "fetch", counting_fetch)
+        monkeypatch.setattr(window, "fetch", counting_fetch)
         monkeypatch.setattr(jax_array.ArrayImpl, "_value", property(watched_value))
         monkeypatch.setattr(jax_array.ArrayImpl, "block_until_ready", watched_block)
         monkeypatch.setattr(jax_api.xc, "batched_block_until_ready", watched_batched)
@@ -134,7 +134,7 @@ def test_loop_syncs_on_the_previous_step_and_reads_once_per_log_window(files, tm
     run = counter.runs[0]
     data = loop.load_split(run.cfg, run.models, run.cfg.data.train, run.cfg.data.train_split)
     table = reference.lookup(run.models.ref_tables, data)
-    inline = [reference.attach(b, table) for b in loop._batches(run, data, 0, STEPS)]
+    inline = [reference.attach(b, table) for b in prefetch.host_batches(run, data, 0, STEPS)]
     assert len(counter.batches) == len(inline) == STEPS
     for sent, built in zip(counter.batches, inline):
         for a, b in zip(jax.tree.leaves(jax.device_get(sent)), jax.tree.leaves(built)):
@@ -143,13 +143,13 @@ def test_loop_syncs_on_the_previous_step_and_reads_once_per_log_window(files, tm
 
 def test_sync_count_catches_a_loop_that_waits_for_the_step_it_dispatched(files, tmp_path, monkeypatch):
     counter = SyncCounter(monkeypatch)
-    monkeypatch.setattr(loop, "wait", lambda x: jax.block_until_ready(counter.dispatched[-1]))  # the broken loop
+    monkeypatch.setattr(window, "wait", lambda x: jax.block_until_ready(counter.dispatched[-1]))  # the broken loop
     loop.train(make_cfg(files, tmp_path / "run"))
     assert counter.on_just_dispatched() == list(range(2, STEPS + 1))
 
 
 def test_producer_error_reaches_the_loop_as_itself(files, tmp_path, monkeypatch):
-    model_flops, calls = loop._model_flops, []
+    model_flops, calls = prefetch.model_flops, []
 
     def failing_flops(run, batch):  # runs in the producer thread, for each batch
         calls.append(threading.current_thread().name)
@@ -157,7 +157,7 @@ def test_producer_error_reaches_the_loop_as_itself(files, tmp_path, monkeypatch)
             raise ValueError("row 17 of data.jsonl: a made-up batch error")
         return model_flops(run, batch)
 
-    monkeypatch.setattr(loop, "_model_flops", failing_flops)
+    monkeypatch.setattr(prefetch, "model_flops", failing_flops)
     with pytest.raises(ValueError, match=r"^row 17 of data.jsonl: a made-up batch error$"):
         loop.train(make_cfg(files, tmp_path / "run"))
     assert set(calls) == {"dpojax-batches"}
@@ -167,13 +167,13 @@ def test_producer_error_reaches_the_loop_as_itself(files, tmp_path, monkeypatch)
 def test_steps_run_with_the_heap_frozen_and_hand_it_back(files, tmp_path, monkeypatch):
     """The objects alive when the loop starts are out of reach of Python's collections while it runs (a full
     collection of them stalled a thread for ~0.35 s); they are handed back when `train` returns, also after an error."""
-    steps, seen = loop._steps, []
+    steps, seen = loop.run_steps, []
 
     def watched(*args, **kw):
         seen.append(gc.get_freeze_count())
         return steps(*args, **kw)
 
-    monkeypatch.setattr(loop, "_steps", watched)
+    monkeypatch.setattr(loop, "run_steps", watched)
     assert gc.get_freeze_count() == 0
     loop.train(make_cfg(files, tmp_path / "run"))
     assert len(seen) == 1 and seen[0] > 50_000, seen  # jax, flax, transformers, the models: all frozen
@@ -183,7 +183,7 @@ def test_steps_run_with_the_heap_frozen_and_hand_it_back(files, tmp_path, monkey
         seen.append(gc.get_freeze_count())
         raise ValueError("a made-up loop error")
 
-    monkeypatch.setattr(loop, "_steps", failing)
+    monkeypatch.setattr(loop, "run_steps", failing)
     with pytest.raises(ValueError, match="a made-up loop error"):
         loop.train(make_cfg(files, tmp_path / "run2"))
     assert seen[1] > 50_000 and gc.get_freeze_count() == 0
@@ -197,7 +197,7 @@ def test_prefetch_keeps_order_and_stops_when_closed():
             made.append(i)
             yield i
 
-    ahead = loop._Prefetch(items(), depth=2)
+    ahead = prefetch.Prefetch(items(), depth=2)
     assert [next(ahead) for _ in range(5)] == [0, 1, 2, 3, 4]
     time.sleep(0.1)  # the producer fills the queue and waits
     assert len(made) <= 5 + 2 + 1  # at most `depth` ready plus one in hand

@@ -168,7 +168,7 @@ def dropout_run(lora_setup):
     from dpojax import metrics as M
     from dpojax.config import config_from_dict
     from dpojax.sharding import Sharder, make_mesh
-    from dpojax.trainer import build, loop
+    from dpojax.trainer import build, prefetch
 
     raw = yaml.safe_load(lora_setup["config"].read_text())
     raw["model"]["lora"]["dropout"] = 0.5
@@ -180,7 +180,7 @@ def dropout_run(lora_setup):
     models = build.build_models(cfg, sharder)
     pairs = build.load_split(cfg, models, cfg.data.train, cfg.data.train_split)
     run, state = build.setup_train(cfg, models, sharder, steps=STEPS)
-    batches = [build.to_device(b, build.batch_sharding(sharder)) for b in loop._batches(run, pairs, 0, STEPS)]
+    batches = [build.to_device(b, build.batch_sharding(sharder)) for b in prefetch.host_batches(run, pairs, 0, STEPS)]
     losses = []
     for batch in batches:
         state, out = run.train_step(state, models.ref_params, batch)
@@ -222,6 +222,7 @@ def test_lora_dropout_sigkill_resume_on_mesh_equals_one_device(lora_setup, dropo
     import peft
     from test_resume import _start_held, _train_records, _wait_for_dir
 
+    from dpojax import cli
     from dpojax.config import load_config
     from dpojax.trainer import loop
 
@@ -244,7 +245,7 @@ def test_lora_dropout_sigkill_resume_on_mesh_equals_one_device(lora_setup, dropo
     assert sum(np.prod(x.shape) for _, x in leaves) == n_adapter
 
     merged = tmp_path / "merged"
-    loop.export_from_cli(str(out), str(merged), merged=True)
+    cli.export_from_cli(str(out), str(merged), merged=True)
     theirs = peft.PeftModel.from_pretrained(_torch_base(lora_setup["assets"]["policy"]), str(out / "export"))
     np.testing.assert_allclose(_torch_logits(_torch_base(merged)), _torch_logits(theirs), atol=1e-4)
 
@@ -275,7 +276,7 @@ def test_lora_matches_trl_with_peft(tmp_path):
     from trl_harness import TRL_METRICS, dpojax_overrides, make_assets, trl_trainer
 
     from dpojax.config import config_from_dict
-    from dpojax.trainer.loop import evaluate
+    from dpojax.trainer.evaluation import evaluate
 
     assets = make_assets(tmp_path / "assets", family="gpt2", n_rows=8)
     targets = ["c_attn", "c_fc"]

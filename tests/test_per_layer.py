@@ -15,7 +15,7 @@ from tiny_models import tiny_run_files
 
 from dpojax.config import config_from_dict
 from dpojax.metrics import read_metrics
-from dpojax.trainer import loop
+from dpojax.trainer import loop, prefetch
 from dpojax.trainer.step import PerLayer, join_layers, split_layers
 
 LAYERS = 3
@@ -77,7 +77,7 @@ def test_unrolled_layers_train_like_scanned(files, tmp_path, monkeypatch):
     stacked = {x.shape for x in jax.tree.leaves(state.params) if x.ndim >= 2 and x.shape[0] == LAYERS}
     assert len(per_layer) > len(jax.tree.leaves(state)) and stacked
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                         next(loop._ready_batches(run, run_data(run, files), 0, None)).batch)
+                         next(prefetch.ready_batches(run, run_data(run, files), 0, None)).batch)
     hlo = run.train_step.lower(state, run.models.ref_params, batch).compile().as_text()
     built = {tuple(int(d) for d in dims.split(",")): op  # what each instruction computes (the frozen reference
              for dims, op in re.findall(r"= f32\[([\d,]+)\]\S* (\w[\w-]*)\(", hlo)  # comes in stacked: its

@@ -18,7 +18,8 @@ from tiny_tokenizer import make_tokenizer
 
 from dpojax.config import config_from_dict
 from dpojax.metrics import read_metrics
-from dpojax.trainer.loop import evaluate, train
+from dpojax.trainer.evaluation import evaluate
+from dpojax.trainer.loop import train
 
 PROMPT_WORDS = "the sky is what color it a in where you are likes".split()
 LEVEL_WORDS = {3: "good yes blue sun", 2: "green sea cat fish", 1: "red dog hot big", 0: "bad no cold why"}

@@ -12,7 +12,7 @@ from trl_harness import TRL_METRICS, dpojax_overrides, make_assets, trl_trainer
 
 from dpojax.config import config_from_dict
 from dpojax.metrics import read_metrics
-from dpojax.trainer.loop import evaluate
+from dpojax.trainer.evaluation import evaluate
 
 PL = {"loss__type": "plackett_luce"}
 
@@ -55,7 +55,7 @@ def _step_metrics(assets, data, out, steps: int = 3, **extra) -> list[dict]:
 
     from dpojax import metrics as M
     from dpojax.sharding import Sharder, make_mesh
-    from dpojax.trainer import build, loop
+    from dpojax.trainer import build, prefetch
     from dpojax.trainer.step import batch_sharding
 
     cfg = config_from_dict(dpojax_overrides(
@@ -67,7 +67,7 @@ def _step_metrics(assets, data, out, steps: int = 3, **extra) -> list[dict]:
     train_data = build.load_split(cfg, models, cfg.data.train, cfg.data.train_split)
     run, state = build.setup_train(cfg, models, sharder, steps=build.total_steps(cfg, len(train_data)))
     out = []
-    for batch in loop._batches(run, train_data, 0, steps):
+    for batch in prefetch.host_batches(run, train_data, 0, steps):
         state, metrics = run.train_step(state, models.ref_params, build.to_device(batch, batch_sharding(sharder)))
         out.append(M.finalize(M.add_sums(None, jax.device_get(metrics))))
     return out

@@ -25,7 +25,7 @@ from dpojax.errors import ConfigError
 from dpojax.models.config import ModelConfig
 from dpojax.models.hf import abstract_params
 from dpojax.sharding import Sharder, check_fsdp_sharded, make_mesh, resolve_mesh_shape, unsharded_params
-from dpojax.trainer import build, loop
+from dpojax.trainer import build, prefetch
 from dpojax.trainer.step import batch_sharding
 
 STEPS = 5
@@ -51,7 +51,7 @@ def run_steps(cfg, mesh, steps=STEPS):
     run, state = build.setup_train(cfg, models, sharder, steps=build.total_steps(cfg, len(pairs)))
     placement = batch_sharding(sharder)
     losses = []
-    for batch in loop._batches(run, pairs, 0, steps):
+    for batch in prefetch.host_batches(run, pairs, 0, steps):
         state, out = run.train_step(state, models.ref_params, build.to_device(batch, placement))
         losses.append(M.finalize(jax.device_get(out))["loss"])
     return np.asarray(losses), state, sharder

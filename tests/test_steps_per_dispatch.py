@@ -15,7 +15,7 @@ from tiny_models import tiny_run_files
 from dpojax.config import config_from_dict
 from dpojax.errors import ConfigError
 from dpojax.metrics import read_metrics
-from dpojax.trainer import loop, reference
+from dpojax.trainer import loop, prefetch, reference
 
 STEPS = 8
 
@@ -79,7 +79,7 @@ def test_k_steps_per_dispatch_train_like_one(files, tmp_path, monkeypatch):
     # a start between multiples of K (a resume after a run with another K): single steps until a run of K fits
     run = runs[1]
     data = loop.load_split(run.cfg, run.models, run.cfg.data.train, run.cfg.data.train_split)
-    ready = list(loop._ready_batches(run, data, 1, reference.lookup(run.models.ref_tables, data)))
+    ready = list(prefetch.ready_batches(run, data, 1, reference.lookup(run.models.ref_tables, data)))
     assert [r.steps for r in ready] == [1, 1, 3, 1, 1]  # steps 2, 3, then 4-6, 7, 8
     stacked = ready[2].batch
     assert all(x.shape[0] == 3 and x.sharding.spec[0] is None for x in jax.tree.leaves(stacked))
@@ -87,10 +87,10 @@ def test_k_steps_per_dispatch_train_like_one(files, tmp_path, monkeypatch):
 
 def test_batches_of_different_shapes_go_one_at_a_time():
     a = {"ids": np.zeros((8, 32), np.int32), "mask": np.ones((8, 32), bool)}
-    assert loop._one_shape([a, dict(a), dict(a)])
-    assert not loop._one_shape([a, {**a, "ids": np.zeros((8, 64), np.int32)}])  # another length bucket
-    assert not loop._one_shape([a, {**a, "ids": np.zeros((8, 32), np.int64)}])
-    assert not loop._one_shape([a, {"ids": a["ids"]}])  # another structure
+    assert prefetch.one_shape([a, dict(a), dict(a)])
+    assert not prefetch.one_shape([a, {**a, "ids": np.zeros((8, 64), np.int32)}])  # another length bucket
+    assert not prefetch.one_shape([a, {**a, "ids": np.zeros((8, 32), np.int64)}])
+    assert not prefetch.one_shape([a, {"ids": a["ids"]}])  # another structure
 
 
 @pytest.mark.parametrize("key, value", [("train.log_every", 10), ("train.eval_every", 5), ("checkpoint.every", 7)])

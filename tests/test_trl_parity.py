@@ -9,7 +9,8 @@ from trl_harness import TRL_METRICS, dpojax_overrides, make_assets, trl_trainer
 
 from dpojax.config import config_from_dict
 from dpojax.metrics import read_metrics
-from dpojax.trainer.loop import evaluate, train
+from dpojax.trainer.evaluation import evaluate
+from dpojax.trainer.loop import train
 
 
 @pytest.fixture(scope="module")
