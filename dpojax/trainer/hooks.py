@@ -88,6 +88,7 @@ class Profile:
 class Hooks:
     periodic: tuple[Hook, ...]  # in the order they run at a step where several are due
     profile: Profile
+    writer: Any  # where the loop writes its train records (`metrics.MetricsWriter`, `tracking.Trackers`)
 
     def due(self, step: int, last: bool) -> list[Hook]:
         """The hooks due after `step` (each asked once: a `when` condition may have effects)."""
@@ -116,4 +117,4 @@ def make_hooks(run: Run, savers: Savers, writer, eval_data, samples: Samples | N
                           pauses_clock=True))
     hooks += [Hook("save", savers.save, every=cfg.checkpoint.every, at_last=True),
               Hook("stop", stop, when=preemption.should_stop)]
-    return Hooks(tuple(hooks), Profile(profiler))
+    return Hooks(tuple(hooks), Profile(profiler), writer)

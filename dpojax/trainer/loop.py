@@ -62,8 +62,7 @@ class LoopEnd:
     stopped_at: int | None  # the step a SIGTERM stopped the run at, or None
 
 
-def run_loop(run: Run, state: TrainState, ref_params, hooks: Hooks, writer, train_data: TokenizedData,
-             start: int) -> LoopEnd:
+def run_loop(run: Run, state: TrainState, ref_params, hooks: Hooks, train_data: TokenizedData, start: int) -> LoopEnd:
     """Steps start+1 .. total_steps from `state` (consumed) and the reference `ref_params`.
 
     The host keeps ahead of the devices: a producer thread (`prefetch.Prefetch`) builds and sends the batches; the
@@ -73,10 +72,10 @@ def run_loop(run: Run, state: TrainState, ref_params, hooks: Hooks, writer, trai
     step's flat leaves between steps. With train.steps_per_dispatch = K a dispatch runs K steps (`TrainStep.many`
     on K stacked batches) and all of the above holds per dispatch."""
     upcoming = prefetch.upcoming(run, train_data, start, reference.lookup(run.models.ref_tables, train_data))
-    begin = LoopState(start, run.train_step.leaves_of(state), ref_params, jax.tree.leaves(ref_params))
     try:
         with frozen_heap():
-            return run_steps(run, hooks, writer, upcoming, begin)
+            begin = LoopState(start, run.train_step.leaves_of(state), ref_params, jax.tree.leaves(ref_params))
+            return run_steps(run, hooks, upcoming, begin)
     finally:
         upcoming.close()
 
@@ -105,7 +104,7 @@ def progress(total: int, start: int):
                 disable=jax.process_index() != 0)
 
 
-def run_steps(run: Run, hooks: Hooks, writer, upcoming: Iterator[prefetch.ReadyBatch], s: LoopState) -> LoopEnd:
+def run_steps(run: Run, hooks: Hooks, upcoming: Iterator[prefetch.ReadyBatch], s: LoopState) -> LoopEnd:
     """The loop of `run_loop`, from `s` over the ready batches of `upcoming`."""
     log_every = run.cfg.train.log_every
     window, bar = W.MetricWindow(run.cfg), progress(run.total_steps, s.step)
@@ -117,7 +116,7 @@ def run_steps(run: Run, hooks: Hooks, writer, upcoming: Iterator[prefetch.ReadyB
         if s.previous is not None:  # the dispatch before, finished by now (it ran while the host did the above)
             W.wait(s.previous[1])
             if s.previous[0] % log_every == 0:  # its record, read while this dispatch runs
-                write_record(run, window, bar, writer, s.previous[0])
+                write_record(run, window, bar, hooks.writer, s.previous[0])
         for i, step in enumerate(range(first, s.step + 1)):
             window.add(step, out, done.tokens[i], done.flops[i], None if done.steps == 1 else i)
         bar.update(done.steps)
@@ -128,7 +127,7 @@ def run_steps(run: Run, hooks: Hooks, writer, upcoming: Iterator[prefetch.ReadyB
         if not boundary:
             continue
         if last or s.step % log_every == 0:
-            write_record(run, window, bar, writer, s.step)
+            write_record(run, window, bar, hooks.writer, s.step)
         else:
             window.read(run.train_step.metrics_def)
         state = run.train_step.state_of(s.leaves) if state is None else state
@@ -252,7 +251,7 @@ def train(cfg: Config) -> dict[str, Any]:
     try:
         with Preemption() as preemption:
             hooks = make_hooks(run, savers, writer, eval_data, samples, preemption, profiler)
-            end = run_loop(run, state, run.models.ref_params, hooks, writer, train_data, start)
+            end = run_loop(run, state, run.models.ref_params, hooks, train_data, start)
         final = {} if end.stopped_at is not None else _final_eval(run, end, savers, writer, eval_data, samples)
     finally:  # an error (e.g. divergence) still completes the saves already under way
         profiler.stop()
