@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra  # overrides after an option: compile CONFIG --topology T key=value
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _log_to_stderr()
     for name in ("absl", "jax._src", "orbax", "datasets", "httpx", "filelock", "gcsfs", "fsspec"):
         logging.getLogger(name).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -91,6 +91,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"dpojax {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _log_to_stderr() -> None:
+    """INFO and up, as bare messages, on stderr (unless the host program set logging up). absl's first log call
+    installs a bare `logging.basicConfig()` when the root logger has no handler, and orbax logs through it while
+    this module's imports run: that default handler gives way to this one."""
+    handlers = logging.getLogger().handlers
+    absl_default = len(handlers) == 1 and type(handlers[0]) is logging.StreamHandler and \
+        handlers[0].stream is sys.stderr and getattr(handlers[0].formatter, "_fmt", None) == logging.BASIC_FORMAT
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=absl_default)
 
 
 def _command(args) -> int:
