@@ -1,9 +1,10 @@
 """What every dpojax benchmark shares: timing, the machine's name, FLOP accounting, an XLA op-kind profile,
 and the side-by-side runners (a dpojax train step, TRL's DPOTrainer) on one model folder and one data set.
 
-Benchmarks are scripts (`python -m benchmarks.NAME` or `python benchmarks/NAME.py`), never timed tests: only
-ratios measured side by side in one run mean anything (CPUs differ between machines; see DESIGN.md §5), so
-every report names the CPU and quotes medians with their min/max.
+Benchmarks are scripts (`python -m benchmarks.NAME` or `python benchmarks/NAME.py`), never timed tests: CPUs
+differ between machines (cores, vector units, AMX or not) and a shared machine's load changes from run to run, so
+only ratios measured side by side in one run mean anything. Every report names the CPU and quotes medians with
+their min/max; the latest figures, with their machine and date, are in benchmarks/RESULTS.md.
 
     from benchmarks import harness
     t = harness.time_fn(lambda: jax.block_until_ready(step(x)), warmup=2, repeats=5)
