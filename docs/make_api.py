@@ -9,6 +9,9 @@ import inspect
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: this checkout's dpojax
+import dpojax  # noqa: E402 - after the sys.path set-up above
+
 OUT = Path(__file__).with_name("api.md")
 HEADER = """# dpojax API reference
 
@@ -34,8 +37,6 @@ def _entry(name: str, obj) -> list[str]:
 
 
 def render() -> str:
-    import dpojax
-
     lines = [HEADER]
     for name in dpojax.__all__:
         lines += _entry(name, getattr(dpojax, name))
@@ -43,6 +44,5 @@ def render() -> str:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     OUT.write_text(render())
     print(f"wrote {OUT}")

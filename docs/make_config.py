@@ -23,6 +23,9 @@ import types
 import typing
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: this checkout's dpojax
+from dpojax import config  # noqa: E402 - after the sys.path set-up above
+
 OUT = Path(__file__).with_name("configuration.md")
 HEADER = """# Configuration reference
 
@@ -111,8 +114,8 @@ def _type(tp) -> str:
         text = " or ".join(_type(a) for a in args if a is not type(None))
         return text + " or null" if type(None) in args else text
     if origin is tuple:
-        return f"list of ({_type(typing.get_args(tp)[0])})" if typing.get_origin(typing.get_args(tp)[0]) else \
-            f"list of {_type(typing.get_args(tp)[0])}"
+        item = typing.get_args(tp)[0]
+        return f"list of ({_type(item)})" if typing.get_origin(item) else f"list of {_type(item)}"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -146,7 +149,8 @@ def _doc(cls) -> str:
     return "" if doc.startswith(f"{cls.__name__}(") else " ".join(doc.split())
 
 
-def _section(config, comments, cls, yaml_names: dict, prefix: str) -> list[str]:
+def _section(comments: dict, cls, yaml_names: dict, prefix: str) -> list[str]:
+    """The heading, docstring and key table of one section (`prefix`: its dotted YAML path), then its subsections."""
     hints = typing.get_type_hints(cls, vars(config))
     doc = _doc(cls)
     lines = [f"## `{prefix.rstrip('.')}`", ""] if prefix else []
@@ -158,7 +162,7 @@ def _section(config, comments, cls, yaml_names: dict, prefix: str) -> list[str]:
         tp = hints[f.name]
         comment = comments.get((cls.__name__, f.name), "")
         if dataclasses.is_dataclass(tp):
-            nested.append((tp, key, comment))
+            nested.append((f, tp, key))
             comment = comment or _doc(tp).split(". ")[0].rstrip(".")
             rows.append(f"| `{key}` | section | see [`{prefix}{key}`](#{_anchor(prefix + key)}) | {_cell(comment)} |")
             continue
@@ -166,10 +170,9 @@ def _section(config, comments, cls, yaml_names: dict, prefix: str) -> list[str]:
         rows.append(f"| `{key}` | {_cell(_type(tp))} | `{_cell(_value(_default(f)))}` | {_cell(text)} |")
     if rows:
         lines += ["| key | type | default | meaning |", "|---|---|---|---|", *rows, ""]
-    for tp, key, _comment in nested:
-        sub = config.to_dict(_default(next(f for f in dataclasses.fields(cls) if yaml_names[f.name] == key)))
-        names = dict(zip((f.name for f in dataclasses.fields(tp)), sub, strict=True))
-        lines += _section(config, comments, tp, names, f"{prefix}{key}.")
+    for f, tp, key in nested:
+        names = dict(zip((g.name for g in dataclasses.fields(tp)), config.to_dict(_default(f)), strict=True))
+        lines += _section(comments, tp, names, f"{prefix}{key}.")
     return lines
 
 
@@ -179,15 +182,12 @@ def _anchor(heading: str) -> str:
 
 
 def render() -> str:
-    from dpojax import config
-
     comments = field_comments(Path(config.__file__).read_text())
     names = dict(zip((f.name for f in dataclasses.fields(config.Config)), config.to_dict(config.Config()), strict=True))
     lines = [HEADER, "## Top level", ""]
-    return "\n".join(lines + _section(config, comments, config.Config, names, "")).rstrip() + "\n"
+    return "\n".join(lines + _section(comments, config.Config, names, "")).rstrip() + "\n"
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     OUT.write_text(render())
     print(f"wrote {OUT}")
