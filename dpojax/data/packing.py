@@ -35,7 +35,7 @@ metric such as `rewards/accuracies` (chosen > rejected) counts them as TRL does.
 `pack` builds the global batch on every host (deterministic in the batch's prompts only: resume is exact and every
 host count builds the same global batch) and returns this host's contiguous share of rows and prompts. With A
 micro-batches, micro-batch a holds prompts a, a + A, ... (as for unpacked batches) and rows a, a + A, ....
-Glossary: `dpojax.glossary` (R rows, L row length, E entries = L per row).
+Glossary: `dpojax.glossary` (P rows, J row length, I entries = J per row).
 """
 
 from __future__ import annotations
@@ -56,19 +56,19 @@ ROW_CAPACITY = 8  # shared_prompt rows hold up to this many times max_length tok
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PackedBatch:
-    """R packed rows of L tokens (this host's share) and the N prompts they hold; per-prompt fields as in
+    """P packed rows of J tokens (this host's share) and the N prompts they hold; per-prompt fields as in
     `PreferenceBatch`, so the loss side does not see the difference."""
 
-    input_ids_RxL: np.ndarray  # int32, pad_token_id on padding
-    positions_RxL: np.ndarray  # int32, position within the token's own sequence (prompt 0..P-1, response P..)
-    segment_ids_RxL: np.ndarray  # int32, one id per group part within the row; 0 on padding
-    branch_ids_RxL: np.ndarray  # int32, 0 on a shared prompt, k + 1 on response k
-    src_RxL: np.ndarray  # int32, entry e: position of the hidden state that predicts target e
-    target_RxL: np.ndarray  # int32, entry e: the predicted token
-    owner_RxL: np.ndarray  # int32, entry e: slot n * (K + 1) + k within its micro-batch (0 on empty entries)
-    completion_RxL: np.ndarray  # float32, entry e is a scored completion token
-    lm_RxL: np.ndarray  # float32, entry e counts in the prompt+response NLL (only filled for losses that use it)
-    ld_shared_RxL: np.ndarray  # float32, entry e is within its prompt's shared length (LD-DPO)
+    input_ids_PxJ: np.ndarray  # int32, pad_token_id on padding
+    positions_PxJ: np.ndarray  # int32, position within the token's own sequence (prompt 0..P-1, response P..)
+    segment_ids_PxJ: np.ndarray  # int32, one id per group part within the row; 0 on padding
+    branch_ids_PxJ: np.ndarray  # int32, 0 on a shared prompt, k + 1 on response k
+    src_PxI: np.ndarray  # int32, entry e: position of the hidden state that predicts target e
+    target_PxI: np.ndarray  # int32, entry e: the predicted token
+    owner_PxI: np.ndarray  # int32, entry e: slot n * (K + 1) + k within its micro-batch (0 on empty entries)
+    completion_PxI: np.ndarray  # float32, entry e is a scored completion token
+    lm_PxI: np.ndarray  # float32, entry e counts in the prompt+response NLL (only filled for losses that use it)
+    ld_shared_PxI: np.ndarray  # float32, entry e is within its prompt's shared length (LD-DPO)
     completion_len_NxK: np.ndarray  # float32, completion tokens of each sequence (TRL's IPO normaliser)
     response_mask_NxK: np.ndarray
     rank_NxK: np.ndarray
@@ -78,11 +78,11 @@ class PackedBatch:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.input_ids_RxL.shape
+        return self.input_ids_PxJ.shape
 
     def real_tokens(self) -> int:
         """Computed positions that hold a token (a shared prompt counts once): what tokens/s counts."""
-        return int(np.sum(np.asarray(self.segment_ids_RxL) > 0))
+        return int(np.sum(np.asarray(self.segment_ids_PxJ) > 0))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -322,7 +322,7 @@ def make_terms(inputs: LossInputs, cfg, hp: LossParams) -> Terms:
     x = _fill(inputs, reference_free(cfg))
     logratios = x.logps_NxK - x.ref_logps_NxK
     scores = f_scores(logratios, cfg.f_divergence_type, hp.f_alpha_divergence_coef)
-    worst_N1 = worst_index(x.response_mask_NxK)[:, None]
+    worst_Nx1 = worst_index(x.response_mask_NxK)[:, None]
 
     def side(pick) -> Side:
         wpo = None if x.wpo_sum_NxK is None else pick(x.wpo_sum_NxK)
@@ -330,7 +330,7 @@ def make_terms(inputs: LossInputs, cfg, hp: LossParams) -> Terms:
                     pick(x.raw_logps_NxK), wpo, pick(logratios), pick(scores))
 
     return Terms(x, logratios, scores, x.prompt_mask_N, side(lambda v: v[:, 0]),
-                 side(lambda v: jnp.take_along_axis(v, worst_N1, axis=-1)[:, 0]))
+                 side(lambda v: jnp.take_along_axis(v, worst_Nx1, axis=-1)[:, 0]))
 
 
 # ------------------------------------------------------------------------------------------------ entry points

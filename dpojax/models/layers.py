@@ -302,10 +302,10 @@ def _yarn_inv_freq(rope: RopeConfig, dim: int) -> tuple[np.ndarray, float]:
 
 
 def rope_cos_sin(positions_BxT: jax.Array, inv_freq: np.ndarray, scale: float, dtype) -> tuple[jax.Array, jax.Array]:
-    """cos, sin [B, T, Dh] (fp32 angles, cast to dtype), halves repeated as in HF's rotate_half layout."""
-    angles_BxTxDh2 = positions_BxT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
-    angles_BxTxDh = jnp.concatenate([angles_BxTxDh2, angles_BxTxDh2], axis=-1)
-    return (jnp.cos(angles_BxTxDh) * scale).astype(dtype), (jnp.sin(angles_BxTxDh) * scale).astype(dtype)
+    """cos, sin [B, T, Dr] (fp32 angles, cast to dtype), halves repeated as in HF's rotate_half layout."""
+    half = positions_BxT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]  # [B, T, Dr / 2]
+    angles_BxTxDr = jnp.concatenate([half, half], axis=-1)
+    return (jnp.cos(angles_BxTxDr) * scale).astype(dtype), (jnp.sin(angles_BxTxDr) * scale).astype(dtype)
 
 
 def rope_tables(rope: RopeConfig, rotary_dims: int, max_position_embeddings: int, positions_BxT: jax.Array,
@@ -324,20 +324,20 @@ def rope_tables(rope: RopeConfig, rotary_dims: int, max_position_embeddings: int
     return cos_BxTxDr, sin_BxTxDr
 
 
-def apply_rope(x_BxTxNxDh: jax.Array, cos_BxTxDr: jax.Array, sin_BxTxDr: jax.Array) -> jax.Array:
+def apply_rope(x_BxTxHxDh: jax.Array, cos_BxTxDr: jax.Array, sin_BxTxDr: jax.Array) -> jax.Array:
     """x * cos + rotate_half(x) * sin on the first Dr dims of each head (rotate_half(x) = [-x2, x1] on their
-    two halves); the remaining Dh - Dr dims pass unchanged (partial rotary). N: any heads axis (H or G).
+    two halves); the remaining Dh - Dr dims pass unchanged (partial rotary). H: any heads axis (H, or G for keys).
 
     With every dim rotated (Dr = Dh, most models) rotate_half is a reversal of the two halves and a sign folded
     into sin: no slices and no concatenation, whose backward would be pads (a copy of x per rotation)."""
-    Dr, Dh = cos_BxTxDr.shape[-1], x_BxTxNxDh.shape[-1]
+    Dr, Dh = cos_BxTxDr.shape[-1], x_BxTxHxDh.shape[-1]
     cos_BxTx1xDr, sin_BxTxDr = cos_BxTxDr[:, :, None, :], sin_BxTxDr
     if Dr == Dh:
         sign_Dr = jnp.concatenate([-jnp.ones(Dr // 2, sin_BxTxDr.dtype), jnp.ones(Dr // 2, sin_BxTxDr.dtype)])
-        halves = x_BxTxNxDh.reshape(*x_BxTxNxDh.shape[:-1], 2, Dr // 2)
-        swapped_BxTxNxDh = jnp.flip(halves, axis=-2).reshape(x_BxTxNxDh.shape)  # [x2, x1]
-        return x_BxTxNxDh * cos_BxTx1xDr + swapped_BxTxNxDh * (sin_BxTxDr * sign_Dr)[:, :, None, :]
-    x_rot, x_pass = x_BxTxNxDh[..., :Dr], x_BxTxNxDh[..., Dr:]
+        halves = x_BxTxHxDh.reshape(*x_BxTxHxDh.shape[:-1], 2, Dr // 2)
+        swapped_BxTxHxDh = jnp.flip(halves, axis=-2).reshape(x_BxTxHxDh.shape)  # [x2, x1]
+        return x_BxTxHxDh * cos_BxTx1xDr + swapped_BxTxHxDh * (sin_BxTxDr * sign_Dr)[:, :, None, :]
+    x_rot, x_pass = x_BxTxHxDh[..., :Dr], x_BxTxHxDh[..., Dr:]
     x1, x2 = jnp.split(x_rot, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
     out = x_rot * cos_BxTx1xDr + rotated * sin_BxTxDr[:, :, None, :]
