@@ -17,7 +17,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from dpojax import paths
+from dpojax import losses, paths  # the loss registry owns its names, traits, ranges and combinations
 from dpojax.errors import ConfigError
 
 
@@ -382,11 +382,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config: 'optim.lr', 'optim.warmup_steps' and 'optim.weight_decay' must be >= 0.")
     _validate_sections(cfg)
     _validate_lora(cfg)
-    from dpojax import losses  # the loss registry owns its names, traits, ranges and combinations
-
     losses.import_loss_modules(cfg.loss.import_)  # user losses register themselves before their names are checked
     losses.validate_loss_config(cfg.loss)
-    _validate_with_losses(cfg, losses)
+    _validate_with_losses(cfg)
     d = cfg.distributed
     if min(d.initialization_timeout, d.heartbeat_timeout, d.shutdown_timeout) <= 0:
         raise ConfigError("config: 'distributed.*_timeout' values are seconds and must be positive.")
@@ -466,7 +464,7 @@ def _validate_lora(cfg: Config) -> None:
              "the frozen base; remove ref_model.sync_every.")
 
 
-def _validate_with_losses(cfg: Config, losses) -> None:
+def _validate_with_losses(cfg: Config) -> None:
     """Checks that need the loss registry's traits."""
     d, c = cfg.data, cfg.checkpoint
     kwise = losses.is_kwise(cfg.loss)

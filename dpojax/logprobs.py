@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from dpojax.losses.core import best_and_worst  # the one definition of "worst real response"
+
 Array = jax.Array
 
 
@@ -567,8 +569,6 @@ def token_metric_sums(stats: SeqStats, *, num_responses: int = 2, response_mask_
     over every real response's tokens; `mean_token_accuracy`: share of the best response's tokens that are the
     argmax. Filler prompts and padding responses count nothing. Value = sum / count.
     """
-    from dpojax.losses import best_and_worst  # the one definition of "worst real response"
-
     k = num_responses
     tokens_NxK = stats.tokens_B.reshape(-1, k)
     n = tokens_NxK.shape[0]

@@ -9,7 +9,7 @@ the row length is rounded up to a sixteenth of an octave, so a run compiles a ha
 Shared-prompt rows may hold up to ROW_CAPACITY x max_length tokens (the XLA kernel reads only a band of keys);
 padding-free rows at most max_length (splash and cuDNN compute every causal block of a row).
 
-Truncation stays per sequence (prompt + one response, TRL's rules; `batching.truncate_sequence`), so packing never
+Truncation stays per sequence (prompt + one response, TRL's rules; `sequences.truncate_sequence`), so packing never
 cuts further than the [N, K, T] batch does:
 - `keep_start` keeps every sequence's first max_length tokens: the kept prompt (min(P, max_length) tokens) is the
   same for every response, so it is shared and each response keeps what is left of it.
@@ -46,6 +46,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
+from dpojax.data.sequences import prompt_fields, truncate_sequence
 from dpojax.data.tokenize import TokenizedData
 
 MODES = ("auto", "none", "padding_free", "shared_prompt")
@@ -120,8 +121,6 @@ class _Part:
 
 
 def _sequences(data: TokenizedData, m: int, max_length: int | None, mode: str):
-    from dpojax.data.batching import truncate_sequence  # batching imports this module
-
     return [truncate_sequence(data.prompt_ids[m], r, max_length, mode) for r in data.response_ids[m]]
 
 
@@ -272,14 +271,7 @@ def pack(data: TokenizedData, indices: Sequence[int], prompt_mask: np.ndarray, p
     def stack(name):
         return np.stack([getattr(w, name) for w in ordered])
 
-    response_mask = np.zeros((n_global, k_max), np.float32)
-    rank = np.full((n_global, k_max), k_max, np.int32)
-    for p, m in enumerate(indices):
-        n_real = len(data.response_ids[int(m)])
-        response_mask[p, :n_real] = 1.0
-        rank[p, :n_real] = data.ranks[int(m)]
-    prompt_mask = np.asarray(prompt_mask, np.float32)
-    prompt_index = np.where(prompt_mask > 0, np.asarray(indices, np.int64), -1).astype(np.int32)
+    response_mask, rank, prompt_mask, prompt_index = prompt_fields(data, indices, prompt_mask)
     if rows * a % process_count or n_global % process_count:
         raise ValueError(f"{rows * a} rows / {n_global} prompts do not split over {process_count} hosts")
     r_share, n_share = rows * a // process_count, n_global // process_count

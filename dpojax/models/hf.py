@@ -29,52 +29,9 @@ from dpojax import paths
 from dpojax.errors import ModelError
 from dpojax.models.config import ModelConfig
 from dpojax.models.families import FAMILIES
+from dpojax.models.layouts import TRANSFORMS, fuse, to_host, unfuse
 from dpojax.models.transformer import Decoder
 from dpojax.sharding import Sharder
-
-# ---- transforms: (HF array, our shape) -> ours, and ours -> HF -----------------------------------------
-# HF nn.Linear weights are [out, in]; ours are [in..., out...] with heads split out of the flat dims.
-ToOurs = Callable[[np.ndarray, tuple[int, ...]], np.ndarray]
-ToHF = Callable[[np.ndarray], np.ndarray]
-TRANSFORMS: dict[str, tuple[ToOurs, ToHF]] = {
-    "identity": (lambda x, shape: x, lambda x: x),
-    "transpose": (lambda x, shape: x.T, lambda x: x.T),  # [out, in] <-> [in, out]
-    "split_out_heads": (  # [N*Dh, D] <-> [D, N, Dh]   (q/k/v)
-        lambda x, shape: x.T.reshape(shape), lambda x: x.reshape(x.shape[0], -1).T),
-    "split_in_heads": (  # [D, H*Dh] <-> [H, Dh, D]    (o)
-        lambda x, shape: x.T.reshape(shape), lambda x: x.reshape(-1, x.shape[-1]).T),
-    "split_heads": (lambda x, shape: x.reshape(shape), lambda x: x.reshape(-1)),  # [N*Dh] <-> [N, Dh]
-    "flat_out_heads": (  # [D, N*Dh] <-> [D, N, Dh]   (Conv1D q/k/v: GPT-2)
-        lambda x, shape: x.reshape(shape), lambda x: x.reshape(x.shape[0], -1)),
-    "flat_in_heads": (  # [H*Dh, D] <-> [H, Dh, D]    (Conv1D o: GPT-2)
-        lambda x, shape: x.reshape(shape), lambda x: x.reshape(-1, x.shape[-1])),
-}
-
-
-# ---- fuse rules: several of our params (each in its HF piece layout) <-> one HF tensor ---------------------
-def _fuse(rule: str, pieces: list[np.ndarray], cfg: ModelConfig) -> np.ndarray:
-    if rule == "cat_first":
-        return np.concatenate(pieces, axis=0)
-    if rule == "cat_last":
-        return np.concatenate(pieces, axis=-1)
-    if rule == "per_head":  # [H*Dh, ...] pieces -> [H, (piece 0, piece 1, ...), Dh, ...] rows
-        H = cfg.num_heads
-        heads = [p.reshape(H, -1, *p.shape[1:]) for p in pieces]
-        return np.concatenate(heads, axis=1).reshape(-1, *pieces[0].shape[1:])
-    raise ValueError(f"unknown fuse rule {rule!r}")
-
-
-def _unfuse(rule: str, x: np.ndarray, piece_shapes: list[tuple[int, ...]], cfg: ModelConfig) -> list[np.ndarray]:
-    if rule in ("cat_first", "cat_last"):
-        axis = 0 if rule == "cat_first" else x.ndim - 1
-        bounds = np.cumsum([s[axis] for s in piece_shapes])[:-1]
-        return np.split(x, bounds, axis=axis)
-    if rule == "per_head":
-        H = cfg.num_heads
-        heads = x.reshape(H, -1, *x.shape[1:])
-        bounds = np.cumsum([s[0] // H for s in piece_shapes])[:-1]
-        return [p.reshape(-1, *x.shape[1:]) for p in np.split(heads, bounds, axis=1)]
-    raise ValueError(f"unknown fuse rule {rule!r}")
 
 
 class Entry(NamedTuple):
@@ -108,7 +65,7 @@ def _hf_layer_shape(path: str, table: Mapping[str, Entry], shapes: Mapping[str, 
     if entry.fuse is None:
         return _piece_shape(entry, shapes[path])
     pieces = [np.empty(_piece_shape(table[p], shapes[p]), np.int8) for p in _siblings(table, entry, shapes)]
-    return _fuse(entry.fuse, pieces, cfg).shape
+    return fuse(entry.fuse, pieces, cfg).shape
 
 
 WEIGHT_PATTERNS = ("*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja")
@@ -333,7 +290,7 @@ def _load_param(var: nnx.Variable, path: str, cfg: ModelConfig, reader: _Reader,
     def read(name: str, index: tuple[slice, ...]) -> np.ndarray:
         """Our layer-level `index` of HF weight `name`, in our layout."""
         if entry.fuse is not None:
-            piece = _unfuse(entry.fuse, reader.get(name), piece_shapes, cfg)[part]
+            piece = unfuse(entry.fuse, reader.get(name), piece_shapes, cfg)[part]
             return to_ours(piece, layer_shape)[index]
         if entry.transform in SLICEABLE:  # memory-mapped partial read
             x = reader.get_slice(name)[SLICEABLE[entry.transform](index)]
@@ -374,14 +331,6 @@ def load_pretrained(name_or_path: str | pathlib.Path, *, dtype=jnp.float32, para
 # ---- export --------------------------------------------------------------------------------------------
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
-    if x.is_fully_addressable:
-        return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 def hf_tensors(model: Decoder, cfg: ModelConfig) -> list[tuple[str, Callable[[], np.ndarray], tuple, Any]]:
     """[(HF name, thunk -> numpy array in HF layout, HF shape, dtype)] in table order; thunks fetch lazily.
     Fused weights (several of our params in one HF tensor) are joined by their table's fuse rule."""
@@ -399,8 +348,8 @@ def hf_tensors(model: Decoder, cfg: ModelConfig) -> list[tuple[str, Callable[[],
         hf_shape, dtype = _hf_layer_shape(path, table, shapes, cfg), values[0].dtype
 
         def thunk(i=None, values=values, to_hf=to_hf, fuse=entry.fuse):
-            pieces = [f(_to_host(v if i is None else v[i])) for f, v in zip(to_hf, values)]
-            return np.ascontiguousarray(pieces[0] if fuse is None else _fuse(fuse, pieces, cfg))
+            pieces = [f(to_host(v if i is None else v[i])) for f, v in zip(to_hf, values)]
+            return np.ascontiguousarray(pieces[0] if fuse is None else fuse(fuse, pieces, cfg))
 
         if "{i}" not in entry.hf:
             out.append((entry.hf, thunk, hf_shape, dtype))

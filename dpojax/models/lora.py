@@ -46,6 +46,7 @@ from dpojax.errors import ConfigError, ModelError
 from dpojax.models.config import ModelConfig
 from dpojax.models.families import FAMILIES
 from dpojax.models.layers import dense_matmul
+from dpojax.models.layouts import fuse, to_host, unfuse
 from dpojax.sharding import Sharder
 
 CONV1D_TRANSFORMS = ("identity", "flat_out_heads", "flat_in_heads")  # HF weight stored [in, out] (GPT-2 Conv1D)
@@ -294,19 +295,17 @@ def _b_rule(fuse: str | None) -> str | None:
 
 def peft_tensors(adapters, groups: list[Group], cfg: ModelConfig) -> dict[str, np.ndarray]:
     """PEFT's adapter_model.safetensors entries (fp32 numpy), `base_model.model.<module>.lora_{A,B}.weight`."""
-    from dpojax.models.hf import _fuse, _to_host
-
     flat = _flat(adapters)
     out = {}
     for group in groups:
-        a = _to_host(flat[a_path(group, flat)].value)  # [L, *in, r]
-        bs = [_to_host(flat[f"{p}/lora/b"].value) for p in group.parts]  # [L, r, *out]
+        a = to_host(flat[a_path(group, flat)].value)  # [L, *in, r]
+        bs = [to_host(flat[f"{p}/lora/b"].value) for p in group.parts]  # [L, r, *out]
         r = a.shape[-1]
         for i in range(cfg.num_layers):
             name = "base_model.model." + group.hf.format(i=i)
             out[f"{name}.lora_A.weight"] = np.ascontiguousarray(a[i].reshape(-1, r).T)
             pieces = [b[i].reshape(r, -1).T for b in bs]
-            fused = pieces[0] if group.fuse is None else _fuse(_b_rule(group.fuse), pieces, cfg)
+            fused = pieces[0] if group.fuse is None else fuse(_b_rule(group.fuse), pieces, cfg)
             out[f"{name}.lora_B.weight"] = np.ascontiguousarray(fused)
     return out
 
@@ -369,9 +368,7 @@ def check_peft_config(peft: dict[str, Any], lora_cfg, cfg: ModelConfig, groups: 
 
 def load_peft(folder, abstract_adapters, groups: list[Group], cfg: ModelConfig, lora_cfg):
     """The adapter State (shapes and shardings of `abstract_adapters`) read from a PEFT adapter folder."""
-    from safetensors.numpy import load_file
-
-    from dpojax.models.hf import _unfuse
+    from safetensors.numpy import load_file  # optional dependency, needed only to read a PEFT folder
 
     folder = paths.local_copy(folder, [ADAPTER_CONFIG, ADAPTER_WEIGHTS])  # a gs:// folder: its local mirror
     check_peft_config(read_peft_config(folder), lora_cfg, cfg, groups, folder)
@@ -394,7 +391,7 @@ def load_peft(folder, abstract_adapters, groups: list[Group], cfg: ModelConfig, 
             a_layers.append(a_hf.T.reshape(a_var.shape[1:]))
             piece_shapes = [(math.prod(b.shape[2:]), r) for b in b_vars]
             _check_shape(b_hf, (sum(s[0] for s in piece_shapes), r), name, folder)
-            pieces = [b_hf] if group.fuse is None else _unfuse(_b_rule(group.fuse), b_hf, piece_shapes, cfg)
+            pieces = [b_hf] if group.fuse is None else unfuse(_b_rule(group.fuse), b_hf, piece_shapes, cfg)
             for k, (piece, b) in enumerate(zip(pieces, b_vars)):
                 b_layers[k].append(piece.T.reshape(b.shape[1:]))
         values[a_path(group, flat)] = _place(np.stack(a_layers), a_var)
