@@ -37,8 +37,9 @@ from benchmarks.model_body import BENCH_LLAMA  # noqa: E402 - after the sys.path
 from dpojax import flops  # noqa: E402 - after the environment set-up above
 from dpojax.config import config_from_dict, load_config  # noqa: E402 - after the environment set-up above
 from dpojax.data.packing import attention_for  # noqa: E402 - after the environment set-up above
-from dpojax.models.attention import resolve_attention  # noqa: E402 - after the environment set-up above
+from dpojax.models.attention import IMPLEMENTATIONS, resolve_attention  # noqa: E402 - after the environment set-up above
 from dpojax.models.config import ModelConfig  # noqa: E402 - after the environment set-up above
+from dpojax.models.transformer import REMAT_NAMES  # noqa: E402 - after the environment set-up above
 from dpojax.trainer.build import DTYPES  # noqa: E402 - after the environment set-up above
 
 LLAMA_32_1B = {
@@ -278,8 +279,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--micro-batch", type=int, default=None, help="train.micro_batch_size (gradient accumulation)")
     ap.add_argument("--max-length", type=int, default=None, help="presets: tokens per sequence")
     ap.add_argument("--dtype", default=None, choices=("float32", "bfloat16"), help="presets: model.dtype")
-    ap.add_argument("--attention", default=None, choices=("auto", "xla", "cudnn", "splash"), help="model.attention")
-    ap.add_argument("--remat", default=None, help="model.remat (none, full, dots, dots_all, qkv)")
+    ap.add_argument("--attention", default=None, choices=IMPLEMENTATIONS, help="model.attention")
+    ap.add_argument("--remat", default=None, choices=REMAT_NAMES, help="model.remat")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="any config override, e.g. data.packing=... (repeatable)")
     ap.add_argument("--accounting", action="store_true", help="presets: print the FLOP accounting only")

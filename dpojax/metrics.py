@@ -18,23 +18,13 @@ from typing import Mapping
 import numpy as np
 
 from dpojax import paths
+from dpojax.losses import BASE_METRICS, RANKING_METRICS
 
 PathLike = str | os.PathLike
 
-# TRL's names, in the order a summary prints them.
-PAIR_METRICS = (
-    "loss",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/accuracies",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/rejected",
-    "logits/chosen",
-    "logits/rejected",
-    "rewards/ranking_accuracy",  # ranked data (dpojax/ranking.py); a summary shows only the metrics a run has
-    "rewards/kendall_tau",
-)
+# TRL's names, then ranked data's (dpojax/losses/ranking.py), in the order a summary prints them; a summary shows
+# only the metrics a run has.
+PAIR_METRICS = (*BASE_METRICS, *RANKING_METRICS)
 
 
 def add_sums(acc: dict[str, tuple[float, float]] | None, new: Mapping) -> dict[str, tuple[float, float]]:

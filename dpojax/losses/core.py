@@ -183,8 +183,10 @@ def needs_prompt_nll(cfg) -> bool:
     return any(loss.prompt_nll for loss in traits(cfg))
 
 
-BASE_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-                "logps/rejected", "logits/chosen", "logits/rejected")
+# TRL's metric names: the one list (the summary, `metric_names` and the TRL parity tests read it)
+TRL_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+               "logps/rejected")
+BASE_METRICS = (*TRL_METRICS, "logits/chosen", "logits/rejected")  # every run records these (logits: per token)
 
 
 def metric_names(cfg) -> tuple[str, ...]:

@@ -42,8 +42,6 @@ from dpojax.models import lora
 from dpojax.sharding import Sharder
 from dpojax.trainer.optim import make_optimizer
 
-MetricSums = dict[str, tuple[jax.Array, jax.Array]]
-
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -226,7 +224,7 @@ def join_layers(tree):
 
 def batch_loss(params, ref_params, batch: PreferenceBatch, spec: StepSpec,
                hp: losses.LossParams | None = None,
-               dropout_key: jax.Array | None = None) -> tuple[jax.Array, MetricSums]:
+               dropout_key: jax.Array | None = None) -> tuple[jax.Array, losses.MetricSums]:
     """(sum over real prompts of the loss, metric sums) for one micro-batch; the reference is frozen. `hp`: the
     loss hyper-parameters as data (default: the config's); `dropout_key`: training steps of a LoRA run with
     model.lora.dropout > 0."""
@@ -311,7 +309,7 @@ def train_step(state: TrainState, ref_params, batch: PreferenceBatch, spec: Step
 
 
 def eval_step(params, ref_params, batch: PreferenceBatch, spec: StepSpec,
-              hp: losses.LossParams | None = None) -> MetricSums:
+              hp: losses.LossParams | None = None) -> losses.MetricSums:
     """Metric sums {name: (sum, count)} of the policy `params` against the reference on one batch (pure)."""
     _, metrics = batch_loss(params, ref_params, batch, spec, hp)
     return metrics
