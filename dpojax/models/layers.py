@@ -86,9 +86,9 @@ def make_norm(cfg: ModelConfig, size: int, *, dtype, param_dtype, num_layers: in
 @functools.lru_cache(maxsize=1)
 def native_bf16_dots() -> bool:
     """Whether a 16-bit dot should accumulate in fp32 (`preferred_element_type`): yes on TPU/GPU, and on CPUs with
-    bf16 matrix instructions (AMX, AVX512_BF16), where XLA:CPU then runs a bf16 kernel (~5.7x a plain bf16 dot on
-    an AMX Xeon, which XLA upcasts to fp32 and back). On CPUs without them that bf16 kernel is emulated and ~2x
-    slower than the upcast (measured on an AVX-512 Xeon without AMX), so there the plain dot is kept."""
+    bf16 matrix instructions (AMX, AVX512_BF16), where XLA:CPU then runs a native bf16 kernel, much faster than a
+    plain bf16 dot (which XLA upcasts to fp32 and back). On CPUs without them that bf16 kernel is emulated and
+    slower than the upcast, so there the plain dot is kept."""
     if jax.default_backend() != "cpu":
         return True
     try:
@@ -120,7 +120,7 @@ def dense_matmul(x: jax.Array, kernel: jax.Array, n_in: int, dtype) -> jax.Array
     out as two plain 2-D dots: dx = g @ w^T and dw = x^T @ g.
 
     Why: jax's own transpose rule computes dw as (g^T @ x) and then transposes it, which XLA:CPU turns into a
-    transposed copy of g fused with g's producer (20% of a SmolLM2 training step), and a multi-dimensional
+    transposed copy of g fused with g's producer (a large share of a small model's step), and a multi-dimensional
     kernel ([D, H, Dh]) gets layout copies around its dot. The residuals are x and the kernel exactly as given
     (under `lax.scan` a layer's kernel is then forwarded from the stacked parameters, never copied into a
     stacked residual); casts and reshapes are redone in the backward. Same values as the plain dot_general."""

