@@ -157,15 +157,19 @@ class Dense(nnx.Module):
                                  param_dtype=param_dtype, num_layers=num_layers, init_std=init_std)
         self.bias = (make_param(rngs, out_shape, bias_axes or out_axes, init="zeros", param_dtype=param_dtype,
                                 num_layers=num_layers) if use_bias else None)
+        self.lora: nnx.Module | None = None  # a LoRA adapter (`set_lora`): adds scale * (x @ A) @ B to the output
+
+    def set_lora(self, adapter: nnx.Module) -> None:
+        """Adapt this layer with `adapter` (`dpojax.models.lora.attach`): x -> [..., *out] added to the output."""
+        self.lora = adapter
 
     def __call__(self, x: jax.Array) -> jax.Array:
         # named: the matmul is inside a custom_vjp, where the dot-saving remat policies cannot see it
         y = checkpoint_name(dense_matmul(x, self.kernel[...], self.n_in, jnp.dtype(self.dtype)), DENSE_OUTPUT)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
-        lora = getattr(self, "lora", None)  # a LoRA adapter attached by dpojax.models.lora: + scale * (x @ A) @ B
-        if lora is not None:
-            y = y + lora(x)
+        if self.lora is not None:
+            y = y + self.lora(x)
         return y
 
 

@@ -74,11 +74,16 @@ class LoraAdapter(nnx.Module):
 
     def __init__(self, a: LoraParam, b: LoraParam, *, n_in: int, scale: float, dtype):
         self.a, self.b, self.n_in, self.scale, self.dtype = a, b, n_in, scale, dtype
-        self.dropout_rate = 0.0  # with_dropout sets it and a `dropout_key` LoraKey (training steps only)
+        self.dropout_rate = 0.0  # `set_dropout` sets it with the key (training steps only)
+        self.dropout_key: LoraKey | None = None  # per-layer dropout key data; None: no dropout
+
+    def set_dropout(self, key: LoraKey, rate: float) -> None:
+        """Drop adapter inputs at `rate` with `key` (inside a traced training step: `with_dropout`)."""
+        self.dropout_key, self.dropout_rate = key, rate
 
     def __call__(self, x: jax.Array) -> jax.Array:  # x [..., *in] -> [..., *out]
         dtype = jnp.dtype(self.dtype)
-        if getattr(self, "dropout_key", None) is not None:
+        if self.dropout_key is not None:
             rate = self.dropout_rate
             keep = jax.random.bernoulli(jax.random.wrap_key_data(self.dropout_key[...]), 1.0 - rate, x.shape)
             x = jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
@@ -89,7 +94,7 @@ class LoraAdapter(nnx.Module):
 @dataclasses.dataclass(frozen=True)
 class Group:
     """One HF module with an adapter: its name ("{i}" = layer), our Dense paths in part order, how its B parts
-    join (a fuse rule of `dpojax.models.hf`, None when unfused), and whether HF stores it as a Conv1D."""
+    join (a fuse rule of `dpojax.models.layouts`, None when unfused), and whether HF stores it as a Conv1D."""
 
     hf: str
     parts: tuple[str, ...]
@@ -192,7 +197,7 @@ def attach(model, groups: list[Group], *, rank: int, scale: float, sharder: Shar
             dense = _module(model, path)
             out_shape, out_axes = tuple(dense.kernel.shape[1 + n_in:]), tuple(dense.kernel.logical_axes[1 + n_in:])
             b = _abstract((L, rank, *out_shape), ("layers", "lora_rank", *out_axes), sharder)
-            dense.lora = LoraAdapter(a, b, n_in=n_in, scale=scale, dtype=dense.dtype)
+            dense.set_lora(LoraAdapter(a, b, n_in=n_in, scale=scale, dtype=dense.dtype))
 
 
 def _flat(state) -> dict[str, Any]:
@@ -261,7 +266,7 @@ def with_dropout(graphdef, state, rate: float, key: jax.Array):
         keys = jax.random.split(jax.random.fold_in(key, i), parts[0].a.shape[0])
         shared = LoraKey(jax.random.key_data(keys))
         for adapter in parts:
-            adapter.dropout_key, adapter.dropout_rate = shared, rate
+            adapter.set_dropout(shared, rate)
     return nnx.split(model)
 
 
