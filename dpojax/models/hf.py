@@ -27,9 +27,9 @@ from flax import nnx
 
 from dpojax import paths
 from dpojax.errors import ModelError
+from dpojax.models import layouts
 from dpojax.models.config import ModelConfig
 from dpojax.models.families import FAMILIES
-from dpojax.models.layouts import TRANSFORMS, fuse, to_host, unfuse
 from dpojax.models.transformer import Decoder
 from dpojax.sharding import Sharder
 
@@ -49,7 +49,7 @@ def family_table(cfg: ModelConfig) -> dict[str, Entry]:
 
 
 def _piece_shape(entry: Entry, our_layer_shape: tuple[int, ...]) -> tuple[int, ...]:
-    return TRANSFORMS[entry.transform][1](np.empty(our_layer_shape, np.int8)).shape
+    return layouts.TRANSFORMS[entry.transform][1](np.empty(our_layer_shape, np.int8)).shape
 
 
 def _siblings(table: Mapping[str, Entry], entry: Entry, present: Mapping[str, Any]) -> list[str]:
@@ -65,7 +65,7 @@ def _hf_layer_shape(path: str, table: Mapping[str, Entry], shapes: Mapping[str, 
     if entry.fuse is None:
         return _piece_shape(entry, shapes[path])
     pieces = [np.empty(_piece_shape(table[p], shapes[p]), np.int8) for p in _siblings(table, entry, shapes)]
-    return fuse(entry.fuse, pieces, cfg).shape
+    return layouts.fuse(entry.fuse, pieces, cfg).shape
 
 
 WEIGHT_PATTERNS = ("*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja")
@@ -274,7 +274,7 @@ def _load_param(var: nnx.Variable, path: str, cfg: ModelConfig, reader: _Reader,
     """One parameter, created on its shards; for stacked params each callback reads only its layers."""
     table = family_table(cfg)
     entry = table[path]
-    to_ours = TRANSFORMS[entry.transform][0]
+    to_ours = layouts.TRANSFORMS[entry.transform][0]
     stacked = "{i}" in entry.hf
     shape, dtype, layer_shape = tuple(var.shape), var.dtype, shapes[path]
     hf_shape = _hf_layer_shape(path, table, shapes, cfg)
@@ -290,7 +290,7 @@ def _load_param(var: nnx.Variable, path: str, cfg: ModelConfig, reader: _Reader,
     def read(name: str, index: tuple[slice, ...]) -> np.ndarray:
         """Our layer-level `index` of HF weight `name`, in our layout."""
         if entry.fuse is not None:
-            piece = unfuse(entry.fuse, reader.get(name), piece_shapes, cfg)[part]
+            piece = layouts.unfuse(entry.fuse, reader.get(name), piece_shapes, cfg)[part]
             return to_ours(piece, layer_shape)[index]
         if entry.transform in SLICEABLE:  # memory-mapped partial read
             x = reader.get_slice(name)[SLICEABLE[entry.transform](index)]
@@ -344,12 +344,12 @@ def hf_tensors(model: Decoder, cfg: ModelConfig) -> list[tuple[str, Callable[[],
         done.add(entry.hf)
         paths = _siblings(table, entry, flat) if entry.fuse else [path]
         values = [flat[p][...] for p in paths]
-        to_hf = [TRANSFORMS[table[p].transform][1] for p in paths]
+        to_hf = [layouts.TRANSFORMS[table[p].transform][1] for p in paths]
         hf_shape, dtype = _hf_layer_shape(path, table, shapes, cfg), values[0].dtype
 
         def thunk(i=None, values=values, to_hf=to_hf, fuse=entry.fuse):
-            pieces = [f(to_host(v if i is None else v[i])) for f, v in zip(to_hf, values)]
-            return np.ascontiguousarray(pieces[0] if fuse is None else fuse(fuse, pieces, cfg))
+            pieces = [f(layouts.to_host(v if i is None else v[i])) for f, v in zip(to_hf, values)]
+            return np.ascontiguousarray(pieces[0] if fuse is None else layouts.fuse(fuse, pieces, cfg))
 
         if "{i}" not in entry.hf:
             out.append((entry.hf, thunk, hf_shape, dtype))

@@ -157,7 +157,9 @@ class Dense(nnx.Module):
                                  param_dtype=param_dtype, num_layers=num_layers, init_std=init_std)
         self.bias = (make_param(rngs, out_shape, bias_axes or out_axes, init="zeros", param_dtype=param_dtype,
                                 num_layers=num_layers) if use_bias else None)
-        self.lora: nnx.Module | None = None  # a LoRA adapter (`set_lora`): adds scale * (x @ A) @ B to the output
+        # a LoRA adapter (`set_lora`): adds scale * (x @ A) @ B to the output; declared as data (a subtree of the
+        # graph state once set), no state while None
+        self.lora: nnx.Module | None = nnx.data(None)
 
     def set_lora(self, adapter: nnx.Module) -> None:
         """Adapt this layer with `adapter` (`dpojax.models.lora.attach`): x -> [..., *out] added to the output."""

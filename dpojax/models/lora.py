@@ -43,10 +43,10 @@ from flax import nnx
 
 from dpojax import paths
 from dpojax.errors import ConfigError, ModelError
+from dpojax.models import layouts
 from dpojax.models.config import ModelConfig
 from dpojax.models.families import FAMILIES
 from dpojax.models.layers import dense_matmul
-from dpojax.models.layouts import fuse, to_host, unfuse
 from dpojax.sharding import Sharder
 
 CONV1D_TRANSFORMS = ("identity", "flat_out_heads", "flat_in_heads")  # HF weight stored [in, out] (GPT-2 Conv1D)
@@ -75,7 +75,7 @@ class LoraAdapter(nnx.Module):
     def __init__(self, a: LoraParam, b: LoraParam, *, n_in: int, scale: float, dtype):
         self.a, self.b, self.n_in, self.scale, self.dtype = a, b, n_in, scale, dtype
         self.dropout_rate = 0.0  # `set_dropout` sets it with the key (training steps only)
-        self.dropout_key: LoraKey | None = None  # per-layer dropout key data; None: no dropout
+        self.dropout_key: LoraKey | None = nnx.data(None)  # per-layer dropout key data (data: a Variable); None: none
 
     def set_dropout(self, key: LoraKey, rate: float) -> None:
         """Drop adapter inputs at `rate` with `key` (inside a traced training step: `with_dropout`)."""
@@ -303,14 +303,14 @@ def peft_tensors(adapters, groups: list[Group], cfg: ModelConfig) -> dict[str, n
     flat = _flat(adapters)
     out = {}
     for group in groups:
-        a = to_host(flat[a_path(group, flat)].value)  # [L, *in, r]
-        bs = [to_host(flat[f"{p}/lora/b"].value) for p in group.parts]  # [L, r, *out]
+        a = layouts.to_host(flat[a_path(group, flat)].value)  # [L, *in, r]
+        bs = [layouts.to_host(flat[f"{p}/lora/b"].value) for p in group.parts]  # [L, r, *out]
         r = a.shape[-1]
         for i in range(cfg.num_layers):
             name = "base_model.model." + group.hf.format(i=i)
             out[f"{name}.lora_A.weight"] = np.ascontiguousarray(a[i].reshape(-1, r).T)
             pieces = [b[i].reshape(r, -1).T for b in bs]
-            fused = pieces[0] if group.fuse is None else fuse(_b_rule(group.fuse), pieces, cfg)
+            fused = pieces[0] if group.fuse is None else layouts.fuse(_b_rule(group.fuse), pieces, cfg)
             out[f"{name}.lora_B.weight"] = np.ascontiguousarray(fused)
     return out
 
@@ -396,7 +396,7 @@ def load_peft(folder, abstract_adapters, groups: list[Group], cfg: ModelConfig, 
             a_layers.append(a_hf.T.reshape(a_var.shape[1:]))
             piece_shapes = [(math.prod(b.shape[2:]), r) for b in b_vars]
             _check_shape(b_hf, (sum(s[0] for s in piece_shapes), r), name, folder)
-            pieces = [b_hf] if group.fuse is None else unfuse(_b_rule(group.fuse), b_hf, piece_shapes, cfg)
+            pieces = [b_hf] if group.fuse is None else layouts.unfuse(_b_rule(group.fuse), b_hf, piece_shapes, cfg)
             for k, (piece, b) in enumerate(zip(pieces, b_vars)):
                 b_layers[k].append(piece.T.reshape(b.shape[1:]))
         values[a_path(group, flat)] = _place(np.stack(a_layers), a_var)
