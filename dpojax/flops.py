@@ -29,6 +29,8 @@ import dataclasses
 import time
 from collections.abc import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 # Dense bf16 FLOP/s per chip (no sparsity), by the short name the throughput table prints.
@@ -61,8 +63,6 @@ def device_peak(device_kind: str) -> float | None:
 
 def peak_flops_per_second() -> float | None:
     """Peak FLOP/s of all devices together, when their kind is in the table (None on CPU)."""
-    import jax
-
     per_device = device_peak(jax.devices()[0].device_kind)
     return None if per_device is None else per_device * jax.device_count()
 
@@ -70,9 +70,6 @@ def peak_flops_per_second() -> float | None:
 def measured_matmul_peak(dtype: str = "float32", n: int = 2048, repeats: int = 3) -> float:
     """FLOP/s of an n x n x n matmul on the default device (median of `repeats`), in `dtype` with fp32
     accumulation: the stand-in for a peak where no datasheet number exists (CPU)."""
-    import jax
-    import jax.numpy as jnp
-
     dt = jnp.dtype(dtype)
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dt)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dt)

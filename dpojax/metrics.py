@@ -100,10 +100,10 @@ def summary_table(rows: Mapping[str, Mapping[str, float]]) -> str:
 
 def plot_curves(records: list[dict], out_png: PathLike):
     """Loss, reward accuracy, margins and chosen/rejected rewards against step, train and eval."""
-    import matplotlib
+    import matplotlib  # heavy; needed only for the curves PNG
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): no display needed
 
     panels = (
         ("loss", ("loss",)),

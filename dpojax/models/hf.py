@@ -145,7 +145,7 @@ def resolve_model_dir(name_or_path: str | pathlib.Path, revision: str | None = N
         return path
     if path.exists() or str(name_or_path).startswith((".", "/", "~")):
         raise ModelError(f"model path {str(name_or_path)!r} is not a folder with config.json and *.safetensors.")
-    import huggingface_hub
+    import huggingface_hub  # needed only to download from the hub
 
     try:
         return pathlib.Path(huggingface_hub.snapshot_download(str(name_or_path), revision=revision,
@@ -169,7 +169,7 @@ def weight_map(folder: pathlib.Path) -> dict[str, pathlib.Path]:
         return {name: folder / file for name, file in names.items()}
     single = folder / "model.safetensors"
     if single.is_file():
-        from safetensors import safe_open
+        from safetensors import safe_open  # optional dependency, needed only to read checkpoints
 
         with safe_open(str(single), framework="numpy") as f:
             return {name: single for name in f.keys()}
@@ -189,7 +189,7 @@ class _Reader:
     """Memory-mapped safetensors handles, opened once per file; weights asked for by their canonical name."""
 
     def __init__(self, files: Mapping[str, pathlib.Path], stored: Mapping[str, str], stack: contextlib.ExitStack):
-        from safetensors import safe_open
+        from safetensors import safe_open  # optional dependency, needed only to read checkpoints
 
         self.files, self.stored = files, stored
         self.handles = {p: stack.enter_context(safe_open(str(p), framework="numpy")) for p in set(files.values())}
@@ -380,7 +380,7 @@ def export_hf(model: Decoder, cfg: ModelConfig, out_dir: str | pathlib.Path, *,
     only process 0 writes. Host memory holds at most one shard. `out_dir` may be a gs:// or s3:// URL: each
     shard is written to a local temporary file, then uploaded.
     """
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save_file  # optional dependency, needed only to export
 
     out = paths.path(out_dir)
     tensors = hf_tensors(model, cfg)

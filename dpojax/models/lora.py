@@ -330,7 +330,7 @@ def adapter_config(lora_cfg, groups: list[Group], base_name: str) -> dict[str, A
 def save_peft(out_dir, adapters, groups: list[Group], cfg: ModelConfig, lora_cfg, base_name: str):
     """Write a PEFT adapter folder (local or gs://: dpojax.paths); every process must call it (gathers), only
     process 0 writes. Returns its `epath.Path`."""
-    from safetensors.numpy import save
+    from safetensors.numpy import save  # optional dependency, needed only to write a PEFT folder
 
     out = paths.path(out_dir)
     tensors = peft_tensors(adapters, groups, cfg)

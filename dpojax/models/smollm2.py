@@ -37,8 +37,8 @@ def gguf_path() -> pathlib.Path | None:
 
 def convert(out_dir: pathlib.Path, gguf_file: pathlib.Path) -> pathlib.Path:
     """Dequantize `gguf_file` with transformers and write a safetensors HF folder (+ tokenizer) to out_dir."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import torch  # heavy; needed only to convert the GGUF file once
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # torch path of transformers, as above
 
     folder, name = str(gguf_file.parent), gguf_file.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
