@@ -50,9 +50,8 @@ class ModelSection:
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # storage dtype of trainable params
     attention: Literal[IMPLEMENTATIONS] = "auto"  # attention kernel
     remat: Literal[REMAT_NAMES] = "none"  # rematerialization policy of each layer (see dpojax.models.transformer)
-    # lax.scan over stacked layers (one compiled layer body); false: unrolled, a longer compile for faster steps on
-    # CPU (figures: benchmarks/RESULTS.md)
-    scan_layers: bool = True
+    scan_layers: bool = True  # lax.scan over stacked layers (one compiled layer body); false: unrolled, a longer
+    # compile for faster steps on CPU
     init: Literal["pretrained", "random"] = "pretrained"  # random: build from config.json alone
     seed: int = 0  # init seed for init=random
     trust_remote_code: bool = False  # never needed by dpojax's own model code; kept off
