@@ -17,6 +17,10 @@ import jax
 import numpy as np
 
 from benchmarks import harness
+from dpojax.data.tokenize import pad_token_id
+from dpojax.generate import Generator, Sampling, encode_prompt, eos_token_ids
+from dpojax.models import load_pretrained
+from dpojax.models.smollm2 import smollm2_folder
 
 PROMPTS = [
     "What is the capital of France?",
@@ -53,11 +57,6 @@ def main(argv=None) -> int:
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from dpojax.data.tokenize import pad_token_id
-    from dpojax.generate import Generator, Sampling, encode_prompt, eos_token_ids
-    from dpojax.models import load_pretrained
-    from dpojax.models.smollm2 import smollm2_folder
 
     folder = smollm2_folder()
     if folder is None:

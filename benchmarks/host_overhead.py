@@ -48,6 +48,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import harness, throughput  # noqa: E402 - after the sys.path or environment set-up above
+from dpojax.trainer import loop  # noqa: E402 - after the environment set-up above
 
 
 class LoopClock:
@@ -74,8 +75,6 @@ class LoopClock:
         return time.perf_counter(), time.thread_time()
 
     def install(self) -> None:
-        from dpojax.trainer import loop
-
         names = ("_ready_batches", "_Prefetch", "fetch", "wait", "setup_train")
         self._saved = {name: getattr(loop, name) for name in names}
         ready_batches, prefetch, fetch, wait, setup_train = (self._saved[n] for n in names)
@@ -145,8 +144,6 @@ class LoopClock:
             timed_batches, TimedPrefetch, timed_fetch, timed_wait, timed_setup)
 
     def uninstall(self) -> None:
-        from dpojax.trainer import loop
-
         for name, fn in self._saved.items():
             setattr(loop, name, fn)
 
@@ -217,8 +214,6 @@ class LoopClock:
 
 def measure(args) -> dict:
     import jax
-
-    from dpojax.trainer import loop
 
     clock = LoopClock()
     saved_prefetch, loop.PREFETCH = loop.PREFETCH, args.prefetch
@@ -320,8 +315,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     cores = split_cores(args.device_cores) if args.device_cores else None
     if args.prefetch is None:
-        from dpojax.trainer import loop
-
         args.prefetch = loop.PREFETCH
     result = median_of([measure(args) for _ in range(args.repeats)])
     result["cores"] = f"device on cores {cores[0]}, host on {cores[1]}" if cores else "device and host share all cores"

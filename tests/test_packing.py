@@ -167,14 +167,14 @@ def test_micro_batches_and_shards_lay_out_rows_for_the_step(tok):
     again = pack(data, idx, np.ones(12), Packing("shared_prompt", shards=2, micro_batches=3), max_length=16,
                  truncation_mode="keep_start")
     jax.tree.map(np.testing.assert_array_equal, one, again)
-    rows = one.input_ids_RxL.shape[0]
-    assert rows % 6 == 0 and one.input_ids_RxL.shape[1] == row_length(one.input_ids_RxL.shape[1])
+    rows = one.input_ids_PxJ.shape[0]
+    assert rows % 6 == 0 and one.input_ids_PxJ.shape[1] == row_length(one.input_ids_PxJ.shape[1])
     unpacked = collate(data, idx, length=16, max_length=16, truncation_mode="keep_start")
     scored_NxK = unpacked.completion_mask_NxKxT[..., 1:].sum(-1)
     k = data.num_responses
     for a in range(3):
-        owner = one.owner_RxL[a::3]
-        comp = one.completion_RxL[a::3]
+        owner = one.owner_PxI[a::3]
+        comp = one.completion_PxI[a::3]
         counts = np.bincount(owner[comp > 0], minlength=4 * (k + 1)).reshape(4, k + 1)[:, :k]
         np.testing.assert_array_equal(counts, scored_NxK[a::3])
     halves = [pack(data, idx, np.ones(12), Packing("shared_prompt", shards=2, micro_batches=3), max_length=16,
@@ -184,4 +184,4 @@ def test_micro_batches_and_shards_lay_out_rows_for_the_step(tok):
     plain = next(train_batches(data, 12, seed=1, max_length=16))
     packed = next(train_batches(data, 12, seed=1, max_length=16, packing=Packing("shared_prompt")))
     np.testing.assert_array_equal(packed.prompt_index_N, plain.prompt_index_N)
-    assert packed.real_tokens() / packed.input_ids_RxL.size >= 0.8
+    assert packed.real_tokens() / packed.input_ids_PxJ.size >= 0.8
