@@ -15,3 +15,10 @@ def fp32_tol(scale, ulps: float) -> float:
     """An absolute tolerance of `ulps` float32 ulps at magnitude `scale` (the largest |value| of an array or a
     number): the rounding a result inherits from the inputs of that size it was computed from."""
     return float(ulps * EPS32 * np.max(np.abs(np.asarray(scale, np.float64))))
+
+
+def rewards_atol(record, beta: float, ulps: float = 16) -> float:
+    """Absolute tolerance for the rewards of a training record (per-prompt means of beta x (policy - reference)
+    log-prob sums): they are only as exact as those sums, however small the margin, so `ulps` ulps of beta x the
+    policy's |logps/chosen| + |logps/rejected|, doubled for the reference's sums of the same size."""
+    return fp32_tol(beta * 2 * (abs(record["logps/chosen"]) + abs(record["logps/rejected"])), ulps)
