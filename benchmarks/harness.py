@@ -1,9 +1,10 @@
 """What every dpojax benchmark shares: timing, the machine's name, FLOP accounting, an XLA op-kind profile,
 and the side-by-side runners (a dpojax train step, TRL's DPOTrainer) on one model folder and one data set.
 
-Benchmarks are scripts (`python -m benchmarks.NAME` or `python benchmarks/NAME.py`), never timed tests: only
-ratios measured side by side in one run mean anything (CPUs differ between machines; see DESIGN.md §5), so
-every report names the CPU and quotes medians with their min/max.
+Benchmarks are scripts (`python -m benchmarks.NAME` or `python benchmarks/NAME.py`), never timed tests: CPUs
+differ between machines (cores, vector units, AMX or not) and a shared machine's load changes from run to run, so
+only ratios measured side by side in one run mean anything. Every report names the CPU and quotes medians with
+their min/max; the latest figures, with their machine and date, are in benchmarks/RESULTS.md.
 
     from benchmarks import harness
     t = harness.time_fn(lambda: jax.block_until_ready(step(x)), warmup=2, repeats=5)
@@ -32,6 +33,11 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # benchmarks compare CPU kernels; also keeps libtpu quiet
+
+from dpojax import flops  # noqa: E402 - after the environment set-up above
+from dpojax.config import config_from_dict  # noqa: E402 - after the environment set-up above
+from dpojax.trainer import build, prefetch, reference  # noqa: E402 - after the environment set-up above
+from dpojax.trainer.step import batch_sharding  # noqa: E402 - after the environment set-up above
 
 
 # ---- the machine ------------------------------------------------------------------------------------------------
@@ -120,8 +126,6 @@ def ratio(slow: Timing, fast: Timing) -> float:
 def body_flops(cfg, batch: int, seq_len: int, *, backward: bool = False) -> float:
     """Model FLOPs of the decoder body (no head) on `batch` causal sequences of `seq_len` tokens, counted as
     `dpojax.flops` counts them for MFU (attention over the causal pairs); backward = 2x forward."""
-    from dpojax import flops
-
     forward = flops.step_flops(cfg, [seq_len] * batch, 0, reference=False).policy_forward.total
     return forward * (2.0 if backward else 1.0)
 
@@ -210,8 +214,6 @@ class StepSetup:
 def setup_config(setup: StepSetup, work: Path, *, data_overrides: dict | None = None, **model_overrides):
     """The dpojax Config of `setup` (adamw, constant lr, one device mesh axis over all devices); `data_overrides`:
     more `data.` keys (e.g. packing)."""
-    from dpojax.config import config_from_dict
-
     return config_from_dict({
         "model": {"name_or_path": str(setup.model_dir), "remat": setup.remat, **model_overrides},
         "data": {"train": str(setup.data), "max_length": setup.max_length, "cache_dir": str(work / "cache"),
@@ -237,9 +239,6 @@ class BuiltStep:
         """One train step on `batch`, blocking until it is done."""
         import jax
 
-        from dpojax.trainer import build, reference
-        from dpojax.trainer.step import batch_sharding
-
         batch = reference.attach(batch, self.table)
         self.leaves, out = self.run.train_step.flat(self.leaves, jax.tree.leaves(self.run.models.ref_params),
                                                     build.to_device(batch, batch_sharding(self.run.sharder)))
@@ -254,8 +253,6 @@ class BuiltStep:
 def build_step(cfg) -> BuiltStep:
     """Mesh, models, data (and precomputed reference log-probs when the config asks), the compiled train step
     and train state of `cfg`: the stages of `dpojax train` (the one place to adapt when the trainer's API moves)."""
-    from dpojax.trainer import build, prefetch, reference
-
     sharder = build.make_sharder(cfg)
     models = build.build_models(cfg, sharder)
     pairs = build.load_split(cfg, models, cfg.data.train, cfg.data.train_split)

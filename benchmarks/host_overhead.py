@@ -48,6 +48,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import harness, throughput  # noqa: E402 - after the sys.path or environment set-up above
+from dpojax.trainer import loop, prefetch, window  # noqa: E402 - after the environment set-up above
 
 
 class LoopClock:
@@ -76,14 +77,12 @@ class LoopClock:
     @staticmethod
     def _patched() -> list[tuple[object, str]]:
         """(module, name) of each function the clock wraps, in `install`'s order."""
-        from dpojax.trainer import loop, prefetch, window
-
         return [(prefetch, "ready_batches"), (prefetch, "Prefetch"), (window, "fetch"), (window, "wait"),
                 (loop, "setup_train")]
 
     def install(self) -> None:
         self._saved = {(module, name): getattr(module, name) for module, name in self._patched()}
-        ready_batches, prefetch, fetch, wait, setup_train = self._saved.values()
+        ready_batches, prefetcher, fetch, wait, setup_train = self._saved.values()
         clock, now = self, self.now
 
         def timed_batches(*args, **kw):  # runs in the producer thread (or in the loop thread with --prefetch 0)
@@ -97,7 +96,7 @@ class LoopClock:
                 self.batches = (self.batches + [(item.batch, item.steps)])[-8:]
                 yield item
 
-        class TimedPrefetch(prefetch):
+        class TimedPrefetch(prefetcher):
             def __next__(self):
                 t0 = now()
                 try:
@@ -222,8 +221,6 @@ class LoopClock:
 def measure(args) -> dict:
     import jax
 
-    from dpojax.trainer import loop, prefetch
-
     clock = LoopClock()
     saved_prefetch, prefetch.PREFETCH = prefetch.PREFETCH, args.prefetch
     with tempfile.TemporaryDirectory() as tmp:
@@ -324,8 +321,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     cores = split_cores(args.device_cores) if args.device_cores else None
     if args.prefetch is None:
-        from dpojax.trainer import prefetch
-
         args.prefetch = prefetch.PREFETCH
     result = median_of([measure(args) for _ in range(args.repeats)])
     result["cores"] = f"device on cores {cores[0]}, host on {cores[1]}" if cores else "device and host share all cores"

@@ -22,6 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import harness  # noqa: E402  (sets JAX_PLATFORMS before jax is imported)
+from dpojax.models import ModelConfig, init_random  # noqa: E402 - after the environment set-up above
+from dpojax.trainer.step import compiler_options, join_layers, split_layers  # noqa: E402 - after the environment set-up above
 
 # SmolLM2-135M(-Instruct)'s config.json, shape fields (the weights come from dpojax.models.smollm2 when needed)
 SMOLLM2_135M = {
@@ -45,9 +47,6 @@ def dpojax_body(hf: dict, B: int, T: int, dtype: str, *, scan_layers: bool = Tru
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
-
-    from dpojax.models import ModelConfig, init_random
-    from dpojax.trainer.step import compiler_options, join_layers, split_layers
 
     cfg = ModelConfig.from_hf(hf)
     model = init_random(cfg, dtype=jnp.dtype(dtype), scan_layers=scan_layers, remat=remat)

@@ -51,11 +51,11 @@ def profile_rows(name: str, n: int, vocab: int, seed: int = 0) -> list[dict]:
 
 def computed_positions(batch) -> tuple[int, int]:
     """(positions computed, of which real tokens) for one batch of either layout."""
-    ids = getattr(batch, "input_ids_RxL", None)
+    ids = getattr(batch, "input_ids_PxJ", None)
     if ids is None:
         ids = batch.input_ids_NxKxT
         return int(ids.size), int((batch.segment_ids_NxKxT > 0).sum())
-    return int(ids.size), int((batch.segment_ids_RxL > 0).sum())
+    return int(ids.size), int((batch.segment_ids_PxJ > 0).sum())
 
 
 def dpojax_mode(setup: harness.StepSetup, work: Path, mode: str) -> dict:
@@ -71,7 +71,7 @@ def dpojax_mode(setup: harness.StepSetup, work: Path, mode: str) -> dict:
         times.append(time.perf_counter() - t0)
     timing = harness.Timing(tuple(times))
     computed, real = (sum(x) for x in zip(*(computed_positions(b) for b in batches)))
-    shapes = sorted({tuple(getattr(b, "input_ids_RxL", getattr(b, "input_ids_NxKxT", None)).shape) for b in batches})
+    shapes = sorted({tuple(getattr(b, "input_ids_PxJ", getattr(b, "input_ids_NxKxT", None)).shape) for b in batches})
     pairs = setup.batch * len(batches)
     return {"mode": mode, "step": timing.as_dict(), "pairs_per_s": round(setup.batch / timing.median, 3),
             "real_share": round(real / computed, 4), "positions_per_pair": round(computed / pairs, 1),

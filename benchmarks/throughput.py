@@ -34,6 +34,13 @@ os.environ.setdefault("JAX_PLATFORMS", "")  # any backend (the harness defaults 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import harness  # noqa: E402 - after the sys.path or environment set-up above
 from benchmarks.model_body import BENCH_LLAMA  # noqa: E402 - after the sys.path or environment set-up above
+from dpojax import flops  # noqa: E402 - after the environment set-up above
+from dpojax.config import config_from_dict, load_config  # noqa: E402 - after the environment set-up above
+from dpojax.data.packing import attention_for  # noqa: E402 - after the environment set-up above
+from dpojax.models.attention import IMPLEMENTATIONS, resolve_attention  # noqa: E402 - after the environment set-up above
+from dpojax.models.config import ModelConfig  # noqa: E402 - after the environment set-up above
+from dpojax.models.transformer import REMAT_NAMES  # noqa: E402 - after the environment set-up above
+from dpojax.trainer.build import DTYPES  # noqa: E402 - after the environment set-up above
 
 LLAMA_32_1B = {
     "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 2048,
@@ -92,8 +99,6 @@ def option_overrides(args) -> list[str]:
 
 def preset_config(name: str, args, work: Path, n_devices: int):
     """The Config of a preset: synthetic model folder and full-length pairs under `work`."""
-    from dpojax.config import config_from_dict
-
     p = PRESETS[name]
     T = args.max_length or p.max_length
     data_devices = n_devices if p.mesh[0] == -1 or p.mesh[1] == -1 else p.mesh[0] * p.mesh[1]
@@ -114,8 +119,6 @@ def preset_config(name: str, args, work: Path, n_devices: int):
 
 
 def file_config(path: str, args, work: Path):
-    from dpojax.config import load_config
-
     steps = [f"train.steps={args.warmup + args.steps}", f"output_dir={work / 'run'}"]
     steps += [f"train.batch_size={args.batch}"] if args.batch else []
     return load_config(path, steps + option_overrides(args))
@@ -125,8 +128,6 @@ def file_config(path: str, args, work: Path):
 def peak_per_chip(dtype: str) -> tuple[float, str]:
     """(peak FLOP/s of one chip, where it comes from)."""
     import jax
-
-    from dpojax import flops
 
     kind = jax.devices()[0].device_kind
     name = flops.chip_name(kind)
@@ -141,11 +142,6 @@ def peak_per_chip(dtype: str) -> tuple[float, str]:
 def measure(cfg, args) -> dict:
     """Build the step, run warm-up + timed steps, and return every figure of the report."""
     import jax
-
-    from dpojax import flops
-    from dpojax.data.packing import attention_for
-    from dpojax.models.attention import resolve_attention
-    from dpojax.trainer.build import DTYPES
 
     t0 = time.perf_counter()
     built = harness.build_step(cfg)
@@ -197,8 +193,6 @@ def measure(cfg, args) -> dict:
 
 
 def peak_table(current: str | None, measured: float | None) -> list[str]:
-    from dpojax import flops
-
     lines = ["peak dense bf16 FLOP/s per chip (dpojax.flops.PEAK_BF16_FLOPS):"]
     for name, peak in flops.PEAK_BF16_FLOPS.items():
         lines.append(f"  {name:<6} {peak / 1e12:7.0f} TFLOP/s" + ("   <- this run" if name == current else ""))
@@ -208,8 +202,6 @@ def peak_table(current: str | None, measured: float | None) -> list[str]:
 
 
 def report(r: dict) -> str:
-    from dpojax import flops
-
     s = r["step"]
     chip = flops.chip_name(r["device_kind"])
     lines = [
@@ -238,9 +230,6 @@ def report(r: dict) -> str:
 def accounting_only(name: str, args) -> str:
     """The FLOP accounting of a preset's full-length batch, from its shape alone (no devices used)."""
     import numpy as np
-
-    from dpojax import flops
-    from dpojax.models.config import ModelConfig
 
     p = PRESETS[name]
     T, batch = args.max_length or p.max_length, args.batch or p.batch
@@ -290,8 +279,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--micro-batch", type=int, default=None, help="train.micro_batch_size (gradient accumulation)")
     ap.add_argument("--max-length", type=int, default=None, help="presets: tokens per sequence")
     ap.add_argument("--dtype", default=None, choices=("float32", "bfloat16"), help="presets: model.dtype")
-    ap.add_argument("--attention", default=None, choices=("auto", "xla", "cudnn", "splash"), help="model.attention")
-    ap.add_argument("--remat", default=None, help="model.remat (none, full, dots, dots_all, qkv)")
+    ap.add_argument("--attention", default=None, choices=IMPLEMENTATIONS, help="model.attention")
+    ap.add_argument("--remat", default=None, choices=REMAT_NAMES, help="model.remat")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="any config override, e.g. data.packing=... (repeatable)")
     ap.add_argument("--accounting", action="store_true", help="presets: print the FLOP accounting only")

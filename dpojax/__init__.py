@@ -1,6 +1,6 @@
 """dpojax: Direct Preference Optimization and its family of losses, in JAX, for Hugging Face causal LMs.
 
-The public API (README "Python API"): every name in `__all__`, imported on first use so that `import dpojax` and
+The public API (docs/python-api.md): every name in `__all__`, imported on first use so that `import dpojax` and
 the CLI stay fast. Everything else in the package is private and may change.
 """
 
@@ -12,7 +12,7 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type che
 
 __version__ = "0.1.0"
 
-# public name -> the module that defines it (one line per name: add a name here, in README "Python API" and docs)
+# public name -> the module that defines it (one line per name: add a name here and in docs/python-api.md)
 _EXPORTS = {
     # models
     "load_policy_and_reference": "dpojax.api",

@@ -317,7 +317,7 @@ def compile_for_topology(cfg, topology: str, *, slices: int = 1, batch_pairs: in
                 batch_pairs=step.batch_pairs, seq_len=step.seq_len, hbm_per_device=CHIPS[chip].hbm_bytes * chips //
                 (len(devices) // slices), model_flops_per_step=step.model_flops_per_step)
     try:
-        compiled = step.lowered.compile()
+        compiled = compile_uncached(step.lowered)
     except Exception as e:  # XlaRuntimeError: the TPU compiler refuses a program that exceeds HBM
         text = str(e)
         if "RESOURCE_EXHAUSTED" not in text and "memory" not in text.lower():
@@ -331,6 +331,25 @@ def compile_for_topology(cfg, topology: str, *, slices: int = 1, batch_pairs: in
         temp_bytes=mem.temp_size_in_bytes, code_bytes=mem.generated_code_size_in_bytes,
         flops_per_step=cost.get("flops", 0.0) * len(devices), seconds_per_step=cost.get("optimal_seconds"),
     )
+
+
+def compile_uncached(lowered):
+    """`lowered.compile()` with JAX's persistent compilation cache off. The TPU topology's client only compiles (no
+    TPU attached): it can write an executable to the cache but not load one back ("PjRtCompiler must be constructed
+    with a Client to call DeserializeLoadedExecutable"), so a second identical compile sharing the cache folder
+    warned and compiled again. JAX decides once per process whether the cache is used (for the first backend, here
+    the CPU), hence the reset on both sides: the next compile for this host's devices sets the cache up again."""
+    import jax  # as everywhere in this module: jax loads when a compile runs, not on import
+    from jax.experimental.compilation_cache import compilation_cache  # as above
+
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
+    try:
+        return lowered.compile()
+    finally:
+        jax.config.update("jax_enable_compilation_cache", enabled)
+        compilation_cache.reset_cache()
 
 
 def _cost(compiled) -> dict[str, float]:

@@ -1,6 +1,6 @@
 """What the public API adds to the package's own functions: loading a policy/reference pair in one call, and
 `train` / `evaluate` that take a Config, a plain dict or a YAML path. `dpojax/__init__.py` re-exports these with the
-rest of the public names (see README "Python API").
+rest of the public names (see docs/python-api.md).
 """
 
 from __future__ import annotations

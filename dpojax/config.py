@@ -17,8 +17,14 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from dpojax import paths
+from dpojax import losses, paths  # the loss registry owns its names, traits, ranges and combinations
+from dpojax.data.formats import ON_BAD_ROW, PAIRS_FROM_SCORES
+from dpojax.data.packing import MODES as PACKING_MODES
+from dpojax.data.tokenize import TRUNCATION_MODES
 from dpojax.errors import ConfigError
+from dpojax.losses import F_DIVERGENCES
+from dpojax.models.attention import IMPLEMENTATIONS
+from dpojax.models.transformer import REMAT_NAMES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,10 +48,10 @@ class ModelSection:
     tokenizer: Optional[str] = None  # tokenizer folder/id; default: name_or_path
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype of activations and matmuls
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # storage dtype of trainable params
-    attention: Literal["auto", "xla", "cudnn", "splash"] = "auto"  # attention kernel
-    remat: str = "none"  # rematerialization policy of each layer (see dpojax.models.transformer)
+    attention: Literal[IMPLEMENTATIONS] = "auto"  # attention kernel
+    remat: Literal[REMAT_NAMES] = "none"  # rematerialization policy of each layer (see dpojax.models.transformer)
     scan_layers: bool = True  # lax.scan over stacked layers (one compiled layer body); false: unrolled, a longer
-    # compile, faster steps on CPU (SmolLM2 DPO step 7% faster, first step 50 s vs 13 s: README, Tests)
+    # compile for faster steps on CPU
     init: Literal["pretrained", "random"] = "pretrained"  # random: build from config.json alone
     seed: int = 0  # init seed for init=random
     trust_remote_code: bool = False  # never needed by dpojax's own model code; kept off
@@ -68,14 +74,14 @@ class DataSection:
     eval: Optional[str] = None  # default: no eval set (dpojax eval falls back to data.train)
     eval_split: str = "test"
     max_length: int = 1024  # tokens per sequence (prompt + completion), as TRL's DPOConfig
-    truncation_mode: Literal["keep_start", "keep_end"] = "keep_start"
-    on_bad_row: Literal["error", "skip"] = "error"  # a malformed row stops the run, or is dropped and counted
+    truncation_mode: Literal[TRUNCATION_MODES] = "keep_start"
+    on_bad_row: Literal[ON_BAD_ROW] = "error"  # a malformed row stops the run, or is dropped and counted
     cache_dir: Optional[str] = None  # tokenized-data cache; default: ~/.cache/dpojax
     buckets: Optional[tuple[int, ...]] = None  # padded lengths; default: powers of two up to max_length
     max_responses: int = 8  # most responses per ranked/scored row (prompt, responses[, scores]); more is a bad row
-    pairs_from_scores: Literal["none", "best_vs_worst", "all_pairs"] = "none"  # expand ranked rows into pairs
+    pairs_from_scores: Literal[PAIRS_FROM_SCORES] = "none"  # expand ranked rows into pairs
     # auto | none | padding_free | shared_prompt (dpojax.data.packing); auto: shared_prompt, padding_free on TPU
-    packing: Literal["auto", "none", "padding_free", "shared_prompt"] = "auto"
+    packing: Literal[PACKING_MODES] = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +90,7 @@ class LossSection:
     weights: Optional[tuple[float, ...]] = None  # one per type; default all 1.0
     beta: float = 0.1  # KL strength (temperature of the implicit reward)
     label_smoothing: float = 0.0  # cDPO / robust / exo / bco noise rate
-    f_divergence_type: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = "reverse_kl"
+    f_divergence_type: Literal[F_DIVERGENCES] = "reverse_kl"
     f_alpha_divergence_coef: float = 0.5  # alpha of the alpha-divergence
     use_weighting: bool = False  # WPO weighting of each pair
     ld_alpha: Optional[float] = None  # LD-DPO: weight of the tail beyond the shared length
@@ -382,11 +388,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config: 'optim.lr', 'optim.warmup_steps' and 'optim.weight_decay' must be >= 0.")
     _validate_sections(cfg)
     _validate_lora(cfg)
-    from dpojax import losses  # the loss registry owns its names, traits, ranges and combinations
-
     losses.import_loss_modules(cfg.loss.import_)  # user losses register themselves before their names are checked
     losses.validate_loss_config(cfg.loss)
-    _validate_with_losses(cfg, losses)
+    _validate_with_losses(cfg)
     d = cfg.distributed
     if min(d.initialization_timeout, d.heartbeat_timeout, d.shutdown_timeout) <= 0:
         raise ConfigError("config: 'distributed.*_timeout' values are seconds and must be positive.")
@@ -466,7 +470,7 @@ def _validate_lora(cfg: Config) -> None:
              "the frozen base; remove ref_model.sync_every.")
 
 
-def _validate_with_losses(cfg: Config, losses) -> None:
+def _validate_with_losses(cfg: Config) -> None:
     """Checks that need the loss registry's traits."""
     d, c = cfg.data, cfg.checkpoint
     kwise = losses.is_kwise(cfg.loss)

@@ -17,8 +17,8 @@ background thread, every `heartbeat_timeout` / 2 seconds (JAX 0.10's `jax.distri
 the timeout, no interval or miss count), so a long compile, a checkpoint write or a busy Python thread does not
 delay them. A process silent for `heartbeat_timeout` seconds is declared dead and every other process is then
 terminated with "the JAX distributed service detected fatal errors ... tasks are unhealthy". With the default,
-30 s (JAX's is 100 s), the survivors stop 15 to 30 s after a peer dies (21 s measured by tests/test_multihost.py
-on CPU). They cannot learn it sooner from their collectives: on CPU a gloo collective waits for a killed peer
+30 s (JAX's is 100 s), the survivors stop 15 to 30 s after a peer dies (tests/test_multihost.py measures it). They
+cannot learn it sooner from their collectives: on CPU a gloo collective waits for a killed peer
 until the heartbeat verdict.
 
 SIGTERM belongs to `dpojax.trainer.preemption`: JAX's preemption service is switched off because it installs

@@ -29,6 +29,8 @@ import dataclasses
 import time
 from collections.abc import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 # Dense bf16 FLOP/s per chip (no sparsity), by the short name the throughput table prints.
@@ -61,8 +63,6 @@ def device_peak(device_kind: str) -> float | None:
 
 def peak_flops_per_second() -> float | None:
     """Peak FLOP/s of all devices together, when their kind is in the table (None on CPU)."""
-    import jax
-
     per_device = device_peak(jax.devices()[0].device_kind)
     return None if per_device is None else per_device * jax.device_count()
 
@@ -70,9 +70,6 @@ def peak_flops_per_second() -> float | None:
 def measured_matmul_peak(dtype: str = "float32", n: int = 2048, repeats: int = 3) -> float:
     """FLOP/s of an n x n x n matmul on the default device (median of `repeats`), in `dtype` with fp32
     accumulation: the stand-in for a peak where no datasheet number exists (CPU)."""
-    import jax
-    import jax.numpy as jnp
-
     dt = jnp.dtype(dtype)
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dt)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dt)
@@ -212,13 +209,14 @@ def step_flops(cfg, lengths: Sequence[int] | np.ndarray, scored: int, *,
     )
 
 
-def _counts(ids_RxL: np.ndarray, valid_RxL: np.ndarray, *keys: np.ndarray) -> np.ndarray:
-    """Token counts per (row, key values...) of the valid tokens, as a [rows * ..., last key] array."""
+def _counts(ids: np.ndarray, valid: np.ndarray, *keys: np.ndarray) -> np.ndarray:
+    """Token counts per (row, key values...) of the valid tokens of [rows, length] arrays, as a
+    [rows * ..., last key] array."""
     sizes = [int(k.max(initial=0)) + 1 for k in keys]
-    flat = np.arange(len(ids_RxL))[:, None] * np.ones_like(ids_RxL)
+    flat = np.arange(len(ids))[:, None] * np.ones_like(ids)
     for k, n in zip(keys, sizes):
         flat = flat * n + k
-    counts = np.bincount(flat[valid_RxL].ravel(), minlength=len(ids_RxL) * int(np.prod(sizes)))
+    counts = np.bincount(flat[valid].ravel(), minlength=len(ids) * int(np.prod(sizes)))
     return counts.reshape(-1, sizes[-1])
 
 
@@ -230,18 +228,17 @@ def batch_counts(batch) -> tuple[np.ndarray, np.ndarray, int]:
     responses and filler prompts count 0 (as `real_tokens`). PackedBatch (data.packing): per group part (segment),
     the shared prompt (branch 0) is a sequence with prefix 0 and each response (branch k + 1) a sequence with the
     prompt as prefix: the prompt is computed, and counted, once."""
-    if hasattr(batch, "branch_ids_RxL"):
-        seg_RxL, branch_RxL = np.asarray(batch.segment_ids_RxL, np.int64), np.asarray(batch.branch_ids_RxL, np.int64)
-        counts_SxB = _counts(seg_RxL, seg_RxL > 0, seg_RxL, branch_RxL)
-        prompt_S, responses_SxB = counts_SxB[:, :1], counts_SxB[:, 1:]
-        prefix = np.concatenate([np.zeros(prompt_S.size, np.int64),
-                                 np.broadcast_to(prompt_S, responses_SxB.shape).ravel()])
-        lengths = np.concatenate([prompt_S.ravel(), responses_SxB.ravel()])
-        return prefix[lengths > 0], lengths[lengths > 0], int(np.sum(np.asarray(batch.completion_RxL)))
+    if hasattr(batch, "branch_ids_PxJ"):
+        seg_PxJ, branch_PxJ = np.asarray(batch.segment_ids_PxJ, np.int64), np.asarray(batch.branch_ids_PxJ, np.int64)
+        counts = _counts(seg_PxJ, seg_PxJ > 0, seg_PxJ, branch_PxJ)  # [row * segment id, branch]
+        prompt, responses = counts[:, :1], counts[:, 1:]
+        prefix = np.concatenate([np.zeros(prompt.size, np.int64), np.broadcast_to(prompt, responses.shape).ravel()])
+        lengths = np.concatenate([prompt.ravel(), responses.ravel()])
+        return prefix[lengths > 0], lengths[lengths > 0], int(np.sum(np.asarray(batch.completion_PxI)))
     real_NxK = np.asarray(batch.response_mask_NxK) * np.asarray(batch.prompt_mask_N)[:, None]
     seg_NxKxT = np.asarray(batch.segment_ids_NxKxT).astype(np.int64) * (real_NxK[..., None] > 0)
-    seg_RxT = seg_NxKxT.reshape(-1, seg_NxKxT.shape[-1])
-    lengths = _counts(seg_RxT, seg_RxT > 0, seg_RxT)[:, 1:].ravel()  # id 0 is padding
+    seg_BxT = seg_NxKxT.reshape(-1, seg_NxKxT.shape[-1])
+    lengths = _counts(seg_BxT, seg_BxT > 0, seg_BxT)[:, 1:].ravel()  # id 0 is padding
     scored = int(np.sum(np.asarray(batch.completion_mask_NxKxT) * (real_NxK[..., None] > 0)))
     return np.zeros(np.sum(lengths > 0), np.int64), lengths[lengths > 0], scored
 

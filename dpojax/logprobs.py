@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from dpojax.losses.core import best_and_worst  # the one definition of "worst real response"
+
 Array = jax.Array
 
 
@@ -389,11 +391,11 @@ def _token_stats(stats: dict[str, Array], keep_BxT: Array) -> TokenStats:
 
 
 def entry_logprobs(
-    hidden_RxLxD: Array,
+    hidden_PxJxD: Array,
     unembed_VxD: Array,
-    src_RxE: Array,
-    targets_RxE: Array,
-    valid_RxE: Array,
+    src_PxI: Array,
+    targets_PxI: Array,
+    valid_PxI: Array,
     *,
     chunk_len: int = 256,
     softcap: float | None = None,
@@ -404,29 +406,29 @@ def entry_logprobs(
     with_top1: bool = False,
     vocab_tile: int | None = None,
 ) -> TokenStats:
-    """`token_logprobs` for packed rows (`dpojax.data.packing`): entry e of a row scores `targets_RxE[e]` from the
-    hidden state at `src_RxE[e]` (TokenStats fields are [R, E], 0 where `valid_RxE` is 0). Valid entries come
+    """`token_logprobs` for packed rows (`dpojax.data.packing`): entry e of a row scores `targets_PxI[e]` from the
+    hidden state at `src_PxI[e]` (TokenStats fields are [P, I], 0 where `valid_PxI` is 0). Valid entries come
     first in each row, so chunks past the longest row's count are skipped, as with `needed_BxT`."""
-    spec = _head_spec(unembed_VxD, src_RxE.shape[1], chunk_len=chunk_len, softcap=softcap, logit_scale=logit_scale,
+    spec = _head_spec(unembed_VxD, src_PxI.shape[1], chunk_len=chunk_len, softcap=softcap, logit_scale=logit_scale,
                       vocab_tile=vocab_tile, with_mean_logit=with_mean_logit, with_wpo=with_wpo,
                       with_entropy=with_entropy, with_top1=with_top1)
-    e = src_RxE.shape[1]
-    valid_RxE = valid_RxE.astype(bool)
-    hidden_RxExD = jnp.take_along_axis(hidden_RxLxD, src_RxE.astype(jnp.int32)[..., None], axis=1)
-    targets_RxE = targets_RxE.astype(jnp.int32)
-    n_live = jnp.max(jnp.sum(valid_RxE, axis=1, dtype=jnp.int32))
+    e = src_PxI.shape[1]
+    valid_PxI = valid_PxI.astype(bool)
+    hidden_PxIxD = jnp.take_along_axis(hidden_PxJxD, src_PxI.astype(jnp.int32)[..., None], axis=1)
+    targets_PxI = targets_PxI.astype(jnp.int32)
+    n_live = jnp.max(jnp.sum(valid_PxI, axis=1, dtype=jnp.int32))
     pad = -e % spec.chunk_len
     if pad:
-        hidden_RxExD = jnp.pad(hidden_RxExD, ((0, 0), (0, pad), (0, 0)))
-        targets_RxE = jnp.pad(targets_RxE, ((0, 0), (0, pad)))
-    return _token_stats(_head(hidden_RxExD, unembed_VxD, targets_RxE, n_live, spec), valid_RxE)
+        hidden_PxIxD = jnp.pad(hidden_PxIxD, ((0, 0), (0, pad), (0, 0)))
+        targets_PxI = jnp.pad(targets_PxI, ((0, 0), (0, pad)))
+    return _token_stats(_head(hidden_PxIxD, unembed_VxD, targets_PxI, n_live, spec), valid_PxI)
 
 
 def head_chunk(t: int, cap: int = 256) -> int:
     """The head's chunk length for rows of `t` positions: about t/4 (at least 16, at most `cap`), so that with the
     needed positions moved to the front the chunks past the longest row's scored positions are skipped. At t = 64
-    (short chat pairs: ~45 prompt, ~14 response tokens) one chunk of 16 is computed instead of all 64 positions:
-    the SmolLM2 DPO step took 8.5 s instead of 11.7 s on a 2-core Xeon."""
+    (short chat pairs, whose responses are a fraction of the row) one chunk of 16 is computed instead of all 64
+    positions, which shortens a small model's step on CPU markedly."""
     return max(1, min(cap, t, max(16, t // 4)))
 
 
@@ -502,52 +504,52 @@ def sequence_stats(
 
 def entry_sequence_stats(
     tok: TokenStats,
-    owner_RxE: Array,
-    completion_RxE: Array,
+    owner_PxI: Array,
+    completion_PxI: Array,
     completion_len_NxK: Array,
     response_mask_NxK: Array,
     *,
-    ld_shared_RxE: Array | None = None,
+    ld_shared_PxI: Array | None = None,
     ld_alpha: float | None = None,
-    lm_RxE: Array | None = None,
+    lm_PxI: Array | None = None,
 ) -> SeqStats:
     """`sequence_stats` of packed rows: entries summed into their owner slots n * (K + 1) + k (k = K: the shared
     prompt), giving the same B = N * K rows, prompt by prompt, as the [N, K, T] batch. ORPO's prompt+response NLL
-    (`lm_RxE`) adds the shared prompt's sum to each real response of its prompt, as each unpacked sequence holds it."""
+    (`lm_PxI`) adds the shared prompt's sum to each real response of its prompt, as each unpacked sequence holds it."""
     n, k = response_mask_NxK.shape
     slots = n * (k + 1)
-    owner_X = owner_RxE.reshape(-1)
-    comp_RxE = completion_RxE.astype(jnp.float32)
+    owner_PI = owner_PxI.reshape(-1)
+    comp_PxI = completion_PxI.astype(jnp.float32)
 
-    def per_response(x_RxE, gradient=False):
+    def per_response(x_PxI, gradient=False):
         """[N, K + 1] sums of x over the entries of each slot (column K: the shared prompt)."""
-        x_RxE = x_RxE if gradient else lax.stop_gradient(x_RxE)
-        return jax.ops.segment_sum(x_RxE.astype(jnp.float32).reshape(-1), owner_X, slots).reshape(n, k + 1)
+        x_PxI = x_PxI if gradient else lax.stop_gradient(x_PxI)
+        return jax.ops.segment_sum(x_PxI.astype(jnp.float32).reshape(-1), owner_PI, slots).reshape(n, k + 1)
 
-    def masked(x_RxE):
-        return None if x_RxE is None else per_response(x_RxE * comp_RxE)[:, :k].reshape(-1)
+    def masked(x_PxI):
+        return None if x_PxI is None else per_response(x_PxI * comp_PxI)[:, :k].reshape(-1)
 
     ld_logps_B = None
     if ld_alpha is not None:
-        shared_RxE = ld_shared_RxE.astype(jnp.float32)
-        weight_RxE = comp_RxE * (shared_RxE + ld_alpha * (1.0 - shared_RxE))
-        ld_logps_B = per_response(tok.logps_BxT * weight_RxE, gradient=True)[:, :k].reshape(-1)
+        shared_PxI = ld_shared_PxI.astype(jnp.float32)
+        weight_PxI = comp_PxI * (shared_PxI + ld_alpha * (1.0 - shared_PxI))
+        ld_logps_B = per_response(tok.logps_BxT * weight_PxI, gradient=True)[:, :k].reshape(-1)
     wpo_sum_B = None
     if tok.log_sum_sq_probs_BxT is not None:
         wpo_sum_B = masked(tok.logps_BxT - tok.log_sum_sq_probs_BxT)
     lm_logps_B = lm_tokens_B = None
-    if lm_RxE is not None:
-        lm_RxE = lm_RxE.astype(jnp.float32)
+    if lm_PxI is not None:
+        lm_PxI = lm_PxI.astype(jnp.float32)
         real_NxK = response_mask_NxK.astype(jnp.float32)
 
-        def with_prompt(sums_NxKp1):
-            return (sums_NxKp1[:, :k] + sums_NxKp1[:, k:] * real_NxK).reshape(-1)
+        def with_prompt(sums_NxO):
+            return (sums_NxO[:, :k] + sums_NxO[:, k:] * real_NxK).reshape(-1)
 
-        lm_logps_B = with_prompt(per_response(tok.logps_BxT * lm_RxE, gradient=True))
-        lm_tokens_B = with_prompt(per_response(lm_RxE))
+        lm_logps_B = with_prompt(per_response(tok.logps_BxT * lm_PxI, gradient=True))
+        lm_tokens_B = with_prompt(per_response(lm_PxI))
     return SeqStats(
-        logps_B=per_response(tok.logps_BxT * comp_RxE, gradient=True)[:, :k].reshape(-1),
-        tokens_B=per_response(comp_RxE)[:, :k].reshape(-1),
+        logps_B=per_response(tok.logps_BxT * comp_PxI, gradient=True)[:, :k].reshape(-1),
+        tokens_B=per_response(comp_PxI)[:, :k].reshape(-1),
         completion_len_B=completion_len_NxK.astype(jnp.float32).reshape(-1),
         ld_logps_B=ld_logps_B,
         mean_logit_sum_B=masked(tok.mean_logit_BxT),
@@ -567,8 +569,6 @@ def token_metric_sums(stats: SeqStats, *, num_responses: int = 2, response_mask_
     over every real response's tokens; `mean_token_accuracy`: share of the best response's tokens that are the
     argmax. Filler prompts and padding responses count nothing. Value = sum / count.
     """
-    from dpojax.losses import best_and_worst  # the one definition of "worst real response"
-
     k = num_responses
     tokens_NxK = stats.tokens_B.reshape(-1, k)
     n = tokens_NxK.shape[0]

@@ -18,23 +18,13 @@ from typing import Mapping
 import numpy as np
 
 from dpojax import paths
+from dpojax.losses import BASE_METRICS, RANKING_METRICS
 
 PathLike = str | os.PathLike
 
-# TRL's names, in the order a summary prints them.
-PAIR_METRICS = (
-    "loss",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/accuracies",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/rejected",
-    "logits/chosen",
-    "logits/rejected",
-    "rewards/ranking_accuracy",  # ranked data (dpojax/ranking.py); a summary shows only the metrics a run has
-    "rewards/kendall_tau",
-)
+# TRL's names, then ranked data's (dpojax/losses/ranking.py), in the order a summary prints them; a summary shows
+# only the metrics a run has.
+PAIR_METRICS = (*BASE_METRICS, *RANKING_METRICS)
 
 
 def add_sums(acc: dict[str, tuple[float, float]] | None, new: Mapping) -> dict[str, tuple[float, float]]:
@@ -110,10 +100,10 @@ def summary_table(rows: Mapping[str, Mapping[str, float]]) -> str:
 
 def plot_curves(records: list[dict], out_png: PathLike):
     """Loss, reward accuracy, margins and chosen/rejected rewards against step, train and eval."""
-    import matplotlib
+    import matplotlib  # heavy; needed only for the curves PNG
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): no display needed
 
     panels = (
         ("loss", ("loss",)),

@@ -20,6 +20,8 @@ read): `use_emulator_if_set` points tensorstore (Orbax's array writer) at it too
 
 from __future__ import annotations
 
+import fnmatch
+import importlib.util
 import os
 import pathlib
 import shutil
@@ -143,7 +145,7 @@ def cache_root() -> pathlib.Path:
 
 
 def _fs(url: str):
-    import fsspec
+    import fsspec  # optional dependency, needed only for gs:// and s3:// URLs
 
     return fsspec.filesystem(url.split("://", 1)[0])
 
@@ -163,8 +165,6 @@ def local_copy(url: str | os.PathLike, patterns: Iterable[str] | None = None) ->
     text = os.fspath(url)
     if not is_remote(text):
         return pathlib.Path(os.path.expanduser(text))
-    import fnmatch
-
     fs, text = _fs(text), text.rstrip("/")
     scheme, key = text.split("://", 1)
     dest = cache_root() / "remote" / scheme / key
@@ -239,8 +239,6 @@ def check_urls(urls: Iterable[tuple[str, str | None]], written: Iterable[str] = 
 
 
 def _check_package(what: str, url: str, scheme: str) -> None:
-    import importlib.util
-
     if importlib.util.find_spec(_PACKAGE[scheme]) is None:
         raise StorageError(f"{what} '{url}': reading and writing {scheme}:// needs the {_PACKAGE[scheme]} package: "
                            f"pip install 'dpojax[gcs]' (or pip install {_PACKAGE[scheme]})")
@@ -249,8 +247,8 @@ def _check_package(what: str, url: str, scheme: str) -> None:
 def _check_gcs_credentials(what: str, url: str) -> None:
     if os.environ.get("STORAGE_EMULATOR_HOST", "") not in ("", "default"):
         return
-    import google.auth
-    import google.auth.exceptions
+    import google.auth  # optional dependency, needed only for gs:// URLs
+    import google.auth.exceptions  # as above
 
     try:
         google.auth.default()

@@ -10,7 +10,7 @@ Logical axis glossary:
   embed     model width D
   mlp       MLP hidden width F
   heads     query heads H
-  kv_heads  key/value heads K
+  kv_heads  key/value heads G
   head_dim  per-head width Dh
   vocab     vocabulary V
   layers    the stacked-layer axis L (never sharded)

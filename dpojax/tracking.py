@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Mapping
 
+import jax
+
 from dpojax import paths
 from dpojax.config import Config, to_dict
 from dpojax.errors import ConfigError
@@ -42,8 +44,8 @@ class TensorBoard:
     `close`."""
 
     def __init__(self, logdir, start: int = 0):
-        from tensorboard.compat.proto import event_pb2
-        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+        from tensorboard.compat.proto import event_pb2  # optional dependency, needed only with report_to tensorboard
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter  # as above
 
         self.logdir = logdir
         self.local = paths.staging_dir() if paths.is_remote(logdir) else None
@@ -54,7 +56,7 @@ class TensorBoard:
                                                   session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
 
     def write(self, step: int, split: str, metrics: Mapping) -> None:
-        from tensorboard.compat.proto import event_pb2, summary_pb2
+        from tensorboard.compat.proto import event_pb2, summary_pb2  # optional dependency (report_to tensorboard)
 
         values = [summary_pb2.Summary.Value(tag=tag, simple_value=v) for tag, v in _scalars(split, metrics).items()]
         self.writer.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
@@ -93,7 +95,7 @@ class WandB:
     """One W&B run per training process (process 0); records logged at their step."""
 
     def __init__(self, cfg: Config, out_dir):
-        import wandb
+        import wandb  # optional dependency, needed only with report_to wandb
 
         local = Path(os.fspath(out_dir))
         if paths.is_remote(out_dir):  # W&B writes its files locally
@@ -157,8 +159,6 @@ class Profiler:
         self.last = None if self.first is None else self.first + p.steps - 1
 
     def before_step(self, step: int) -> None:
-        import jax
-
         if step == self.first:
             self.local = paths.staging_dir() if paths.is_remote(self.logdir) else None
             paths.makedirs(self.local or self.logdir)
@@ -171,8 +171,6 @@ class Profiler:
 
     def stop(self, out=None) -> None:
         """End the trace (waiting for `out`, the last traced step's result, so its device work is in it)."""
-        import jax
-
         if self.active:
             jax.block_until_ready(out)
             jax.profiler.stop_trace()

@@ -13,7 +13,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 # One persistent compilation cache for the session's processes (xdist workers, the serial pass, the CLI subprocesses
 # they start): the same tiny model compiles the same step in many tests. Entries are keyed by the program, the
-# compile options and the JAX version, so a stale entry is never read.
+# compile options and the JAX version, so a stale entry is never read. Compiles for TPU topologies (dpojax compile)
+# keep out of it: their compile-only client cannot load an entry back (`dpojax.aot.compile_uncached`).
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), f"dpojax-tests-jax-{os.getuid()}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")

@@ -1,5 +1,5 @@
-"""The public Python API: `dpojax.__all__` is exactly what README "Python API" documents, `import dpojax` stays
-cheap, the README snippet runs, and losses defined outside the package train (from Python and via `loss.import`)
+"""The public Python API: `dpojax.__all__` is exactly what docs/python-api.md documents, `import dpojax` stays
+cheap, that page's first snippet runs, and losses defined outside the package train (from Python and via `loss.import`)
 with the same inputs and metrics as the built-in ones; a bad one fails with one line naming it."""
 
 from __future__ import annotations
@@ -26,9 +26,16 @@ from dpojax.metrics import read_metrics
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _api_section() -> str:
-    text = (REPO / "README.md").read_text()
-    return text.split("\n## Python API\n", 1)[1].split("\n## ", 1)[0]
+API_PAGE = REPO / "docs" / "python-api.md"
+
+
+def _api_page() -> str:
+    return API_PAGE.read_text()
+
+
+def _names_section() -> str:
+    """The "Public names" section of docs/python-api.md: one "- `name(...)`: text" line per public name."""
+    return _api_page().split("\n## Public names\n", 1)[1].split("\n## ", 1)[0]
 
 
 @pytest.fixture
@@ -45,7 +52,7 @@ def user_losses():
 
 # ------------------------------------------------------------------------------------------------ names
 def test_all_is_exactly_the_documented_names():
-    items = [line for line in _api_section().splitlines() if line.startswith("- `")]
+    items = [line for line in _names_section().splitlines() if line.startswith("- `")]
     documented = set()
     for line in items:  # "- `a(...)`, `B`: text": the names before the first ': ' are the ones documented
         head = line[2:].split("`: ", 1)[0] + "`"
@@ -70,12 +77,12 @@ def test_import_is_cheap_and_train_is_the_function():
     assert dpojax.train is dpojax.api.train  # the public function, not a subpackage
 
 
-def test_readme_snippet_runs(monkeypatch):
-    code = re.search(r"```python\n(.*?)```", _api_section(), re.S).group(1)
+def test_api_page_snippet_runs(monkeypatch):
+    code = re.search(r"```python\n(.*?)```", _api_page(), re.S).group(1)
     monkeypatch.chdir(REPO)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        exec(compile(code, "README.md:Python API", "exec"), {})  # noqa: S102 - executes the documented snippet on purpose
+        exec(compile(code, "docs/python-api.md", "exec"), {})  # noqa: S102 - executes the documented snippet on purpose
     lines = [line.split() for line in out.getvalue().splitlines()]
     assert [int(step) for step, _ in lines] == [1, 2, 3, 4, 5]
     losses = [float(loss) for _, loss in lines]

@@ -34,7 +34,7 @@ N_PAIRS, T = 6, 12
 
 @dataclasses.dataclass(frozen=True)
 class Cfg:
-    """Stand-in for dpojax.config.LossConfig (same field names and defaults)."""
+    """Stand-in for dpojax.config.LossSection (same field names and defaults)."""
 
     type: tuple[str, ...] = ("sigmoid",)
     weights: tuple[float, ...] | None = None

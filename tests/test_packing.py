@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 from tiny_models import make_tiny_checkpoint
 from tiny_tokenizer import load_tiny_tokenizer, make_tokenizer
+from tolerances import fp32_tol
 
 from dpojax import losses
 from dpojax.config import LossSection
@@ -109,8 +110,7 @@ def test_packed_statistics_and_every_loss_equal_unpacked(tok, llama, mode, trunc
         if outs:
             (loss_a, m_a), (loss_b, m_b) = outs
             np.testing.assert_allclose(loss_b, loss_a, rtol=1e-5, atol=1e-6, err_msg=name)
-            for key in m_a:
-                np.testing.assert_allclose(m_b[key][0], m_a[key][0], rtol=1e-5, atol=1e-5, err_msg=f"{name} {key}")
+            _same_metrics(m_b, m_a, err_msg=name)
 
 
 @pytest.mark.parametrize("loss", [LossSection(type=("orpo",)), LossSection(use_weighting=True, ld_alpha=0.5),
@@ -131,10 +131,20 @@ def test_packed_gradients_equal_unpacked(tok, llama, loss):
     (loss_a, m_a), g_a = run(unpacked, "none")
     (loss_b, m_b), g_b = run(packed, "shared_prompt")
     np.testing.assert_allclose(loss_b, loss_a, rtol=1e-5)
-    for key in m_a:
-        np.testing.assert_allclose(m_b[key][0], m_a[key][0], rtol=1e-5, atol=1e-6, err_msg=key)
+    _same_metrics(m_b, m_a)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_a), jax.tree.leaves(g_b), strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+
+
+def _same_metrics(got, want, err_msg=""):
+    """Metric sums packed vs unpacked. Those computed from the log-prob sums (log-odds, rewards, NLL, the loss) are
+    as exact as those sums, whatever their own size: a log-odds of 0.05 is a difference of per-token means near -4.5,
+    so 16 fp32 ulps of the batch's total |log-probs| (packed vs unpacked measured within 0.3 of them); the logits'
+    sums as before (measured 1e-8, 100 times under)."""
+    logps = abs(float(want["logps/chosen"][0])) + abs(float(want["logps/rejected"][0]))
+    for key in want:
+        atol = 1e-6 if key.startswith("logits/") else fp32_tol(logps, 16)
+        np.testing.assert_allclose(got[key][0], want[key][0], rtol=1e-5, atol=atol, err_msg=f"{err_msg} {key}")
 
 
 def _model_cache(graphdef, params):
@@ -167,14 +177,14 @@ def test_micro_batches_and_shards_lay_out_rows_for_the_step(tok):
     again = pack(data, idx, np.ones(12), Packing("shared_prompt", shards=2, micro_batches=3), max_length=16,
                  truncation_mode="keep_start")
     jax.tree.map(np.testing.assert_array_equal, one, again)
-    rows = one.input_ids_RxL.shape[0]
-    assert rows % 6 == 0 and one.input_ids_RxL.shape[1] == row_length(one.input_ids_RxL.shape[1])
+    rows = one.input_ids_PxJ.shape[0]
+    assert rows % 6 == 0 and one.input_ids_PxJ.shape[1] == row_length(one.input_ids_PxJ.shape[1])
     unpacked = collate(data, idx, length=16, max_length=16, truncation_mode="keep_start")
     scored_NxK = unpacked.completion_mask_NxKxT[..., 1:].sum(-1)
     k = data.num_responses
     for a in range(3):
-        owner = one.owner_RxL[a::3]
-        comp = one.completion_RxL[a::3]
+        owner = one.owner_PxI[a::3]
+        comp = one.completion_PxI[a::3]
         counts = np.bincount(owner[comp > 0], minlength=4 * (k + 1)).reshape(4, k + 1)[:, :k]
         np.testing.assert_array_equal(counts, scored_NxK[a::3])
     halves = [pack(data, idx, np.ones(12), Packing("shared_prompt", shards=2, micro_batches=3), max_length=16,
@@ -184,4 +194,4 @@ def test_micro_batches_and_shards_lay_out_rows_for_the_step(tok):
     plain = next(train_batches(data, 12, seed=1, max_length=16))
     packed = next(train_batches(data, 12, seed=1, max_length=16, packing=Packing("shared_prompt")))
     np.testing.assert_array_equal(packed.prompt_index_N, plain.prompt_index_N)
-    assert packed.real_tokens() / packed.input_ids_RxL.size >= 0.8
+    assert packed.real_tokens() / packed.input_ids_PxJ.size >= 0.8

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 from tiny_models import tiny_run_files
+from tolerances import rewards_atol
 
 from dpojax.config import config_from_dict
 from dpojax.metrics import read_metrics
@@ -64,7 +65,9 @@ def test_unrolled_layers_train_like_scanned(files, tmp_path, monkeypatch):
     for a, b in zip(recs[True], recs[False]):
         for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
             if key in a:
-                np.testing.assert_allclose(b[key], a[key], rtol=2e-5, atol=1e-6, err_msg=f"{key} at {a['step']}")
+                # rewards: differences of log-prob sums ~ -50 (beta 0.1), 16 ulps of those
+                atol = rewards_atol(a, 0.1) if key.startswith("rewards/") else 1e-6
+                np.testing.assert_allclose(b[key], a[key], rtol=2e-5, atol=atol, err_msg=f"{key} at {a['step']}")
     exported = {scan: load_file(str(folder / "export" / "model.safetensors")) for scan, folder in out.items()}
     assert exported[True].keys() == exported[False].keys()
     for name, value in exported[True].items():

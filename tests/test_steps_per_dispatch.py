@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 from tiny_models import tiny_run_files
+from tolerances import rewards_atol
 
 from dpojax.config import config_from_dict
 from dpojax.errors import ConfigError
@@ -70,7 +71,9 @@ def test_k_steps_per_dispatch_train_like_one(files, tmp_path, monkeypatch):
         for key in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "grad_norm", "learning_rate",
                     "skipped_steps"):
             if key in a:
-                np.testing.assert_allclose(b[key], a[key], rtol=2e-5, atol=1e-6, err_msg=f"{key} at {a['step']}")
+                # rewards: differences of log-prob sums ~ -50 (beta 0.1), 16 ulps of those
+                atol = rewards_atol(a, 0.1) if key.startswith("rewards/") else 1e-6
+                np.testing.assert_allclose(b[key], a[key], rtol=2e-5, atol=atol, err_msg=f"{key} at {a['step']}")
     exported = {k: load_file(str(folder / "export" / "model.safetensors")) for k, folder in out.items()}
     for name, value in exported[1].items():
         np.testing.assert_allclose(exported[3][name], value, rtol=1e-5, atol=1e-6, err_msg=name)

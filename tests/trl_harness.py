@@ -9,15 +9,7 @@ from pathlib import Path
 from tiny_models import make_tiny_checkpoint
 from tiny_tokenizer import load_tiny_tokenizer, make_pref_rows, make_tokenizer
 
-TRL_METRICS = (
-    "loss",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/accuracies",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/rejected",
-)
+from dpojax.losses import TRL_METRICS  # noqa: F401 - the one list of TRL's metric names, for the parity tests
 
 
 def make_assets(root: Path, *, family: str = "llama", n_rows: int = 16) -> dict[str, Path]:

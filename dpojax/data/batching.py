@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from dpojax.data.packing import PackedBatch, Packing, pack
+from dpojax.data.sequences import prompt_fields, truncate_sequence
 from dpojax.data.tokenize import TRUNCATION_MODES, TokenizedData
 from dpojax.errors import DataError
 
@@ -78,16 +79,6 @@ def _effective_max_length(data: TokenizedData, max_length: int | None) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------- collate
-def truncate_sequence(prompt: np.ndarray, completion: np.ndarray, max_length: int | None, mode: str):
-    """(ids, completion mask) of prompt + completion, cut to max_length like TRL's collator (`mode`)."""
-    ids = np.concatenate([prompt, completion])
-    mask = np.concatenate([np.zeros(len(prompt), np.int32), np.ones(len(completion), np.int32)])
-    if max_length is not None and len(ids) > max_length:
-        sl = slice(None, max_length) if mode == "keep_start" else slice(len(ids) - max_length, None)
-        ids, mask = ids[sl], mask[sl]
-    return ids, mask
-
-
 def collate(
     data: TokenizedData,
     indices: Sequence[int],
@@ -104,8 +95,6 @@ def collate(
     n, k = len(indices), data.num_responses
     input_ids = np.full((n, k, length), data.pad_token_id, np.int32)
     segment_ids, positions, completion = (np.zeros((n, k, length), np.int32) for _ in range(3))
-    response_mask = np.zeros((n, k), np.float32)
-    rank = np.full((n, k), k, np.int32)
     for row, m in enumerate(indices):
         m = int(m)
         for j, response in enumerate(data.response_ids[m]):
@@ -115,13 +104,7 @@ def collate(
                 raise ValueError(f"row {m} response {j} has {t} tokens after truncation, more than the length {length}")
             input_ids[row, j, :t], segment_ids[row, j, :t], completion[row, j, :t] = ids, 1, mask
             positions[row, j, :t] = np.arange(t, dtype=np.int32)
-        n_real = len(data.response_ids[m])
-        response_mask[row, :n_real] = 1.0
-        rank[row, :n_real] = data.ranks[m]
-    prompt_mask = np.ones(n, np.float32) if prompt_mask is None else np.asarray(prompt_mask, np.float32)
-    prompt_index = np.where(prompt_mask > 0, np.asarray(indices, np.int64), -1).astype(np.int32)
-    return PreferenceBatch(input_ids, segment_ids, positions, completion, response_mask, rank, prompt_mask,
-                           prompt_index)
+    return PreferenceBatch(input_ids, segment_ids, positions, completion, *prompt_fields(data, indices, prompt_mask))
 
 
 @dataclasses.dataclass(frozen=True)

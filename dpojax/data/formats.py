@@ -35,7 +35,8 @@ from dpojax.errors import DataError
 log = logging.getLogger(__name__)
 
 MAX_LISTED = 20  # bad rows spelled out in one error message; the rest are counted
-OnBadRow = Literal["error", "skip"]
+ON_BAD_ROW = ("error", "skip")
+OnBadRow = Literal[ON_BAD_ROW]
 PAIRS_FROM_SCORES = ("none", "best_vs_worst", "all_pairs")
 
 
@@ -292,7 +293,7 @@ def normalize_rows(rows: Any, source: str, *, on_bad_row: OnBadRow = "error", ma
                    pairs_from_scores: str = "none") -> PreferenceRows:
     """Validate every row, then bring the good ones to {prompt, responses (best first), ranks}; with
     `pairs_from_scores` ranked rows are expanded into K = 2 rows."""
-    if on_bad_row not in ("error", "skip"):
+    if on_bad_row not in ON_BAD_ROW:
         raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
     if max_responses < 2:
         raise DataError(f"data.max_responses must be at least 2, got {max_responses}")

@@ -9,7 +9,7 @@ the row length is rounded up to a sixteenth of an octave, so a run compiles a ha
 Shared-prompt rows may hold up to ROW_CAPACITY x max_length tokens (the XLA kernel reads only a band of keys);
 padding-free rows at most max_length (splash and cuDNN compute every causal block of a row).
 
-Truncation stays per sequence (prompt + one response, TRL's rules; `batching.truncate_sequence`), so packing never
+Truncation stays per sequence (prompt + one response, TRL's rules; `sequences.truncate_sequence`), so packing never
 cuts further than the [N, K, T] batch does:
 - `keep_start` keeps every sequence's first max_length tokens: the kept prompt (min(P, max_length) tokens) is the
   same for every response, so it is shared and each response keeps what is left of it.
@@ -35,7 +35,7 @@ metric such as `rewards/accuracies` (chosen > rejected) counts them as TRL does.
 `pack` builds the global batch on every host (deterministic in the batch's prompts only: resume is exact and every
 host count builds the same global batch) and returns this host's contiguous share of rows and prompts. With A
 micro-batches, micro-batch a holds prompts a, a + A, ... (as for unpacked batches) and rows a, a + A, ....
-Glossary: `dpojax.glossary` (R rows, L row length, E entries = L per row).
+Glossary: `dpojax.glossary` (P rows, J row length, I entries = J per row).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
+from dpojax.data.sequences import prompt_fields, truncate_sequence
 from dpojax.data.tokenize import TokenizedData
 
 MODES = ("auto", "none", "padding_free", "shared_prompt")
@@ -56,19 +57,19 @@ ROW_CAPACITY = 8  # shared_prompt rows hold up to this many times max_length tok
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PackedBatch:
-    """R packed rows of L tokens (this host's share) and the N prompts they hold; per-prompt fields as in
+    """P packed rows of J tokens (this host's share) and the N prompts they hold; per-prompt fields as in
     `PreferenceBatch`, so the loss side does not see the difference."""
 
-    input_ids_RxL: np.ndarray  # int32, pad_token_id on padding
-    positions_RxL: np.ndarray  # int32, position within the token's own sequence (prompt 0..P-1, response P..)
-    segment_ids_RxL: np.ndarray  # int32, one id per group part within the row; 0 on padding
-    branch_ids_RxL: np.ndarray  # int32, 0 on a shared prompt, k + 1 on response k
-    src_RxL: np.ndarray  # int32, entry e: position of the hidden state that predicts target e
-    target_RxL: np.ndarray  # int32, entry e: the predicted token
-    owner_RxL: np.ndarray  # int32, entry e: slot n * (K + 1) + k within its micro-batch (0 on empty entries)
-    completion_RxL: np.ndarray  # float32, entry e is a scored completion token
-    lm_RxL: np.ndarray  # float32, entry e counts in the prompt+response NLL (only filled for losses that use it)
-    ld_shared_RxL: np.ndarray  # float32, entry e is within its prompt's shared length (LD-DPO)
+    input_ids_PxJ: np.ndarray  # int32, pad_token_id on padding
+    positions_PxJ: np.ndarray  # int32, position within the token's own sequence (prompt 0..P-1, response P..)
+    segment_ids_PxJ: np.ndarray  # int32, one id per group part within the row; 0 on padding
+    branch_ids_PxJ: np.ndarray  # int32, 0 on a shared prompt, k + 1 on response k
+    src_PxI: np.ndarray  # int32, entry e: position of the hidden state that predicts target e
+    target_PxI: np.ndarray  # int32, entry e: the predicted token
+    owner_PxI: np.ndarray  # int32, entry e: slot n * (K + 1) + k within its micro-batch (0 on empty entries)
+    completion_PxI: np.ndarray  # float32, entry e is a scored completion token
+    lm_PxI: np.ndarray  # float32, entry e counts in the prompt+response NLL (only filled for losses that use it)
+    ld_shared_PxI: np.ndarray  # float32, entry e is within its prompt's shared length (LD-DPO)
     completion_len_NxK: np.ndarray  # float32, completion tokens of each sequence (TRL's IPO normaliser)
     response_mask_NxK: np.ndarray
     rank_NxK: np.ndarray
@@ -78,11 +79,11 @@ class PackedBatch:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.input_ids_RxL.shape
+        return self.input_ids_PxJ.shape
 
     def real_tokens(self) -> int:
         """Computed positions that hold a token (a shared prompt counts once): what tokens/s counts."""
-        return int(np.sum(np.asarray(self.segment_ids_RxL) > 0))
+        return int(np.sum(np.asarray(self.segment_ids_PxJ) > 0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,8 +121,6 @@ class _Part:
 
 
 def _sequences(data: TokenizedData, m: int, max_length: int | None, mode: str):
-    from dpojax.data.batching import truncate_sequence  # batching imports this module
-
     return [truncate_sequence(data.prompt_ids[m], r, max_length, mode) for r in data.response_ids[m]]
 
 
@@ -272,14 +271,7 @@ def pack(data: TokenizedData, indices: Sequence[int], prompt_mask: np.ndarray, p
     def stack(name):
         return np.stack([getattr(w, name) for w in ordered])
 
-    response_mask = np.zeros((n_global, k_max), np.float32)
-    rank = np.full((n_global, k_max), k_max, np.int32)
-    for p, m in enumerate(indices):
-        n_real = len(data.response_ids[int(m)])
-        response_mask[p, :n_real] = 1.0
-        rank[p, :n_real] = data.ranks[int(m)]
-    prompt_mask = np.asarray(prompt_mask, np.float32)
-    prompt_index = np.where(prompt_mask > 0, np.asarray(indices, np.int64), -1).astype(np.int32)
+    response_mask, rank, prompt_mask, prompt_index = prompt_fields(data, indices, prompt_mask)
     if rows * a % process_count or n_global % process_count:
         raise ValueError(f"{rows * a} rows / {n_global} prompts do not split over {process_count} hosts")
     r_share, n_share = rows * a // process_count, n_global // process_count

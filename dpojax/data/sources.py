@@ -53,7 +53,7 @@ def _load_file(path: epath.Path) -> list[dict]:
     if suffix == ".csv":
         return [dict(r) for r in csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"), newline=""))]
     if suffix == ".parquet":
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # optional dependency, needed only for .parquet files
 
         try:
             with path.open("rb") as f:

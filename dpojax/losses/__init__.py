@@ -3,8 +3,10 @@ beyond (`pairwise`), and Plackett-Luce over K ranked responses (`ranking`). Impo
 
 from dpojax.losses import pairwise, ranking  # noqa: F401  (registers the built-in losses)
 from dpojax.losses.core import (
+    BASE_METRICS,
     F_DIVERGENCES,
     LOSSES,
+    TRL_METRICS,
     Loss,
     LossInputs,
     LossParams,
@@ -27,12 +29,12 @@ from dpojax.losses.core import (
     validate_loss_config,
     worst_index,
 )
+from dpojax.losses.ranking import RANKING_METRICS
 from dpojax.losses.user import import_loss_modules
 
 __all__ = [
-    "F_DIVERGENCES", "LOSSES", "Loss", "LossInputs", "LossParams", "MetricSums", "Terms", "best_and_worst",
-    "finalize_metrics", "is_kwise", "loss_inputs_from_stats", "loss_types", "make_terms", "metric_names",
-    "needs_prompt_nll",
-    "per_pair_losses", "preference_loss", "reference_free", "register_loss", "reward_metrics", "traits",
-    "validate_loss_config", "worst_index", "import_loss_modules",
+    "BASE_METRICS", "F_DIVERGENCES", "LOSSES", "RANKING_METRICS", "TRL_METRICS", "Loss", "LossInputs", "LossParams",
+    "MetricSums", "Terms", "best_and_worst", "finalize_metrics", "is_kwise", "loss_inputs_from_stats", "loss_types",
+    "make_terms", "metric_names", "needs_prompt_nll", "per_pair_losses", "preference_loss", "reference_free",
+    "register_loss", "reward_metrics", "traits", "validate_loss_config", "worst_index", "import_loss_modules",
 ]

@@ -183,8 +183,10 @@ def needs_prompt_nll(cfg) -> bool:
     return any(loss.prompt_nll for loss in traits(cfg))
 
 
-BASE_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-                "logps/rejected", "logits/chosen", "logits/rejected")
+# TRL's metric names: the one list (the summary, `metric_names` and the TRL parity tests read it)
+TRL_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+               "logps/rejected")
+BASE_METRICS = (*TRL_METRICS, "logits/chosen", "logits/rejected")  # every run records these (logits: per token)
 
 
 def metric_names(cfg) -> tuple[str, ...]:
@@ -322,7 +324,7 @@ def make_terms(inputs: LossInputs, cfg, hp: LossParams) -> Terms:
     x = _fill(inputs, reference_free(cfg))
     logratios = x.logps_NxK - x.ref_logps_NxK
     scores = f_scores(logratios, cfg.f_divergence_type, hp.f_alpha_divergence_coef)
-    worst_N1 = worst_index(x.response_mask_NxK)[:, None]
+    worst_Nx1 = worst_index(x.response_mask_NxK)[:, None]
 
     def side(pick) -> Side:
         wpo = None if x.wpo_sum_NxK is None else pick(x.wpo_sum_NxK)
@@ -330,7 +332,7 @@ def make_terms(inputs: LossInputs, cfg, hp: LossParams) -> Terms:
                     pick(x.raw_logps_NxK), wpo, pick(logratios), pick(scores))
 
     return Terms(x, logratios, scores, x.prompt_mask_N, side(lambda v: v[:, 0]),
-                 side(lambda v: jnp.take_along_axis(v, worst_N1, axis=-1)[:, 0]))
+                 side(lambda v: jnp.take_along_axis(v, worst_Nx1, axis=-1)[:, 0]))
 
 
 # ------------------------------------------------------------------------------------------------ entry points

@@ -84,6 +84,9 @@ def kendall_tau(u_NxK: Array, rank_NxK: Array, mask_NxK: Array) -> Array:
     return jnp.where(denom_N > 0, s_N / jnp.maximum(denom_N, 1e-12), 0.0)
 
 
+RANKING_METRICS = ("rewards/ranking_accuracy", "rewards/kendall_tau")  # what a ranked batch adds to TRL's metrics
+
+
 def ranking_metrics(u_NxK: Array, rank_NxK: Array, mask_NxK: Array, row_mask_N: Array) -> MetricSums:
     """`rewards/ranking_accuracy`: correctly ordered pairs / ordered pairs (pairs of different rank), pooled over
     rows; `rewards/kendall_tau`: mean over rows of `kendall_tau`."""
@@ -91,10 +94,8 @@ def ranking_metrics(u_NxK: Array, rank_NxK: Array, mask_NxK: Array, row_mask_N: 
     better = better_NxKxK.astype(jnp.float32) * row_mask_N[:, None, None]
     correct = better * (u_NxK[:, :, None] > u_NxK[:, None, :])
     tau_N = kendall_tau(u_NxK, rank_NxK, mask_NxK)
-    return {
-        "rewards/ranking_accuracy": (jnp.sum(correct), jnp.sum(better)),
-        "rewards/kendall_tau": (jnp.sum(tau_N * row_mask_N), jnp.sum(row_mask_N)),
-    }
+    accuracy, tau = RANKING_METRICS
+    return {accuracy: (jnp.sum(correct), jnp.sum(better)), tau: (jnp.sum(tau_N * row_mask_N), jnp.sum(row_mask_N))}
 
 
 # ----------------------------------------------------------------------------------------------- registration
@@ -104,7 +105,7 @@ def _ranking_metric_sums(t: Terms, hp: LossParams) -> MetricSums:
 
 
 @register_loss(kwise=True, metrics=_ranking_metric_sums,
-               metric_names=("rewards/ranking_accuracy", "rewards/kendall_tau"))
+               metric_names=RANKING_METRICS)
 def plackett_luce(t: Terms, hp: LossParams) -> Array:
     """Plackett-Luce DPO (Rafailov et al. 2023, arXiv:2305.18290, App. A.3) over K ranked responses, ties as in the
     module docstring: -sum_k [u_k - logsumexp_{j in C_k} u_j], u = beta * log-ratio; with K = 2 it is `sigmoid`.

@@ -6,8 +6,7 @@ encoding, residual layout, biases, q/k norm, soft-caps, per-layer sliding window
 The shared decoder (`transformer.py`) understands the options; no family has code paths of its own.
 
 Dimension letters: the one glossary of `dpojax.glossary` (B sequences, T positions, D width, F MLP width,
-H query heads, G kv heads, R = H / G, Dh head width, V vocabulary, L layers); dpojax.models adds Dr, the
-rotated dims of a head (Dh unless partial rotary).
+H query heads, G kv heads, R = H / G, Dh head width, Dr rotated dims of a head, V vocabulary, L layers).
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from dpojax.errors import ModelError
+from dpojax.models.families import FAMILIES, unsupported_model_type
 from dpojax.models.rope_config import RopeConfig
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")  # gelu = exact (erf); gelu_tanh = tanh approximation
@@ -62,11 +62,6 @@ class ModelConfig:
     hf_config: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     @property
-    def group_size(self) -> int:
-        """R: query heads per kv head (H / G)."""
-        return self.num_heads // self.num_kv_heads
-
-    @property
     def rotary_dims(self) -> int:
         """Dr: rotated dims per head."""
         return self.head_dim if self.rotary_dim is None else self.rotary_dim
@@ -87,8 +82,6 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any]) -> ModelConfig:
         """Build from a HF `config.json` dict; raises ModelError for anything not supported."""
-        from dpojax.models.families import FAMILIES, unsupported_model_type
-
         model_type = hf.get("model_type")
         if model_type not in FAMILIES:
             raise ModelError(unsupported_model_type(model_type))

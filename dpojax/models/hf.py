@@ -27,54 +27,11 @@ from flax import nnx
 
 from dpojax import paths
 from dpojax.errors import ModelError
+from dpojax.models import layouts
 from dpojax.models.config import ModelConfig
 from dpojax.models.families import FAMILIES
 from dpojax.models.transformer import Decoder
 from dpojax.sharding import Sharder
-
-# ---- transforms: (HF array, our shape) -> ours, and ours -> HF -----------------------------------------
-# HF nn.Linear weights are [out, in]; ours are [in..., out...] with heads split out of the flat dims.
-ToOurs = Callable[[np.ndarray, tuple[int, ...]], np.ndarray]
-ToHF = Callable[[np.ndarray], np.ndarray]
-TRANSFORMS: dict[str, tuple[ToOurs, ToHF]] = {
-    "identity": (lambda x, shape: x, lambda x: x),
-    "transpose": (lambda x, shape: x.T, lambda x: x.T),  # [out, in] <-> [in, out]
-    "split_out_heads": (  # [N*Dh, D] <-> [D, N, Dh]   (q/k/v)
-        lambda x, shape: x.T.reshape(shape), lambda x: x.reshape(x.shape[0], -1).T),
-    "split_in_heads": (  # [D, H*Dh] <-> [H, Dh, D]    (o)
-        lambda x, shape: x.T.reshape(shape), lambda x: x.reshape(-1, x.shape[-1]).T),
-    "split_heads": (lambda x, shape: x.reshape(shape), lambda x: x.reshape(-1)),  # [N*Dh] <-> [N, Dh]
-    "flat_out_heads": (  # [D, N*Dh] <-> [D, N, Dh]   (Conv1D q/k/v: GPT-2)
-        lambda x, shape: x.reshape(shape), lambda x: x.reshape(x.shape[0], -1)),
-    "flat_in_heads": (  # [H*Dh, D] <-> [H, Dh, D]    (Conv1D o: GPT-2)
-        lambda x, shape: x.reshape(shape), lambda x: x.reshape(-1, x.shape[-1])),
-}
-
-
-# ---- fuse rules: several of our params (each in its HF piece layout) <-> one HF tensor ---------------------
-def _fuse(rule: str, pieces: list[np.ndarray], cfg: ModelConfig) -> np.ndarray:
-    if rule == "cat_first":
-        return np.concatenate(pieces, axis=0)
-    if rule == "cat_last":
-        return np.concatenate(pieces, axis=-1)
-    if rule == "per_head":  # [H*Dh, ...] pieces -> [H, (piece 0, piece 1, ...), Dh, ...] rows
-        H = cfg.num_heads
-        heads = [p.reshape(H, -1, *p.shape[1:]) for p in pieces]
-        return np.concatenate(heads, axis=1).reshape(-1, *pieces[0].shape[1:])
-    raise ValueError(f"unknown fuse rule {rule!r}")
-
-
-def _unfuse(rule: str, x: np.ndarray, piece_shapes: list[tuple[int, ...]], cfg: ModelConfig) -> list[np.ndarray]:
-    if rule in ("cat_first", "cat_last"):
-        axis = 0 if rule == "cat_first" else x.ndim - 1
-        bounds = np.cumsum([s[axis] for s in piece_shapes])[:-1]
-        return np.split(x, bounds, axis=axis)
-    if rule == "per_head":
-        H = cfg.num_heads
-        heads = x.reshape(H, -1, *x.shape[1:])
-        bounds = np.cumsum([s[0] // H for s in piece_shapes])[:-1]
-        return [p.reshape(-1, *x.shape[1:]) for p in np.split(heads, bounds, axis=1)]
-    raise ValueError(f"unknown fuse rule {rule!r}")
 
 
 class Entry(NamedTuple):
@@ -92,7 +49,7 @@ def family_table(cfg: ModelConfig) -> dict[str, Entry]:
 
 
 def _piece_shape(entry: Entry, our_layer_shape: tuple[int, ...]) -> tuple[int, ...]:
-    return TRANSFORMS[entry.transform][1](np.empty(our_layer_shape, np.int8)).shape
+    return layouts.TRANSFORMS[entry.transform][1](np.empty(our_layer_shape, np.int8)).shape
 
 
 def _siblings(table: Mapping[str, Entry], entry: Entry, present: Mapping[str, Any]) -> list[str]:
@@ -108,7 +65,7 @@ def _hf_layer_shape(path: str, table: Mapping[str, Entry], shapes: Mapping[str, 
     if entry.fuse is None:
         return _piece_shape(entry, shapes[path])
     pieces = [np.empty(_piece_shape(table[p], shapes[p]), np.int8) for p in _siblings(table, entry, shapes)]
-    return _fuse(entry.fuse, pieces, cfg).shape
+    return layouts.fuse(entry.fuse, pieces, cfg).shape
 
 
 WEIGHT_PATTERNS = ("*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja")
@@ -188,7 +145,7 @@ def resolve_model_dir(name_or_path: str | pathlib.Path, revision: str | None = N
         return path
     if path.exists() or str(name_or_path).startswith((".", "/", "~")):
         raise ModelError(f"model path {str(name_or_path)!r} is not a folder with config.json and *.safetensors.")
-    import huggingface_hub
+    import huggingface_hub  # needed only to download from the hub
 
     try:
         return pathlib.Path(huggingface_hub.snapshot_download(str(name_or_path), revision=revision,
@@ -212,7 +169,7 @@ def weight_map(folder: pathlib.Path) -> dict[str, pathlib.Path]:
         return {name: folder / file for name, file in names.items()}
     single = folder / "model.safetensors"
     if single.is_file():
-        from safetensors import safe_open
+        from safetensors import safe_open  # optional dependency, needed only to read checkpoints
 
         with safe_open(str(single), framework="numpy") as f:
             return {name: single for name in f.keys()}
@@ -232,7 +189,7 @@ class _Reader:
     """Memory-mapped safetensors handles, opened once per file; weights asked for by their canonical name."""
 
     def __init__(self, files: Mapping[str, pathlib.Path], stored: Mapping[str, str], stack: contextlib.ExitStack):
-        from safetensors import safe_open
+        from safetensors import safe_open  # optional dependency, needed only to read checkpoints
 
         self.files, self.stored = files, stored
         self.handles = {p: stack.enter_context(safe_open(str(p), framework="numpy")) for p in set(files.values())}
@@ -317,7 +274,7 @@ def _load_param(var: nnx.Variable, path: str, cfg: ModelConfig, reader: _Reader,
     """One parameter, created on its shards; for stacked params each callback reads only its layers."""
     table = family_table(cfg)
     entry = table[path]
-    to_ours = TRANSFORMS[entry.transform][0]
+    to_ours = layouts.TRANSFORMS[entry.transform][0]
     stacked = "{i}" in entry.hf
     shape, dtype, layer_shape = tuple(var.shape), var.dtype, shapes[path]
     hf_shape = _hf_layer_shape(path, table, shapes, cfg)
@@ -333,7 +290,7 @@ def _load_param(var: nnx.Variable, path: str, cfg: ModelConfig, reader: _Reader,
     def read(name: str, index: tuple[slice, ...]) -> np.ndarray:
         """Our layer-level `index` of HF weight `name`, in our layout."""
         if entry.fuse is not None:
-            piece = _unfuse(entry.fuse, reader.get(name), piece_shapes, cfg)[part]
+            piece = layouts.unfuse(entry.fuse, reader.get(name), piece_shapes, cfg)[part]
             return to_ours(piece, layer_shape)[index]
         if entry.transform in SLICEABLE:  # memory-mapped partial read
             x = reader.get_slice(name)[SLICEABLE[entry.transform](index)]
@@ -374,14 +331,6 @@ def load_pretrained(name_or_path: str | pathlib.Path, *, dtype=jnp.float32, para
 # ---- export --------------------------------------------------------------------------------------------
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
-    if x.is_fully_addressable:
-        return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 def hf_tensors(model: Decoder, cfg: ModelConfig) -> list[tuple[str, Callable[[], np.ndarray], tuple, Any]]:
     """[(HF name, thunk -> numpy array in HF layout, HF shape, dtype)] in table order; thunks fetch lazily.
     Fused weights (several of our params in one HF tensor) are joined by their table's fuse rule."""
@@ -395,12 +344,12 @@ def hf_tensors(model: Decoder, cfg: ModelConfig) -> list[tuple[str, Callable[[],
         done.add(entry.hf)
         paths = _siblings(table, entry, flat) if entry.fuse else [path]
         values = [flat[p][...] for p in paths]
-        to_hf = [TRANSFORMS[table[p].transform][1] for p in paths]
+        to_hf = [layouts.TRANSFORMS[table[p].transform][1] for p in paths]
         hf_shape, dtype = _hf_layer_shape(path, table, shapes, cfg), values[0].dtype
 
         def thunk(i=None, values=values, to_hf=to_hf, fuse=entry.fuse):
-            pieces = [f(_to_host(v if i is None else v[i])) for f, v in zip(to_hf, values)]
-            return np.ascontiguousarray(pieces[0] if fuse is None else _fuse(fuse, pieces, cfg))
+            pieces = [f(layouts.to_host(v if i is None else v[i])) for f, v in zip(to_hf, values)]
+            return np.ascontiguousarray(pieces[0] if fuse is None else layouts.fuse(fuse, pieces, cfg))
 
         if "{i}" not in entry.hf:
             out.append((entry.hf, thunk, hf_shape, dtype))
@@ -431,7 +380,7 @@ def export_hf(model: Decoder, cfg: ModelConfig, out_dir: str | pathlib.Path, *,
     only process 0 writes. Host memory holds at most one shard. `out_dir` may be a gs:// or s3:// URL: each
     shard is written to a local temporary file, then uploaded.
     """
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save_file  # optional dependency, needed only to export
 
     out = paths.path(out_dir)
     tensors = hf_tensors(model, cfg)

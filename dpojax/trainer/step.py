@@ -42,8 +42,6 @@ from dpojax.models import lora
 from dpojax.sharding import Sharder
 from dpojax.trainer.optim import make_optimizer
 
-MetricSums = dict[str, tuple[jax.Array, jax.Array]]
-
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -141,18 +139,18 @@ def row_logps(graphdef, params, ids_BxT, positions_BxT, seg_BxT, completion_mask
 def packed_logps(graphdef, params, batch: PackedBatch, spec: StepSpec) -> SeqStats:
     """SeqStats of one model over packed rows: the same B = N * K rows as the [N, K, T] batch would give."""
     model = nnx.merge(graphdef, params)
-    length = batch.input_ids_RxL.shape[1]
-    branch_RxL = batch.branch_ids_RxL if spec.packing == "shared_prompt" else None
-    hidden_RxLxD = model(batch.input_ids_RxL, batch.positions_RxL, batch.segment_ids_RxL, branch_RxL,
+    length = batch.input_ids_PxJ.shape[1]
+    branch_PxJ = batch.branch_ids_PxJ if spec.packing == "shared_prompt" else None
+    hidden_PxJxD = model(batch.input_ids_PxJ, batch.positions_PxJ, batch.segment_ids_PxJ, branch_PxJ,
                          band=min(spec.band or length, length))
-    lm_RxE = batch.lm_RxL if spec.lm_mask else None
-    valid_RxE = batch.completion_RxL > 0 if lm_RxE is None else (batch.completion_RxL > 0) | (lm_RxE > 0)
-    tok = entry_logprobs(hidden_RxLxD, model.unembedding(), batch.src_RxL, batch.target_RxL, valid_RxE,
+    lm_PxI = batch.lm_PxI if spec.lm_mask else None
+    valid_PxI = batch.completion_PxI > 0 if lm_PxI is None else (batch.completion_PxI > 0) | (lm_PxI > 0)
+    tok = entry_logprobs(hidden_PxJxD, model.unembedding(), batch.src_PxI, batch.target_PxI, valid_PxI,
                          chunk_len=head_chunk(length, spec.chunk_len), with_wpo=spec.with_wpo,
                          softcap=model.final_softcap, vocab_tile=spec.vocab_tile)
-    return entry_sequence_stats(tok, batch.owner_RxL, batch.completion_RxL, batch.completion_len_NxK,
-                                batch.response_mask_NxK, ld_shared_RxE=batch.ld_shared_RxL,
-                                ld_alpha=spec.loss.ld_alpha, lm_RxE=lm_RxE)
+    return entry_sequence_stats(tok, batch.owner_PxI, batch.completion_PxI, batch.completion_len_NxK,
+                                batch.response_mask_NxK, ld_shared_PxI=batch.ld_shared_PxI,
+                                ld_alpha=spec.loss.ld_alpha, lm_PxI=lm_PxI)
 
 
 def reference_logps(graphdef, params, batch: PreferenceBatch, spec: StepSpec) -> jax.Array:
@@ -226,7 +224,7 @@ def join_layers(tree):
 
 def batch_loss(params, ref_params, batch: PreferenceBatch, spec: StepSpec,
                hp: losses.LossParams | None = None,
-               dropout_key: jax.Array | None = None) -> tuple[jax.Array, MetricSums]:
+               dropout_key: jax.Array | None = None) -> tuple[jax.Array, losses.MetricSums]:
     """(sum over real prompts of the loss, metric sums) for one micro-batch; the reference is frozen. `hp`: the
     loss hyper-parameters as data (default: the config's); `dropout_key`: training steps of a LoRA run with
     model.lora.dropout > 0."""
@@ -311,7 +309,7 @@ def train_step(state: TrainState, ref_params, batch: PreferenceBatch, spec: Step
 
 
 def eval_step(params, ref_params, batch: PreferenceBatch, spec: StepSpec,
-              hp: losses.LossParams | None = None) -> MetricSums:
+              hp: losses.LossParams | None = None) -> losses.MetricSums:
     """Metric sums {name: (sum, count)} of the policy `params` against the reference on one batch (pure)."""
     _, metrics = batch_loss(params, ref_params, batch, spec, hp)
     return metrics

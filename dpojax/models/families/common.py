@@ -5,7 +5,7 @@ A family module defines `parse(hf) -> ModelConfig fields` and one declarative we
 tensor, `(hf_name, transform, fuse, part)`: the parts sharing `hf_name` are joined by the named `fuse`
 rule in `part` order ("cat_first" / "cat_last": concatenated along the first / last axis; "per_head":
 interleaved head by head, GPT-NeoX's [H * (q, k, v) * Dh] layout). "{i}" in a name is the layer index.
-Transforms and fuse rules are implemented in `dpojax.models.hf`.
+Transforms and fuse rules are implemented in `dpojax.models.layouts`.
 """
 
 from __future__ import annotations
