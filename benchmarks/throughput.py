@@ -143,7 +143,6 @@ def measure(cfg, args) -> dict:
     import jax
 
     from dpojax import flops
-    from dpojax.data.packing import attention_for
     from dpojax.models.attention import resolve_attention
     from dpojax.trainer.build import DTYPES
 
@@ -170,7 +169,7 @@ def measure(cfg, args) -> dict:
     model = sum(f.model for f in step_flops)
     tokens = sum(f.tokens for f in step_flops)
     typical = step_flops[len(step_flops) // 2]
-    attention = resolve_attention(attention_for(cfg.model.attention, run.spec.packing), dtype=DTYPES[cfg.model.dtype],
+    attention = resolve_attention(run.spec.attention, dtype=DTYPES[cfg.model.dtype],
                                   head_dim=mcfg.head_dim, softcap=mcfg.attn_softcap,
                                   sliding_window=mcfg.has_sliding_window)
     return {
