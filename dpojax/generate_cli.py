@@ -100,7 +100,7 @@ def _from_checkpoint(found, dtype: str, batch_size: int) -> Generator:
     run_dir = found.path.parent.parent
     cfg = load_config(run_dir / "config.yaml", [f"output_dir={run_dir}", f"model.dtype={dtype}"])
     models = build_models(cfg, make_sharder(cfg), policy_from_checkpoint=True, with_reference=False)
-    _restore_policy(cfg, models, found.step)
+    models = _restore_policy(cfg, models, found.step)
     log.info("generating with step %d of %s", found.step, run_dir)
     model = nnx.merge(models.policy_graphdef, models.policy_params)
     return _generator(model, models.policy_cfg, models.tokenizer, models.tokenizer_dir, batch_size)

@@ -309,7 +309,7 @@ def train(cfg: Config) -> dict[str, Any]:
     models = build_models(cfg, sharder)
     train_data = load_split(cfg, models, cfg.data.train, cfg.data.train_split)
     eval_data = load_split(cfg, models, cfg.data.eval, cfg.data.eval_split) if cfg.data.eval else None
-    precompute_references(cfg, models, sharder, [d for d in (train_data, eval_data) if d is not None])
+    models = precompute_references(cfg, models, sharder, [d for d in (train_data, eval_data) if d is not None])
     steps = total_steps(cfg, len(train_data))
     if steps < 1:
         raise ConfigError(
@@ -320,7 +320,7 @@ def train(cfg: Config) -> dict[str, Any]:
     start, horizon = _resume_point(mngr, cfg, steps)
     run, state = setup_train(cfg, models, sharder, steps=steps, horizon=horizon)
     if start:
-        state = run.from_checkpoint_tree(ckpt.restore(mngr, start, run.checkpoint_tree(state)), start)
+        run, state = run.from_checkpoint_tree(ckpt.restore(mngr, start, run.checkpoint_tree(state)), start)
         log.info("resumed from %s at step %d", ckpt.checkpoint_dir(cfg.output_dir), start)
     if is_main:
         paths.makedirs(out_dir)
@@ -470,7 +470,8 @@ def _steps(run: Run, state, savers: Savers, writer, eval_data, start: int, preem
         state = None  # built from the leaves where needed
         if sync_every and step % sync_every == 0:
             state = state_of(leaves)
-            run.models.ref_params = run.sync_reference(state.params, run.models.ref_params)
+            run.models = dataclasses.replace(run.models,
+                                             ref_params=run.sync_reference(state.params, run.models.ref_params))
             ref_leaves = jax.tree.leaves(run.models.ref_params)
         done, ready = ready, next(upcoming, None)  # the next dispatch's batch, built and sent by the producer thread
         if previous is not None:  # the dispatch before, finished by now (it ran while the host did the above)
@@ -550,11 +551,12 @@ def _finish(run: Run, state: TrainState, out_dir, final: dict, samples=None) -> 
 
 
 # ------------------------------------------------------------------------------------------------- eval
-def _restore_policy(cfg: Config, models, step: int) -> None:
-    """The policy parameters of checkpoint `step` of cfg.output_dir, restored into their shardings (only them)."""
+def _restore_policy(cfg: Config, models, step: int):
+    """`models` with the policy parameters of checkpoint `step` of cfg.output_dir, restored into their shardings."""
     mngr = ckpt.manager(cfg.output_dir, cfg)
-    models.policy_params = ckpt.restore(mngr, step, {"params": models.policy_params})["params"]
+    params = ckpt.restore(mngr, step, {"params": models.policy_params})["params"]
     mngr.close()
+    return dataclasses.replace(models, policy_params=params)
 
 
 def evaluate(cfg: Config) -> dict[str, float]:
@@ -567,10 +569,10 @@ def evaluate(cfg: Config) -> dict[str, float]:
     models = build_models(cfg, sharder, policy_from_checkpoint=found is not None)
     spec_name, split = (cfg.data.eval, cfg.data.eval_split) if cfg.data.eval else (cfg.data.train, cfg.data.train_split)
     data = load_split(cfg, models, spec_name, split)
-    precompute_references(cfg, models, sharder, [data])
+    models = precompute_references(cfg, models, sharder, [data])
     step = 0
     if found is not None:
-        _restore_policy(cfg, models, found.step)
+        models = _restore_policy(cfg, models, found.step)
         step = found.step
         log.info("evaluating the checkpoint at step %d of %s", step, cfg.output_dir)
     run = setup_eval(cfg, models, sharder)
@@ -652,6 +654,6 @@ def export_from_cli(source: str, out_dir: str, merged: bool = False) -> None:
     if merged and not cfg.model.lora.enabled:
         raise UserError(f"export: --merged merges LoRA adapters, but '{run_dir}' trained every weight; drop --merged.")
     models = build_models(cfg, make_sharder(cfg), policy_from_checkpoint=True, with_reference=merged)
-    _restore_policy(cfg, models, found.step)
+    models = _restore_policy(cfg, models, found.step)
     path = export_policy(cfg, models, models.policy_params, paths.path(out_dir), merged=merged)
     print(f"exported step {found.step} of {run_dir} to {path}")
