@@ -256,7 +256,7 @@ def build_step(cfg) -> BuiltStep:
     sharder = build.make_sharder(cfg)
     models = build.build_models(cfg, sharder)
     pairs = build.load_split(cfg, models, cfg.data.train, cfg.data.train_split)
-    build.precompute_references(cfg, models, sharder, [pairs])
+    models = build.precompute_references(cfg, models, sharder, [pairs])
     steps = build.total_steps(cfg, len(pairs))
     run, state = build.setup_train(cfg, models, sharder, steps=steps)
     return BuiltStep(run, run.train_step.leaves_of(state), list(prefetch.host_batches(run, pairs, 0, steps)),

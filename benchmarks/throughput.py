@@ -36,7 +36,6 @@ from benchmarks import harness  # noqa: E402 - after the sys.path or environment
 from benchmarks.model_body import BENCH_LLAMA  # noqa: E402 - after the sys.path or environment set-up above
 from dpojax import flops  # noqa: E402 - after the environment set-up above
 from dpojax.config import config_from_dict, load_config  # noqa: E402 - after the environment set-up above
-from dpojax.data.packing import attention_for  # noqa: E402 - after the environment set-up above
 from dpojax.models.attention import IMPLEMENTATIONS, resolve_attention  # noqa: E402 - after the environment set-up above
 from dpojax.models.config import ModelConfig  # noqa: E402 - after the environment set-up above
 from dpojax.models.transformer import REMAT_NAMES  # noqa: E402 - after the environment set-up above
@@ -166,7 +165,7 @@ def measure(cfg, args) -> dict:
     model = sum(f.model for f in step_flops)
     tokens = sum(f.tokens for f in step_flops)
     typical = step_flops[len(step_flops) // 2]
-    attention = resolve_attention(attention_for(cfg.model.attention, run.spec.packing), dtype=DTYPES[cfg.model.dtype],
+    attention = resolve_attention(run.spec.attention, dtype=DTYPES[cfg.model.dtype],
                                   head_dim=mcfg.head_dim, softcap=mcfg.attn_softcap,
                                   sliding_window=mcfg.has_sliding_window)
     return {

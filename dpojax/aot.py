@@ -15,14 +15,20 @@ type from `ACCELERATOR_TYPES` (v5p-8 = v5p:2x2x1, 4 chips).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
 import os
 import re
 from pathlib import Path
 from typing import Any
 
-from dpojax import flops
+from dpojax import flops, losses, paths
 from dpojax.errors import ConfigError, UserError
+from dpojax.models.config import ModelConfig
+from dpojax.models.hf import read_hf_config
+from dpojax.trainer import build
+from dpojax.trainer.step import abstract_batch, abstract_state, compile_steps
 
 GiB = 2**30
 
@@ -68,7 +74,8 @@ def topology_devices(topology: str, slices: int = 1) -> list:
     """The devices of a TPU topology, times `slices` slices (no TPU needed; libtpu compiles for them)."""
     for key, value in QUIET_LIBTPU_ENV.items():  # without these libtpu probes for a local TPU and warns
         os.environ.setdefault(key, value)
-    from jax.experimental import topologies
+    from jax.experimental import topologies  # loads libtpu: only once the environment above is set
+
 
     try:
         kw = {"num_slices": slices} if slices > 1 else {}
@@ -80,19 +87,13 @@ def topology_devices(topology: str, slices: int = 1) -> list:
 
 def read_model_config(name_or_path: str, revision: str | None = None) -> dict[str, Any]:
     """config.json of a folder (local or gs://), or of a hub id (reads config.json only, never weights)."""
-    import json
-
-    from dpojax import paths
-
     folder = paths.path(name_or_path)
     if folder.is_file() and folder.suffix == ".json":  # a config.json given directly
         return json.loads(folder.read_text())
     if folder.is_dir():
-        from dpojax.models.hf import read_hf_config
-
         return read_hf_config(folder)
     try:
-        import huggingface_hub
+        import huggingface_hub  # heavy, and only for a hub id
 
         return json.loads(Path(huggingface_hub.hf_hub_download(name_or_path, "config.json", revision=revision))
                           .read_text())
@@ -160,66 +161,6 @@ class CompileReport:
 
 
 # ------------------------------------------------------------------------------------------------ compile
-def _abstract_state(params, optimizer, sharder):
-    """TrainState of ShapeDtypeStructs with the shardings `step.init_state` would give (nothing allocated)."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    from dpojax.trainer.step import TrainState, shardings_of
-
-    replicated = NamedSharding(sharder.mesh, P())
-    abstract = jax.eval_shape(optimizer.init, params)
-    shardings = optax.tree_utils.tree_map_params(
-        optimizer, lambda _, sh: sh, abstract, shardings_of(params), transform_non_params=lambda _: replicated
-    )
-    opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    return TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), params, opt_state)
-
-
-def _abstract_batch(n_prompts: int, num_responses: int, seq_len: int, sharder, precomputed: bool):
-    import jax
-    import jax.numpy as jnp
-
-    from dpojax.data.batching import PreferenceBatch
-    from dpojax.trainer.step import batch_sharding
-
-    sh = batch_sharding(sharder)
-    shape = (n_prompts, num_responses, seq_len)
-    arr = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
-    nxk = (n_prompts, num_responses)
-    return PreferenceBatch(
-        arr(shape, jnp.int32), arr(shape, jnp.int32), arr(shape, jnp.int32), arr(shape, jnp.int32),
-        arr(nxk, jnp.float32), arr(nxk, jnp.int32), arr((n_prompts,), jnp.float32), arr((n_prompts,), jnp.int32),
-        arr(nxk, jnp.float32) if precomputed else None,
-    )
-
-
-def _abstract_packed_batch(mode: str, n_prompts: int, num_responses: int, max_length: int, sharder,
-                           precomputed: bool, micro_batches: int):
-    """The packed batch of the worst case: nothing shared, every sequence max_length long, rows balanced."""
-    import jax
-    import jax.numpy as jnp
-
-    from dpojax.data.packing import PackedBatch, Packing, row_length
-    from dpojax.trainer.step import batch_sharding
-
-    shards = sharder.batch_shards
-    tokens = n_prompts // micro_batches * num_responses * max_length  # per micro-batch
-    rows = shards * max(1, -(-tokens // (shards * Packing(mode).row_capacity * max_length)))
-    length = row_length(-(-tokens // rows))
-    sh = batch_sharding(sharder)
-    arr = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
-    rxl, nxk = (rows * micro_batches, length), (n_prompts, num_responses)
-    return PackedBatch(
-        *(arr(rxl, jnp.int32) for _ in range(7)), *(arr(rxl, jnp.float32) for _ in range(3)),
-        arr(nxk, jnp.float32), arr(nxk, jnp.float32), arr(nxk, jnp.int32), arr((n_prompts,), jnp.float32),
-        arr((n_prompts,), jnp.int32), arr(nxk, jnp.float32) if precomputed else None,
-    )
-
-
 @dataclasses.dataclass(frozen=True)
 class LoweredStep:
     lowered: Any  # jax.stages.Lowered of the train step
@@ -239,67 +180,34 @@ def lower_step(cfg, devices, *, backend: str = "tpu", batch_pairs: int | None = 
     when it is the same model), the optimizer state as `init_state` shards it, one global batch of `batch_pairs`
     prompts (default train.batch_size) at data.max_length in micro-batches of `micro_pairs`, with K = 2 responses
     for pair losses and data.max_responses for K-wise ones (the largest batch they can meet)."""
-    import jax.numpy as jnp
-
-    from dpojax import losses
-    from dpojax.data import packing as packing_lib
-    from dpojax.models.attention import resolve_attention
-    from dpojax.models.config import ModelConfig
-    from dpojax.models.hf import abstract_params
-    from dpojax.sharding import Sharder, check_fsdp_sharded, make_mesh
-    from dpojax.trainer.step import compile_steps, make_spec
-
-    sharder = Sharder(make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices))
+    sharder = build.make_sharder(cfg, devices)
     n_pairs = batch_pairs or cfg.train.batch_size
-    n_data = sharder.mesh.shape["data"] * sharder.mesh.shape["fsdp"]
     micro = min(micro_pairs or cfg.micro_batch_size, n_pairs)
-    if n_pairs % micro or micro % n_data:
-        raise ConfigError(f"compile: {n_pairs} pairs in micro-batches of {micro} do not split over the {n_data} "
-                          "data-parallel devices (mesh.data * mesh.fsdp).")
-    policy_json = read_model_config(model_config or cfg.model.name_or_path, cfg.model.revision)
-    mcfg = ModelConfig.from_hf(policy_json)
-    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-    packing_mode = packing_lib.resolve_mode(cfg.data.packing, cfg.model.attention, backend)
-    attention = resolve_attention(packing_lib.attention_for(cfg.model.attention, packing_mode),
-                                  dtype=dtypes[cfg.model.dtype], head_dim=mcfg.head_dim,
-                                  backend=backend, softcap=mcfg.attn_softcap,
-                                  sliding_window=mcfg.has_sliding_window)
-    kw = dict(dtype=dtypes[cfg.model.dtype], param_dtype=dtypes[cfg.model.param_dtype], attention=attention,
-              remat=cfg.model.remat, scan_layers=cfg.model.scan_layers)
-    pgraph, params = abstract_params(mcfg, sharder=sharder, **kw)
-    check_fsdp_sharded(params, sharder.mesh)
-    precomputed = cfg.ref_model.precompute
-    rgraph, rparams = None, None
-    if not losses.reference_free(cfg.loss) and not precomputed:
-        if cfg.ref_name_or_path == cfg.model.name_or_path:
-            rgraph, rparams = pgraph, params
-        else:
-            rcfg = ModelConfig.from_hf(read_model_config(cfg.ref_name_or_path, cfg.model.revision))
-            rgraph, rparams = abstract_params(rcfg, sharder=sharder, **kw)
-    if cfg.model.lora.enabled:  # the policy trains adapters on the frozen base, which also sits in the reference slot
-        from dpojax.models import lora
+    if n_pairs % micro or micro % sharder.batch_shards:
+        raise ConfigError(f"compile: {n_pairs} pairs in micro-batches of {micro} do not split over the "
+                          f"{sharder.batch_shards} data-parallel devices (mesh.data * mesh.fsdp).")
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=n_pairs, micro_batch_size=micro))
 
-        rgraph = None if losses.reference_free(cfg.loss) or precomputed else pgraph
-        rparams = params
-        pgraph, params, _ = lora.lora_model(pgraph, params, mcfg, cfg.model.lora, sharder)
-    spec = make_spec(cfg, pgraph, rgraph, sharder, total_steps=cfg.train.steps or 1000, precomputed_ref=precomputed,
-                     grad_accum=n_pairs // micro, backend=backend)
-    state = _abstract_state(params, spec.optimizer, sharder)
+    @functools.cache
+    def read_config(name: str) -> ModelConfig:
+        source = model_config if model_config and name == cfg.model.name_or_path else name
+        return ModelConfig.from_hf(read_model_config(source, cfg.model.revision))
+
+    models = build.abstract_models(cfg, sharder, read_config, backend=backend)
+    build.check_sharded(models, sharder)
+    spec = build.step_spec(cfg, models, sharder, horizon=cfg.train.steps or 1000)
+    state = abstract_state(models.policy_params, spec.optimizer, sharder)
     k = cfg.data.max_responses if losses.is_kwise(cfg.loss) else 2
-    if spec.packing == "none":
-        batch = _abstract_batch(n_pairs, k, cfg.data.max_length, sharder, precomputed)
-    else:
-        batch = _abstract_packed_batch(spec.packing, n_pairs, k, cfg.data.max_length, sharder, precomputed,
-                                       n_pairs // micro)
-    train, _ = compile_steps(spec, state, rparams, sharder)
+    batch = abstract_batch(spec, sharder, n_pairs, k, cfg.data.max_length)
+    train, _ = compile_steps(spec, state, models.ref_params, sharder)
     # model FLOPs as the trainer's MFU counts them (dpojax.flops: causal attention), for the batch compiled here:
     # n_pairs x K sequences of max_length tokens, nothing shared, every position scored (the head's worst case)
     n_seq = n_pairs * k
-    counted = flops.step_flops(mcfg, [cfg.data.max_length] * n_seq, n_seq * cfg.data.max_length,
-                               reference=rgraph is not None, weight_grads=not cfg.model.lora.enabled)
+    counted = flops.step_flops(models.policy_cfg, [cfg.data.max_length] * n_seq, n_seq * cfg.data.max_length,
+                               reference=models.ref_graphdef is not None, weight_grads=models.lora is None)
     return LoweredStep(
-        lowered=train.lower(state, rparams, batch), mesh=dict(sharder.mesh.shape), attention=attention,
-        num_params=mcfg.num_params(), batch_pairs=n_pairs, seq_len=cfg.data.max_length,
+        lowered=train.lower(state, models.ref_params, batch), mesh=dict(sharder.mesh.shape), attention=spec.attention,
+        num_params=models.policy_cfg.num_params(), batch_pairs=n_pairs, seq_len=cfg.data.max_length,
         model_flops_per_step=counted.model, num_responses=k,
     )
 
@@ -370,10 +278,7 @@ def largest_batch(cfg, topology: str, *, slices: int = 1, limit: int = 4096,
     accumulation (micro-batch = batch), by doubling then bisection; returns it (None when even the smallest
     does not fit) and every report made on the way. Accumulation then reaches any multiple of it."""
     name, _, _ = parse_topology(topology)
-    from dpojax.sharding import resolve_mesh_shape
-
-    d, f, _ = resolve_mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, len(topology_devices(name, slices)))
-    unit = d * f
+    unit = build.make_sharder(cfg, topology_devices(name, slices)).batch_shards
     reports: list[CompileReport] = []
 
     def fits(k: int) -> bool:

@@ -72,7 +72,7 @@ def test_precompute_drops_the_reference_from_memory(assets, tmp_path):
     sharder = Sharder(make_mesh(-1, 1, 1))
     models = build.build_models(cfg, sharder)
     pairs = build.load_split(cfg, models, cfg.data.train, "train")
-    build.precompute_references(cfg, models, sharder, [pairs])
+    models = build.precompute_references(cfg, models, sharder, [pairs])
     assert models.ref_params is None and models.ref_graphdef is None
     assert models.ref_tables[pairs.fingerprint].shape == (len(pairs), 2)
 

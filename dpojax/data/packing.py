@@ -282,33 +282,3 @@ def pack(data: TokenizedData, indices: Sequence[int], prompt_mask: np.ndarray, p
         stack("target")[rs], stack("owner")[rs], stack("completion")[rs], stack("lm")[rs], stack("ld")[rs],
         completion_len[ns], response_mask[ns], rank[ns], prompt_mask[ns], prompt_index[ns],
     )
-
-
-SEGMENT_ID_KERNELS = ("splash", "cudnn")  # attention kernels that mask by segment ids only
-
-
-def resolve_mode(mode: str, attention: str, backend: str | None = None) -> str:
-    """The packing a run uses: `auto` is shared_prompt (the XLA kernel masks sibling responses) except where the
-    attention kernel takes segment ids only (splash on TPU, cuDNN when asked for), where it is padding_free."""
-    from dpojax.errors import ConfigError
-
-    if mode not in MODES:
-        raise ConfigError(f"config: 'data.packing' = {mode!r} is not one of {', '.join(MODES)}.")
-    backend = backend or jax.default_backend()
-    if mode == "shared_prompt" and attention in SEGMENT_ID_KERNELS:
-        raise ConfigError(
-            f"config: data.packing='shared_prompt' needs model.attention='xla' or 'auto': the {attention} kernel "
-            "masks by segment ids only and cannot keep a prompt's responses apart; use data.packing='padding_free' "
-            f"with model.attention='{attention}'."
-        )
-    if mode != "auto":
-        return mode
-    if attention in SEGMENT_ID_KERNELS or (attention == "auto" and backend == "tpu"):
-        return "padding_free"
-    return "shared_prompt"
-
-
-def attention_for(attention: str, mode: str) -> str:
-    """model.attention as the model is built: `auto` becomes xla under shared-prompt packing (the only kernel
-    that expresses its mask)."""
-    return "xla" if attention == "auto" and mode == "shared_prompt" else attention

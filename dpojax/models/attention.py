@@ -32,6 +32,7 @@ from dpojax.errors import ModelError
 from dpojax.sharding import Sharder
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
+SEGMENT_ID_KERNELS = ("splash", "cudnn")  # kernels that mask by segment ids only (no shared-prompt branches)
 
 
 def cudnn_allows(*, dtype, head_dim: int, softcap: float | None = None, capability: str | None = None) -> bool:

@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,17 +26,18 @@ from jax.sharding import PartitionSpec as P
 
 from dpojax import losses, paths
 from dpojax.config import Config
-from dpojax.data import packing
 from dpojax.data.batching import PreferenceBatch, steps_per_epoch
 from dpojax.data.loader import load_preferences
 from dpojax.data.tokenize import TokenizedData, check_token_ids
 from dpojax.errors import ConfigError, ModelError
 from dpojax.models import lora
+from dpojax.models.attention import resolve_attention
 from dpojax.models.config import ModelConfig
 from dpojax.models.hf import abstract_params, init_random, load_pretrained, read_hf_config, resolve_model_dir
 from dpojax.sharding import Sharder, check_fsdp_sharded, make_mesh
 from dpojax.trainer import reference
 from dpojax.trainer.step import (
+    Kernels,
     StepSpec,
     TrainState,
     batch_sharding,
@@ -46,6 +48,7 @@ from dpojax.trainer.step import (
     init_state,
     make_spec,
     packing_of,
+    run_kernels,
 )
 
 log = logging.getLogger("dpojax")
@@ -53,22 +56,29 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 # ------------------------------------------------------------------------------------------- models and data
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Models:
-    tokenizer: Any
-    tokenizer_dir: Path
+    """The policy and its reference as a run holds them (new values are built with `dataclasses.replace`)."""
+
+    tokenizer: Any  # None where no data is read (`abstract_models`)
+    tokenizer_dir: Path | None
     policy_cfg: ModelConfig
     policy_graphdef: Any
-    policy_params: Any  # arrays, or ShapeDtypeStructs when the parameters come from a checkpoint
-    ref_graphdef: Any  # None when the loss needs no reference, or its log-probs are precomputed
-    ref_params: Any
-    ref_fingerprint: str = ""  # what the reference weights hash to (precompute cache key)
+    policy_params: Any  # arrays, or ShapeDtypeStructs (a checkpoint's restore target, a step lowered for compile)
+    kernels: Kernels  # the packing and attention the models are built for
+    ref_graphdef: Any = None  # None when the loss needs no reference, or its log-probs are precomputed
+    ref_params: Any = None  # the reference's (LoRA: the frozen base's, which the policy runs on too)
     ref_tables: dict | None = None  # data fingerprint -> [M, K] precomputed reference log-probs
     lora: lora.LoraSetup | None = None  # LoRA runs: base graphdef, adapted modules, scale (for exports)
 
 
-def make_sharder(cfg: Config) -> Sharder:
-    return Sharder(make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
+# (model name, how: pretrained | random | abstract) -> (graphdef, params, ModelConfig)
+Loader = Callable[[str, str], tuple[Any, Any, ModelConfig]]
+
+
+def make_sharder(cfg: Config, devices=None) -> Sharder:
+    """The run's mesh over `devices` (default: every device of every process)."""
+    return Sharder(make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices))
 
 
 def _import_transformers_quietly() -> None:
@@ -79,7 +89,7 @@ def _import_transformers_quietly() -> None:
     before = os.environ.get("TRANSFORMERS_VERBOSITY")
     os.environ["TRANSFORMERS_VERBOSITY"] = "error"
     try:
-        from transformers.utils import logging as hf_logging
+        from transformers.utils import logging as hf_logging  # heavy; only runs that read data load a tokenizer
     finally:
         if before is None:
             del os.environ["TRANSFORMERS_VERBOSITY"]
@@ -91,7 +101,7 @@ def _import_transformers_quietly() -> None:
 
 def load_tokenizer(cfg: Config) -> tuple[Any, Path]:
     _import_transformers_quietly()
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy; imported quietly above
 
     name = cfg.model.tokenizer or cfg.model.name_or_path
     folder = resolve_model_dir(name, cfg.model.revision)
@@ -101,21 +111,16 @@ def load_tokenizer(cfg: Config) -> tuple[Any, Path]:
         raise ModelError(f"tokenizer: could not load a tokenizer from '{folder}': {e}") from None
 
 
-def model_attention(cfg: Config) -> str:
-    """model.attention as the models are built (`auto` is xla under shared-prompt packing)."""
-    return packing.attention_for(cfg.model.attention, packing.resolve_mode(cfg.data.packing, cfg.model.attention))
+def model_kw(cfg: Config, sharder: Sharder, attention: str) -> dict:
+    """The keyword arguments every model of a run is built with (`Decoder`, `abstract_params`, ...)."""
+    return dict(dtype=DTYPES[cfg.model.dtype], param_dtype=DTYPES[cfg.model.param_dtype], attention=attention,
+                remat=cfg.model.remat, scan_layers=cfg.model.scan_layers, sharder=sharder)
 
 
-def _model_kw(cfg: Config, sharder: Sharder) -> dict:
-    return dict(dtype=DTYPES[cfg.model.dtype], param_dtype=DTYPES[cfg.model.param_dtype],
-                attention=model_attention(cfg), remat=cfg.model.remat, scan_layers=cfg.model.scan_layers,
-                sharder=sharder)
-
-
-def _build_model(cfg: Config, name: str, sharder: Sharder, *, how: str):
+def _build_model(cfg: Config, sharder: Sharder, attention: str, name: str, how: str):
     """(graphdef, params, ModelConfig) of `name`: `pretrained` weights, `random` init, or `abstract` (shapes and
-    shardings only: the restore target of a checkpoint)."""
-    kw = _model_kw(cfg, sharder)
+    shardings only: the restore target of a checkpoint). A `Loader` once the first three are given."""
+    kw = model_kw(cfg, sharder, attention)
     if how == "pretrained":
         model, mcfg = load_pretrained(name, revision=cfg.model.revision, **kw)
         return (*nnx.split(model), mcfg)
@@ -130,63 +135,101 @@ def build_models(cfg: Config, sharder: Sharder, *, policy_from_checkpoint: bool 
     """Tokenizer, policy and (unless the loss is reference-free or `with_reference` is off) the frozen reference,
     all placed on the mesh. `policy_from_checkpoint`: the policy is abstract, to be restored from a checkpoint."""
     tokenizer, tok_dir = load_tokenizer(cfg)
+    kernels = run_kernels(cfg)
+    load = functools.partial(_build_model, cfg, sharder, kernels.attention)
+    models = assemble_models(cfg, load, sharder, kernels, policy_from_checkpoint=policy_from_checkpoint,
+                             with_reference=with_reference)
+    return dataclasses.replace(models, tokenizer=tokenizer, tokenizer_dir=tok_dir)
+
+
+def abstract_models(cfg: Config, sharder: Sharder, read_config: Callable[[str], ModelConfig], *,
+                    backend: str | None = None) -> Models:
+    """The models of `cfg` as a training step holds them, abstract (sharded ShapeDtypeStructs, no weights read) from
+    each model's config (`read_config(name)`), for `backend`'s devices (default: this host's): what `dpojax compile`
+    lowers. With precomputed reference log-probs the reference is already gone, as after `precompute_references`."""
+    kernels = run_kernels(cfg, backend)
+    pcfg = read_config(cfg.model.name_or_path)  # `auto` attention resolved for `backend` (not this host's devices)
+    kernels = dataclasses.replace(kernels, attention=resolve_attention(
+        kernels.attention, dtype=DTYPES[cfg.model.dtype], head_dim=pcfg.head_dim, backend=backend,
+        softcap=pcfg.attn_softcap, sliding_window=pcfg.has_sliding_window))
+
+    def load(name: str, how: str):  # every model abstract, whatever `how`
+        mcfg = read_config(name)
+        return (*abstract_params(mcfg, **model_kw(cfg, sharder, kernels.attention)), mcfg)
+
+    models = assemble_models(cfg, load, sharder, kernels, policy_from_checkpoint=True, with_reference=True)
+    return without_reference(models, {}) if _precomputes(cfg, models) else models
+
+
+def assemble_models(cfg: Config, load: Loader, sharder: Sharder, kernels: Kernels, *, policy_from_checkpoint: bool,
+                    with_reference: bool) -> Models:
+    """Policy and reference (no tokenizer) of `cfg`, each model made by `load`: the one place that decides which
+    reference a run has, and how LoRA's adapters and frozen base fill the policy and reference slots."""
     if cfg.model.lora.enabled:
-        return _build_lora_models(cfg, sharder, tokenizer, tok_dir, policy_from_checkpoint=policy_from_checkpoint,
-                                  with_base=with_reference)
+        return _lora_models(cfg, load, sharder, kernels, policy_from_checkpoint=policy_from_checkpoint,
+                            with_base=with_reference)
     how = "abstract" if policy_from_checkpoint else ("random" if cfg.model.init == "random" else "pretrained")
-    pgraph, pparams, pcfg = _build_model(cfg, cfg.model.name_or_path, sharder, how=how)
+    pgraph, pparams, pcfg = load(cfg.model.name_or_path, how)
     rgraph = rparams = None
-    ref_id = ""
     if with_reference and not losses.reference_free(cfg.loss):
         same = cfg.ref_name_or_path == cfg.model.name_or_path
         if same and cfg.model.init == "random":  # the reference is the policy's initial random weights
             if how == "random":
                 rgraph, rparams = pgraph, jax.tree.map(jnp.copy, pparams)
             else:
-                rgraph, rparams, _ = _build_model(cfg, cfg.model.name_or_path, sharder, how="random")
-            ref_id = _weights_id(cfg, cfg.model.name_or_path, random_seed=cfg.model.seed)
+                rgraph, rparams, _ = load(cfg.model.name_or_path, "random")
         else:
-            rgraph, rparams, rcfg = _build_model(cfg, cfg.ref_name_or_path, sharder, how="pretrained")
+            rgraph, rparams, rcfg = load(cfg.ref_name_or_path, "pretrained")
             if rcfg.vocab_size != pcfg.vocab_size:
                 raise ModelError(
                     f"the reference '{cfg.ref_name_or_path}' has vocab_size {rcfg.vocab_size} but the policy "
                     f"'{cfg.model.name_or_path}' has {pcfg.vocab_size}; DPO needs both to share one tokenizer."
                 )
-            ref_id = _weights_id(cfg, cfg.ref_name_or_path)
         if cfg.ref_model.sync_every and rgraph != pgraph:
             raise ConfigError(
                 "config: 'ref_model.sync_every' (TR-DPO) mixes policy weights into the reference, so both must have "
                 f"the same architecture; '{cfg.ref_name_or_path}' differs from '{cfg.model.name_or_path}'."
             )
-    return Models(tokenizer, tok_dir, pcfg, pgraph, pparams, rgraph, rparams, ref_fingerprint=ref_id)
+    return Models(None, None, pcfg, pgraph, pparams, kernels, rgraph, rparams)
 
 
-def _build_lora_models(cfg: Config, sharder: Sharder, tokenizer, tok_dir: Path, *, policy_from_checkpoint: bool,
-                       with_base: bool) -> Models:
+def _lora_models(cfg: Config, load: Loader, sharder: Sharder, kernels: Kernels, *, policy_from_checkpoint: bool,
+                 with_base: bool) -> Models:
     """LoRA: the policy parameters are the adapters (initialized as PEFT does, read from `model.lora.init_from`, or
     abstract for a checkpoint restore); the frozen base sits in the reference slot (`ref_params`), where the step
     reads it for the policy too, and the reference is the base graphdef without adapters (None when the loss is
     reference-free). `with_base` off: the base stays abstract (a PEFT adapter export reads no base weights)."""
     how = ("random" if cfg.model.init == "random" else "pretrained") if with_base else "abstract"
-    bgraph, bparams, mcfg = _build_model(cfg, cfg.model.name_or_path, sharder, how=how)
+    bgraph, bparams, mcfg = load(cfg.model.name_or_path, how)
     lcfg = cfg.model.lora
     pgraph, adapters, groups = lora.lora_model(bgraph, bparams, mcfg, lcfg, sharder)
     if not policy_from_checkpoint:
         adapters = (lora.load_peft(lcfg.init_from, adapters, groups, mcfg, lcfg) if lcfg.init_from
                     else lora.init_values(adapters, cfg.model.seed))
     rgraph = None if losses.reference_free(cfg.loss) else bgraph
-    seed = cfg.model.seed if cfg.model.init == "random" else None
-    ref_id = _weights_id(cfg, cfg.model.name_or_path, random_seed=seed) if rgraph is not None else ""
     setup = lora.LoraSetup(bgraph, tuple(groups), lora.scale_of(lcfg.alpha, lcfg.rank, lcfg.rslora))
-    return Models(tokenizer, tok_dir, mcfg, pgraph, adapters, rgraph, bparams, ref_fingerprint=ref_id, lora=setup)
+    return Models(None, None, mcfg, pgraph, adapters, kernels, rgraph, bparams, lora=setup)
 
 
-def _weights_id(cfg: Config, name: str, random_seed: int | None = None) -> str:
-    """Fingerprint of reference weights, computed only when they will be precomputed (it reads the files)."""
-    if not cfg.ref_model.precompute:
-        return ""
+def _precomputes(cfg: Config, models: Models) -> bool:
+    """Whether the reference of `models` runs once before training (ref_model.precompute) rather than in the step."""
+    return cfg.ref_model.precompute and models.ref_graphdef is not None
+
+
+def without_reference(models: Models, tables: dict) -> Models:
+    """`models` once the reference's log-probs are in `tables` (data fingerprint -> [M, K]): no reference model
+    (LoRA: the frozen base stays, the policy runs on it)."""
+    base = models.ref_params if models.lora is not None else None
+    return dataclasses.replace(models, ref_graphdef=None, ref_params=base, ref_tables=tables)
+
+
+def _reference_id(cfg: Config) -> str:
+    """Fingerprint of the reference weights (precompute cache key; it reads the files): config.json and the weight
+    files of the reference (LoRA: of the base), or config.json and the seed of a randomly initialised one."""
+    name = cfg.model.name_or_path if cfg.model.lora.enabled else cfg.ref_name_or_path
+    seed = cfg.model.seed if cfg.model.init == "random" and name == cfg.model.name_or_path else None
     folder = resolve_model_dir(name, cfg.model.revision)
-    return reference.weights_fingerprint(folder, cache_dir(cfg), random_seed=random_seed)
+    return reference.weights_fingerprint(folder, cache_dir(cfg), random_seed=seed)
 
 
 def cache_dir(cfg: Config):
@@ -206,25 +249,26 @@ def load_split(cfg: Config, models: Models, spec: str, split: str) -> TokenizedD
                            f"the policy '{cfg.model.name_or_path}'")
 
 
-def precompute_references(cfg: Config, models: Models, sharder: Sharder, datasets: list[TokenizedData]) -> None:
-    """Run the reference once over each data set (cached on disk), then drop it from device memory."""
-    if not cfg.ref_model.precompute or models.ref_graphdef is None:
-        return
-    spec = make_spec(cfg, models.policy_graphdef, models.ref_graphdef, sharder, total_steps=1)
+def precompute_references(cfg: Config, models: Models, sharder: Sharder, datasets: list[TokenizedData]) -> Models:
+    """Run the reference once over each data set (cached on disk); the models without it (`without_reference`),
+    or `models` as they were when nothing is precomputed."""
+    if not _precomputes(cfg, models):
+        return models
+    spec = make_spec(cfg, models.policy_graphdef, models.ref_graphdef, sharder, total_steps=1, kernels=models.kernels)
     forward = compile_reference(spec, models.ref_graphdef, models.ref_params, sharder)
     bs = cfg.train.eval_batch_size or cfg.train.batch_size
     sharding = batch_sharding(sharder)
     settings = {"ld_alpha": cfg.loss.ld_alpha, "dtype": cfg.model.dtype, "param_dtype": cfg.model.param_dtype}
+    weights = _reference_id(cfg)
     tables = {}
     for data in datasets:
-        key = reference.cache_key(data, models.ref_fingerprint, settings)
+        key = reference.cache_key(data, weights, settings)
         tables[data.fingerprint] = reference.load_or_compute(
             cache_dir(cfg) / f"ref-{key}.npz",
             functools.partial(reference.precompute, forward, models.ref_params, data, bs,
                               lambda b: to_device(b, sharding), batch_kw=batch_kw(cfg, spec, sharder, train=False)),
         )
-    base = models.ref_params if cfg.model.lora.enabled else None  # LoRA: the base stays, the policy runs on it
-    models.ref_graphdef, models.ref_params, models.ref_tables = None, base, tables
+    return without_reference(models, tables)
 
 
 def to_device(batch: PreferenceBatch, sharding) -> PreferenceBatch:
@@ -262,12 +306,14 @@ class Run:
         tree = {"params": state.params, "opt_state": state.opt_state}
         return {**tree, "ref": self.models.ref_params} if self.sync_reference else tree
 
-    def from_checkpoint_tree(self, tree: dict[str, Any], step: int) -> TrainState:
+    def from_checkpoint_tree(self, tree: dict[str, Any], step: int) -> tuple[Run, TrainState]:
+        """The run (with TR-DPO: its restored reference) and the train state of a restored checkpoint tree."""
+        run = self
         if self.sync_reference:
-            self.models.ref_params = tree["ref"]
+            run = dataclasses.replace(self, models=dataclasses.replace(self.models, ref_params=tree["ref"]))
         replicated = NamedSharding(self.sharder.mesh, P())
-        return TrainState(jax.device_put(jnp.asarray(step, jnp.int32), replicated), tree["params"],
-                          tree["opt_state"])
+        return run, TrainState(jax.device_put(jnp.asarray(step, jnp.int32), replicated), tree["params"],
+                               tree["opt_state"])
 
 
 def total_steps(cfg: Config, n_train_rows: int) -> int:
@@ -277,7 +323,7 @@ def total_steps(cfg: Config, n_train_rows: int) -> int:
 
 
 def check_batch(cfg: Config, sharder: Sharder) -> None:
-    n_data = sharder.mesh.shape["data"] * sharder.mesh.shape["fsdp"]
+    n_data = sharder.batch_shards
     if cfg.micro_batch_size % n_data:
         key = "train.micro_batch_size" if cfg.train.micro_batch_size else "train.batch_size"
         raise ConfigError(
@@ -293,18 +339,28 @@ def check_batch(cfg: Config, sharder: Sharder) -> None:
         )
 
 
+def step_spec(cfg: Config, models: Models, sharder: Sharder, *, horizon: int) -> StepSpec:
+    """The StepSpec of a run of `models` on `sharder`'s mesh (`horizon`: the learning-rate schedule's length), its
+    batch checked against the data-parallel devices: what `train`, `eval` and `dpojax compile` step with."""
+    check_batch(cfg, sharder)
+    return make_spec(cfg, models.policy_graphdef, models.ref_graphdef, sharder, total_steps=horizon,
+                     precomputed_ref=models.ref_tables is not None, kernels=models.kernels)
+
+
+def check_sharded(models: Models, sharder: Sharder) -> None:
+    """No big parameter silently whole on every device (the policy's, or with LoRA the frozen base's)."""
+    check_fsdp_sharded(models.ref_params if models.lora is not None else models.policy_params, sharder.mesh)
+
+
 def setup_train(cfg: Config, models: Models, sharder: Sharder, *, steps: int,
                 horizon: int | None = None) -> tuple[Run, TrainState]:
-    """The compiled train and eval steps and the train state at step 0 (the policy parameters move into it);
-    `horizon`: the learning-rate schedule's length (default `steps`)."""
+    """The compiled train and eval steps and the train state at step 0 (the policy parameters move into it: the
+    run's models hold none); `horizon`: the learning-rate schedule's length (default `steps`)."""
     horizon = steps if horizon is None else horizon
-    check_batch(cfg, sharder)
-    spec = make_spec(cfg, models.policy_graphdef, models.ref_graphdef, sharder, total_steps=horizon,
-                     precomputed_ref=models.ref_tables is not None)
-    # no big parameter silently whole on every device (with LoRA: the frozen base)
-    check_fsdp_sharded(models.ref_params if cfg.model.lora.enabled else models.policy_params, sharder.mesh)
+    spec = step_spec(cfg, models, sharder, horizon=horizon)
+    check_sharded(models, sharder)
     state = init_state(models.policy_params, spec.optimizer, sharder)
-    models.policy_params = None  # the state owns (and donates) them now
+    models = dataclasses.replace(models, policy_params=None)  # the state owns (and donates) them now
     train, evaluate = compile_steps(spec, state, models.ref_params, sharder)
     sync = compile_sync(models.ref_params, cfg.ref_model.mixup_alpha) if cfg.ref_model.sync_every else None
     return Run(cfg, sharder, models, spec, train, evaluate, steps, horizon, sync), state
@@ -312,8 +368,6 @@ def setup_train(cfg: Config, models: Models, sharder: Sharder, *, steps: int,
 
 def setup_eval(cfg: Config, models: Models, sharder: Sharder) -> Run:
     """An eval-only run: the compiled eval step, no optimizer state."""
-    check_batch(cfg, sharder)
-    spec = make_spec(cfg, models.policy_graphdef, models.ref_graphdef, sharder, total_steps=1,
-                     precomputed_ref=models.ref_tables is not None)
+    spec = step_spec(cfg, models, sharder, horizon=1)
     evaluate = compile_eval(spec, models.policy_params, models.ref_params, sharder)
     return Run(cfg, sharder, models, spec, None, evaluate, 0, 1)

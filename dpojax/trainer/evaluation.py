@@ -78,7 +78,7 @@ def evaluate(cfg: Config) -> dict[str, float]:
     models = build_models(cfg, sharder, policy_from_checkpoint=found is not None)
     spec_name, split = (cfg.data.eval, cfg.data.eval_split) if cfg.data.eval else (cfg.data.train, cfg.data.train_split)
     data = load_split(cfg, models, spec_name, split)
-    precompute_references(cfg, models, sharder, [data])
+    models = precompute_references(cfg, models, sharder, [data])
     step = 0
     if found is not None:
         models = dataclasses.replace(models, policy_params=restore_policy_params(cfg, models, found.step))

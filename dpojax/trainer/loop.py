@@ -197,18 +197,19 @@ def _resume_point(mngr, cfg: Config, steps: int) -> tuple[int, int]:
     return int(step), max(horizon, steps) if cfg.optim.schedule == "constant" else horizon
 
 
-def _data(cfg: Config, models: Models, sharder) -> tuple[TokenizedData, TokenizedData | None, int]:
-    """(train data, eval data or None, the run's total steps), the reference log-probs precomputed if asked."""
+def _data(cfg: Config, models: Models, sharder) -> tuple[Models, TokenizedData, TokenizedData | None, int]:
+    """(models, train data, eval data or None, the run's total steps); with ref_model.precompute the models come
+    back with the reference log-probs computed and the reference weights dropped."""
     train_data = load_split(cfg, models, cfg.data.train, cfg.data.train_split)
     eval_data = load_split(cfg, models, cfg.data.eval, cfg.data.eval_split) if cfg.data.eval else None
-    precompute_references(cfg, models, sharder, [d for d in (train_data, eval_data) if d is not None])
+    models = precompute_references(cfg, models, sharder, [d for d in (train_data, eval_data) if d is not None])
     steps = total_steps(cfg, len(train_data))
     if steps < 1:
         raise ConfigError(
             f"config: {len(train_data)} training rows make no full batch of train.batch_size="
             f"{cfg.train.batch_size}; lower the batch size or add data."
         )
-    return train_data, eval_data, steps
+    return models, train_data, eval_data, steps
 
 
 def _start_files(cfg: Config, out_dir, start: int) -> None:
@@ -228,12 +229,12 @@ def train(cfg: Config) -> dict[str, Any]:
     is_main = jax.process_index() == 0
     sharder = make_sharder(cfg)
     models = build_models(cfg, sharder)
-    train_data, eval_data, steps = _data(cfg, models, sharder)
+    models, train_data, eval_data, steps = _data(cfg, models, sharder)
     mngr = ckpt.manager(out_dir, cfg)
     start, horizon = _resume_point(mngr, cfg, steps)
     run, state = setup_train(cfg, models, sharder, steps=steps, horizon=horizon)
     if start:
-        state = run.from_checkpoint_tree(ckpt.restore(mngr, start, run.checkpoint_tree(state)), start)
+        run, state = run.from_checkpoint_tree(ckpt.restore(mngr, start, run.checkpoint_tree(state)), start)
         log.info("resumed from %s at step %d", ckpt.checkpoint_dir(cfg.output_dir), start)
     if is_main:
         _start_files(cfg, out_dir, start)

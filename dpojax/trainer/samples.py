@@ -62,7 +62,7 @@ class Samples:
             else:
                 self.reference = [None] * len(self.prompts)
                 log.info("samples: %s", self.note)
-        if getattr(self.models, "lora", None) is not None:  # LoRA: the params are adapters on the frozen base
+        if self.models.lora is not None:  # LoRA: the params are adapters on the frozen base
             params = nnx.merge_state(self.models.ref_params, params)
         policy = self._complete(self.models.policy_graphdef, params)
         self.last = [{"step": step, "prompt": p, "policy": y, "reference": r, "chosen": c}

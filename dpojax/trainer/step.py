@@ -27,7 +27,8 @@ from dpojax import losses
 from dpojax.config import Config, LossSection
 from dpojax.data import packing as packing_lib
 from dpojax.data.batching import PreferenceBatch
-from dpojax.data.packing import PackedBatch
+from dpojax.data.packing import PackedBatch, Packing, row_length
+from dpojax.errors import ConfigError
 from dpojax.logprobs import (
     SeqStats,
     entry_logprobs,
@@ -39,6 +40,7 @@ from dpojax.logprobs import (
     token_metric_sums,
 )
 from dpojax.models import lora
+from dpojax.models.attention import SEGMENT_ID_KERNELS
 from dpojax.sharding import Sharder
 from dpojax.trainer.optim import make_optimizer
 
@@ -51,6 +53,41 @@ class TrainState:
     step: jax.Array  # int32 scalar: batches consumed (= data position; a skipped non-finite step counts too)
     params: Any  # nnx.State of the policy
     opt_state: Any  # optax state
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernels:
+    """How a run lays out its batches and which attention its models are built with, decided together (a kernel
+    that masks by segment ids alone cannot keep a shared prompt's responses apart)."""
+
+    packing: str  # none | padding_free | shared_prompt (never auto)
+    attention: str  # model.attention as the models are built: `auto` is xla under shared-prompt packing
+
+
+def resolve_kernels(packing: str, attention: str, backend: str | None = None) -> Kernels:
+    """The packing and attention of a run with data.packing `packing` and model.attention `attention` on `backend`
+    (default: jax.default_backend()): packing `auto` is shared_prompt (the XLA kernel masks sibling responses)
+    except where the attention kernel takes segment ids only (splash on TPU, cuDNN when asked for), where it is
+    padding_free; attention `auto` is then xla under shared-prompt packing (the only kernel that expresses its
+    mask), else left to each model to resolve for its device (`models.attention.resolve_attention`)."""
+    if packing not in packing_lib.MODES:
+        raise ConfigError(f"config: 'data.packing' = {packing!r} is not one of {', '.join(packing_lib.MODES)}.")
+    backend = backend or jax.default_backend()
+    if packing == "shared_prompt" and attention in SEGMENT_ID_KERNELS:
+        raise ConfigError(
+            f"config: data.packing='shared_prompt' needs model.attention='xla' or 'auto': the {attention} kernel "
+            "masks by segment ids only and cannot keep a prompt's responses apart; use data.packing='padding_free' "
+            f"with model.attention='{attention}'."
+        )
+    if packing == "auto":
+        segment_ids_only = attention in SEGMENT_ID_KERNELS or (attention == "auto" and backend == "tpu")
+        packing = "padding_free" if segment_ids_only else "shared_prompt"
+    return Kernels(packing, "xla" if attention == "auto" and packing == "shared_prompt" else attention)
+
+
+def run_kernels(cfg: Config, backend: str | None = None) -> Kernels:
+    """`resolve_kernels` of a config's data.packing and model.attention."""
+    return resolve_kernels(cfg.data.packing, cfg.model.attention, backend)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +104,8 @@ class StepSpec:
     vocab_tile: int | None = None  # vocabulary tile of the log-prob head (model.vocab_tile; None: one tile)
     sharder: Sharder | None = None
     precomputed_ref: bool = False  # reference log-probs come with the batch (batch.ref_logps_NxK)
-    packing: str = "none"  # none | padding_free | shared_prompt (dpojax.data.packing; resolved, never auto)
+    packing: str = "none"  # none | padding_free | shared_prompt (`resolve_kernels`; never auto)
+    attention: str = "auto"  # model.attention as the models were built (`resolve_kernels`)
     band: int | None = None  # packed rows: the longest sequence (data.max_length), the attention band
     lora: bool = False  # params are LoRA adapters; the frozen base comes in the reference slot (ref_params)
     lora_dropout: float = 0.0  # model.lora.dropout: on the adapter inputs in training steps (not in eval)
@@ -84,29 +122,28 @@ class StepSpec:
 
 
 def make_spec(cfg: Config, policy_graphdef, ref_graphdef, sharder: Sharder | None, *, total_steps: int,
-              precomputed_ref: bool = False, grad_accum: int | None = None, backend: str | None = None) -> StepSpec:
+              precomputed_ref: bool = False, kernels: Kernels | None = None) -> StepSpec:
     """The one step builder: the StepSpec of `cfg` for `train`, `eval` and `dpojax compile` (`total_steps` is the
-    learning-rate schedule's horizon)."""
+    learning-rate schedule's horizon; `kernels`: what the models were built with, default `run_kernels(cfg)`)."""
     losses.validate_loss_config(cfg.loss)
     optimizer, schedule = make_optimizer(cfg.optim, max(total_steps, 1))
+    kernels = kernels or run_kernels(cfg)
     return StepSpec(policy_graphdef=policy_graphdef, ref_graphdef=None if precomputed_ref else ref_graphdef,
-                    loss=cfg.loss, optimizer=optimizer, schedule=schedule,
-                    grad_accum=cfg.grad_accum_steps if grad_accum is None else grad_accum, sharder=sharder,
-                    precomputed_ref=precomputed_ref, vocab_tile=cfg.model.vocab_tile,
-                    packing=packing_lib.resolve_mode(cfg.data.packing, cfg.model.attention, backend),
+                    loss=cfg.loss, optimizer=optimizer, schedule=schedule, grad_accum=cfg.grad_accum_steps,
+                    sharder=sharder, precomputed_ref=precomputed_ref, vocab_tile=cfg.model.vocab_tile,
+                    packing=kernels.packing, attention=kernels.attention,
                     band=cfg.data.max_length, lora=cfg.model.lora.enabled,
                     lora_dropout=cfg.model.lora.dropout if cfg.model.lora.enabled else 0.0, seed=cfg.model.seed,
                     per_layer=not cfg.model.scan_layers)
 
 
-def packing_of(spec: StepSpec, sharder: Sharder | None, *, train: bool) -> packing_lib.Packing | None:
+def packing_of(spec: StepSpec, sharder: Sharder | None, *, train: bool) -> Packing | None:
     """How `spec`'s batches are packed (None: [N, K, T] batches): rows per micro-batch a multiple of the
     data-parallel devices; training batches in `spec.grad_accum` micro-batches."""
     if spec.packing == "none":
         return None
     shards = 1 if sharder is None else sharder.batch_shards
-    return packing_lib.Packing(spec.packing, shards=shards, micro_batches=spec.grad_accum if train else 1,
-                               prompt_nll=spec.lm_mask)
+    return Packing(spec.packing, shards=shards, micro_batches=spec.grad_accum if train else 1, prompt_nll=spec.lm_mask)
 
 
 def sequence_logps(graphdef, params, batch: PreferenceBatch | PackedBatch, spec: StepSpec) -> SeqStats:
@@ -361,12 +398,11 @@ class TrainStep:
         self.stacked_sh = shardings_of(state)  # the structured state's shardings
         state_sh = [x.sharding for x in jax.tree.leaves(flat_state)]
 
-        self.metrics_def = None  # the metrics' tree structure, known once `flat` is traced
+        self.metrics_def = metrics_structure(spec, state, ref_params, sharder)  # what `flat`'s metric array holds
 
         def step(state_leaves, ref_leaves, batch):
             new, metrics = train_step(self.state_def.unflatten(state_leaves), self.ref_def.unflatten(ref_leaves),
                                       batch, spec)
-            self.metrics_def = jax.tree.structure(metrics)
             return jax.tree.leaves(new), jnp.stack(jax.tree.leaves(metrics))
 
         def steps(state_leaves, ref_leaves, batches):  # K steps, one per batch of `batches` (stacked on axis 0)
@@ -418,6 +454,15 @@ class TrainStep:
         return self.flat.lower(leaves, jax.tree.leaves(ref_params), batch)
 
 
+def metrics_structure(spec: StepSpec, state: TrainState, ref_params, sharder: Sharder):
+    """The tree structure of `train_step`'s metrics ({name: (sum, count)}: the names depend on the loss config, not
+    on the batch), from its shapes on the smallest batch `spec` takes (nothing computed)."""
+    batch = abstract_batch(spec, sharder, spec.grad_accum * sharder.batch_shards, 2, 8)
+    shapes = jax.eval_shape(lambda s, r, b: train_step(s, r, b, spec)[1], _abstract(state), _abstract(ref_params),
+                            batch)
+    return jax.tree.structure(shapes)
+
+
 def _abstract(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
@@ -453,13 +498,50 @@ def compile_reference(spec: StepSpec, ref_graphdef, ref_params, sharder: Sharder
     )
 
 
-def init_state(params, optimizer: optax.GradientTransformation, sharder: Sharder) -> TrainState:
-    """TrainState at step 0: optimizer moments take their params' shardings, counters are replicated."""
+def abstract_state(params, optimizer: optax.GradientTransformation, sharder: Sharder) -> TrainState:
+    """The TrainState `init_state` makes of `params` (arrays or ShapeDtypeStructs), as ShapeDtypeStructs with its
+    shardings (nothing allocated): optimizer moments take their params' shardings, counters are replicated."""
     replicated = NamedSharding(sharder.mesh, P())
     abstract = jax.eval_shape(optimizer.init, params)
     opt_shardings = optax.tree_utils.tree_map_params(
         optimizer, lambda _, sh: sh, abstract, shardings_of(params), transform_non_params=lambda _: replicated
     )
-    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
-    step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
+    opt_state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract,
+                             opt_shardings)
+    return TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), params, opt_state)
+
+
+def init_state(params, optimizer: optax.GradientTransformation, sharder: Sharder) -> TrainState:
+    """TrainState at step 0, placed as `abstract_state` says: optimizer moments take their params' shardings,
+    counters are replicated."""
+    target = abstract_state(params, optimizer, sharder)
+    opt_state = jax.jit(optimizer.init, out_shardings=shardings_of(target.opt_state))(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), target.step.sharding)
     return TrainState(step, params, opt_state)
+
+
+def abstract_batch(spec: StepSpec, sharder: Sharder, n_prompts: int, num_responses: int,
+                   seq_len: int) -> PreferenceBatch | PackedBatch:
+    """One global batch of `n_prompts` prompts x `num_responses` responses of `seq_len` tokens as sharded
+    ShapeDtypeStructs, laid out as `spec` packs it (packed: the worst case, nothing shared, every sequence `seq_len`
+    long, rows balanced, in `spec.grad_accum` micro-batches)."""
+    sh = batch_sharding(sharder)
+    arr = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
+    nxk = (n_prompts, num_responses)
+    ref_logps = arr(nxk, jnp.float32) if spec.precomputed_ref else None
+    if spec.packing == "none":
+        shape = (n_prompts, num_responses, seq_len)
+        return PreferenceBatch(
+            arr(shape, jnp.int32), arr(shape, jnp.int32), arr(shape, jnp.int32), arr(shape, jnp.int32),
+            arr(nxk, jnp.float32), arr(nxk, jnp.int32), arr((n_prompts,), jnp.float32), arr((n_prompts,), jnp.int32),
+            ref_logps,
+        )
+    packing = packing_of(spec, sharder, train=True)
+    tokens = n_prompts // packing.micro_batches * num_responses * seq_len  # per micro-batch
+    rows = packing.shards * max(1, -(-tokens // (packing.shards * packing.row_capacity * seq_len)))
+    rxl = (rows * packing.micro_batches, row_length(-(-tokens // rows)))
+    return PackedBatch(
+        *(arr(rxl, jnp.int32) for _ in range(7)), *(arr(rxl, jnp.float32) for _ in range(3)),
+        arr(nxk, jnp.float32), arr(nxk, jnp.float32), arr(nxk, jnp.int32), arr((n_prompts,), jnp.float32),
+        arr((n_prompts,), jnp.int32), ref_logps,
+    )
