@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from dpojax.errors import ModelError
+from dpojax.models.splash import attend_splash
 from dpojax.sharding import Sharder
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
@@ -186,8 +187,6 @@ def attend(q_BxTxHxDh: jax.Array, k_BxTxGxDh: jax.Array, v_BxTxGxDh: jax.Array, 
     if implementation == "splash":
         if window is not None:
             raise ModelError("attention='splash' does not support sliding windows; use 'xla'.")
-        from dpojax.models.splash import attend_splash  # imports Pallas; only when asked for
-
         return attend_splash(q_BxTxHxDh, k_BxTxGxDh, v_BxTxGxDh, segment_ids_BxT, scale=scale, sharder=sharder,
                              softcap=softcap)
     raise ValueError(f"attention implementation {implementation!r} is not one of {', '.join(IMPLEMENTATIONS)}")

@@ -21,8 +21,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 from jax.sharding import PartitionSpec as P
 
 from dpojax.sharding import Sharder
@@ -37,8 +35,18 @@ def _block(T: int) -> tuple[int, int]:
     return block, -(-T // block) * block
 
 
+def _pallas():
+    """(the splash kernel module, its mask module), imported when a splash kernel is built: loading Pallas costs
+    every process that imports the model code a third of a second, and only TPU runs (and their tests) use it."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    return splash, masks
+
+
 def _kernel(group: int, T: int, block: int, softcap: float | None, interpret: bool):
     """The MQA splash kernel for `group` query heads sharing one kv head, causal over T tokens."""
+    splash, masks = _pallas()
     mask = masks.MultiHeadMask([masks.CausalMask((T, T))] * group)
     sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                               block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
@@ -92,7 +100,7 @@ def _local_attention(q_bxTxhxDh, k_bxTxgxDh, v_bxTxgxDh, seg_bxT, *, group: int,
     kernel = _kernel(r, Tp, block, softcap, interpret)
 
     def one(q_rxTpxDh, k_TpxDh, v_TpxDh, seg_Tp):
-        return kernel(q_rxTpxDh, k_TpxDh, v_TpxDh, segment_ids=splash.SegmentIds(q=seg_Tp, kv=seg_Tp))
+        return kernel(q_rxTpxDh, k_TpxDh, v_TpxDh, segment_ids=_pallas()[0].SegmentIds(q=seg_Tp, kv=seg_Tp))
 
     per_row = jax.vmap(one, in_axes=(0, 0, 0, None))  # over kv heads
     attention = jax.vmap(per_row)
