@@ -346,7 +346,7 @@ def trl_main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, required=True)
     ap.add_argument("--warmup", type=int, required=True)
     ap.add_argument("--remat", default="none")
-    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--dtype", default="float32", choices=tuple(build.DTYPES))
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--json", required=True)
     args = ap.parse_args(argv)

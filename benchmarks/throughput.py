@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--batch", type=int, default=None, help="global pairs per step (default: the preset's/config's)")
     ap.add_argument("--micro-batch", type=int, default=None, help="train.micro_batch_size (gradient accumulation)")
     ap.add_argument("--max-length", type=int, default=None, help="presets: tokens per sequence")
-    ap.add_argument("--dtype", default=None, choices=("float32", "bfloat16"), help="presets: model.dtype")
+    ap.add_argument("--dtype", default=None, choices=tuple(DTYPES), help="presets: model.dtype")
     ap.add_argument("--attention", default=None, choices=IMPLEMENTATIONS, help="model.attention")
     ap.add_argument("--remat", default=None, choices=REMAT_NAMES, help="model.remat")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -40,7 +40,7 @@ from dpojax.generate import Completion, Generator, Sampling, encode_prompt, eos_
 from dpojax.models.hf import load_pretrained, resolve_model_dir
 from dpojax.sharding import Sharder, make_mesh
 from dpojax.trainer import checkpoint as ckpt
-from dpojax.trainer.build import _import_transformers_quietly, build_models, make_sharder
+from dpojax.trainer.build import DTYPES, build_models, import_transformers_quietly, make_sharder
 from dpojax.trainer.evaluation import evaluate, restore_policy_params
 from dpojax.trainer.export import export_checkpoint
 from dpojax.trainer.loop import train
@@ -180,7 +180,7 @@ def add_generate_arguments(s) -> None:
     s.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     s.add_argument("--stop", action="append", default=[], help="stop string (repeatable); cut before it")
     s.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")
-    s.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    s.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="compute dtype")
 
 
 def read_prompts(path: str | Path) -> list[Any]:
@@ -220,7 +220,7 @@ def load_generator(source: str, *, dtype: str = "float32", batch_size: int = 8) 
     if folder.is_dir() and not (folder / "config.json").is_file():
         raise UserError(f"generate: '{source}' is neither a HF model folder (config.json) nor a run folder with "
                         "checkpoints/ or export/.")
-    _import_transformers_quietly()
+    import_transformers_quietly()
     from transformers import AutoTokenizer  # heavy; imported after the quiet set-up above, only for a HF folder
 
     model_dir = resolve_model_dir(str(folder) if folder.is_dir() else source)

@@ -123,7 +123,7 @@ class DecodeState:
     eos_B: jax.Array  # bool: ended by an EOS token
     key: jax.Array  # PRNG key of sampling (folded with the slot of each step)
     knobs: Knobs
-    eos_E: jax.Array  # int32: the EOS ids (-1 when there are none)
+    eos_tokens: jax.Array  # int32: the EOS ids (-1 when there are none)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +142,7 @@ def _after_token(state: DecodeState, tok_B: jax.Array, write_at: jax.Array, st: 
     tok_B = jnp.where(active_B, tok_B, st.pad_id)
     tokens_BxZ = jax.lax.dynamic_update_slice_in_dim(state.tokens_BxZ, tok_B[:, None], write_at, axis=1)
     count_B = state.count_B + active_B.astype(jnp.int32)
-    eos_B = state.eos_B | (active_B & jnp.isin(tok_B, state.eos_E))
+    eos_B = state.eos_B | (active_B & jnp.isin(tok_B, state.eos_tokens))
     done_B = state.done_B | eos_B | (count_B >= state.budget_B)
     return dataclasses.replace(state, tokens_BxZ=tokens_BxZ, count_B=count_B, eos_B=eos_B, done_B=done_B)
 
@@ -153,7 +153,7 @@ def _positions(slots: jax.Array, start_B: jax.Array, st: _Static) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "slots", "st"))
-def _prefill(graphdef, params, prompt_BxT, start_B, budget_B, key, knobs: Knobs, eos_E, *, slots: int,
+def _prefill(graphdef, params, prompt_BxT, start_B, budget_B, key, knobs: Knobs, eos_tokens, *, slots: int,
              st: _Static) -> DecodeState:
     model: Decoder = nnx.merge(graphdef, params)
     cfg = model.cfg
@@ -164,7 +164,7 @@ def _prefill(graphdef, params, prompt_BxT, start_B, budget_B, key, knobs: Knobs,
     tok_B = choose(model.logits(hidden_BxTxD[:, -1:])[:, 0], jax.random.fold_in(key, T), knobs, st.greedy)
     tokens_BxZ = jnp.zeros((B, slots), jnp.int32).at[:, :T].set(prompt_BxT)
     state = DecodeState(cache, tokens_BxZ, jnp.zeros((B,), jnp.int32), budget_B, jnp.zeros((B,), bool),
-                        jnp.zeros((B,), bool), key, knobs, eos_E)
+                        jnp.zeros((B,), bool), key, knobs, eos_tokens)
     return _after_token(state, tok_B, jnp.asarray(T, jnp.int32), st)
 
 
@@ -292,9 +292,9 @@ class Generator:
             prompt_BxT[b, start_B[b]:] = r
         budget_B = np.array([min(sampling.max_new_tokens, self.context - len(r)) for r in rows], np.int32)
         st = self._static(sampling)
-        eos_E = jnp.asarray(self.eos_ids or (-1,), jnp.int32)
+        eos_tokens = jnp.asarray(self.eos_ids or (-1,), jnp.int32)
         state = _prefill(self.graphdef, self.params, self._place(prompt_BxT), self._place(start_B),
-                         self._place(budget_B), jax.random.key(sampling.seed), Knobs.of(sampling), eos_E,
+                         self._place(budget_B), jax.random.key(sampling.seed), Knobs.of(sampling), eos_tokens,
                          slots=T + sampling.max_new_tokens, st=st)
         stopped = np.zeros(B, bool)
         chunk = STOP_CHUNK if sampling.stop else sampling.max_new_tokens

@@ -81,7 +81,7 @@ def make_sharder(cfg: Config, devices=None) -> Sharder:
     return Sharder(make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices))
 
 
-def _import_transformers_quietly() -> None:
+def import_transformers_quietly() -> None:
     """Import transformers without its "PyTorch was not found" warning (dpojax uses it for tokenizers only),
     leaving its later warnings as they were."""
     if "transformers" in sys.modules:
@@ -100,7 +100,7 @@ def _import_transformers_quietly() -> None:
 
 
 def load_tokenizer(cfg: Config) -> tuple[Any, Path]:
-    _import_transformers_quietly()
+    import_transformers_quietly()
     from transformers import AutoTokenizer  # heavy; imported quietly above
 
     name = cfg.model.tokenizer or cfg.model.name_or_path
@@ -273,7 +273,7 @@ def precompute_references(cfg: Config, models: Models, sharder: Sharder, dataset
 
 def to_device(batch: PreferenceBatch, sharding) -> PreferenceBatch:
     """Host batch (this process's rows) -> global jax.Arrays sharded over the data axes. One process: one batched
-    transfer of every field (a call per field costs ~0.25 ms of host time each)."""
+    transfer of every field (a call per field costs host time on every step)."""
     if jax.process_count() == 1:
         return jax.device_put(batch, sharding)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)

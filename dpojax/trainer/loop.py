@@ -83,10 +83,10 @@ def run_loop(run: Run, state: TrainState, ref_params, hooks: Hooks, train_data: 
 @contextlib.contextmanager
 def frozen_heap():
     """Python's full collections walk every object the process holds: with JAX, transformers and torch loaded,
-    ~0.5 M of them, ~0.35 s on whichever thread triggers one (the loop's or the producer's), a stall that came every
-    few hundred steps of a few-ms step. The objects alive when the loop starts (models, tokenizer, data, compiled
-    steps) are left out of collections while it runs (`gc.freeze`, after one collection of what is garbage already)
-    and handed back after it; young objects are still collected as usual."""
+    hundreds of thousands of them, a stall of a large fraction of a second on whichever thread triggers one (the
+    loop's or the producer's), every few hundred steps of a few-ms step. The objects alive when the loop starts
+    (models, tokenizer, data, compiled steps) are left out of collections while it runs (`gc.freeze`, after one
+    collection of what is garbage already) and handed back after it; young objects are still collected as usual."""
     gc.collect()
     frozen_before = gc.get_freeze_count()
     gc.freeze()
@@ -98,8 +98,8 @@ def frozen_heap():
 
 
 def progress(total: int, start: int):
-    """The progress bar (process 0). It redraws at most once a second: a redraw costs the loop thread ~0.5 ms on a
-    busy CPU host, ~30 us a step at tqdm's default of 10 a second with a few-ms step."""
+    """The progress bar (process 0). It redraws at most once a second: a redraw costs the loop thread host time that
+    tqdm's default of 10 a second would add to every few-ms step."""
     return tqdm(total=total, initial=start, desc="train", unit="step", mininterval=1.0,
                 disable=jax.process_index() != 0)
 

@@ -235,8 +235,8 @@ def stacked_layers(tree) -> int | None:
 def split_layers(tree, num_layers: int):
     """`tree` (a TrainState, params, optimizer state) with every [L, ...] leaf under `layers/` as a `PerLayer` of
     its L slices. With unrolled layers the model reads each layer's weights by a static slice, and XLA copies
-    every slice (and stacks the L gradients back) on each step: on SmolLM2-135M that is ~0.5 s of a 4 s
-    forward+backward at [16, 64] on a 2-core CPU. Given the slices as separate arrays, `join_layers` stacks them
+    every slice (and stacks the L gradients back) on each step, a large share of a small model's step on CPU
+    (benchmarks/RESULTS.md, "Why the code is as it is"). Given the slices as separate arrays, `join_layers` stacks them
     inside the step and XLA folds each slice of that stack back into its input, forward and backward, while the
     optimizer updates each layer's leaves in place. Abstract leaves (ShapeDtypeStruct) give abstract parts."""
 
@@ -368,9 +368,8 @@ def shardings_of(tree) -> Any:
 
 
 # XLA:CPU's default scheduler orders a program for concurrency, keeping many buffers live at once; its
-# memory-optimized scheduler keeps fewer: on SmolLM2-135M's forward+backward at [8, 512] the step's temporaries
-# fall from 11.4 to 8.5 GiB (at [16, 64]: 2.0 to 1.8 GiB; layers unrolled), ~4% faster there and unchanged on the
-# SmolLM2 DPO step (benchmarks/model_body.py, benchmarks/cpu_vs_trl.py)
+# memory-optimized scheduler keeps fewer, so a step's temporaries shrink at no cost in speed (figures:
+# benchmarks/RESULTS.md, "Why the code is as it is")
 CPU_COMPILER_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
 
 
@@ -384,8 +383,9 @@ def compiler_options(sharder: Sharder | None = None) -> dict[str, str] | None:
 class TrainStep:
     """`train_step` jitted with explicit in/out shardings, the train state donated, over the flat leaves of the
     state and the reference: the train loop calls `flat` and keeps the state as leaves (`leaves_of`, `state_of`),
-    so a step's dispatch does no Python pytree work (nnx Variables flatten and unflatten in Python: ~0.3 ms a
-    step). With unrolled layers (`spec.per_layer`) the policy state's leaves are per layer (`split_layers`).
+    so a step's dispatch does no Python pytree work (nnx Variables flatten and unflatten in Python, a cost per step
+    comparable to a small model's whole step). With unrolled layers (`spec.per_layer`) the policy state's leaves are
+    per layer (`split_layers`).
     `flat` returns the metrics stacked into one array (one read back per step; `metrics_def` unflattens them);
     `many` runs K steps in one dispatch (`train.steps_per_dispatch`: a `lax.scan` of `flat`'s step over K batches
     stacked on a leading axis, returning the K steps' metric arrays stacked); `__call__` and `lower` take and give
