@@ -6,7 +6,7 @@ Families: llama, mistral, qwen2, qwen3, gpt2, gpt_neox, gemma, gemma2, gemma3_te
 defaults exercise what sets it apart (FAMILY_DEFAULTS): NeoX partial rotary and parallel residual, Gemma 2
 sliding windows shorter than the test sequences and both soft-caps, Gemma 3 local/global RoPE, Phi-3
 LongRoPE. Anything in `hf_overrides` goes to the HF config (e.g. rope_scaling=..., head_dim=...,
-attention_bias=True, sliding_window=None).
+attention_bias=True, sliding_window=None). `xla_flags(devices)`: the session's XLA flags for a test's subprocess.
 """
 
 from __future__ import annotations
