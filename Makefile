@@ -22,9 +22,10 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/dpojax train configs/demo.yaml
 
 # The linter (pyproject.toml [tool.ruff]), then two workers for most tests (each compiles on its own core); subprocess/timing tests (`serial`) after, alone.
+# The workers take modules in collection order: tests/conftest.py puts the slowest first (SLOWEST_FIRST).
 test: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -n 2 --dist loadfile -m "not serial" tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not serial" tests
 	$(PY) -m pytest -q -m serial tests
 
 # tests/test_smollm2.py on the real model, which `make test` skips (it does not install the 93 MB wheel): ~3 min on

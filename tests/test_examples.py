@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_models import xla_flags
 
 import dpojax
 from dpojax.losses import core
@@ -20,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_custom_loss_example_trains_next_to_sigmoid(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "XLA_FLAGS": ""}  # one CPU device, as a user runs it (conftest's 8 fake devices compile slower)
+           "XLA_FLAGS": xla_flags(None)}  # one CPU device as a user runs it (8 fake ones compile slower), fast compile
     out = subprocess.run([sys.executable, "examples/custom_loss.py", "--steps", "4", "--out", str(tmp_path)],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import yaml
 from gcs_emulator import Emulator
-from tiny_models import make_tiny_checkpoint
+from tiny_models import make_tiny_checkpoint, xla_flags
 from tiny_tokenizer import make_pref_rows, make_tokenizer
 from tolerances import rewards_atol
 
@@ -78,7 +78,7 @@ def gcs(tmp_path_factory):
 def _env(gcs, **extra: str) -> dict:
     """The emulator's variables (inherited), 8 CPU devices, a local mirror of gs:// inputs in tmp, and one
     persistent compilation cache for the module's runs (the same executables, compiled once)."""
-    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8", **_shared(gcs),
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(8), **_shared(gcs),
                 **extra)
 
 

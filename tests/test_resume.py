@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from tiny_models import make_tiny_checkpoint
+from tiny_models import make_tiny_checkpoint, xla_flags
 from tiny_tokenizer import make_pref_rows, make_tokenizer
 
 from dpojax.metrics import read_metrics
@@ -53,7 +53,7 @@ def _cmd(config: Path, out: Path, *overrides: str, wrapper: str | None = None) -
 
 def _env(devices: int = 8, **extra: str) -> dict:
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = xla_flags(devices)
     env["JAX_PLATFORMS"] = "cpu"
     env.update(extra)
     return env

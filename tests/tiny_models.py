@@ -6,7 +6,7 @@ Families: llama, mistral, qwen2, qwen3, gpt2, gpt_neox, gemma, gemma2, gemma3_te
 defaults exercise what sets it apart (FAMILY_DEFAULTS): NeoX partial rotary and parallel residual, Gemma 2
 sliding windows shorter than the test sequences and both soft-caps, Gemma 3 local/global RoPE, Phi-3
 LongRoPE. Anything in `hf_overrides` goes to the HF config (e.g. rope_scaling=..., head_dim=...,
-attention_bias=True, sliding_window=None).
+attention_bias=True, sliding_window=None). `xla_flags(devices)`: the session's XLA flags for a test's subprocess.
 """
 
 from __future__ import annotations
@@ -121,3 +121,12 @@ def tiny_run_files(root: pathlib.Path, *, rows: int, data_seed: int, model_seed:
     data.write_text("".join(json.dumps(r) + "\n" for r in make_pref_rows(rows, "standard", seed=data_seed)))
     return {"policy": str(make_tiny_checkpoint(root / "policy", seed=model_seed, **checkpoint_kw)),
             "tok": str(make_tokenizer(root / "tok")), "data": str(data), "cache": str(root / "cache")}
+
+
+def xla_flags(devices: int | None) -> str:
+    """The session's XLA_FLAGS (conftest's compile flags included) with `devices` fake CPU devices, for a test's
+    subprocess; None: the one CPU device a user's run has."""
+    import os
+
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_")]
+    return " ".join(flags + ([f"--xla_force_host_platform_device_count={devices}"] if devices else []))
