@@ -23,6 +23,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+import jax
+from jax.experimental.compilation_cache import compilation_cache
+
 from dpojax import flops, losses, paths
 from dpojax.errors import ConfigError, UserError
 from dpojax.models.config import ModelConfig
@@ -247,9 +250,6 @@ def compile_uncached(lowered):
     with a Client to call DeserializeLoadedExecutable"), so a second identical compile sharing the cache folder
     warned and compiled again. JAX decides once per process whether the cache is used (for the first backend, here
     the CPU), hence the reset on both sides: the next compile for this host's devices sets the cache up again."""
-    import jax  # as everywhere in this module: jax loads when a compile runs, not on import
-    from jax.experimental.compilation_cache import compilation_cache  # as above
-
     enabled = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
     compilation_cache.reset_cache()
