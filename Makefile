@@ -11,9 +11,11 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PIP) install -e .
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed
+# one pip run for the package and its test extras (a second resolve would cost ~half a minute of `make test`)
+$(VENV)/.installed-test: setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -e '.[test,tpu]'  # tpu: libtpu, so tests/test_aot*.py compile for TPU topologies
-	touch $@
+	touch $(VENV)/.installed $@
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
