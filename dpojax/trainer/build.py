@@ -289,7 +289,7 @@ def batch_kw(cfg: Config, spec: StepSpec, sharder: Sharder | None, *, train: boo
 
 
 # ------------------------------------------------------------------------------------------------ the run
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Run:
     cfg: Config
     sharder: Sharder
@@ -301,10 +301,13 @@ class Run:
     horizon: int  # steps of the learning-rate schedule (the run's first config's total)
     sync_reference: Any = None  # jitted TR-DPO update, when ref_model.sync_every is set
 
-    def checkpoint_tree(self, state: TrainState) -> dict[str, Any]:
-        """The checkpoint items: params and optimizer state, plus the reference when TR-DPO changes it."""
+    def checkpoint_tree(self, state: TrainState, ref_params=None) -> dict[str, Any]:
+        """The checkpoint items: params and optimizer state, plus the reference when TR-DPO changes it (`ref_params`:
+        the reference as the loop has moved it; default: the run's own, e.g. as a restore target)."""
         tree = {"params": state.params, "opt_state": state.opt_state}
-        return {**tree, "ref": self.models.ref_params} if self.sync_reference else tree
+        if not self.sync_reference:
+            return tree
+        return {**tree, "ref": self.models.ref_params if ref_params is None else ref_params}
 
     def from_checkpoint_tree(self, tree: dict[str, Any], step: int) -> tuple[Run, TrainState]:
         """The run (with TR-DPO: its restored reference) and the train state of a restored checkpoint tree."""

@@ -25,25 +25,21 @@ class Savers:
     run: Run
     writer: M.MetricsWriter  # flushed at each checkpoint: metrics.jsonl holds every record up to it
 
-    def _tree(self, state: TrainState, ref_params) -> dict[str, Any]:
-        """The checkpoint items, with the loop's reference where TR-DPO moves it (`Run.checkpoint_tree`)."""
-        tree = self.run.checkpoint_tree(state)
-        return {**tree, "ref": ref_params} if "ref" in tree else tree
-
     def save(self, step: int, state: TrainState, ref_params) -> None:
         if self.latest.latest_step() == step:
             return
         if not ckpt.all_finite(state.params):
             raise NumericsError(f"refusing to save a checkpoint at step {step}: the parameters are not finite.")
         self.writer.flush()
-        ckpt.save(self.latest, step, self._tree(state, ref_params), self.run.cfg, horizon=self.run.horizon)
+        ckpt.save(self.latest, step, self.run.checkpoint_tree(state, ref_params), self.run.cfg,
+                  horizon=self.run.horizon)
 
     def save_best(self, step: int, state: TrainState, metrics: dict[str, float], ref_params) -> None:
         if self.best is None or step in self.best.all_steps():  # e.g. the final eval of a finished run, again
             return
         if ckpt.all_finite(state.params):
-            ckpt.save(self.best, step, self._tree(state, ref_params), self.run.cfg, horizon=self.run.horizon,
-                      metrics=metrics)
+            ckpt.save(self.best, step, self.run.checkpoint_tree(state, ref_params), self.run.cfg,
+                      horizon=self.run.horizon, metrics=metrics)
 
 
 @dataclasses.dataclass(frozen=True)
