@@ -20,11 +20,14 @@ from test_hf_io import load_torch
 from test_models import FAST_COMPILE, our_logits, padded_batch, torch_logits
 from tiny_models import make_tiny_checkpoint
 
+from dpojax import flops
+from dpojax.config import LoraSection
 from dpojax.errors import ModelError
 from dpojax.generate import Generator, Sampling
 from dpojax.models import Decoder, ModelConfig, abstract_decoder, abstract_params, export_hf, load_pretrained
 from dpojax.models.experts import ExpertWeights, expert_ffn, route
 from dpojax.models.hf import hf_weight_shapes
+from dpojax.models.lora import lora_model
 from dpojax.models.transformer import REMAT_POLICIES
 from dpojax.sharding import Sharder, check_fsdp_sharded, make_mesh
 
@@ -243,6 +246,11 @@ def test_sizes_count_all_and_active_experts(qwen2_moe):
     no_shared = dataclasses.replace(cfg, shared_expert_size=0)
     shared = 3 * D * cfg.shared_expert_size + D  # the shared expert and its gate
     assert cfg.forward_flops_per_token(12) - no_shared.forward_flops_per_token(12) == 2 * L * shared
+    # the step's MFU accounting (dpojax.flops) counts the same active experts
+    fwd = flops.forward_flops(cfg, tokens=10, scored=0, pairs_per_layer=[0] * L)
+    assert fwd.matmul == flops.forward_flops(every_expert, tokens=10, scored=0,
+                                             pairs_per_layer=[0] * L).matmul - 2 * L * (X - Y) * one_expert * 10
+    assert cfg.active_mlp_width == Y * Fe + cfg.shared_expert_size
 
 
 # ---- full-size configs (as on the hub), abstractly: counts, shardings, options ----------------------------------
@@ -339,3 +347,16 @@ def test_unsupported_moe_options_are_named():
     error({**MIXTRAL_8X7B, "router_jitter_noise": 0.1}, "router_jitter_noise")
     error({**MIXTRAL_8X7B, "num_experts_per_tok": 9}, r"experts per token \(9\)")
     error({**QWEN3_30B_A3B, "num_experts": 0}, "num_experts is 0")
+
+
+def test_lora_all_linear_adapts_the_dense_projections_only(qwen2_moe):
+    """LoRA `all-linear` on an MoE model adapts what PEFT adapts there: the attention projections, the shared
+    expert and its gate (nn.Linear in transformers); not the router nor the stacked experts."""
+    model, cfg = load_pretrained(qwen2_moe)
+    lora_cfg = LoraSection(enabled=True, targets=("all-linear",))
+    _, adapters, groups = lora_model(*nnx.split(model), cfg, lora_cfg, None)
+    leaves = sorted(g.hf.split("{i}.")[1] for g in groups)
+    assert leaves == sorted([f"self_attn.{p}_proj" for p in "qkvo"] + [f"mlp.shared_expert.{p}_proj" for p in
+                                                                         ("gate", "up", "down")]
+                            + ["mlp.shared_expert_gate"])
+    assert jax.tree.leaves(adapters)
