@@ -360,3 +360,40 @@ def test_lora_all_linear_adapts_the_dense_projections_only(qwen2_moe):
                                                                          ("gate", "up", "down")]
                             + ["mlp.shared_expert_gate"])
     assert jax.tree.leaves(adapters)
+
+
+def test_sharded_load_forward_and_export(qwen2_moe, tmp_path):
+    """On a (data=1, fsdp=4, tensor=2) mesh: experts split over embed (fsdp) and their width (tensor), the router
+    whole over its experts; the logits and router statistics of one device; a sharded export loads in
+    transformers."""
+    sharder = Sharder(make_mesh(data=1, fsdp=4, tensor=2))
+    model, cfg = load_pretrained(qwen2_moe, sharder=sharder)
+    mlp = nnx.state(model)["layers"]["mlp"]
+    assert mlp["experts"]["gate_proj"].get_value().sharding.spec == P(None, None, "fsdp", "tensor")
+    assert mlp["experts"]["down_proj"].get_value().sharding.spec == P(None, None, "tensor", "fsdp")
+    assert mlp["router"]["kernel"].get_value().sharding.spec == P(None, "fsdp", None)
+    ids, pos, seg = padded_batch()
+    logits, stats = forward(model, ids, pos, seg)
+    ref_logits, ref_stats = forward(load_pretrained(qwen2_moe)[0], ids, pos, seg)
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-5)
+    np.testing.assert_array_equal(stats.counts_X, ref_stats.counts_X)
+    out = export_hf(model, cfg, tmp_path / "export", max_shard_bytes=200_000)
+    assert (out / "model.safetensors.index.json").is_file()
+    load_torch(out)
+    real = seg > 0
+    np.testing.assert_allclose(torch_logits(out, ids, seg)[real], logits[real], atol=1e-4, rtol=0)
+
+
+def test_mixtral_module_spelling_loads(tmp_path):
+    """Mixtral's expert weights under transformers' module name `mlp.` (instead of `block_sparse_moe.`) load the
+    same model."""
+    from safetensors.numpy import load_file, save_file
+
+    path = make_tiny_checkpoint(tmp_path / "mixtral", "mixtral")
+    ids, pos, seg = padded_batch()
+    expected = our_logits(load_pretrained(path)[0], ids, pos, seg)
+    tensors = load_file(str(path / "model.safetensors"))
+    assert any(".block_sparse_moe.experts.7.w2.weight" in k for k in tensors)
+    save_file({k.replace(".block_sparse_moe.", ".mlp."): v for k, v in tensors.items()},
+              str(path / "model.safetensors"), metadata={"format": "pt"})
+    np.testing.assert_array_equal(our_logits(load_pretrained(path)[0], ids, pos, seg), expected)
