@@ -18,10 +18,13 @@ from jax.sharding import PartitionSpec as P
 from test_generate import EOS, NEW, PROMPTS, _hf_greedy, _sharpened_checkpoint
 from test_hf_io import load_torch
 from test_models import FAST_COMPILE, our_logits, padded_batch, torch_logits
+from test_packing import ALL_STATS, ROWS, STAT_FIELDS, _batches, _stats
 from tiny_models import make_tiny_checkpoint
+from tiny_tokenizer import load_tiny_tokenizer, make_tokenizer
 
 from dpojax import flops
 from dpojax.config import LoraSection
+from dpojax.data import tokenize_rows
 from dpojax.errors import ModelError
 from dpojax.generate import Generator, Sampling
 from dpojax.models import Decoder, ModelConfig, abstract_decoder, abstract_params, export_hf, load_pretrained
@@ -397,3 +400,17 @@ def test_mixtral_module_spelling_loads(tmp_path):
     save_file({k.replace(".block_sparse_moe.", ".mlp."): v for k, v in tensors.items()},
               str(path / "model.safetensors"), metadata={"format": "pt"})
     np.testing.assert_array_equal(our_logits(load_pretrained(path)[0], ids, pos, seg), expected)
+
+
+@pytest.mark.parametrize("mode", ["shared_prompt", "padding_free"])
+def test_packed_batches_give_the_unpacked_statistics(qwen2_moe, tmp_path, mode):
+    """The train step's packed rows (shared prompts: band and branch ids; padding-free) give the per-sequence
+    log-prob statistics of the [N, K, T] batch on an MoE model (routing is per token, so packing cannot move it)."""
+    model, _ = load_pretrained(qwen2_moe, attention="xla")
+    graphdef, params = nnx.split(model)
+    data = tokenize_rows(ROWS, load_tiny_tokenizer(make_tokenizer(tmp_path / "tok")), max_length=12)
+    unpacked, packed = _batches(data, 12, "keep_start", mode)
+    want = _stats(graphdef, params, unpacked, ALL_STATS, "none", None)
+    got = _stats(graphdef, params, packed, ALL_STATS, mode, 12)
+    for name in STAT_FIELDS:
+        np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-5, err_msg=name)
