@@ -59,6 +59,7 @@ class ModelConfig:
     attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap) before the mask (gemma2)
     final_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (gemma2); the log-prob head applies it
     layer_windows: tuple[int | None, ...] = ()  # per layer: sliding window (keys with q - k < w) or None; () = none
+    attention_sinks: bool = False  # a learned logit per query head joins each softmax denominator (gpt-oss)
     hf_config: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -144,6 +145,7 @@ class ModelConfig:
         other += D if self.o_bias else 0
         other += (mlp_mats - 1) * F + D if self.mlp_bias else 0
         other += 2 * Dh if self.qk_norm else 0
+        other += H if self.attention_sinks else 0
         return matmul, other
 
     def num_params(self) -> int:
