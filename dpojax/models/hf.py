@@ -17,7 +17,7 @@ import json
 import pathlib
 import re
 import tempfile
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -252,7 +252,7 @@ def _layer_shapes(flat: Mapping[str, Any], table: Mapping[str, Entry]) -> dict[s
     return {p: tuple(v.shape[1:] if "{i}" in table[p].hf else v.shape) for p, v in flat.items() if p in table}
 
 
-def _check_keys(paths: list[str], files: Collection[str], cfg: ModelConfig) -> None:
+def _check_keys(paths: list[str], files: Mapping[str, Any], cfg: ModelConfig) -> None:
     table = family_table(cfg)
     unknown = [p for p in paths if p not in table]
     if unknown:  # a model parameter without a table entry: a bug in dpojax, not in the checkpoint
@@ -333,7 +333,7 @@ def load_pretrained(name_or_path: str | pathlib.Path, *, dtype=jnp.float32, para
     files = {name: files[old] for name, old in stored.items()}
     packed = mxfp4.packed_weights(files) if mxfp4.is_mxfp4(hf_config) else {}
     parts = {part for pair in packed.values() for part in pair}
-    _check_keys([_path_str(p) for p, _ in flat], [n for n in files if n not in parts] + list(packed), cfg)
+    _check_keys([_path_str(p) for p, _ in flat], {n: None for n in [*files, *packed] if n not in parts}, cfg)
     shapes = _layer_shapes({_path_str(p): v for p, v in flat}, family_table(cfg))
     with contextlib.ExitStack() as stack:
         reader = _Reader(files, stored, stack, packed)
