@@ -96,8 +96,9 @@ def test_packed_rows_equal_unpacked(tiny):
     row_pos = np.concatenate([np.arange(7), np.arange(9), [0, 1]])[None].astype(np.int32)
     row_seg = np.asarray([[1] * 7 + [2] * 9 + [0, 0]], np.int32)
     got = np.asarray(_packed_logits(*nnx.split(model), row_ids, row_pos, row_seg))[0]
-    np.testing.assert_allclose(got[:7], want[0, :7], atol=1e-5, rtol=0)
-    np.testing.assert_allclose(got[7:16], want[1, :9], atol=1e-5, rtol=0)
+    # another program's rounding of a residual stream far larger than the logits (the experts' outputs are large)
+    np.testing.assert_allclose(got[:7], want[0, :7], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got[7:16], want[1, :9], atol=1e-4, rtol=0)
 
 
 def test_greedy_generation_equals_transformers(tmp_path):
@@ -106,6 +107,22 @@ def test_greedy_generation_equals_transformers(tmp_path):
     prompts = [[5, 9, 17, 33, 60], [7, 3, 99, 12, 41, 8, 77, 23, 5, 61, 90], [44, 10, 6]]
     ours = Generator(model, cfg, eos_ids=(EOS,), batch_size=4).generate_ids(prompts, Sampling(max_new_tokens=16))
     assert [c.tokens for c in ours] == _hf_greedy(hf_model, prompts, new=16)
+
+
+def test_clamped_swiglu_equals_transformers():
+    """Both clamps bite: gate and up range over +-12 around the limit of 7."""
+    import torch
+    import transformers
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    from dpojax.models.experts import GATED_ACTIVATIONS
+
+    gate_up = np.linspace(-12, 12, 2 * 97, dtype=np.float32).reshape(97, 2)
+    gate_up[:, 1] = gate_up[::-1, 1]
+    experts = GptOssExperts(transformers.GptOssConfig(**TINY))
+    ref = experts._apply_gate(torch.from_numpy(gate_up.reshape(1, -1))).numpy()[0]
+    ours = GATED_ACTIVATIONS["gpt_oss"](jnp.asarray(gate_up[:, 0]), jnp.asarray(gate_up[:, 1]))
+    np.testing.assert_allclose(np.asarray(ours), ref, rtol=1e-6, atol=1e-6)
 
 
 def test_kernels_without_sinks_are_refused_for_the_model(tiny):
@@ -180,7 +197,8 @@ def quantize_mxfp4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     codes = np.argmin(np.abs(np.abs(scaled)[..., None] - mxfp4.FP4_VALUES[:8]), axis=-1).astype(np.uint8)
     codes |= np.where(scaled < 0, 8, 0).astype(np.uint8)
     blocks = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
-    return blocks, (exponent[..., 0] + mxfp4.SCALE_BIAS).astype(np.uint8)
+    scales = (exponent[..., 0] + mxfp4.SCALE_BIAS).astype(np.uint8)
+    return np.ascontiguousarray(blocks), np.ascontiguousarray(scales)  # safetensors writes the raw buffer
 
 
 def test_dequantize_equals_transformers():
@@ -225,19 +243,17 @@ def _hf_dequantized(tensors, name, dtype):
     return convert_moe_packed_tensors(*pair, dtype=dtype).float().numpy()
 
 
-def _write_dequantized(src, tensors, dst):
-    """`src` with the expert matrices replaced by transformers' dequantization of the MXFP4 `tensors`."""
-    import shutil
-
+def _torch_mxfp4_logits(path, ids_BxT, seg_BxT):
+    """transformers' logits of an MXFP4 folder, dequantized by its own loader (fp32)."""
     import torch
-    from safetensors.numpy import save_file
+    import transformers
 
-    dst.mkdir()
-    shutil.copy(src / "config.json", dst / "config.json")
-    plain = {n: v for n, v in tensors.items() if not n.endswith(("_blocks", "_scales"))}
-    for name in [n.removesuffix("_blocks") for n in tensors if n.endswith("_blocks")]:
-        plain[name] = _hf_dequantized(tensors, name, torch.float32)
-    save_file(plain, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager",
+        quantization_config=transformers.Mxfp4Config(dequantize=True))
+    with torch.no_grad():
+        out = model.eval()(input_ids=torch.tensor(ids_BxT, dtype=torch.long), attention_mask=torch.tensor(seg_BxT))
+    return out.logits.numpy()
 
 
 def test_mxfp4_checkpoint_loads_as_transformers_dequantizes_it(tiny, tmp_path):
@@ -255,15 +271,11 @@ def test_mxfp4_checkpoint_loads_as_transformers_dequantizes_it(tiny, tmp_path):
             np.testing.assert_array_equal(np.asarray(experts.up_proj[i], np.float32), gate_up[..., 1::2])
             np.testing.assert_array_equal(np.asarray(experts.down_proj[i], np.float32),
                                           _hf_dequantized(tensors, name + "down_proj", torch_dtype))
-    # transformers' model of the dequantized weights (its own from_pretrained of an MXFP4 folder without triton
-    # is not the reference: in 5.25 it handed the dequantizer scales in another order than the file's)
-    reference = tmp_path / "dequantized"
-    _write_dequantized(tiny, tensors, reference)
     model, cfg = load_pretrained(path)
     ids, pos, seg = padded_batch()
     real = seg > 0
     ours = our_logits(model, ids, pos, seg)
-    np.testing.assert_allclose(ours[real], torch_logits(reference, ids, seg)[real], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(ours[real], _torch_mxfp4_logits(path, ids, seg)[real], atol=1e-4, rtol=0)
     assert np.abs(ours - our_logits(load_pretrained(tiny)[0], ids, pos, seg))[real].max() > 1e-3  # quantized
     out = export_hf(model, cfg, tmp_path / "export")  # unquantized, loadable by transformers
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
