@@ -281,3 +281,48 @@ def test_mxfp4_checkpoint_loads_as_transformers_dequantizes_it(tiny, tmp_path):
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     load_torch(out)
     np.testing.assert_allclose(torch_logits(out, ids, seg)[real], ours[real], atol=1e-4, rtol=0)
+
+
+GPT_OSS_20B = {  # the hub's openai/gpt-oss-20b config.json
+    "architectures": ["GptOssForCausalLM"], "attention_bias": True, "attention_dropout": 0.0, "eos_token_id": 200002,
+    "experts_per_token": 4, "head_dim": 64, "hidden_act": "silu", "hidden_size": 2880,
+    "initial_context_length": 4096, "initializer_range": 0.02, "intermediate_size": 2880,
+    "layer_types": ["sliding_attention", "full_attention"] * 12, "max_position_embeddings": 131072,
+    "model_type": "gpt_oss", "num_attention_heads": 64, "num_experts_per_tok": 4, "num_hidden_layers": 24,
+    "num_key_value_heads": 8, "num_local_experts": 32, "output_router_logits": False, "pad_token_id": 199999,
+    "quantization_config": {"modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                       "model.embed_tokens", "lm_head"], "quant_method": "mxfp4"},
+    "rms_norm_eps": 1e-05, "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+                                            "original_max_position_embeddings": 4096, "rope_type": "yarn",
+                                            "truncate": False},
+    "rope_theta": 150000, "router_aux_loss_coef": 0.9, "sliding_window": 128, "swiglu_limit": 7.0,
+    "tie_word_embeddings": False, "use_cache": True, "vocab_size": 201088}
+
+
+def test_full_size_config_names_and_sizes():
+    """gpt-oss-20b's config.json, abstractly: 20.91B parameters, 3.61B of them active (the model card's figures);
+    the weights dpojax exports are transformers' (names, shapes, count); other SwiGLU settings are refused."""
+    import dataclasses
+
+    import torch
+    import transformers
+
+    from dpojax.models import ModelConfig
+    from dpojax.models.hf import hf_weight_shapes
+
+    cfg = ModelConfig.from_hf(GPT_OSS_20B)
+    assert cfg.windows == (128, None) * 12 and cfg.rope == dataclasses.replace(
+        cfg.rope, type="yarn", theta=150_000.0, factor=32.0, original_max_position_embeddings=4096, truncate=False)
+    assert (cfg.num_experts, cfg.experts_per_token, cfg.expert_intermediate_size) == (32, 4, 2880)
+    assert abs(cfg.num_params() - 20.91e9) < 0.01e9
+    two = {**GPT_OSS_20B, "num_hidden_layers": 2, "layer_types": GPT_OSS_20B["layer_types"][:2]}  # quicker in torch
+    with torch.device("meta"):
+        reference = transformers.AutoModelForCausalLM.from_config(transformers.GptOssConfig(
+            **{k: v for k, v in two.items() if k != "quantization_config"}))
+    shapes = {name: tuple(p.shape) for name, p in reference.state_dict().items()}
+    assert hf_weight_shapes(ModelConfig.from_hf(two)) == shapes
+    assert ModelConfig.from_hf(two).num_params() == sum(p.numel() for p in reference.parameters())
+    # the model card's 3.61B active parameters leave the input embedding table out
+    assert abs(cfg.active_params() - cfg.vocab_size * cfg.hidden_size - 3.61e9) < 0.01e9
+    with pytest.raises(ModelError, match="swiglu_limit"):
+        ModelConfig.from_hf({**GPT_OSS_20B, "swiglu_limit": 10.0})
