@@ -82,23 +82,31 @@ def test_logits_equal_transformers_and_export_round_trip(tiny, tmp_path):
 
 
 @functools.partial(jax.jit, static_argnums=0, compiler_options=FAST_COMPILE)
-def _packed_logits(graphdef, state, ids, pos, seg):
+def _packed_logits(graphdef, state, ids, pos, seg, branch):
     model = nnx.merge(graphdef, state)
-    return model.logits(model(ids, pos, seg, band=9))
+    return model.logits(model(ids, pos, seg, branch, band=16))
 
 
 def test_packed_rows_equal_unpacked(tiny):
-    """Two sequences (7 and 9 tokens) in one row, positions restarting, windows counted in positions."""
+    """Row 0: two sequences (7 and 9 tokens), positions restarting. Row 1: a shared prompt (5 tokens) with two
+    responses (4 and 6 tokens) that never see each other. Windows counted in positions, sinks in every softmax."""
     model, _ = load_pretrained(tiny)
-    ids, pos, seg = padded_batch(lengths=(7, 9), T=9)
+    rng = np.random.default_rng(3)
+    a, b, prompt, r1, r2 = (rng.integers(3, 128, n) for n in (7, 9, 5, 4, 6))
+    ids, pos, seg = padded_batch(lengths=(7, 9, 9, 11), T=11)
+    for i, seq in enumerate((a, b, np.concatenate([prompt, r1]), np.concatenate([prompt, r2]))):
+        ids[i, :len(seq)] = seq
     want = our_logits(model, ids, pos, seg)
-    row_ids = np.concatenate([ids[0, :7], ids[1, :9], [0, 0]])[None].astype(np.int32)
-    row_pos = np.concatenate([np.arange(7), np.arange(9), [0, 1]])[None].astype(np.int32)
-    row_seg = np.asarray([[1] * 7 + [2] * 9 + [0, 0]], np.int32)
-    got = np.asarray(_packed_logits(*nnx.split(model), row_ids, row_pos, row_seg))[0]
+    row_ids = np.stack([np.concatenate([a, b, [0, 0]]), np.concatenate([prompt, r1, r2, [0, 0, 0]])]).astype(np.int32)
+    row_pos = np.stack([np.r_[np.arange(7), np.arange(9), 0, 1],
+                        np.r_[np.arange(9), np.arange(5, 11), 0, 1, 2]]).astype(np.int32)
+    row_seg = np.asarray([[1] * 7 + [2] * 9 + [0] * 2, [1] * 15 + [0] * 3], np.int32)
+    branch = np.asarray([[0] * 18, [0] * 5 + [1] * 4 + [2] * 6 + [0] * 3], np.int32)
+    got = np.asarray(_packed_logits(*nnx.split(model), row_ids, row_pos, row_seg, branch))
     # another program's rounding of a residual stream far larger than the logits (the experts' outputs are large)
-    np.testing.assert_allclose(got[:7], want[0, :7], atol=1e-4, rtol=0)
-    np.testing.assert_allclose(got[7:16], want[1, :9], atol=1e-4, rtol=0)
+    for got_row, want_row in ((got[0, :7], want[0, :7]), (got[0, 7:16], want[1, :9]), (got[1, :9], want[2, :9]),
+                              (got[1, 9:15], want[3, 5:11])):
+        np.testing.assert_allclose(got_row, want_row, atol=1e-4, rtol=0)
 
 
 def test_greedy_generation_equals_transformers(tmp_path):
@@ -171,6 +179,43 @@ def test_sinks_equal_transformers_eager_attention(T, window):
     np.testing.assert_allclose(np.asarray(ours)[real], ref[real], atol=1e-5, rtol=0)
     without = attend_xla(q, k, v, seg, scale=0.3, window=w)
     assert np.abs(np.asarray(without) - ref)[real].max() > 1e-2  # the sinks matter
+
+
+def test_sink_gradients_equal_torch_autograd():
+    """What training differentiates: d(loss)/d(q, k, v, sinks) through the sink softmax, against torch's autograd
+    of transformers' eager attention (a window of 3, padding)."""
+    import torch
+    from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward
+
+    rng = np.random.default_rng(1)
+    B, T, H, G, Dh = 2, 10, 4, 2, 8
+    q, k, v = (rng.standard_normal((B, T, n, Dh)).astype(np.float32) for n in (H, G, G))
+    sinks, cot = rng.standard_normal(H).astype(np.float32), rng.standard_normal((B, T, H, Dh)).astype(np.float32)
+    seg = np.ones((B, T), np.int32)
+    seg[1, 7:] = 0
+    cot[seg == 0] = 0.0
+    w = jnp.asarray(3, jnp.int32)
+
+    def loss(q, k, v, sinks):
+        return jnp.sum(attend_xla(q, k, v, seg, scale=0.3, window=w, sinks_H=sinks) * cot)
+
+    ours = jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, sinks)
+
+    class Stub(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.num_key_value_groups = H // G
+            self.sinks = torch.nn.Parameter(torch.from_numpy(sinks))
+
+    stub = Stub().eval()
+    tq, tk, tv = (torch.from_numpy(x).requires_grad_() for x in (q, k, v))
+    additive = torch.where(torch.from_numpy(np.array(segment_mask(seg, w))), 0.0, torch.finfo(torch.float32).min)
+    out, _ = eager_attention_forward(stub, tq.transpose(1, 2), tk.transpose(1, 2), tv.transpose(1, 2), additive,
+                                     scaling=0.3)
+    (out * torch.from_numpy(cot)).sum().backward()
+    for got, want in zip(ours, (tq.grad, tk.grad, tv.grad, stub.sinks.grad)):
+        np.testing.assert_allclose(np.asarray(got), want.numpy(), atol=1e-5, rtol=1e-5)
+    assert np.abs(np.asarray(ours[3])).min() > 1e-4  # every head's sink gets a gradient
 
 
 def test_kernels_without_sinks_are_refused():
