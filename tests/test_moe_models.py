@@ -18,10 +18,13 @@ from jax.sharding import PartitionSpec as P
 from test_generate import EOS, NEW, PROMPTS, _hf_greedy, _sharpened_checkpoint
 from test_hf_io import load_torch
 from test_models import FAST_COMPILE, our_logits, padded_batch, torch_logits
+from test_packing import ALL_STATS, ROWS, STAT_FIELDS, _batches, _stats
 from tiny_models import make_tiny_checkpoint
+from tiny_tokenizer import load_tiny_tokenizer, make_tokenizer
 
 from dpojax import flops
 from dpojax.config import LoraSection
+from dpojax.data import tokenize_rows
 from dpojax.errors import ModelError
 from dpojax.generate import Generator, Sampling
 from dpojax.models import Decoder, ModelConfig, abstract_decoder, abstract_params, export_hf, load_pretrained
@@ -361,3 +364,54 @@ def test_lora_all_linear_adapts_the_dense_projections_only(qwen2_moe):
                                                                          ("gate", "up", "down")]
                             + ["mlp.shared_expert_gate"])
     assert jax.tree.leaves(adapters)
+
+
+def test_sharded_load_forward_and_export(qwen2_moe, tmp_path):
+    """On a (data=1, fsdp=4, tensor=2) mesh: experts split over embed (fsdp) and their width (tensor), the router
+    whole over its experts; the logits and router statistics of one device; a sharded export loads in
+    transformers."""
+    sharder = Sharder(make_mesh(data=1, fsdp=4, tensor=2))
+    model, cfg = load_pretrained(qwen2_moe, sharder=sharder)
+    mlp = nnx.state(model)["layers"]["mlp"]
+    assert mlp["experts"]["gate_proj"].get_value().sharding.spec == P(None, None, "fsdp", "tensor")
+    assert mlp["experts"]["down_proj"].get_value().sharding.spec == P(None, None, "tensor", "fsdp")
+    assert mlp["router"]["kernel"].get_value().sharding.spec == P(None, "fsdp", None)
+    ids, pos, seg = padded_batch()
+    logits, stats = forward(model, ids, pos, seg)
+    ref_logits, ref_stats = forward(load_pretrained(qwen2_moe)[0], ids, pos, seg)
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-5)
+    np.testing.assert_array_equal(stats.counts_X, ref_stats.counts_X)
+    out = export_hf(model, cfg, tmp_path / "export", max_shard_bytes=200_000)
+    assert (out / "model.safetensors.index.json").is_file()
+    load_torch(out)
+    real = seg > 0
+    np.testing.assert_allclose(torch_logits(out, ids, seg)[real], logits[real], atol=1e-4, rtol=0)
+
+
+def test_mixtral_module_spelling_loads(tmp_path):
+    """Mixtral's expert weights under transformers' module name `mlp.` (instead of `block_sparse_moe.`) load the
+    same model."""
+    from safetensors.numpy import load_file, save_file
+
+    path = make_tiny_checkpoint(tmp_path / "mixtral", "mixtral")
+    ids, pos, seg = padded_batch()
+    expected = our_logits(load_pretrained(path)[0], ids, pos, seg)
+    tensors = load_file(str(path / "model.safetensors"))
+    assert any(".block_sparse_moe.experts.7.w2.weight" in k for k in tensors)
+    save_file({k.replace(".block_sparse_moe.", ".mlp."): v for k, v in tensors.items()},
+              str(path / "model.safetensors"), metadata={"format": "pt"})
+    np.testing.assert_array_equal(our_logits(load_pretrained(path)[0], ids, pos, seg), expected)
+
+
+@pytest.mark.parametrize("mode", ["shared_prompt", "padding_free"])
+def test_packed_batches_give_the_unpacked_statistics(qwen2_moe, tmp_path, mode):
+    """The train step's packed rows (shared prompts: band and branch ids; padding-free) give the per-sequence
+    log-prob statistics of the [N, K, T] batch on an MoE model (routing is per token, so packing cannot move it)."""
+    model, _ = load_pretrained(qwen2_moe, attention="xla")
+    graphdef, params = nnx.split(model)
+    data = tokenize_rows(ROWS, load_tiny_tokenizer(make_tokenizer(tmp_path / "tok")), max_length=12)
+    unpacked, packed = _batches(data, 12, "keep_start", mode)
+    want = _stats(graphdef, params, unpacked, ALL_STATS, "none", None)
+    got = _stats(graphdef, params, packed, ALL_STATS, mode, 12)
+    for name in STAT_FIELDS:
+        np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-5, err_msg=name)
