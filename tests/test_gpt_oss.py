@@ -22,6 +22,7 @@ from dpojax.errors import ModelError
 from dpojax.generate import Generator, Sampling
 from dpojax.models import export_hf, init_random, load_pretrained, mxfp4
 from dpojax.models.attention import attend_xla, resolve_attention, segment_mask
+from dpojax.sharding import Sharder, make_mesh
 
 EOS = 2
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=32, head_dim=16, num_attention_heads=4,
@@ -317,6 +318,11 @@ def test_mxfp4_checkpoint_loads_as_transformers_dequantizes_it(tiny, tmp_path):
             np.testing.assert_array_equal(np.asarray(experts.down_proj[i], np.float32),
                                           _hf_dequantized(tensors, name + "down_proj", torch_dtype))
     model, cfg = load_pretrained(path)
+    # on a (fsdp 4, tensor 2) mesh each shard reads and dequantizes only its part of D and F: the same values
+    sharded, _ = load_pretrained(path, sharder=Sharder(make_mesh(data=1, fsdp=4, tensor=2)))
+    gate = sharded.layers.mlp.experts.gate_proj
+    assert gate[...].addressable_shards[0].data.shape == (cfg.num_layers, cfg.num_experts, 64 // 4, 32 // 2)
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(sharded, nnx.Param), nnx.state(model, nnx.Param))
     ids, pos, seg = padded_batch()
     real = seg > 0
     ours = our_logits(model, ids, pos, seg)
