@@ -354,8 +354,8 @@ def test_unsupported_moe_options_are_named():
 
 
 def test_lora_all_linear_adapts_the_dense_projections_only(qwen2_moe):
-    """LoRA `all-linear` on an MoE model adapts what PEFT adapts there: the attention projections, the shared
-    expert and its gate (nn.Linear in transformers); not the router nor the stacked experts."""
+    """LoRA `all-linear` on an MoE model adapts its Dense projections: attention, the shared expert and its gate
+    (what PEFT adapts on Qwen2-MoE); not the router nor the stacked experts, which are no Dense modules."""
     model, cfg = load_pretrained(qwen2_moe)
     lora_cfg = LoraSection(enabled=True, targets=("all-linear",))
     _, adapters, groups = lora_model(*nnx.split(model), cfg, lora_cfg, None)
