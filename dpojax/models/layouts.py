@@ -39,11 +39,23 @@ def fuse(rule: str, pieces: list[np.ndarray], cfg: ModelConfig) -> np.ndarray:
         return np.concatenate(pieces, axis=0)
     if rule == "cat_last":
         return np.concatenate(pieces, axis=-1)
+    if rule == "interleave_last":  # column c of piece j -> column c * n + j (gpt-oss gate_up_proj: gate, up, ...)
+        return np.stack(pieces, axis=-1).reshape(*pieces[0].shape[:-1], -1)
     if rule == "per_head":  # [H*Dh, ...] pieces -> [H, (piece 0, piece 1, ...), Dh, ...] rows
         H = cfg.num_heads
         heads = [p.reshape(H, -1, *p.shape[1:]) for p in pieces]
         return np.concatenate(heads, axis=1).reshape(-1, *pieces[0].shape[1:])
     raise ValueError(f"unknown fuse rule {rule!r}")
+
+
+def fused_shape(rule: str, piece_shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+    """The shape `fuse(rule, pieces)` returns, computed without building it (expert tensors are large): every rule
+    joins its pieces along the first axis (cat_first, per_head) or the last (cat_last, interleave_last)."""
+    if rule not in ("cat_first", "per_head", "cat_last", "interleave_last"):
+        raise ValueError(f"unknown fuse rule {rule!r}")
+    axis = 0 if rule in ("cat_first", "per_head") else len(piece_shapes[0]) - 1
+    joined = sum(shape[axis] for shape in piece_shapes)
+    return tuple(joined if a == axis else n for a, n in enumerate(piece_shapes[0]))
 
 
 def unfuse(rule: str, x: np.ndarray, piece_shapes: list[tuple[int, ...]], cfg: ModelConfig) -> list[np.ndarray]:
@@ -52,6 +64,8 @@ def unfuse(rule: str, x: np.ndarray, piece_shapes: list[tuple[int, ...]], cfg: M
         axis = 0 if rule == "cat_first" else x.ndim - 1
         bounds = np.cumsum([s[axis] for s in piece_shapes])[:-1]
         return np.split(x, bounds, axis=axis)
+    if rule == "interleave_last":
+        return [x[..., j::len(piece_shapes)] for j in range(len(piece_shapes))]
     if rule == "per_head":
         H = cfg.num_heads
         heads = x.reshape(H, -1, *x.shape[1:])
