@@ -151,7 +151,7 @@ def abstract_models(cfg: Config, sharder: Sharder, read_config: Callable[[str], 
     pcfg = read_config(cfg.model.name_or_path)  # `auto` attention resolved for `backend` (not this host's devices)
     kernels = dataclasses.replace(kernels, attention=resolve_attention(
         kernels.attention, dtype=DTYPES[cfg.model.dtype], head_dim=pcfg.head_dim, backend=backend,
-        softcap=pcfg.attn_softcap, sliding_window=pcfg.has_sliding_window))
+        softcap=pcfg.attn_softcap, sliding_window=pcfg.has_sliding_window, sinks=pcfg.attention_sinks))
 
     def load(name: str, how: str):  # every model abstract, whatever `how`
         mcfg = read_config(name)
