@@ -26,6 +26,8 @@ from dpojax.losses import F_DIVERGENCES
 from dpojax.models.attention import IMPLEMENTATIONS
 from dpojax.models.transformer import REMAT_NAMES
 
+ONLINE_PAIRS = ("best_vs_worst", "all_pairs", "ranking")  # online.pairs: how scored samples become data
+
 
 @dataclasses.dataclass(frozen=True)
 class LoraSection:
@@ -187,6 +189,46 @@ class CheckpointSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class OnlineSamplingSection:
+    """How the policy samples its K responses per prompt (dpojax.generate's rules: temperature, then top-k, then
+    top-p). The shapes are fixed for a run: every step samples max_new_tokens tokens for N x K rows."""
+
+    temperature: float = 1.0  # > 0: on-policy sampling needs distinct responses (0 would make K copies)
+    top_k: int = 0  # keep the k most likely tokens (0 = all)
+    top_p: float = 1.0  # nucleus sampling, in (0, 1]
+    max_new_tokens: int = 64  # tokens sampled per response; a response cut here has no EOS
+    stop: tuple[str, ...] = ()  # stop strings: a response ends with the token that completes the first one
+
+
+@dataclasses.dataclass(frozen=True)
+class OnlineSection:
+    """On-policy preference optimization (docs/online.md): the policy samples K responses per prompt, a reward
+    scores them, and the scored samples become the preference batch the step trains on."""
+
+    enabled: bool = False  # sample the training data from the policy instead of reading data.train
+    # online: every optimizer step samples from the current policy; iterative: rounds of (sample a round's prompts,
+    # score, train epochs_per_round epochs on them)
+    schedule: Literal["online", "iterative"] = "online"
+    prompts: str = ""  # prompt set: a file (.jsonl/.json/.parquet/.csv), a saved dataset folder or a hub id
+    prompts_split: str = "train"  # split of a hub data set or saved DatasetDict
+    samples_per_prompt: int = 4  # K >= 2 responses sampled per prompt
+    sampling: OnlineSamplingSection = OnlineSamplingSection()  # temperature, top_k, top_p, max_new_tokens, stop
+    # reward function 'module:function' or 'path/to/file.py:function', called as fn(prompts, completions,
+    # **row_fields) -> list[float] (row_fields: the prompt rows' other columns, one list each)
+    reward: Optional[str] = None
+    reward_model: Optional[str] = None  # a reward model folder (not available yet: use reward)
+    # how a prompt's scored samples become data: best_vs_worst (one pair: highest vs lowest reward), all_pairs
+    # (every pair of different rewards), ranking (the K samples ranked by reward, for a ranking loss); a prompt
+    # whose samples all score the same is dropped and counted
+    pairs: Literal[ONLINE_PAIRS] = "best_vs_worst"
+    seed: int = 0  # sampling seed: step s samples with key (seed, s)
+    rounds: int = 2  # iterative: rounds of sample -> score -> train
+    prompts_per_round: Optional[int] = None  # iterative: prompts sampled per round; default: the whole prompt set
+    epochs_per_round: int = 1  # iterative: epochs over a round's samples
+    reference: Literal["initial", "previous_round"] = "initial"  # iterative: the reference of each round
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """A whole run's configuration, one frozen section per YAML section; build it with `config_from_dict` or
     `load_config` (which validate), never half-filled."""
@@ -200,6 +242,7 @@ class Config:
     mesh: MeshSection = MeshSection()
     checkpoint: CheckpointSection = CheckpointSection()
     distributed: DistributedSection = DistributedSection()
+    online: OnlineSection = OnlineSection()
     output_dir: str = "runs/default"  # run folder (local or gs://): config.yaml, metrics.jsonl, checkpoints/, export/
 
     @property
@@ -391,6 +434,7 @@ def validate(cfg: Config) -> None:
     losses.import_loss_modules(cfg.loss.import_)  # user losses register themselves before their names are checked
     losses.validate_loss_config(cfg.loss)
     _validate_with_losses(cfg)
+    _validate_online(cfg)
     d = cfg.distributed
     if min(d.initialization_timeout, d.heartbeat_timeout, d.shutdown_timeout) <= 0:
         raise ConfigError("config: 'distributed.*_timeout' values are seconds and must be positive.")
@@ -482,6 +526,63 @@ def _validate_with_losses(cfg: Config) -> None:
         _require(c.best_metric in names,
                  f"'checkpoint.best_metric' = {c.best_metric!r} is not an eval metric of this run; choose one of "
                  f"{', '.join(names)}.")
+
+
+_ITERATIVE_KEYS = ("rounds", "prompts_per_round", "epochs_per_round", "reference")
+
+
+def _validate_online(cfg: Config) -> None:
+    """The online section: off, nothing of it may be set; on, a prompt set, a reward and a loss that fits."""
+    o, s = cfg.online, cfg.online.sampling
+    changed = [f.name for f in dataclasses.fields(o) if f.name != "enabled" and getattr(o, f.name) != f.default]
+    if not o.enabled:
+        _require(not changed, f"'online.{changed[0] if changed else ''}' is set but 'online.enabled' is false; set "
+                              "online.enabled=true to sample the training data from the policy.")
+        return
+    _require(bool(o.prompts), "'online.prompts' is required with online.enabled: a prompt file, dataset folder or "
+                              "hub id (rows with a 'prompt' column, text or chat messages).")
+    _require(not cfg.data.train, f"'data.train' = {cfg.data.train!r}: an online run samples its training data "
+                                 "from the policy; remove data.train (the prompts come from online.prompts).")
+    _require(o.reward_model is None, f"'online.reward_model' = {o.reward_model!r}: reward models are not available "
+                                     "yet; give a reward function as online.reward ('module:function' or "
+                                     "'file.py:function').")
+    _require(o.reward is not None and o.reward.count(":") == 1 and all(o.reward.split(":")),
+             f"'online.reward' = {o.reward!r} must name a function as 'module:function' or 'path/to/file.py:function' "
+             "(called fn(prompts, completions, **row_fields) -> list[float]).")
+    _require(o.samples_per_prompt >= 2, f"'online.samples_per_prompt' = {o.samples_per_prompt} must be at least 2: "
+                                        "a preference needs two responses to compare.")
+    _require(s.temperature > 0, f"'online.sampling.temperature' = {s.temperature} must be > 0: greedy decoding "
+                                "would sample the same response K times.")
+    _require(s.top_k >= 0 and 0 < s.top_p <= 1 and s.max_new_tokens >= 1 and all(s.stop),
+             f"'online.sampling': top_k = {s.top_k} must be >= 0, top_p = {s.top_p} in (0, 1], max_new_tokens = "
+             f"{s.max_new_tokens} >= 1 and stop strings non-empty.")
+    kwise = losses.is_kwise(cfg.loss)
+    _require(kwise == (o.pairs == "ranking"),
+             f"'online.pairs' = {o.pairs!r} does not fit loss.type={cfg.loss.type[0]}: a ranking loss trains on "
+             "online.pairs=ranking, a pair loss on best_vs_worst or all_pairs.")
+    _require(not cfg.ref_model.precompute, "'ref_model.precompute' cannot precompute an online run's reference: its "
+                                           "data is sampled during training; remove it.")
+    _require(cfg.train.steps_per_dispatch == 1, "'train.steps_per_dispatch' must be 1 in an online run: each step's "
+                                                "batch is sampled from the policy the step before updated.")
+    if o.schedule == "online":
+        bad = [k for k in _ITERATIVE_KEYS if k in changed]
+        _require(not bad, f"'online.{bad[0] if bad else ''}' applies to online.schedule=iterative only; remove it "
+                          "or set online.schedule=iterative.")
+        return
+    n = cfg.train.batch_size
+    _require(o.rounds >= 1 and o.epochs_per_round >= 1,
+             f"'online.rounds' = {o.rounds} and 'online.epochs_per_round' = {o.epochs_per_round} must be >= 1.")
+    _require(o.prompts_per_round is None or (o.prompts_per_round >= n and o.prompts_per_round % n == 0),
+             f"'online.prompts_per_round' = {o.prompts_per_round} must be a multiple of train.batch_size = {n} "
+             "(a round trains on whole batches of its prompts).")
+    _require(cfg.train.steps is None, "'train.steps' is set by online.rounds x online.epochs_per_round in an "
+                                      "iterative run; remove train.steps.")
+    if o.reference == "previous_round":
+        _require(not cfg.model.lora.enabled, "'online.reference' = 'previous_round' needs a full reference copy, "
+                                             "but with LoRA the reference is the frozen base; use 'initial'.")
+        _require(not cfg.ref_model.sync_every and not losses.reference_free(cfg.loss),
+                 "'online.reference' = 'previous_round' moves the reference once per round: it excludes "
+                 "ref_model.sync_every (TR-DPO) and reference-free losses.")
 
 
 def to_dict(cfg: Any) -> dict:
