@@ -39,8 +39,9 @@ class Reward(Protocol):
               rows: dict[str, list]) -> np.ndarray: ...
 
 
-def _short(value: Any, limit: int = 160) -> str:
-    text = " ".join(repr(value).split())  # one line
+def _short(value: Any, limit: int = 160, as_text: bool = False) -> str:
+    """`value` (its repr, or as text) on one line, at most `limit` characters."""
+    text = " ".join((str(value) if as_text else repr(value)).split())
     return text if len(text) <= limit else text[:limit] + "..."
 
 
@@ -56,7 +57,7 @@ class FunctionReward:
         try:
             out = self.fn(list(prompts), list(completions), **rows)
         except Exception as e:  # noqa: BLE001 - whatever user code raises is reported as one line naming it
-            raise UserError(f"{what} raised {type(e).__name__}: {_short(str(e))} (first prompt of the call: "
+            raise UserError(f"{what} raised {type(e).__name__}: {_short(e, as_text=True)} (first prompt of the call: "
                             f"{_short(prompts[0])})") from None
         values = list(out) if isinstance(out, (list, tuple, np.ndarray)) else None
         if values is None or len(values) != len(completions):
