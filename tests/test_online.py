@@ -247,3 +247,19 @@ def test_config_checks():
     assert "data.train" in error("data.train=x.jsonl")
     assert "temperature" in error("online.sampling.temperature=0")
     assert "LoRA" in error("online.schedule=iterative", "online.reference=previous_round", "model.lora.enabled=true")
+
+
+def test_smollm2_reward_and_prompts():
+    repo = HERE.parent
+    rows = [json.loads(line) for line in (repo / "configs/smollm2/train_prompts.jsonl").read_text().splitlines()]
+    train = [json.loads(line) for line in (repo / "configs/smollm2/train.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == [t["prompt"] for t in train] and len(rows) == 115
+    for r, t in zip(rows, train):  # the answer key is the result in the chosen answer ("8 + 2 = 10.")
+        assert t["chosen"][0]["content"] == f"{r['prompt'][0]['content'][8:-1]} = {r['answer']}."
+    exact, short = (load_reward(f"{repo}/configs/smollm2/reward.py:{n}") for n in ("exact_match", "exact_then_short"))
+    completions = ["8 + 2 = 10.", "8 + 2 = 11.", "The answer is 10. Addition is fun.", "Ten."]
+    fields = {"answer": [10] * 4}
+    assert exact.score(["q"] * 4, completions, [[]] * 4, fields).tolist() == [1.0, 0.0, 1.0, 0.0]
+    np.testing.assert_allclose(short.score(["q"] * 4, completions, [[]] * 4, fields), [1.0, 0.0, 0.97, 0.0])
+    cfg = yaml.safe_load((repo / "configs/smollm2-135m_arithmetic_online.yaml").read_text())
+    assert config_from_dict(cfg).online.reward == "configs/smollm2/reward.py:exact_then_short"
