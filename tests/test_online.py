@@ -160,6 +160,25 @@ def test_meshes_equal_the_data_parallel_run(setup, mesh):
             np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-5, err_msg=key)
 
 
+@pytest.mark.serial  # several JAX processes (as tests/test_multihost.py)
+def test_two_processes_equal_one(setup):
+    """2 processes x 4 devices sample, score (each its own prompts) and train like one process with 8 devices."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("local_cpu", HERE.parent / "launch" / "local_cpu.py")
+    local_cpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(local_cpu)
+    out = setup["root"] / "two_processes"
+    code = local_cpu.main(["--processes", "2", "--devices-per-process", "4", "--grace", "30", "train",
+                           str(setup["config"]), f"output_dir={out}", "train.steps=3"])
+    assert code == 0
+    ref_samples = [s for s in _samples(setup["reference"]) if s["step"] <= 3]
+    assert _samples(out) == ref_samples  # process 0 wrote every host's samples and rewards, once
+    for a, b in zip(_records(setup["reference"])[:3], _records(out), strict=True):
+        for key in ("loss", "rewards/margins", "logps/chosen", "online/reward_mean", "online/tied_share"):
+            np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
 def test_a_reward_function_that_raises_stops_the_run_with_one_line(setup):
     out = setup["root"] / "bad_reward"
     result = _run(setup["config"], out, f"online.reward={REWARDS}:raises", devices=None)
