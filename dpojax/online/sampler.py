@@ -92,8 +92,6 @@ def sample(graphdef, params, prompts: Sequence[np.ndarray], k: int, key: jax.Arr
     """K samples of each of the step's global `prompts` (every host passes the same list), every row."""
     t0 = time.perf_counter()
     prompt_BxT, start_B, budget_B = prompt_arrays(prompts, k, setup)
-    if setup.sharder is not None:  # replicated over the mesh, as the params' step arguments are
-        key = jax.device_put(key, setup.sharder.named(()))
     out = sample_tokens(graphdef, params, *(_place(x, setup.sharder) for x in (prompt_BxT, start_B, budget_B)), key,
                         setup.sampling, setup.eos_ids, pad_id=setup.pad_id, context=setup.context,
                         longrope_original=setup.longrope_original)

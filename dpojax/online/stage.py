@@ -6,6 +6,7 @@ sample and reward of the call, so each builds the same global rows and takes its
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from typing import Any
@@ -23,12 +24,23 @@ METRICS = ("online/reward_mean", "online/reward_std", "online/tied_share", "onli
            "online/eos_rate", "online/gen_tokens_per_second", "online/gen_time_share", "online/score_time_share")
 
 
-def step_key(seed: int, *path: int) -> jax.Array:
-    """The sampling key of a call: `seed` folded with its step (online) or (round, chunk) (iterative)."""
+def _fold(seed: jax.Array, path: jax.Array) -> jax.Array:
     key = jax.random.key(seed)
-    for i in path:
-        key = jax.random.fold_in(key, i)
+    for i in range(path.shape[0]):
+        key = jax.random.fold_in(key, path[i])
     return key
+
+
+@functools.lru_cache(maxsize=None)
+def _folder(sharding):
+    return jax.jit(_fold, out_shardings=sharding)
+
+
+def step_key(seed: int, *path: int, sharding=None) -> jax.Array:
+    """The sampling key of a call: `seed` folded with its step (online) or (round, chunk) (iterative), made by one
+    small program so that it is one global array, replicated over `sharding`'s mesh, on every host (a host-made key
+    cannot be placed on other hosts' devices)."""
+    return _folder(sharding)(np.uint32(seed), np.asarray(path, np.uint32))
 
 
 @dataclasses.dataclass(frozen=True)

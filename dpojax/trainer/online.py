@@ -12,6 +12,7 @@ by (train.seed, r, epoch)); with reference `previous_round` the reference become
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 
 import jax
@@ -138,9 +139,10 @@ class OnlineSource:
     def rows(self, run: Run, step: int, leaves: list) -> pairs_lib.StepRows:
         """Step `step`'s rows (online: sampled now; iterative: from its round's samples, drawn at the round's first
         step, or at a resume inside the round, by the policy then)."""
-        n, seed = self.cfg.train.batch_size, self.cfg.online.seed
+        n = self.cfg.train.batch_size
+        key = functools.partial(stage.step_key, self.cfg.online.seed, sharding=run.sharder.named(()))
         if not self.plan.steps_per_round:
-            return self._call(run, leaves, self._indices(step - 1, n), stage.step_key(seed, step), step)
+            return self._call(run, leaves, self._indices(step - 1, n), key(step), step)
         r, j = divmod(step - 1, self.plan.steps_per_round)
         chunks = self.plan.steps_per_round // self.cfg.online.epochs_per_round
         if self.round is None or self.round[0] != r:
@@ -149,7 +151,7 @@ class OnlineSource:
             if j:
                 log.warning("online: resumed inside round %d; its samples are drawn again by the policy of the "
                             "checkpoint (an exact resume needs a checkpoint at a round's end)", r)
-            self.round = (r, [self._call(run, leaves, prompts[c * n:(c + 1) * n], stage.step_key(seed, r, c),
+            self.round = (r, [self._call(run, leaves, prompts[c * n:(c + 1) * n], key(r, c),
                                          step - j, round=r) for c in range(chunks)])
         epoch, q = divmod(j, chunks)
         chunk = np.random.default_rng([self.cfg.train.seed, r, epoch]).permutation(chunks)[q]
