@@ -1,8 +1,9 @@
-"""Online preference optimization (docs/online.md) with real `dpojax train` processes on fake CPU devices: a run is
-a function of its config and seeds (two runs equal), a SIGKILLed run resumes to the uninterrupted run's samples,
-rewards, losses and weights, the meshes (8,1,1) and (2,2,2) equal one device, two processes equal one, a bad
-reward function stops the run with one line naming it, and the iterative schedule's `previous_round` reference.
-The pure parts (pairs from rewards, fillers, reward checks, config checks) are tested directly."""
+"""Online preference optimization (docs/online.md) with real `dpojax train` processes on fake CPU devices: a run
+is a function of its config and seeds (a second run from scratch equals the first), a SIGKILLed run resumes to the
+uninterrupted run's samples, rewards, losses and weights, the meshes (8,1,1) and (2,2,2) equal one device, two
+processes equal one, a bad reward function stops the run with one line naming it, and the iterative schedule's
+`previous_round` reference. The pure parts (pairs from rewards, fillers, reward checks, config checks) are tested
+directly."""
 
 from __future__ import annotations
 
