@@ -186,6 +186,16 @@ def test_a_reward_function_that_raises_stops_the_run_with_one_line(setup):
     assert "Traceback" not in result.stderr
 
 
+def test_a_missing_reward_function_fails_before_anything_compiles(setup, capsys):
+    from dpojax.cli import main
+
+    code = main(["train", str(setup["config"]), f"output_dir={setup['root'] / 'no_reward'}",
+                 f"online.reward={REWARDS}:nope"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "'online.reward'" in err and "has no function 'nope'" in err, err
+
+
 def test_iterative_rounds_and_the_previous_round_reference(setup):
     """2 rounds of 8 prompts, 2 epochs each (2 steps a round): with reference previous_round the first step of
     round 2 starts with the reference equal to the policy (rewards exactly 0), although the policy has moved.

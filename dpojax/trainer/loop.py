@@ -40,7 +40,7 @@ from dpojax.trainer.export import export_policy
 from dpojax.trainer.hooks import Hook, Hooks, Profile, Savers, make_hooks
 from dpojax.trainer.preemption import Preemption
 from dpojax.trainer.samples import make_samples
-from dpojax.trainer.step import TrainState, batch_sharding, compile_sync
+from dpojax.trainer.step import TrainState, batch_sharding
 
 log = logging.getLogger("dpojax")
 
@@ -274,8 +274,8 @@ def train(cfg: Config) -> dict[str, Any]:
     is_main = jax.process_index() == 0
     sharder = make_sharder(cfg)
     models = build_models(cfg, sharder)
-    if cfg.online.enabled:
-        train_data, prompts = None, online.load_online_prompts(cfg, models)
+    if cfg.online.enabled:  # the training data is sampled: a prompt set and a reward instead of data.train
+        (prompts, reward), train_data = online.load_online(cfg, models), None
         eval_data = load_split(cfg, models, cfg.data.eval, cfg.data.eval_split) if cfg.data.eval else None
         steps = online.online_steps(cfg, len(prompts))
     else:
@@ -283,8 +283,7 @@ def train(cfg: Config) -> dict[str, Any]:
     mngr = ckpt.manager(out_dir, cfg)
     start, horizon = _resume_point(mngr, cfg, steps)
     run, state = setup_train(cfg, models, sharder, steps=steps, horizon=horizon)
-    if cfg.online.enabled and cfg.online.reference == "previous_round":  # the reference moves: checkpointed too
-        run = dataclasses.replace(run, sync_reference=compile_sync(run.models.ref_params, 1.0))
+    run = online.with_round_reference(run)  # iterative previous_round: the reference moves (and is checkpointed)
     if start:
         run, state = run.from_checkpoint_tree(ckpt.restore(mngr, start, run.checkpoint_tree(state)), start)
         log.info("resumed from %s at step %d", ckpt.checkpoint_dir(cfg.output_dir), start)
@@ -293,17 +292,12 @@ def train(cfg: Config) -> dict[str, Any]:
     writer = tracking.Trackers(M.MetricsWriter(out_dir / "metrics.jsonl", enabled=is_main), cfg, out_dir, is_main,
                                start=start)
     profiler = tracking.Profiler(cfg, out_dir / "profile", enabled=is_main)
-    if train_data is not None:
-        log.info(
-            "training %s: %d prompts x %d responses, %d steps of %d prompts (%d micro-batches), mesh %s, from step %d",
-            cfg.model.name_or_path, len(train_data), train_data.num_responses, run.total_steps, cfg.train.batch_size,
-            cfg.grad_accum_steps, dict(sharder.mesh.shape), start,
-        )
-    else:
-        source = online.OnlineSource(cfg, online.plan(cfg, run, prompts), out_dir)
-        log.info("training %s: %s; %d steps of %d prompts, mesh %s, from step %d", cfg.model.name_or_path,
-                 online.describe(cfg, source.plan), run.total_steps, cfg.train.batch_size, dict(sharder.mesh.shape),
-                 start)
+    source = online.OnlineSource(cfg, online.plan(cfg, run, prompts, reward), out_dir) if train_data is None else None
+    what = (f"{len(train_data)} prompts x {train_data.num_responses} responses" if source is None
+            else online.describe(cfg, source.plan))
+    log.info("training %s: %s, %d steps of %d prompts (%d micro-batches), mesh %s, from step %d",
+             cfg.model.name_or_path, what, run.total_steps, cfg.train.batch_size, cfg.grad_accum_steps,
+             dict(sharder.mesh.shape), start)
     best = ckpt.best_manager(out_dir, cfg) if cfg.checkpoint.best_metric else None
     savers = Savers(mngr, best, run, writer)
     samples = make_samples(cfg, models, eval_data, out_dir)

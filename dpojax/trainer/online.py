@@ -31,7 +31,7 @@ from dpojax.online.prompts import PromptSet, load_prompts
 from dpojax.online.rewards import Reward, load_reward
 from dpojax.online.sampler import SamplerSetup
 from dpojax.trainer.build import Models, Run
-from dpojax.trainer.step import packing_of
+from dpojax.trainer.step import packing_of, shardings_of
 
 log = logging.getLogger("dpojax")
 
@@ -56,9 +56,22 @@ def online_steps(cfg: Config, n_prompts: int) -> int:
     return cfg.train.steps or cfg.train.epochs * (n_prompts // n)
 
 
-def load_online_prompts(cfg: Config, models: Models) -> PromptSet:
-    return load_prompts(cfg.online.prompts, cfg.online.prompts_split, models.tokenizer,
-                        models.policy_cfg.max_position_embeddings)
+def load_online(cfg: Config, models: Models) -> tuple[PromptSet, Reward]:
+    """The prompt set and the reward (both checked before anything compiles)."""
+    prompts = load_prompts(cfg.online.prompts, cfg.online.prompts_split, models.tokenizer,
+                           models.policy_cfg.max_position_embeddings)
+    return prompts, load_reward(cfg.online.reward)
+
+
+def with_round_reference(run: Run) -> Run:
+    """`run`, with `sync_reference` the copy of the policy into the reference at each round's start when
+    online.reference is previous_round (so checkpoints hold the reference too, as under TR-DPO). Not donated: the
+    initial reference stays valid for whatever else holds it (the samples' reference completions)."""
+    if not (run.cfg.online.enabled and run.cfg.online.reference == "previous_round"):
+        return run
+    copy = jax.jit(lambda p, r: jax.tree.map(lambda x, y: x.astype(y.dtype), p, r),
+                   out_shardings=shardings_of(run.models.ref_params))
+    return dataclasses.replace(run, sync_reference=copy)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +86,7 @@ class OnlinePlan:
     steps_per_round: int  # iterative; 0 for schedule online
 
 
-def plan(cfg: Config, run: Run, prompts: PromptSet) -> OnlinePlan:
+def plan(cfg: Config, run: Run, prompts: PromptSet, reward: Reward) -> OnlinePlan:
     """The sampling shapes (prompt bucket of the longest prompt, max_new_tokens), the batch layout (data.buckets,
     or one bucket: the longest prompt + max_new_tokens within data.max_length; packing as configured)."""
     o, s, models = cfg.online, cfg.online.sampling, run.models
@@ -93,7 +106,7 @@ def plan(cfg: Config, run: Run, prompts: PromptSet) -> OnlinePlan:
     layout = pairs_lib.Layout(tuple(cfg.data.buckets or (longest,)), cfg.data.max_length, cfg.data.truncation_mode,
                               pad, packing)
     spr = online_steps(cfg, len(prompts)) // o.rounds if o.schedule == "iterative" else 0
-    return OnlinePlan(prompts, load_reward(o.reward), sampler, layout, o.samples_per_prompt, spr)
+    return OnlinePlan(prompts, reward, sampler, layout, o.samples_per_prompt, spr)
 
 
 def policy_params(run: Run, leaves: list):
