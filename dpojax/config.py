@@ -25,6 +25,9 @@ from dpojax.errors import ConfigError
 from dpojax.losses import F_DIVERGENCES
 from dpojax.models.attention import IMPLEMENTATIONS
 from dpojax.models.transformer import REMAT_NAMES
+from dpojax.online.checks import validate_online
+
+ONLINE_PAIRS = ("best_vs_worst", "all_pairs", "ranking")  # online.pairs: how scored samples become data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +190,46 @@ class CheckpointSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class OnlineSamplingSection:
+    """How the policy samples its K responses per prompt (dpojax.generate's rules: temperature, then top-k, then
+    top-p). The shapes are fixed for a run: every step samples max_new_tokens tokens for N x K rows."""
+
+    temperature: float = 1.0  # > 0: on-policy sampling needs distinct responses (0 would make K copies)
+    top_k: int = 0  # keep the k most likely tokens (0 = all)
+    top_p: float = 1.0  # nucleus sampling, in (0, 1]
+    max_new_tokens: int = 64  # tokens sampled per response; a response cut here has no EOS
+    stop: tuple[str, ...] = ()  # stop strings: a response ends with the token that completes the first one
+
+
+@dataclasses.dataclass(frozen=True)
+class OnlineSection:
+    """On-policy preference optimization (docs/online.md): the policy samples K responses per prompt, a reward
+    scores them, and the scored samples become the preference batch the step trains on."""
+
+    enabled: bool = False  # sample the training data from the policy instead of reading data.train
+    # online: every optimizer step samples from the current policy; iterative: rounds of (sample a round's prompts,
+    # score, train epochs_per_round epochs on them)
+    schedule: Literal["online", "iterative"] = "online"
+    prompts: str = ""  # prompt set: a file (.jsonl/.json/.parquet/.csv), a saved dataset folder or a hub id
+    prompts_split: str = "train"  # split of a hub data set or saved DatasetDict
+    samples_per_prompt: int = 4  # K >= 2 responses sampled per prompt
+    sampling: OnlineSamplingSection = OnlineSamplingSection()  # temperature, top_k, top_p, max_new_tokens, stop
+    # reward function 'module:function' or 'path/to/file.py:function', called as fn(prompts, completions,
+    # **row_fields) -> list[float] (row_fields: the prompt rows' other columns, one list each)
+    reward: Optional[str] = None
+    reward_model: Optional[str] = None  # a reward model folder (not available yet: use reward)
+    # how a prompt's scored samples become data: best_vs_worst (one pair: highest vs lowest reward), all_pairs
+    # (every pair of different rewards), ranking (the K samples ranked by reward, for a ranking loss); a prompt
+    # whose samples all score the same is dropped and counted
+    pairs: Literal[ONLINE_PAIRS] = "best_vs_worst"
+    seed: int = 0  # sampling seed: step s samples with key (seed, s)
+    rounds: int = 2  # iterative: rounds of sample -> score -> train
+    prompts_per_round: Optional[int] = None  # iterative: prompts sampled per round; default: the whole prompt set
+    epochs_per_round: int = 1  # iterative: epochs over a round's samples
+    reference: Literal["initial", "previous_round"] = "initial"  # iterative: the reference of each round
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """A whole run's configuration, one frozen section per YAML section; build it with `config_from_dict` or
     `load_config` (which validate), never half-filled."""
@@ -200,6 +243,7 @@ class Config:
     mesh: MeshSection = MeshSection()
     checkpoint: CheckpointSection = CheckpointSection()
     distributed: DistributedSection = DistributedSection()
+    online: OnlineSection = OnlineSection()
     output_dir: str = "runs/default"  # run folder (local or gs://): config.yaml, metrics.jsonl, checkpoints/, export/
 
     @property
@@ -391,6 +435,7 @@ def validate(cfg: Config) -> None:
     losses.import_loss_modules(cfg.loss.import_)  # user losses register themselves before their names are checked
     losses.validate_loss_config(cfg.loss)
     _validate_with_losses(cfg)
+    validate_online(cfg)  # dpojax.online.checks
     d = cfg.distributed
     if min(d.initialization_timeout, d.heartbeat_timeout, d.shutdown_timeout) <= 0:
         raise ConfigError("config: 'distributed.*_timeout' values are seconds and must be positive.")

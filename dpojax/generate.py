@@ -328,3 +328,18 @@ class Generator:
             text = self._decode(tokens[:n])
             return Completion(prompt, tokens[:n], text[:self._stop_at(tokens[:n], sampling.stop)], "stop")
         return Completion(prompt, tokens, self._decode(tokens), "eos" if eos else "length")
+
+
+def sample_tokens(graphdef, params, prompt_BxT: jax.Array, start_B: jax.Array, budget_B: jax.Array, key: jax.Array,
+                  sampling: Sampling, eos_ids: Sequence[int], *, pad_id: int, context: int,
+                  longrope_original: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The device part of `Generator` as one pure call on a split model (graphdef + params, sharded as they are):
+    prefill then decode up to sampling.max_new_tokens (stop strings are left to the caller), with fixed shapes.
+    Returns (tokens_BxZ: the left-padded prompts then the new tokens, count_B: tokens generated, eos_B: ended by
+    an EOS token), on the devices."""
+    st = _Static(sampling.temperature == 0, int(pad_id), int(context), longrope_original)
+    eos_tokens = jnp.asarray(tuple(eos_ids) or (-1,), jnp.int32)
+    state = _prefill(graphdef, params, prompt_BxT, start_B, budget_B, key, Knobs.of(sampling), eos_tokens,
+                     slots=prompt_BxT.shape[1] + sampling.max_new_tokens, st=st)
+    state = _decode_loop(graphdef, params, state, jnp.asarray(sampling.max_new_tokens, jnp.int32), st=st)
+    return state.tokens_BxZ, state.count_B, state.eos_B

@@ -99,7 +99,8 @@ def summary_table(rows: Mapping[str, Mapping[str, float]]) -> str:
 
 
 def plot_curves(records: list[dict], out_png: PathLike):
-    """Loss, reward accuracy, margins and chosen/rejected rewards against step, train and eval."""
+    """Loss, reward accuracy, margins and chosen/rejected rewards against step, train and eval (online runs: and
+    the samples' mean reward)."""
     import matplotlib  # heavy; needed only for the curves PNG
 
     matplotlib.use("Agg")
@@ -111,7 +112,9 @@ def plot_curves(records: list[dict], out_png: PathLike):
         ("reward margin", ("rewards/margins",)),
         ("rewards", ("rewards/chosen", "rewards/rejected")),
     )
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    if any("online/reward_mean" in r for r in records):  # online runs: the mean reward of the samples
+        panels += (("mean reward (online samples)", ("online/reward_mean",)),)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6))
     for ax, (title, keys) in zip(axes, panels):
         for split, style in (("train", "-"), ("eval", "o--")):
             recs = [r for r in records if r.get("split") == split]

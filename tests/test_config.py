@@ -150,5 +150,5 @@ def test_shipped_smollm2_set_is_what_its_script_writes(tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     module.make(tmp_path)
-    for name in ("train.jsonl", "eval.jsonl", "eval_prompts.jsonl"):
+    for name in ("train.jsonl", "eval.jsonl", "eval_prompts.jsonl", "train_prompts.jsonl"):
         assert (tmp_path / name).read_bytes() == (REPO / "configs" / "smollm2" / name).read_bytes(), name

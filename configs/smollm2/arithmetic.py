@@ -1,7 +1,7 @@
 """Single-digit arithmetic for SmolLM2-135M-Instruct (configs/smollm2-135m_arithmetic.yaml), a task whose right
 answer is checkable.
 
-    python configs/smollm2/arithmetic.py make              # writes train.jsonl, eval.jsonl, eval_prompts.jsonl here
+    python configs/smollm2/arithmetic.py make              # writes train.jsonl, eval.jsonl, the prompt files here
     python configs/smollm2/arithmetic.py score A.jsonl ... # share of right greedy answers in `dpojax generate` outputs
 
 Every question "What is a + b?" or "What is a - b?" (a, b in 0..9, no negative results: 155 problems) is one
@@ -76,8 +76,9 @@ def make(out_dir: Path = HERE) -> None:
     for name, part in (("train", train), ("eval", held_out)):
         rows = [row(*p, rng) for p in part]
         (out_dir / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    prompts = [{"prompt": [{"role": "user", "content": question(a, op, b)}], "answer": c} for a, op, b, c in held_out]
-    (out_dir / "eval_prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    for name, part in (("eval_prompts", held_out), ("train_prompts", train)):
+        prompts = [{"prompt": [{"role": "user", "content": question(a, op, b)}], "answer": c} for a, op, b, c in part]
+        (out_dir / f"{name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
 
 
 def right(completion: str, answer: int) -> bool:

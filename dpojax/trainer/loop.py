@@ -21,7 +21,7 @@ from dpojax.config import Config, dump_yaml
 from dpojax.data.tokenize import TokenizedData
 from dpojax.errors import ConfigError
 from dpojax.trainer import checkpoint as ckpt
-from dpojax.trainer import prefetch, reference
+from dpojax.trainer import online, prefetch, reference
 from dpojax.trainer import window as W
 from dpojax.trainer.build import (
     Models,
@@ -30,7 +30,9 @@ from dpojax.trainer.build import (
     load_split,
     make_sharder,
     precompute_references,
+    process_kw,
     setup_train,
+    to_device,
     total_steps,
 )
 from dpojax.trainer.evaluation import WRITTEN, config_urls, run_eval
@@ -38,7 +40,7 @@ from dpojax.trainer.export import export_policy
 from dpojax.trainer.hooks import Hook, Hooks, Profile, Savers, make_hooks
 from dpojax.trainer.preemption import Preemption
 from dpojax.trainer.samples import make_samples
-from dpojax.trainer.step import TrainState
+from dpojax.trainer.step import TrainState, batch_sharding
 
 log = logging.getLogger("dpojax")
 
@@ -175,6 +177,49 @@ def run_hooks(due: list[Hook], s: LoopState, state: TrainState, window: W.Metric
     return stop
 
 
+def run_online(run: Run, source: online.OnlineSource, state: TrainState, ref_params, hooks: Hooks,
+               start: int) -> LoopEnd:
+    """Steps start+1 .. total_steps of an online run: each step's rows come from `source` (sampled from the policy
+    the step before left; docs/online.md), are batched as offline batches are and go through the same step. No
+    batch is built ahead (it needs the policy of the step before): the loop waits for each step's params, and
+    reads its metrics at log steps. Iterative runs with reference `previous_round` move the reference to the policy
+    at each round's start (`run.sync_reference`, alpha 1)."""
+    cfg, window, bar = run.cfg, W.MetricWindow(run.cfg), progress(run.total_steps, start)
+    s = LoopState(start, run.train_step.leaves_of(state), ref_params, jax.tree.leaves(ref_params))
+    sharding = batch_sharding(run.sharder)
+    with frozen_heap():
+        while s.step < run.total_steps:
+            step = s.step + 1
+            r = source.starts_round(step)
+            if r and cfg.online.reference == "previous_round":
+                ref = run.sync_reference(online.policy_params(run, s.leaves), s.ref_params)
+                s = dataclasses.replace(s, ref_params=ref, ref_leaves=jax.tree.leaves(ref))
+            host = online.pairs_lib.host_batch(source.rows(run, step, s.leaves), source.plan.layout, **process_kw())
+            ready = prefetch.ReadyBatch(to_device(host, sharding), (host.real_tokens(),),
+                                        (prefetch.model_flops(run, host),))
+            s, out, state = dispatch(run, s, ready, hooks.profile)
+            window.add(step, out, ready.tokens[0], ready.flops[0])
+            bar.update(1)
+            last = step == run.total_steps
+            due = hooks.due(step, last)
+            if last or step % cfg.train.log_every == 0:
+                record = {**window.flush(run.train_step.metrics_def), **source.window.flush()}
+                hooks.writer.write(step, "train", record)
+            elif due:
+                window.read(run.train_step.metrics_def)
+            if not due:
+                continue
+            state = run.train_step.state_of(s.leaves) if state is None else state
+            stop = run_hooks(due, s, state, window)
+            if any(hook.pauses_clock for hook in due):
+                source.window.restart_clock()
+            if stop:
+                bar.close()
+                return LoopEnd(state, s.ref_params, s.step)
+    bar.close()
+    return LoopEnd(run.train_step.state_of(s.leaves), s.ref_params, None)
+
+
 # ------------------------------------------------------------------------------------------------ train
 def _resume_point(mngr, cfg: Config, steps: int) -> tuple[int, int]:
     """(step to resume from, schedule horizon): 0 and `steps` for a new run; refuses a config that would make the
@@ -216,7 +261,7 @@ def _start_files(cfg: Config, out_dir, start: int) -> None:
     """The run folder's config.yaml; the records past the checkpoint resumed from are dropped (they are redone)."""
     paths.makedirs(out_dir)
     paths.write_text(out_dir / "config.yaml", dump_yaml(cfg))
-    for name in ("metrics.jsonl", "samples.jsonl"):
+    for name in ("metrics.jsonl", "samples.jsonl", "online_samples.jsonl"):
         M.truncate_after(out_dir / name, start)
 
 
@@ -229,10 +274,16 @@ def train(cfg: Config) -> dict[str, Any]:
     is_main = jax.process_index() == 0
     sharder = make_sharder(cfg)
     models = build_models(cfg, sharder)
-    models, train_data, eval_data, steps = _data(cfg, models, sharder)
+    if cfg.online.enabled:  # the training data is sampled: a prompt set and a reward instead of data.train
+        (prompts, reward), train_data = online.load_online(cfg, models), None
+        eval_data = load_split(cfg, models, cfg.data.eval, cfg.data.eval_split) if cfg.data.eval else None
+        steps = online.online_steps(cfg, len(prompts))
+    else:
+        models, train_data, eval_data, steps = _data(cfg, models, sharder)
     mngr = ckpt.manager(out_dir, cfg)
     start, horizon = _resume_point(mngr, cfg, steps)
     run, state = setup_train(cfg, models, sharder, steps=steps, horizon=horizon)
+    run = online.with_round_reference(run)  # iterative previous_round: the reference moves (and is checkpointed)
     if start:
         run, state = run.from_checkpoint_tree(ckpt.restore(mngr, start, run.checkpoint_tree(state)), start)
         log.info("resumed from %s at step %d", ckpt.checkpoint_dir(cfg.output_dir), start)
@@ -241,18 +292,22 @@ def train(cfg: Config) -> dict[str, Any]:
     writer = tracking.Trackers(M.MetricsWriter(out_dir / "metrics.jsonl", enabled=is_main), cfg, out_dir, is_main,
                                start=start)
     profiler = tracking.Profiler(cfg, out_dir / "profile", enabled=is_main)
-    log.info(
-        "training %s: %d prompts x %d responses, %d steps of %d prompts (%d micro-batches), mesh %s, from step %d",
-        cfg.model.name_or_path, len(train_data), train_data.num_responses, run.total_steps, cfg.train.batch_size,
-        cfg.grad_accum_steps, dict(sharder.mesh.shape), start,
-    )
+    source = online.OnlineSource(cfg, online.plan(cfg, run, prompts, reward), out_dir) if train_data is None else None
+    what = (f"{len(train_data)} prompts x {train_data.num_responses} responses" if source is None
+            else online.describe(cfg, source.plan))
+    log.info("training %s: %s, %d steps of %d prompts (%d micro-batches), mesh %s, from step %d",
+             cfg.model.name_or_path, what, run.total_steps, cfg.train.batch_size, cfg.grad_accum_steps,
+             dict(sharder.mesh.shape), start)
     best = ckpt.best_manager(out_dir, cfg) if cfg.checkpoint.best_metric else None
     savers = Savers(mngr, best, run, writer)
     samples = make_samples(cfg, models, eval_data, out_dir)
     try:
         with Preemption() as preemption:
             hooks = make_hooks(run, savers, writer, eval_data, samples, preemption, profiler)
-            end = run_loop(run, state, run.models.ref_params, hooks, train_data, start)
+            if train_data is None:
+                end = run_online(run, source, state, run.models.ref_params, hooks, start)
+            else:
+                end = run_loop(run, state, run.models.ref_params, hooks, train_data, start)
         final = {} if end.stopped_at is not None else _final_eval(run, end, savers, writer, eval_data, samples)
     finally:  # an error (e.g. divergence) still completes the saves already under way
         profiler.stop()
