@@ -44,6 +44,16 @@ def test_changes_of_how_it_runs_are_accepted(override):
     assert resume_conflicts(to_dict(_cfg()), _cfg(override)) == []
 
 
+def test_a_key_added_after_the_checkpoint_counts_as_its_default():
+    """A checkpoint written before a config key existed (e.g. the `online` section) still resumes, and a real
+    change is still refused by name."""
+    saved = to_dict(_cfg())
+    del saved["online"]
+    assert resume_conflicts(saved, _cfg()) == []
+    conflicts = resume_conflicts(saved, _cfg("loss.beta=0.2"))
+    assert conflicts == ["loss.beta: 0.1 -> 0.2"], conflicts
+
+
 def test_schedule_keeps_its_first_horizon():
     linear, constant = _cfg("optim.schedule=linear"), _cfg("optim.schedule=constant")
     assert schedule_conflict(linear, horizon=10, total_steps=8) is None  # stop early on the same schedule

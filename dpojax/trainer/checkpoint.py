@@ -116,8 +116,9 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def resume_conflicts(saved: dict, cfg: Config) -> list[str]:
-    """Config keys that changed since the checkpoint in a way that would make the resumed run a different run."""
-    before, after = _flat(saved), _flat(to_dict(cfg))
+    """Config keys that changed since the checkpoint in a way that would make the resumed run a different run.
+    A key the checkpoint's config lacks (added to dpojax after it was written) counts as its default value."""
+    before, after = {**_flat(to_dict(Config())), **_flat(saved)}, _flat(to_dict(cfg))
     changed = [key for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key)]
     return [f"{key}: {before.get(key)!r} -> {after.get(key)!r}" for key in changed
             if not any(key == free or (free.endswith(".") and key.startswith(free)) for free in RESUME_FREE)]
