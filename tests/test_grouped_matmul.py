@@ -74,6 +74,14 @@ def test_blocks_in_bf16_equal_ragged_dot():
     assert experts.grouped_matmul(lhs, rhs, sizes, kernel="blocks").dtype == jnp.bfloat16
 
 
+def test_few_rows_over_many_experts_use_one_row_blocks():
+    lhs, rhs, _, _ = _operands()
+    sizes = (1, 0, 2, 0, 0, 0)  # decoding: fewer rows than experts
+    assert experts.block_rows(4, len(sizes)) == 1
+    out = experts.grouped_matmul(lhs[:4], rhs, jnp.array(sizes, jnp.int32), kernel="blocks")
+    np.testing.assert_allclose(out, _dense_reference(lhs[:4], rhs, sizes), atol=1e-4, rtol=0)
+
+
 def test_block_layout_bounds_the_padded_rows():
     sizes = jnp.array([1, 1, 1, 1, 0], jnp.int32)  # every group one row: each its own block, the worst case
     layout = experts.block_layout(sizes, rows=4, block=8)

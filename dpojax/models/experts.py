@@ -121,10 +121,11 @@ def grouped_kernel(backend: str | None = None, xla_flags: str | None = None) -> 
 
 
 def block_rows(rows: int, num_experts: int, block: int = BLOCK_ROWS) -> int:
-    """Rows of a block for `rows` sorted rows over `num_experts` groups: `block`, or less (a power of two, at
-    least 8) when the groups are small, so that padding each group to whole blocks stays cheap."""
+    """Rows of a block for `rows` sorted rows over `num_experts` groups: `block`, or less when the groups are
+    small (the power of two at or above the mean group size: decoding a few tokens over many experts), so that
+    padding each group to whole blocks stays cheap."""
     per_group = -(-rows // num_experts)
-    return min(block, max(8, 1 << max(per_group - 1, 0).bit_length()))
+    return min(block, 1 << max(per_group - 1, 0).bit_length())
 
 
 class BlockLayout(NamedTuple):
