@@ -155,9 +155,9 @@ def block_layout(group_sizes_X: jax.Array, rows: int, block: int) -> BlockLayout
 def block_matmul(lhs: jax.Array, rhs: jax.Array, block_experts: jax.Array, block: int, out_dtype) -> jax.Array:
     """lhs [blocks * block, d_in] (rows in blocks of one expert each) -> [blocks * block, d_out] in `out_dtype`:
     each block times its expert's rhs [X, d_in, d_out], accumulated in fp32. A scan over the blocks indexes rhs by
-    the block's expert: only the blocks' work is done and no per-block copy of the weights is kept. Gradients: the
-    same scan (d lhs of a block = g @ rhs[e]^T; d rhs[e] = the sum over e's blocks of lhs_block^T @ g_block,
-    accumulated in place in fp32)."""
+    the block's expert: only the blocks' work is done, and the weights are read in place (no [blocks, d_in, d_out]
+    gather of them; XLA:CPU slices one expert's matrix per step). Gradients: the same scan (d lhs of a block =
+    g @ rhs[e]^T; d rhs[e] = the sum over e's blocks of lhs_block^T @ g_block, accumulated in place in fp32)."""
     d_in = lhs.shape[1]
 
     def body(carry, xs):
@@ -178,7 +178,7 @@ def _block_matmul_bwd(block, out_dtype, res, g):
 
     def body(drhs, xs):
         x_b, g_b, e = xs
-        g_b = g_b.astype(lhs.dtype)  # the forward's output was cast from lhs.dtype's products: exact
+        g_b = g_b.astype(lhs.dtype)  # exact where the caller rounds the output to lhs.dtype (expert_ffn does)
         dx_b = jax.lax.dot_general(g_b, rhs[e], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         dw_e = jax.lax.dot_general(x_b, g_b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
         drhs = jax.lax.dynamic_update_index_in_dim(drhs, jax.lax.dynamic_index_in_dim(drhs, e, 0, False) + dw_e,
