@@ -5,12 +5,14 @@ assignments (BTY). `route` scores the experts and picks each row's top-Y with it
 runs every assignment through its expert's gated MLP and sums each row's Y outputs with those weights.
 
 Dropless grouped matmul: the BTY assignments are sorted by expert id, so that each expert's rows are contiguous;
-`jax.lax.ragged_dot(lhs [BTY, D], rhs [X, D, F], group_sizes [X])` then multiplies each group of rows by its own
-expert's matrix in one call (gate and up projections, then the down projection), and the outputs are unsorted
-back to assignment order. Every assignment is computed (no capacity, no dropped tokens) and no dense
-[tokens, experts, D] dispatch tensor is ever built: the work is the active experts' work, BTY * D * F per matrix.
-`ragged_dot` is differentiable (its transpose is again a ragged_dot for the input and a grouped x^T @ g for the
-weights), so training needs no custom gradient.
+a grouped matmul then multiplies each group of rows by its own expert's matrix (gate and up projections, then the
+down projection), and the outputs are unsorted back to assignment order. Every assignment is computed (no capacity,
+no dropped tokens) and no dense [tokens, experts, D] dispatch tensor is ever built: the work is the active
+experts' work, BTY * D * F per matrix. The kernel is chosen per backend in one place, `grouped_kernel`:
+`jax.lax.ragged_dot` on TPU (a native grouped matmul) and on GPU with XLA's ragged-dot fusion flag (cuDNN); the
+`blocks` kernel elsewhere (`block_matmul`: each expert's group padded to whole row blocks, a scan over the blocks,
+a custom VJP), because XLA lowers a ragged dot on CPU, and on GPU without the flag, to a masked dense product over
+all X experts. Both give the same values and gradients (tests/test_grouped_matmul.py).
 
 Glossary: `dpojax.glossary` (X experts of a layer, Y experts per token, F an expert's hidden width).
 """
@@ -18,6 +20,7 @@ Glossary: `dpojax.glossary` (X experts of a layer, Y experts per token, F an exp
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -106,34 +109,172 @@ def route(x_BTxD: jax.Array, kernel_DxX: jax.Array, bias_X: jax.Array | None, *,
     return Routing(weights_BTxY, experts_BTxY.astype(jnp.int32), probs_BTxX, logits_BTxX)
 
 
-def _grouped(x_BTYxD: jax.Array, w_XxDxF: jax.Array, group_sizes_X: jax.Array, dtype) -> jax.Array:
-    """Each row times its expert's matrix (rows sorted by expert), accumulated in fp32, returned in `dtype`."""
-    out = jax.lax.ragged_dot(x_BTYxD, w_XxDxF.astype(dtype), group_sizes_X, preferred_element_type=jnp.float32)
-    return checkpoint_name(out.astype(dtype), DENSE_OUTPUT)  # the `dots` remat policies save it like a Dense
+# ---- the grouped matmul ---------------------------------------------------------------------------------------
+GROUPED_KERNELS = ("ragged_dot", "blocks")
+RAGGED_DOT_FUSION_FLAG = "--xla_gpu_experimental_use_ragged_dot_fusion=true"
+BLOCK_ROWS = 128  # rows of a block of the `blocks` kernel (benchmarks/RESULTS.md, "MoE grouped matmul")
+
+
+def grouped_kernel(backend: str | None = None, xla_flags: str | None = None) -> str:
+    """The grouped matmul of `backend` (default: jax.default_backend()), decided here only: "ragged_dot" on TPU
+    (a native grouped matmul) and on GPU when XLA_FLAGS (default: the environment's) holds
+    RAGGED_DOT_FUSION_FLAG (cuDNN's grouped matmul); "blocks" elsewhere, where XLA expands a ragged dot into a
+    masked dense product over all X experts (CPU always, GPU without the flag)."""
+    backend = backend or jax.default_backend()
+    if backend == "tpu":
+        return "ragged_dot"
+    flags = os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags
+    if backend in ("gpu", "cuda", "rocm") and RAGGED_DOT_FUSION_FLAG in flags.split():
+        return "ragged_dot"
+    return "blocks"
+
+
+def block_rows(rows: int, num_experts: int, block: int = BLOCK_ROWS) -> int:
+    """Rows of a block for `rows` sorted rows over `num_experts` groups: `block`, or less when the groups are
+    small (the power of two at or above the mean group size: decoding a few tokens over many experts), so that
+    padding each group to whole blocks stays cheap."""
+    per_group = -(-rows // num_experts)
+    return min(block, 1 << max(per_group - 1, 0).bit_length())
+
+
+class BlockLayout(NamedTuple):
+    """Rows sorted by expert, each expert's group padded to whole blocks of `block` rows: `shift_X` (a sorted
+    row i of expert e sits at padded row i + shift_X[e]), `block_experts` (the expert of each block, [rows // block];
+    blocks past the last group belong to expert X - 1 and hold only zero rows) and `rows` (padded rows, static:
+    sum over experts of ceil(n_e / block) <= (BTY + X * (block - 1)) // block blocks)."""
+
+    shift_X: jax.Array
+    block_experts: jax.Array
+    rows: int
+    block: int
+
+
+def block_layout(group_sizes_X: jax.Array, rows: int, block: int) -> BlockLayout:
+    """The BlockLayout of `rows` sorted rows in groups of `group_sizes_X` rows (sum <= rows)."""
+    X = group_sizes_X.shape[0]
+    blocks_X = (group_sizes_X + block - 1) // block
+    ends_X = jnp.cumsum(blocks_X)
+    shift_X = (ends_X - blocks_X) * block - (jnp.cumsum(group_sizes_X) - group_sizes_X)
+    num_blocks = (rows + X * (block - 1)) // block
+    block_experts = jnp.minimum(jnp.searchsorted(ends_X, jnp.arange(num_blocks), side="right"), X - 1)
+    return BlockLayout(shift_X.astype(jnp.int32), block_experts.astype(jnp.int32), num_blocks * block, block)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def block_matmul(lhs: jax.Array, rhs: jax.Array, block_experts: jax.Array, block: int, out_dtype) -> jax.Array:
+    """lhs [blocks * block, d_in] (rows in blocks of one expert each) -> [blocks * block, d_out] in `out_dtype`:
+    each block times its expert's rhs [X, d_in, d_out], accumulated in fp32. A scan over the blocks indexes rhs by
+    the block's expert: only the blocks' work is done, and the weights are read in place (no [blocks, d_in, d_out]
+    gather of them; XLA:CPU slices one expert's matrix per step). Gradients: the same scan (d lhs of a block =
+    g @ rhs[e]^T; d rhs[e] = the sum over e's blocks of lhs_block^T @ g_block, accumulated in place in fp32)."""
+    d_in = lhs.shape[1]
+
+    def body(carry, xs):
+        x_b, e = xs
+        return carry, jnp.dot(x_b, rhs[e], preferred_element_type=jnp.float32).astype(out_dtype)
+
+    _, out = jax.lax.scan(body, None, (lhs.reshape(-1, block, d_in), block_experts))
+    return out.reshape(lhs.shape[0], -1)
+
+
+def _block_matmul_fwd(lhs, rhs, block_experts, block, out_dtype):
+    return block_matmul(lhs, rhs, block_experts, block, out_dtype), (lhs, rhs, block_experts)
+
+
+def _block_matmul_bwd(block, out_dtype, res, g):
+    lhs, rhs, block_experts = res
+    d_in = lhs.shape[1]
+
+    def body(drhs, xs):
+        x_b, g_b, e = xs
+        g_b = g_b.astype(lhs.dtype)  # exact where the caller rounds the output to lhs.dtype (expert_ffn does)
+        dx_b = jax.lax.dot_general(g_b, rhs[e], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        dw_e = jax.lax.dot_general(x_b, g_b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        drhs = jax.lax.dynamic_update_index_in_dim(drhs, jax.lax.dynamic_index_in_dim(drhs, e, 0, False) + dw_e,
+                                                   e, 0)
+        return drhs, dx_b.astype(lhs.dtype)
+
+    drhs, dlhs = jax.lax.scan(body, jnp.zeros(rhs.shape, jnp.float32),
+                              (lhs.reshape(-1, block, d_in), g.reshape(-1, block, g.shape[1]), block_experts))
+    return dlhs.reshape(lhs.shape), drhs.astype(rhs.dtype), None
+
+
+block_matmul.defvjp(_block_matmul_fwd, _block_matmul_bwd)
+
+
+def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes_X: jax.Array, *, preferred_element_type=None,
+                   kernel: str | None = None, block: int = BLOCK_ROWS) -> jax.Array:
+    """`jax.lax.ragged_dot`'s result: lhs [rows, d_in] sorted by group, rhs [X, d_in, d_out], group_sizes_X
+    (sum <= rows; rows past the groups give zeros) -> [rows, d_out] in `preferred_element_type` (default
+    lhs.dtype), by `kernel` (default: `grouped_kernel()`). "blocks" pads each group to whole blocks
+    (`block_layout`), runs `block_matmul` and takes the rows back."""
+    out_dtype = preferred_element_type or lhs.dtype
+    kernel = kernel or grouped_kernel()
+    if kernel == "ragged_dot":
+        return jax.lax.ragged_dot(lhs, rhs, group_sizes_X, preferred_element_type=out_dtype)
+    if kernel != "blocks":
+        raise ValueError(f"unknown grouped matmul kernel {kernel!r}; known: {', '.join(GROUPED_KERNELS)}")
+    rows, X = lhs.shape[0], rhs.shape[0]
+    layout = block_layout(group_sizes_X, rows, block_rows(rows, X, block))
+    row_experts = jnp.searchsorted(jnp.cumsum(group_sizes_X), jnp.arange(rows), side="right")
+    padded_row = jnp.where(row_experts < X, jnp.arange(rows) + layout.shift_X[jnp.minimum(row_experts, X - 1)],
+                           layout.rows)  # rows past the groups: out of range, dropped
+    padded = jnp.zeros((layout.rows, lhs.shape[1]), lhs.dtype).at[padded_row].set(lhs, mode="drop")
+    out = block_matmul(padded, rhs, layout.block_experts, layout.block, out_dtype)
+    return jnp.take(out, padded_row, axis=0, mode="fill", fill_value=0)
+
+
+# ---- the experts' MLP ------------------------------------------------------------------------------------------
+class _Sorted(NamedTuple):
+    """The BTY assignments laid out by expert: `source` (the token row of each layout row; out of range on
+    padding rows, which read zeros), `slot_rows_BTY` (the layout row of each assignment slot), `row_experts`
+    (the expert of each layout row) and `matmul(h, w_XxAxB)` (the grouped matmul on that layout, in fp32)."""
+
+    source: jax.Array
+    slot_rows_BTY: jax.Array
+    row_experts: jax.Array
+    matmul: Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def _sort_by_expert(experts_BTY: jax.Array, X: int, Y: int, kernel: str) -> _Sorted:
+    """Sort the assignments by expert id (stable). "ragged_dot": the sorted rows as they are; "blocks": each
+    expert's rows padded to whole blocks (`block_layout`), in the same two gathers (token rows in, slots out)."""
+    BTY = experts_BTY.shape[0]
+    order_BTY = jnp.argsort(experts_BTY, stable=True)  # assignment slots sorted by expert id
+    sorted_experts_BTY = experts_BTY[order_BTY]
+    group_sizes_X = jnp.bincount(experts_BTY, length=X).astype(jnp.int32)
+    if kernel == "ragged_dot":
+        inverse_BTY = jnp.zeros_like(order_BTY).at[order_BTY].set(jnp.arange(BTY, dtype=order_BTY.dtype))
+        return _Sorted(order_BTY // Y, inverse_BTY, sorted_experts_BTY, lambda h, w: jax.lax.ragged_dot(
+            h, w, group_sizes_X, preferred_element_type=jnp.float32))
+    layout = block_layout(group_sizes_X, BTY, block_rows(BTY, X))
+    padded_BTY = jnp.arange(BTY, dtype=jnp.int32) + layout.shift_X[sorted_experts_BTY]  # padded row of sorted row
+    source = jnp.full((layout.rows,), BTY // Y, jnp.int32).at[padded_BTY].set((order_BTY // Y).astype(jnp.int32))
+    slot_rows_BTY = jnp.zeros((BTY,), jnp.int32).at[order_BTY].set(padded_BTY)
+    return _Sorted(source, slot_rows_BTY, jnp.repeat(layout.block_experts, layout.block),
+                   lambda h, w: block_matmul(h, w, layout.block_experts, layout.block, jnp.float32))
 
 
 def expert_ffn(x_BTxD: jax.Array, routing: Routing, w: ExpertWeights, *, activation: str, dtype) -> jax.Array:
     """sum over each row's Y experts of weight * down(act(gate(x)) * up(x)), dropless (module docstring):
-    -> y [BT, D] in `dtype`."""
+    -> y [BT, D] in `dtype`. The grouped matmul is `grouped_kernel()`'s."""
     BT, D = x_BTxD.shape
     X, Y = w.gate_XxDxF.shape[0], routing.experts_BTxY.shape[1]
-    experts_BTY = routing.experts_BTxY.reshape(BT * Y)
-    order_BTY = jnp.argsort(experts_BTY, stable=True)  # assignment slots sorted by expert id
-    sorted_experts_BTY = experts_BTY[order_BTY]
-    group_sizes_X = jnp.bincount(experts_BTY, length=X).astype(jnp.int32)
-    x_BTYxD = x_BTxD.astype(dtype)[order_BTY // Y]  # slot s belongs to row s // Y
-    gate_BTYxF = _grouped(x_BTYxD, w.gate_XxDxF, group_sizes_X, dtype)
-    up_BTYxF = _grouped(x_BTYxD, w.up_XxDxF, group_sizes_X, dtype)
+    s = _sort_by_expert(routing.experts_BTxY.reshape(BT * Y), X, Y, grouped_kernel())
+
+    def grouped(h, w_XxAxB):  # accumulated in fp32, returned in `dtype`, named like a Dense output for remat
+        return checkpoint_name(s.matmul(h, w_XxAxB.astype(dtype)).astype(dtype), DENSE_OUTPUT)
+
+    x_sorted = jnp.take(x_BTxD.astype(dtype), s.source, axis=0, mode="fill", fill_value=0)
+    gate, up = grouped(x_sorted, w.gate_XxDxF), grouped(x_sorted, w.up_XxDxF)
     if w.gate_XxF is not None:
-        gate_BTYxF = gate_BTYxF + w.gate_XxF.astype(dtype)[sorted_experts_BTY]
+        gate = gate + w.gate_XxF.astype(dtype)[s.row_experts]
     if w.up_XxF is not None:
-        up_BTYxF = up_BTYxF + w.up_XxF.astype(dtype)[sorted_experts_BTY]
-    h_BTYxF = GATED_ACTIVATIONS[activation](gate_BTYxF, up_BTYxF)
-    y_BTYxD = _grouped(h_BTYxF, w.down_XxFxD, group_sizes_X, dtype)
+        up = up + w.up_XxF.astype(dtype)[s.row_experts]
+    y_sorted = grouped(GATED_ACTIVATIONS[activation](gate, up), w.down_XxFxD)
     if w.down_XxD is not None:
-        y_BTYxD = y_BTYxD + w.down_XxD.astype(dtype)[sorted_experts_BTY]
-    inverse_BTY = jnp.zeros_like(order_BTY).at[order_BTY].set(jnp.arange(BT * Y, dtype=order_BTY.dtype))
-    y_BTxYxD = y_BTYxD[inverse_BTY].reshape(BT, Y, D)  # back to assignment order
+        y_sorted = y_sorted + w.down_XxD.astype(dtype)[s.row_experts]
+    y_BTxYxD = y_sorted[s.slot_rows_BTY].reshape(BT, Y, D)  # back to assignment order
     combined_BTxD = jnp.einsum("tyd,ty->td", y_BTxYxD.astype(jnp.float32), routing.weights_BTxY)
     return combined_BTxD.astype(dtype)
 
