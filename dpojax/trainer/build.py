@@ -254,7 +254,8 @@ def precompute_references(cfg: Config, models: Models, sharder: Sharder, dataset
     or `models` as they were when nothing is precomputed."""
     if not _precomputes(cfg, models):
         return models
-    spec = make_spec(cfg, models.policy_graphdef, models.ref_graphdef, sharder, total_steps=1, kernels=models.kernels)
+    spec = make_spec(cfg, models.policy_graphdef, models.ref_graphdef, sharder, total_steps=1, kernels=models.kernels,
+                     policy_cfg=models.policy_cfg)
     forward = compile_reference(spec, models.ref_graphdef, models.ref_params, sharder)
     bs = cfg.train.eval_batch_size or cfg.train.batch_size
     sharding = batch_sharding(sharder)
@@ -347,7 +348,8 @@ def step_spec(cfg: Config, models: Models, sharder: Sharder, *, horizon: int) ->
     batch checked against the data-parallel devices: what `train`, `eval` and `dpojax compile` step with."""
     check_batch(cfg, sharder)
     return make_spec(cfg, models.policy_graphdef, models.ref_graphdef, sharder, total_steps=horizon,
-                     precomputed_ref=models.ref_tables is not None, kernels=models.kernels)
+                     precomputed_ref=models.ref_tables is not None, kernels=models.kernels,
+                     policy_cfg=models.policy_cfg)
 
 
 def check_sharded(models: Models, sharder: Sharder) -> None:

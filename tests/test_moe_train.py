@@ -1,0 +1,120 @@
+"""Training mixture-of-experts models: the router auxiliary loss against transformers' `load_balancing_loss_func`,
+its config key, and expert load metrics."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dpojax.errors import ConfigError
+from dpojax.losses import router
+
+
+def _stats(logits_LxBTxX: np.ndarray, top_k: int, weights_BT: np.ndarray):
+    """RouterStats sums (counts, probs, tokens per layer) of router logits, as the decoder's MoE layers make them."""
+    probs = jax.nn.softmax(jnp.asarray(logits_LxBTxX), axis=-1)
+    _, chosen = jax.lax.top_k(probs, top_k)
+    picks = jax.nn.one_hot(chosen, logits_LxBTxX.shape[-1]).sum(axis=-2)
+    w = jnp.asarray(weights_BT, jnp.float32)
+    counts_LxX = jnp.einsum("lnx,n->lx", picks, w)
+    probs_LxX = jnp.einsum("lnx,n->lx", probs, w)
+    tokens_L = jnp.broadcast_to(jnp.sum(w), (logits_LxBTxX.shape[0],))
+    return counts_LxX, probs_LxX, tokens_L
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_aux_loss_matches_transformers(family, masked):
+    import importlib
+
+    import torch
+
+    hf = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    gen = np.random.default_rng(0)
+    layers, b, t, x, k = 3, 4, 7, 8, 2
+    logits = gen.standard_normal((layers, b * t, x)).astype(np.float32) * 2.0
+    mask = (gen.random((b, t)) > 0.3).astype(np.int64) if masked else np.ones((b, t), np.int64)
+    theirs = hf.load_balancing_loss_func(tuple(torch.from_numpy(g) for g in logits), x, k,
+                                         torch.from_numpy(mask) if masked else None)
+    ours = router.load_balancing_loss(*_stats(logits, k, mask.reshape(-1)))
+    np.testing.assert_allclose(float(ours), float(theirs), rtol=1e-6)
+    assert abs(float(ours) - k) > 1e-3  # random logits are not balanced: the comparison has teeth
+
+
+def test_weighted_token_equals_repeated_tokens():
+    """A shared prompt computed once for K responses, its tokens weighted K, gives the unpacked batch's aux loss."""
+    gen = np.random.default_rng(1)
+    prompt, responses = gen.standard_normal((2, 5, 8)), gen.standard_normal((2, 3, 6, 8))  # [L, tokens, X]
+    unpacked = np.concatenate([prompt, responses[:, 0], prompt, responses[:, 1], prompt, responses[:, 2]], axis=1)
+    packed = np.concatenate([prompt, responses.reshape(2, 18, 8)], axis=1)
+    weights = np.concatenate([np.full(5, 3.0), np.ones(18)])
+    a = router.load_balancing_loss(*_stats(unpacked.astype(np.float32), 2, np.ones(unpacked.shape[1])))
+    b = router.load_balancing_loss(*_stats(packed.astype(np.float32), 2, weights))
+    np.testing.assert_allclose(float(b), float(a), rtol=1e-6)
+
+
+def test_no_tokens_gives_zero():
+    z = jnp.zeros((2, 4))
+    assert float(router.load_balancing_loss(z, z, jnp.zeros(2))) == 0.0
+
+
+def test_resolve_aux_coef_follows_trl():
+    assert router.resolve_aux_coef(None, num_experts=8, model_coef=0.001, model="m") == 0.001
+    assert router.resolve_aux_coef(0.5, num_experts=8, model_coef=0.001, model="m") == 0.5
+    assert router.resolve_aux_coef(0.0, num_experts=8, model_coef=0.001, model="m") == 0.0
+    assert router.resolve_aux_coef(None, num_experts=0, model_coef=0.0, model="m") == 0.0
+    assert router.resolve_aux_coef(0.0, num_experts=0, model_coef=0.0, model="m") == 0.0
+    with pytest.raises(ConfigError, match="router_aux_loss_coef.*not a mixture-of-experts"):
+        router.resolve_aux_coef(0.01, num_experts=0, model_coef=0.0, model="m")
+
+
+def test_load_metrics():
+    counts = jnp.array([[4.0, 4.0, 4.0, 4.0], [10.0, 2.0, 4.0, 0.0]])
+    out = {k: float(v) for k, (v, _) in router.load_metrics(counts).items()}
+    assert out["moe/load_max_over_mean"] == pytest.approx((1.0 + 2.5) / 2)
+    assert out["moe/load_max_over_mean_worst"] == pytest.approx(2.5)
+    assert out["moe/load_min_over_mean_worst"] == 0.0
+    finished = router.finish_load_metrics({"loss": (1.0, 1.0), router.EXPERT_TOKENS: (counts, 0.0)})
+    assert set(finished) == {"loss", *router.LOAD_METRICS}
+
+
+ROWS = [
+    {"prompt": "the sky is", "responses": [" blue.", " red cat.", " no."]},
+    {"prompt": "what color is the sea when the sun is hot and the dog is", "responses": [" blue.", " green sea."]},
+    {"prompt": "a", "responses": [" one two three four five six seven eight nine ten.", " b."]},
+    {"prompt": "sun", "responses": [" hot.", " hot."]},  # identical responses: laid out once, weighted twice
+    {"prompt": "the dog and the cat", "responses": [" run.", " sleep and run and sleep and run.", " eat."]},
+]
+
+
+@pytest.mark.parametrize("truncation_mode", ["keep_start", "keep_end"])
+@pytest.mark.parametrize("mode", ["shared_prompt", "padding_free"])
+def test_packed_token_weights_count_unpacked_sequences(tmp_path, mode, truncation_mode):
+    """Any per-token quantity of (token, position) summed over packed tokens with their weights equals its sum over
+    the [N, K, T] batch's real tokens (the router statistics' case): shared prompts count once per response,
+    aliased responses twice, filler prompts and padding not at all; groups split over rows included."""
+    from tiny_tokenizer import load_tiny_tokenizer, make_tokenizer
+
+    from dpojax.data import collate, tokenize_rows
+    from dpojax.data.packing import Packing, pack
+    from dpojax.trainer.step import token_weights
+
+    tok = load_tiny_tokenizer(make_tokenizer(tmp_path / "tok"))
+    data = tokenize_rows(ROWS, tok, max_length=16)
+    idx = np.arange(len(data))
+    prompt_mask = np.ones(len(idx), np.float32)
+    prompt_mask[-1] = 0.0  # a filler
+    unpacked = collate(data, idx, length=16, max_length=16, truncation_mode=truncation_mode, prompt_mask=prompt_mask)
+    packed = pack(data, idx, prompt_mask, Packing(mode), max_length=16, truncation_mode=truncation_mode)
+    table = np.random.default_rng(0).standard_normal((int(data.lengths_MxK.max()) + 64, 512))
+
+    def weighted_sum(ids, positions, weights):
+        return float(np.sum(np.asarray(weights) * table[np.asarray(positions), np.asarray(ids)]))
+
+    want = weighted_sum(unpacked.input_ids_NxKxT.reshape(-1, 16), unpacked.positions_NxKxT.reshape(-1, 16),
+                        token_weights(unpacked))
+    got = weighted_sum(packed.input_ids_PxJ, packed.positions_PxJ, token_weights(packed))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert np.max(packed.token_weight_PxJ) >= 2  # something was shared or aliased
