@@ -30,6 +30,8 @@ Model
   R   query heads per key/value head (H / G)
   Dh  width of one head (two letters, one meaning)
   Dr  rotary width of one head (Dr <= Dh; partial rotary rotates the first Dr)
+  X   experts of an MoE layer
+  Y   experts each token is routed to (top-k)
 
 Attention and the log-prob head
   S   query positions of one attention block
@@ -63,6 +65,8 @@ LETTERS: dict[str, str] = {
     "R": "query heads per key/value head",
     "Dh": "head width",
     "Dr": "rotary width",
+    "X": "experts of an MoE layer",
+    "Y": "experts each token is routed to (top-k)",
     "S": "query positions of an attention block",
     "E": "key positions of an attention block",
     "C": "log-prob chunk length",

@@ -46,6 +46,8 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("layers", None),
     ("norm", None),
     ("lora_rank", None),
+    ("expert", None),  # experts of an MoE layer (X)
+    ("router", None),  # the router's expert scores: never sharded
 )
 
 
