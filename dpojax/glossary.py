@@ -74,6 +74,4 @@ LETTERS: dict[str, str] = {
     "W": "vocabulary tile width",
     "Tp": "T padded to the splash block",
     "Z": "KV cache slots",
-    "X": "experts of an MoE layer",
-    "Y": "experts each token is routed to (top-k)",
 }
