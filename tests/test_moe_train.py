@@ -118,3 +118,89 @@ def test_packed_token_weights_count_unpacked_sequences(tmp_path, mode, truncatio
     got = weighted_sum(packed.input_ids_PxJ, packed.positions_PxJ, token_weights(packed))
     np.testing.assert_allclose(got, want, rtol=1e-6)
     assert np.max(packed.token_weight_PxJ) >= 2  # something was shared or aliased
+
+
+# ---- end to end against TRL 1.16: DPOTrainer with the router aux loss on -------------------------------------------
+COEF = 0.5  # large enough that the aux loss moves the numbers past the tolerance (the checkpoints say 0.01)
+
+
+@pytest.fixture(scope="module")
+def moe_assets(tmp_path_factory):
+    from trl_harness import make_assets
+
+    cache: dict = {}
+
+    def get(family: str):
+        if family not in cache:
+            cache[family] = make_assets(tmp_path_factory.mktemp(family), family=family)
+        return cache[family]
+
+    return get
+
+
+def _close(ours: float, theirs: float, rel: float = 1e-4, abs_: float = 1e-5) -> bool:
+    return abs(ours - theirs) <= rel * abs(theirs) + abs_
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_eval_matches_trl_with_aux_loss(moe_assets, tmp_path, family):
+    """`dpojax eval` equals DPOTrainer.evaluate() with output_router_logits and router_aux_loss_coef > 0: the loss
+    (which includes coef x aux_loss), aux_loss itself and TRL's reward metrics."""
+    from trl_harness import TRL_METRICS, dpojax_overrides, trl_trainer
+
+    from dpojax.config import config_from_dict
+    from dpojax.trainer.evaluation import evaluate
+
+    assets = moe_assets(family)
+    data = assets["standard"]
+    cfg = config_from_dict(dpojax_overrides(assets, data, tmp_path / "ours", train__eval_batch_size=16,
+                                            loss__router_aux_loss_coef=COEF))
+    ours = evaluate(cfg)
+    theirs = trl_trainer(assets, data, tmp_path / "trl", per_device_eval_batch_size=16,
+                         router_aux_loss_coef=COEF).evaluate()
+    for name in (*TRL_METRICS, "aux_loss"):
+        assert _close(ours[name], theirs[f"eval_{name}"]), (family, name, ours[name], theirs[f"eval_{name}"])
+    assert COEF * ours["aux_loss"] > 1e-2  # the aux loss is a visible part of the loss
+    assert 1.0 <= ours["moe/load_max_over_mean"] <= 8.0
+
+
+def _eight_rows(assets, tmp_path):
+    rows = assets["standard"].read_text().splitlines()[:8]
+    data = tmp_path / "eight.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    return data
+
+
+def _our_train(assets, data, out, steps: int, **extra) -> list[dict]:
+    from trl_harness import dpojax_overrides
+
+    from dpojax.config import config_from_dict
+    from dpojax.metrics import read_metrics
+    from dpojax.trainer.loop import train
+
+    cfg = config_from_dict(dpojax_overrides(
+        assets, data, out, train__batch_size=8, train__steps=steps, train__log_every=1, data__eval=None,
+        optim__name="sgd", optim__lr=0.5, optim__schedule="constant", optim__max_grad_norm=None, **extra))
+    train(cfg)
+    return [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"]
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_training_matches_trl_with_aux_loss(moe_assets, tmp_path, family):
+    """5 SGD steps: per-step loss and aux_loss equal DPOTrainer's (one batch of 8 pairs per step)."""
+    from trl_harness import trl_trainer
+
+    assets = moe_assets(family)
+    data = _eight_rows(assets, tmp_path)
+    ours = _our_train(assets, data, tmp_path / "ours", 5, loss__router_aux_loss_coef=COEF)
+    trainer = trl_trainer(assets, data, tmp_path / "trl", per_device_train_batch_size=8, max_steps=5,
+                          learning_rate=0.5, lr_scheduler_type="constant", optim="sgd", weight_decay=0.0,
+                          max_grad_norm=1e9, logging_steps=1, warmup_steps=0, router_aux_loss_coef=COEF)
+    trainer.train()
+    theirs = [h for h in trainer.state.log_history if "loss" in h][:5]
+    assert len(ours) == len(theirs) == 5
+    for name in ("loss", "aux_loss"):
+        np.testing.assert_allclose([r[name] for r in ours], [h[name] for h in theirs], rtol=1e-4, atol=1e-6,
+                                   err_msg=name)
+    assert abs(ours[-1]["loss"] - ours[0]["loss"]) > 1e-3  # training moved the loss
+    assert all(1.0 <= r["moe/load_max_over_mean"] <= r["moe/load_max_over_mean_worst"] <= 8.0 for r in ours)

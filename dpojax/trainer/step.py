@@ -130,9 +130,9 @@ def make_spec(cfg: Config, policy_graphdef, ref_graphdef, sharder: Sharder | Non
     learning-rate schedule's horizon; `kernels`: what the models were built with, default `run_kernels(cfg)`;
     `policy_cfg`: the policy's ModelConfig, which says whether it is a mixture of experts (None: dense))."""
     losses.validate_loss_config(cfg.loss)
-    num_experts = getattr(policy_cfg, "num_experts", 0) or 0
-    coef = router.resolve_aux_coef(cfg.loss.router_aux_loss_coef, num_experts=num_experts,
-                                   model_coef=getattr(policy_cfg, "router_aux_loss_coef", 0.0) or 0.0,
+    moe = policy_cfg is not None and policy_cfg.is_moe
+    coef = router.resolve_aux_coef(cfg.loss.router_aux_loss_coef, num_experts=policy_cfg.num_experts if moe else 0,
+                                   model_coef=policy_cfg.router_aux_loss_coef if moe else 0.0,
                                    model=cfg.model.name_or_path)
     optimizer, schedule = make_optimizer(cfg.optim, max(total_steps, 1))
     kernels = kernels or run_kernels(cfg)
@@ -142,7 +142,7 @@ def make_spec(cfg: Config, policy_graphdef, ref_graphdef, sharder: Sharder | Non
                     packing=kernels.packing, attention=kernels.attention,
                     band=cfg.data.max_length, lora=cfg.model.lora.enabled,
                     lora_dropout=cfg.model.lora.dropout if cfg.model.lora.enabled else 0.0, seed=cfg.model.seed,
-                    per_layer=not cfg.model.scan_layers, moe=num_experts > 0, router_aux_loss_coef=coef)
+                    per_layer=not cfg.model.scan_layers, moe=moe, router_aux_loss_coef=coef)
 
 
 def packing_of(spec: StepSpec, sharder: Sharder | None, *, train: bool) -> Packing | None:
@@ -332,11 +332,12 @@ def with_router_terms(loss_sum, metrics: losses.MetricSums, stats, spec: StepSpe
     by the forward's real prompts added to the loss (and to its `loss` metric, as TRL logs it), its `aux_loss`
     metric (only with a non-zero coefficient, as TRL), and the per-layer expert token counts, summed over a step's
     forwards and turned into load metrics by `losses.router.finish_load_metrics`."""
+    counts_LxX, probs_LxX, tokens_L = stats  # RouterStats stacked over layers (`Decoder.forward`)
     zero = jnp.zeros((), jnp.float32)
-    out = {**metrics, router.EXPERT_TOKENS: (jax.lax.stop_gradient(stats.counts_LxX).astype(jnp.float32), zero)}
+    out = {**metrics, router.EXPERT_TOKENS: (jax.lax.stop_gradient(counts_LxX).astype(jnp.float32), zero)}
     if spec.router_aux_loss_coef:
-        added, aux_metric = router.aux_loss_terms(stats.counts_LxX, stats.probs_LxX, stats.tokens_L,
-                                                  spec.router_aux_loss_coef, jnp.sum(prompt_mask_N))
+        added, aux_metric = router.aux_loss_terms(counts_LxX, probs_LxX, tokens_L, spec.router_aux_loss_coef,
+                                                  jnp.sum(prompt_mask_N))
         loss_sum = loss_sum + added
         out["loss"] = (metrics["loss"][0] + jax.lax.stop_gradient(added), metrics["loss"][1])
         out.update(aux_metric)
