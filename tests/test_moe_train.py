@@ -204,3 +204,90 @@ def test_training_matches_trl_with_aux_loss(moe_assets, tmp_path, family):
                                    err_msg=name)
     assert abs(ours[-1]["loss"] - ours[0]["loss"]) > 1e-3  # training moved the loss
     assert all(1.0 <= r["moe/load_max_over_mean"] <= r["moe/load_max_over_mean_worst"] <= 8.0 for r in ours)
+
+
+# ---- the step on a tiny Qwen3-MoE: packing and gradient accumulation ------------------------------------------------
+@pytest.fixture(scope="module")
+def moe_step_setup(tmp_path_factory):
+    """(graphdef, params, tokenized ROWS) of a tiny Qwen3-MoE and the test tokenizer."""
+    from flax import nnx
+    from tiny_models import make_tiny_checkpoint
+    from tiny_tokenizer import load_tiny_tokenizer, make_tokenizer
+
+    from dpojax.data import tokenize_rows
+    from dpojax.models import load_pretrained
+
+    root = tmp_path_factory.mktemp("moe_step")
+    model, _ = load_pretrained(make_tiny_checkpoint(root / "model", "qwen3_moe"), attention="xla")
+    graphdef, params = nnx.split(model)
+    tok = load_tiny_tokenizer(make_tokenizer(root / "tok"))
+    return graphdef, params, tokenize_rows(ROWS[:4], tok, max_length=24)
+
+
+def _moe_spec(graphdef, **kw):
+    import optax
+
+    from dpojax.config import LossSection
+    from dpojax.trainer.step import StepSpec
+
+    # Plackett-Luce: the rows have 2 or 3 responses (padding responses route nothing)
+    return StepSpec(graphdef, graphdef, LossSection(type=("plackett_luce",)), optax.sgd(1.0),
+                    optax.constant_schedule(1.0), moe=True, router_aux_loss_coef=COEF, **kw)
+
+
+@pytest.mark.parametrize("mode", ["shared_prompt", "padding_free"])
+def test_packed_aux_loss_and_gradients_equal_unpacked(moe_step_setup, mode):
+    """The aux loss (prompt tokens weighted by their responses), the load metrics and the gradients of a packed
+    batch equal the [N, K, T] batch's: a shared prompt is routed once and counts K times."""
+    from dpojax.data import collate
+    from dpojax.data.packing import Packing, pack
+    from dpojax.trainer.step import batch_loss
+
+    graphdef, params, data = moe_step_setup
+    idx = np.arange(len(data))
+    unpacked = collate(data, idx, length=24, max_length=24, truncation_mode="keep_start")
+    packed = pack(data, idx, np.ones(len(idx), np.float32), Packing(mode), max_length=24, truncation_mode="keep_start")
+
+    def run(batch, spec):
+        fn = jax.value_and_grad(lambda p, b: batch_loss(p, params, b, spec), has_aux=True)
+        (loss, metrics), grads = jax.jit(fn)(params, batch)
+        return loss, router.finish_load_metrics(metrics), grads
+
+    want = run(unpacked, _moe_spec(graphdef))
+    got = run(packed, _moe_spec(graphdef, packing=mode, band=24))
+    np.testing.assert_allclose(float(got[1]["aux_loss"][0]), float(want[1]["aux_loss"][0]), rtol=1e-5)
+    for name in router.LOAD_METRICS:
+        np.testing.assert_allclose(float(got[1][name][0]), float(want[1][name][0]), rtol=1e-5, err_msg=name)
+    np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-5)
+    router_grad = lambda g: np.asarray(g["layers"]["mlp"]["router"]["kernel"][...])  # noqa: E731
+    assert np.abs(router_grad(want[2])).max() > 0  # the aux loss reaches the router
+    np.testing.assert_allclose(router_grad(got[2]), router_grad(want[2]), rtol=1e-4, atol=1e-6)
+
+
+def test_accumulation_averages_the_micro_batches_aux_loss(moe_step_setup):
+    """With A = 2 equally full micro-batches, one update (SGD, lr 1) equals the mean of the two micro-batches'
+    updates, each with its own aux loss (TRL's per-forward average); `loss` and `aux_loss` are those means, the load
+    metrics those of the step's pooled counts."""
+    import dataclasses
+
+    import optax
+
+    from dpojax.data import collate
+    from dpojax.trainer.step import TrainState, train_step
+
+    graphdef, params, data = moe_step_setup
+    batch = collate(data, np.arange(len(data)), length=24, max_length=24, truncation_mode="keep_start")
+    spec = _moe_spec(graphdef)
+
+    def step(b, accum):
+        s = TrainState(jnp.zeros((), jnp.int32), params, optax.sgd(1.0).init(params))
+        return jax.jit(lambda s, b: train_step(s, params, b, dataclasses.replace(spec, grad_accum=accum)))(s, b)
+
+    both, m_both = step(batch, 2)
+    halves = [step(jax.tree.map(lambda x, a=a: None if x is None else x[a::2], batch), 1) for a in range(2)]
+    for name in ("loss", "aux_loss"):
+        value = lambda m: float(m[name][0] / m[name][1])  # noqa: E731
+        np.testing.assert_allclose(value(m_both), np.mean([value(m) for _, m in halves]), rtol=1e-5, err_msg=name)
+    mean_params = jax.tree.map(lambda a, b: (a + b) / 2, halves[0][0].params, halves[1][0].params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), both.params, mean_params)
+    assert float(m_both["moe/load_max_over_mean"][0]) >= 1.0
