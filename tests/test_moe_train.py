@@ -285,9 +285,12 @@ def test_accumulation_averages_the_micro_batches_aux_loss(moe_step_setup):
 
     both, m_both = step(batch, 2)
     halves = [step(jax.tree.map(lambda x, a=a: None if x is None else x[a::2], batch), 1) for a in range(2)]
+    def value(m, name):
+        return float(m[name][0] / m[name][1])
+
     for name in ("loss", "aux_loss"):
-        value = lambda m: float(m[name][0] / m[name][1])  # noqa: E731
-        np.testing.assert_allclose(value(m_both), np.mean([value(m) for _, m in halves]), rtol=1e-5, err_msg=name)
+        np.testing.assert_allclose(value(m_both, name), np.mean([value(m, name) for _, m in halves]), rtol=1e-5,
+                                   err_msg=name)
     mean_params = jax.tree.map(lambda a, b: (a + b) / 2, halves[0][0].params, halves[1][0].params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), both.params, mean_params)
     assert float(m_both["moe/load_max_over_mean"][0]) >= 1.0
