@@ -294,3 +294,49 @@ def test_accumulation_averages_the_micro_batches_aux_loss(moe_step_setup):
     mean_params = jax.tree.map(lambda a, b: (a + b) / 2, halves[0][0].params, halves[1][0].params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), both.params, mean_params)
     assert float(m_both["moe/load_max_over_mean"][0]) >= 1.0
+
+
+# ---- LoRA and the precomputed reference on MoE models -----------------------------------------------------------------
+def test_lora_on_moe_adapts_attention_and_trains(moe_assets, tmp_path):
+    """all-linear on Qwen3-MoE adapts the attention projections (not the router, not the experts: PEFT's
+    all-linear takes nn.Linear modules only); two steps train, with the aux loss, and export a PEFT adapter."""
+    import json
+
+    assets = moe_assets("qwen3_moe")
+    data = _eight_rows(assets, tmp_path)
+    lora = {"enabled": True, "rank": 4, "alpha": 8, "targets": ["all-linear"]}
+    records = _our_train(assets, data, tmp_path / "lora", 2, model__lora=lora, ref_model={},
+                         loss__router_aux_loss_coef=COEF)
+    assert len(records) == 2 and all(np.isfinite(r["loss"]) and r["aux_loss"] > 0 for r in records)
+    assert records[0]["loss"] != records[1]["loss"]
+    adapter = json.loads((tmp_path / "lora" / "export" / "adapter_config.json").read_text())
+    assert sorted(adapter["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("family,target", [("qwen3_moe", "experts"), ("qwen3_moe", "gate_up_proj"),
+                                           ("qwen3_moe", "gate"), ("mixtral", "w1"), ("mixtral", "experts.0.w2"),
+                                           ("qwen2_moe", "gate_proj")])
+def test_lora_targets_naming_experts_or_router_are_refused(tmp_path, family, target):
+    from tiny_models import make_tiny_checkpoint
+
+    from dpojax.models.config import ModelConfig
+    from dpojax.models.hf import read_hf_config
+    from dpojax.trainer.build import moe_lora_targets
+
+    cfg = ModelConfig.from_hf(read_hf_config(make_tiny_checkpoint(tmp_path / family, family)))
+    present = {f"layers/self_attn/{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    with pytest.raises(ConfigError, match=r"experts or the router .*target_parameters, is not supported.*q_proj"):
+        moe_lora_targets(cfg, ("q_proj", target), "m", present)
+    assert moe_lora_targets(cfg, ("q_proj", "v_proj"), "m", present) == ("q_proj", "v_proj")
+
+
+def test_reference_precompute_with_moe(moe_assets, tmp_path):
+    """ref_model.precompute on an MoE reference gives the same training records as the reference in the step."""
+    assets = moe_assets("mixtral")
+    data = _eight_rows(assets, tmp_path)
+    live = _our_train(assets, data, tmp_path / "live", 2, loss__router_aux_loss_coef=COEF)
+    pre = _our_train(assets, data, tmp_path / "pre", 2, loss__router_aux_loss_coef=COEF,
+                     ref_model={"name_or_path": str(assets["ref"]), "precompute": True})
+    for name in ("loss", "aux_loss", "rewards/margins", "moe/load_max_over_mean"):
+        np.testing.assert_allclose([r[name] for r in pre], [r[name] for r in live], rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
