@@ -296,7 +296,7 @@ def test_accumulation_averages_the_micro_batches_aux_loss(moe_step_setup):
     assert float(m_both["moe/load_max_over_mean"][0]) >= 1.0
 
 
-# ---- LoRA and the precomputed reference on MoE models -----------------------------------------------------------------
+# ---- LoRA and the precomputed reference on MoE models -------------------------------------------------------
 def test_lora_on_moe_adapts_attention_and_trains(moe_assets, tmp_path):
     """all-linear on Qwen3-MoE adapts the attention projections (not the router, not the experts: PEFT's
     all-linear takes nn.Linear modules only); two steps train, with the aux loss, and export a PEFT adapter."""
