@@ -340,3 +340,22 @@ def test_reference_precompute_with_moe(moe_assets, tmp_path):
     for name in ("loss", "aux_loss", "rewards/margins", "moe/load_max_over_mean"):
         np.testing.assert_allclose([r[name] for r in pre], [r[name] for r in live], rtol=1e-5, atol=1e-6,
                                    err_msg=name)
+
+
+def test_flops_count_active_experts(tmp_path):
+    """MFU's model FLOPs (`dpojax.flops`) count the router and the Y active experts of the X, by hand."""
+    from tiny_models import make_tiny_checkpoint
+
+    from dpojax import flops
+    from dpojax.models.config import ModelConfig
+    from dpojax.models.hf import read_hf_config
+
+    cfg = ModelConfig.from_hf(read_hf_config(make_tiny_checkpoint(tmp_path / "m", "qwen3_moe")))
+    D, X, Y, Fe, L = cfg.hidden_size, cfg.num_experts, cfg.experts_per_token, cfg.expert_intermediate_size, 2
+    attention = D * cfg.num_heads * cfg.head_dim * 2 + 2 * D * cfg.num_kv_heads * cfg.head_dim
+    per_token = attention + D * X + Y * 3 * D * Fe
+    f = flops.step_flops(cfg, [10, 6], 5, remat="qkv")
+    assert f.policy_forward.matmul == 2.0 * L * per_token * 16
+    assert cfg.active_params() < cfg.num_params()
+    qkv = f.remat_recompute - f.policy_forward.head
+    assert qkv == 2.0 * L * (cfg.num_heads * cfg.head_dim * D + 2 * Y * Fe * D + D * X) * 16
