@@ -199,7 +199,7 @@ def _mlp_down_and_in(cfg) -> tuple[int, int]:
     D = cfg.hidden_size
     if not cfg.is_moe:
         return cfg.intermediate_size * D, ((3 if cfg.mlp == "gated" else 2) - 1) * D * cfg.intermediate_size
-    active = cfg.experts_per_token * cfg.expert_intermediate_size + cfg.shared_expert_size
+    active = cfg.active_mlp_width  # the Y routed experts and the shared expert
     router = D * cfg.num_experts + (D if cfg.shared_expert_size else 0)
     return active * D, 2 * active * D + router  # gate and up of each active expert, the router (and shared gate)
 

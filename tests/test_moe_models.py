@@ -18,13 +18,19 @@ from jax.sharding import PartitionSpec as P
 from test_generate import EOS, NEW, PROMPTS, _hf_greedy, _sharpened_checkpoint
 from test_hf_io import load_torch
 from test_models import FAST_COMPILE, our_logits, padded_batch, torch_logits
+from test_packing import ALL_STATS, ROWS, STAT_FIELDS, _batches, _stats
 from tiny_models import make_tiny_checkpoint
+from tiny_tokenizer import load_tiny_tokenizer, make_tokenizer
 
+from dpojax import flops
+from dpojax.config import LoraSection
+from dpojax.data import tokenize_rows
 from dpojax.errors import ModelError
 from dpojax.generate import Generator, Sampling
 from dpojax.models import Decoder, ModelConfig, abstract_decoder, abstract_params, export_hf, load_pretrained
 from dpojax.models.experts import ExpertWeights, expert_ffn, route
 from dpojax.models.hf import hf_weight_shapes
+from dpojax.models.lora import lora_model
 from dpojax.models.transformer import REMAT_POLICIES
 from dpojax.sharding import Sharder, check_fsdp_sharded, make_mesh
 
@@ -243,6 +249,11 @@ def test_sizes_count_all_and_active_experts(qwen2_moe):
     no_shared = dataclasses.replace(cfg, shared_expert_size=0)
     shared = 3 * D * cfg.shared_expert_size + D  # the shared expert and its gate
     assert cfg.forward_flops_per_token(12) - no_shared.forward_flops_per_token(12) == 2 * L * shared
+    # the step's MFU accounting (dpojax.flops) counts the same active experts
+    fwd = flops.forward_flops(cfg, tokens=10, scored=0, pairs_per_layer=[0] * L)
+    assert fwd.matmul == flops.forward_flops(every_expert, tokens=10, scored=0,
+                                             pairs_per_layer=[0] * L).matmul - 2 * L * (X - Y) * one_expert * 10
+    assert cfg.active_mlp_width == Y * Fe + cfg.shared_expert_size
 
 
 # ---- full-size configs (as on the hub), abstractly: counts, shardings, options ----------------------------------
@@ -339,3 +350,67 @@ def test_unsupported_moe_options_are_named():
     error({**MIXTRAL_8X7B, "router_jitter_noise": 0.1}, "router_jitter_noise")
     error({**MIXTRAL_8X7B, "num_experts_per_tok": 9}, r"experts per token \(9\)")
     error({**QWEN3_30B_A3B, "num_experts": 0}, "num_experts is 0")
+
+
+def test_lora_all_linear_adapts_the_dense_projections_only(qwen2_moe):
+    """LoRA `all-linear` on an MoE model adapts its Dense projections: attention, the shared expert and its gate
+    (what PEFT adapts on Qwen2-MoE); not the router nor the stacked experts, which are no Dense modules."""
+    model, cfg = load_pretrained(qwen2_moe)
+    lora_cfg = LoraSection(enabled=True, targets=("all-linear",))
+    _, adapters, groups = lora_model(*nnx.split(model), cfg, lora_cfg, None)
+    leaves = sorted(g.hf.split("{i}.")[1] for g in groups)
+    assert leaves == sorted([f"self_attn.{p}_proj" for p in "qkvo"] + [f"mlp.shared_expert.{p}_proj" for p in
+                                                                         ("gate", "up", "down")]
+                            + ["mlp.shared_expert_gate"])
+    assert jax.tree.leaves(adapters)
+
+
+def test_sharded_load_forward_and_export(qwen2_moe, tmp_path):
+    """On a (data=1, fsdp=4, tensor=2) mesh: experts split over embed (fsdp) and their width (tensor), the router
+    whole over its experts; the logits and router statistics of one device; a sharded export loads in
+    transformers."""
+    sharder = Sharder(make_mesh(data=1, fsdp=4, tensor=2))
+    model, cfg = load_pretrained(qwen2_moe, sharder=sharder)
+    mlp = nnx.state(model)["layers"]["mlp"]
+    assert mlp["experts"]["gate_proj"].get_value().sharding.spec == P(None, None, "fsdp", "tensor")
+    assert mlp["experts"]["down_proj"].get_value().sharding.spec == P(None, None, "tensor", "fsdp")
+    assert mlp["router"]["kernel"].get_value().sharding.spec == P(None, "fsdp", None)
+    ids, pos, seg = padded_batch()
+    logits, stats = forward(model, ids, pos, seg)
+    ref_logits, ref_stats = forward(load_pretrained(qwen2_moe)[0], ids, pos, seg)
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-5)
+    np.testing.assert_array_equal(stats.counts_X, ref_stats.counts_X)
+    out = export_hf(model, cfg, tmp_path / "export", max_shard_bytes=200_000)
+    assert (out / "model.safetensors.index.json").is_file()
+    load_torch(out)
+    real = seg > 0
+    np.testing.assert_allclose(torch_logits(out, ids, seg)[real], logits[real], atol=1e-4, rtol=0)
+
+
+def test_mixtral_module_spelling_loads(tmp_path):
+    """Mixtral's expert weights under transformers' module name `mlp.` (instead of `block_sparse_moe.`) load the
+    same model."""
+    from safetensors.numpy import load_file, save_file
+
+    path = make_tiny_checkpoint(tmp_path / "mixtral", "mixtral")
+    ids, pos, seg = padded_batch()
+    expected = our_logits(load_pretrained(path)[0], ids, pos, seg)
+    tensors = load_file(str(path / "model.safetensors"))
+    assert any(".block_sparse_moe.experts.7.w2.weight" in k for k in tensors)
+    save_file({k.replace(".block_sparse_moe.", ".mlp."): v for k, v in tensors.items()},
+              str(path / "model.safetensors"), metadata={"format": "pt"})
+    np.testing.assert_array_equal(our_logits(load_pretrained(path)[0], ids, pos, seg), expected)
+
+
+@pytest.mark.parametrize("mode", ["shared_prompt", "padding_free"])
+def test_packed_batches_give_the_unpacked_statistics(qwen2_moe, tmp_path, mode):
+    """The train step's packed rows (shared prompts: band and branch ids; padding-free) give the per-sequence
+    log-prob statistics of the [N, K, T] batch on an MoE model (routing is per token, so packing cannot move it)."""
+    model, _ = load_pretrained(qwen2_moe, attention="xla")
+    graphdef, params = nnx.split(model)
+    data = tokenize_rows(ROWS, load_tiny_tokenizer(make_tokenizer(tmp_path / "tok")), max_length=12)
+    unpacked, packed = _batches(data, 12, "keep_start", mode)
+    want = _stats(graphdef, params, unpacked, ALL_STATS, "none", None)
+    got = _stats(graphdef, params, packed, ALL_STATS, mode, 12)
+    for name in STAT_FIELDS:
+        np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-5, err_msg=name)
