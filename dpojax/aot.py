@@ -131,6 +131,7 @@ class CompileReport:
     model_flops_per_step: float | None = None  # dpojax.flops: policy forward+backward + reference forward, causal
     seconds_per_step: float | None = None  # XLA's cost model estimate
     error: str | None = None  # the compiler's message when it refused (out of memory)
+    active_params: int | None = None  # mixture of experts: parameters a token runs through (None: dense)
 
     @property
     def peak_bytes(self) -> int | None:
@@ -140,10 +141,11 @@ class CompileReport:
 
     def format(self) -> str:
         g = lambda b: "n/a" if b is None else f"{b / GiB:.2f} GiB"
+        active = "" if self.active_params is None else f" ({self.active_params / 1e9:.3f} B active per token)"
         lines = [
             f"topology            {self.topology} ({self.chips} {self.chip} chips, {self.devices} devices), "
             f"mesh {self.mesh}",
-            f"model               {self.num_params / 1e9:.3f} B parameters, attention {self.attention}",
+            f"model               {self.num_params / 1e9:.3f} B parameters{active}, attention {self.attention}",
             f"batch               {self.batch_pairs} prompts x {self.num_responses} responses x {self.seq_len} tokens "
             "(policy + reference)",
             f"per device          arguments {g(self.argument_bytes)}, outputs {g(self.output_bytes)}, "
@@ -174,6 +176,7 @@ class LoweredStep:
     seq_len: int
     model_flops_per_step: float
     num_responses: int = 2
+    active_params: int | None = None  # mixture of experts: parameters a token runs through (None: dense)
 
 
 def lower_step(cfg, devices, *, backend: str = "tpu", batch_pairs: int | None = None,
@@ -212,6 +215,7 @@ def lower_step(cfg, devices, *, backend: str = "tpu", batch_pairs: int | None = 
         lowered=train.lower(state, models.ref_params, batch), mesh=dict(sharder.mesh.shape), attention=spec.attention,
         num_params=models.policy_cfg.num_params(), batch_pairs=n_pairs, seq_len=cfg.data.max_length,
         model_flops_per_step=counted.model, num_responses=k,
+        active_params=models.policy_cfg.active_params() if models.policy_cfg.is_moe else None,
     )
 
 
@@ -224,7 +228,7 @@ def compile_for_topology(cfg, topology: str, *, slices: int = 1, batch_pairs: in
     step = lower_step(cfg, devices, batch_pairs=batch_pairs, micro_pairs=micro_pairs, model_config=model_config)
     base = dict(topology=name if slices == 1 else f"{slices} x {name}", chip=chip, chips=chips * slices,
                 devices=len(devices), num_responses=step.num_responses, mesh=step.mesh, attention=step.attention,
-                num_params=step.num_params,
+                num_params=step.num_params, active_params=step.active_params,
                 batch_pairs=step.batch_pairs, seq_len=step.seq_len, hbm_per_device=CHIPS[chip].hbm_bytes * chips //
                 (len(devices) // slices), model_flops_per_step=step.model_flops_per_step)
     try:

@@ -101,6 +101,9 @@ class LossSection:
     discopop_tau: float = 0.05  # DiscoPOP mixing temperature
     simpo_gamma: float = 0.5  # SimPO target reward margin
     reference_free: bool = False  # use a uniform reference (no reference model)
+    # mixture-of-experts policies: weight of the router load-balancing loss added to the policy loss (TRL's
+    # router_aux_loss_coef); null: the checkpoint's config.json router_aux_loss_coef; 0 disables; dense models: null/0
+    router_aux_loss_coef: Optional[float] = None
     import_: tuple[str, ...] = ()  # modules or .py files that register user losses, imported first (YAML key: import)
 
 
@@ -453,6 +456,8 @@ def _validate_sections(cfg: Config) -> None:
     for key, value in (("train.eval_every", t.eval_every), ("train.eval_batch_size", t.eval_batch_size),
                        ("checkpoint.every", c.every), ("train.micro_batch_size", t.micro_batch_size)):
         _require(value is None or value > 0, f"'{key}' = {value} must be positive (or null).")
+    coef = cfg.loss.router_aux_loss_coef
+    _require(coef is None or coef >= 0, f"'loss.router_aux_loss_coef' = {coef} must be >= 0 (or null).")
     r = cfg.ref_model
     _require(r.sync_every is None or r.sync_every > 0, f"'ref_model.sync_every' = {r.sync_every} must be positive.")
     _require(0 < r.mixup_alpha <= 1, f"'ref_model.mixup_alpha' = {r.mixup_alpha} must be in (0, 1].")

@@ -4,7 +4,10 @@ Model FLOPs of one train step (what MFU counts, the same in the trainer's `mfu` 
 `benchmarks/throughput.py`), on the real tokens of the batch only (padding is waste, not work):
 
 - policy forward = matmul + attention + head, where
-  - matmul    = 2 x (matmul weights of all layers) x tokens   (q, k, v, o projections and the MLP; embeddings free)
+  - matmul    = 2 x (matmul weights of all layers) x tokens   (q, k, v, o projections and the MLP; embeddings free;
+                a mixture-of-experts MLP counts the weights a token runs through: its router, its Y active experts
+                of the X, and a shared expert with its gate: `ModelConfig.active_params`, the experts it is not
+                routed to are not model work)
   - attention = 4 x H x Dh x (query, key) pairs the mask allows, per layer: causal, so a sequence of n tokens has
                 n (n + 1) / 2 pairs (fewer with a sliding window); 2 x Dh for the scores and 2 x Dh for the context
   - head      = 2 x V x D x scored tokens (the positions whose next-token log-prob DPO sums: completion tokens;
@@ -159,7 +162,7 @@ def causal_pairs(lengths: Sequence[int] | np.ndarray, window: int | None = None)
 def forward_flops(cfg, *, tokens: int, scored: int, pairs_per_layer: Sequence[int]) -> Forward:
     """Forward FLOPs of model `cfg` (a dpojax ModelConfig) over `tokens` body tokens, `scored` head positions and
     `pairs_per_layer[l]` attended (query, key) pairs in layer l."""
-    matmul_weights, _ = cfg._layer_params(active=True)  # MoE: the experts a token runs through
+    matmul_weights, _ = cfg._layer_params(active=True)  # MoE: the router and the Y active experts of the X
     per_pair = 4.0 * cfg.num_heads * cfg.head_dim
     return Forward(
         matmul=2.0 * cfg.num_layers * matmul_weights * tokens,
@@ -175,8 +178,9 @@ def remat_recompute(cfg, policy_forward: Forward, remat: str, *, tokens: int) ->
     `models.layers.DENSE_OUTPUT`: the matmul sits in a custom_vjp the dot policies cannot see); `dots_all` also
     saves the attention products."""
     head = policy_forward.head  # the log-prob head recomputes its logits chunk by chunk
-    D, F, H, Dh, L = cfg.hidden_size, cfg.active_mlp_width, cfg.num_heads, cfg.head_dim, cfg.num_layers
-    down = 2.0 * L * F * D * tokens
+    D, H, Dh, L = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.num_layers
+    down_weights, in_weights = _mlp_down_and_in(cfg)
+    down = 2.0 * L * down_weights * tokens
     if remat in ("none", "dots_all"):
         return head
     if remat == "full":
@@ -184,9 +188,20 @@ def remat_recompute(cfg, policy_forward: Forward, remat: str, *, tokens: int) ->
     if remat == "dots":
         return head + policy_forward.attention
     if remat == "qkv":  # q, k, v and the attention context saved: the output projection and the MLP's input side
-        mlp_in = (3 if cfg.mlp == "gated" else 2) - 1
-        return head + 2.0 * L * (H * Dh * D + mlp_in * D * F) * tokens
+        return head + 2.0 * L * (H * Dh * D + in_weights) * tokens
     raise ValueError(f"remat={remat!r}: no FLOP accounting for this policy")
+
+
+def _mlp_down_and_in(cfg) -> tuple[int, int]:
+    """Matmul weights per token of one block's MLP (active ones: a mixture of experts' Y experts and shared expert):
+    (its down projections, its input side: gate and up (plain MLP: up), and an MoE's router: what `remat_recompute`
+    counts for `qkv`)."""
+    D = cfg.hidden_size
+    if not cfg.is_moe:
+        return cfg.intermediate_size * D, ((3 if cfg.mlp == "gated" else 2) - 1) * D * cfg.intermediate_size
+    active = cfg.active_mlp_width  # the Y routed experts and the shared expert
+    router = D * cfg.num_experts + (D if cfg.shared_expert_size else 0)
+    return active * D, 2 * active * D + router  # gate and up of each active expert, the router (and shared gate)
 
 
 def step_flops(cfg, lengths: Sequence[int] | np.ndarray, scored: int, *,

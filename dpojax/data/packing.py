@@ -76,6 +76,9 @@ class PackedBatch:
     prompt_mask_N: np.ndarray
     prompt_index_N: np.ndarray
     ref_logps_NxK: np.ndarray | None = None
+    # float32: how many sequences of the [N, K, T] batch hold the token (a shared prompt's token: its responses, an
+    # aliased response's: 2; 0 on padding and filler prompts), the token weights of MoE router statistics
+    token_weight_PxJ: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -114,6 +117,7 @@ class _Part:
     branches: list  # (k, ids, completion mask, alias): alias j = the same tokens as branch j, not laid out again
     first: bool  # the group's first part (its prompt's NLL entries are emitted once)
     ld_shared: int  # the group's shared length (scored completion tokens)
+    weight: float = 1.0  # 1 for a real prompt, 0 for a filler (its tokens get token weight 0)
 
     @property
     def length(self) -> int:
@@ -125,7 +129,7 @@ def _sequences(data: TokenizedData, m: int, max_length: int | None, mode: str):
 
 
 def _group_parts(data: TokenizedData, m: int, n: int, k_max: int, *, max_length: int | None, truncation: str,
-                 share: bool) -> tuple[list[_Part], np.ndarray]:
+                 share: bool, weight: float = 1.0) -> tuple[list[_Part], np.ndarray]:
     """The parts of prompt row m (micro-batch index n) and its completion lengths [K]."""
     prompt = np.asarray(data.prompt_ids[m])
     seqs = _sequences(data, m, max_length, truncation)
@@ -157,7 +161,7 @@ def _group_parts(data: TokenizedData, m: int, n: int, k_max: int, *, max_length:
             part = parts[part_of[alias]]
         elif p == 0 or not parts or (parts[-1].branches and parts[-1].length + len(ids) > cap):
             # a new part: with nothing shared one segment per sequence (what splash and cuDNN express)
-            parts.append(_Part(slot, n, prefix, [], not parts, ld_shared))
+            parts.append(_Part(slot, n, prefix, [], not parts, ld_shared, weight))
             part = parts[-1]
         else:
             part = parts[-1]
@@ -190,7 +194,7 @@ class _RowWriter:
         self.ids = np.full(length, pad_id, np.int32)
         self.pos, self.seg, self.branch = (np.zeros(length, np.int32) for _ in range(3))
         self.src, self.target, self.owner = (np.zeros(length, np.int32) for _ in range(3))
-        self.completion, self.lm, self.ld = (np.zeros(length, np.float32) for _ in range(3))
+        self.completion, self.lm, self.ld, self.weight = (np.zeros(length, np.float32) for _ in range(4))
         self.t = 0  # next token position
         self.e = 0  # next entry
 
@@ -205,6 +209,7 @@ class _RowWriter:
         start, p = self.t, len(part.prefix)
         self.ids[start : start + p], self.pos[start : start + p] = part.prefix, np.arange(p)
         self.seg[start : start + p] = segment
+        self.weight[start : start + p] = part.weight * len(part.branches)  # each branch's sequence holds the prompt
         if prompt_nll and part.first and p > 1:  # the prompt's tokens after its first, each from the one before
             self.entries(start + np.arange(p - 1), part.prefix[1:], part.prompt_slot, 0.0, 1.0, 0.0)
         t, placed = start + p, {}
@@ -213,7 +218,10 @@ class _RowWriter:
             if alias is None:
                 self.ids[t : t + n], self.pos[t : t + n] = ids, p + np.arange(n)
                 self.seg[t : t + n], self.branch[t : t + n] = segment, k + 1
+                self.weight[t : t + n] = part.weight
                 placed[k] = t
+            else:  # the alias's sequence holds its original's tokens too
+                self.weight[placed[alias] : placed[alias] + n] += part.weight
             at = placed[k if alias is None else alias]  # an alias scores its original's positions
             # token i is predicted from the one before it; the first from the prompt's last (none without a prompt)
             src = at + np.arange(n) - 1
@@ -242,7 +250,8 @@ def pack(data: TokenizedData, indices: Sequence[int], prompt_mask: np.ndarray, p
         parts = []
         for n, p in enumerate(range(micro, n_global, a)):
             group, completion_len[p] = _group_parts(data, int(indices[p]), n, k_max, max_length=max_length,
-                                                    truncation=truncation_mode, share=share)
+                                                    truncation=truncation_mode, share=share,
+                                                    weight=float(prompt_mask[p]))
             parts.extend(group)
         micro_parts.append(parts)
     cap = max_length if max_length is not None else int(data.lengths_MxK.max())
@@ -281,4 +290,5 @@ def pack(data: TokenizedData, indices: Sequence[int], prompt_mask: np.ndarray, p
         stack("ids")[rs], stack("pos")[rs], stack("seg")[rs], stack("branch")[rs], stack("src")[rs],
         stack("target")[rs], stack("owner")[rs], stack("completion")[rs], stack("lm")[rs], stack("ld")[rs],
         completion_len[ns], response_mask[ns], rank[ns], prompt_mask[ns], prompt_index[ns],
+        token_weight_PxJ=stack("weight")[rs],
     )

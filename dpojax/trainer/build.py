@@ -33,6 +33,7 @@ from dpojax.errors import ConfigError, ModelError
 from dpojax.models import lora
 from dpojax.models.attention import resolve_attention
 from dpojax.models.config import ModelConfig
+from dpojax.models.families import FAMILIES
 from dpojax.models.hf import abstract_params, init_random, load_pretrained, read_hf_config, resolve_model_dir
 from dpojax.sharding import Sharder, check_fsdp_sharded, make_mesh
 from dpojax.trainer import reference
@@ -202,6 +203,11 @@ def _lora_models(cfg: Config, load: Loader, sharder: Sharder, kernels: Kernels, 
     how = ("random" if cfg.model.init == "random" else "pretrained") if with_base else "abstract"
     bgraph, bparams, mcfg = load(cfg.model.name_or_path, how)
     lcfg = cfg.model.lora
+    if mcfg.is_moe:
+        present = {"/".join(str(k) for k in path[:-1]) for path, _ in nnx.to_flat_state(bparams)
+                   if path[-1] == "kernel"}
+        lcfg = dataclasses.replace(lcfg, targets=moe_lora_targets(mcfg, lcfg.targets, cfg.model.name_or_path,
+                                                                  present))
     pgraph, adapters, groups = lora.lora_model(bgraph, bparams, mcfg, lcfg, sharder)
     if not policy_from_checkpoint:
         adapters = (lora.load_peft(lcfg.init_from, adapters, groups, mcfg, lcfg) if lcfg.init_from
@@ -209,6 +215,56 @@ def _lora_models(cfg: Config, load: Loader, sharder: Sharder, kernels: Kernels, 
     rgraph = None if losses.reference_free(cfg.loss) else bgraph
     setup = lora.LoraSetup(bgraph, tuple(groups), lora.scale_of(lcfg.alpha, lcfg.rank, lcfg.rslora))
     return Models(None, None, mcfg, pgraph, adapters, kernels, rgraph, bparams, lora=setup)
+
+
+MOE_INTERNAL = ("layers/mlp/router", "layers/mlp/experts")  # dpojax paths of an MoE block's router and experts
+FUSED_EXPERT_PARAMS = ("experts.gate_up_proj", "experts.down_proj")  # transformers 5's in-memory expert parameters
+
+
+def _moe_internal_modules(mcfg: ModelConfig) -> set[str]:
+    """HF module names (layer 0, expert 0) of an MoE block's router and experts, with their parents below the layer
+    (`mlp`, `mlp.experts`, ...): what a PEFT target naming them would match."""
+    names = set()
+    for path, row in FAMILIES[mcfg.family].table.items():
+        if not path.startswith(MOE_INTERNAL):
+            continue
+        module = row[0].format(i=0, e=0).removesuffix(".weight")
+        names.add(module)
+        if "experts" in path:
+            names.update(module.rsplit(".experts.", 1)[0] + "." + p for p in FUSED_EXPERT_PARAMS)
+    prefixes = set()
+    for name in names:
+        parts = name.split(".")
+        start = next(i for i, p in enumerate(parts) if p.isdigit()) + 1  # below model.layers.0
+        prefixes.update(".".join(parts[: j + 1]) for j in range(start, len(parts)))
+    return prefixes
+
+
+def moe_lora_targets(mcfg: ModelConfig, targets: tuple[str, ...], model: str, present: set[str]) -> tuple[str, ...]:
+    """The LoRA targets of a mixture-of-experts model: a target that names its experts or its router (PEFT's suffix
+    rule) is refused, since dpojax adapts linear modules only and PEFT's `target_parameters` (LoRA on the experts'
+    3-D weights) is not built; `all-linear` becomes every linear module but the router (PEFT's `all-linear` takes
+    nn.Linear modules, and transformers' MoE routers and experts are not). `present`: the model's Dense paths."""
+    internal = _moe_internal_modules(mcfg)
+
+    def hits(target: str) -> bool:
+        return any(n == target or n.endswith("." + target) for n in internal)
+
+    def unambiguous(hf_module: str) -> str:  # the shortest suffix of a module's name that names no expert
+        parts = hf_module.format(i=0).split(".")
+        return next(s for s in (".".join(parts[-k:]) for k in range(1, len(parts) + 1)) if not hits(s))
+
+    allowed = tuple(sorted({unambiguous(g.hf) for g in lora.select_groups(mcfg, ("all-linear",), present)
+                            if not g.parts[0].startswith(MOE_INTERNAL)}))
+    named = [t for t in targets if t != "all-linear" and hits(t)]
+    if named:
+        raise ConfigError(
+            f"config: 'model.lora.targets' = {list(targets)} names {named}, the experts or the router of the "
+            f"mixture-of-experts model '{model}' ({mcfg.family}); LoRA on MoE models adapts attention and dense "
+            f"modules only (LoRA on expert weights, PEFT's target_parameters, is not supported): target some of "
+            f"{', '.join(allowed)} (or all-linear)."
+        )
+    return allowed if "all-linear" in targets else targets
 
 
 def _precomputes(cfg: Config, models: Models) -> bool:
@@ -254,7 +310,8 @@ def precompute_references(cfg: Config, models: Models, sharder: Sharder, dataset
     or `models` as they were when nothing is precomputed."""
     if not _precomputes(cfg, models):
         return models
-    spec = make_spec(cfg, models.policy_graphdef, models.ref_graphdef, sharder, total_steps=1, kernels=models.kernels)
+    spec = make_spec(cfg, models.policy_graphdef, models.ref_graphdef, sharder, total_steps=1, kernels=models.kernels,
+                     policy_cfg=models.policy_cfg)
     forward = compile_reference(spec, models.ref_graphdef, models.ref_params, sharder)
     bs = cfg.train.eval_batch_size or cfg.train.batch_size
     sharding = batch_sharding(sharder)
@@ -347,7 +404,8 @@ def step_spec(cfg: Config, models: Models, sharder: Sharder, *, horizon: int) ->
     batch checked against the data-parallel devices: what `train`, `eval` and `dpojax compile` step with."""
     check_batch(cfg, sharder)
     return make_spec(cfg, models.policy_graphdef, models.ref_graphdef, sharder, total_steps=horizon,
-                     precomputed_ref=models.ref_tables is not None, kernels=models.kernels)
+                     precomputed_ref=models.ref_tables is not None, kernels=models.kernels,
+                     policy_cfg=models.policy_cfg)
 
 
 def check_sharded(models: Models, sharder: Sharder) -> None:

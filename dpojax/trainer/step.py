@@ -39,6 +39,7 @@ from dpojax.logprobs import (
     token_logprobs,
     token_metric_sums,
 )
+from dpojax.losses import router
 from dpojax.models import lora
 from dpojax.models.attention import SEGMENT_ID_KERNELS
 from dpojax.sharding import Sharder
@@ -111,6 +112,8 @@ class StepSpec:
     lora_dropout: float = 0.0  # model.lora.dropout: on the adapter inputs in training steps (not in eval)
     seed: int = 0  # model.seed: the dropout keys' root
     per_layer: bool = False  # layers unrolled (model.scan_layers false): the train step takes per-layer leaves
+    moe: bool = False  # the policy is a mixture of experts: its forward returns router statistics (load metrics)
+    router_aux_loss_coef: float = 0.0  # weight of the router load-balancing loss (`losses.router.resolve_aux_coef`)
 
     @property
     def with_wpo(self) -> bool:
@@ -122,10 +125,15 @@ class StepSpec:
 
 
 def make_spec(cfg: Config, policy_graphdef, ref_graphdef, sharder: Sharder | None, *, total_steps: int,
-              precomputed_ref: bool = False, kernels: Kernels | None = None) -> StepSpec:
+              precomputed_ref: bool = False, kernels: Kernels | None = None, policy_cfg=None) -> StepSpec:
     """The one step builder: the StepSpec of `cfg` for `train`, `eval` and `dpojax compile` (`total_steps` is the
-    learning-rate schedule's horizon; `kernels`: what the models were built with, default `run_kernels(cfg)`)."""
+    learning-rate schedule's horizon; `kernels`: what the models were built with, default `run_kernels(cfg)`;
+    `policy_cfg`: the policy's ModelConfig, which says whether it is a mixture of experts (None: dense))."""
     losses.validate_loss_config(cfg.loss)
+    moe = policy_cfg is not None and policy_cfg.is_moe
+    coef = router.resolve_aux_coef(cfg.loss.router_aux_loss_coef, num_experts=policy_cfg.num_experts if moe else 0,
+                                   model_coef=policy_cfg.router_aux_loss_coef if moe else 0.0,
+                                   model=cfg.model.name_or_path)
     optimizer, schedule = make_optimizer(cfg.optim, max(total_steps, 1))
     kernels = kernels or run_kernels(cfg)
     return StepSpec(policy_graphdef=policy_graphdef, ref_graphdef=None if precomputed_ref else ref_graphdef,
@@ -134,7 +142,7 @@ def make_spec(cfg: Config, policy_graphdef, ref_graphdef, sharder: Sharder | Non
                     packing=kernels.packing, attention=kernels.attention,
                     band=cfg.data.max_length, lora=cfg.model.lora.enabled,
                     lora_dropout=cfg.model.lora.dropout if cfg.model.lora.enabled else 0.0, seed=cfg.model.seed,
-                    per_layer=not cfg.model.scan_layers)
+                    per_layer=not cfg.model.scan_layers, moe=moe, router_aux_loss_coef=coef)
 
 
 def packing_of(spec: StepSpec, sharder: Sharder | None, *, train: bool) -> Packing | None:
@@ -149,18 +157,47 @@ def packing_of(spec: StepSpec, sharder: Sharder | None, *, train: bool) -> Packi
 def sequence_logps(graphdef, params, batch: PreferenceBatch | PackedBatch, spec: StepSpec) -> SeqStats:
     """Per-sequence sums (SeqStats) of one model over a [N, K, T] batch (or the same prompts packed), flattened
     to B = N * K rows."""
+    return scored_forward(graphdef, params, batch, spec)[0]
+
+
+def scored_forward(graphdef, params, batch: PreferenceBatch | PackedBatch, spec: StepSpec, *,
+                   with_router: bool = False):
+    """(SeqStats as `sequence_logps`, the decoder's RouterStats or None). `with_router` (a mixture-of-experts
+    model): its forward also sums each layer's router statistics over the batch's tokens, each token weighted by
+    how many of the [N, K, T] batch's real sequences hold it (`token_weights`), so a shared prompt counts once per
+    response and padding and filler prompts not at all, as in TRL's concatenated [chosen; rejected] batch."""
     if isinstance(batch, PackedBatch):
-        return packed_logps(graphdef, params, batch, spec)
+        return packed_logps(graphdef, params, batch, spec, with_router=with_router)
     n, k, t = batch.input_ids_NxKxT.shape
     fields = (batch.input_ids_NxKxT, batch.positions_NxKxT, batch.segment_ids_NxKxT, batch.completion_mask_NxKxT)
-    return row_logps(graphdef, params, *(x.reshape(n * k, t) for x in fields), spec, num_responses=k)
+    weights_BxT = token_weights(batch) if with_router else None
+    return row_logps(graphdef, params, *(x.reshape(n * k, t) for x in fields), spec, num_responses=k,
+                     token_weights_BxT=weights_BxT)
+
+
+def token_weights(batch: PreferenceBatch | PackedBatch) -> jax.Array:
+    """fp32 weight of each computed token in MoE router statistics: how many real sequences of the [N, K, T] batch
+    hold it ([B, T]; packed rows: [P, J], `PackedBatch.token_weight_PxJ`)."""
+    if isinstance(batch, PackedBatch):
+        return batch.token_weight_PxJ.astype(jnp.float32)
+    real_NxKxT = (batch.segment_ids_NxKxT > 0) * batch.prompt_mask_N.astype(jnp.float32)[:, None, None]
+    return real_NxKxT.reshape(-1, batch.segment_ids_NxKxT.shape[-1]).astype(jnp.float32)
+
+
+def _decode(model, token_weights_BxT, *args, **kwargs):
+    """(final hidden states, RouterStats or None): `model.forward` with the token weights when router statistics
+    are asked for, else the plain call (dense models, the reference)."""
+    if token_weights_BxT is None:
+        return model(*args, **kwargs), None
+    return model.forward(*args, **kwargs, token_weights_BxT=token_weights_BxT)
 
 
 def row_logps(graphdef, params, ids_BxT, positions_BxT, seg_BxT, completion_mask_BxT, spec: StepSpec, *,
-              num_responses: int = 2) -> SeqStats:
-    """Per-row sums (SeqStats) of one model over B sequences laid out prompt by prompt, K = `num_responses` each."""
+              num_responses: int = 2, token_weights_BxT=None):
+    """(per-row sums (SeqStats), RouterStats or None) of one model over B sequences laid out prompt by prompt,
+    K = `num_responses` each; router statistics when `token_weights_BxT` is given (`scored_forward`)."""
     model = nnx.merge(graphdef, params)
-    hidden_BxTxD = model(ids_BxT, positions_BxT, seg_BxT)
+    hidden_BxTxD, stats = _decode(model, token_weights_BxT, ids_BxT, positions_BxT, seg_BxT)
     lm_mask_BxT = (seg_BxT > 0) if spec.lm_mask else None
     needed_BxT = scored_mask(completion_mask_BxT) > 0  # the head computes logits only where they are used
     if lm_mask_BxT is not None:
@@ -170,16 +207,18 @@ def row_logps(graphdef, params, ids_BxT, positions_BxT, seg_BxT, completion_mask
                          softcap=model.final_softcap,  # Gemma 2's final logit soft-cap (None for most models)
                          needed_BxT=needed_BxT, vocab_tile=spec.vocab_tile)
     return sequence_stats(tok, completion_mask_BxT, ld_alpha=spec.loss.ld_alpha, lm_mask_BxT=lm_mask_BxT,
-                          num_responses=num_responses)
+                          num_responses=num_responses), stats
 
 
-def packed_logps(graphdef, params, batch: PackedBatch, spec: StepSpec) -> SeqStats:
-    """SeqStats of one model over packed rows: the same B = N * K rows as the [N, K, T] batch would give."""
+def packed_logps(graphdef, params, batch: PackedBatch, spec: StepSpec, *, with_router: bool = False):
+    """(SeqStats, RouterStats or None) of one model over packed rows: the same B = N * K rows as the [N, K, T]
+    batch would give (`scored_forward`)."""
     model = nnx.merge(graphdef, params)
     length = batch.input_ids_PxJ.shape[1]
     branch_PxJ = batch.branch_ids_PxJ if spec.packing == "shared_prompt" else None
-    hidden_PxJxD = model(batch.input_ids_PxJ, batch.positions_PxJ, batch.segment_ids_PxJ, branch_PxJ,
-                         band=min(spec.band or length, length))
+    hidden_PxJxD, stats = _decode(model, token_weights(batch) if with_router else None, batch.input_ids_PxJ,
+                                  batch.positions_PxJ, batch.segment_ids_PxJ, branch_PxJ,
+                                  band=min(spec.band or length, length))
     lm_PxI = batch.lm_PxI if spec.lm_mask else None
     valid_PxI = batch.completion_PxI > 0 if lm_PxI is None else (batch.completion_PxI > 0) | (lm_PxI > 0)
     tok = entry_logprobs(hidden_PxJxD, model.unembedding(), batch.src_PxI, batch.target_PxI, valid_PxI,
@@ -187,7 +226,7 @@ def packed_logps(graphdef, params, batch: PackedBatch, spec: StepSpec) -> SeqSta
                          softcap=model.final_softcap, vocab_tile=spec.vocab_tile)
     return entry_sequence_stats(tok, batch.owner_PxI, batch.completion_PxI, batch.completion_len_NxK,
                                 batch.response_mask_NxK, ld_shared_PxI=batch.ld_shared_PxI,
-                                ld_alpha=spec.loss.ld_alpha, lm_PxI=lm_PxI)
+                                ld_alpha=spec.loss.ld_alpha, lm_PxI=lm_PxI), stats
 
 
 def reference_logps(graphdef, params, batch: PreferenceBatch, spec: StepSpec) -> jax.Array:
@@ -272,7 +311,7 @@ def batch_loss(params, ref_params, batch: PreferenceBatch, spec: StepSpec,
     if dropout_key is not None:
         policy_graphdef, policy_params = lora.with_dropout(policy_graphdef, policy_params, spec.lora_dropout,
                                                            dropout_key)
-    policy = sequence_logps(policy_graphdef, policy_params, batch, spec)
+    policy, router_stats = scored_forward(policy_graphdef, policy_params, batch, spec, with_router=spec.moe)
     ref = None
     if spec.precomputed_ref:
         ref = precomputed_stats(batch.ref_logps_NxK)
@@ -283,7 +322,26 @@ def batch_loss(params, ref_params, batch: PreferenceBatch, spec: StepSpec,
     loss_sum, metrics = losses.preference_loss(inputs, spec.loss, hp)
     tok_metrics = token_metric_sums(policy, num_responses=k, response_mask_NxK=batch.response_mask_NxK,
                                     prompt_mask_N=batch.prompt_mask_N)
+    if router_stats is not None:
+        loss_sum, metrics = with_router_terms(loss_sum, metrics, router_stats, spec, batch.prompt_mask_N)
     return loss_sum, {**metrics, **jax.lax.stop_gradient(tok_metrics)}
+
+
+def with_router_terms(loss_sum, metrics: losses.MetricSums, stats, spec: StepSpec, prompt_mask_N):
+    """A mixture-of-experts forward's loss and metrics: `router_aux_loss_coef` x the load-balancing loss weighted
+    by the forward's real prompts added to the loss (and to its `loss` metric, as TRL logs it), its `aux_loss`
+    metric (only with a non-zero coefficient, as TRL), and the per-layer expert token counts, summed over a step's
+    forwards and turned into load metrics by `losses.router.finish_load_metrics`."""
+    counts_LxX, probs_LxX, tokens_L = stats  # RouterStats stacked over layers (`Decoder.forward`)
+    zero = jnp.zeros((), jnp.float32)
+    out = {**metrics, router.EXPERT_TOKENS: (jax.lax.stop_gradient(counts_LxX).astype(jnp.float32), zero)}
+    if spec.router_aux_loss_coef:
+        added, aux_metric = router.aux_loss_terms(counts_LxX, probs_LxX, tokens_L, spec.router_aux_loss_coef,
+                                                  jnp.sum(prompt_mask_N))
+        loss_sum = loss_sum + added
+        out["loss"] = (metrics["loss"][0] + jax.lax.stop_gradient(added), metrics["loss"][1])
+        out.update(aux_metric)
+    return loss_sum, out
 
 
 def _micro_batches(batch: PreferenceBatch, accum: int, sharder: Sharder | None) -> PreferenceBatch:
@@ -337,7 +395,7 @@ def train_step(state: TrainState, ref_params, batch: PreferenceBatch, spec: Step
     )
     one = jnp.ones((), jnp.float32)
     metrics = {
-        **metrics,
+        **router.finish_load_metrics(metrics),
         "grad_norm": (grad_norm.astype(jnp.float32), one),
         "learning_rate": (jnp.asarray(spec.schedule(state.step), jnp.float32), one),
         "skipped_steps": (1.0 - finite.astype(jnp.float32), one),
@@ -349,7 +407,7 @@ def eval_step(params, ref_params, batch: PreferenceBatch, spec: StepSpec,
               hp: losses.LossParams | None = None) -> losses.MetricSums:
     """Metric sums {name: (sum, count)} of the policy `params` against the reference on one batch (pure)."""
     _, metrics = batch_loss(params, ref_params, batch, spec, hp)
-    return metrics
+    return router.finish_load_metrics(metrics)
 
 
 def batch_sharding(sharder: Sharder) -> NamedSharding:
@@ -543,5 +601,5 @@ def abstract_batch(spec: StepSpec, sharder: Sharder, n_prompts: int, num_respons
     return PackedBatch(
         *(arr(rxl, jnp.int32) for _ in range(7)), *(arr(rxl, jnp.float32) for _ in range(3)),
         arr(nxk, jnp.float32), arr(nxk, jnp.float32), arr(nxk, jnp.int32), arr((n_prompts,), jnp.float32),
-        arr((n_prompts,), jnp.int32), ref_logps,
+        arr((n_prompts,), jnp.int32), ref_logps, token_weight_PxJ=arr(rxl, jnp.float32),
     )
