@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 from tqdm.auto import tqdm
 
-from dpojax import aot, paths
+from dpojax import aot, paths, supervise
 from dpojax.config import Config, load_config
 from dpojax.data.tokenize import pad_token_id
 from dpojax.errors import DataError, UserError
@@ -79,18 +80,28 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra  # overrides after an option: compile CONFIG --topology T key=value
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    console = supervise.console()
+    if console is not None:  # a supervised worker: Python output to the console, native output to the log only
+        sys.stderr = console
     _log_to_stderr()
+    if console is not None:
+        logging.getLogger().addHandler(logging.StreamHandler(sys.__stderr__))  # Python logs in the log file too
     for name in ("absl", "jax._src", "orbax", "datasets", "httpx", "filelock", "gcsfs", "fsspec"):
         logging.getLogger(name).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        return _command(args)
+        return _command(args, argv if argv is not None else sys.argv[1:])
     except UserError as e:
         print(f"dpojax {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"dpojax {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception:
+        if console is None:
+            raise
+        traceback.print_exc(file=sys.__stderr__)  # to the log: the supervisor reports it in one line
+        return 1
 
 
 def _log_to_stderr() -> None:
@@ -99,19 +110,20 @@ def _log_to_stderr() -> None:
     this module's imports run: that default handler gives way to this one."""
     handlers = logging.getLogger().handlers
     absl_default = len(handlers) == 1 and type(handlers[0]) is logging.StreamHandler and \
-        handlers[0].stream is sys.stderr and getattr(handlers[0].formatter, "_fmt", None) == logging.BASIC_FORMAT
+        handlers[0].stream in (sys.stderr, sys.__stderr__) and \
+        getattr(handlers[0].formatter, "_fmt", None) == logging.BASIC_FORMAT
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=absl_default)
 
 
-def _command(args) -> int:
-    """Run the parsed command; its exit status."""
+def _command(args, argv: list[str]) -> int:
+    """Run the parsed command (`argv`, as given); its exit status."""
     if args.command == "compile":
         return compile_from_cli(args.config, args.topology, args.overrides, slices=args.slices,
                                 search_batch=args.search_batch, model_config=args.model_config)
     if args.command == "generate":
         generate_from_cli(args)
     elif args.command == "train":
-        train_from_cli(args.config, args.overrides)
+        return train_from_cli(args.config, args.overrides, argv)
     elif args.command == "eval":
         eval_from_cli(args.config, args.overrides)
     else:
@@ -133,10 +145,14 @@ def use_compilation_cache(cfg: Config) -> str | None:
     return where
 
 
-def train_from_cli(config_path: str, overrides: list[str]) -> None:
+def train_from_cli(config_path: str, overrides: list[str], argv: list[str] | None = None) -> int:
+    """`dpojax train`; a multi-process run works in a supervised child process (`dpojax.supervise`)."""
     cfg = load_config(config_path, overrides)
+    if supervise.supervised(cfg):
+        return supervise.run(cfg, argv or ["train", config_path, *overrides])
     use_compilation_cache(cfg)
     train(cfg)
+    return 0
 
 
 def eval_from_cli(config_path: str, overrides: list[str]) -> None:

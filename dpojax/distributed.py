@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import socket
 
 import jax
 
@@ -41,6 +42,7 @@ log = logging.getLogger("dpojax")
 ENV_COORDINATOR = "DPOJAX_COORDINATOR"
 ENV_NUM_PROCESSES = "DPOJAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "DPOJAX_PROCESS_ID"
+HOSTS_LINE = "distributed: hosts "  # then `rank=host` for each process, on one log line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,19 +88,25 @@ def detected_cluster() -> str | None:
     return None
 
 
+def joins(cfg: DistributedSection) -> bool:
+    """Whether `initialize` would join a process group (from the config, the environment and the cluster alone)."""
+    if cfg.mode == "off":
+        return False
+    group = explicit_group(cfg)
+    if cfg.mode == "auto" and group.coordinator is None and detected_cluster() is None:
+        return False
+    return group.num_processes != 1
+
+
 def initialize(cfg: DistributedSection) -> bool:
     """Join the process group when the config, the environment or the cluster asks for one. Idempotent;
     returns whether this run is multi-process. Must run before the first JAX computation."""
-    if cfg.mode == "off":
-        return False
     if jax.distributed.is_initialized():
-        return True
+        return cfg.mode != "off"
+    if not joins(cfg):
+        return False
     group = explicit_group(cfg)
     cluster = detected_cluster()
-    if cfg.mode == "auto" and group.coordinator is None and cluster is None:
-        return False
-    if group.num_processes == 1:
-        return False
     # CPU processes exchange collectives over TCP with gloo (no effect on TPU/GPU devices).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.config.update("jax_enable_preemption_service", False)  # see the module doc: SIGTERM is ours
@@ -124,4 +132,16 @@ def initialize(cfg: DistributedSection) -> bool:
         jax.process_index(), jax.process_count(), group.coordinator or cluster or "detected",
         jax.local_device_count(), jax.device_count(),
     )
+    log.info("%s%s", HOSTS_LINE, " ".join(f"{rank}={host}" for rank, host in _exchange_hosts(cfg).items()))
     return True
+
+
+def _exchange_hosts(cfg: DistributedSection) -> dict[int, str]:
+    """Every process's host name, posted to the coordination service's key-value store: the line logged from it
+    lets a supervisor name the host of a process that is lost later (`dpojax.supervise`)."""
+    from jax._src.distributed import global_state  # JAX's process-group client; no public handle in JAX 0.10
+
+    client = global_state.client
+    client.key_value_set(f"dpojax/hosts/{jax.process_index()}", socket.gethostname(), allow_overwrite=True)
+    client.wait_at_barrier("dpojax/hosts", cfg.initialization_timeout * 1000)
+    return dict(sorted((int(key.rsplit("/", 1)[-1]), host) for key, host in client.key_value_dir_get("dpojax/hosts/")))

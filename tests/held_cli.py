@@ -6,7 +6,8 @@ machine's speed.
 Right after the train record of step DPOJAX_HOLD_AT is written (MetricsWriter.write runs on every process),
 prints "HELD AT STEP 3" and waits until the file DPOJAX_RELEASE exists (forever if unset, at most 10 min).
 With DPOJAX_SPIN=SECONDS it instead keeps the Python thread busy for that long (holding the GIL, like a
-tokenizer or a Python-heavy callback) and goes on.
+tokenizer or a Python-heavy callback) and goes on. With DPOJAX_HOLD_IN=save it holds instead right after the
+checkpoint save of that step was started (an async save under way: "HELD IN SAVE AT STEP 3").
 """
 
 from __future__ import annotations
@@ -17,18 +18,30 @@ import time
 
 from dpojax import metrics
 from dpojax.cli import main
+from dpojax.trainer import checkpoint
 
 HOLD_AT = int(os.environ["DPOJAX_HOLD_AT"])
 RELEASE = os.environ.get("DPOJAX_RELEASE")
 SPIN = float(os.environ.get("DPOJAX_SPIN", "0"))
+IN_SAVE = os.environ.get("DPOJAX_HOLD_IN") == "save"
 _write = metrics.MetricsWriter.write
+_save = checkpoint.save
 
 
 def _held_write(self, step, split, record):
     _write(self, step, split, record)
-    if split != "train" or step != HOLD_AT:
-        return
-    print(f"HELD AT STEP {step}", flush=True)
+    if split == "train" and step == HOLD_AT and not IN_SAVE:
+        _hold(f"HELD AT STEP {step}", step)
+
+
+def _held_save(mngr, step, *args, **kwargs):
+    _save(mngr, step, *args, **kwargs)
+    if IN_SAVE and step == HOLD_AT:
+        _hold(f"HELD IN SAVE AT STEP {step}", step)
+
+
+def _hold(text: str, step: int) -> None:
+    print(text, flush=True)
     end = time.monotonic() + (SPIN or 600)
     while time.monotonic() < end:
         if not SPIN:
@@ -39,6 +52,7 @@ def _held_write(self, step, split, record):
 
 
 metrics.MetricsWriter.write = _held_write
+checkpoint.save = _held_save
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -13,8 +13,9 @@ metadata is host-independent.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -22,6 +23,8 @@ from etils import epath
 
 from dpojax import paths
 from dpojax.config import Config, to_dict
+
+log = logging.getLogger("dpojax")
 
 # Keys that may change when a run resumes: they change how it runs (speed, memory, mesh, logging, saving), not the
 # numbers it computes. Every other key must match the checkpoint's config. (`train.steps`/`epochs`: see
@@ -103,6 +106,59 @@ def restore(mngr: ocp.CheckpointManager, step: int, targets: dict[str, Any]) -> 
 
 def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
     return mngr.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+
+# What reading a damaged checkpoint raises: a file missing (OSError, Orbax's ValueError/KeyError), a truncated array
+# chunk or JSON file (TensorStore's ValueError, json's ValueError), also as the cause of Orbax's bare Exception.
+DAMAGED = (OSError, ValueError, KeyError)
+
+
+def _damaged(e: BaseException) -> bool:
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, DAMAGED):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
+def newest_readable(mngr: ocp.CheckpointManager, read: Callable[[int], Any]) -> tuple[int, Any] | None:
+    """(step, read(step)) for the newest checkpoint that `read` reads whole, or None when there is none; each newer
+    one that fails with a damaged file is set aside (`set_aside`) and said so in one line. When every checkpoint
+    fails, the first error is raised: more likely a bug than damage everywhere, so none is set aside."""
+    steps, failed = sorted(mngr.all_steps(), reverse=True), []
+    for step in steps:
+        try:
+            found = step, read(step)
+        except Exception as e:  # noqa: BLE001 - Orbax wraps a read error in a bare Exception; others re-raised
+            if not _damaged(e):
+                raise
+            failed.append((step, e))
+            continue
+        for bad, e in failed:
+            aside = set_aside(mngr, bad)
+            log.warning("checkpoint %d is damaged (%s: %s); moved to %s, resuming from step %d instead",
+                        bad, type(e).__name__, str(e).splitlines()[0][:300], aside, step)
+        return found
+    if failed:
+        raise failed[0][1]
+    return None
+
+
+def set_aside(mngr: ocp.CheckpointManager, step: int) -> epath.Path:
+    """Move checkpoint `step` to checkpoints/damaged-<step> (process 0; every process waits for it), out of the
+    manager's sight: the resumed run writes that step again."""
+    src, dst = mngr.directory / str(step), mngr.directory / f"damaged-{step}"
+    if jax.process_index() == 0:
+        if dst.exists():
+            dst.rmtree()
+        src.rename(dst)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # only with several processes
+
+        multihost_utils.sync_global_devices(f"dpojax-damaged-{step}")
+    mngr.reload()
+    return dst
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:

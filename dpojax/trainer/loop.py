@@ -179,10 +179,10 @@ def run_hooks(due: list[Hook], s: LoopState, state: TrainState, window: W.Metric
 def _resume_point(mngr, cfg: Config, steps: int) -> tuple[int, int]:
     """(step to resume from, schedule horizon): 0 and `steps` for a new run; refuses a config that would make the
     resumed run a different run."""
-    step = mngr.latest_step()
-    if step is None:
+    found = ckpt.newest_readable(mngr, lambda step: ckpt.read_meta(mngr, step))  # damaged ones: set aside
+    if found is None:
         return 0, steps
-    meta = ckpt.read_meta(mngr, step)
+    step, meta = found
     conflicts = ckpt.resume_conflicts(meta.get("config", {}), cfg)
     if conflicts:
         raise ConfigError(
@@ -234,7 +234,8 @@ def train(cfg: Config) -> dict[str, Any]:
     start, horizon = _resume_point(mngr, cfg, steps)
     run, state = setup_train(cfg, models, sharder, steps=steps, horizon=horizon)
     if start:
-        run, state = run.from_checkpoint_tree(ckpt.restore(mngr, start, run.checkpoint_tree(state)), start)
+        start, tree = ckpt.newest_readable(mngr, lambda step: ckpt.restore(mngr, step, run.checkpoint_tree(state)))
+        run, state = run.from_checkpoint_tree(tree, start)
         log.info("resumed from %s at step %d", ckpt.checkpoint_dir(cfg.output_dir), start)
     if is_main:
         _start_files(cfg, out_dir, start)
