@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from dpojax import aot, paths, supervise
 from dpojax.config import Config, load_config
 from dpojax.data.tokenize import pad_token_id
-from dpojax.errors import DataError, UserError
+from dpojax.errors import DataError, StorageError, UserError
 from dpojax.generate import Completion, Generator, Sampling, encode_prompt, eos_token_ids
 from dpojax.models.hf import load_pretrained, resolve_model_dir
 from dpojax.sharding import Sharder, make_mesh
@@ -151,7 +151,17 @@ def train_from_cli(config_path: str, overrides: list[str], argv: list[str] | Non
     if supervise.supervised(cfg):
         return supervise.run(cfg, argv or ["train", config_path, *overrides])
     use_compilation_cache(cfg)
-    train(cfg)
+    try:
+        train(cfg)
+    except Exception as e:
+        full = paths.no_space(e, cfg.output_dir)
+        if full is None:
+            raise
+        raise StorageError(
+            f"{full}. Nothing past the newest complete checkpoint is kept: {ckpt.describe_newest(cfg.output_dir)}. "
+            "Free space there (or move the run folder and point output_dir at it), then run the same command "
+            "again: it resumes from that checkpoint."
+        ) from None
     return 0
 
 

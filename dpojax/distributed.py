@@ -16,10 +16,12 @@ A dead peer never hangs the others: each process's runtime sends heartbeats to t
 background thread, every `heartbeat_timeout` / 2 seconds (JAX 0.10's `jax.distributed.initialize` takes only
 the timeout, no interval or miss count), so a long compile, a checkpoint write or a busy Python thread does not
 delay them. A process silent for `heartbeat_timeout` seconds is declared dead and every other process is then
-terminated with "the JAX distributed service detected fatal errors ... tasks are unhealthy". With the default,
-30 s (JAX's is 100 s), the survivors stop 15 to 30 s after a peer dies (tests/test_multihost.py measures it). They
-cannot learn it sooner from their collectives: on CPU a gloo collective waits for a killed peer
-until the heartbeat verdict.
+terminated by JAX's runtime (a fatal error and a native stack trace); when process 0, which hosts the service, is
+the one lost, the others are terminated at once. With the default, 30 s (JAX's is 100 s), the survivors stop 15 to
+30 s after a peer dies (tests/test_multihost.py and tests/faults/ measure it). `dpojax train` runs a multi-process
+job's work under a supervisor (`dpojax.supervise`) that turns that end into one line naming the lost process
+(its host from the `distributed: hosts` line logged here at start-up), the last complete checkpoint and the
+command that resumes.
 
 SIGTERM belongs to `dpojax.trainer.preemption`: JAX's preemption service is switched off because it installs
 its own SIGTERM handler, which would swallow a SIGTERM that arrives before the training loop starts.

@@ -90,15 +90,6 @@ def resume_command(argv: list[str]) -> str:
     return shlex.join(["dpojax", *argv])
 
 
-def last_checkpoint(out_dir) -> str:
-    """The newest complete checkpoint of the run, in words."""
-    try:
-        found = ckpt.find_checkpoint(out_dir)
-    except Exception as e:  # noqa: BLE001 - a report of the last resort: say why it is unknown
-        return f"unknown ({type(e).__name__}: {e})"
-    return "none yet (the run starts over)" if found is None else f"step {found.step} ({found.path})"
-
-
 def message(verdict: Verdict, returncode: int, rank: int | None, out_dir, argv: list[str], log_path: str) -> str:
     """The supervisor's one line about a worker that ended with `returncode` (< 0: killed by that signal)."""
     me = "this process" if rank is None else f"process {rank}"
@@ -110,7 +101,7 @@ def message(verdict: Verdict, returncode: int, rank: int | None, out_dir, argv: 
         what = f"{me} crashed ({signal.Signals(-returncode).name})"
     else:
         what = f"{me} failed ({verdict.error or f'status {returncode}'})"
-    return (f"dpojax train: {what}; last complete checkpoint: {last_checkpoint(out_dir)}; the steps after it "
+    return (f"dpojax train: {what}; last complete checkpoint: {ckpt.describe_newest(out_dir)}; the steps after it "
             f"are redone. Resume on every process with: {resume_command(argv)}  (details: {log_path})")
 
 

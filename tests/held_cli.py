@@ -12,11 +12,13 @@ checkpoint save of that step was started (an async save under way: "HELD IN SAVE
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import sys
 import time
 
-from dpojax import metrics
+from dpojax import metrics, paths
 from dpojax.cli import main
 from dpojax.trainer import checkpoint
 
@@ -24,8 +26,12 @@ HOLD_AT = int(os.environ["DPOJAX_HOLD_AT"])
 RELEASE = os.environ.get("DPOJAX_RELEASE")
 SPIN = float(os.environ.get("DPOJAX_SPIN", "0"))
 IN_SAVE = os.environ.get("DPOJAX_HOLD_IN") == "save"
+FILL = os.environ.get("DPOJAX_FILL")
+FILL_LEAVE = int(os.environ.get("DPOJAX_FILL_LEAVE", "0"))
+NO_SPACE_AT = int(os.environ.get("DPOJAX_NO_SPACE_AT", "0"))
 _write = metrics.MetricsWriter.write
 _save = checkpoint.save
+_add = paths.LineAppender.add
 
 
 def _held_write(self, step, split, record):
@@ -40,8 +46,32 @@ def _held_save(mngr, step, *args, **kwargs):
         _hold(f"HELD IN SAVE AT STEP {step}", step)
 
 
+def _full_disk_add(self, line: str) -> None:
+    if NO_SPACE_AT and self.path.name == "metrics.jsonl" and json.loads(line)["step"] == NO_SPACE_AT:
+        with open(self.path, "a") as f:
+            f.write(line[: len(line) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+    _add(self, line)
+
+
+def _fill(folder: str, leave: int) -> None:
+    """Fill the file system of `folder`, then give `leave` bytes back."""
+    filler = os.path.join(folder, "filler")
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC, e
+    os.truncate(filler, max(0, os.path.getsize(filler) - leave))
+    print(f"FILLED {folder}", flush=True)
+
+
 def _hold(text: str, step: int) -> None:
     print(text, flush=True)
+    if FILL:
+        _fill(FILL, FILL_LEAVE)
+        return
     end = time.monotonic() + (SPIN or 600)
     while time.monotonic() < end:
         if not SPIN:
@@ -53,6 +83,7 @@ def _hold(text: str, step: int) -> None:
 
 metrics.MetricsWriter.write = _held_write
 checkpoint.save = _held_save
+paths.LineAppender.add = _full_disk_add
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

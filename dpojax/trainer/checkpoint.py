@@ -66,9 +66,11 @@ def best_manager(output_dir: str | os.PathLike, cfg: Config) -> ocp.CheckpointMa
 
 
 def save(mngr: ocp.CheckpointManager, step: int, tree: dict[str, Any], cfg: Config, *, horizon: int,
-         metrics: dict | None = None) -> None:
+         metrics: dict | None = None, data_fingerprint: str = "") -> None:
     """Save the items of `tree` ({"params", "opt_state"[, "ref"]}) and the metadata as checkpoint `step`."""
     meta = {"step": int(step), "data_step": int(step), "schedule_horizon": int(horizon), "config": to_dict(cfg)}
+    if data_fingerprint:
+        meta["data_fingerprint"] = data_fingerprint
     if metrics is not None:
         meta["eval"] = {k: float(v) for k, v in metrics.items()}
     items = {name: ocp.args.StandardSave(value) for name, value in tree.items()}
@@ -179,6 +181,17 @@ def resume_conflicts(saved: dict, cfg: Config) -> list[str]:
             if not any(key == free or (free.endswith(".") and key.startswith(free)) for free in RESUME_FREE)]
 
 
+def data_conflict(saved: dict, cfg: Config, fingerprint: str) -> str | None:
+    """Why the train data differs from the checkpoint's (its rows, their tokens), or None. A checkpoint saved
+    before fingerprints were recorded has none to compare."""
+    before = saved.get("data_fingerprint")
+    if not before or not fingerprint or before == fingerprint:
+        return None
+    return (f"the train data {cfg.data.train!r} (split {cfg.data.train_split!r}) is not the data it was trained on: "
+            f"its rows or their tokens changed (fingerprint {before[:12]} -> {fingerprint[:12]}), so the batches after "
+            "the checkpoint would not be the run's. Restore the original file, or start a new run (a new output_dir)")
+
+
 def schedule_conflict(cfg: Config, horizon: int, total_steps: int) -> str | None:
     """Why a resumed run with `total_steps` steps cannot keep the schedule fixed at the run's first horizon, or None.
 
@@ -212,3 +225,12 @@ def find_checkpoint(source: str | os.PathLike) -> Found | None:
         return None
     steps = sorted(int(p.name) for p in root.iterdir() if _complete(p))
     return Found(steps[-1], root / str(steps[-1])) if steps else None
+
+
+def describe_newest(source: str | os.PathLike) -> str:
+    """The newest complete checkpoint of a run folder, in words (for a message about a run that stopped)."""
+    try:
+        found = find_checkpoint(source)
+    except Exception as e:  # noqa: BLE001 - a report of the last resort: say why it is unknown
+        return f"unknown ({type(e).__name__}: {e})"
+    return "none yet (the run starts over)" if found is None else f"step {found.step} ({found.path})"

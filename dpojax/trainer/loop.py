@@ -176,7 +176,7 @@ def run_hooks(due: list[Hook], s: LoopState, state: TrainState, window: W.Metric
 
 
 # ------------------------------------------------------------------------------------------------ train
-def _resume_point(mngr, cfg: Config, steps: int) -> tuple[int, int]:
+def _resume_point(mngr, cfg: Config, steps: int, fingerprint: str = "") -> tuple[int, int]:
     """(step to resume from, schedule horizon): 0 and `steps` for a new run; refuses a config that would make the
     resumed run a different run."""
     found = ckpt.newest_readable(mngr, lambda step: ckpt.read_meta(mngr, step))  # damaged ones: set aside
@@ -191,7 +191,7 @@ def _resume_point(mngr, cfg: Config, steps: int) -> tuple[int, int]:
             "or restore the original values."
         )
     horizon = int(meta.get("schedule_horizon", steps))
-    why = ckpt.schedule_conflict(cfg, horizon, steps)
+    why = ckpt.data_conflict(meta, cfg, fingerprint) or ckpt.schedule_conflict(cfg, horizon, steps)
     if why:
         raise ConfigError(f"'{cfg.output_dir}' holds a checkpoint at step {step}: {why}.")
     return int(step), max(horizon, steps) if cfg.optim.schedule == "constant" else horizon
@@ -231,7 +231,7 @@ def train(cfg: Config) -> dict[str, Any]:
     models = build_models(cfg, sharder)
     models, train_data, eval_data, steps = _data(cfg, models, sharder)
     mngr = ckpt.manager(out_dir, cfg)
-    start, horizon = _resume_point(mngr, cfg, steps)
+    start, horizon = _resume_point(mngr, cfg, steps, train_data.fingerprint)
     run, state = setup_train(cfg, models, sharder, steps=steps, horizon=horizon)
     if start:
         start, tree = ckpt.newest_readable(mngr, lambda step: ckpt.restore(mngr, step, run.checkpoint_tree(state)))
@@ -248,7 +248,7 @@ def train(cfg: Config) -> dict[str, Any]:
         cfg.grad_accum_steps, dict(sharder.mesh.shape), start,
     )
     best = ckpt.best_manager(out_dir, cfg) if cfg.checkpoint.best_metric else None
-    savers = Savers(mngr, best, run, writer)
+    savers = Savers(mngr, best, run, writer, train_data.fingerprint)
     samples = make_samples(cfg, models, eval_data, out_dir)
     try:
         with Preemption() as preemption:

@@ -16,6 +16,9 @@ from dpojax.trainer import checkpoint as ckpt
 REPO = Path(__file__).resolve().parents[2]
 HELD_CLI = str(REPO / "tests" / "held_cli.py")
 TIMING = ("tokens_per_second", "pairs_per_second", "mfu")
+HEARTBEAT = 10  # distributed.heartbeat_timeout of the two-process runs
+RUN = ["train.steps=6", "checkpoint.every=2", "data.eval=null", "data.packing=none",
+       f"distributed.heartbeat_timeout={HEARTBEAT}"]
 _spec = importlib.util.spec_from_file_location("local_cpu", REPO / "launch" / "local_cpu.py")
 local_cpu = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(local_cpu)
@@ -62,3 +65,9 @@ def check_nothing_lost(out: Path) -> int:
     steps = [r["step"] for r in train_records(out) if r["step"] <= found.step]
     assert steps == list(range(1, found.step + 1)), (found.step, steps)
     return found.step
+
+
+def two_processes(config, out) -> int:
+    """The run on two processes of two devices, uninterrupted (the resume, or the reference)."""
+    return local_cpu.main(["--devices-per-process", "2", "--grace", "30", "train", str(config), f"output_dir={out}",
+                           *RUN])

@@ -11,44 +11,12 @@ import socket
 import time
 
 import pytest
-import yaml
-from procs import check_nothing_lost, kill_all, local_cpu, spawn, train_records, wait_for_text
-from trl_harness import dpojax_overrides, make_assets
+from procs import HEARTBEAT, RUN, check_nothing_lost, kill_all, spawn, train_records, two_processes, wait_for_text
 
 from dpojax import supervise
 
 pytestmark = pytest.mark.serial  # several JAX processes and a timed verdict: alone
-HEARTBEAT = 10
-RUN = ["train.steps=6", "checkpoint.every=2", "data.eval=null", "data.packing=none",
-       f"distributed.heartbeat_timeout={HEARTBEAT}"]
 NATIVE = ("Check failure stack trace", "    @     0x", "client.h:", "coordination_service")
-
-
-@pytest.fixture(scope="module")
-def config(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dead_peer")
-    assets = make_assets(root, n_rows=16)
-    raw = dpojax_overrides(
-        assets, assets["standard"], root / "unused",
-        train={"batch_size": 8, "log_every": 1}, mesh={"data": 2, "fsdp": 2},
-        optim={"name": "adamw", "lr": 1e-3, "schedule": "constant"},
-    )
-    path = root / "run.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(config, tmp_path_factory):
-    out = tmp_path_factory.mktemp("dead_peer_ref") / "run"
-    assert _two(config, out) == 0
-    return train_records(out)
-
-
-def _two(config, out) -> int:
-    """The run on two processes of two devices, uninterrupted (the resume, or the reference)."""
-    return local_cpu.main(["--devices-per-process", "2", "--grace", "30", "train", str(config), f"output_dir={out}",
-                           *RUN])
 
 
 def _survivor(procs, logs, lost: int, killed_at: float) -> tuple[str, float]:
@@ -72,7 +40,7 @@ def _check_after(config, out, line: str, uninterrupted) -> None:
     assert f"last complete checkpoint: step {step} " in line, (step, line)
     detail = re.search(r"details: (\S+)\)", line).group(1)
     assert "unhealthy" in open(detail).read() or "coordination service" in open(detail).read()
-    assert _two(config, out) == 0
+    assert two_processes(config, out) == 0
     assert train_records(out) == uninterrupted
 
 
@@ -131,5 +99,5 @@ def test_peer_killed_at_start_up(config, uninterrupted, tmp_path):
     print(f"\nstart-up: process 0 stopped {elapsed:.1f} s after process 1 was killed")
     assert elapsed < HEARTBEAT + 5
     assert "last complete checkpoint: none yet" in line
-    assert _two(config, out) == 0
+    assert two_processes(config, out) == 0
     assert train_records(out) == uninterrupted

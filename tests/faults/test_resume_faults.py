@@ -76,3 +76,24 @@ def test_torn_metrics_line_is_dropped(tmp_path):
     path.write_text('{"step": 1, "split": "train"}\n{"step": 2, "split": "train"}\n{"step": 3, "spl')
     truncate_after(path, 2)
     assert path.read_text() == '{"step": 1, "split": "train"}\n{"step": 2, "split": "train"}\n'
+
+
+def test_changed_data_file_is_refused(setup, tmp_path, capsys):
+    """The train data's fingerprint (its rows and their tokens) is in each checkpoint: a resume on a changed file
+    is refused, naming it; restored, the run resumes."""
+    config, _ = setup
+    out, data = tmp_path / "run", tmp_path / "data.jsonl"
+    original = Path(yaml.safe_load(config.read_text())["data"]["train"]).read_text()
+    data.write_text(original)
+    run = ["train", str(config), f"output_dir={out}", f"data.train={data}"]
+    assert main([*run, "train.steps=2"]) == 0
+    rows = [json.loads(line) for line in original.splitlines()]
+    rows[5]["chosen"] = rows[5]["chosen"] + " (edited)"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    capsys.readouterr()
+    assert main([*run, "train.steps=4"]) == 2
+    err = capsys.readouterr().err
+    assert f"the train data '{data}' (split 'train') is not the data it was trained on" in err, err
+    assert "Restore the original file, or start a new run" in err
+    data.write_text(original)
+    assert main([*run, "train.steps=4"]) == 0
