@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _command(args, argv if argv is not None else sys.argv[1:])
     except UserError as e:
+        _close_progress_bars()  # the message on a line of its own, not after a bar the error left open
         print(f"dpojax {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -104,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _close_progress_bars() -> None:
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def _log_to_stderr() -> None:
     """INFO and up, as bare messages, on stderr (unless the host program set logging up). absl's first log call
     installs a bare `logging.basicConfig()` when the root logger has no handler, and orbax logs through it while
@@ -113,6 +119,16 @@ def _log_to_stderr() -> None:
         handlers[0].stream in (sys.stderr, sys.__stderr__) and \
         getattr(handlers[0].formatter, "_fmt", None) == logging.BASIC_FORMAT
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=absl_default)
+    for handler in logging.getLogger().handlers:
+        if getattr(handler, "stream", None) is sys.stderr and _quiet_library_tracebacks not in handler.filters:
+            handler.addFilter(_quiet_library_tracebacks)
+
+
+def _quiet_library_tracebacks(record: logging.LogRecord) -> bool:
+    """Orbax logs the traceback of a failed save (a full disk...) from each of its threads, and asyncio those of its
+    writes left unawaited, before the same error reaches the main thread, which reports it in one message: those
+    records stay off the screen."""
+    return not (record.exc_info and record.name.partition(".")[0] in ("absl", "orbax", "asyncio"))
 
 
 def _command(args, argv: list[str]) -> int:

@@ -71,7 +71,10 @@ def read_metrics(path: PathLike) -> list[dict]:
     path = paths.path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if lines and _step_of(lines[-1], -1) == -1:  # a last line torn by a crash or a full disk mid-write
+        lines.pop()
+    return [json.loads(line) for line in lines]
 
 
 def truncate_after(path: PathLike, step: int) -> None:

@@ -28,6 +28,7 @@ SPIN = float(os.environ.get("DPOJAX_SPIN", "0"))
 IN_SAVE = os.environ.get("DPOJAX_HOLD_IN") == "save"
 FILL = os.environ.get("DPOJAX_FILL")
 FILL_LEAVE = int(os.environ.get("DPOJAX_FILL_LEAVE", "0"))
+FILL_AFTER = os.environ.get("DPOJAX_FILL_AFTER")
 NO_SPACE_AT = int(os.environ.get("DPOJAX_NO_SPACE_AT", "0"))
 _write = metrics.MetricsWriter.write
 _save = checkpoint.save
@@ -56,6 +57,9 @@ def _full_disk_add(self, line: str) -> None:
 
 def _fill(folder: str, leave: int) -> None:
     """Fill the file system of `folder`, then give `leave` bytes back."""
+    end = time.monotonic() + 600
+    while FILL_AFTER and not os.path.exists(FILL_AFTER) and time.monotonic() < end:
+        time.sleep(0.05)
     filler = os.path.join(folder, "filler")
     with open(filler, "wb", buffering=0) as f:
         try:
