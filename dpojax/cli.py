@@ -170,13 +170,14 @@ def train_from_cli(config_path: str, overrides: list[str], argv: list[str] | Non
     try:
         train(cfg)
     except Exception as e:
-        full = paths.no_space(e, cfg.output_dir)
-        if full is None:
+        full, store = paths.no_space(e, cfg.output_dir), paths.store_failure(e, cfg.output_dir)
+        if full is None and store is None:
             raise
+        fix = ("Free space there (or move the run folder and point output_dir at it), then run the same command "
+               "again" if full else "Run the same command again once the store answers")
         raise StorageError(
-            f"{full}. Nothing past the newest complete checkpoint is kept: {ckpt.describe_newest(cfg.output_dir)}. "
-            "Free space there (or move the run folder and point output_dir at it), then run the same command "
-            "again: it resumes from that checkpoint."
+            f"{full or store}. Nothing past the newest complete checkpoint is kept: "
+            f"{ckpt.describe_newest(cfg.output_dir)}. {fix}: it resumes from that checkpoint."
         ) from None
     return 0
 

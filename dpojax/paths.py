@@ -109,6 +109,26 @@ def _no_space_words(words: str, where: str | os.PathLike) -> str:
             "file system)")
 
 
+_STORE_ERROR_MODULES = ("aiohttp", "gcsfs", "google", "requests", "urllib3", "s3fs", "botocore")
+_STORE_STATUS = ("UNAVAILABLE:", "DEADLINE_EXCEEDED:", "ABORTED:")  # TensorStore's words for a store that is gone
+
+
+def store_failure(e: BaseException | None, url: str | os.PathLike) -> str | None:
+    """When `url` is on object storage and `e` (or one of its causes) is the store failing (unreachable, timing
+    out, answering with errors, after the clients' own retries), the error in words naming the URL; else None."""
+    if not is_remote(url):
+        return None
+    for _ in range(8):
+        if e is None:
+            return None
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        if isinstance(e, (ConnectionError, TimeoutError)) or type(e).__module__.partition(".")[0] in \
+                _STORE_ERROR_MODULES or any(status in str(e) for status in _STORE_STATUS):
+            return f"object storage failed under {os.fspath(url)}: {type(e).__name__}: {first}"
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def makedirs(p: str | os.PathLike) -> None:
     """A folder locally; nothing to do on object storage (prefixes need no folder objects)."""
     if not is_remote(p):
