@@ -38,6 +38,7 @@ from dpojax.trainer import checkpoint as ckpt
 
 WORKER_ENV = "DPOJAX_WORKER"
 CONSOLE_ENV = "DPOJAX_CONSOLE_FD"  # the worker's console: the supervisor's stderr, passed as this descriptor
+SUPERVISOR_ENV = "DPOJAX_SUPERVISOR_PID"
 PEER_LOST = 75  # exit status when a peer was lost (EX_TEMPFAIL: run the same command again)
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _UNHEALTHY = re.compile(r"tasks are unhealthy[^:]*:\s*((?:\d+[\s,]*)+)")
@@ -61,11 +62,25 @@ def supervised(cfg: Config) -> bool:
 
 
 def console():
-    """In the worker: the console stream its Python output goes to (the supervisor's stderr), else None."""
+    """In the worker: the console stream its Python output goes to (the supervisor's stderr), else None. The
+    worker also dies with its supervisor from here on (Linux: prctl PR_SET_PDEATHSIG), and at once if the
+    supervisor is already gone."""
     fd = os.environ.get(CONSOLE_ENV)
     if os.environ.get(WORKER_ENV) != "1" or not fd:
         return None
+    _die_with(int(os.environ.get(SUPERVISOR_ENV, "0")))
     return os.fdopen(int(fd), "w", buffering=1, closefd=False)
+
+
+def _die_with(supervisor: int) -> None:
+    import ctypes  # only for prctl
+
+    try:
+        ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: a worker outlives a killed supervisor
+        return
+    if supervisor and os.getppid() != supervisor:  # it died before the line above
+        os._exit(128 + signal.SIGKILL)
 
 
 def read_verdict(text: str) -> Verdict:
@@ -74,14 +89,15 @@ def read_verdict(text: str) -> Verdict:
     for line in text.splitlines():
         if line.startswith(distributed.HOSTS_LINE):
             hosts = dict(item.split("=", 1) for item in line[len(distributed.HOSTS_LINE):].split())
+    fatal = "JAX distributed service detected fatal errors" in text
     lost = None
     if m := _UNHEALTHY.search(text):
         lost = int(re.split(r"[\s,]+", m.group(1).strip())[0])
     elif any(s in text for s in _LEADER_GONE):
         lost = 0  # the coordinator (process 0) no longer answers
-    elif m := _TASK.search(text):
+    elif fatal and (m := _TASK.search(text)):
         lost = int(m.group(1))
-    peer = lost is not None or "JAX distributed service detected fatal errors" in text
+    peer = lost is not None or fatal
     errors = re.findall(r"^Traceback \(most recent call last\):\n(?:[ \t].*\n)*(\S.*)$", text, re.M)
     return Verdict(lost, hosts.get(str(lost)) if lost is not None else None, peer, errors[-1] if errors else None)
 
@@ -113,16 +129,6 @@ def worker_command(argv: list[str]) -> list[str]:
     return [sys.executable, "-m", "dpojax.cli", *argv]
 
 
-def _die_with_parent() -> None:
-    """In the worker, before exec: SIGKILL when the supervisor dies (Linux prctl PR_SET_PDEATHSIG)."""
-    import ctypes  # only for prctl, in the forked child
-
-    try:
-        ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))
-    except (OSError, AttributeError):  # not Linux: the worker outlives a killed supervisor
-        pass
-
-
 def log_file(cfg: Config) -> tuple[Path, str]:
     """(the local file the worker's log goes to, where it ends up): in output_dir/logs/, or staged for gs://."""
     name = f"{socket.gethostname()}-{os.getpid()}.log"
@@ -138,10 +144,10 @@ def run(cfg: Config, argv: list[str]) -> int:
     PEER_LOST with one line on stderr."""
     local, final = log_file(cfg)
     console_fd = os.dup(2)
-    env = {**os.environ, WORKER_ENV: "1", CONSOLE_ENV: str(console_fd)}
+    env = {**os.environ, WORKER_ENV: "1", CONSOLE_ENV: str(console_fd), SUPERVISOR_ENV: str(os.getpid())}
     with open(local, "ab") as log:
         proc = subprocess.Popen(worker_command(argv), env=env, stderr=log, pass_fds=(console_fd,),
-                                start_new_session=True, preexec_fn=_die_with_parent)
+                                start_new_session=True)
     previous = {s: signal.signal(s, lambda signum, _frame: proc.poll() is None and proc.send_signal(signum))
                 for s in _FORWARDED}
     try:
