@@ -2,15 +2,19 @@
 tests/conftest.py). `make test` runs the cheap ones (single process, in the parallel pool); `make test-faults`
 runs them all."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 from procs import train_records, two_processes
 from trl_harness import dpojax_overrides, make_assets
 
+HERE = Path(__file__).resolve().parent
+
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if "faults" in item.path.parts:
+        if HERE in item.path.resolve().parents:
             item.add_marker(pytest.mark.faults)
 
 
