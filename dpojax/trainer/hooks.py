@@ -24,6 +24,7 @@ class Savers:
     best: Any  # CheckpointManager of the best one by checkpoint.best_metric, or None
     run: Run
     writer: M.MetricsWriter  # flushed at each checkpoint: metrics.jsonl holds every record up to it
+    data_fingerprint: str = ""  # of the train data (rows, tokenizer, lengths): a resume on other rows is refused
 
     def save(self, step: int, state: TrainState, ref_params) -> None:
         if self.latest.latest_step() == step:
@@ -32,14 +33,14 @@ class Savers:
             raise NumericsError(f"refusing to save a checkpoint at step {step}: the parameters are not finite.")
         self.writer.flush()
         ckpt.save(self.latest, step, self.run.checkpoint_tree(state, ref_params), self.run.cfg,
-                  horizon=self.run.horizon)
+                  horizon=self.run.horizon, data_fingerprint=self.data_fingerprint)
 
     def save_best(self, step: int, state: TrainState, metrics: dict[str, float], ref_params) -> None:
         if self.best is None or step in self.best.all_steps():  # e.g. the final eval of a finished run, again
             return
         if ckpt.all_finite(state.params):
             ckpt.save(self.best, step, self.run.checkpoint_tree(state, ref_params), self.run.cfg,
-                      horizon=self.run.horizon, metrics=metrics)
+                      horizon=self.run.horizon, metrics=metrics, data_fingerprint=self.data_fingerprint)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -221,13 +221,13 @@ def run_online(run: Run, source: online.OnlineSource, state: TrainState, ref_par
 
 
 # ------------------------------------------------------------------------------------------------ train
-def _resume_point(mngr, cfg: Config, steps: int) -> tuple[int, int]:
+def _resume_point(mngr, cfg: Config, steps: int, fingerprint: str = "") -> tuple[int, int]:
     """(step to resume from, schedule horizon): 0 and `steps` for a new run; refuses a config that would make the
     resumed run a different run."""
-    step = mngr.latest_step()
-    if step is None:
+    found = ckpt.newest_readable(mngr, lambda step: ckpt.read_meta(mngr, step))  # damaged ones: set aside
+    if found is None:
         return 0, steps
-    meta = ckpt.read_meta(mngr, step)
+    step, meta = found
     conflicts = ckpt.resume_conflicts(meta.get("config", {}), cfg)
     if conflicts:
         raise ConfigError(
@@ -236,7 +236,7 @@ def _resume_point(mngr, cfg: Config, steps: int) -> tuple[int, int]:
             "or restore the original values."
         )
     horizon = int(meta.get("schedule_horizon", steps))
-    why = ckpt.schedule_conflict(cfg, horizon, steps)
+    why = ckpt.data_conflict(meta, cfg, fingerprint) or ckpt.schedule_conflict(cfg, horizon, steps)
     if why:
         raise ConfigError(f"'{cfg.output_dir}' holds a checkpoint at step {step}: {why}.")
     return int(step), max(horizon, steps) if cfg.optim.schedule == "constant" else horizon
@@ -281,11 +281,12 @@ def train(cfg: Config) -> dict[str, Any]:
     else:
         models, train_data, eval_data, steps = _data(cfg, models, sharder)
     mngr = ckpt.manager(out_dir, cfg)
-    start, horizon = _resume_point(mngr, cfg, steps)
+    start, horizon = _resume_point(mngr, cfg, steps, train_data.fingerprint)
     run, state = setup_train(cfg, models, sharder, steps=steps, horizon=horizon)
     run = online.with_round_reference(run)  # iterative previous_round: the reference moves (and is checkpointed)
     if start:
-        run, state = run.from_checkpoint_tree(ckpt.restore(mngr, start, run.checkpoint_tree(state)), start)
+        start, tree = ckpt.newest_readable(mngr, lambda step: ckpt.restore(mngr, step, run.checkpoint_tree(state)))
+        run, state = run.from_checkpoint_tree(tree, start)
         log.info("resumed from %s at step %d", ckpt.checkpoint_dir(cfg.output_dir), start)
     if is_main:
         _start_files(cfg, out_dir, start)
@@ -299,7 +300,7 @@ def train(cfg: Config) -> dict[str, Any]:
              cfg.model.name_or_path, what, run.total_steps, cfg.train.batch_size, cfg.grad_accum_steps,
              dict(sharder.mesh.shape), start)
     best = ckpt.best_manager(out_dir, cfg) if cfg.checkpoint.best_metric else None
-    savers = Savers(mngr, best, run, writer)
+    savers = Savers(mngr, best, run, writer, train_data.fingerprint)
     samples = make_samples(cfg, models, eval_data, out_dir)
     try:
         with Preemption() as preemption:

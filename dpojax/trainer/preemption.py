@@ -126,7 +126,7 @@ class _Agreement:
         except jax.errors.JaxRuntimeError as e:
             if "DEADLINE_EXCEEDED" in str(e):
                 return False
-            if not self._closing.is_set():
-                log.error("preemption: lost the coordination service while watching for SIGTERM: %s", e)
+            if not self._closing.is_set():  # a peer is lost: the run is ending, and `dpojax.supervise` says why
+                log.debug("preemption: lost the coordination service while watching for SIGTERM: %s", e)
             self._closing.set()
             return False
