@@ -5,6 +5,9 @@ with chosen/rejected (or responses) columns is accepted and only its prompts are
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
+import json
 import logging
 from typing import Any
 
@@ -30,6 +33,15 @@ class PromptSet:
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """sha1 of the prompts' token ids and the other columns: what a resumed run must find again."""
+        h = hashlib.sha1()
+        for ids in self.prompt_ids:
+            h.update(np.asarray(ids, np.int32).tobytes() + b"|")
+        h.update(json.dumps(self.fields, sort_keys=True, default=str).encode())
+        return h.hexdigest()
 
     @property
     def longest(self) -> int:

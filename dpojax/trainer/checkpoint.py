@@ -183,12 +183,14 @@ def resume_conflicts(saved: dict, cfg: Config) -> list[str]:
 
 
 def data_conflict(saved: dict, cfg: Config, fingerprint: str) -> str | None:
-    """Why the train data differs from the checkpoint's (its rows, their tokens), or None. A checkpoint saved
-    before fingerprints were recorded has none to compare."""
+    """Why the train data (an online run: its prompt set) differs from the checkpoint's (its rows, their tokens), or
+    None. A checkpoint saved before fingerprints were recorded has none to compare."""
     before = saved.get("data_fingerprint")
     if not before or not fingerprint or before == fingerprint:
         return None
-    return (f"the train data {cfg.data.train!r} (split {cfg.data.train_split!r}) is not the data it was trained on: "
+    what = (f"the prompt set {cfg.online.prompts!r} (split {cfg.online.prompts_split!r})" if cfg.online.enabled
+            else f"the train data {cfg.data.train!r} (split {cfg.data.train_split!r})")
+    return (f"{what} is not the data it was trained on: "
             f"its rows or their tokens changed (fingerprint {before[:12]} -> {fingerprint[:12]}), so the batches after "
             "the checkpoint would not be the run's. Restore the original file, or start a new run (a new output_dir)")
 

@@ -280,8 +280,9 @@ def train(cfg: Config) -> dict[str, Any]:
         steps = online.online_steps(cfg, len(prompts))
     else:
         models, train_data, eval_data, steps = _data(cfg, models, sharder)
+    fingerprint = prompts.fingerprint if train_data is None else train_data.fingerprint
     mngr = ckpt.manager(out_dir, cfg)
-    start, horizon = _resume_point(mngr, cfg, steps, train_data.fingerprint)
+    start, horizon = _resume_point(mngr, cfg, steps, fingerprint)
     run, state = setup_train(cfg, models, sharder, steps=steps, horizon=horizon)
     run = online.with_round_reference(run)  # iterative previous_round: the reference moves (and is checkpointed)
     if start:
@@ -300,7 +301,7 @@ def train(cfg: Config) -> dict[str, Any]:
              cfg.model.name_or_path, what, run.total_steps, cfg.train.batch_size, cfg.grad_accum_steps,
              dict(sharder.mesh.shape), start)
     best = ckpt.best_manager(out_dir, cfg) if cfg.checkpoint.best_metric else None
-    savers = Savers(mngr, best, run, writer, train_data.fingerprint)
+    savers = Savers(mngr, best, run, writer, fingerprint)
     samples = make_samples(cfg, models, eval_data, out_dir)
     try:
         with Preemption() as preemption:
