@@ -30,6 +30,7 @@ Model
   R   query heads per key/value head (H / G)
   Dh  width of one head (two letters, one meaning)
   Dr  rotary width of one head (Dr <= Dh; partial rotary rotates the first Dr)
+  Q   labels of a sequence-classification (score) head (1 for a reward model)
 
 Attention and the log-prob head
   S   query positions of one attention block
@@ -63,6 +64,7 @@ LETTERS: dict[str, str] = {
     "R": "query heads per key/value head",
     "Dh": "head width",
     "Dr": "rotary width",
+    "Q": "labels of a score head",
     "S": "query positions of an attention block",
     "E": "key positions of an attention block",
     "C": "log-prob chunk length",
