@@ -51,7 +51,7 @@ def rows_of(ids_BxT, seg_BxT):
     return [list(r[s > 0]) for r, s in zip(ids_BxT, seg_BxT)]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "gpt2", "gpt_neox"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "gpt2", "gpt_neox", "mistral", "phi3", "gemma3_text"])
 def test_scores_match_transformers(family, tmp_path):
     path = make_tiny_checkpoint(tmp_path / family, family, num_labels=1,
                                 **({"head_dim": 16} if family == "qwen3" else {}))
