@@ -4,6 +4,7 @@
     rm = RewardModel.load("path/to/reward-model", policy_tokenizer=tokenizer)
     rewards = rm.score_ids([prompt_ids + completion_ids, ...])      # numpy float32 [n]
     rewards = rm.score_messages([[{"role": "user", ...}, {"role": "assistant", ...}], ...])   # its chat template
+    rewards = rm.score(prompts, completions, completion_ids, rows)   # online DPO's reward interface
 
 `score_ids` takes the POLICY tokenizer's ids. A reward model trained on the same tokenizer (same vocabulary, merges,
 special tokens: `vocabulary_fingerprint`) scores them as they are. Otherwise each sequence is decoded with the
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpojax.errors import DataError, ModelError
+from dpojax.generate import encode_prompt
 from dpojax.models.hf import resolve_model_dir
 from dpojax.models.score import ScoreModel, check_reward_head, load_score_model, score_sequences
 from dpojax.sharding import Sharder
@@ -48,8 +50,9 @@ class RewardModel:
     """Scores token sequences with one reward model (num_labels = 1), `batch_size` rows per compiled call."""
 
     def __init__(self, model: ScoreModel, *, tokenizer: Any = None, policy_tokenizer: Any = None,
-                 batch_size: int = 8):
+                 batch_size: int = 8, name: str = "reward model"):
         check_reward_head(model.num_labels)
+        self.name = name
         self.model, self.tokenizer, self.policy_tokenizer, self.batch_size = model, tokenizer, policy_tokenizer, \
             batch_size
         self.retokenizes = (tokenizer is not None and policy_tokenizer is not None
@@ -66,7 +69,19 @@ class RewardModel:
             from transformers import AutoTokenizer  # needed only for a reward model that brings its tokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(folder)
-        return cls(model, tokenizer=tokenizer, policy_tokenizer=policy_tokenizer, batch_size=batch_size)
+        return cls(model, tokenizer=tokenizer, policy_tokenizer=policy_tokenizer, batch_size=batch_size,
+                   name=str(name_or_path))
+
+    def score(self, prompts: Sequence[Any], completions: Sequence[str], completion_ids: Sequence[Sequence[int]],
+              rows: dict | None = None) -> np.ndarray:
+        """float32 [n]: online DPO's reward interface. Each prompt (text, or messages through the chat template with
+        the generation prompt: `generate.encode_prompt`, as the sampler encoded it) in the policy tokenizer's ids,
+        followed by its sampled `completion_ids`, scored by `score_ids`; `completions` and `rows` are not used."""
+        tokenizer = self.policy_tokenizer if self.policy_tokenizer is not None else self.tokenizer
+        if tokenizer is None:
+            raise ModelError("score needs the policy tokenizer to encode the prompts: give policy_tokenizer.")
+        return self.score_ids([encode_prompt(tokenizer, p) + list(c) for p, c in zip(prompts, completion_ids,
+                                                                                       strict=True)])
 
     def score_ids(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
         """float32 [n]: the reward of each full prompt + completion, given as the policy tokenizer's ids."""

@@ -125,6 +125,10 @@ def test_refusals(tmp_path):
             use()
 
 
+def policy_ids_of(tokenizer, text):
+    return tokenizer(text)["input_ids"]
+
+
 def _char_tokenizer(path):
     """The tiny tokenizer's characters and special tokens (same strings) without merges, ids in another order."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
@@ -156,6 +160,14 @@ def test_reward_model_shared_and_other_tokenizer(tmp_path):
     assert not rm.retokenizes
     model, _ = load_score_model(shared)
     np.testing.assert_array_equal(rm.score_ids(policy_ids), score_sequences(model, policy_ids, batch_size=4))
+    chat = [{"role": "user", "content": "what color is the sky?"}]
+    completion = policy_tok(" blue.", add_special_tokens=False)["input_ids"]
+    prompt_ids = policy_tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
+                                                return_dict=True)["input_ids"]
+    np.testing.assert_array_equal(  # online DPO's reward interface: the prompt as the sampler encodes it
+        rm.score(["the sky is", chat], ["", ""], [completion, completion], {}),
+        score_sequences(model, [policy_ids_of(policy_tok, "the sky is") + completion, prompt_ids + completion],
+                        batch_size=4))
 
     other = make_tiny_checkpoint(tmp_path / "other", "llama", num_labels=1)
     reward_tok = AutoTokenizer.from_pretrained(_char_tokenizer(other))
