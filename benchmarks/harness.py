@@ -117,6 +117,18 @@ def time_fn(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 5) -> T
     return Timing(tuple(times))
 
 
+def time_alternating(fns: Sequence[Callable[[], object]], *, repeats: int = 3) -> list[Timing]:
+    """One Timing per function of `fns` (already warmed up), timed in turns (f0, f1, ..., f0, f1, ...) so that
+    every one sees the same load of a shared machine; repeat r of each forms a comparable tuple."""
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, out in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return [Timing(tuple(t)) for t in times]
+
+
 def ratio(slow: Timing, fast: Timing) -> float:
     """How many times faster `fast` is than `slow`, by medians."""
     return slow.median / fast.median

@@ -95,17 +95,38 @@ def choose(logits_BxV: jax.Array, key: jax.Array, knobs: Knobs, greedy: bool = F
     V = logits_BxV.shape[-1]
     logits_BxV = logits_BxV.astype(jnp.float32)
     if greedy:
-        return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-    scaled_BxV = logits_BxV / jnp.maximum(knobs.temperature, 1e-6)
+        return first_argmax(logits_BxV)
+
+    def sample(logits_BxV):
+        scaled_BxV = logits_BxV / knobs.temperature
+        filtering = ((knobs.top_k > 0) & (knobs.top_k < V)) | (knobs.top_p < 1)
+        # the sort over the vocabulary runs only when top-k or top-p is on (a branch at run time: no recompile)
+        scaled_BxV = jax.lax.cond(filtering, _top_k_top_p, lambda x_BxV, _: x_BxV, scaled_BxV, knobs)
+        # jax.random.categorical's Gumbel-max draw (the same noise, so the same tokens), with a faster argmax
+        return first_argmax(scaled_BxV + jax.random.gumbel(key, scaled_BxV.shape, jnp.float32))
+
+    return jax.lax.cond(knobs.temperature == 0, first_argmax, sample, logits_BxV)
+
+
+def first_argmax(x_BxV: jax.Array) -> jax.Array:
+    """int32 [B]: jnp.argmax over the last axis (the first index of the largest value) as two plain reductions,
+    which XLA:CPU vectorizes (its variadic argmax reduction is several times slower over a vocabulary)."""
+    V = x_BxV.shape[-1]
+    top_Bx1 = jnp.max(x_BxV, axis=-1, keepdims=True)
+    first_B = jnp.min(jnp.where(x_BxV == top_Bx1, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
+    return jnp.minimum(first_B, V - 1).astype(jnp.int32)  # V only when the row holds NaN
+
+
+def _top_k_top_p(scaled_BxV: jax.Array, knobs: Knobs) -> jax.Array:
+    """-inf on the tokens that top-k and top-p remove (`choose`)."""
+    V = scaled_BxV.shape[-1]
     ascending_BxV = jnp.sort(scaled_BxV, axis=-1)  # top-k masking keeps this order
     k = jnp.where((knobs.top_k > 0) & (knobs.top_k < V), knobs.top_k, V)
     ascending_BxV = jnp.where(jnp.arange(V) < V - k, -jnp.inf, ascending_BxV)
     removed_BxV = jnp.cumsum(jax.nn.softmax(ascending_BxV, axis=-1), axis=-1) <= 1 - knobs.top_p
     removed_BxV = (removed_BxV | (ascending_BxV == -jnp.inf)).at[:, -1].set(False)
     lowest_kept_Bx1 = jnp.min(jnp.where(removed_BxV, jnp.inf, ascending_BxV), axis=-1, keepdims=True)
-    scaled_BxV = jnp.where(scaled_BxV < lowest_kept_Bx1, -jnp.inf, scaled_BxV)
-    sampled_B = jax.random.categorical(key, scaled_BxV, axis=-1)
-    return jnp.where(knobs.temperature == 0, jnp.argmax(logits_BxV, axis=-1), sampled_B).astype(jnp.int32)
+    return jnp.where(scaled_BxV < lowest_kept_Bx1, -jnp.inf, scaled_BxV)
 
 
 # ------------------------------------------------------------------------------------------ device loop

@@ -32,6 +32,7 @@ Model
   Dr  rotary width of one head (Dr <= Dh; partial rotary rotates the first Dr)
   X   experts of an MoE layer
   Y   experts each token is routed to (top-k)
+  Q   labels of a sequence-classification (score) head (1 for a reward model)
 
 Attention and the log-prob head
   S   query positions of one attention block
@@ -67,6 +68,7 @@ LETTERS: dict[str, str] = {
     "Dr": "rotary width",
     "X": "experts of an MoE layer",
     "Y": "experts each token is routed to (top-k)",
+    "Q": "labels of a score head",
     "S": "query positions of an attention block",
     "E": "key positions of an attention block",
     "C": "log-prob chunk length",

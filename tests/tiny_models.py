@@ -1,7 +1,8 @@
 """Tiny random Hugging Face checkpoints built locally with torch (no network), for parity tests.
 
 `make_tiny_checkpoint(path, family, ...)` writes `config.json` + `model.safetensors` (fp32) with
-non-trivial weights (random norm scales and biases), deterministic from `seed`.
+non-trivial weights (random norm scales and biases), deterministic from `seed`; with `num_labels` a
+`*ForSequenceClassification` (reward model) instead of the causal LM.
 Families: llama, mistral, qwen2, qwen3, gpt2, gpt_neox, gemma, gemma2, gemma3_text, phi3, and the mixture-of-
 experts families qwen3_moe, mixtral, qwen2_moe (8 experts, top-2; qwen2_moe with its shared expert). Each family's
 defaults exercise what sets it apart (FAMILY_DEFAULTS): NeoX partial rotary and parallel residual, Gemma 2
@@ -76,7 +77,9 @@ def _family_kwargs(family: str, *, vocab_size, hidden_size, num_layers, num_head
 
 def make_tiny_checkpoint(path, family: str = "llama", *, seed: int = 0, vocab_size: int = 128, hidden_size: int = 32,
                          num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2, tie: bool | None = None,
-                         **hf_overrides) -> pathlib.Path:
+                         num_labels: int | None = None, **hf_overrides) -> pathlib.Path:
+    """num_labels: a `*ForSequenceClassification` with that many labels (its `score.weight` random too), not the
+    causal LM."""
     import torch
     import transformers
 
@@ -85,15 +88,18 @@ def make_tiny_checkpoint(path, family: str = "llama", *, seed: int = 0, vocab_si
     kwargs = _family_kwargs(family, vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,
                             num_heads=num_heads, num_kv_heads=num_kv_heads, tie=tie, seed=seed)
     kwargs.update(hf_overrides)
+    if num_labels is not None:
+        kwargs["num_labels"] = num_labels
     config = getattr(transformers, CONFIG_CLASSES[family])(**kwargs)
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    auto = transformers.AutoModelForCausalLM if num_labels is None else transformers.AutoModelForSequenceClassification
+    model = auto.from_config(config, dtype=torch.float32)
     _randomize(model, seed)
     model.save_pretrained(path, safe_serialization=True)
     return path
 
 
-EMBEDDINGS = ("embed_tokens", "lm_head", "wte", "wpe", "embed_in", "embed_out")
+EMBEDDINGS = ("embed_tokens", "lm_head", "wte", "wpe", "embed_in", "embed_out", "score")
 ROUTERS = (".mlp.gate.weight", "shared_expert_gate.weight")  # MoE routers: std 0.5, clear top-k choices
 NORMS = ("norm", "ln_")
 

@@ -18,7 +18,7 @@ import json
 import pathlib
 import re
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -210,10 +210,12 @@ class _Reader:
         return tuple(self.get_slice(name).get_shape())
 
 
-def canonical_names(files: Mapping[str, pathlib.Path], cfg: ModelConfig) -> dict[str, str]:
+def canonical_names(files: Mapping[str, pathlib.Path], cfg: ModelConfig, heads: tuple[str, ...] = ()
+                    ) -> dict[str, str]:
     """canonical (full transformers) name -> stored name. A checkpoint saved from the bare base model has no
     name starting with the family's prefix (hub GPT-2: `wte.weight`): the prefix is added back; a family's
-    `renames` map other spellings (GPT-NeoX `lm_head.weight` -> `embed_out.weight`)."""
+    `renames` map other spellings (GPT-NeoX `lm_head.weight` -> `embed_out.weight`). `heads`: names outside the
+    base model besides the table's (a classifier's `score.weight`), never prefixed."""
     family = FAMILIES[cfg.family]
 
     def rename(name: str) -> str:
@@ -223,7 +225,7 @@ def canonical_names(files: Mapping[str, pathlib.Path], cfg: ModelConfig) -> dict
 
     if not family.prefix or any(name.startswith(family.prefix) for name in files):
         return {rename(name): name for name in files}
-    outside = {e.hf for e in family_table(cfg).values() if not e.hf.startswith(family.prefix)}  # e.g. lm_head
+    outside = {e.hf for e in family_table(cfg).values() if not e.hf.startswith(family.prefix)} | set(heads)
     return {rename(name if rename(name) in outside else family.prefix + name): name for name in files}
 
 
@@ -259,7 +261,7 @@ def _layer_shapes(flat: Mapping[str, Any], table: Mapping[str, Entry]) -> dict[s
     return {p: tuple(v.shape[_stacked_axes(table[p].hf):]) for p, v in flat.items() if p in table}
 
 
-def _check_keys(paths: list[str], files: Mapping[str, Any], cfg: ModelConfig) -> None:
+def _check_keys(paths: list[str], files: Mapping[str, Any], cfg: ModelConfig, heads: tuple[str, ...] = ()) -> None:
     table = family_table(cfg)
     unknown = [p for p in paths if p not in table]
     if unknown:  # a model parameter without a table entry: a bug in dpojax, not in the checkpoint
@@ -269,7 +271,7 @@ def _check_keys(paths: list[str], files: Mapping[str, Any], cfg: ModelConfig) ->
     ignored = [re.compile(p) for p in FAMILIES[cfg.family].ignored]
     if cfg.tie_embeddings and "lm_head/weight" in table:  # some tied checkpoints store the copy; HF ignores it too
         ignored.append(re.compile(re.escape(table["lm_head/weight"].hf) + "$"))
-    unexpected = sorted(k for k in set(files) - needed if not any(r.match(k) for r in ignored))
+    unexpected = sorted(k for k in set(files) - needed - set(heads) if not any(r.match(k) for r in ignored))
     if missing or unexpected:
         raise ModelError(
             f"checkpoint does not match the {cfg.family} architecture in config.json: "
@@ -334,24 +336,31 @@ def load_pretrained(name_or_path: str | pathlib.Path, *, dtype=jnp.float32, para
     MXFP4 checkpoints (config.json `quantization_config.quant_method: mxfp4`, gpt-oss) are dequantized to
     `param_dtype` as they are read (`dpojax.models.mxfp4`)."""
     folder = resolve_model_dir(name_or_path, revision)
-    hf_config = read_hf_config(folder)
-    cfg = ModelConfig.from_hf(hf_config)
+    cfg = ModelConfig.from_hf(read_hf_config(folder))
+    return load_decoder(folder, cfg, dtype=dtype, param_dtype=param_dtype, attention=attention, remat=remat,
+                        scan_layers=scan_layers, sharder=sharder), cfg
+
+
+def load_decoder(folder: pathlib.Path, cfg: ModelConfig, *, heads: tuple[str, ...] = (), **decoder_kwargs
+                 ) -> Decoder:
+    """The Decoder of `cfg` from the safetensors of a local `folder`; `heads`: weights outside the decoder that
+    the caller reads itself (a classifier's `score.weight`), neither loaded nor refused. decoder_kwargs as for
+    Decoder()."""
     files = weight_map(folder)
-    graphdef, abstract_state = nnx.split(abstract_decoder(
-        cfg, dtype=dtype, param_dtype=param_dtype, attention=attention, remat=remat, scan_layers=scan_layers,
-        sharder=sharder))
+    sharder = decoder_kwargs.get("sharder")
+    graphdef, abstract_state = nnx.split(abstract_decoder(cfg, **decoder_kwargs))
     flat = list(nnx.to_flat_state(abstract_state))
-    stored = canonical_names(files, cfg)
+    stored = canonical_names(files, cfg, heads)
     files = {name: files[old] for name, old in stored.items()}
-    packed = mxfp4.packed_weights(files) if mxfp4.is_mxfp4(hf_config) else {}
+    packed = mxfp4.packed_weights(files) if mxfp4.is_mxfp4(cfg.hf_config) else {}
     parts = {part for pair in packed.values() for part in pair}
-    _check_keys([_path_str(p) for p, _ in flat], {n: None for n in [*files, *packed] if n not in parts}, cfg)
+    _check_keys([_path_str(p) for p, _ in flat], {n: None for n in [*files, *packed] if n not in parts}, cfg, heads)
     shapes = _layer_shapes({_path_str(p): v for p, v in flat}, family_table(cfg))
     with contextlib.ExitStack() as stack:
         reader = _Reader(files, stored, stack, packed)
         loaded = [(p, v.replace(value=_load_param(v, _path_str(p), cfg, reader, sharder, shapes)))
                   for p, v in flat]
-    return nnx.merge(graphdef, nnx.from_flat_state(loaded)), cfg
+    return nnx.merge(graphdef, nnx.from_flat_state(loaded))
 
 
 # ---- export --------------------------------------------------------------------------------------------
@@ -403,24 +412,27 @@ def _plan_shards(tensors: list, max_shard_bytes: int) -> list[list]:
 
 
 def export_hf(model: Decoder, cfg: ModelConfig, out_dir: str | pathlib.Path, *,
-              tokenizer_dir: str | pathlib.Path | None = None, max_shard_bytes: int = 5 * 2**30):
+              tokenizer_dir: str | pathlib.Path | None = None, max_shard_bytes: int = 5 * 2**30,
+              heads: Sequence[tuple[str, Callable[[], np.ndarray], tuple, Any]] = (),
+              config_updates: Mapping[str, Any] | None = None):
     """Write a HF folder (config.json, safetensors shards, tokenizer files) loadable by transformers.
 
     Tensors are saved in the model's param dtype; every process must call this (gathers are collective),
     only process 0 writes. Host memory holds at most one shard. `out_dir` may be a gs:// or s3:// URL: each
-    shard is written to a local temporary file, then uploaded.
+    shard is written to a local temporary file, then uploaded. `heads`: more tensors as `hf_tensors` lists them
+    (a classifier's `score.weight`), written after the decoder's; `config_updates`: keys set in config.json.
     """
     from safetensors.numpy import save_file  # optional dependency, needed only to export
 
     out = paths.path(out_dir)
-    tensors = hf_tensors(model, cfg)
+    tensors = hf_tensors(model, cfg) + list(heads)
     dtype_name = jnp.dtype(tensors[0][3]).name
     shards = _plan_shards(tensors, max_shard_bytes)
     write = jax.process_index() == 0
     if write:
         paths.makedirs(out)
-        paths.write_text(out / "config.json", json.dumps(export_config(cfg, dtype_name), indent=2, sort_keys=True)
-                         + "\n")
+        config = {**export_config(cfg, dtype_name), **(config_updates or {})}
+        paths.write_text(out / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
     names = ["model.safetensors"] if len(shards) == 1 else [
         f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
     weight_files: dict[str, str] = {}

@@ -48,12 +48,15 @@ class KVCache:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LayerCache:
-    """One layer's slice of a KVCache (what a block sees inside the scan over layers)."""
+    """What one layer's attention sees inside the scan over layers: the WHOLE stacked cache, carried through the
+    scan so that each layer writes its new k/v into it in place (only the new slots are written; a per-layer slice
+    scanned in and out would copy the whole cache at every step), and the layer's index."""
 
-    k_BxZxGxDh: jax.Array
-    v_BxZxGxDh: jax.Array
+    k_LxBxZxGxDh: jax.Array
+    v_LxBxZxGxDh: jax.Array
     start_B: jax.Array
     index: jax.Array
+    layer: jax.Array  # int32 []
 
 
 def empty_cache(num_layers: int, batch: int, slots: int, num_kv_heads: int, head_dim: int, start_B: jax.Array,
@@ -67,34 +70,36 @@ def empty_cache(num_layers: int, batch: int, slots: int, num_kv_heads: int, head
 def attend_cached(q_BxTxHxDh: jax.Array, k_BxTxGxDh: jax.Array, v_BxTxGxDh: jax.Array, cache: LayerCache, *,
                   implementation: str, scale: float, softcap: float | None, window: jax.Array | None,
                   sharder: Sharder | None, sinks_H: jax.Array | None = None) -> tuple[jax.Array, LayerCache]:
-    """Writes the new k/v into the cache and attends (prefill for T > 1, one step for T = 1; module docstring).
-    `sinks_H`: attention sinks (`dpojax.models.attention`). Returns out [B, T, H, Dh] and the updated cache."""
+    """Writes the new k/v into the cache (slots [0, T) for a prefill, slot `index` for a step) and attends (module
+    docstring). `sinks_H`: attention sinks (`dpojax.models.attention`). Returns out [B, T, H, Dh] and the updated
+    cache."""
     T = q_BxTxHxDh.shape[1]
+    zero = jnp.zeros((), jnp.int32)
+    at = (cache.layer, zero, zero if T > 1 else cache.index, zero, zero)
+
+    def write(full_LxBxZxGxDh, new_BxTxGxDh):
+        full_LxBxZxGxDh = jax.lax.dynamic_update_slice(full_LxBxZxGxDh,
+                                                       new_BxTxGxDh[None].astype(full_LxBxZxGxDh.dtype), at)
+        return constrain(full_LxBxZxGxDh, sharder, ("layers", *CACHE_AXES))
+
+    new = dataclasses.replace(cache, k_LxBxZxGxDh=write(cache.k_LxBxZxGxDh, k_BxTxGxDh),
+                              v_LxBxZxGxDh=write(cache.v_LxBxZxGxDh, v_BxTxGxDh))
     if T > 1:  # prefill from slot 0: the training path's attention over the new tokens alone
         segment_ids_BxT = (jnp.arange(T)[None, :] >= cache.start_B[:, None]).astype(jnp.int32)
-        out_BxTxHxDh = attend(q_BxTxHxDh, k_BxTxGxDh, v_BxTxGxDh, segment_ids_BxT, implementation=implementation,
-                              scale=scale, softcap=softcap, window=window, sharder=sharder, sinks_H=sinks_H)
-        index = jnp.zeros((), jnp.int32)
-    else:
-        out_BxTxHxDh = None
-        index = cache.index
-    k_BxZxGxDh = constrain(jax.lax.dynamic_update_slice_in_dim(
-        cache.k_BxZxGxDh, k_BxTxGxDh.astype(cache.k_BxZxGxDh.dtype), index, axis=1), sharder, CACHE_AXES)
-    v_BxZxGxDh = constrain(jax.lax.dynamic_update_slice_in_dim(
-        cache.v_BxZxGxDh, v_BxTxGxDh.astype(cache.v_BxZxGxDh.dtype), index, axis=1), sharder, CACHE_AXES)
-    new = LayerCache(k_BxZxGxDh, v_BxZxGxDh, cache.start_B, cache.index)
-    if out_BxTxHxDh is None:
-        out_BxTxHxDh = _attend_one(q_BxTxHxDh, new, scale=scale, softcap=softcap, window=window, sinks_H=sinks_H)
-    return out_BxTxHxDh, new
+        return attend(q_BxTxHxDh, k_BxTxGxDh, v_BxTxGxDh, segment_ids_BxT, implementation=implementation,
+                      scale=scale, softcap=softcap, window=window, sharder=sharder, sinks_H=sinks_H), new
+    return _attend_one(q_BxTxHxDh, new, scale=scale, softcap=softcap, window=window, sinks_H=sinks_H), new
 
 
 def _attend_one(q_Bx1xHxDh: jax.Array, cache: LayerCache, *, scale: float, softcap: float | None,
                 window: jax.Array | None, sinks_H: jax.Array | None = None) -> jax.Array:
-    """One query per row (at slot cache.index) against the cache's slots [start, index]; scores in fp32."""
+    """One query per row (at slot cache.index) against its layer's slots [start, index]; scores in fp32."""
     B, _, H, Dh = q_Bx1xHxDh.shape
-    Z, G = cache.k_BxZxGxDh.shape[1], cache.k_BxZxGxDh.shape[2]
+    k_BxZxGxDh = jax.lax.dynamic_index_in_dim(cache.k_LxBxZxGxDh, cache.layer, keepdims=False)
+    v_BxZxGxDh = jax.lax.dynamic_index_in_dim(cache.v_LxBxZxGxDh, cache.layer, keepdims=False)
+    Z, G = k_BxZxGxDh.shape[1], k_BxZxGxDh.shape[2]
     q_BxGxRxDh = q_Bx1xHxDh.reshape(B, G, H // G, Dh)
-    scores_BxGxRxZ = jnp.einsum("bgrd,bzgd->bgrz", q_BxGxRxDh, cache.k_BxZxGxDh.astype(q_Bx1xHxDh.dtype),
+    scores_BxGxRxZ = jnp.einsum("bgrd,bzgd->bgrz", q_BxGxRxDh, k_BxZxGxDh.astype(q_Bx1xHxDh.dtype),
                                 preferred_element_type=jnp.float32) * scale
     if softcap is not None:
         scores_BxGxRxZ = jnp.tanh(scores_BxGxRxZ / softcap) * softcap
@@ -105,5 +110,5 @@ def _attend_one(q_Bx1xHxDh: jax.Array, cache: LayerCache, *, scale: float, softc
     scores_BxGxRxZ = jnp.where(allowed_BxZ[:, None, None, :], scores_BxGxRxZ, jnp.finfo(jnp.float32).min)
     sink_1xGxRx1 = None if sinks_H is None else sinks_H.astype(jnp.float32).reshape(1, G, H // G, 1)
     probs_BxGxRxZ = softmax_with_sink(scores_BxGxRxZ, sink_1xGxRx1).astype(q_Bx1xHxDh.dtype)
-    out_BxGxRxDh = jnp.einsum("bgrz,bzgd->bgrd", probs_BxGxRxZ, cache.v_BxZxGxDh.astype(q_Bx1xHxDh.dtype))
+    out_BxGxRxDh = jnp.einsum("bgrz,bzgd->bgrd", probs_BxGxRxZ, v_BxZxGxDh.astype(q_Bx1xHxDh.dtype))
     return out_BxGxRxDh.reshape(B, 1, H, Dh)

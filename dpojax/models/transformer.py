@@ -250,16 +250,18 @@ class Decoder(nnx.Module):
         ropes = self._rope_tables(positions_BxT, longest)
         graphdef, stacked = nnx.split(self.layers)
 
-        def body(h_BxTxD, xs):
-            layer_state, data, k_BxZxGxDh, v_BxZxGxDh = xs
+        def body(carry, xs):  # the whole cache is carried: each layer writes its new slots in place
+            h_BxTxD, k_LxBxZxGxDh, v_LxBxZxGxDh = carry
+            layer_state, data, layer = xs
             rope = None if ropes is None else (ropes[0][data.get("rope", 0)], ropes[1][data.get("rope", 0)])
-            layer_cache = LayerCache(k_BxZxGxDh, v_BxZxGxDh, cache.start_B, cache.index)
+            layer_cache = LayerCache(k_LxBxZxGxDh, v_LxBxZxGxDh, cache.start_B, cache.index, layer)
             h_BxTxD, layer_cache = nnx.merge(graphdef, layer_state)(h_BxTxD, rope, None, data.get("window"),
                                                                    cache=layer_cache)
-            return h_BxTxD, (layer_cache.k_BxZxGxDh, layer_cache.v_BxZxGxDh)
+            return (h_BxTxD, layer_cache.k_LxBxZxGxDh, layer_cache.v_LxBxZxGxDh), None
 
-        xs = (stacked, self.layer_data(), cache.k_LxBxZxGxDh, cache.v_LxBxZxGxDh)
-        x_BxTxD, (k_LxBxZxGxDh, v_LxBxZxGxDh) = jax.lax.scan(body, x_BxTxD, xs)
+        xs = (stacked, self.layer_data(), jnp.arange(self.cfg.num_layers, dtype=jnp.int32))
+        (x_BxTxD, k_LxBxZxGxDh, v_LxBxZxGxDh), _ = jax.lax.scan(
+            body, (x_BxTxD, cache.k_LxBxZxGxDh, cache.v_LxBxZxGxDh), xs)
         T = input_ids_BxT.shape[1]
         index = cache.index + 1 if T == 1 else jnp.asarray(T, jnp.int32)  # the next slot to write
         new = KVCache(k_LxBxZxGxDh, v_LxBxZxGxDh, cache.start_B, index)
