@@ -220,7 +220,7 @@ class OnlineSection:
     # reward function 'module:function' or 'path/to/file.py:function', called as fn(prompts, completions,
     # **row_fields) -> list[float] (row_fields: the prompt rows' other columns, one list each)
     reward: Optional[str] = None
-    reward_model: Optional[str] = None  # a reward model folder (not available yet: use reward)
+    reward_model: Optional[str] = None  # or a *ForSequenceClassification reward model (folder or hub id), scored in JAX
     # how a prompt's scored samples become data: best_vs_worst (one pair: highest vs lowest reward), all_pairs
     # (every pair of different rewards), ranking (the K samples ranked by reward, for a ranking loss); a prompt
     # whose samples all score the same is dropped and counted

@@ -28,6 +28,7 @@ from dpojax.errors import ConfigError, UserError
 from dpojax.metrics import read_metrics
 from dpojax.online import pairs
 from dpojax.online.rewards import load_reward
+from dpojax.reward import RewardModel
 
 HERE = Path(__file__).resolve().parent
 REWARDS = str(HERE / "online_rewards.py")
@@ -113,6 +114,26 @@ def test_the_reference_run_records_its_samples_and_metrics(setup):
         np.testing.assert_allclose(r["online/reward_mean"], np.mean(
             [x for s in samples if s["step"] == r["step"] for x in s["rewards"]]), rtol=1e-6)
     # a second run from scratch (the killed run of the next test, steps 1-2, then its resume) equals this one
+
+
+def test_a_reward_model_scores_the_samples(setup):
+    """online.reward_model: a *ForSequenceClassification model (sharing the policy's tokenizer) scores each prompt
+    with its sampled ids; the recorded rewards are its scores (tests/test_score.py: those equal transformers')."""
+    root = setup["root"]
+    rm = make_tiny_checkpoint(root / "reward_model", seed=5, num_labels=1)
+    out = root / "with_reward_model"
+    result = _run(setup["config"], out, "online.reward=null", f"online.reward_model={rm}", "train.steps=2",
+                  "checkpoint.every=null")
+    assert result.returncode == 0, result.stderr[-3000:]
+    samples = _samples(out)
+    from transformers import AutoTokenizer  # the policy's tokenizer, as the run loads it
+
+    tokenizer = AutoTokenizer.from_pretrained(root / "tok")
+    model = RewardModel.load(rm, policy_tokenizer=tokenizer)
+    for s in samples[:4]:
+        expected = model.score([s["prompt"]] * len(s["completion_ids"]), s["completions"], s["completion_ids"])
+        np.testing.assert_allclose(s["rewards"], expected, rtol=1e-5, atol=1e-6)
+    assert len({round(x, 6) for s in samples for x in s["rewards"]}) > 1  # real scores, not a constant
 
 
 def test_sigkill_then_resume_equals_the_uninterrupted_run(setup):

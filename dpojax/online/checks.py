@@ -31,10 +31,10 @@ def validate_online(cfg) -> None:
                               "hub id (rows with a 'prompt' column, text or chat messages).")
     _require(not cfg.data.train, f"'data.train' = {cfg.data.train!r}: an online run samples its training data "
                                  "from the policy; remove data.train (the prompts come from online.prompts).")
-    _require(o.reward_model is None, f"'online.reward_model' = {o.reward_model!r}: reward models are not available "
-                                     "yet; give a reward function as online.reward ('module:function' or "
-                                     "'file.py:function').")
-    _require(o.reward is not None and o.reward.count(":") == 1 and all(o.reward.split(":")),
+    _require((o.reward is None) != (o.reward_model is None),
+             f"give exactly one reward: 'online.reward' (a function, = {o.reward!r}) or 'online.reward_model' (a "
+             f"*ForSequenceClassification folder or hub id, = {o.reward_model!r}).")
+    _require(o.reward is None or (o.reward.count(":") == 1 and all(o.reward.split(":"))),
              f"'online.reward' = {o.reward!r} must name a function as 'module:function' or 'path/to/file.py:function' "
              "(called fn(prompts, completions, **row_fields) -> list[float]).")
     _require(o.samples_per_prompt >= 2, f"'online.samples_per_prompt' = {o.samples_per_prompt} must be at least 2: "

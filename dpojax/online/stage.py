@@ -129,12 +129,14 @@ class OnlineWindow:
 
 
 def sample_lines(step: int, scored: Scored, prompts: PromptSet, k: int, **extra) -> list[str]:
-    """online_samples.jsonl lines of a call, one per prompt: its step, prompt, K completions, finish reasons,
-    rewards (and `extra`, e.g. the round)."""
+    """online_samples.jsonl lines of a call, one per prompt: its step, prompt, K completions (text and the sampled
+    token ids), finish reasons, rewards (and `extra`, e.g. the round)."""
     lines = []
     for n, i in enumerate(scored.indices):
         b = slice(n * k, (n + 1) * k)
         lines.append(json.dumps({"step": step, **extra, "prompt_index": int(i), "prompt": prompts.prompts[int(i)],
-                                 "completions": scored.text[b], "finish": scored.finish[b],
+                                 "completions": scored.text[b],
+                                 "completion_ids": [list(map(int, t)) for t in scored.tokens[b]],
+                                 "finish": scored.finish[b],
                                  "rewards": [float(x) for x in scored.rewards_B[b]]}, ensure_ascii=False))
     return lines

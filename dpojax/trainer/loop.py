@@ -275,7 +275,7 @@ def train(cfg: Config) -> dict[str, Any]:
     sharder = make_sharder(cfg)
     models = build_models(cfg, sharder)
     if cfg.online.enabled:  # the training data is sampled: a prompt set and a reward instead of data.train
-        (prompts, reward), train_data = online.load_online(cfg, models), None
+        (prompts, reward), train_data = online.load_online(cfg, models, sharder), None
         eval_data = load_split(cfg, models, cfg.data.eval, cfg.data.eval_split) if cfg.data.eval else None
         steps = online.online_steps(cfg, len(prompts))
     else:

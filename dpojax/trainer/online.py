@@ -30,7 +30,9 @@ from dpojax.online import stage
 from dpojax.online.prompts import PromptSet, load_prompts
 from dpojax.online.rewards import Reward, load_reward
 from dpojax.online.sampler import SamplerSetup
-from dpojax.trainer.build import Models, Run
+from dpojax.reward import RewardModel
+from dpojax.sharding import Sharder
+from dpojax.trainer.build import DTYPES, Models, Run
 from dpojax.trainer.step import packing_of, shardings_of
 
 log = logging.getLogger("dpojax")
@@ -56,11 +58,19 @@ def online_steps(cfg: Config, n_prompts: int) -> int:
     return cfg.train.steps or cfg.train.epochs * (n_prompts // n)
 
 
-def load_online(cfg: Config, models: Models) -> tuple[PromptSet, Reward]:
-    """The prompt set and the reward (both checked before anything compiles)."""
+def load_online(cfg: Config, models: Models, sharder: Sharder) -> tuple[PromptSet, Reward]:
+    """The prompt set and the reward: a function, or a reward model sharded like the policy on `sharder`'s mesh
+    (both checked before anything compiles)."""
     prompts = load_prompts(cfg.online.prompts, cfg.online.prompts_split, models.tokenizer,
                            models.policy_cfg.max_position_embeddings)
-    return prompts, load_reward(cfg.online.reward)
+    if cfg.online.reward_model is None:
+        return prompts, load_reward(cfg.online.reward)
+    if jax.process_count() > 1:  # each host scores its own samples; a model on the global mesh cannot do that yet
+        raise ConfigError("online.reward_model is supported in single-process runs only so far; with several "
+                          "processes use a reward function (online.reward).")
+    reward = RewardModel.load(cfg.online.reward_model, policy_tokenizer=models.tokenizer, dtype=DTYPES[cfg.model.dtype],
+                              sharder=sharder, batch_size=cfg.train.batch_size * cfg.online.samples_per_prompt)
+    return prompts, reward
 
 
 def with_round_reference(run: Run) -> Run:
