@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: demo smollm2 test test-faults test-smollm2 install install-test bench throughput gpu-wheels clean
+.PHONY: demo smollm2 smollm2-online test test-faults test-smollm2 install install-test bench throughput gpu-wheels clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -69,6 +69,16 @@ smollm2: $(VENV)/.installed-bench
 	$(VENV)/bin/dpojax generate $(SMOLLM2_RUN)/export --prompts configs/smollm2/eval_prompts.jsonl \
 		--max-new-tokens 32 --batch-size 20 --output $(SMOLLM2_RUN)/greedy_after.jsonl
 	$(PY) configs/smollm2/arithmetic.py score $(SMOLLM2_RUN)/greedy_before.jsonl $(SMOLLM2_RUN)/greedy_after.jsonl
+
+# The same task learned online (docs/online.md): the policy samples 8 answers per training question, an exact-match
+# reward scores them, best vs worst trains each step; then greedy answers to the held-out questions, scored.
+SMOLLM2_ONLINE_RUN := runs/smollm2-arithmetic-online
+smollm2-online: $(VENV)/.installed-bench
+	$(PY) -m dpojax.models.smollm2
+	$(VENV)/bin/dpojax train configs/smollm2-135m_arithmetic_online.yaml output_dir=$(SMOLLM2_ONLINE_RUN)
+	$(VENV)/bin/dpojax generate $(SMOLLM2_ONLINE_RUN)/export --prompts configs/smollm2/eval_prompts.jsonl \
+		--max-new-tokens 32 --batch-size 20 --output $(SMOLLM2_ONLINE_RUN)/greedy_after.jsonl
+	$(PY) configs/smollm2/arithmetic.py score $(SMOLLM2_ONLINE_RUN)/greedy_after.jsonl
 
 # tokens/s, MFU and the FLOP accounting of the real train step on the backend JAX finds (CPU, GPU, TPU);
 # PRESET: host | tiny | bench-llama | llama-1b | llama-8b, ARGS: e.g. --attention cudnn --remat qkv --micro-batch 4
