@@ -41,6 +41,13 @@ Attention and the log-prob head
 
 Generation
   Z   slots of a KV cache (prompt bucket plus new tokens)
+
+Mixture of experts
+  X   experts of an MoE layer
+  Y   experts each token is routed to (top-k)
+  Q   devices of the mesh's expert axis (expert parallelism)
+  Xl  experts held by one device of the expert axis (X / Q)
+  Qr  rows one device sends to each device of the expert axis (its worst case: bt * min(Y, Xl))
 """
 
 LETTERS: dict[str, str] = {
@@ -70,4 +77,9 @@ LETTERS: dict[str, str] = {
     "W": "vocabulary tile width",
     "Tp": "T padded to the splash block",
     "Z": "KV cache slots",
+    "X": "experts of an MoE layer",
+    "Y": "experts each token is routed to (top-k)",
+    "Q": "devices of the expert axis",
+    "Xl": "experts on one device of the expert axis",
+    "Qr": "rows sent to each device of the expert axis",
 }

@@ -92,7 +92,7 @@ def test_multislice_mesh_puts_data_across_slices():
 
     devices = aot.topology_devices("v5e:2x2", slices=2)  # 2 slices of 4 chips
     mesh = make_mesh(data=2, fsdp=-1, tensor=1, devices=devices)
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "expert": 1, "tensor": 1}
     assert [{d.slice_index for d in row.flat} for row in mesh.devices] == [{0}, {1}]  # fsdp stays in a slice
     with pytest.raises(ConfigError, match="multiple of 2"):
         make_mesh(data=1, fsdp=-1, tensor=1, devices=devices)

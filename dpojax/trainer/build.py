@@ -78,7 +78,7 @@ Loader = Callable[[str, str], tuple[Any, Any, ModelConfig]]
 
 def make_sharder(cfg: Config, devices=None) -> Sharder:
     """The run's mesh over `devices` (default: every device of every process)."""
-    return Sharder(make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices))
+    return Sharder(make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices, expert=cfg.mesh.expert))
 
 
 def import_transformers_quietly() -> None:
@@ -331,14 +331,14 @@ def check_batch(cfg: Config, sharder: Sharder) -> None:
         key = "train.micro_batch_size" if cfg.train.micro_batch_size else "train.batch_size"
         raise ConfigError(
             f"config: '{key}' = {cfg.micro_batch_size} pairs must be divisible by the {n_data} "
-            "data-parallel devices (mesh.data * mesh.fsdp), so every device gets whole pairs; change the batch "
-            "or the mesh."
+            "devices that split the batch (mesh.data * mesh.fsdp * mesh.expert), so every device gets whole pairs; "
+            "change the batch or the mesh."
         )
     eval_bs = cfg.train.eval_batch_size or cfg.train.batch_size
     if eval_bs % n_data:
         raise ConfigError(
             f"config: 'train.eval_batch_size' = {eval_bs} must be divisible by the {n_data} "
-            "data-parallel devices (mesh.data * mesh.fsdp)."
+            "devices that split the batch (mesh.data * mesh.fsdp * mesh.expert)."
         )
 
 
