@@ -30,6 +30,8 @@ Model
   R   query heads per key/value head (H / G)
   Dh  width of one head (two letters, one meaning)
   Dr  rotary width of one head (Dr <= Dh; partial rotary rotates the first Dr)
+  X   experts of an MoE layer
+  Y   experts each token is routed to (top-k)
 
 Attention and the log-prob head
   S   query positions of one attention block
@@ -42,9 +44,7 @@ Attention and the log-prob head
 Generation
   Z   slots of a KV cache (prompt bucket plus new tokens)
 
-Mixture of experts
-  X   experts of an MoE layer
-  Y   experts each token is routed to (top-k)
+Expert parallelism (dpojax.models.expert_parallel)
   Q   devices of the mesh's expert axis (expert parallelism)
   Xl  experts held by one device of the expert axis (X / Q)
   Qr  rows one device sends to each device of the expert axis (its worst case: bt * min(Y, Xl))
@@ -70,6 +70,8 @@ LETTERS: dict[str, str] = {
     "R": "query heads per key/value head",
     "Dh": "head width",
     "Dr": "rotary width",
+    "X": "experts of an MoE layer",
+    "Y": "experts each token is routed to (top-k)",
     "S": "query positions of an attention block",
     "E": "key positions of an attention block",
     "C": "log-prob chunk length",
@@ -77,8 +79,6 @@ LETTERS: dict[str, str] = {
     "W": "vocabulary tile width",
     "Tp": "T padded to the splash block",
     "Z": "KV cache slots",
-    "X": "experts of an MoE layer",
-    "Y": "experts each token is routed to (top-k)",
     "Q": "devices of the expert axis",
     "Xl": "experts on one device of the expert axis",
     "Qr": "rows sent to each device of the expert axis",

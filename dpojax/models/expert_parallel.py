@@ -30,9 +30,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from dpojax.errors import ConfigError
+from dpojax.models import experts
+from dpojax.models.layers import DENSE_OUTPUT
 from dpojax.sharding import Sharder
 
 EXPERT_AXIS = "expert"
@@ -64,76 +67,72 @@ def _weight_specs(w, tensor) -> dict:
     return {k: specs[k] for k, v in w._asdict().items() if v is not None}
 
 
-def expert_ffn_sharded(x_BTxD: jax.Array, routing, w, *, activation: str, dtype, sharder: Sharder,
-                       activations: dict | None = None) -> jax.Array:
+def expert_ffn_sharded(x_BTxD: jax.Array, routing: experts.Routing, w: experts.ExpertWeights, *, activation: str,
+                       dtype, sharder: Sharder) -> jax.Array:
     """`experts.expert_ffn` with the experts split over the mesh's expert axis (see the module docstring): the same
-    y_BTxD. `activations`: the gated activations by name (experts.GATED_ACTIVATIONS)."""
-    X = w.gate_XxDxF.shape[0]
-    F = w.gate_XxDxF.shape[2]
-    Q = sharder.experts
-    check_expert_axis(X, Q)
+    y_BTxD in `dtype`. The BT rows must split over the devices of the batch axes (data, fsdp, expert)."""
+    X, _, F = w.gate_XxDxF.shape
+    check_expert_axis(X, sharder.experts)
     BT = x_BTxD.shape[0]
     rows = sharder.spec(("batch",), (BT,))[0]
-    row_axes = (rows,) if isinstance(rows, str) else tuple(rows or ())
-    if EXPERT_AXIS not in row_axes:
+    if EXPERT_AXIS not in ((rows,) if isinstance(rows, str) else tuple(rows or ())):
         raise ConfigError(f"mesh: {BT} tokens do not split over the {sharder.batch_shards} devices of mesh.data * "
-                          "mesh.fsdp * mesh.expert; expert parallelism needs a batch of rows divisible by them.")
+                          "mesh.fsdp * mesh.expert; expert parallelism needs a number of rows divisible by them.")
     tensor = sharder.spec(("mlp",), (F,))[0]
     fields = {k: v for k, v in w._asdict().items() if v is not None}
-    local = functools.partial(_local_ffn, act=activations[activation], dtype=dtype, Q=Q, tensor=tensor,
-                              weights_type=type(w))
+    local = functools.partial(_local_ffn, act=experts.GATED_ACTIVATIONS[activation], dtype=dtype,
+                              Q=sharder.experts, tensor=tensor)
     row_spec = P(rows, None)
     fn = jax.shard_map(local, mesh=sharder.mesh, in_specs=(row_spec, row_spec, row_spec, _weight_specs(w, tensor)),
                        out_specs=row_spec)
     return fn(x_BTxD, routing.weights_BTxY, routing.experts_BTxY, fields)
 
 
-def _local_ffn(x_btxD, weights_btxY, experts_btxY, fields: dict, *, act, dtype, Q: int, tensor, weights_type):
+def _local_ffn(x_btxD, weights_btxY, experts_btxY, fields: dict, *, act, dtype, Q: int, tensor):
     """One device: its bt tokens out to the experts' devices, its local experts on what arrives, the results back."""
     bt, Y = experts_btxY.shape
     D = x_btxD.shape[1]
     Xl = fields["gate_XxDxF"].shape[0]
     Qr = bt * min(Y, Xl)
-    expert_btY = experts_btxY.reshape(-1).astype(jnp.int32)
+    expert_btY = experts_btxY.reshape(bt * Y).astype(jnp.int32)
     order_btY = jnp.argsort(expert_btY, stable=True)  # by expert, so by the device holding it
     sorted_btY = expert_btY[order_btY]
     dest_btY = sorted_btY // Xl
     counts_Q = jnp.zeros((Q,), jnp.int32).at[dest_btY].add(1)
     slot_btY = jnp.arange(bt * Y, dtype=jnp.int32) - (jnp.cumsum(counts_Q) - counts_Q)[dest_btY]
-    send_QxQrxD = jnp.zeros((Q, Qr, D), x_btxD.dtype).at[dest_btY, slot_btY].set(x_btxD[order_btY // Y])
+    x_btxD = x_btxD.astype(dtype)
+    send_QxQrxD = jnp.zeros((Q, Qr, D), dtype).at[dest_btY, slot_btY].set(x_btxD[order_btY // Y])
     ids_QxQr = jnp.full((Q, Qr), Xl, jnp.int32).at[dest_btY, slot_btY].set(sorted_btY % Xl)  # Xl: an empty slot
     recv_QxQrxD = jax.lax.all_to_all(send_QxQrxD, EXPERT_AXIS, 0, 0)
     recv_ids_QxQr = jax.lax.all_to_all(ids_QxQr, EXPERT_AXIS, 0, 0)
-    w = weights_type(**{k: fields.get(k) for k in weights_type._fields})
-    first = jax.lax.axis_index(tensor) == 0 if tensor is not None else True
-    y_QQrxD = local_experts(recv_QxQrxD.reshape(Q * Qr, D), recv_ids_QxQr.reshape(Q * Qr), w, act=act, dtype=dtype,
-                            with_down_bias=first)
+    w = experts.ExpertWeights(**fields)
+    if tensor is not None and w.down_XxD is not None:  # the down bias once, not once per slice of F
+        w = w._replace(down_XxD=jnp.where(jax.lax.axis_index(tensor) == 0, w.down_XxD, 0))
+    y_QQrxD = local_experts(recv_QxQrxD.reshape(Q * Qr, D), recv_ids_QxQr.reshape(Q * Qr), w, act=act, dtype=dtype)
     back_QxQrxD = jax.lax.all_to_all(y_QQrxD.reshape(Q, Qr, D), EXPERT_AXIS, 0, 0)
-    y_btYxD = jnp.zeros((bt * Y, D), back_QxQrxD.dtype).at[order_btY].set(back_QxQrxD[dest_btY, slot_btY])
-    y_btxD = jnp.einsum("ty,tyd->td", weights_btxY.astype(jnp.float32),
-                        y_btYxD.reshape(bt, Y, D).astype(jnp.float32))
-    if tensor is not None:
+    y_btYxD = jnp.zeros((bt * Y, D), dtype).at[order_btY].set(back_QxQrxD[dest_btY, slot_btY])
+    y_btxD = jnp.einsum("tyd,ty->td", y_btYxD.reshape(bt, Y, D).astype(jnp.float32), weights_btxY)
+    if tensor is not None:  # each tensor device holds a slice of every expert's F: partial sums
         y_btxD = jax.lax.psum(y_btxD, tensor)
     return y_btxD.astype(dtype)
 
 
-def local_experts(x_RxD, ids_R, w, *, act, dtype, with_down_bias=True) -> jax.Array:
-    """Rows `x_RxD` through the local experts `w` (Xl of them), row r through expert ids_R[r]; an id of Xl marks an
-    empty slot (its output row is not read). Dropless: the rows sorted by expert, one ragged_dot group each."""
+def local_experts(x_RxD: jax.Array, ids_R: jax.Array, w: experts.ExpertWeights, *, act, dtype) -> jax.Array:
+    """Row r of `x_RxD` through local expert ids_R[r] of `w` (Xl experts; an id of Xl marks an empty slot, whose
+    output row is never read): the dropless grouped matmuls of `experts.expert_ffn`, op for op (rows sorted by
+    expert, one `ragged_dot` group per expert, fp32 accumulation rounded to `dtype`, biases in `dtype`)."""
     Xl = w.gate_XxDxF.shape[0]
     order_R = jnp.argsort(ids_R, stable=True)
     ids_R = ids_R[order_R]
-    sizes_Xl = jnp.zeros((Xl,), jnp.int32).at[ids_R].add(1, mode="drop")
+    sizes_Xl = jnp.zeros((Xl,), jnp.int32).at[ids_R].add(1, mode="drop")  # empty slots fall outside every group
     bias_ids_R = jnp.minimum(ids_R, Xl - 1)
     xs_RxD = x_RxD[order_R].astype(dtype)
 
     def grouped(h, kernel, bias):
         out = jax.lax.ragged_dot(h, kernel.astype(dtype), sizes_Xl, preferred_element_type=jnp.float32)
-        return out if bias is None else out + bias[bias_ids_R].astype(jnp.float32)
+        out = checkpoint_name(out.astype(dtype), DENSE_OUTPUT)  # saved by the `dots` remat policies, as unsharded
+        return out if bias is None else out + bias.astype(dtype)[bias_ids_R]
 
-    h_RxF = act(grouped(xs_RxD, w.gate_XxDxF, w.gate_XxF), grouped(xs_RxD, w.up_XxDxF, w.up_XxF)).astype(dtype)
-    down = w.down_XxD
-    if down is not None and with_down_bias is not True:
-        down = jnp.where(with_down_bias, down, jnp.zeros_like(down))
-    y_RxD = grouped(h_RxF, w.down_XxFxD, down).astype(dtype)
+    h_RxF = act(grouped(xs_RxD, w.gate_XxDxF, w.gate_XxF), grouped(xs_RxD, w.up_XxDxF, w.up_XxF))
+    y_RxD = grouped(h_RxF, w.down_XxFxD, w.down_XxD)
     return jnp.zeros_like(y_RxD).at[order_R].set(y_RxD)

@@ -33,6 +33,7 @@ from dpojax.errors import ConfigError, ModelError
 from dpojax.models import lora
 from dpojax.models.attention import resolve_attention
 from dpojax.models.config import ModelConfig
+from dpojax.models.expert_parallel import check_expert_axis
 from dpojax.models.hf import abstract_params, init_random, load_pretrained, read_hf_config, resolve_model_dir
 from dpojax.sharding import Sharder, check_fsdp_sharded, make_mesh
 from dpojax.trainer import reference
@@ -121,10 +122,11 @@ def _build_model(cfg: Config, sharder: Sharder, attention: str, name: str, how: 
     """(graphdef, params, ModelConfig) of `name`: `pretrained` weights, `random` init, or `abstract` (shapes and
     shardings only: the restore target of a checkpoint). A `Loader` once the first three are given."""
     kw = model_kw(cfg, sharder, attention)
+    mcfg = ModelConfig.from_hf(read_hf_config(resolve_model_dir(name, cfg.model.revision)))
+    check_expert_axis(mcfg.num_experts, sharder.experts, f"'{name}'")  # before any weight is read
     if how == "pretrained":
         model, mcfg = load_pretrained(name, revision=cfg.model.revision, **kw)
         return (*nnx.split(model), mcfg)
-    mcfg = ModelConfig.from_hf(read_hf_config(resolve_model_dir(name, cfg.model.revision)))
     if how == "abstract":
         return (*abstract_params(mcfg, **kw), mcfg)
     return (*nnx.split(init_random(mcfg, seed=cfg.model.seed, **kw)), mcfg)
@@ -155,6 +157,7 @@ def abstract_models(cfg: Config, sharder: Sharder, read_config: Callable[[str], 
 
     def load(name: str, how: str):  # every model abstract, whatever `how`
         mcfg = read_config(name)
+        check_expert_axis(mcfg.num_experts, sharder.experts, f"'{name}'")
         return (*abstract_params(mcfg, **model_kw(cfg, sharder, kernels.attention)), mcfg)
 
     models = assemble_models(cfg, load, sharder, kernels, policy_from_checkpoint=True, with_reference=True)
