@@ -52,8 +52,8 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("layers", None),
     ("norm", None),
     ("lora_rank", None),
-    ("expert", "expert"),
-    ("router", None),
+    ("expert", "expert"),  # experts of an MoE layer (X): expert parallelism
+    ("router", None),  # the router's expert scores: never sharded
 )
 
 

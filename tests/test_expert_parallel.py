@@ -69,19 +69,19 @@ def test_sharded_expert_ffn_equals_unsharded(mesh, skewed):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
-def test_expert_axis_refusals():
+def test_expert_axis_refusals_and_too_few_rows():
     assert expert_divisors(8) == [1, 2, 4, 8]
     with pytest.raises(ConfigError, match=r"'mesh.expert' = 3 does not divide the 8 experts .*\[1, 2, 4, 8\]"):
         check_expert_axis(8, 3)
     with pytest.raises(ConfigError, match="is dense"):
         check_expert_axis(0, 2)
     check_expert_axis(0, 1)  # dense model, no expert axis
-    x_BTxD, routing, w = _problem(0, skewed=False)
+    x_BTxD, routing, w = _problem(0, skewed=False)  # 4 rows on 8 devices: the unsharded expert_ffn runs instead
+    few = routing._replace(weights_BTxY=routing.weights_BTxY[:4], experts_BTxY=routing.experts_BTxY[:4])
     sharder = Sharder(make_mesh(data=1, fsdp=1, expert=8, tensor=1))
-    with pytest.raises(ConfigError, match="do not split"):
-        expert_ffn_sharded(x_BTxD[:4], routing._replace(weights_BTxY=routing.weights_BTxY[:4],
-                                                        experts_BTxY=routing.experts_BTxY[:4]),
-                           w, activation="silu", dtype=jnp.float32, sharder=sharder)
+    np.testing.assert_allclose(
+        expert_ffn_sharded(x_BTxD[:4], few, w, activation="silu", dtype=jnp.float32, sharder=sharder),
+        experts.expert_ffn(x_BTxD[:4], few, w, activation="silu", dtype=jnp.float32), rtol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------- training

@@ -2,7 +2,8 @@
 
 `make_tiny_checkpoint(path, family, ...)` writes `config.json` + `model.safetensors` (fp32) with
 non-trivial weights (random norm scales and biases), deterministic from `seed`.
-Families: llama, mistral, qwen2, qwen3, gpt2, gpt_neox, gemma, gemma2, gemma3_text, phi3. Each family's
+Families: llama, mistral, qwen2, qwen3, gpt2, gpt_neox, gemma, gemma2, gemma3_text, phi3, and the mixture-of-
+experts families qwen3_moe, mixtral, qwen2_moe (8 experts, top-2; qwen2_moe with its shared expert). Each family's
 defaults exercise what sets it apart (FAMILY_DEFAULTS): NeoX partial rotary and parallel residual, Gemma 2
 sliding windows shorter than the test sequences and both soft-caps, Gemma 3 local/global RoPE, Phi-3
 LongRoPE. Anything in `hf_overrides` goes to the HF config (e.g. rope_scaling=..., head_dim=...,
@@ -18,8 +19,10 @@ import numpy as np
 CONFIG_CLASSES = {
     "llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
     "gpt2": "GPT2Config", "gpt_neox": "GPTNeoXConfig", "gemma": "GemmaConfig", "gemma2": "Gemma2Config",
-    "gemma3_text": "Gemma3TextConfig", "phi3": "Phi3Config",
+    "gemma3_text": "Gemma3TextConfig", "phi3": "Phi3Config", "qwen3_moe": "Qwen3MoeConfig", "mixtral": "MixtralConfig",
+    "qwen2_moe": "Qwen2MoeConfig",
 }
+MOE_FAMILIES = ("qwen3_moe", "mixtral", "qwen2_moe")
 TIED_BY_DEFAULT = ("gpt2", "gemma", "gemma2", "gemma3_text")
 
 
@@ -43,8 +46,14 @@ def _family_kwargs(family: str, *, vocab_size, hidden_size, num_layers, num_head
     kwargs = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                   num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
                   max_position_embeddings=128, rms_norm_eps=1e-5, **ids)
-    if family == "mistral":
+    if family in ("mistral", "mixtral"):
         kwargs["sliding_window"] = None
+    if family in MOE_FAMILIES:  # 8 experts, top-2; Mixtral's experts are intermediate_size wide
+        kwargs.update(num_experts_per_tok=2, router_aux_loss_coef=0.01)
+        kwargs.update({"num_local_experts": 8} if family == "mixtral" else
+                      {"num_experts": 8, "moe_intermediate_size": hidden_size})
+    if family == "qwen2_moe":
+        kwargs["shared_expert_intermediate_size"] = 3 * hidden_size // 2
     if family.startswith("gemma"):
         kwargs.update(head_dim=16)  # independent of hidden / heads = 8
     if family in ("gemma2", "gemma3_text"):
@@ -85,6 +94,7 @@ def make_tiny_checkpoint(path, family: str = "llama", *, seed: int = 0, vocab_si
 
 
 EMBEDDINGS = ("embed_tokens", "lm_head", "wte", "wpe", "embed_in", "embed_out")
+ROUTERS = (".mlp.gate.weight", "shared_expert_gate.weight")  # MoE routers: std 0.5, clear top-k choices
 NORMS = ("norm", "ln_")
 
 
@@ -101,7 +111,7 @@ def _randomize(model, seed: int) -> None:
                 value = (0.0 if offset_norms else 1.0) + 0.1 * gen.standard_normal(p.shape)
             elif name.endswith("bias"):
                 value = 0.05 * gen.standard_normal(p.shape)
-            elif any(k in name for k in EMBEDDINGS):
+            elif any(k in name for k in EMBEDDINGS) or name.endswith(ROUTERS):
                 value = 0.5 * gen.standard_normal(p.shape)
             else:
                 value = 0.05 * gen.standard_normal(p.shape)

@@ -6,7 +6,11 @@ encoding, residual layout, biases, q/k norm, soft-caps, per-layer sliding window
 The shared decoder (`transformer.py`) understands the options; no family has code paths of its own.
 
 Dimension letters: the one glossary of `dpojax.glossary` (B sequences, T positions, D width, F MLP width,
-H query heads, G kv heads, R = H / G, Dh head width, Dr rotated dims of a head, V vocabulary, L layers).
+H query heads, G kv heads, R = H / G, Dh head width, Dr rotated dims of a head, V vocabulary, L layers,
+X experts of an MoE layer, Y experts each token is routed to).
+
+Mixture of experts (`num_experts` > 0): every block's MLP is an `MoEMLP` (`dpojax.models.moe`) of X gated experts of
+width `expert_intermediate_size`, each token routed to Y = `experts_per_token` of them by `router_rule`.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ ACTIVATIONS = ("silu", "gelu", "gelu_tanh")  # gelu = exact (erf); gelu_tanh = t
 NORMS = ("rms", "layer")
 MLPS = ("gated", "plain")
 POSITIONS = ("rope", "learned")
+ROUTER_RULES = ("softmax_topk", "topk_softmax")  # dpojax.models.experts.route
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +64,15 @@ class ModelConfig:
     attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap) before the mask (gemma2)
     final_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (gemma2); the log-prob head applies it
     layer_windows: tuple[int | None, ...] = ()  # per layer: sliding window (keys with q - k < w) or None; () = none
+    num_experts: int = 0  # X: experts of each MoE layer; 0 = a dense MLP in every block
+    experts_per_token: int = 0  # Y: experts each token is routed to (top-k)
+    expert_intermediate_size: int = 0  # F of each expert
+    router_rule: str = "softmax_topk"  # one of ROUTER_RULES (dpojax.models.experts.route)
+    norm_topk_prob: bool = False  # softmax_topk: renormalize the top-k probabilities to sum to 1
+    router_bias: bool = False  # a bias on the router's logits
+    shared_expert_size: int = 0  # width of the always-on shared expert with its sigmoid gate (qwen2_moe); 0 = none
+    router_aux_loss_coef: float = 0.0  # weight of the load-balancing loss (config.json; used by the trainer)
+    output_router_logits: bool = False  # config.json's switch for that loss in transformers
     hf_config: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -74,6 +88,10 @@ class ModelConfig:
     @property
     def has_sliding_window(self) -> bool:
         return any(w is not None for w in self.windows)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
     @property
     def attention_scale(self) -> float:
@@ -110,6 +128,7 @@ class ModelConfig:
             raise ModelError(f"{len(self.layer_windows)} layer windows given for {self.num_layers} layers.")
         if any(w is not None and w < 1 for w in self.layer_windows):
             raise ModelError(f"sliding windows must be positive, got {self.layer_windows}.")
+        self._validate_moe()
         longrope = [r for r in (self.rope, self.local_rope) if r is not None and r.type == "longrope"]
         for r in longrope:
             if r.short_factor is None or r.long_factor is None or r.original_max_position_embeddings is None:
@@ -118,6 +137,20 @@ class ModelConfig:
             if not len(r.short_factor) == len(r.long_factor) == self.rotary_dims // 2:
                 raise ModelError(f"longrope short/long factors must have {self.rotary_dims // 2} entries "
                                  f"(rotary dims / 2), got {len(r.short_factor)} and {len(r.long_factor)}.")
+
+    def _validate_moe(self) -> None:
+        if not self.is_moe:
+            return
+        if not 0 < self.experts_per_token <= self.num_experts:
+            raise ModelError(f"experts per token ({self.experts_per_token}) must be in 1..num_experts "
+                             f"({self.num_experts}).")
+        if self.expert_intermediate_size <= 0:
+            raise ModelError(f"the experts' intermediate size must be positive, got {self.expert_intermediate_size}.")
+        if self.router_rule not in ROUTER_RULES:
+            raise ModelError(f"router rule {self.router_rule!r} is not implemented; implemented: "
+                             f"{', '.join(ROUTER_RULES)}.")
+        if self.mlp != "gated":
+            raise ModelError("mixture-of-experts layers are implemented for gated MLPs only.")
 
     def check_seq_len(self, seq_len: int) -> None:
         """Raise ModelError when a sequence of `seq_len` would need a feature we do not implement."""
@@ -133,33 +166,53 @@ class ModelConfig:
             )
 
     # ---- sizes -------------------------------------------------------------------------------------
-    def _layer_params(self) -> tuple[int, int]:
-        """(matmul weights, other params) of one block."""
-        D, F, H, G, Dh = self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads, self.head_dim
-        mlp_mats = 3 if self.mlp == "gated" else 2
-        matmul = D * H * Dh + 2 * D * G * Dh + H * Dh * D + mlp_mats * D * F
+    def _layer_params(self, *, active: bool = False) -> tuple[int, int]:
+        """(matmul weights, other params) of one block; `active`: an MoE block counts only the Y experts a token
+        runs through (plus the router and the shared expert)."""
+        D, H, G, Dh = self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
+        matmul = D * H * Dh + 2 * D * G * Dh + H * Dh * D
         norm_size = D * (2 if self.norm == "layer" else 1)  # LayerNorm has a bias
         other = norm_size * (4 if self.sandwich_norms else 2)
         other += (H + 2 * G) * Dh if self.qkv_bias else 0
         other += D if self.o_bias else 0
-        other += (mlp_mats - 1) * F + D if self.mlp_bias else 0
         other += 2 * Dh if self.qk_norm else 0
+        mlp_matmul, mlp_other = self._mlp_params(active)
+        return matmul + mlp_matmul, other + mlp_other
+
+    def _mlp_params(self, active: bool) -> tuple[int, int]:
+        """(matmul weights, other params) of one block's MLP (dense or MoE)."""
+        D, F = self.hidden_size, self.intermediate_size
+        mlp_mats = 3 if self.mlp == "gated" else 2
+        if not self.is_moe:
+            return mlp_mats * D * F, ((mlp_mats - 1) * F + D if self.mlp_bias else 0)
+        experts = self.experts_per_token if active else self.num_experts
+        Fe, Fs = self.expert_intermediate_size, self.shared_expert_size
+        matmul = D * self.num_experts + experts * 3 * D * Fe  # router + experts
+        matmul += 3 * D * Fs + D if Fs else 0  # shared expert and its gate
+        other = self.num_experts if self.router_bias else 0
+        other += experts * (2 * Fe + D) if self.mlp_bias else 0
         return matmul, other
 
-    def num_params(self) -> int:
-        """Number of parameters (the tied table counted once)."""
-        matmul, other = self._layer_params()
+    def num_params(self, *, active: bool = False) -> int:
+        """Number of parameters (the tied table counted once); every expert counted unless `active`."""
+        matmul, other = self._layer_params(active=active)
         D = self.hidden_size
         embeddings = self.vocab_size * D * (1 if self.tie_embeddings else 2)
         positions = self.max_position_embeddings * D if self.position == "learned" else 0
         final_norm = D * (2 if self.norm == "layer" else 1)
         return embeddings + positions + self.num_layers * (matmul + other) + final_norm
 
+    def active_params(self) -> int:
+        """Parameters one token runs through: `num_params()` less the experts it is not routed to (equal to
+        num_params() for dense models)."""
+        return self.num_params(active=True)
+
     def forward_flops_per_token(self, seq_len: int) -> float:
-        """Forward FLOPs per token: 2 per matmul weight (lm_head included, embedding lookups free) plus attention
-        scores and context, 4 * H * Dh * keys per layer, keys = T (full T x T, no causal discount, as in PaLM's
-        MFU) or the sliding window when shorter."""
-        matmul, _ = self._layer_params()
+        """Forward FLOPs per token: 2 per matmul weight a token runs through (lm_head included, embedding lookups
+        free; an MoE layer's router, its Y active experts and its shared expert) plus attention scores and
+        context, 4 * H * Dh * keys per layer, keys = T (full T x T, no causal discount, as in PaLM's MFU) or the
+        sliding window when shorter."""
+        matmul, _ = self._layer_params(active=True)
         n_matmul = self.num_layers * matmul + self.vocab_size * self.hidden_size
         keys = sum(seq_len if w is None else min(w, seq_len) for w in self.windows)
         attention = 4 * self.num_heads * self.head_dim * keys

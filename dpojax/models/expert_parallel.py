@@ -70,14 +70,14 @@ def _weight_specs(w, tensor) -> dict:
 def expert_ffn_sharded(x_BTxD: jax.Array, routing: experts.Routing, w: experts.ExpertWeights, *, activation: str,
                        dtype, sharder: Sharder) -> jax.Array:
     """`experts.expert_ffn` with the experts split over the mesh's expert axis (see the module docstring): the same
-    y_BTxD in `dtype`. The BT rows must split over the devices of the batch axes (data, fsdp, expert)."""
+    y_BTxD in `dtype`. Rows that do not split over the batch axes (data, fsdp, expert) run `experts.expert_ffn`."""
     X, _, F = w.gate_XxDxF.shape
     check_expert_axis(X, sharder.experts)
     BT = x_BTxD.shape[0]
     rows = sharder.spec(("batch",), (BT,))[0]
     if EXPERT_AXIS not in ((rows,) if isinstance(rows, str) else tuple(rows or ())):
-        raise ConfigError(f"mesh: {BT} tokens do not split over the {sharder.batch_shards} devices of mesh.data * "
-                          "mesh.fsdp * mesh.expert; expert parallelism needs a number of rows divisible by them.")
+        # too few rows to split over the expert axis (e.g. a small generation batch): GSPMD over the sharded experts
+        return experts.expert_ffn(x_BTxD, routing, w, activation=activation, dtype=dtype)
     tensor = sharder.spec(("mlp",), (F,))[0]
     fields = {k: v for k, v in w._asdict().items() if v is not None}
     local = functools.partial(_local_ffn, act=experts.GATED_ACTIVATIONS[activation], dtype=dtype,

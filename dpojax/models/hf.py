@@ -4,7 +4,8 @@ Loading never builds unsharded state: the model is built abstractly (`nnx.eval_s
 sharding of every parameter comes from its logical axes, and each array is created on its shards by
 `jax.make_array_from_callback`, whose callback reads (memory-mapped) only the layers of the slice it
 is asked for. One declarative table per family (`dpojax.models.families`) maps our parameter paths to HF
-weight names plus a named transform (and, for tensors HF fuses, a named fuse rule); unmapped or missing
+weight names plus a named transform (and, for tensors HF fuses, a named fuse rule); "{i}" in a name is the
+layer index (our leading L axis), "{e}" the expert index of an MoE layer (our next axis, X); unmapped or missing
 weights raise ModelError naming them. Checkpoints saved from the bare base model (hub GPT-2: `h.0.attn...`
 without `transformer.`) are read too; exports always use the full names transformers writes.
 """
@@ -35,8 +36,8 @@ from dpojax.sharding import Sharder
 
 
 class Entry(NamedTuple):
-    """One table row: our param <- HF weight `hf` (+ "{i}" layer index) via `transform`; fused ones name the
-    rule joining the params that share `hf` and this param's place among them."""
+    """One table row: our param <- HF weight `hf` (+ "{i}" layer index, "{e}" expert index) via `transform`;
+    fused ones name the rule joining the params that share `hf` and this param's place among them."""
 
     hf: str
     transform: str
@@ -226,7 +227,7 @@ def hf_weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     table = family_table(cfg)
     flat = {_path_str(p): v for p, v in nnx.to_flat_state(nnx.state(abstract_decoder(cfg), nnx.Param))}
     shapes = _layer_shapes(flat, table)
-    return {name: _hf_layer_shape(p, table, shapes, cfg) for p in flat for name in _hf_names(p, cfg.num_layers, table)}
+    return {name: _hf_layer_shape(p, table, shapes, cfg) for p in flat for name in _hf_names(p, cfg, table)}
 
 
 # ---- loading -------------------------------------------------------------------------------------------
@@ -236,14 +237,21 @@ def _path_str(path: tuple) -> str:
     return "/".join(str(p) for p in path)
 
 
-def _hf_names(path: str, num_layers: int, table: Mapping[str, Entry]) -> list[str]:
+def _stacked_axes(hf_name: str) -> int:
+    """Leading axes of our param that the HF name indexes: layers ("{i}"), then experts ("{e}")."""
+    return ("{i}" in hf_name) + ("{e}" in hf_name)
+
+
+def _hf_names(path: str, cfg: ModelConfig, table: Mapping[str, Entry]) -> list[str]:
     name = table[path].hf
-    return [name.format(i=i) for i in range(num_layers)] if "{i}" in name else [name]
+    layers = range(cfg.num_layers) if "{i}" in name else [0]
+    experts = range(cfg.num_experts) if "{e}" in name else [0]
+    return list(dict.fromkeys(name.format(i=i, e=e) for i in layers for e in experts))
 
 
 def _layer_shapes(flat: Mapping[str, Any], table: Mapping[str, Entry]) -> dict[str, tuple[int, ...]]:
-    """Our per-layer shape of every present param (the leading L axis dropped for stacked ones)."""
-    return {p: tuple(v.shape[1:] if "{i}" in table[p].hf else v.shape) for p, v in flat.items() if p in table}
+    """Our shape of every present param per HF tensor (the leading L axis, and X for per-expert tensors, dropped)."""
+    return {p: tuple(v.shape[_stacked_axes(table[p].hf):]) for p, v in flat.items() if p in table}
 
 
 def _check_keys(paths: list[str], files: Mapping[str, Any], cfg: ModelConfig) -> None:
@@ -251,7 +259,7 @@ def _check_keys(paths: list[str], files: Mapping[str, Any], cfg: ModelConfig) ->
     unknown = [p for p in paths if p not in table]
     if unknown:  # a model parameter without a table entry: a bug in dpojax, not in the checkpoint
         raise ModelError(f"internal: no HF mapping for parameters {unknown} of family {cfg.family!r}.")
-    needed = {n for p in paths for n in _hf_names(p, cfg.num_layers, table)}
+    needed = {n for p in paths for n in _hf_names(p, cfg, table)}
     missing = sorted(needed - set(files))
     ignored = [re.compile(p) for p in FAMILIES[cfg.family].ignored]
     if cfg.tie_embeddings and "lm_head/weight" in table:  # some tied checkpoints store the copy; HF ignores it too
@@ -271,14 +279,15 @@ SLICEABLE = {"identity": lambda index: index, "transpose": lambda index: index[:
 
 def _load_param(var: nnx.Variable, path: str, cfg: ModelConfig, reader: _Reader, sharder: Sharder | None,
                 shapes: Mapping[str, tuple[int, ...]]) -> jax.Array:
-    """One parameter, created on its shards; for stacked params each callback reads only its layers."""
+    """One parameter, created on its shards; for stacked params each callback reads only its layers (and
+    experts)."""
     table = family_table(cfg)
     entry = table[path]
     to_ours = layouts.TRANSFORMS[entry.transform][0]
-    stacked = "{i}" in entry.hf
+    stacked, per_expert = "{i}" in entry.hf, "{e}" in entry.hf
     shape, dtype, layer_shape = tuple(var.shape), var.dtype, shapes[path]
     hf_shape = _hf_layer_shape(path, table, shapes, cfg)
-    for name in _hf_names(path, cfg.num_layers, table):
+    for name in _hf_names(path, cfg, table):
         if reader.shape(name) != hf_shape:
             raise ModelError(f"weight {name} has shape {reader.shape(name)}, expected {hf_shape} for {path} "
                              "(config.json and the safetensors disagree).")
@@ -301,7 +310,11 @@ def _load_param(var: nnx.Variable, path: str, cfg: ModelConfig, reader: _Reader,
         if not stacked:
             return np.ascontiguousarray(read(entry.hf, index)).astype(dtype)
         layers = range(*index[0].indices(shape[0]))
-        return np.stack([read(entry.hf.format(i=i), index[1:]).astype(dtype) for i in layers])
+        if not per_expert:
+            return np.stack([read(entry.hf.format(i=i), index[1:]).astype(dtype) for i in layers])
+        experts = range(*index[1].indices(shape[1]))
+        return np.stack([np.stack([read(entry.hf.format(i=i, e=e), index[2:]).astype(dtype) for e in experts])
+                         for i in layers])
 
     return jax.make_array_from_callback(shape, param_sharding(var, sharder), callback)
 
@@ -347,15 +360,19 @@ def hf_tensors(model: Decoder, cfg: ModelConfig) -> list[tuple[str, Callable[[],
         to_hf = [layouts.TRANSFORMS[table[p].transform][1] for p in paths]
         hf_shape, dtype = _hf_layer_shape(path, table, shapes, cfg), values[0].dtype
 
-        def thunk(i=None, values=values, to_hf=to_hf, fuse=entry.fuse):
-            pieces = [f(layouts.to_host(v if i is None else v[i])) for f, v in zip(to_hf, values)]
+        def thunk(*index, values=values, to_hf=to_hf, fuse=entry.fuse):
+            pieces = [f(layouts.to_host(v[index] if index else v)) for f, v in zip(to_hf, values)]
             return np.ascontiguousarray(pieces[0] if fuse is None else layouts.fuse(fuse, pieces, cfg))
 
         if "{i}" not in entry.hf:
             out.append((entry.hf, thunk, hf_shape, dtype))
             continue
         for i in range(cfg.num_layers):
-            out.append((entry.hf.format(i=i), functools.partial(thunk, i), hf_shape, dtype))
+            if "{e}" not in entry.hf:
+                out.append((entry.hf.format(i=i), functools.partial(thunk, i), hf_shape, dtype))
+                continue
+            for e in range(cfg.num_experts):
+                out.append((entry.hf.format(i=i, e=e), functools.partial(thunk, i, e), hf_shape, dtype))
     return out
 
 

@@ -13,6 +13,8 @@ Parameter tree (paths as in `nnx.split(model)`; logical axes in brackets; option
   layers/post_attention_layernorm/{weight,bias} [L, D]       the norm before the MLP (Llama's name)
   layers/mlp/{gate,up}_proj/kernel           [L, D, F]       (layers, embed, mlp); gate: gated MLP only
   layers/mlp/down_proj/kernel                [L, F, D]       (+ bias [L, F] / [L, D] with mlp_bias)
+  layers/mlp/router/kernel, layers/mlp/experts/..., (layers/mlp/shared_expert...)
+                                             an MoE block's MLP instead (num_experts > 0): `dpojax.models.moe`
   layers/mlp_output_norm/weight              [L, D]          (sandwich_norms: norm of the MLP output)
   norm/{weight,bias}                         [D]
   lm_head/weight                             [V, D]          (vocab, embed; untied models only)
@@ -42,8 +44,10 @@ from jax.ad_checkpoint import checkpoint_name
 
 from dpojax.models.attention import attend, resolve_attention
 from dpojax.models.config import ModelConfig
+from dpojax.models.experts import RouterStats
 from dpojax.models.kv_cache import KVCache, LayerCache, attend_cached
 from dpojax.models.layers import DENSE_OUTPUT, Dense, RMSNorm, apply_rope, make_mlp, make_norm, make_param, rope_tables
+from dpojax.models.moe import MoEMLP
 from dpojax.sharding import Sharder, constrain
 
 _policies = jax.checkpoint_policies
@@ -120,36 +124,44 @@ class Block(nnx.Module):
                  rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, num_layers=cfg.num_layers, rngs=rngs)
         D = cfg.hidden_size
-        self.sharder, self.parallel_residual = sharder, cfg.parallel_residual
+        self.sharder, self.parallel_residual, self.is_moe = sharder, cfg.parallel_residual, cfg.is_moe
         self.input_layernorm = make_norm(cfg, D, **kw)
         self.self_attn = SelfAttention(cfg, attention=attention, dtype=dtype, param_dtype=param_dtype,
                                        sharder=sharder, rngs=rngs)
         self.attn_output_norm = make_norm(cfg, D, **kw) if cfg.sandwich_norms else None
         self.post_attention_layernorm = make_norm(cfg, D, **kw)
-        self.mlp = make_mlp(cfg, **kw)
+        self.mlp = MoEMLP(cfg, sharder=sharder, **kw) if cfg.is_moe else make_mlp(cfg, **kw)
         self.mlp_output_norm = make_norm(cfg, D, **kw) if cfg.sandwich_norms else None
 
     def __call__(self, x_BxTxD, rope_cos_sin, segment_ids_BxT, window, packed=None,
-                 cache: LayerCache | None = None):
-        """-> out [B, T, D]; with a KV `cache` (decoding) -> (out, updated cache)."""
+                 cache: LayerCache | None = None, token_weights_BxT=None):
+        """-> (out [B, T, D], RouterStats of an MoE block or None); with a KV `cache` (decoding) -> (out, updated
+        cache). token_weights_BxT: the router statistics' weight of each token (0 on padding)."""
         if cache is not None:
             a_BxTxD, cache = self.self_attn(self.input_layernorm(x_BxTxD), rope_cos_sin, None, window, cache=cache)
-            return self._residual(x_BxTxD, a_BxTxD), cache
+            return self._residual(x_BxTxD, a_BxTxD, None)[0], cache
         a_BxTxD = self.self_attn(self.input_layernorm(x_BxTxD), rope_cos_sin, segment_ids_BxT, window, packed)
-        return self._residual(x_BxTxD, a_BxTxD)
+        return self._residual(x_BxTxD, a_BxTxD, token_weights_BxT)
 
-    def _residual(self, x_BxTxD, a_BxTxD):
-        """The rest of the block after attention: output norm, MLP and the residual layout."""
+    def _mlp(self, x_BxTxD, token_weights_BxT) -> tuple[jax.Array, RouterStats | None]:
+        if not self.is_moe:
+            return self.mlp(x_BxTxD), None
+        if token_weights_BxT is None:
+            token_weights_BxT = jnp.ones(x_BxTxD.shape[:2], jnp.float32)
+        return self.mlp(x_BxTxD, token_weights_BxT)
+
+    def _residual(self, x_BxTxD, a_BxTxD, token_weights_BxT):
+        """The rest of the block after attention: output norm, MLP and the residual layout -> (out, stats)."""
         if self.attn_output_norm is not None:
             a_BxTxD = self.attn_output_norm(a_BxTxD)
         if self.parallel_residual:
-            out_BxTxD = self.mlp(self.post_attention_layernorm(x_BxTxD)) + a_BxTxD + x_BxTxD
-            return constrain(out_BxTxD, self.sharder, ACT)
+            m_BxTxD, stats = self._mlp(self.post_attention_layernorm(x_BxTxD), token_weights_BxT)
+            return constrain(m_BxTxD + a_BxTxD + x_BxTxD, self.sharder, ACT), stats
         h_BxTxD = constrain(x_BxTxD + a_BxTxD, self.sharder, ACT)
-        m_BxTxD = self.mlp(self.post_attention_layernorm(h_BxTxD))
+        m_BxTxD, stats = self._mlp(self.post_attention_layernorm(h_BxTxD), token_weights_BxT)
         if self.mlp_output_norm is not None:
             m_BxTxD = self.mlp_output_norm(m_BxTxD)
-        return constrain(h_BxTxD + m_BxTxD, self.sharder, ACT)
+        return constrain(h_BxTxD + m_BxTxD, self.sharder, ACT), stats
 
 
 class Embed(nnx.Module):
@@ -174,6 +186,8 @@ class Decoder(nnx.Module):
     `final_softcap * tanh(hidden @ unembedding().T / final_softcap)` when `final_softcap` is set (Gemma 2),
     which the log-prob head applies (`token_logprobs(..., softcap=model.final_softcap)`);
     `logits(hidden)` -> [B, T, V] in fp32 (tests only).
+    `forward(...)` -> (hidden, router statistics): for mixture-of-experts models the `RouterStats` of every layer
+    stacked over layers (each field with a leading L axis), None for dense models.
     """
 
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, attention: str = "auto",
@@ -197,13 +211,23 @@ class Decoder(nnx.Module):
                  branch_ids_BxT: jax.Array | None = None, band: int | None = None) -> jax.Array:
         """Packed rows (`dpojax.data.packing`): `band` (static) is the longest segment, `branch_ids_BxT` the shared-
         prompt branches (None for padding-free packing); positions then count within each sequence."""
+        return self.forward(input_ids_BxT, positions_BxT, segment_ids_BxT, branch_ids_BxT, band)[0]
+
+    def forward(self, input_ids_BxT: jax.Array, positions_BxT: jax.Array, segment_ids_BxT: jax.Array,
+                branch_ids_BxT: jax.Array | None = None, band: int | None = None,
+                token_weights_BxT: jax.Array | None = None) -> tuple[jax.Array, RouterStats | None]:
+        """As `__call__`, -> (hidden, RouterStats stacked over layers, or None for dense models).
+        token_weights_BxT: each token's weight in the router statistics (default: 1 where segment_ids > 0)."""
         self.cfg.check_seq_len(input_ids_BxT.shape[1] if band is None else band)
         packed = None
         if band is not None:
             packed = {"branch_ids_BxT": branch_ids_BxT, "positions_BxT": positions_BxT, "band": band}
+        if token_weights_BxT is None and self.cfg.is_moe:
+            token_weights_BxT = (segment_ids_BxT > 0).astype(jnp.float32)
         x_BxTxD = self._embed(input_ids_BxT, positions_BxT)
-        x_BxTxD = self._run_layers(x_BxTxD, self._rope_tables(positions_BxT), segment_ids_BxT, packed)
-        return constrain(self.norm(x_BxTxD), self.sharder, ACT)
+        x_BxTxD, stats = self._run_layers(x_BxTxD, self._rope_tables(positions_BxT), segment_ids_BxT, packed,
+                                          token_weights_BxT)
+        return constrain(self.norm(x_BxTxD), self.sharder, ACT), stats
 
     def _embed(self, input_ids_BxT, positions_BxT):
         x_BxTxD = self.embed_tokens(input_ids_BxT)
@@ -258,7 +282,8 @@ class Decoder(nnx.Module):
             data["rope"] = jnp.asarray([0 if w is None else 1 for w in cfg.windows], jnp.int32)
         return data
 
-    def _run_layers(self, x_BxTxD, ropes, segment_ids_BxT, packed=None):
+    def _run_layers(self, x_BxTxD, ropes, segment_ids_BxT, packed=None, token_weights_BxT=None):
+        """-> (x after the L blocks, RouterStats stacked over layers or None)."""
         graphdef, stacked = nnx.split(self.layers)
 
         def body(h_BxTxD, xs):
@@ -268,20 +293,22 @@ class Decoder(nnx.Module):
                 index = data.get("rope", 0)
                 rope = (ropes[0][index], ropes[1][index])
             block = nnx.merge(graphdef, layer_state)
-            return block(h_BxTxD, rope, segment_ids_BxT, data.get("window"), packed), None
+            return block(h_BxTxD, rope, segment_ids_BxT, data.get("window"), packed,
+                         token_weights_BxT=token_weights_BxT)
 
         policy = REMAT_POLICIES[self.remat]
         if self.remat != "none":
             body = jax.checkpoint(body, policy=policy, prevent_cse=not self.scan_layers)
         xs = (stacked, self.layer_data())
         if self.scan_layers:
-            x_BxTxD, _ = jax.lax.scan(body, x_BxTxD, xs)
-            return x_BxTxD
+            return jax.lax.scan(body, x_BxTxD, xs)
         per_layer_states = unstack_layers(stacked, self.cfg.num_layers)
+        stats = []
         for i, layer_state in enumerate(per_layer_states):
             data = jax.tree.map(functools.partial(_take, i=i), xs[1])
-            x_BxTxD, _ = body(x_BxTxD, (layer_state, data))
-        return x_BxTxD
+            x_BxTxD, layer_stats = body(x_BxTxD, (layer_state, data))
+            stats.append(layer_stats)
+        return x_BxTxD, (None if stats[0] is None else jax.tree.map(lambda *s: jnp.stack(s), *stats))
 
     def unembedding(self) -> jax.Array:
         """The output embedding [V, D] (the input table when tied)."""

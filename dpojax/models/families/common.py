@@ -138,3 +138,23 @@ def decoder_sizes(hf: Mapping[str, Any]) -> dict[str, Any]:
         num_kv_heads=hf.get("num_key_value_heads") or H, head_dim=hf.get("head_dim") or D // H,
         max_position_embeddings=require(hf, "max_position_embeddings"),
     )
+
+
+def moe_options(hf: Mapping[str, Any], *, expert_size_key: str, norm_topk_prob: bool) -> dict[str, Any]:
+    """The mixture-of-experts fields shared by the MoE families (`norm_topk_prob`: the family's default). Every
+    layer must be an MoE layer: interleaved dense MLP layers (`decoder_sparse_step` > 1, `mlp_only_layers`) are
+    refused."""
+    model_type = hf.get("model_type")
+    num_experts = first(hf, "num_experts", "num_local_experts", default=0)
+    if not num_experts:
+        raise ModelError(f"{model_type}: num_experts is 0 (no expert layers); load it as its dense family instead.")
+    step, only = hf.get("decoder_sparse_step", 1), list(hf.get("mlp_only_layers") or [])
+    if step not in (None, 1) or only:
+        raise ModelError(f"{model_type}: dense MLP layers between the MoE layers (decoder_sparse_step={step}, "
+                         f"mlp_only_layers={only}) are not supported; dpojax needs every layer to be an MoE layer "
+                         "(decoder_sparse_step 1, mlp_only_layers []).")
+    return dict(num_experts=int(num_experts), experts_per_token=int(require(hf, "num_experts_per_tok")),
+                expert_intermediate_size=int(require(hf, expert_size_key)),
+                norm_topk_prob=bool(hf.get("norm_topk_prob", norm_topk_prob)),
+                router_aux_loss_coef=float(hf.get("router_aux_loss_coef") or 0.0),
+                output_router_logits=bool(hf.get("output_router_logits", False)))
