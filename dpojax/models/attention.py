@@ -1,7 +1,7 @@
 """Attention kernels behind one signature, chosen by name: "xla" | "cudnn" | "splash" | "auto".
 
 `attend(q_BxTxHxDh, k_BxTxGxDh, v_BxTxGxDh, segment_ids_BxT, implementation=..., scale=..., softcap=None,
-window=None, sharder=None) -> out_BxTxHxDh`.
+window=None, sharder=None, sinks_H=None) -> out_BxTxHxDh`.
 Masking is always: causal (by index) AND only between equal segment ids AND, with a sliding `window`
 (a traced int32 scalar, so it can differ per scanned layer), only keys with query_index - key_index < window
 (transformers' rule; in packed rows: query_position - key_position). Segment id 0 marks padding; padding tokens
@@ -9,7 +9,9 @@ attend among themselves (never to real tokens, and real tokens never to them), s
 NaN can appear. Shared-prompt packing (`dpojax.data.packing`) adds branch ids: a response's tokens see their
 prompt and themselves, never a sibling response; only the XLA kernel expresses that (cuDNN and splash take
 segment ids alone, which is enough for padding-free packing). `softcap` caps the scaled scores,
-cap * tanh(s / cap), before the mask (Gemma 2).
+cap * tanh(s / cap), before the mask (Gemma 2). `sinks_H` (gpt-oss): a learned logit per query head that joins
+every softmax denominator as one more key without a value, p_k = exp(s_k) / (sum_j exp(s_j) + exp(sink)); only the
+XLA kernel (and the KV-cache decode step) takes it.
 
 - "xla": einsum, scores and softmax in fp32; the reference implementation, runs everywhere. From 256 tokens on
   the queries go in (up to 8) blocks that skip the key blocks causality masks anyway.
@@ -19,8 +21,8 @@ cap * tanh(s / cap), before the mask (Gemma 2).
 - "splash": the Pallas splash kernel (`dpojax.models.splash`) per device under `shard_map` on TPU: never builds
   the [B, H, T, T] scores, forward or backward. No sliding windows (its masks are static, our windows are
   per-layer data). On a CPU mesh it runs in the Pallas interpreter (tests; slow); refused on GPU.
-- "auto": splash on TPU unless a layer has a sliding window; cudnn on GPU when `cudnn_allows` (bf16/fp16, no
-  soft-cap, head_dim a multiple of 8 up to 256 on Hopper, 128 on Ampere); else xla.
+- "auto": xla for models with attention sinks; splash on TPU unless a layer has a sliding window; cudnn on GPU when
+  `cudnn_allows` (bf16/fp16, no soft-cap, head_dim a multiple of 8 up to 256 on Hopper, 128 on Ampere); else xla.
 """
 
 from __future__ import annotations
@@ -50,11 +52,17 @@ def _gpu_capability() -> str | None:
 
 def resolve_attention(name: str, *, dtype, head_dim: int, backend: str | None = None,
                       softcap: float | None = None, sliding_window: bool = False,
-                      gpu_capability: str | None = None) -> str:
+                      gpu_capability: str | None = None, sinks: bool = False) -> str:
     """The concrete implementation for `name` on `backend` (default: jax.default_backend()); `sliding_window`:
-    some layer of the model has one; `gpu_capability`: e.g. "9.0" (default: the first device's, on GPU)."""
+    some layer of the model has one; `gpu_capability`: e.g. "9.0" (default: the first device's, on GPU);
+    `sinks`: the model has attention sinks (gpt-oss), which only 'xla' computes."""
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"attention={name!r} is not one of {', '.join(IMPLEMENTATIONS)}")
+    if sinks and name in ("cudnn", "splash"):
+        raise ModelError(f"model.attention={name!r} cannot add this model's attention sinks (gpt-oss's per-head "
+                         "sink logits) to the softmax; use model.attention='xla' (or 'auto', which picks it).")
+    if sinks:
+        return "xla"
     if name == "cudnn" and softcap is not None:
         raise ModelError("model.attention='cudnn' cannot soft-cap attention scores (Gemma 2's "
                          "attn_logit_softcapping); use 'xla' or 'auto'.")
@@ -106,7 +114,8 @@ def _query_blocks(T: int, band: int | None = None) -> list[tuple[int, int]]:
 def attend_xla(q_BxTxHxDh: jax.Array, k_BxTxGxDh: jax.Array, v_BxTxGxDh: jax.Array,
                segment_ids_BxT: jax.Array, *, scale: float, softcap: float | None = None,
                window: jax.Array | None = None, branch_ids_BxT: jax.Array | None = None,
-               positions_BxT: jax.Array | None = None, band: int | None = None) -> jax.Array:
+               positions_BxT: jax.Array | None = None, band: int | None = None,
+               sinks_H: jax.Array | None = None) -> jax.Array:
     """Queries in blocks, each against only the keys up to its last position (causality masks the rest, so
     the result is the same): about half the score FLOPs and memory of the full [T, T] at long lengths.
 
@@ -114,7 +123,7 @@ def attend_xla(q_BxTxHxDh: jax.Array, k_BxTxGxDh: jax.Array, v_BxTxGxDh: jax.Arr
     a query block starting at s reads keys from s - band + 1 on (static slices: the cost grows with T * band, not
     T^2). `branch_ids_BxT`: a key of another response of the same prompt is masked (keys on the shared prompt,
     branch 0, and on the query's own branch are kept). `positions_BxT`: sliding windows count positions within a
-    sequence, not row indices.
+    sequence, not row indices. `sinks_H`: attention sinks (module docstring).
 
     Layout: heads move ahead of positions once ([B, G, T, R, Dh], a copy of whole R*Dh rows), so both
     products are plain batched matmuls over (B, G) whose rows are the R query heads of a kv head at each of
@@ -125,6 +134,7 @@ def attend_xla(q_BxTxHxDh: jax.Array, k_BxTxGxDh: jax.Array, v_BxTxGxDh: jax.Arr
     q_BxGxTxRxDh = q_BxTxHxDh.reshape(B, T, G, R, Dh).transpose(0, 2, 1, 3, 4)
     k_BxGxTxDh, v_BxGxTxDh = k_BxTxGxDh.transpose(0, 2, 1, 3), v_BxTxGxDh.transpose(0, 2, 1, 3)
     batch = ((0, 1), (0, 1))
+    sink_1xGx1xRx1 = None if sinks_H is None else sinks_H.astype(jnp.float32).reshape(1, G, 1, R, 1)
     outs = []
     for start, end in _query_blocks(T, band):
         S = end - start
@@ -152,10 +162,21 @@ def attend_xla(q_BxTxHxDh: jax.Array, k_BxTxGxDh: jax.Array, v_BxTxGxDh: jax.Arr
                                        | (key_branch_Bx1xE == branch_ids_BxT[:, start:end, None]))
         mask_Bx1xSx1xE = mask_BxSxE[:, None, :, None, :]
         scores_BxGxSxRxE = jnp.where(mask_Bx1xSx1xE, scores_BxGxSxRxE, jnp.finfo(jnp.float32).min)
-        probs_BxGxSRxE = jax.nn.softmax(scores_BxGxSxRxE, axis=-1).astype(v_BxTxGxDh.dtype).reshape(B, G, S * R, E)
+        probs_BxGxSxRxE = softmax_with_sink(scores_BxGxSxRxE, sink_1xGx1xRx1)
+        probs_BxGxSRxE = probs_BxGxSxRxE.astype(v_BxTxGxDh.dtype).reshape(B, G, S * R, E)
         outs.append(jax.lax.dot_general(probs_BxGxSRxE, v_BxGxExDh, ((3, 2), batch)))  # [B, G, S*R, Dh]
     out_BxGxTRxDh = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
     return out_BxGxTRxDh.reshape(B, G, T, R, Dh).transpose(0, 2, 1, 3, 4).reshape(B, T, H, Dh)
+
+
+def softmax_with_sink(scores: jax.Array, sink: jax.Array | None) -> jax.Array:
+    """Softmax over the last axis; with a `sink` (broadcastable to scores[..., :1]) the sink's exp joins the
+    denominator, as gpt-oss's extra key column that is dropped after the softmax (fp32; the max subtracted)."""
+    if sink is None:
+        return jax.nn.softmax(scores, axis=-1)
+    top = jax.lax.stop_gradient(jnp.maximum(jnp.max(scores, axis=-1, keepdims=True), sink))  # the result ignores it
+    exp = jnp.exp(scores - top)
+    return exp / (jnp.sum(exp, axis=-1, keepdims=True) + jnp.exp(sink - top))
 
 
 def attend_cudnn(q_BxTxHxDh: jax.Array, k_BxTxGxDh: jax.Array, v_BxTxGxDh: jax.Array,
@@ -169,14 +190,20 @@ def attend_cudnn(q_BxTxHxDh: jax.Array, k_BxTxGxDh: jax.Array, v_BxTxGxDh: jax.A
 def attend(q_BxTxHxDh: jax.Array, k_BxTxGxDh: jax.Array, v_BxTxGxDh: jax.Array, segment_ids_BxT: jax.Array,
            *, implementation: str, scale: float, softcap: float | None = None,
            window: jax.Array | None = None, sharder: Sharder | None = None, branch_ids_BxT: jax.Array | None = None,
-           positions_BxT: jax.Array | None = None, band: int | None = None) -> jax.Array:
+           positions_BxT: jax.Array | None = None, band: int | None = None,
+           sinks_H: jax.Array | None = None) -> jax.Array:
     """Causal, segment-masked (optionally sliding-window, soft-capped) attention with GQA (H a multiple of G);
     returns [B, T, H, Dh] in q's dtype. `sharder`: the mesh the activations live on (splash runs per device).
     Packed rows: `branch_ids_BxT` (shared-prompt packing; the XLA kernel only), `positions_BxT` (windows in
-    positions) and `band` (the longest segment), see `attend_xla`."""
+    positions) and `band` (the longest segment), see `attend_xla`. `sinks_H`: attention sinks (the XLA kernel
+    only)."""
     if implementation == "xla":
         return attend_xla(q_BxTxHxDh, k_BxTxGxDh, v_BxTxGxDh, segment_ids_BxT, scale=scale, softcap=softcap,
-                          window=window, branch_ids_BxT=branch_ids_BxT, positions_BxT=positions_BxT, band=band)
+                          window=window, branch_ids_BxT=branch_ids_BxT, positions_BxT=positions_BxT, band=band,
+                          sinks_H=sinks_H)
+    if sinks_H is not None:
+        raise ModelError(f"attention={implementation!r} cannot add attention sinks to the softmax; use "
+                         "model.attention='xla'.")
     if branch_ids_BxT is not None:
         raise ModelError(f"attention={implementation!r} cannot mask the responses of a shared prompt from each other "
                          "(data.packing='shared_prompt'); use model.attention='xla' or data.packing='padding_free'.")

@@ -24,6 +24,7 @@ from dpojax.models.families import FAMILIES, unsupported_model_type
 from dpojax.models.rope_config import RopeConfig
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")  # gelu = exact (erf); gelu_tanh = tanh approximation
+EXPERT_ACTIVATIONS = ("gpt_oss",)  # MoE experts only: gpt-oss's clamped SwiGLU (dpojax.models.experts)
 NORMS = ("rms", "layer")
 MLPS = ("gated", "plain")
 POSITIONS = ("rope", "learned")
@@ -64,6 +65,7 @@ class ModelConfig:
     attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap) before the mask (gemma2)
     final_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (gemma2); the log-prob head applies it
     layer_windows: tuple[int | None, ...] = ()  # per layer: sliding window (keys with q - k < w) or None; () = none
+    attention_sinks: bool = False  # a learned logit per query head joins each softmax denominator (gpt-oss)
     num_experts: int = 0  # X: experts of each MoE layer; 0 = a dense MLP in every block
     experts_per_token: int = 0  # Y: experts each token is routed to (top-k)
     expert_intermediate_size: int = 0  # F of each expert
@@ -116,8 +118,9 @@ class ModelConfig:
             )
         if self.position == "rope" and (self.rotary_dims % 2 or not 0 < self.rotary_dims <= self.head_dim):
             raise ModelError(f"rotary dims ({self.rotary_dims}) must be even and in 2..head_dim ({self.head_dim}).")
-        if self.activation not in ACTIVATIONS:
-            raise ModelError(f"hidden_act {self.activation!r} is not supported; supported: {', '.join(ACTIVATIONS)}.")
+        allowed = ACTIVATIONS + (EXPERT_ACTIVATIONS if self.is_moe else ())
+        if self.activation not in allowed:
+            raise ModelError(f"hidden_act {self.activation!r} is not supported; supported: {', '.join(allowed)}.")
         for name, value, allowed in (("norm", self.norm, NORMS), ("mlp", self.mlp, MLPS),
                                      ("position", self.position, POSITIONS)):
             if value not in allowed:
@@ -176,6 +179,7 @@ class ModelConfig:
         other += (H + 2 * G) * Dh if self.qkv_bias else 0
         other += D if self.o_bias else 0
         other += 2 * Dh if self.qk_norm else 0
+        other += H if self.attention_sinks else 0
         mlp_matmul, mlp_other = self._mlp_params(active)
         return matmul + mlp_matmul, other + mlp_other
 

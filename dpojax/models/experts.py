@@ -17,6 +17,7 @@ Glossary: `dpojax.glossary` (X experts of a layer, Y experts per token, F an exp
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -68,9 +69,18 @@ def _gated(name: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
     return act
 
 
-# act(gate) * up per activation name (the names of `layers.ACTIVATION_FNS`)
+def clamped_swiglu(gate: jax.Array, up: jax.Array, *, alpha: float, limit: float) -> jax.Array:
+    """gpt-oss's expert activation: gate clamped above, up on both sides at `limit`, then
+    (up + 1) * gate * sigmoid(alpha * gate)."""
+    gate, up = jnp.minimum(gate, limit), jnp.clip(up, -limit, limit)
+    return (up + 1) * (gate * jax.nn.sigmoid(gate * alpha))
+
+
+# act(gate) * up per activation name (the names of `layers.ACTIVATION_FNS`), and gpt-oss's clamped SwiGLU with the
+# parameters of every released gpt-oss (its family refuses others)
 GATED_ACTIVATIONS: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
-    name: _gated(name) for name in ("silu", "gelu", "gelu_tanh")}
+    **{name: _gated(name) for name in ("silu", "gelu", "gelu_tanh")},
+    "gpt_oss": functools.partial(clamped_swiglu, alpha=1.702, limit=7.0)}
 
 
 def route(x_BTxD: jax.Array, kernel_DxX: jax.Array, bias_X: jax.Array | None, *, top_k: int, rule: str,

@@ -28,7 +28,7 @@ from flax import nnx
 
 from dpojax import paths
 from dpojax.errors import ModelError
-from dpojax.models import layouts
+from dpojax.models import layouts, mxfp4
 from dpojax.models.config import ModelConfig
 from dpojax.models.families import FAMILIES
 from dpojax.models.transformer import Decoder
@@ -187,18 +187,24 @@ def weight_map(folder: pathlib.Path) -> dict[str, pathlib.Path]:
 
 
 class _Reader:
-    """Memory-mapped safetensors handles, opened once per file; weights asked for by their canonical name."""
+    """Memory-mapped safetensors handles, opened once per file; weights asked for by their canonical name.
+    `packed`: MXFP4 weights (virtual name -> (blocks, scales) names, `dpojax.models.mxfp4`), read dequantized."""
 
-    def __init__(self, files: Mapping[str, pathlib.Path], stored: Mapping[str, str], stack: contextlib.ExitStack):
+    def __init__(self, files: Mapping[str, pathlib.Path], stored: Mapping[str, str], stack: contextlib.ExitStack,
+                 packed: Mapping[str, tuple[str, str]] | None = None):
         from safetensors import safe_open  # optional dependency, needed only to read checkpoints
 
-        self.files, self.stored = files, stored
+        self.files, self.stored, self.packed = files, stored, packed or {}
         self.handles = {p: stack.enter_context(safe_open(str(p), framework="numpy")) for p in set(files.values())}
 
     def get(self, name: str) -> np.ndarray:
+        if name in self.packed:
+            return self.get_slice(name)[()]
         return self.handles[self.files[name]].get_tensor(self.stored[name])
 
     def get_slice(self, name: str):
+        if name in self.packed:
+            return mxfp4.PackedSlice(*(self.get_slice(part) for part in self.packed[name]))
         return self.handles[self.files[name]].get_slice(self.stored[name])
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -298,6 +304,9 @@ def _load_param(var: nnx.Variable, path: str, cfg: ModelConfig, reader: _Reader,
 
     def read(name: str, index: tuple[slice, ...]) -> np.ndarray:
         """Our layer-level `index` of HF weight `name`, in our layout."""
+        if entry.fuse == "interleave_last" and entry.transform == "identity":  # read only the columns of `index`
+            n, (start, stop, _) = len(piece_shapes), index[-1].indices(layer_shape[-1])
+            return reader.get_slice(name)[(*index[:-1], slice(n * start, n * stop))][..., part::n]
         if entry.fuse is not None:
             piece = layouts.unfuse(entry.fuse, reader.get(name), piece_shapes, cfg)[part]
             return to_ours(piece, layer_shape)[index]
@@ -322,9 +331,12 @@ def _load_param(var: nnx.Variable, path: str, cfg: ModelConfig, reader: _Reader,
 def load_pretrained(name_or_path: str | pathlib.Path, *, dtype=jnp.float32, param_dtype=jnp.float32,
                     attention: str = "auto", remat: str = "none", scan_layers: bool = True,
                     sharder: Sharder | None = None, revision: str | None = None) -> tuple[Decoder, ModelConfig]:
-    """(Decoder, ModelConfig) from a local HF folder or a hub id, each param placed directly on its shards."""
+    """(Decoder, ModelConfig) from a local HF folder or a hub id, each param placed directly on its shards.
+    MXFP4 checkpoints (config.json `quantization_config.quant_method: mxfp4`, gpt-oss) are dequantized to
+    `param_dtype` as they are read (`dpojax.models.mxfp4`)."""
     folder = resolve_model_dir(name_or_path, revision)
-    cfg = ModelConfig.from_hf(read_hf_config(folder))
+    hf_config = read_hf_config(folder)
+    cfg = ModelConfig.from_hf(hf_config)
     files = weight_map(folder)
     graphdef, abstract_state = nnx.split(abstract_decoder(
         cfg, dtype=dtype, param_dtype=param_dtype, attention=attention, remat=remat, scan_layers=scan_layers,
@@ -332,10 +344,12 @@ def load_pretrained(name_or_path: str | pathlib.Path, *, dtype=jnp.float32, para
     flat = list(nnx.to_flat_state(abstract_state))
     stored = canonical_names(files, cfg)
     files = {name: files[old] for name, old in stored.items()}
-    _check_keys([_path_str(p) for p, _ in flat], files, cfg)
+    packed = mxfp4.packed_weights(files) if mxfp4.is_mxfp4(hf_config) else {}
+    parts = {part for pair in packed.values() for part in pair}
+    _check_keys([_path_str(p) for p, _ in flat], {n: None for n in [*files, *packed] if n not in parts}, cfg)
     shapes = _layer_shapes({_path_str(p): v for p, v in flat}, family_table(cfg))
     with contextlib.ExitStack() as stack:
-        reader = _Reader(files, stored, stack)
+        reader = _Reader(files, stored, stack, packed)
         loaded = [(p, v.replace(value=_load_param(v, _path_str(p), cfg, reader, sharder, shapes)))
                   for p, v in flat]
     return nnx.merge(graphdef, nnx.from_flat_state(loaded)), cfg
@@ -439,8 +453,10 @@ def copy_tokenizer_files(tokenizer_dir, out) -> None:
 
 
 def export_config(cfg: ModelConfig, dtype_name: str) -> dict[str, Any]:
-    """The original HF config dict with the saved dtype (and the architecture name when absent)."""
+    """The original HF config dict with the saved dtype (and the architecture name when absent); the weights are
+    written unquantized, so a `quantization_config` (MXFP4 gpt-oss) is dropped."""
     hf = dict(cfg.hf_config)
+    hf.pop("quantization_config", None)
     hf["dtype"] = dtype_name
     if "torch_dtype" in hf:
         hf["torch_dtype"] = dtype_name

@@ -23,7 +23,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from dpojax.models.attention import attend
+from dpojax.models.attention import attend, softmax_with_sink
 from dpojax.sharding import Sharder, constrain
 
 CACHE_AXES = ("batch", "length", "kv_heads", "head_dim")  # one layer's k or v; stacked: ("layers", *CACHE_AXES)
@@ -66,14 +66,14 @@ def empty_cache(num_layers: int, batch: int, slots: int, num_kv_heads: int, head
 
 def attend_cached(q_BxTxHxDh: jax.Array, k_BxTxGxDh: jax.Array, v_BxTxGxDh: jax.Array, cache: LayerCache, *,
                   implementation: str, scale: float, softcap: float | None, window: jax.Array | None,
-                  sharder: Sharder | None) -> tuple[jax.Array, LayerCache]:
+                  sharder: Sharder | None, sinks_H: jax.Array | None = None) -> tuple[jax.Array, LayerCache]:
     """Writes the new k/v into the cache and attends (prefill for T > 1, one step for T = 1; module docstring).
-    Returns out [B, T, H, Dh] and the updated layer cache."""
+    `sinks_H`: attention sinks (`dpojax.models.attention`). Returns out [B, T, H, Dh] and the updated cache."""
     T = q_BxTxHxDh.shape[1]
     if T > 1:  # prefill from slot 0: the training path's attention over the new tokens alone
         segment_ids_BxT = (jnp.arange(T)[None, :] >= cache.start_B[:, None]).astype(jnp.int32)
         out_BxTxHxDh = attend(q_BxTxHxDh, k_BxTxGxDh, v_BxTxGxDh, segment_ids_BxT, implementation=implementation,
-                              scale=scale, softcap=softcap, window=window, sharder=sharder)
+                              scale=scale, softcap=softcap, window=window, sharder=sharder, sinks_H=sinks_H)
         index = jnp.zeros((), jnp.int32)
     else:
         out_BxTxHxDh = None
@@ -84,12 +84,12 @@ def attend_cached(q_BxTxHxDh: jax.Array, k_BxTxGxDh: jax.Array, v_BxTxGxDh: jax.
         cache.v_BxZxGxDh, v_BxTxGxDh.astype(cache.v_BxZxGxDh.dtype), index, axis=1), sharder, CACHE_AXES)
     new = LayerCache(k_BxZxGxDh, v_BxZxGxDh, cache.start_B, cache.index)
     if out_BxTxHxDh is None:
-        out_BxTxHxDh = _attend_one(q_BxTxHxDh, new, scale=scale, softcap=softcap, window=window)
+        out_BxTxHxDh = _attend_one(q_BxTxHxDh, new, scale=scale, softcap=softcap, window=window, sinks_H=sinks_H)
     return out_BxTxHxDh, new
 
 
 def _attend_one(q_Bx1xHxDh: jax.Array, cache: LayerCache, *, scale: float, softcap: float | None,
-                window: jax.Array | None) -> jax.Array:
+                window: jax.Array | None, sinks_H: jax.Array | None = None) -> jax.Array:
     """One query per row (at slot cache.index) against the cache's slots [start, index]; scores in fp32."""
     B, _, H, Dh = q_Bx1xHxDh.shape
     Z, G = cache.k_BxZxGxDh.shape[1], cache.k_BxZxGxDh.shape[2]
@@ -103,6 +103,7 @@ def _attend_one(q_Bx1xHxDh: jax.Array, cache: LayerCache, *, scale: float, softc
     if window is not None:
         allowed_BxZ = allowed_BxZ & (cache.index - slot_Z[None, :] < window)
     scores_BxGxRxZ = jnp.where(allowed_BxZ[:, None, None, :], scores_BxGxRxZ, jnp.finfo(jnp.float32).min)
-    probs_BxGxRxZ = jax.nn.softmax(scores_BxGxRxZ, axis=-1).astype(q_Bx1xHxDh.dtype)
+    sink_1xGxRx1 = None if sinks_H is None else sinks_H.astype(jnp.float32).reshape(1, G, H // G, 1)
+    probs_BxGxRxZ = softmax_with_sink(scores_BxGxRxZ, sink_1xGxRx1).astype(q_Bx1xHxDh.dtype)
     out_BxGxRxDh = jnp.einsum("bgrz,bzgd->bgrd", probs_BxGxRxZ, cache.v_BxZxGxDh.astype(q_Bx1xHxDh.dtype))
     return out_BxGxRxDh.reshape(B, 1, H, Dh)

@@ -39,6 +39,8 @@ def fuse(rule: str, pieces: list[np.ndarray], cfg: ModelConfig) -> np.ndarray:
         return np.concatenate(pieces, axis=0)
     if rule == "cat_last":
         return np.concatenate(pieces, axis=-1)
+    if rule == "interleave_last":  # column c of piece j -> column c * n + j (gpt-oss gate_up_proj: gate, up, ...)
+        return np.stack(pieces, axis=-1).reshape(*pieces[0].shape[:-1], -1)
     if rule == "per_head":  # [H*Dh, ...] pieces -> [H, (piece 0, piece 1, ...), Dh, ...] rows
         H = cfg.num_heads
         heads = [p.reshape(H, -1, *p.shape[1:]) for p in pieces]
@@ -52,6 +54,8 @@ def unfuse(rule: str, x: np.ndarray, piece_shapes: list[tuple[int, ...]], cfg: M
         axis = 0 if rule == "cat_first" else x.ndim - 1
         bounds = np.cumsum([s[axis] for s in piece_shapes])[:-1]
         return np.split(x, bounds, axis=axis)
+    if rule == "interleave_last":
+        return [x[..., j::len(piece_shapes)] for j in range(len(piece_shapes))]
     if rule == "per_head":
         H = cfg.num_heads
         heads = x.reshape(H, -1, *x.shape[1:])

@@ -9,6 +9,7 @@ Parameter tree (paths as in `nnx.split(model)`; logical axes in brackets; option
   layers/self_attn/o_proj/kernel             [L, H, Dh, D]   (layers, heads, head_dim, embed)
   layers/self_attn/o_proj/bias               [L, D]          (o_bias only)
   layers/self_attn/{q,k}_norm/weight         [L, Dh]         (qk_norm only)
+  layers/self_attn/sinks                     [L, H]          (layers, heads)          attention_sinks only (gpt-oss)
   layers/attn_output_norm/weight             [L, D]          (sandwich_norms: norm of the attention output)
   layers/post_attention_layernorm/{weight,bias} [L, D]       the norm before the MLP (Llama's name)
   layers/mlp/{gate,up}_proj/kernel           [L, D, F]       (layers, embed, mlp); gate: gated MLP only
@@ -86,6 +87,8 @@ class SelfAttention(nnx.Module):
             self.q_norm, self.k_norm = RMSNorm(Dh, **norm_kw), RMSNorm(Dh, **norm_kw)
         else:
             self.q_norm = self.k_norm = None
+        self.sinks = (make_param(rngs, (H,), ("heads",), init="normal", param_dtype=param_dtype, num_layers=L)
+                      if cfg.attention_sinks else None)
 
     def __call__(self, x_BxTxD, rope_cos_sin, segment_ids_BxT, window, packed=None,
                  cache: LayerCache | None = None):
@@ -104,14 +107,15 @@ class SelfAttention(nnx.Module):
                                      "key")
         v_BxTxGxDh = checkpoint_name(constrain(v_BxTxGxDh, self.sharder, ("batch", "length", "kv_heads", "head_dim")),
                                      "value")
+        sinks_H = None if self.sinks is None else self.sinks[...]
         if cache is not None:
             out_BxTxHxDh, cache = attend_cached(q_BxTxHxDh, k_BxTxGxDh, v_BxTxGxDh, cache, scale=self.scale,
                                                 implementation=self.attention, softcap=self.softcap, window=window,
-                                                sharder=self.sharder)
+                                                sharder=self.sharder, sinks_H=sinks_H)
             return self.o_proj(out_BxTxHxDh), cache
         out_BxTxHxDh = attend(q_BxTxHxDh, k_BxTxGxDh, v_BxTxGxDh, segment_ids_BxT, implementation=self.attention,
                               scale=self.scale, softcap=self.softcap, window=window, sharder=self.sharder,
-                              **(packed or {}))
+                              sinks_H=sinks_H, **(packed or {}))
         out_BxTxHxDh = checkpoint_name(out_BxTxHxDh, "context")
         return self.o_proj(out_BxTxHxDh)
 
@@ -197,7 +201,7 @@ class Decoder(nnx.Module):
         self.cfg, self.dtype, self.remat, self.scan_layers, self.sharder = cfg, dtype, remat, scan_layers, sharder
         self.final_softcap = cfg.final_softcap
         self.attention = resolve_attention(attention, dtype=dtype, head_dim=cfg.head_dim, softcap=cfg.attn_softcap,
-                                           sliding_window=cfg.has_sliding_window)
+                                           sliding_window=cfg.has_sliding_window, sinks=cfg.attention_sinks)
         D, V = cfg.hidden_size, cfg.vocab_size
         self.embed_tokens = Embed(V, D, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embed_positions = (Embed(cfg.max_position_embeddings, D, dtype=dtype, param_dtype=param_dtype,

@@ -5,15 +5,15 @@ Add a family with one small module here (a parser and a table) and one line belo
 
 from __future__ import annotations
 
-from dpojax.models.families import gemma, gpt2, gpt_neox, llama, mixtral, phi3, qwen2_moe, qwen3_moe
+from dpojax.models.families import gemma, gpt2, gpt_neox, gpt_oss, llama, mixtral, phi3, qwen2_moe, qwen3_moe
 from dpojax.models.families.common import Family
 
 FAMILIES: dict[str, Family] = {
     **llama.FAMILIES, **gpt2.FAMILIES, **gpt_neox.FAMILIES, **gemma.FAMILIES, **phi3.FAMILIES,
-    **qwen3_moe.FAMILIES, **qwen2_moe.FAMILIES, **mixtral.FAMILIES,
+    **qwen3_moe.FAMILIES, **qwen2_moe.FAMILIES, **mixtral.FAMILIES, **gpt_oss.FAMILIES,
 }
 
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
+MOE_FAMILIES = ("gpt_oss", "mixtral", "qwen2_moe", "qwen3_moe")
 _MOE_HINT = "mixture-of-experts models are supported for " + ", ".join(MOE_FAMILIES)
 UNSUPPORTED_MOE = ("deepseek_v2", "deepseek_v3", "olmoe", "dbrx", "jamba", "granitemoe", "phimoe", "qwen3_next",
                    "glm4_moe", "ernie4_5_moe", "hunyuan_v1_moe", "minimax", "llama4", "flex_olmo", "jetmoe")

@@ -3,8 +3,9 @@
 A family module defines `parse(hf) -> ModelConfig fields` and one declarative weight table
 `our param path -> entry`, where an entry is `(hf_name, transform)` or, for weights HF fuses into one
 tensor, `(hf_name, transform, fuse, part)`: the parts sharing `hf_name` are joined by the named `fuse`
-rule in `part` order ("cat_first" / "cat_last": concatenated along the first / last axis; "per_head":
-interleaved head by head, GPT-NeoX's [H * (q, k, v) * Dh] layout). "{i}" in a name is the layer index.
+rule in `part` order ("cat_first" / "cat_last": concatenated along the first / last axis; "interleave_last":
+alternating columns of the last axis, gpt-oss's gate_up_proj; "per_head": interleaved head by head, GPT-NeoX's
+[H * (q, k, v) * Dh] layout). "{i}" in a name is the layer index.
 Transforms and fuse rules are implemented in `dpojax.models.layouts`.
 """
 
