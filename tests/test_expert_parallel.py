@@ -46,23 +46,28 @@ def _problem(seed: int, *, skewed: bool):
     return x_BTxD, routing, w
 
 
-def _loss(ffn, x_BTxD, weights_BTxY, w, routing):
-    y_BTxD = ffn(x_BTxD, routing._replace(weights_BTxY=weights_BTxY), w, activation="silu", dtype=jnp.float32)
+def _loss(ffn, activation, x_BTxD, weights_BTxY, w, routing):
+    y_BTxD = ffn(x_BTxD, routing._replace(weights_BTxY=weights_BTxY), w, activation=activation, dtype=jnp.float32)
     return jnp.sum(jnp.sin(y_BTxD))  # a cotangent that differs per row and column
 
 
-@pytest.mark.parametrize("skewed", [False, True], ids=["random", "skewed"])
-@pytest.mark.parametrize("mesh", MESHES, ids=str)
-def test_sharded_expert_ffn_equals_unsharded(mesh, skewed):
+CASES = [(mesh, skew, "silu") for mesh in MESHES for skew in (False, True)] + [
+    ("data2-expert2-tensor2", False, "gpt_oss")]  # gpt-oss's clamped SwiGLU (biases, F split over tensor)
+
+
+@pytest.mark.parametrize(("mesh", "skewed", "activation"), CASES,
+                         ids=[f"{m}-{'skewed' if s else 'random'}-{a}" for m, s, a in CASES])
+def test_sharded_expert_ffn_equals_unsharded(mesh, skewed, activation):
     x_BTxD, routing, w = _problem(0, skewed=skewed)
     sharder = Sharder(make_mesh(**MESHES[mesh]))
     sharded = functools.partial(expert_ffn_sharded, sharder=sharder)
     args = (x_BTxD, routing.weights_BTxY, w, routing)
-    want, want_grads = jax.value_and_grad(functools.partial(_loss, experts.expert_ffn), argnums=(0, 1, 2))(*args)
-    got, grads = jax.jit(jax.value_and_grad(functools.partial(_loss, sharded), argnums=(0, 1, 2)))(*args)
+    want, want_grads = jax.value_and_grad(functools.partial(_loss, experts.expert_ffn, activation),
+                                          argnums=(0, 1, 2))(*args)
+    got, grads = jax.jit(jax.value_and_grad(functools.partial(_loss, sharded, activation), argnums=(0, 1, 2)))(*args)
     np.testing.assert_allclose(got, want, rtol=1e-5)
-    y = jax.jit(lambda x, r, w: sharded(x, r, w, activation="silu", dtype=jnp.float32))(x_BTxD, routing, w)
-    np.testing.assert_allclose(y, experts.expert_ffn(x_BTxD, routing, w, activation="silu", dtype=jnp.float32),
+    y = jax.jit(lambda x, r, w: sharded(x, r, w, activation=activation, dtype=jnp.float32))(x_BTxD, routing, w)
+    np.testing.assert_allclose(y, experts.expert_ffn(x_BTxD, routing, w, activation=activation, dtype=jnp.float32),
                                rtol=1e-5, atol=1e-5)
     for name, a, b in zip(("x", "weights", *w._fields), jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
         assert np.abs(b).max() > 0, name  # every input gets a gradient
