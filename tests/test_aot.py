@@ -26,7 +26,7 @@ SHIPPED = {  # config -> intended topology (None: a GPU host)
     "llama-3.1-70b_ultrafeedback_v5p-128.yaml": "v5p-128",
     "llama-3.1-8b_ultrafeedback_8xh100.yaml": None,
     "qwen3-30b-a3b_ultrafeedback_v5p.yaml": "v5p-32",  # MoE: mesh.expert
-    "mixtral-8x7b_ultrafeedback_v5p.yaml": "v5p-32",
+    "mixtral-8x7b_ultrafeedback_v5p.yaml": "v5p-64",
 }
 SLOW = os.environ.get("DPOJAX_SLOW_TESTS") == "1"
 
