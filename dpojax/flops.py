@@ -159,7 +159,7 @@ def causal_pairs(lengths: Sequence[int] | np.ndarray, window: int | None = None)
 def forward_flops(cfg, *, tokens: int, scored: int, pairs_per_layer: Sequence[int]) -> Forward:
     """Forward FLOPs of model `cfg` (a dpojax ModelConfig) over `tokens` body tokens, `scored` head positions and
     `pairs_per_layer[l]` attended (query, key) pairs in layer l."""
-    matmul_weights, _ = cfg._layer_params()
+    matmul_weights, _ = cfg._layer_params(active=True)  # MoE: the experts a token runs through
     per_pair = 4.0 * cfg.num_heads * cfg.head_dim
     return Forward(
         matmul=2.0 * cfg.num_layers * matmul_weights * tokens,
@@ -175,7 +175,7 @@ def remat_recompute(cfg, policy_forward: Forward, remat: str, *, tokens: int) ->
     `models.layers.DENSE_OUTPUT`: the matmul sits in a custom_vjp the dot policies cannot see); `dots_all` also
     saves the attention products."""
     head = policy_forward.head  # the log-prob head recomputes its logits chunk by chunk
-    D, F, H, Dh, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.head_dim, cfg.num_layers
+    D, F, H, Dh, L = cfg.hidden_size, cfg.active_mlp_width, cfg.num_heads, cfg.head_dim, cfg.num_layers
     down = 2.0 * L * F * D * tokens
     if remat in ("none", "dots_all"):
         return head

@@ -96,6 +96,14 @@ class ModelConfig:
         return self.num_experts > 0
 
     @property
+    def active_mlp_width(self) -> int:
+        """F summed over the MLPs one token runs through: the dense MLP, or the Y routed experts and the shared
+        expert of an MoE block."""
+        if not self.is_moe:
+            return self.intermediate_size
+        return self.experts_per_token * self.expert_intermediate_size + self.shared_expert_size
+
+    @property
     def attention_scale(self) -> float:
         return self.head_dim**-0.5 if self.query_scale is None else self.query_scale
 

@@ -46,7 +46,7 @@ from dpojax.errors import ConfigError, ModelError
 from dpojax.models import layouts
 from dpojax.models.config import ModelConfig
 from dpojax.models.families import FAMILIES
-from dpojax.models.layers import dense_matmul
+from dpojax.models.layers import Dense, dense_matmul
 from dpojax.sharding import Sharder
 
 CONV1D_TRANSFORMS = ("identity", "flat_out_heads", "flat_in_heads")  # HF weight stored [in, out] (GPT-2 Conv1D)
@@ -239,8 +239,9 @@ def _with_values(state, values: dict[str, Any]):
 def lora_model(base_graphdef, base_state, cfg: ModelConfig, lora_cfg, sharder: Sharder | None):
     """(graphdef with adapters, abstract adapter State, groups) over a base model (concrete or abstract)."""
     model = nnx.merge(base_graphdef, base_state)
-    present = {"/".join(str(k) for k in path[:-1]) for path, _ in nnx.to_flat_state(base_state)
+    kernels = {"/".join(str(k) for k in path[:-1]) for path, _ in nnx.to_flat_state(base_state)
                if path[-1] == "kernel"}
+    present = {p for p in kernels if isinstance(_module(model, p), Dense)}  # not an MoE router
     groups = select_groups(cfg, lora_cfg.targets, present)
     attach(model, groups, rank=lora_cfg.rank, scale=scale_of(lora_cfg.alpha, lora_cfg.rank, lora_cfg.rslora),
            sharder=sharder)
