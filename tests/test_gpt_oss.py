@@ -22,6 +22,7 @@ from dpojax.errors import ModelError
 from dpojax.generate import Generator, Sampling
 from dpojax.models import export_hf, init_random, load_pretrained, mxfp4
 from dpojax.models.attention import attend_xla, resolve_attention, segment_mask
+from dpojax.sharding import Sharder, make_mesh
 
 EOS = 2
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=32, head_dim=16, num_attention_heads=4,
@@ -82,23 +83,31 @@ def test_logits_equal_transformers_and_export_round_trip(tiny, tmp_path):
 
 
 @functools.partial(jax.jit, static_argnums=0, compiler_options=FAST_COMPILE)
-def _packed_logits(graphdef, state, ids, pos, seg):
+def _packed_logits(graphdef, state, ids, pos, seg, branch):
     model = nnx.merge(graphdef, state)
-    return model.logits(model(ids, pos, seg, band=9))
+    return model.logits(model(ids, pos, seg, branch, band=16))
 
 
 def test_packed_rows_equal_unpacked(tiny):
-    """Two sequences (7 and 9 tokens) in one row, positions restarting, windows counted in positions."""
+    """Row 0: two sequences (7 and 9 tokens), positions restarting. Row 1: a shared prompt (5 tokens) with two
+    responses (4 and 6 tokens) that never see each other. Windows counted in positions, sinks in every softmax."""
     model, _ = load_pretrained(tiny)
-    ids, pos, seg = padded_batch(lengths=(7, 9), T=9)
+    rng = np.random.default_rng(3)
+    a, b, prompt, r1, r2 = (rng.integers(3, 128, n) for n in (7, 9, 5, 4, 6))
+    ids, pos, seg = padded_batch(lengths=(7, 9, 9, 11), T=11)
+    for i, seq in enumerate((a, b, np.concatenate([prompt, r1]), np.concatenate([prompt, r2]))):
+        ids[i, :len(seq)] = seq
     want = our_logits(model, ids, pos, seg)
-    row_ids = np.concatenate([ids[0, :7], ids[1, :9], [0, 0]])[None].astype(np.int32)
-    row_pos = np.concatenate([np.arange(7), np.arange(9), [0, 1]])[None].astype(np.int32)
-    row_seg = np.asarray([[1] * 7 + [2] * 9 + [0, 0]], np.int32)
-    got = np.asarray(_packed_logits(*nnx.split(model), row_ids, row_pos, row_seg))[0]
+    row_ids = np.stack([np.concatenate([a, b, [0, 0]]), np.concatenate([prompt, r1, r2, [0, 0, 0]])]).astype(np.int32)
+    row_pos = np.stack([np.r_[np.arange(7), np.arange(9), 0, 1],
+                        np.r_[np.arange(9), np.arange(5, 11), 0, 1, 2]]).astype(np.int32)
+    row_seg = np.asarray([[1] * 7 + [2] * 9 + [0] * 2, [1] * 15 + [0] * 3], np.int32)
+    branch = np.asarray([[0] * 18, [0] * 5 + [1] * 4 + [2] * 6 + [0] * 3], np.int32)
+    got = np.asarray(_packed_logits(*nnx.split(model), row_ids, row_pos, row_seg, branch))
     # another program's rounding of a residual stream far larger than the logits (the experts' outputs are large)
-    np.testing.assert_allclose(got[:7], want[0, :7], atol=1e-4, rtol=0)
-    np.testing.assert_allclose(got[7:16], want[1, :9], atol=1e-4, rtol=0)
+    for got_row, want_row in ((got[0, :7], want[0, :7]), (got[0, 7:16], want[1, :9]), (got[1, :9], want[2, :9]),
+                              (got[1, 9:15], want[3, 5:11])):
+        np.testing.assert_allclose(got_row, want_row, atol=1e-4, rtol=0)
 
 
 def test_greedy_generation_equals_transformers(tmp_path):
@@ -171,6 +180,43 @@ def test_sinks_equal_transformers_eager_attention(T, window):
     np.testing.assert_allclose(np.asarray(ours)[real], ref[real], atol=1e-5, rtol=0)
     without = attend_xla(q, k, v, seg, scale=0.3, window=w)
     assert np.abs(np.asarray(without) - ref)[real].max() > 1e-2  # the sinks matter
+
+
+def test_sink_gradients_equal_torch_autograd():
+    """What training differentiates: d(loss)/d(q, k, v, sinks) through the sink softmax, against torch's autograd
+    of transformers' eager attention (a window of 3, padding)."""
+    import torch
+    from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward
+
+    rng = np.random.default_rng(1)
+    B, T, H, G, Dh = 2, 10, 4, 2, 8
+    q, k, v = (rng.standard_normal((B, T, n, Dh)).astype(np.float32) for n in (H, G, G))
+    sinks, cot = rng.standard_normal(H).astype(np.float32), rng.standard_normal((B, T, H, Dh)).astype(np.float32)
+    seg = np.ones((B, T), np.int32)
+    seg[1, 7:] = 0
+    cot[seg == 0] = 0.0
+    w = jnp.asarray(3, jnp.int32)
+
+    def loss(q, k, v, sinks):
+        return jnp.sum(attend_xla(q, k, v, seg, scale=0.3, window=w, sinks_H=sinks) * cot)
+
+    ours = jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, sinks)
+
+    class Stub(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.num_key_value_groups = H // G
+            self.sinks = torch.nn.Parameter(torch.from_numpy(sinks))
+
+    stub = Stub().eval()
+    tq, tk, tv = (torch.from_numpy(x).requires_grad_() for x in (q, k, v))
+    additive = torch.where(torch.from_numpy(np.array(segment_mask(seg, w))), 0.0, torch.finfo(torch.float32).min)
+    out, _ = eager_attention_forward(stub, tq.transpose(1, 2), tk.transpose(1, 2), tv.transpose(1, 2), additive,
+                                     scaling=0.3)
+    (out * torch.from_numpy(cot)).sum().backward()
+    for got, want in zip(ours, (tq.grad, tk.grad, tv.grad, stub.sinks.grad)):
+        np.testing.assert_allclose(np.asarray(got), want.numpy(), atol=1e-5, rtol=1e-5)
+    assert np.abs(np.asarray(ours[3])).min() > 1e-4  # every head's sink gets a gradient
 
 
 def test_kernels_without_sinks_are_refused():
@@ -272,6 +318,11 @@ def test_mxfp4_checkpoint_loads_as_transformers_dequantizes_it(tiny, tmp_path):
             np.testing.assert_array_equal(np.asarray(experts.down_proj[i], np.float32),
                                           _hf_dequantized(tensors, name + "down_proj", torch_dtype))
     model, cfg = load_pretrained(path)
+    # on a (fsdp 4, tensor 2) mesh each shard reads and dequantizes only its part of D and F: the same values
+    sharded, _ = load_pretrained(path, sharder=Sharder(make_mesh(data=1, fsdp=4, tensor=2)))
+    gate = sharded.layers.mlp.experts.gate_proj
+    assert gate[...].addressable_shards[0].data.shape == (cfg.num_layers, cfg.num_experts, 64 // 4, 32 // 2)
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(sharded, nnx.Param), nnx.state(model, nnx.Param))
     ids, pos, seg = padded_batch()
     real = seg > 0
     ours = our_logits(model, ids, pos, seg)
@@ -281,3 +332,48 @@ def test_mxfp4_checkpoint_loads_as_transformers_dequantizes_it(tiny, tmp_path):
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     load_torch(out)
     np.testing.assert_allclose(torch_logits(out, ids, seg)[real], ours[real], atol=1e-4, rtol=0)
+
+
+GPT_OSS_20B = {  # the hub's openai/gpt-oss-20b config.json
+    "architectures": ["GptOssForCausalLM"], "attention_bias": True, "attention_dropout": 0.0, "eos_token_id": 200002,
+    "experts_per_token": 4, "head_dim": 64, "hidden_act": "silu", "hidden_size": 2880,
+    "initial_context_length": 4096, "initializer_range": 0.02, "intermediate_size": 2880,
+    "layer_types": ["sliding_attention", "full_attention"] * 12, "max_position_embeddings": 131072,
+    "model_type": "gpt_oss", "num_attention_heads": 64, "num_experts_per_tok": 4, "num_hidden_layers": 24,
+    "num_key_value_heads": 8, "num_local_experts": 32, "output_router_logits": False, "pad_token_id": 199999,
+    "quantization_config": {"modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                       "model.embed_tokens", "lm_head"], "quant_method": "mxfp4"},
+    "rms_norm_eps": 1e-05, "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+                                            "original_max_position_embeddings": 4096, "rope_type": "yarn",
+                                            "truncate": False},
+    "rope_theta": 150000, "router_aux_loss_coef": 0.9, "sliding_window": 128, "swiglu_limit": 7.0,
+    "tie_word_embeddings": False, "use_cache": True, "vocab_size": 201088}
+
+
+def test_full_size_config_names_and_sizes():
+    """gpt-oss-20b's config.json, abstractly: 20.91B parameters, 3.61B of them active (the model card's figures);
+    the weights dpojax exports are transformers' (names, shapes, count); other SwiGLU settings are refused."""
+    import dataclasses
+
+    import torch
+    import transformers
+
+    from dpojax.models import ModelConfig
+    from dpojax.models.hf import hf_weight_shapes
+
+    cfg = ModelConfig.from_hf(GPT_OSS_20B)
+    assert cfg.windows == (128, None) * 12 and cfg.rope == dataclasses.replace(
+        cfg.rope, type="yarn", theta=150_000.0, factor=32.0, original_max_position_embeddings=4096, truncate=False)
+    assert (cfg.num_experts, cfg.experts_per_token, cfg.expert_intermediate_size) == (32, 4, 2880)
+    assert abs(cfg.num_params() - 20.91e9) < 0.01e9
+    two = {**GPT_OSS_20B, "num_hidden_layers": 2, "layer_types": GPT_OSS_20B["layer_types"][:2]}  # quicker in torch
+    with torch.device("meta"):
+        reference = transformers.AutoModelForCausalLM.from_config(transformers.GptOssConfig(
+            **{k: v for k, v in two.items() if k != "quantization_config"}))
+    shapes = {name: tuple(p.shape) for name, p in reference.state_dict().items()}
+    assert hf_weight_shapes(ModelConfig.from_hf(two)) == shapes
+    assert ModelConfig.from_hf(two).num_params() == sum(p.numel() for p in reference.parameters())
+    # the model card's 3.61B active parameters leave the input embedding table out
+    assert abs(cfg.active_params() - cfg.vocab_size * cfg.hidden_size - 3.61e9) < 0.01e9
+    with pytest.raises(ModelError, match="swiglu_limit"):
+        ModelConfig.from_hf({**GPT_OSS_20B, "swiglu_limit": 10.0})

@@ -186,8 +186,8 @@ def test_llama31_8b_abstract_shapes_and_counts():
 
 
 def test_config_errors():
-    with pytest.raises(ModelError, match="gemma, gemma2, gemma3_text, gpt2, gpt_neox, llama, mistral, mixtral, "
-                                         "phi3, qwen2, qwen2_moe, qwen3, qwen3_moe"):
+    with pytest.raises(ModelError, match="gemma, gemma2, gemma3_text, gpt2, gpt_neox, gpt_oss, llama, mistral, "
+                                         "mixtral, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe"):
         ModelConfig.from_hf({**LLAMA_31_8B, "model_type": "falcon"})
     with pytest.raises(ModelError, match="'mrope'.*supported: default, linear, dynamic, yarn, llama3, longrope"):
         ModelConfig.from_hf({**LLAMA_31_8B, "rope_scaling": {"rope_type": "mrope", "factor": 2.0}})

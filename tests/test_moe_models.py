@@ -344,7 +344,8 @@ def test_unsupported_moe_options_are_named():
 
     for model_type in ("deepseek_v3", "olmoe"):
         error({**QWEN3_30B_A3B, "model_type": model_type},
-              f"{model_type} is a mixture-of-experts architecture.*supported for mixtral, qwen2_moe, qwen3_moe")
+              f"{model_type} is a mixture-of-experts architecture.*supported for "
+              "gpt_oss, mixtral, qwen2_moe, qwen3_moe")
     error({**QWEN3_30B_A3B, "decoder_sparse_step": 2}, "decoder_sparse_step=2")
     error({**QWEN15_MOE_A27B, "mlp_only_layers": [0, 5]}, r"mlp_only_layers=\[0, 5\]")
     error({**MIXTRAL_8X7B, "router_jitter_noise": 0.1}, "router_jitter_noise")

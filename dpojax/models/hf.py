@@ -65,8 +65,7 @@ def _hf_layer_shape(path: str, table: Mapping[str, Entry], shapes: Mapping[str, 
     entry = table[path]
     if entry.fuse is None:
         return _piece_shape(entry, shapes[path])
-    pieces = [np.empty(_piece_shape(table[p], shapes[p]), np.int8) for p in _siblings(table, entry, shapes)]
-    return layouts.fuse(entry.fuse, pieces, cfg).shape
+    return layouts.fused_shape(entry.fuse, [_piece_shape(table[p], shapes[p]) for p in _siblings(table, entry, shapes)])
 
 
 WEIGHT_PATTERNS = ("*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja")

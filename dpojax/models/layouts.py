@@ -48,6 +48,16 @@ def fuse(rule: str, pieces: list[np.ndarray], cfg: ModelConfig) -> np.ndarray:
     raise ValueError(f"unknown fuse rule {rule!r}")
 
 
+def fused_shape(rule: str, piece_shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+    """The shape `fuse(rule, pieces)` returns, computed without building it (expert tensors are large): every rule
+    joins its pieces along the first axis (cat_first, per_head) or the last (cat_last, interleave_last)."""
+    if rule not in ("cat_first", "per_head", "cat_last", "interleave_last"):
+        raise ValueError(f"unknown fuse rule {rule!r}")
+    axis = 0 if rule in ("cat_first", "per_head") else len(piece_shapes[0]) - 1
+    joined = sum(shape[axis] for shape in piece_shapes)
+    return tuple(joined if a == axis else n for a, n in enumerate(piece_shapes[0]))
+
+
 def unfuse(rule: str, x: np.ndarray, piece_shapes: list[tuple[int, ...]], cfg: ModelConfig) -> list[np.ndarray]:
     """The pieces (of `piece_shapes`, HF piece layout) of a fused HF tensor `x`: the inverse of `fuse`."""
     if rule in ("cat_first", "cat_last"):

@@ -57,9 +57,8 @@ class PackedSlice:
     `[index]` reads and dequantizes only the leading rows (e.g. experts) and output columns R asked for."""
 
     def __init__(self, blocks, scales):
-        self.blocks, self.scales = blocks, scales  # safetensors slices (or arrays) of the two tensors
-        *lead, rows, groups, half = (int(n) for n in blocks.get_shape()) if hasattr(blocks, "get_shape") \
-            else blocks.shape
+        self.blocks, self.scales = blocks, scales  # safetensors slices of the two tensors
+        *lead, rows, groups, half = (int(n) for n in blocks.get_shape())
         self.shape = (*lead, groups * 2 * half, rows)
 
     def get_shape(self) -> list[int]:
