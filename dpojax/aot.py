@@ -191,7 +191,7 @@ def lower_step(cfg, devices, *, backend: str = "tpu", batch_pairs: int | None = 
     micro = min(micro_pairs or cfg.micro_batch_size, n_pairs)
     if n_pairs % micro or micro % sharder.batch_shards:
         raise ConfigError(f"compile: {n_pairs} pairs in micro-batches of {micro} do not split over the "
-                          f"{sharder.batch_shards} data-parallel devices (mesh.data * mesh.fsdp).")
+                          f"{sharder.batch_shards} devices that split the batch (mesh.data * mesh.fsdp * mesh.expert).")
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=n_pairs, micro_batch_size=micro))
 
     @functools.cache

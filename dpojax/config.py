@@ -168,6 +168,9 @@ class MeshSection:
     data: int = -1  # data-parallel axis (-1: fill the remaining devices)
     fsdp: int = 1  # parameter/optimizer-state sharding axis
     tensor: int = 1  # tensor-parallel axis (heads, mlp, vocab)
+    # expert-parallel axis (MoE models): splits the experts of each MoE layer and, like data and fsdp, the batch;
+    # must divide the model's number of experts
+    expert: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -497,7 +500,7 @@ def _validate_sections(cfg: Config) -> None:
         _require(all(b > 0 for b in d.buckets), f"'data.buckets' = {list(d.buckets)} must be positive lengths.")
         _require(max(d.buckets) >= d.max_length,
                  f"'data.buckets' = {list(d.buckets)} must reach data.max_length = {d.max_length} (add it).")
-    for key in ("data", "fsdp", "tensor"):
+    for key in ("data", "fsdp", "expert", "tensor"):
         value = getattr(cfg.mesh, key)
         _require(value == -1 or value > 0, f"'mesh.{key}' = {value} must be positive or -1 (fill).")
 

@@ -32,7 +32,7 @@ Model
   Dr  rotary width of one head (Dr <= Dh; partial rotary rotates the first Dr)
   X   experts of an MoE layer
   Y   experts each token is routed to (top-k)
-  Q   labels of a sequence-classification (score) head (1 for a reward model)
+  Lb  labels of a sequence-classification (score) head (1 for a reward model)
 
 Attention and the log-prob head
   S   query positions of one attention block
@@ -44,6 +44,11 @@ Attention and the log-prob head
 
 Generation
   Z   slots of a KV cache (prompt bucket plus new tokens)
+
+Expert parallelism (dpojax.models.expert_parallel)
+  Q   devices of the mesh's expert axis (expert parallelism)
+  Xl  experts held by one device of the expert axis (X / Q)
+  Qr  rows one device sends to each device of the expert axis (its worst case: bt * min(Y, Xl))
 """
 
 LETTERS: dict[str, str] = {
@@ -68,7 +73,7 @@ LETTERS: dict[str, str] = {
     "Dr": "rotary width",
     "X": "experts of an MoE layer",
     "Y": "experts each token is routed to (top-k)",
-    "Q": "labels of a score head",
+    "Lb": "labels of a score head",
     "S": "query positions of an attention block",
     "E": "key positions of an attention block",
     "C": "log-prob chunk length",
@@ -76,4 +81,7 @@ LETTERS: dict[str, str] = {
     "W": "vocabulary tile width",
     "Tp": "T padded to the splash block",
     "Z": "KV cache slots",
+    "Q": "devices of the expert axis",
+    "Xl": "experts on one device of the expert axis",
+    "Qr": "rows sent to each device of the expert axis",
 }

@@ -16,6 +16,12 @@ Logical axis glossary:
   layers    the stacked-layer axis L (never sharded)
   norm      a norm scale vector (never sharded)
   lora_rank the rank r of a LoRA adapter (never sharded)
+  expert    the experts X of an MoE layer (expert parallelism: each device of the `expert` axis holds X / expert)
+  router    the router's output (one logit per expert; never sharded)
+
+Mesh axes: data (replicas), fsdp (parameter and optimizer-state shards), expert (MoE experts; like data and fsdp it
+also splits the batch, so its devices hold different tokens and exchange them with an all-to-all), tensor (heads,
+MLP width, vocabulary).
 """
 
 from __future__ import annotations
@@ -31,11 +37,11 @@ from jax.sharding import PartitionSpec as P
 
 from dpojax.errors import ConfigError
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 # logical axis -> mesh axis (or tuple of mesh axes, or None for replicated)
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("batch", ("data", "fsdp")),
+    ("batch", ("data", "fsdp", "expert")),
     ("length", None),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
@@ -46,44 +52,48 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("layers", None),
     ("norm", None),
     ("lora_rank", None),
-    ("expert", None),  # experts of an MoE layer (X)
+    ("expert", "expert"),  # experts of an MoE layer (X): expert parallelism
     ("router", None),  # the router's expert scores: never sharded
 )
 
 
-def resolve_mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int) -> tuple[int, int, int]:
-    """Fill at most one -1 so that data*fsdp*tensor == n_devices, or raise a ConfigError."""
-    shape = [data, fsdp, tensor]
+def resolve_mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int, expert: int = 1) -> tuple[int, ...]:
+    """Fill at most one -1 so that data*fsdp*expert*tensor == n_devices, or raise a ConfigError; the sizes come
+    back in MESH_AXES order (data, fsdp, expert, tensor)."""
+    sizes = {"data": data, "fsdp": fsdp, "expert": expert, "tensor": tensor}
+    given = " ".join(f"{k}={v}" for k, v in sizes.items())
+    shape = [sizes[a] for a in MESH_AXES]
     if shape.count(-1) > 1:
-        raise ConfigError(f"mesh: at most one of mesh.data/fsdp/tensor may be -1, got {shape}.")
-    known = math.prod(s for s in shape if s != -1)
+        raise ConfigError(f"mesh: at most one of mesh.data/fsdp/expert/tensor may be -1, got {given}.")
     if any(s == 0 or s < -1 for s in shape):
-        raise ConfigError(f"mesh: sizes must be positive or -1, got data={data} fsdp={fsdp} tensor={tensor}.")
+        raise ConfigError(f"mesh: sizes must be positive or -1, got {given}.")
+    known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
         if n_devices % known:
             raise ConfigError(
                 f"mesh: {n_devices} devices found, which is not divisible by the fixed mesh axes "
-                f"(product {known}); set mesh.data/fsdp/tensor so their product is {n_devices}."
+                f"(product {known}); set mesh.data/fsdp/expert/tensor so their product is {n_devices}."
             )
         shape[shape.index(-1)] = n_devices // known
     if math.prod(shape) != n_devices:
         raise ConfigError(
-            f"mesh: data*fsdp*tensor = {math.prod(shape)} but {n_devices} devices were found "
+            f"mesh: data*fsdp*expert*tensor = {math.prod(shape)} but {n_devices} devices were found "
             f"({jax.devices()[0].platform}); set the mesh so the product is {n_devices} (use -1 to fill)."
         )
-    return tuple(shape)  # type: ignore[return-value]
+    return tuple(shape)
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes).
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None, *, expert: int = 1) -> Mesh:
+    """A (data, fsdp, expert, tensor) mesh over `devices` (default: all devices of all processes).
 
     On TPU the devices are laid out along the physical torus (`mesh_utils.create_device_mesh`), so the
-    tensor axis, which communicates most, gets the closest neighbours; elsewhere they keep their order.
-    Devices from several TPU slices (multi-slice) form a hybrid mesh whose `data` axis spans the slices
-    over DCN, so only data-parallel gradient reductions cross slices; mesh.data must be a multiple of them.
+    tensor axis, which communicates most, gets the closest neighbours, then the expert axis (all-to-all);
+    elsewhere they keep their order. Devices from several TPU slices (multi-slice) form a hybrid mesh whose `data`
+    axis spans the slices over DCN, so only data-parallel gradient reductions cross slices; mesh.data must be a
+    multiple of them.
     """
     devices = list(jax.devices() if devices is None else devices)
-    shape = resolve_mesh_shape(data, fsdp, tensor, len(devices))
+    shape = resolve_mesh_shape(data, fsdp, tensor, len(devices), expert)
     slices = len({getattr(d, "slice_index", 0) for d in devices})
     try:
         if slices > 1:
@@ -92,8 +102,9 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
                     f"mesh: the {len(devices)} devices span {slices} TPU slices; mesh.data = {shape[0]} must be a "
                     f"multiple of {slices} so that only the data axis crosses slices."
                 )
-            ici = (shape[0] // slices, shape[1], shape[2])
-            grid = mesh_utils.create_hybrid_device_mesh(ici, (slices, 1, 1), devices, allow_split_physical_axes=True)
+            ici = (shape[0] // slices, *shape[1:])
+            dcn = (slices,) + (1,) * (len(shape) - 1)
+            grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
         else:
             grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
     except (ValueError, NotImplementedError, AssertionError):  # an unusual TPU slice shape: keep the given order
@@ -116,7 +127,7 @@ class Sharder:
         for i, name in enumerate(names):
             target = table.get(name) if name is not None else None
             axes = (target,) if isinstance(target, str) else tuple(target or ())
-            axes = tuple(a for a in axes if a not in used and self.mesh.shape[a] > 1)
+            axes = tuple(a for a in axes if a not in used and self.mesh.shape.get(a, 1) > 1)
             if shape is not None and axes:
                 size = math.prod(self.mesh.shape[a] for a in axes)
                 if shape[i] % size:
@@ -127,10 +138,15 @@ class Sharder:
 
     @property
     def batch_shards(self) -> int:
-        """How many ways the batch axis is split (the data-parallel devices)."""
+        """How many ways the batch axis is split (the devices holding different rows: data * fsdp * expert)."""
         target = dict(self.rules).get("batch")
         axes = (target,) if isinstance(target, str) else tuple(target or ())
-        return math.prod(self.mesh.shape[a] for a in axes)
+        return math.prod(self.mesh.shape.get(a, 1) for a in axes)
+
+    @property
+    def experts(self) -> int:
+        """The size of the mesh's expert axis (1: no expert parallelism, or a mesh without that axis)."""
+        return self.mesh.shape.get("expert", 1)
 
     def named(self, names: tuple[str | None, ...], shape: tuple[int, ...] | None = None) -> NamedSharding:
         return NamedSharding(self.mesh, self.spec(names, shape))

@@ -25,6 +25,8 @@ SHIPPED = {  # config -> intended topology (None: a GPU host)
     "llama-3.1-8b_ultrafeedback_v5p-8.yaml": "v5p-8",
     "llama-3.1-70b_ultrafeedback_v5p-128.yaml": "v5p-128",
     "llama-3.1-8b_ultrafeedback_8xh100.yaml": None,
+    "qwen3-30b-a3b_ultrafeedback_v5p.yaml": "v5p-32",  # MoE: mesh.expert
+    "mixtral-8x7b_ultrafeedback_v5p.yaml": "v5p-64",
 }
 SLOW = os.environ.get("DPOJAX_SLOW_TESTS") == "1"
 
@@ -78,8 +80,9 @@ def test_shipped_config_lowers_for_its_topology(name):
         devices = aot.topology_devices(aot.parse_topology(topology)[0])
     step = aot.lower_step(cfg, devices, backend=backend)
     assert step.num_params > 0.4e9 and step.seq_len == cfg.data.max_length
-    assert step.mesh["fsdp"] == len(devices)
-    assert step.attention == ("xla" if topology is None else "splash")  # auto: the Pallas kernel on TPU
+    assert step.mesh["fsdp"] * step.mesh["expert"] == len(devices)  # every matrix split over all devices
+    # auto: the Pallas kernel on TPU
+    assert step.attention == ("xla" if topology is None else "splash")
     assert "stablehlo.while" in step.lowered.as_text()  # layers scanned, micro-batches accumulated
     mcfg, n = ModelConfig.from_hf(aot.read_model_config(cfg.model.name_or_path)), step.batch_pairs * 2
     counted = flops.step_flops(mcfg, [step.seq_len] * n, n * step.seq_len, reference=not cfg.ref_model.precompute)
@@ -92,7 +95,7 @@ def test_multislice_mesh_puts_data_across_slices():
 
     devices = aot.topology_devices("v5e:2x2", slices=2)  # 2 slices of 4 chips
     mesh = make_mesh(data=2, fsdp=-1, tensor=1, devices=devices)
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "expert": 1, "tensor": 1}
     assert [{d.slice_index for d in row.flat} for row in mesh.devices] == [{0}, {1}]  # fsdp stays in a slice
     with pytest.raises(ConfigError, match="multiple of 2"):
         make_mesh(data=1, fsdp=-1, tensor=1, devices=devices)

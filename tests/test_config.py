@@ -111,7 +111,8 @@ def test_impossible_mesh_names_devices():
         make_mesh(data=3, fsdp=1, tensor=1)
     with pytest.raises(ConfigError, match="not divisible"):
         make_mesh(data=-1, fsdp=3, tensor=1)
-    assert dict(make_mesh(-1, 2, 2).shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert dict(make_mesh(-1, 2, 2).shape) == {"data": 2, "fsdp": 2, "expert": 1, "tensor": 2}
+    assert dict(make_mesh(1, 2, 1, expert=-1).shape) == {"data": 1, "fsdp": 2, "expert": 4, "tensor": 1}
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)

@@ -11,6 +11,7 @@ timeout is not taken for dead. Runs are held at known steps by tests/held_cli.py
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import signal
 import subprocess
@@ -220,3 +221,31 @@ def test_cluster_detection(monkeypatch):
     monkeypatch.delenv("SLURM_JOB_ID")
     monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "10.0.0.2,10.0.0.3")
     assert distributed.detected_cluster() == "tpu"
+
+
+@pytest.mark.skipif(os.environ.get("DPOJAX_SLOW_TESTS") != "1", reason="slow (2-3 min): set DPOJAX_SLOW_TESTS=1")
+def test_expert_axis_across_two_processes_equals_one(tmp_path):
+    """A tiny Qwen3-MoE with its experts split over mesh.expert = 2 across the two processes (process 0 holds experts
+    0-3, process 1 experts 4-7; the token exchange's all_to_all crosses processes): 2 training steps give the metrics
+    of one process with 8 devices on the same mesh."""
+    assets = make_assets(tmp_path / "assets", family="qwen3_moe", n_rows=16)
+    raw = dpojax_overrides(
+        assets, assets["standard"], tmp_path / "unused",
+        train={"batch_size": 8, "steps": 2, "log_every": 1},
+        mesh={"data": 1, "fsdp": 1, "expert": 2, "tensor": 4},
+        optim={"name": "adamw", "lr": 1e-3, "schedule": "constant"},
+    )
+    raw["data"] = {**raw["data"], "eval": None}
+    config = tmp_path / "moe.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["train", str(config), f"output_dir={one}"]) == 0
+    code = local_cpu.main(["--processes", "2", "--devices-per-process", "4", "--grace", "30",
+                           "train", str(config), f"output_dir={two}"])
+    assert code == 0
+    ref, got = _train_records(one), _train_records(two)
+    assert [r["step"] for r in got] == [r["step"] for r in ref] == [1, 2]
+    for a, b in zip(ref, got):
+        for k in sorted(set(a) - {"step", "split"}):
+            atol = rewards_atol(a, 0.1) if k.startswith("rewards/") else 1e-6
+            np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=atol, err_msg=k)

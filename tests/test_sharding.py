@@ -130,7 +130,8 @@ def test_check_fails_when_fsdp_leaves_matrices_replicated():
 
 
 def test_mesh_shape_errors_name_the_devices():
-    assert resolve_mesh_shape(-1, 2, 2, 8) == (2, 2, 2)
+    assert resolve_mesh_shape(-1, 2, 2, 8) == (2, 2, 1, 2)  # MESH_AXES order: data, fsdp, expert, tensor
+    assert resolve_mesh_shape(1, 2, 1, 8, expert=-1) == (1, 2, 4, 1)
     with pytest.raises(ConfigError, match="8 devices"):
         resolve_mesh_shape(3, 1, 1, 8)
     with pytest.raises(ConfigError, match="at most one"):

@@ -15,12 +15,15 @@ Routing and the dropless expert computation are the pure functions of `dpojax.mo
 
 from __future__ import annotations
 
+import functools
+
 import jax
 from flax import nnx
 
-from dpojax.models import experts
+from dpojax.models import expert_parallel, experts
 from dpojax.models.config import ModelConfig
 from dpojax.models.layers import Dense, GatedMLP, make_param
+from dpojax.sharding import Sharder
 
 
 class Router(nnx.Module):
@@ -60,7 +63,9 @@ class Experts(nnx.Module):
 class MoEMLP(nnx.Module):
     """`(x_BxTxD, token_weights_BxT) -> (y_BxTxD, experts.RouterStats)` (module docstring)."""
 
-    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, num_layers: int | None, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, num_layers: int | None, rngs: nnx.Rngs,
+                 sharder: Sharder | None = None):
+        self.sharder = sharder  # a mesh with expert > 1: the experts run as expert_parallel.expert_ffn_sharded
         D, X, F = cfg.hidden_size, cfg.num_experts, cfg.expert_intermediate_size
         self.dtype, self.activation = dtype, cfg.activation
         self.top_k, self.rule, self.norm_topk_prob = cfg.experts_per_token, cfg.router_rule, cfg.norm_topk_prob
@@ -82,8 +87,9 @@ class MoEMLP(nnx.Module):
         bias = None if self.router.bias is None else self.router.bias[...]
         routing = experts.route(x_BTxD, self.router.kernel[...], bias, top_k=self.top_k, rule=self.rule,
                                 norm_topk_prob=self.norm_topk_prob)
-        y_BTxD = experts.expert_ffn(x_BTxD, routing, self.experts.weights(), activation=self.activation,
-                                    dtype=self.dtype)
+        ffn = (experts.expert_ffn if self.sharder is None or self.sharder.experts == 1 else
+               functools.partial(expert_parallel.expert_ffn_sharded, sharder=self.sharder))
+        y_BTxD = ffn(x_BTxD, routing, self.experts.weights(), activation=self.activation, dtype=self.dtype)
         y_BxTxD = y_BTxD.reshape(B, T, D)
         if self.shared_expert is not None:
             gate_BxTx1 = jax.nn.sigmoid(self.shared_expert_gate(x_BxTxD))

@@ -2,7 +2,7 @@
 
 Every supported family's `*ForSequenceClassification` (Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3: transformers'
 `GenericForSequenceClassification`; GPT-2 and GPT-NeoX their own copies of it) is the base model (the same weight
-names as the causal LM's, prefix included, no LM head) and one weight `score.weight` [Q, D], no bias. The logits of
+names as the causal LM's, prefix included, no LM head) and one weight `score.weight` [Lb, D], no bias. The logits of
 a row are `score(hidden)` at ONE position: transformers takes the rightmost token whose id is not the config's
 `pad_token_id` (left or right padding alike; a row of nothing but pad ids takes position 0), and the last position
 when `pad_token_id` is None (then it refuses batches of more than one row). We take the rightmost real token
@@ -16,7 +16,7 @@ token before it, in both. Gemma 2's final logit soft-cap belongs to the LM head 
     scores = score_sequences(model, [[1, 5, 9], [1, 7]], batch_size=8)                     # host side: numpy [n]
     export_score_model(model, "out")            # AutoModelForSequenceClassification.from_pretrained("out")
 
-Shapes use the glossary's letters: B rows, T positions, D width, Q labels of the score head.
+Shapes use the glossary's letters: B rows, T positions, D width, Lb labels of the score head.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from dpojax.models.transformer import Decoder
 from dpojax.sharding import Sharder
 
 SCORE_WEIGHT = "score.weight"  # transformers' name of the head, outside the base model's prefix
-SCORE_AXES = (None, "embed")  # [Q, D]: the width sharded like the embeddings', the few labels replicated
+SCORE_AXES = (None, "embed")  # [Lb, D]: the width sharded like the embeddings', the few labels replicated
 ARCHITECTURES = {  # HF model_type -> the *ForSequenceClassification class exports name in config.json
     "llama": "LlamaForSequenceClassification", "mistral": "MistralForSequenceClassification",
     "qwen2": "Qwen2ForSequenceClassification", "qwen3": "Qwen3ForSequenceClassification",
@@ -50,7 +50,7 @@ MIN_BUCKET = 16  # shortest length bucket of `score_sequences` (tokens)
 
 
 class ScoreHead(nnx.Module):
-    """`score.weight` [Q, D] (Q = num_labels; 1 for a reward model)."""
+    """`score.weight` [Lb, D] (Lb = num_labels; 1 for a reward model)."""
 
     def __init__(self, weight: nnx.Param):
         self.weight = weight
@@ -65,7 +65,7 @@ class ScoreHead(nnx.Module):
 
 class ScoreModel(nnx.Module):
     """A decoder without LM head, a score head, and the pad id that picks the scored token (module docstring).
-    `model(ids_BxT, positions_BxT, segment_ids_BxT)` -> logits [B, Q] in fp32."""
+    `model(ids_BxT, positions_BxT, segment_ids_BxT)` -> logits [B, Lb] in fp32."""
 
     def __init__(self, decoder: Decoder, score: ScoreHead, pad_token_id: int | None):
         if decoder.lm_head is not None:
@@ -94,15 +94,15 @@ def last_token_index(ids_BxT: jax.Array, segment_ids_BxT: jax.Array, pad_token_i
 
 
 def sequence_logits(graphdef, params, ids_BxT, positions_BxT, segment_ids_BxT) -> jax.Array:
-    """fp32 [B, Q]: the head's logits at each row's scored token (pure; jit it with graphdef static)."""
+    """fp32 [B, Lb]: the head's logits at each row's scored token (pure; jit it with graphdef static)."""
     return nnx.merge(graphdef, params)(ids_BxT, positions_BxT, segment_ids_BxT)
 
 
 def sequence_scores(graphdef, params, ids_BxT, positions_BxT, segment_ids_BxT) -> jax.Array:
-    """fp32 [B]: the reward of each row (pure; jit it with graphdef static). A head of Q != 1 labels is refused."""
-    logits_BxQ = sequence_logits(graphdef, params, ids_BxT, positions_BxT, segment_ids_BxT)
-    check_reward_head(logits_BxQ.shape[1])
-    return logits_BxQ[:, 0]
+    """fp32 [B]: the reward of each row (pure; jit it with graphdef static). A head of Lb != 1 labels is refused."""
+    logits_BxLb = sequence_logits(graphdef, params, ids_BxT, positions_BxT, segment_ids_BxT)
+    check_reward_head(logits_BxLb.shape[1])
+    return logits_BxLb[:, 0]
 
 
 def check_reward_head(num_labels: int) -> None:
@@ -133,12 +133,12 @@ def _head_param(folder: pathlib.Path, stored: str, file: pathlib.Path, D: int, p
     from safetensors import safe_open  # optional dependency, needed only to read checkpoints
 
     with safe_open(str(file), framework="numpy") as f:
-        weight_QxD = f.get_tensor(stored)
-    if weight_QxD.ndim != 2 or weight_QxD.shape[1] != D:
-        raise ModelError(f"{folder}: {SCORE_WEIGHT} has shape {weight_QxD.shape}, expected [num_labels, {D}].")
-    var = nnx.Param(jax.ShapeDtypeStruct(weight_QxD.shape, param_dtype), logical_axes=SCORE_AXES)
-    value = jax.make_array_from_callback(weight_QxD.shape, hf.param_sharding(var, sharder),
-                                         lambda index: weight_QxD[index].astype(param_dtype))
+        weight_LbxD = f.get_tensor(stored)
+    if weight_LbxD.ndim != 2 or weight_LbxD.shape[1] != D:
+        raise ModelError(f"{folder}: {SCORE_WEIGHT} has shape {weight_LbxD.shape}, expected [num_labels, {D}].")
+    var = nnx.Param(jax.ShapeDtypeStruct(weight_LbxD.shape, param_dtype), logical_axes=SCORE_AXES)
+    value = jax.make_array_from_callback(weight_LbxD.shape, hf.param_sharding(var, sharder),
+                                         lambda index: weight_LbxD[index].astype(param_dtype))
     return nnx.Param(value, logical_axes=SCORE_AXES)
 
 

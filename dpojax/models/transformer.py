@@ -134,7 +134,7 @@ class Block(nnx.Module):
                                        sharder=sharder, rngs=rngs)
         self.attn_output_norm = make_norm(cfg, D, **kw) if cfg.sandwich_norms else None
         self.post_attention_layernorm = make_norm(cfg, D, **kw)
-        self.mlp = MoEMLP(cfg, **kw) if cfg.is_moe else make_mlp(cfg, **kw)
+        self.mlp = MoEMLP(cfg, sharder=sharder, **kw) if cfg.is_moe else make_mlp(cfg, **kw)
         self.mlp_output_norm = make_norm(cfg, D, **kw) if cfg.sandwich_norms else None
 
     def __call__(self, x_BxTxD, rope_cos_sin, segment_ids_BxT, window, packed=None,

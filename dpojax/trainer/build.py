@@ -33,6 +33,7 @@ from dpojax.errors import ConfigError, ModelError
 from dpojax.models import lora
 from dpojax.models.attention import resolve_attention
 from dpojax.models.config import ModelConfig
+from dpojax.models.expert_parallel import check_expert_axis
 from dpojax.models.families import FAMILIES
 from dpojax.models.hf import abstract_params, init_random, load_pretrained, read_hf_config, resolve_model_dir
 from dpojax.sharding import Sharder, check_fsdp_sharded, make_mesh
@@ -79,7 +80,7 @@ Loader = Callable[[str, str], tuple[Any, Any, ModelConfig]]
 
 def make_sharder(cfg: Config, devices=None) -> Sharder:
     """The run's mesh over `devices` (default: every device of every process)."""
-    return Sharder(make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices))
+    return Sharder(make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices, expert=cfg.mesh.expert))
 
 
 def import_transformers_quietly() -> None:
@@ -122,10 +123,11 @@ def _build_model(cfg: Config, sharder: Sharder, attention: str, name: str, how: 
     """(graphdef, params, ModelConfig) of `name`: `pretrained` weights, `random` init, or `abstract` (shapes and
     shardings only: the restore target of a checkpoint). A `Loader` once the first three are given."""
     kw = model_kw(cfg, sharder, attention)
+    mcfg = ModelConfig.from_hf(read_hf_config(resolve_model_dir(name, cfg.model.revision)))
+    check_expert_axis(mcfg.num_experts, sharder.experts, f"'{name}'")  # before any weight is read
     if how == "pretrained":
         model, mcfg = load_pretrained(name, revision=cfg.model.revision, **kw)
         return (*nnx.split(model), mcfg)
-    mcfg = ModelConfig.from_hf(read_hf_config(resolve_model_dir(name, cfg.model.revision)))
     if how == "abstract":
         return (*abstract_params(mcfg, **kw), mcfg)
     return (*nnx.split(init_random(mcfg, seed=cfg.model.seed, **kw)), mcfg)
@@ -156,6 +158,7 @@ def abstract_models(cfg: Config, sharder: Sharder, read_config: Callable[[str], 
 
     def load(name: str, how: str):  # every model abstract, whatever `how`
         mcfg = read_config(name)
+        check_expert_axis(mcfg.num_experts, sharder.experts, f"'{name}'")
         return (*abstract_params(mcfg, **model_kw(cfg, sharder, kernels.attention)), mcfg)
 
     models = assemble_models(cfg, load, sharder, kernels, policy_from_checkpoint=True, with_reference=True)
@@ -388,14 +391,14 @@ def check_batch(cfg: Config, sharder: Sharder) -> None:
         key = "train.micro_batch_size" if cfg.train.micro_batch_size else "train.batch_size"
         raise ConfigError(
             f"config: '{key}' = {cfg.micro_batch_size} pairs must be divisible by the {n_data} "
-            "data-parallel devices (mesh.data * mesh.fsdp), so every device gets whole pairs; change the batch "
-            "or the mesh."
+            "devices that split the batch (mesh.data * mesh.fsdp * mesh.expert), so every device gets whole pairs; "
+            "change the batch or the mesh."
         )
     eval_bs = cfg.train.eval_batch_size or cfg.train.batch_size
     if eval_bs % n_data:
         raise ConfigError(
             f"config: 'train.eval_batch_size' = {eval_bs} must be divisible by the {n_data} "
-            "data-parallel devices (mesh.data * mesh.fsdp)."
+            "devices that split the batch (mesh.data * mesh.fsdp * mesh.expert)."
         )
 
 
