@@ -68,7 +68,7 @@ def _weight_specs(w, tensor) -> dict:
 
 
 def expert_ffn_sharded(x_BTxD: jax.Array, routing: experts.Routing, w: experts.ExpertWeights, *, activation: str,
-                       dtype, sharder: Sharder) -> jax.Array:
+                       dtype, sharder: Sharder, kernel: str | None = None) -> jax.Array:
     """`experts.expert_ffn` with the experts split over the mesh's expert axis (see the module docstring): the same
     y_BTxD in `dtype`. Rows that do not split over the batch axes (data, fsdp, expert) run `experts.expert_ffn`."""
     X, _, F = w.gate_XxDxF.shape
@@ -77,18 +77,18 @@ def expert_ffn_sharded(x_BTxD: jax.Array, routing: experts.Routing, w: experts.E
     rows = sharder.spec(("batch",), (BT,))[0]
     if EXPERT_AXIS not in ((rows,) if isinstance(rows, str) else tuple(rows or ())):
         # too few rows to split over the expert axis (e.g. a small generation batch): GSPMD over the sharded experts
-        return experts.expert_ffn(x_BTxD, routing, w, activation=activation, dtype=dtype)
+        return experts.expert_ffn(x_BTxD, routing, w, activation=activation, dtype=dtype, kernel=kernel)
     tensor = sharder.spec(("mlp",), (F,))[0]
     fields = {k: v for k, v in w._asdict().items() if v is not None}
     local = functools.partial(_local_ffn, act=experts.GATED_ACTIVATIONS[activation], dtype=dtype,
-                              Q=sharder.experts, tensor=tensor)
+                              Q=sharder.experts, tensor=tensor, kernel=kernel or experts.grouped_kernel())
     row_spec = P(rows, None)
     fn = jax.shard_map(local, mesh=sharder.mesh, in_specs=(row_spec, row_spec, row_spec, _weight_specs(w, tensor)),
-                       out_specs=row_spec)
+                       out_specs=row_spec, check_vma=False)  # the blocks kernel's scan carries are unvarying
     return fn(x_BTxD, routing.weights_BTxY, routing.experts_BTxY, fields)
 
 
-def _local_ffn(x_btxD, weights_btxY, experts_btxY, fields: dict, *, act, dtype, Q: int, tensor):
+def _local_ffn(x_btxD, weights_btxY, experts_btxY, fields: dict, *, act, dtype, Q: int, tensor, kernel: str):
     """One device: its bt tokens out to the experts' devices, its local experts on what arrives, the results back."""
     bt, Y = experts_btxY.shape
     D = x_btxD.shape[1]
@@ -108,7 +108,8 @@ def _local_ffn(x_btxD, weights_btxY, experts_btxY, fields: dict, *, act, dtype, 
     w = experts.ExpertWeights(**fields)
     if tensor is not None and w.down_XxD is not None:  # the down bias once, not once per slice of F
         w = w._replace(down_XxD=jnp.where(jax.lax.axis_index(tensor) == 0, w.down_XxD, 0))
-    y_QQrxD = local_experts(recv_QxQrxD.reshape(Q * Qr, D), recv_ids_QxQr.reshape(Q * Qr), w, act=act, dtype=dtype)
+    y_QQrxD = local_experts(recv_QxQrxD.reshape(Q * Qr, D), recv_ids_QxQr.reshape(Q * Qr), w, act=act, dtype=dtype,
+                           kernel=kernel)
     back_QxQrxD = jax.lax.all_to_all(y_QQrxD.reshape(Q, Qr, D), EXPERT_AXIS, 0, 0)
     y_btYxD = jnp.zeros((bt * Y, D), dtype).at[order_btY].set(back_QxQrxD[dest_btY, slot_btY])
     y_btxD = jnp.einsum("tyd,ty->td", y_btYxD.reshape(bt, Y, D).astype(jnp.float32), weights_btxY)
@@ -117,10 +118,11 @@ def _local_ffn(x_btxD, weights_btxY, experts_btxY, fields: dict, *, act, dtype, 
     return y_btxD.astype(dtype)
 
 
-def local_experts(x_RxD: jax.Array, ids_R: jax.Array, w: experts.ExpertWeights, *, act, dtype) -> jax.Array:
+def local_experts(x_RxD: jax.Array, ids_R: jax.Array, w: experts.ExpertWeights, *, act, dtype,
+                  kernel: str) -> jax.Array:
     """Row r of `x_RxD` through local expert ids_R[r] of `w` (Xl experts; an id of Xl marks an empty slot, whose
     output row is never read): the dropless grouped matmuls of `experts.expert_ffn`, op for op (rows sorted by
-    expert, one `ragged_dot` group per expert, fp32 accumulation rounded to `dtype`, biases in `dtype`)."""
+    expert, `experts.grouped_matmul` by `kernel`, fp32 accumulation rounded to `dtype`, biases in `dtype`)."""
     Xl = w.gate_XxDxF.shape[0]
     order_R = jnp.argsort(ids_R, stable=True)
     ids_R = ids_R[order_R]
@@ -128,8 +130,9 @@ def local_experts(x_RxD: jax.Array, ids_R: jax.Array, w: experts.ExpertWeights, 
     bias_ids_R = jnp.minimum(ids_R, Xl - 1)
     xs_RxD = x_RxD[order_R].astype(dtype)
 
-    def grouped(h, kernel, bias):
-        out = jax.lax.ragged_dot(h, kernel.astype(dtype), sizes_Xl, preferred_element_type=jnp.float32)
+    def grouped(h, w_XxAxB, bias):
+        out = experts.grouped_matmul(h, w_XxAxB.astype(dtype), sizes_Xl, preferred_element_type=jnp.float32,
+                                     kernel=kernel)
         out = checkpoint_name(out.astype(dtype), DENSE_OUTPUT)  # saved by the `dots` remat policies, as unsharded
         return out if bias is None else out + bias.astype(dtype)[bias_ids_R]
 

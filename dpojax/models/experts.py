@@ -255,12 +255,14 @@ def _sort_by_expert(experts_BTY: jax.Array, X: int, Y: int, kernel: str) -> _Sor
                    lambda h, w: block_matmul(h, w, layout.block_experts, layout.block, jnp.float32))
 
 
-def expert_ffn(x_BTxD: jax.Array, routing: Routing, w: ExpertWeights, *, activation: str, dtype) -> jax.Array:
+def expert_ffn(x_BTxD: jax.Array, routing: Routing, w: ExpertWeights, *, activation: str, dtype,
+               kernel: str | None = None) -> jax.Array:
     """sum over each row's Y experts of weight * down(act(gate(x)) * up(x)), dropless (module docstring):
-    -> y [BT, D] in `dtype`. The grouped matmul is `grouped_kernel()`'s."""
+    -> y [BT, D] in `dtype`. The grouped matmul is `kernel`'s (default: `grouped_kernel()`, this host's backend's;
+    a step compiled for another backend passes that backend's)."""
     BT, D = x_BTxD.shape
     X, Y = w.gate_XxDxF.shape[0], routing.experts_BTxY.shape[1]
-    s = _sort_by_expert(routing.experts_BTxY.reshape(BT * Y), X, Y, grouped_kernel())
+    s = _sort_by_expert(routing.experts_BTxY.reshape(BT * Y), X, Y, kernel or grouped_kernel())
 
     def grouped(h, w_XxAxB):  # accumulated in fp32, returned in `dtype`, named like a Dense output for remat
         return checkpoint_name(s.matmul(h, w_XxAxB.astype(dtype)).astype(dtype), DENSE_OUTPUT)

@@ -64,8 +64,10 @@ class MoEMLP(nnx.Module):
     """`(x_BxTxD, token_weights_BxT) -> (y_BxTxD, experts.RouterStats)` (module docstring)."""
 
     def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, num_layers: int | None, rngs: nnx.Rngs,
-                 sharder: Sharder | None = None):
-        self.sharder = sharder  # a mesh with expert > 1: the experts run as expert_parallel.expert_ffn_sharded
+                 sharder: Sharder | None = None, grouped: str | None = None):
+        # sharder: a mesh with expert > 1 runs the experts as expert_parallel.expert_ffn_sharded; grouped: the
+        # grouped-matmul kernel (experts.grouped_kernel; None: this host's backend's)
+        self.sharder, self.grouped = sharder, grouped
         D, X, F = cfg.hidden_size, cfg.num_experts, cfg.expert_intermediate_size
         self.dtype, self.activation = dtype, cfg.activation
         self.top_k, self.rule, self.norm_topk_prob = cfg.experts_per_token, cfg.router_rule, cfg.norm_topk_prob
@@ -89,7 +91,8 @@ class MoEMLP(nnx.Module):
                                 norm_topk_prob=self.norm_topk_prob)
         ffn = (experts.expert_ffn if self.sharder is None or self.sharder.experts == 1 else
                functools.partial(expert_parallel.expert_ffn_sharded, sharder=self.sharder))
-        y_BTxD = ffn(x_BTxD, routing, self.experts.weights(), activation=self.activation, dtype=self.dtype)
+        y_BTxD = ffn(x_BTxD, routing, self.experts.weights(), activation=self.activation, dtype=self.dtype,
+                     kernel=self.grouped)
         y_BxTxD = y_BTxD.reshape(B, T, D)
         if self.shared_expert is not None:
             gate_BxTx1 = jax.nn.sigmoid(self.shared_expert_gate(x_BxTxD))

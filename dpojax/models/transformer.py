@@ -125,7 +125,7 @@ class Block(nnx.Module):
     layer's slice."""
 
     def __init__(self, cfg: ModelConfig, *, attention: str, dtype, param_dtype, sharder: Sharder | None,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, grouped: str | None = None):
         kw = dict(dtype=dtype, param_dtype=param_dtype, num_layers=cfg.num_layers, rngs=rngs)
         D = cfg.hidden_size
         self.sharder, self.parallel_residual, self.is_moe = sharder, cfg.parallel_residual, cfg.is_moe
@@ -134,7 +134,7 @@ class Block(nnx.Module):
                                        sharder=sharder, rngs=rngs)
         self.attn_output_norm = make_norm(cfg, D, **kw) if cfg.sandwich_norms else None
         self.post_attention_layernorm = make_norm(cfg, D, **kw)
-        self.mlp = MoEMLP(cfg, sharder=sharder, **kw) if cfg.is_moe else make_mlp(cfg, **kw)
+        self.mlp = MoEMLP(cfg, sharder=sharder, grouped=grouped, **kw) if cfg.is_moe else make_mlp(cfg, **kw)
         self.mlp_output_norm = make_norm(cfg, D, **kw) if cfg.sandwich_norms else None
 
     def __call__(self, x_BxTxD, rope_cos_sin, segment_ids_BxT, window, packed=None,
@@ -195,7 +195,8 @@ class Decoder(nnx.Module):
     """
 
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, attention: str = "auto",
-                 remat: str = "none", scan_layers: bool = True, sharder: Sharder | None = None, rngs: nnx.Rngs):
+                 remat: str = "none", scan_layers: bool = True, sharder: Sharder | None = None,
+                 grouped: str | None = None, rngs: nnx.Rngs):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat={remat!r} is not one of {', '.join(REMAT_POLICIES)}")
         self.cfg, self.dtype, self.remat, self.scan_layers, self.sharder = cfg, dtype, remat, scan_layers, sharder
@@ -207,7 +208,7 @@ class Decoder(nnx.Module):
         self.embed_positions = (Embed(cfg.max_position_embeddings, D, dtype=dtype, param_dtype=param_dtype,
                                       rngs=rngs, axes=("length", "embed")) if cfg.position == "learned" else None)
         self.layers = Block(cfg, attention=self.attention, dtype=dtype, param_dtype=param_dtype, sharder=sharder,
-                            rngs=rngs)
+                            rngs=rngs, grouped=grouped)
         self.norm = make_norm(cfg, D, dtype=dtype, param_dtype=param_dtype, num_layers=None, rngs=rngs)
         self.lm_head = None if cfg.tie_embeddings else LMHead(V, D, param_dtype=param_dtype, rngs=rngs)
 

@@ -30,7 +30,7 @@ from dpojax.data.batching import PreferenceBatch, steps_per_epoch
 from dpojax.data.loader import load_preferences
 from dpojax.data.tokenize import TokenizedData, check_token_ids
 from dpojax.errors import ConfigError, ModelError
-from dpojax.models import lora
+from dpojax.models import experts, lora
 from dpojax.models.attention import resolve_attention
 from dpojax.models.config import ModelConfig
 from dpojax.models.expert_parallel import check_expert_axis
@@ -159,7 +159,9 @@ def abstract_models(cfg: Config, sharder: Sharder, read_config: Callable[[str], 
     def load(name: str, how: str):  # every model abstract, whatever `how`
         mcfg = read_config(name)
         check_expert_axis(mcfg.num_experts, sharder.experts, f"'{name}'")
-        return (*abstract_params(mcfg, **model_kw(cfg, sharder, kernels.attention)), mcfg)
+        # MoE: the grouped matmul of `backend` (ragged_dot on TPU), not this host's
+        grouped = experts.grouped_kernel(backend)
+        return (*abstract_params(mcfg, **model_kw(cfg, sharder, kernels.attention), grouped=grouped), mcfg)
 
     models = assemble_models(cfg, load, sharder, kernels, policy_from_checkpoint=True, with_reference=True)
     return without_reference(models, {}) if _precomputes(cfg, models) else models
