@@ -37,7 +37,9 @@ SERIAL_MODULES = {"test_multihost.py"}  # heartbeat timeouts and a timed dead-pe
 # The slowest modules, slowest first (`--durations` of the parallel pass): they are collected first so that the xdist
 # workers (`--dist loadfile --no-loadscope-reorder`) start them first and end together, the light modules filling in.
 SLOWEST_FIRST = ("test_aot_compile.py", "test_gcs.py", "test_resume.py", "test_online.py", "test_sharding.py",
-                 "test_lora.py", "test_examples.py", "test_reference.py", "test_packing.py", "test_throughput.py",
+                 "test_lora.py", "test_moe_train.py", "test_moe_models.py", "test_expert_parallel.py",
+                 "test_gpt_oss.py", "test_score.py", "test_examples.py", "test_reference.py", "test_packing.py",
+                 "test_throughput.py",
                  "test_trl_parity.py", "test_ranking_learning.py", "test_host_overhead.py", "test_api_transforms.py",
                  "test_ranking_step.py")
 

@@ -290,7 +290,8 @@ def test_config_checks():
     assert "online.enabled" in error(raw={"model": {"name_or_path": "m"}, "online": {"prompts": "p.jsonl"}})
     assert "at least 2" in error("online.samples_per_prompt=1")
     assert "plackett_luce" in error("loss.type=plackett_luce") and "ranking" in error("online.pairs=ranking")
-    assert "not available yet" in error("online.reward_model=some/model")
+    assert "exactly one reward" in error("online.reward_model=some/model")  # and online.reward
+    assert config_from_dict(base, ["online.reward=null", "online.reward_model=some/model"]).online.reward is None
     assert "module:function" in error("online.reward=no_function_named")
     assert "iterative" in error("online.rounds=3")
     assert "data.train" in error("data.train=x.jsonl")
