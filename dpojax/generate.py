@@ -338,17 +338,29 @@ class Generator:
         return self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer is not None else ""
 
     def _stop_at(self, tokens: list[int], stop: tuple[str, ...]) -> int | None:
-        """Where the first stop string begins in the decoded tokens, or None."""
-        text = self._decode(tokens)
-        hits = [i for i in (text.find(s) for s in stop) if i >= 0]
-        return min(hits) if hits else None
+        return stop_at(tokens, stop, self._decode)
 
     def _completion(self, prompt: list[int], tokens: list[int], eos: bool, sampling: Sampling) -> Completion:
-        if sampling.stop and self._stop_at(tokens, sampling.stop) is not None:
-            n = next(k for k in range(1, len(tokens) + 1) if self._stop_at(tokens[:k], sampling.stop) is not None)
-            text = self._decode(tokens[:n])
-            return Completion(prompt, tokens[:n], text[:self._stop_at(tokens[:n], sampling.stop)], "stop")
+        cut = stop_cut(tokens, sampling.stop, self._decode)
+        if cut is not None:
+            return Completion(prompt, tokens[:cut[0]], self._decode(tokens[:cut[0]])[:cut[1]], "stop")
         return Completion(prompt, tokens, self._decode(tokens), "eos" if eos else "length")
+
+
+def stop_at(tokens: list[int], stop: tuple[str, ...], decode: Callable[[list[int]], str]) -> int | None:
+    """Where the first stop string begins in the decoded tokens, or None."""
+    text = decode(tokens)
+    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return min(hits) if hits else None
+
+
+def stop_cut(tokens: list[int], stop: tuple[str, ...], decode: Callable[[list[int]], str]) -> tuple[int, int] | None:
+    """(tokens kept, characters kept): the fewest tokens whose text holds a stop string, and that text up to where
+    the first stop string begins; None when there is none (or no stop strings)."""
+    if not stop or stop_at(tokens, stop, decode) is None:
+        return None
+    n = next(k for k in range(1, len(tokens) + 1) if stop_at(tokens[:k], stop, decode) is not None)
+    return n, stop_at(tokens[:n], stop, decode)
 
 
 def sample_tokens(graphdef, params, prompt_BxT: jax.Array, start_B: jax.Array, budget_B: jax.Array, key: jax.Array,

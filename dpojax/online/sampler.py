@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from dpojax.generate import Sampling, sample_tokens
+from dpojax.generate import Sampling, sample_tokens, stop_cut
 from dpojax.sharding import Sharder
 
 
@@ -72,19 +72,6 @@ def prompt_arrays(prompts: Sequence[np.ndarray], k: int, setup: SamplerSetup):
         prompt_BxT[b, start_B[b]:] = r
     budget_B = np.array([min(setup.sampling.max_new_tokens, setup.context - len(r)) for r in rows], np.int32)
     return prompt_BxT, start_B, budget_B
-
-
-def stop_cut(tokens: list[int], stop: tuple[str, ...], decode) -> tuple[int, int] | None:
-    """(tokens kept, characters kept) where the first stop string completes, or None (`Generator`'s rule)."""
-    def where(n):
-        text = decode(tokens[:n])
-        hits = [i for i in (text.find(s) for s in stop) if i >= 0]
-        return min(hits) if hits else None
-
-    if not stop or where(len(tokens)) is None:
-        return None
-    n = next(n for n in range(1, len(tokens) + 1) if where(n) is not None)
-    return n, where(n)
 
 
 def sample(graphdef, params, prompts: Sequence[np.ndarray], k: int, key: jax.Array, setup: SamplerSetup,
