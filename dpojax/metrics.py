@@ -18,13 +18,13 @@ from typing import Mapping
 import numpy as np
 
 from dpojax import paths
-from dpojax.losses import BASE_METRICS, RANKING_METRICS
+from dpojax.losses import BASE_METRICS, RANKING_METRICS, REWARD_METRICS
 
 PathLike = str | os.PathLike
 
-# TRL's names, then ranked data's (dpojax/losses/ranking.py), in the order a summary prints them; a summary shows
-# only the metrics a run has.
-PAIR_METRICS = (*BASE_METRICS, *RANKING_METRICS)
+# TRL's names, then ranked data's (dpojax/losses/ranking.py), then a reward model's (dpojax/losses/reward.py), in
+# the order a summary prints them; a summary shows only the metrics a run has.
+PAIR_METRICS = (*BASE_METRICS, *RANKING_METRICS, *REWARD_METRICS[1:])
 
 
 def add_sums(acc: dict[str, tuple[float, float]] | None, new: Mapping) -> dict[str, tuple[float, float]]:
@@ -119,9 +119,9 @@ def plot_curves(records: list[dict], out_png: PathLike):
 
     panels = (
         ("loss", ("loss",)),
-        ("reward accuracy", ("rewards/accuracies",)),
-        ("reward margin", ("rewards/margins",)),
-        ("rewards", ("rewards/chosen", "rewards/rejected")),
+        ("reward accuracy", ("rewards/accuracies", "accuracy")),  # a reward model's (task: reward) names too
+        ("reward margin", ("rewards/margins", "margin")),
+        ("rewards", ("rewards/chosen", "rewards/rejected", "mean_reward")),
     )
     if any("online/reward_mean" in r for r in records):  # online runs: the mean reward of the samples
         panels += (("mean reward (online samples)", ("online/reward_mean",)),)

@@ -94,3 +94,33 @@ def trl_trainer(assets: dict[str, Path], data: Path, out_dir: Path, *, adapter: 
 
         peft.set_peft_model_state_dict(trainer.model, load_file(str(Path(adapter) / "adapter_model.safetensors")))
     return trainer
+
+
+def reward_overrides(model: Path, assets: dict[str, Path], data: Path, out_dir: Path, **extra) -> dict:
+    """A dpojax `task: reward` config of a reward model (a *ForSequenceClassification folder or a causal LM) on the
+    harness's tokenizer and a data file; `extra` as `dpojax_overrides` takes it."""
+    cfg = dpojax_overrides(assets, data, out_dir, **extra)
+    cfg.pop("ref_model")
+    cfg["task"] = "reward"
+    cfg["model"]["name_or_path"] = str(model)
+    return cfg
+
+
+def trl_reward_trainer(model: Path, assets: dict[str, Path], data: Path, out_dir: Path, **reward_args):
+    """A TRL RewardTrainer on the reward model folder `model` (CPU, fp32, no reporting), the tiny tokenizer and the
+    rows of `data` (train and eval)."""
+    import datasets
+    import torch
+    from transformers import AutoModelForSequenceClassification
+    from trl import RewardConfig, RewardTrainer
+
+    torch.manual_seed(0)
+    rows = [json.loads(line) for line in Path(data).read_text().splitlines()]
+    ds = datasets.Dataset.from_list(rows)
+    rm = AutoModelForSequenceClassification.from_pretrained(model, dtype=torch.float32, attn_implementation="eager")
+    args = dict(output_dir=str(out_dir), report_to=[], max_length=48, use_cpu=True, bf16=False, fp16=False,
+                save_strategy="no", dataloader_drop_last=False, seed=0, disable_tqdm=True,
+                gradient_checkpointing=False)
+    args.update(reward_args)
+    return RewardTrainer(model=rm, args=RewardConfig(**args), train_dataset=ds, eval_dataset=ds,
+                         processing_class=load_tiny_tokenizer(assets["tok"]))

@@ -30,11 +30,13 @@ from dpojax.losses.core import (
     worst_index,
 )
 from dpojax.losses.ranking import RANKING_METRICS
+from dpojax.losses.reward import REWARD_METRICS, reward_loss
 from dpojax.losses.user import import_loss_modules
 
 __all__ = [
-    "BASE_METRICS", "F_DIVERGENCES", "LOSSES", "RANKING_METRICS", "TRL_METRICS", "Loss", "LossInputs", "LossParams",
-    "MetricSums", "Terms", "best_and_worst", "finalize_metrics", "is_kwise", "loss_inputs_from_stats", "loss_types",
-    "make_terms", "metric_names", "needs_prompt_nll", "per_pair_losses", "preference_loss", "reference_free",
-    "register_loss", "reward_metrics", "traits", "validate_loss_config", "worst_index", "import_loss_modules",
+    "BASE_METRICS", "F_DIVERGENCES", "LOSSES", "RANKING_METRICS", "REWARD_METRICS", "TRL_METRICS", "Loss",
+    "LossInputs", "LossParams", "MetricSums", "Terms", "best_and_worst", "finalize_metrics", "is_kwise",
+    "loss_inputs_from_stats", "loss_types", "make_terms", "metric_names", "needs_prompt_nll", "per_pair_losses",
+    "preference_loss", "reference_free", "register_loss", "reward_loss", "reward_metrics", "traits",
+    "validate_loss_config", "worst_index", "import_loss_modules",
 ]

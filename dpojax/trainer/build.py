@@ -28,7 +28,8 @@ from dpojax import losses, paths
 from dpojax.config import Config
 from dpojax.data.batching import PreferenceBatch, steps_per_epoch
 from dpojax.data.loader import load_preferences
-from dpojax.data.tokenize import TokenizedData, check_token_ids
+from dpojax.data.reward import reward_rows
+from dpojax.data.tokenize import TokenizedData, check_token_ids, pad_token_id
 from dpojax.errors import ConfigError, ModelError
 from dpojax.models import experts, lora
 from dpojax.models.attention import resolve_attention
@@ -37,7 +38,7 @@ from dpojax.models.expert_parallel import check_expert_axis
 from dpojax.models.families import FAMILIES
 from dpojax.models.hf import abstract_params, init_random, load_pretrained, read_hf_config, resolve_model_dir
 from dpojax.sharding import Sharder, check_fsdp_sharded, make_mesh
-from dpojax.trainer import reference
+from dpojax.trainer import reference, reward_task
 from dpojax.trainer.step import (
     Kernels,
     StepSpec,
@@ -119,12 +120,17 @@ def model_kw(cfg: Config, sharder: Sharder, attention: str) -> dict:
                 remat=cfg.model.remat, scan_layers=cfg.model.scan_layers, sharder=sharder)
 
 
-def _build_model(cfg: Config, sharder: Sharder, attention: str, name: str, how: str):
+def _build_model(cfg: Config, sharder: Sharder, attention: str, name: str, how: str, *,
+                 pad_token_id: int | None = None):
     """(graphdef, params, ModelConfig) of `name`: `pretrained` weights, `random` init, or `abstract` (shapes and
-    shardings only: the restore target of a checkpoint). A `Loader` once the first three are given."""
+    shardings only: the restore target of a checkpoint). A `Loader` once the first three are given. task: reward:
+    the score model (`reward_task.build_score_model`, scoring at the last token that is not `pad_token_id`)."""
     kw = model_kw(cfg, sharder, attention)
     mcfg = ModelConfig.from_hf(read_hf_config(resolve_model_dir(name, cfg.model.revision)))
     check_expert_axis(mcfg.num_experts, sharder.experts, f"'{name}'")  # before any weight is read
+    if cfg.task == "reward":
+        return reward_task.build_score_model(mcfg, name, how, kw, pad_token_id=pad_token_id, seed=cfg.model.seed,
+                                             revision=cfg.model.revision)
     if how == "pretrained":
         model, mcfg = load_pretrained(name, revision=cfg.model.revision, **kw)
         return (*nnx.split(model), mcfg)
@@ -139,7 +145,8 @@ def build_models(cfg: Config, sharder: Sharder, *, policy_from_checkpoint: bool 
     all placed on the mesh. `policy_from_checkpoint`: the policy is abstract, to be restored from a checkpoint."""
     tokenizer, tok_dir = load_tokenizer(cfg)
     kernels = run_kernels(cfg)
-    load = functools.partial(_build_model, cfg, sharder, kernels.attention)
+    pad = pad_token_id(tokenizer) if cfg.task == "reward" else None  # TRL: the classifier's pad id is the tokenizer's
+    load = functools.partial(_build_model, cfg, sharder, kernels.attention, pad_token_id=pad)
     models = assemble_models(cfg, load, sharder, kernels, policy_from_checkpoint=policy_from_checkpoint,
                              with_reference=with_reference)
     return dataclasses.replace(models, tokenizer=tokenizer, tokenizer_dir=tok_dir)
@@ -159,6 +166,9 @@ def abstract_models(cfg: Config, sharder: Sharder, read_config: Callable[[str], 
     def load(name: str, how: str):  # every model abstract, whatever `how`
         mcfg = read_config(name)
         check_expert_axis(mcfg.num_experts, sharder.experts, f"'{name}'")
+        if cfg.task == "reward":
+            return reward_task.build_score_model(mcfg, name, "abstract", model_kw(cfg, sharder, kernels.attention),
+                                                 pad_token_id=None, seed=cfg.model.seed)
         # MoE: the grouped matmul of `backend` (ragged_dot on TPU), not this host's
         grouped = experts.grouped_kernel(backend)
         return (*abstract_params(mcfg, **model_kw(cfg, sharder, kernels.attention), grouped=grouped), mcfg)
@@ -177,7 +187,7 @@ def assemble_models(cfg: Config, load: Loader, sharder: Sharder, kernels: Kernel
     how = "abstract" if policy_from_checkpoint else ("random" if cfg.model.init == "random" else "pretrained")
     pgraph, pparams, pcfg = load(cfg.model.name_or_path, how)
     rgraph = rparams = None
-    if with_reference and not losses.reference_free(cfg.loss):
+    if with_reference and needs_reference(cfg):
         same = cfg.ref_name_or_path == cfg.model.name_or_path
         if same and cfg.model.init == "random":  # the reference is the policy's initial random weights
             if how == "random":
@@ -217,9 +227,15 @@ def _lora_models(cfg: Config, load: Loader, sharder: Sharder, kernels: Kernels, 
     if not policy_from_checkpoint:
         adapters = (lora.load_peft(lcfg.init_from, adapters, groups, mcfg, lcfg) if lcfg.init_from
                     else lora.init_values(adapters, cfg.model.seed))
-    rgraph = None if losses.reference_free(cfg.loss) else bgraph
+    rgraph = bgraph if needs_reference(cfg) else None
     setup = lora.LoraSetup(bgraph, tuple(groups), lora.scale_of(lcfg.alpha, lcfg.rank, lcfg.rslora))
     return Models(None, None, mcfg, pgraph, adapters, kernels, rgraph, bparams, lora=setup)
+
+
+def needs_reference(cfg: Config) -> bool:
+    """Whether a run has a reference model: a preference loss that is not reference-free (a reward model has
+    none)."""
+    return cfg.task == "preference" and not losses.reference_free(cfg.loss)
 
 
 MOE_INTERNAL = ("layers/mlp/router", "layers/mlp/experts")  # dpojax paths of an MoE block's router and experts
@@ -306,8 +322,9 @@ def load_split(cfg: Config, models: Models, spec: str, split: str) -> TokenizedD
         max_responses=cfg.data.max_responses, pairs_from_scores=cfg.data.pairs_from_scores,
         ranking_loss=losses.is_kwise(cfg.loss),
     )
-    return check_token_ids(data, models.policy_cfg.vocab_size, models.tokenizer,
+    data = check_token_ids(data, models.policy_cfg.vocab_size, models.tokenizer,
                            f"the policy '{cfg.model.name_or_path}'")
+    return reward_rows(data, cfg.data.max_length) if cfg.task == "reward" else data
 
 
 def precompute_references(cfg: Config, models: Models, sharder: Sharder, datasets: list[TokenizedData]) -> Models:

@@ -14,6 +14,7 @@ from dpojax.config import Config, load_config
 from dpojax.errors import UserError
 from dpojax.models import lora
 from dpojax.models.hf import copy_tokenizer_files, export_hf
+from dpojax.models.score import export_score_model
 from dpojax.trainer import checkpoint as ckpt
 from dpojax.trainer.build import Models, build_models, make_sharder
 from dpojax.trainer.evaluation import restore_policy_params
@@ -21,7 +22,11 @@ from dpojax.trainer.evaluation import restore_policy_params
 
 def export_policy(cfg: Config, models: Models, params, out_dir, *, merged: bool = False):
     """The policy as a HF folder; a LoRA policy as a PEFT adapter folder (plus the tokenizer files), or with `merged`
-    as a HF folder of the base with the adapters merged in (models.ref_params must then hold the base)."""
+    as a HF folder of the base with the adapters merged in (models.ref_params must then hold the base). A reward
+    model (task: reward) is written as a `*ForSequenceClassification` folder."""
+    if cfg.task == "reward" and models.lora is None:
+        return export_score_model(nnx.merge(models.policy_graphdef, params), out_dir,
+                                  tokenizer_dir=models.tokenizer_dir)
     if models.lora is None:
         model = nnx.merge(models.policy_graphdef, params)
         return export_hf(model, models.policy_cfg, out_dir, tokenizer_dir=models.tokenizer_dir)

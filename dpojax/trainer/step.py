@@ -43,6 +43,7 @@ from dpojax.losses import router
 from dpojax.models import lora
 from dpojax.models.attention import SEGMENT_ID_KERNELS
 from dpojax.sharding import Sharder
+from dpojax.trainer import reward_task
 from dpojax.trainer.optim import make_optimizer
 
 
@@ -114,6 +115,8 @@ class StepSpec:
     per_layer: bool = False  # layers unrolled (model.scan_layers false): the train step takes per-layer leaves
     moe: bool = False  # the policy is a mixture of experts: its forward returns router statistics (load metrics)
     router_aux_loss_coef: float = 0.0  # weight of the router load-balancing loss (`losses.router.resolve_aux_coef`)
+    task: str = "preference"  # reward: the policy is a score model trained on its scores (`reward_task`)
+    reward_center: float | None = None  # reward.center_rewards_coefficient (task reward)
 
     @property
     def with_wpo(self) -> bool:
@@ -142,7 +145,8 @@ def make_spec(cfg: Config, policy_graphdef, ref_graphdef, sharder: Sharder | Non
                     packing=kernels.packing, attention=kernels.attention,
                     band=cfg.data.max_length, lora=cfg.model.lora.enabled,
                     lora_dropout=cfg.model.lora.dropout if cfg.model.lora.enabled else 0.0, seed=cfg.model.seed,
-                    per_layer=not cfg.model.scan_layers, moe=moe, router_aux_loss_coef=coef)
+                    per_layer=not cfg.model.scan_layers, moe=moe, router_aux_loss_coef=coef, task=cfg.task,
+                    reward_center=cfg.reward.center_rewards_coefficient)
 
 
 def packing_of(spec: StepSpec, sharder: Sharder | None, *, train: bool) -> Packing | None:
@@ -151,7 +155,8 @@ def packing_of(spec: StepSpec, sharder: Sharder | None, *, train: bool) -> Packi
     if spec.packing == "none":
         return None
     shards = 1 if sharder is None else sharder.batch_shards
-    return Packing(spec.packing, shards=shards, micro_batches=spec.grad_accum if train else 1, prompt_nll=spec.lm_mask)
+    return Packing(spec.packing, shards=shards, micro_batches=spec.grad_accum if train else 1, prompt_nll=spec.lm_mask,
+                   scores=spec.task == "reward")
 
 
 def sequence_logps(graphdef, params, batch: PreferenceBatch | PackedBatch, spec: StepSpec) -> SeqStats:
@@ -311,6 +316,8 @@ def batch_loss(params, ref_params, batch: PreferenceBatch, spec: StepSpec,
     if dropout_key is not None:
         policy_graphdef, policy_params = lora.with_dropout(policy_graphdef, policy_params, spec.lora_dropout,
                                                            dropout_key)
+    if spec.task == "reward":  # a score model: no log-probs, no reference
+        return reward_task.reward_batch_loss(policy_graphdef, policy_params, batch, spec)
     policy, router_stats = scored_forward(policy_graphdef, policy_params, batch, spec, with_router=spec.moe)
     ref = None
     if spec.precomputed_ref:
@@ -602,4 +609,5 @@ def abstract_batch(spec: StepSpec, sharder: Sharder, n_prompts: int, num_respons
         *(arr(rxl, jnp.int32) for _ in range(7)), *(arr(rxl, jnp.float32) for _ in range(3)),
         arr(nxk, jnp.float32), arr(nxk, jnp.float32), arr(nxk, jnp.int32), arr((n_prompts,), jnp.float32),
         arr((n_prompts,), jnp.int32), ref_logps, token_weight_PxJ=arr(rxl, jnp.float32),
+        score_at_NxK=arr(nxk, jnp.int32) if spec.task == "reward" else None,
     )
