@@ -163,7 +163,8 @@ def write_record(run: Run, window: W.MetricWindow, bar, writer, step: int) -> No
     """The window's train record (its metrics read now), written at `step` and shown on the progress bar."""
     record = window.flush(run.train_step.metrics_def)
     writer.write(step, "train", record)
-    bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
+    accuracy = record.get("rewards/accuracies", record.get("accuracy", 0.0))  # a reward model's: `accuracy`
+    bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{accuracy:.2f}",
                     pairs_s=f"{record['pairs_per_second']:.1f}", refresh=False)  # shown at the bar's next refresh
 
 
