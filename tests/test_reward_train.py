@@ -45,11 +45,12 @@ def _close(ours: float, theirs: float, rel: float = 1e-4, abs_: float = 1e-5) ->
     return abs(ours - theirs) <= rel * abs(theirs) + abs_
 
 
-def _eval_parity(assets, tmp_path, model, fmt, **extra):
-    data = assets[fmt]
+def _eval_parity(assets, tmp_path, model, fmt, data=None, trl_args=None, **extra):
+    data = data or assets[fmt]
     ours = evaluate(config_from_dict(reward_overrides(model, assets, data, tmp_path / "ours",
                                                       train__eval_batch_size=16, **extra)))
-    theirs = trl_reward_trainer(model, assets, data, tmp_path / "trl", per_device_eval_batch_size=16).evaluate()
+    theirs = trl_reward_trainer(model, assets, data, tmp_path / "trl", per_device_eval_batch_size=16,
+                                **(trl_args or {})).evaluate()
     for name in REWARD_METRICS:
         assert _close(ours[name], theirs[f"eval_{name}"]), (name, ours[name], theirs[f"eval_{name}"])
     assert theirs["eval_max_reward"] > theirs["eval_min_reward"]  # the scores differ, so equality has teeth
@@ -57,12 +58,18 @@ def _eval_parity(assets, tmp_path, model, fmt, **extra):
 
 
 def test_eval_matches_trl_evaluate(assets, tmp_path):
-    _eval_parity(assets, tmp_path, assets["rm"], "standard")  # packed rows (data.packing auto: shared_prompt)
+    """With TRL's margin column and center_rewards_coefficient; packed rows (data.packing auto: shared_prompt)."""
+    rows = [json.loads(line) for line in assets["standard"].read_text().splitlines()]
+    data = tmp_path / "margins.jsonl"
+    data.write_text("".join(json.dumps({**r, "margin": 0.25 * (i % 5)}) + "\n" for i, r in enumerate(rows)))
+    _eval_parity(assets, tmp_path, assets["rm"], "standard", data=data,
+                 trl_args={"center_rewards_coefficient": 0.01}, reward__center_rewards_coefficient=0.01)
     record = read_metrics(tmp_path / "ours" / "metrics.jsonl")[-1]
     assert record["split"] == "eval" and set(REWARD_METRICS) <= set(record)
 
 
 def _eight_rows(assets, tmp_path, fmt: str) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     data = tmp_path / f"eight_{fmt}.jsonl"
     data.write_text("\n".join(assets[fmt].read_text().splitlines()[:8]) + "\n")
     return data

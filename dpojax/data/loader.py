@@ -22,17 +22,21 @@ def load_preferences(
     on_bad_row: OnBadRow = "error",
     max_responses: int = 8,
     pairs_from_scores: str = "none",
-    ranking_loss: bool = False,
+    ranking_loss: bool | None = False,
 ) -> TokenizedData:
     """Load `spec`, validate and normalize its rows (any format), and tokenize them like TRL 1.16 (reusing
     `cache_dir`). Every host may call this: the work is deterministic and the cache file is written atomically.
 
     Pair data trains pair losses. Ranked or scored data trains a K-wise loss (`ranking_loss`, e.g. plackett_luce)
     on whole rankings, or a pair loss once `pairs_from_scores` ("best_vs_worst" | "all_pairs") has expanded it into
-    pairs. Any other combination is a DataError that says what to change.
+    pairs. Any other combination is a DataError that says what to change. `ranking_loss` None: the loss takes
+    pairs and whole rankings alike (a reward model: Bradley-Terry, Plackett-Luce); ranked rows stay whole unless
+    `pairs_from_scores` expands them.
     """
     rows, source = load_rows(spec, split)
     ranked = is_ranked(rows)
+    if ranking_loss is None:
+        ranking_loss = ranked and pairs_from_scores == "none"
     if ranking_loss and not ranked:
         raise DataError(
             f"{source} holds preference pairs (prompt, chosen, rejected), but a ranking loss (plackett_luce) "

@@ -66,6 +66,7 @@ class TokenizedData:
     stats: DataStats
     fingerprint: str  # the cache key
     from_cache: bool = False
+    margins: np.ndarray | None = None  # float32 [M]: each pair's `margin` column (reward models, `data.reward`)
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -240,7 +241,7 @@ def _flat_to_ragged(flat: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]:
     return [flat[offsets[k] : offsets[k + 1]] for k in range(len(offsets) - 1)]
 
 
-_BIG = ("prompt_ids", "response_ids", "ranks", "row_index", "from_cache", "stats")
+_BIG = ("prompt_ids", "response_ids", "ranks", "row_index", "from_cache", "stats", "margins")
 
 
 def _save_cache(path, data: TokenizedData) -> None:

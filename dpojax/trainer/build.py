@@ -28,7 +28,7 @@ from dpojax import losses, paths
 from dpojax.config import Config
 from dpojax.data.batching import PreferenceBatch, steps_per_epoch
 from dpojax.data.loader import load_preferences
-from dpojax.data.reward import reward_rows
+from dpojax.data.reward import margin_column, reward_rows
 from dpojax.data.tokenize import TokenizedData, check_token_ids, pad_token_id
 from dpojax.errors import ConfigError, ModelError
 from dpojax.models import experts, lora
@@ -320,16 +320,21 @@ def load_split(cfg: Config, models: Models, spec: str, split: str) -> TokenizedD
         spec, models.tokenizer, split=split, max_length=cfg.data.max_length,
         truncation_mode=cfg.data.truncation_mode, cache_dir=str(cache_dir(cfg)), on_bad_row=cfg.data.on_bad_row,
         max_responses=cfg.data.max_responses, pairs_from_scores=cfg.data.pairs_from_scores,
-        ranking_loss=losses.is_kwise(cfg.loss),
+        ranking_loss=None if cfg.task == "reward" else losses.is_kwise(cfg.loss),
     )
     data = check_token_ids(data, models.policy_cfg.vocab_size, models.tokenizer,
                            f"the policy '{cfg.model.name_or_path}'")
-    return reward_rows(data, cfg.data.max_length) if cfg.task == "reward" else data
+    if cfg.task != "reward":
+        return data
+    return reward_rows(data, cfg.data.max_length, margin_column(spec, split))
 
 
 def precompute_references(cfg: Config, models: Models, sharder: Sharder, datasets: list[TokenizedData]) -> Models:
     """Run the reference once over each data set (cached on disk); the models without it (`without_reference`),
-    or `models` as they were when nothing is precomputed."""
+    or `models` as they were when nothing is precomputed. A reward model has no reference: its data's margin
+    columns take the tables' place (`reward_task.margin_tables`)."""
+    if cfg.task == "reward":
+        return dataclasses.replace(models, ref_tables=reward_task.margin_tables(datasets))
     if not _precomputes(cfg, models):
         return models
     spec = make_spec(cfg, models.policy_graphdef, models.ref_graphdef, sharder, total_steps=1, kernels=models.kernels,

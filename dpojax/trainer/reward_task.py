@@ -8,18 +8,23 @@ head at its last real token: the rightmost token whose id is not the pad id (TRL
 tokenizer's pad token, else its EOS token, and so does dpojax). Unpacked batches score their B = N * K rows
 (`ScoreModel.__call__`); packed rows run the decoder once over each row (a shared prompt computed once) and read
 the hidden state at each sequence's scored position (`PackedBatch.score_at_NxK`). The loss and metrics are
-`losses.reward_loss` (Bradley-Terry on pairs, Plackett-Luce on rankings). Glossary: `dpojax.glossary`.
+`losses.reward_loss` (Bradley-Terry on pairs, Plackett-Luce on rankings). A pair's `margin` (TRL's optional
+column, `data.reward`) comes with the batch in the per-prompt table slot that precomputed reference log-probs use
+(`ref_logps_NxK`, column 0; a reward model has no reference): `margin_tables` makes the tables, and the loop and
+eval attach them as they attach reference tables. Glossary: `dpojax.glossary`.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from dpojax import losses
 from dpojax.data.batching import PreferenceBatch
 from dpojax.data.packing import PackedBatch
+from dpojax.data.tokenize import TokenizedData
 from dpojax.errors import ModelError
 from dpojax.models import score
 from dpojax.models.config import ModelConfig
@@ -54,6 +59,20 @@ def check_trained_head(name: str, revision: str | None = None) -> None:
             "(e.g. a reward run's export/), or at the output_dir of a reward run with checkpoints.")
 
 
+def margin_tables(datasets: list[TokenizedData]) -> dict[str, np.ndarray] | None:
+    """{data fingerprint: float32 [M, 2], each row's margin in column 0} when a data set has a margin column (the
+    others get zeros), else None (no margins: no table in the batch)."""
+    if all(d.margins is None for d in datasets):
+        return None
+    tables = {}
+    for d in datasets:
+        table = np.zeros((len(d), 2), np.float32)
+        if d.margins is not None:
+            table[:, 0] = d.margins
+        tables[d.fingerprint] = table
+    return tables
+
+
 def batch_scores(graphdef, params, batch: PreferenceBatch | PackedBatch, spec) -> jax.Array:
     """fp32 [N, K]: the score of each sequence of one micro-batch (unpacked or packed; `spec`: the StepSpec)."""
     model = nnx.merge(graphdef, params)
@@ -77,5 +96,6 @@ def batch_scores(graphdef, params, batch: PreferenceBatch | PackedBatch, spec) -
 def reward_batch_loss(graphdef, params, batch: PreferenceBatch | PackedBatch, spec):
     """(sum over real prompts of the reward loss, metric sums) of one micro-batch (`losses.reward_loss`)."""
     scores_NxK = batch_scores(graphdef, params, batch, spec)
+    margin_N = None if batch.ref_logps_NxK is None else batch.ref_logps_NxK[:, 0]
     return losses.reward_loss(scores_NxK, batch.rank_NxK, batch.response_mask_NxK, batch.prompt_mask_N,
-                              center_coef=spec.reward_center)
+                              margin_N=margin_N, center_coef=spec.reward_center)
