@@ -173,6 +173,102 @@ def test_rankings_train_through_plackett_luce(assets, tmp_path):
         nll.append(sum(np.log(np.sum(np.exp(s[k:]))) - s[k] for k in range(len(s) - 1)))
     assert _close(ours["loss"], float(np.mean(nll)))
     trained = train(config_from_dict(reward_overrides(
-        assets["rm"], assets, data, tmp_path / "train", train__batch_size=8, train__steps=10, **SGD,
-        **{"optim__lr": 0.1})))
+        assets["rm"], assets, data, tmp_path / "train", train__batch_size=8, train__steps=10,
+        **{**SGD, "optim__lr": 0.1})))
     assert trained["accuracy"] > ours["accuracy"] and trained["loss"] < ours["loss"]
+
+
+@SLOW
+def test_meshes_equal_one_device(assets, tmp_path):
+    """5 AdamW steps on meshes (8,1,1) and (2,2,2) (packed rows) equal one device (padded batches): losses and
+    every parameter, the score head included."""
+    import dataclasses
+
+    import jax
+    from test_sharding import _flat, run_steps
+
+    from dpojax.sharding import make_mesh
+
+    cfg = config_from_dict(reward_overrides(
+        assets["rm"], assets, assets["standard"], tmp_path / "out", train__batch_size=8, train__steps=5,
+        data__eval=None, optim__name="adamw", optim__lr=1e-3, optim__weight_decay=0.01, optim__schedule="constant"))
+    unpacked = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, packing="none"))
+    losses_1, state_1, _ = run_steps(unpacked, make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+    assert abs(losses_1[-1] - losses_1[0]) > 1e-3
+    for shape in ((8, 1, 1), (2, 2, 2)):
+        losses, state, _ = run_steps(cfg, make_mesh(*shape))
+        np.testing.assert_allclose(losses, losses_1, rtol=1e-6, atol=1e-6)
+        ours, ref = _flat(state.params), _flat(state_1.params)
+        assert ours.keys() == ref.keys() and "score/weight" in ours
+        for name in ours:
+            np.testing.assert_allclose(np.asarray(ours[name][...]), np.asarray(ref[name][...]), rtol=1e-5,
+                                       atol=2e-6, err_msg=f"{shape} {name}")
+
+
+@SLOW
+def test_sigkill_resumes_exactly(assets, tmp_path):
+    import signal
+
+    import yaml
+    from test_resume import _run, _start_held, _train_records, _wait_for_dir
+
+    cfg = reward_overrides(assets["rm"], assets, assets["standard"], tmp_path / "unused", data__eval=None,
+                           train__batch_size=4, train__steps=6, train__log_every=1,
+                           optim__name="adamw", optim__lr=3e-3, optim__schedule="constant")
+    cfg["checkpoint"] = {"every": 2, "keep": 10}
+    cfg.pop("output_dir")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    reference = tmp_path / "uninterrupted"
+    result = _run(config, reference)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "killed"
+    proc = _start_held(config, out, 5)
+    _wait_for_dir(out / "checkpoints" / "4")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    result = _run(config, out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stderr
+    assert _train_records(out) == _train_records(reference) and len(_train_records(out)) == 6
+    # a resumed reward run whose config now says task: preference is refused with one line
+    pref = {k: v for k, v in cfg.items() if k != "task"}
+    config.write_text(yaml.safe_dump(pref))
+    result = _run(config, out)
+    assert result.returncode != 0 and "task: 'reward' -> 'preference'" in result.stderr, result.stderr[-2000:]
+
+
+@SLOW
+def test_demo_reaches_accuracy_and_its_export_scores_like_transformers(tmp_path):
+    """configs/demo_reward.yaml: held-out accuracy >= 0.9; the export, scored by transformers, gives the run's final
+    eval metrics (fp32, 1e-4)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from dpojax.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    demo = root / "configs" / "demo"
+    cfg = load_config(root / "configs" / "demo_reward.yaml", [
+        f"output_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}",
+        f"model.name_or_path={demo / 'model'}", f"data.train={demo / 'train.jsonl'}",
+        f"data.eval={demo / 'eval.jsonl'}"])
+    final = train(cfg)
+    assert final["accuracy"] >= 0.9, final
+    export = tmp_path / "run" / "export"
+    model = AutoModelForSequenceClassification.from_pretrained(export, dtype=torch.float32).eval()
+    rows = [json.loads(line) for line in (root / "configs/demo/eval.jsonl").read_text().splitlines()]
+    tok = tokenize_rows(rows, AutoTokenizer.from_pretrained(export), max_length=cfg.data.max_length)
+    scores = []
+    with torch.no_grad():
+        for p, responses in zip(tok.prompt_ids, tok.response_ids, strict=True):
+            if max(len(p) + len(r) for r in responses) > cfg.data.max_length:
+                continue  # dropped from the eval set, as TRL drops it
+            ids = torch.tensor([list(p) + list(r) for r in responses])  # equal lengths are not needed: one by one
+            scores.append([float(model(input_ids=ids[i : i + 1]).logits[0, 0]) for i in range(len(responses))])
+    s = np.asarray(scores, np.float64)
+    d = s[:, 0] - s[:, 1]
+    loss = np.mean(np.logaddexp(0.0, -d) + 0.01 * (s[:, 0] + s[:, 1]) ** 2)
+    for name, value in (("loss", loss), ("margin", d.mean()), ("accuracy", (d > 0).mean()),
+                        ("mean_reward", s.mean())):
+        assert _close(final[name], float(value), abs_=1e-4), (name, final[name], value)
