@@ -543,8 +543,6 @@ def _validate_task(cfg: Config) -> None:
         _require(not changed, f"'{name}.{(changed or [''])[0]}' is set, but task=reward trains a reward model "
                  f"(Bradley-Terry / Plackett-Luce on its scores: no {name.replace('_', ' ')} section is read); remove "
                  f"it, or set task=preference to train a policy.")
-    _require(not cfg.model.lora.enabled, "'model.lora.enabled' with task=reward: LoRA on a reward model (PEFT's "
-             "SEQ_CLS, a trainable score head) is not supported yet; train every weight (model.lora.enabled=false).")
     coef = cfg.reward.center_rewards_coefficient
     _require(coef is None or coef >= 0, f"'reward.center_rewards_coefficient' = {coef} must be >= 0 (or null).")
     _require(cfg.train.eval_samples == 0, "'train.eval_samples' samples completions from a policy; a reward model "

@@ -231,11 +231,11 @@ def test_sigkill_resumes_exactly(assets, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stderr
     assert _train_records(out) == _train_records(reference) and len(_train_records(out)) == 6
-    # a resumed reward run whose config now says task: preference is refused with one line
+    # the reward run's folder resumed as a preference run: refused with one line (its model is a classifier)
     pref = {k: v for k, v in cfg.items() if k != "task"}
     config.write_text(yaml.safe_dump(pref))
     result = _run(config, out)
-    assert result.returncode != 0 and "task: 'reward' -> 'preference'" in result.stderr, result.stderr[-2000:]
+    assert result.returncode != 0 and "Train or evaluate it with task: reward" in result.stderr, result.stderr[-2000:]
 
 
 @SLOW
@@ -272,3 +272,43 @@ def test_demo_reaches_accuracy_and_its_export_scores_like_transformers(tmp_path)
     for name, value in (("loss", loss), ("margin", d.mean()), ("accuracy", (d > 0).mean()),
                         ("mean_reward", s.mean())):
         assert _close(final[name], float(value), abs_=1e-4), (name, final[name], value)
+
+
+@SLOW
+def test_lora_matches_trl_with_peft(assets, tmp_path):
+    """The same PEFT adapter (B random) on the reward model in both, PEFT's SEQ_CLS (score head trained whole):
+    eval equals TRL's, 5 SGD steps give TRL's losses, and the export (adapters merged) scores like TRL's merged
+    model after them."""
+    import peft
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    torch_rm = AutoModelForSequenceClassification.from_pretrained(assets["rm"], dtype=torch.float32)
+    made = peft.get_peft_model(torch_rm, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                         init_lora_weights=False))
+    made.save_pretrained(str(tmp_path / "adapter"))
+    keys = {"model__lora": {"enabled": True, "rank": 4, "alpha": 8, "targets": ["q_proj", "v_proj"],
+                            "init_from": str(tmp_path / "adapter")}}
+    data = assets["standard"]
+    ours = evaluate(config_from_dict(reward_overrides(assets["rm"], assets, data, tmp_path / "ours",
+                                                      train__eval_batch_size=16, **keys)))
+    theirs = trl_reward_trainer(assets["rm"], assets, data, tmp_path / "trl", adapter=tmp_path / "adapter",
+                                per_device_eval_batch_size=16).evaluate()
+    for name in REWARD_METRICS:
+        assert _close(ours[name], theirs[f"eval_{name}"]), (name, ours[name], theirs[f"eval_{name}"])
+
+    eight = _eight_rows(assets, tmp_path, "standard")
+    out = tmp_path / "ours_train"
+    train(config_from_dict(reward_overrides(assets["rm"], assets, eight, out, train__batch_size=8, train__steps=5,
+                                            train__log_every=1, data__eval=None, **SGD, **keys)))
+    ours = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"]
+    trainer = trl_reward_trainer(assets["rm"], assets, eight, tmp_path / "trl_train", adapter=tmp_path / "adapter",
+                                 per_device_train_batch_size=8, max_steps=5, **TRL_SGD)
+    trainer.train()
+    theirs = [h["loss"] for h in trainer.state.log_history if "loss" in h][:5]
+    assert abs(ours[-1] - ours[0]) > 1e-2
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-6)
+    exported = AutoModelForSequenceClassification.from_pretrained(out / "export", dtype=torch.float32).eval()
+    merged = trainer.model.merge_and_unload().eval()
+    np.testing.assert_allclose(_torch_scores(exported, trainer), _torch_scores(merged, trainer), rtol=1e-4,
+                               atol=1e-4)

@@ -106,9 +106,11 @@ def reward_overrides(model: Path, assets: dict[str, Path], data: Path, out_dir: 
     return cfg
 
 
-def trl_reward_trainer(model: Path, assets: dict[str, Path], data: Path, out_dir: Path, **reward_args):
+def trl_reward_trainer(model: Path, assets: dict[str, Path], data: Path, out_dir: Path, *, adapter: Path | None = None,
+                       **reward_args):
     """A TRL RewardTrainer on the reward model folder `model` (CPU, fp32, no reporting), the tiny tokenizer and the
-    rows of `data` (train and eval)."""
+    rows of `data` (train and eval). `adapter`: a PEFT LoRA folder whose config and weights become the trainer's
+    adapter, as PEFT's SEQ_CLS task (the score head trained whole: modules_to_save)."""
     import datasets
     import torch
     from transformers import AutoModelForSequenceClassification
@@ -122,5 +124,18 @@ def trl_reward_trainer(model: Path, assets: dict[str, Path], data: Path, out_dir
                 save_strategy="no", dataloader_drop_last=False, seed=0, disable_tqdm=True,
                 gradient_checkpointing=False)
     args.update(reward_args)
-    return RewardTrainer(model=rm, args=RewardConfig(**args), train_dataset=ds, eval_dataset=ds,
-                         processing_class=load_tiny_tokenizer(assets["tok"]))
+    peft_config = None
+    if adapter is not None:
+        import peft
+
+        peft_config = peft.LoraConfig.from_pretrained(str(adapter))
+        peft_config.inference_mode, peft_config.task_type = False, "SEQ_CLS"
+    trainer = RewardTrainer(model=rm, args=RewardConfig(**args), train_dataset=ds, eval_dataset=ds,
+                            processing_class=load_tiny_tokenizer(assets["tok"]), peft_config=peft_config)
+    if adapter is not None:
+        from safetensors.torch import load_file
+
+        state = load_file(str(Path(adapter) / "adapter_model.safetensors"))
+        state.setdefault("base_model.model.score.weight", rm.score.weight.detach().clone())  # the head: unchanged
+        peft.set_peft_model_state_dict(trainer.model, state)
+    return trainer

@@ -132,6 +132,8 @@ def _build_model(cfg: Config, sharder: Sharder, attention: str, name: str, how: 
         return reward_task.build_score_model(mcfg, name, how, kw, pad_token_id=pad_token_id, seed=cfg.model.seed,
                                              revision=cfg.model.revision)
     if how == "pretrained":
+        reward_task.check_causal_lm(name, cfg.model.revision)
+    if how == "pretrained":
         model, mcfg = load_pretrained(name, revision=cfg.model.revision, **kw)
         return (*nnx.split(model), mcfg)
     if how == "abstract":
@@ -218,6 +220,15 @@ def _lora_models(cfg: Config, load: Loader, sharder: Sharder, kernels: Kernels, 
     how = ("random" if cfg.model.init == "random" else "pretrained") if with_base else "abstract"
     bgraph, bparams, mcfg = load(cfg.model.name_or_path, how)
     lcfg = cfg.model.lora
+    if cfg.task == "reward":  # adapters on the score model's decoder, its head trained whole (PEFT's SEQ_CLS)
+        def fill(adapters, groups):
+            if policy_from_checkpoint:
+                return adapters
+            return (lora.load_peft(lcfg.init_from, adapters, groups, mcfg, lcfg) if lcfg.init_from
+                    else lora.init_values(adapters, cfg.model.seed))
+
+        pgraph, trainable, frozen, setup = reward_task.lora_score_model(bgraph, bparams, mcfg, lcfg, sharder, fill)
+        return Models(None, None, mcfg, pgraph, trainable, kernels, None, frozen, lora=setup)
     if mcfg.is_moe:
         present = {"/".join(str(k) for k in path[:-1]) for path, _ in nnx.to_flat_state(bparams)
                    if path[-1] == "kernel"}

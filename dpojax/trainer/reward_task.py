@@ -11,7 +11,11 @@ the hidden state at each sequence's scored position (`PackedBatch.score_at_NxK`)
 `losses.reward_loss` (Bradley-Terry on pairs, Plackett-Luce on rankings). A pair's `margin` (TRL's optional
 column, `data.reward`) comes with the batch in the per-prompt table slot that precomputed reference log-probs use
 (`ref_logps_NxK`, column 0; a reward model has no reference): `margin_tables` makes the tables, and the loop and
-eval attach them as they attach reference tables. Glossary: `dpojax.glossary`.
+eval attach them as they attach reference tables.
+
+LoRA (`model.lora`), as PEFT's SEQ_CLS task (`modules_to_save` = the score head): adapters on the decoder's targeted
+modules, the head trained whole; the policy parameters are the adapters and the head, the frozen decoder sits in
+the reference slot, and the export is the classifier with the adapters merged. Glossary: `dpojax.glossary`.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from dpojax.data.batching import PreferenceBatch
 from dpojax.data.packing import PackedBatch
 from dpojax.data.tokenize import TokenizedData
 from dpojax.errors import ModelError
-from dpojax.models import score
+from dpojax.models import lora, score
 from dpojax.models.config import ModelConfig
 
 
@@ -47,6 +51,29 @@ def build_score_model(mcfg: ModelConfig, name: str, how: str, kw: dict, *, pad_t
     else:
         model, dcfg = score.init_score_model(name, seed=seed, pad_token_id=pad_token_id, revision=revision, **kw)
     return (*nnx.split(model), dcfg)
+
+
+def lora_score_model(graphdef, params, mcfg: ModelConfig, lora_cfg, sharder, fill):
+    """(policy graphdef, trainable State: the decoder's adapters and the score head, frozen State: the decoder,
+    LoraSetup) of a score model (graphdef, params) with LoRA on its decoder. `fill(adapters, groups)` gives the
+    adapters their values (PEFT's init, a PEFT folder; identity for a checkpoint's abstract restore target)."""
+    model = nnx.merge(graphdef, params)
+    base_graphdef, base = nnx.split(model.decoder)
+    adapted_graphdef, adapters, groups = lora.lora_model(base_graphdef, base, mcfg, lora_cfg, sharder)
+    decoder = nnx.merge(adapted_graphdef, fill(adapters, groups), base)
+    scored = score.ScoreModel(decoder, model.score, model.pad_token_id)
+    policy_graphdef, trainable, frozen = nnx.split(scored, nnx.Any(lora.LoraParam, nnx.PathContains("score")), ...)
+    setup = lora.LoraSetup(base_graphdef, tuple(groups), lora.scale_of(lora_cfg.alpha, lora_cfg.rank,
+                                                                       lora_cfg.rslora))
+    return policy_graphdef, trainable, frozen, setup
+
+
+def merged_score_model(policy_graphdef, trainable, frozen, setup: lora.LoraSetup) -> score.ScoreModel:
+    """The score model of a LoRA run with its adapters merged into the decoder's kernels (for an export)."""
+    model = nnx.merge(policy_graphdef, nnx.merge_state(frozen, trainable))
+    _, adapters, base = nnx.split(model.decoder, lora.LoraParam, ...)
+    decoder = nnx.merge(setup.base_graphdef, lora.merged_state(base, adapters, list(setup.groups), setup.scale))
+    return score.ScoreModel(decoder, model.score, model.pad_token_id)
 
 
 def check_trained_head(name: str, revision: str | None = None) -> None:
@@ -71,6 +98,15 @@ def margin_tables(datasets: list[TokenizedData]) -> dict[str, np.ndarray] | None
             table[:, 0] = d.margins
         tables[d.fingerprint] = table
     return tables
+
+
+def check_causal_lm(name: str, revision: str | None = None) -> None:
+    """ModelError when `name`, read as a preference run's policy or reference, is a sequence classifier (a reward
+    model has a score head and no LM head: no log-probs)."""
+    if score.has_score_head(name, revision):
+        raise ModelError(
+            f"{name} is a sequence classifier (score.weight, no LM head), a reward model: it has no log-probs for "
+            "preference optimization. Train or evaluate it with task: reward, or give a causal LM.")
 
 
 def batch_scores(graphdef, params, batch: PreferenceBatch | PackedBatch, spec) -> jax.Array:
