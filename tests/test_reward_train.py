@@ -213,7 +213,7 @@ def test_sigkill_resumes_exactly(assets, tmp_path):
     from test_resume import _run, _start_held, _train_records, _wait_for_dir
 
     cfg = reward_overrides(assets["rm"], assets, assets["standard"], tmp_path / "unused", data__eval=None,
-                           train__batch_size=4, train__steps=6, train__log_every=1,
+                           train__batch_size=8, train__steps=6, train__log_every=1,
                            optim__name="adamw", optim__lr=3e-3, optim__schedule="constant")
     cfg["checkpoint"] = {"every": 2, "keep": 10}
     cfg.pop("output_dir")
@@ -264,8 +264,7 @@ def test_demo_reaches_accuracy_and_its_export_scores_like_transformers(tmp_path)
         for p, responses in zip(tok.prompt_ids, tok.response_ids, strict=True):
             if max(len(p) + len(r) for r in responses) > cfg.data.max_length:
                 continue  # dropped from the eval set, as TRL drops it
-            ids = torch.tensor([list(p) + list(r) for r in responses])  # equal lengths are not needed: one by one
-            scores.append([float(model(input_ids=ids[i : i + 1]).logits[0, 0]) for i in range(len(responses))])
+            scores.append([float(model(input_ids=torch.tensor([list(p) + list(r)])).logits[0, 0]) for r in responses])
     s = np.asarray(scores, np.float64)
     d = s[:, 0] - s[:, 1]
     loss = np.mean(np.logaddexp(0.0, -d) + 0.01 * (s[:, 0] + s[:, 1]) ** 2)
