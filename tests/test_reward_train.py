@@ -115,6 +115,30 @@ def test_training_steps_match_trl_and_export_scores(assets, tmp_path):
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)  # our trained weights are TRL's
 
 
+def test_reward_loss_by_hand():
+    """Pairs: TRL's formula (margin, centering), fillers out of every metric; a ranking: Plackett-Luce."""
+    import jax
+    import jax.numpy as jnp
+
+    from dpojax import losses
+    from dpojax.losses.ranking import plackett_luce_nll
+
+    reward_loss = jax.jit(losses.reward_loss, static_argnames="center_coef")  # one compile per shape, not per op
+    s = jnp.asarray([[2.0, 1.0], [0.5, 1.5], [9.0, -9.0]])  # the last prompt is a filler
+    loss, m = reward_loss(s, jnp.asarray([[0, 1]] * 3), jnp.ones((3, 2)), jnp.asarray([1.0, 1.0, 0.0]),
+                          margin_N=jnp.asarray([0.5, 0.0, 0.0]), center_coef=0.01)
+    want = [np.logaddexp(0, -(2 - 1 - 0.5)) + 0.01 * 9, np.logaddexp(0, 1.0) + 0.01 * 4]
+    np.testing.assert_allclose(float(loss), sum(want), rtol=1e-6)
+    value = {k: float(a) / float(b) for k, (a, b) in m.items()}
+    assert value["accuracy"] == 0.5 and value["min_reward"] == 0.5 and value["max_reward"] == 2.0
+    np.testing.assert_allclose([value["margin"], value["mean_reward"]], [0.0, 1.25], rtol=1e-6)
+    ranked, rank = jnp.asarray([[3.0, 1.0, 2.0]]), jnp.asarray([[0, 1, 2]])
+    loss, m = reward_loss(ranked, rank, jnp.ones((1, 3)), jnp.ones(1))
+    want = float(jax.jit(plackett_luce_nll)(ranked, rank, jnp.ones((1, 3)))[0])
+    np.testing.assert_allclose(float(loss), want, rtol=1e-6)
+    assert float(m["accuracy"][0]) / float(m["accuracy"][1]) == 2 / 3  # (0>1), (0>2) right; (1>2) wrong
+
+
 # ---------------------------------------------------------------------------------------------- refusals
 def test_reward_task_refuses_preference_keys(assets, tmp_path):
     base = reward_overrides(assets["rm"], assets, assets["standard"], tmp_path / "x")

@@ -194,15 +194,15 @@ def row_length(n_tokens: int) -> int:
 
 
 class _RowWriter:
-    def __init__(self, length: int, pad_id: int):
+    def __init__(self, length: int, pad_id: int, scores: bool = False):
         self.ids = np.full(length, pad_id, np.int32)
         self.pos, self.seg, self.branch = (np.zeros(length, np.int32) for _ in range(3))
         self.src, self.target, self.owner = (np.zeros(length, np.int32) for _ in range(3))
         self.completion, self.lm, self.ld, self.weight = (np.zeros(length, np.float32) for _ in range(4))
         self.t = 0  # next token position
         self.e = 0  # next entry
-        self.pad_id = pad_id
-        self.scored_at: dict[tuple[int, int], int] = {}  # (prompt n, response k) -> its scored position
+        self.pad_id, self.scores = pad_id, scores
+        self.scored_at: dict[tuple[int, int], int] = {}  # (prompt n, response k) -> its scored position (`scores`)
 
     def entries(self, src, target, owner, completion, lm, ld):
         """Append entries (arrays of one length, or scalars broadcast over it)."""
@@ -229,7 +229,8 @@ class _RowWriter:
             else:  # the alias's sequence holds its original's tokens too
                 self.weight[placed[alias] : placed[alias] + n] += part.weight
             at = placed[k if alias is None else alias]  # an alias scores its original's positions
-            self.scored_at[part.n, k] = self._last_real(part.prefix, start, ids, at)
+            if self.scores:
+                self.scored_at[part.n, k] = self._last_real(part.prefix, start, ids, at)
             # token i is predicted from the one before it; the first from the prompt's last (none without a prompt)
             src = at + np.arange(n) - 1
             if n:
@@ -286,7 +287,7 @@ def pack(data: TokenizedData, indices: Sequence[int], prompt_mask: np.ndarray, p
     for parts, rows_ in zip(micro_parts, assignments):
         micro_writers = []
         for row in rows_:
-            w = _RowWriter(length, data.pad_token_id)
+            w = _RowWriter(length, data.pad_token_id, packing.scores)
             for segment, i in enumerate(row, start=1):
                 w.write(parts[i], segment, k_max, packing.prompt_nll)
             micro_writers.append(w)
