@@ -174,19 +174,23 @@ def test_families_eval_matches_trl(assets, tmp_path, family, fmt):
 
 @SLOW
 def test_rankings_train_through_plackett_luce(assets, tmp_path):
-    """K = 3 ranked rows: the eval loss is the Plackett-Luce NLL of transformers' scores; training raises the
-    ranking accuracy."""
+    """Rankings of 3 and 2 responses: the eval loss is the Plackett-Luce NLL of transformers' scores, packed rows
+    give the padded batch's metrics; training raises the ranking accuracy."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
     rows = [json.loads(line) for line in assets["standard"].read_text().splitlines()]
-    ranked = [{"prompt": r["prompt"], "responses": [r["chosen"], r["rejected"], r["rejected"] + " so"]}
-              for r in rows]
+    ranked = [{"prompt": r["prompt"], "responses": [r["chosen"], r["rejected"], r["rejected"] + " so"][:2 + i % 2]}
+              for i, r in enumerate(rows)]  # K = 3 and K = 2 rows: padding responses in the [N, K, T] batch
     data = tmp_path / "ranked.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ranked))
     cfg = config_from_dict(reward_overrides(assets["rm"], assets, data, tmp_path / "ours",
                                             train__eval_batch_size=16, data__packing="none"))
     ours = evaluate(cfg)
+    packed = evaluate(config_from_dict(reward_overrides(assets["rm"], assets, data, tmp_path / "packed",
+                                                        train__eval_batch_size=16, data__packing="shared_prompt")))
+    for name in REWARD_METRICS:
+        assert _close(packed[name], ours[name], rel=1e-5), (name, packed[name], ours[name])
     tok = tokenize_rows(ranked, load_tiny_tokenizer(assets["tok"]), max_length=48)
     model = AutoModelForSequenceClassification.from_pretrained(assets["rm"], dtype=torch.float32).eval()
     nll = []
