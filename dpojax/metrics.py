@@ -24,7 +24,7 @@ PathLike = str | os.PathLike
 
 # TRL's names, then ranked data's (dpojax/losses/ranking.py), in the order a summary prints them; a summary shows
 # only the metrics a run has.
-PAIR_METRICS = (*BASE_METRICS, *RANKING_METRICS)
+PAIR_METRICS = (*BASE_METRICS, *RANKING_METRICS, "kl")  # kl: KTO's reference point (losses.kto)
 
 
 def add_sums(acc: dict[str, tuple[float, float]] | None, new: Mapping) -> dict[str, tuple[float, float]]:

@@ -46,7 +46,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from dpojax.data.sequences import prompt_fields, truncate_sequence
+from dpojax.data.sequences import labels_of, prompt_fields, truncate_sequence
 from dpojax.data.tokenize import TokenizedData
 
 MODES = ("auto", "none", "padding_free", "shared_prompt")
@@ -79,6 +79,7 @@ class PackedBatch:
     # float32: how many sequences of the [N, K, T] batch hold the token (a shared prompt's token: its responses, an
     # aliased response's: 2; 0 on padding and filler prompts), the token weights of MoE router statistics
     token_weight_PxJ: np.ndarray | None = None
+    label_N: np.ndarray | None = None  # float32 unpaired rows' labels (KTO): 1 desirable, 0 undesirable; else None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -290,5 +291,5 @@ def pack(data: TokenizedData, indices: Sequence[int], prompt_mask: np.ndarray, p
         stack("ids")[rs], stack("pos")[rs], stack("seg")[rs], stack("branch")[rs], stack("src")[rs],
         stack("target")[rs], stack("owner")[rs], stack("completion")[rs], stack("lm")[rs], stack("ld")[rs],
         completion_len[ns], response_mask[ns], rank[ns], prompt_mask[ns], prompt_index[ns],
-        token_weight_PxJ=stack("weight")[rs],
+        token_weight_PxJ=stack("weight")[rs], label_N=None if data.labels is None else labels_of(data, indices)[ns],
     )
