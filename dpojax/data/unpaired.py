@@ -53,7 +53,7 @@ def check_balance(data: TokenizedData, desirable_weight: float, undesirable_weig
                 f"(loss.{word}_weight = {weight}) has nothing to learn from and only the {other} rows train (TRL "
                 f"would run and only warn about the weights): add {word} rows, or set loss.{word}_weight=0 to train "
                 f"on the {other} rows alone.")
-    if n_desirable == n_undesirable:
+    if n_desirable == n_undesirable or min(n_desirable, n_undesirable) == 0:
         return
     des, und = max(n_desirable, 1), max(n_undesirable, 1)
     des_lo, des_hi = round(und * undesirable_weight / des, 2), round(und * undesirable_weight / des * 1.33, 2)
