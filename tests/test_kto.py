@@ -54,15 +54,16 @@ def _assert_matches_trl(ours: dict, theirs: dict, names=METRICS) -> None:
     assert theirs["eval_rewards/margins"] != 0.0 and theirs["eval_kl"] != 0.0  # the comparison has teeth
 
 
-def _eval_vs_trl(assets, tmp_path, data, *, ours_kw=None, trl_kw=None):
+def _eval_vs_trl(assets, tmp_path, data, *, ours_kw=None, trl_kw=None, eval_bs=4):
     """`dpojax eval` (on a (4, 1, 2) mesh) and KTOTrainer.evaluate() on `data`: eval batches of 4, KL chunks of 8
     (the train batch)."""
-    cfg = config_from_dict(dpojax_overrides(assets, data, tmp_path / "ours", loss__type="kto", train__batch_size=8,
-                                            train__eval_batch_size=4, mesh={"data": 4, "fsdp": 1, "tensor": 2},
-                                            **(ours_kw or {})))
+    ours_kw = {"loss__type": "kto", **(ours_kw or {})}
+    cfg = config_from_dict(dpojax_overrides(assets, data, tmp_path / "ours", train__batch_size=8,
+                                            train__eval_batch_size=eval_bs, mesh={"data": 4, "fsdp": 1, "tensor": 2},
+                                            **ours_kw))
     ours = evaluate(cfg)
-    theirs = kto_trainer(assets, data, tmp_path / "trl", per_device_train_batch_size=8, per_device_eval_batch_size=4,
-                         **(trl_kw or {})).evaluate()
+    theirs = kto_trainer(assets, data, tmp_path / "trl", per_device_train_batch_size=8,
+                         per_device_eval_batch_size=eval_bs, **(trl_kw or {})).evaluate()
     return ours, theirs
 
 
@@ -187,15 +188,15 @@ def test_eval_matches_trl_kto_llama_standard(assets, tmp_path):
 @SLOW
 @pytest.mark.parametrize("case", ["conversational", "apo_zero_unpaired", "unpair", "precompute"])
 def test_eval_matches_trl_kto_variants(assets, tmp_path, case):
-    data, ours_kw, trl_kw = assets["u_conversational"], {}, {}
+    data, ours_kw, trl_kw, eval_bs = assets["u_conversational"], {}, {}, 4
     if case == "apo_zero_unpaired":
         data, ours_kw, trl_kw = assets["u_standard"], {"loss__type": "apo_zero_unpaired"}, {
             "loss_type": "apo_zero_unpaired"}
-    if case == "unpair":  # paired rows: TRL's KTOTrainer unpairs them itself
-        data, ours_kw = assets["conversational"], {"data__unpair": True}
+    if case == "unpair":  # paired rows, which TRL's KTOTrainer unpairs itself: 16 chosen, then 16 rejected rows, so
+        data, ours_kw, eval_bs = assets["conversational"], {"data__unpair": True}, 32  # one batch holds both classes
     if case == "precompute":
         ours_kw, trl_kw = {"ref_model__precompute": True}, {"precompute_ref_log_probs": True}
-    ours, theirs = _eval_vs_trl(assets, tmp_path, data, ours_kw=ours_kw, trl_kw=trl_kw)
+    ours, theirs = _eval_vs_trl(assets, tmp_path, data, ours_kw=ours_kw, trl_kw=trl_kw, eval_bs=eval_bs)
     names = [n for n in METRICS if n != "kl"] if case == "apo_zero_unpaired" else METRICS
     for name in names:
         assert _close(ours[name], theirs[f"eval_{name}"]), (name, ours[name], theirs[f"eval_{name}"])
