@@ -24,7 +24,7 @@ PathLike = str | os.PathLike
 
 # TRL's names, then ranked data's (dpojax/losses/ranking.py), in the order a summary prints them; a summary shows
 # only the metrics a run has.
-PAIR_METRICS = (*BASE_METRICS, *RANKING_METRICS, "kl")  # kl: KTO's reference point (losses.kto)
+PAIR_METRICS = (*BASE_METRICS, *RANKING_METRICS, "kl", "entropy")  # KTO's reference point and entropy
 
 
 def add_sums(acc: dict[str, tuple[float, float]] | None, new: Mapping) -> dict[str, tuple[float, float]]:
@@ -117,9 +117,12 @@ def plot_curves(records: list[dict], out_png: PathLike):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # after use("Agg"): no display needed
 
+    accuracy = ("reward accuracy", ("rewards/accuracies",))
+    if not any("rewards/accuracies" in r for r in records) and any("kl" in r for r in records):
+        accuracy = ("KL reference point (KTO)", ("kl",))
     panels = (
         ("loss", ("loss",)),
-        ("reward accuracy", ("rewards/accuracies",)),
+        accuracy,
         ("reward margin", ("rewards/margins",)),
         ("rewards", ("rewards/chosen", "rewards/rejected")),
     )

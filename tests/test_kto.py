@@ -200,7 +200,8 @@ def test_eval_matches_trl_kto_variants(assets, tmp_path, case):
     names = [n for n in METRICS if n != "kl"] if case == "apo_zero_unpaired" else METRICS
     for name in names:
         assert _close(ours[name], theirs[f"eval_{name}"]), (name, ours[name], theirs[f"eval_{name}"])
-    assert (ours["kl"] == 0.0 == theirs["eval_kl"]) if case == "apo_zero_unpaired" else theirs["eval_kl"] != 0.0
+    assert theirs["eval_rewards/margins"] != 0.0  # policy and reference differ: the comparison has teeth
+    assert ours["kl"] == 0.0 == theirs["eval_kl"] if case == "apo_zero_unpaired" else "kl" in ours
 
 
 @SLOW

@@ -163,8 +163,10 @@ def write_record(run: Run, window: W.MetricWindow, bar, writer, step: int) -> No
     """The window's train record (its metrics read now), written at `step` and shown on the progress bar."""
     record = window.flush(run.train_step.metrics_def)
     writer.write(step, "train", record)
-    bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('rewards/accuracies', float('nan')):.2f}",
-                    pairs_s=f"{record['pairs_per_second']:.1f}", refresh=False)  # shown at the bar's next refresh
+    second = {"acc": f"{record['rewards/accuracies']:.2f}"} if "rewards/accuracies" in record else \
+        {"kl": f"{record.get('kl', float('nan')):.3f}"}  # KTO: no accuracy, its reference point instead
+    bar.set_postfix(loss=f"{record['loss']:.4f}", **second, pairs_s=f"{record['pairs_per_second']:.1f}",
+                    refresh=False)  # shown at the bar's next refresh
 
 
 def run_hooks(due: list[Hook], s: LoopState, state: TrainState, window: W.MetricWindow) -> bool:
