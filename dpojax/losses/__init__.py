@@ -1,7 +1,7 @@
 """Preference losses: one registry of pure functions with their traits (`core`), the pair losses of TRL 1.16 and
 beyond (`pairwise`), and Plackett-Luce over K ranked responses (`ranking`). Importing this package registers them."""
 
-from dpojax.losses import kto, pairwise, ranking  # noqa: F401  (registers the built-in losses)
+from dpojax.losses import pairwise, ranking  # noqa: F401  (registers the built-in losses; KTO's: `.kto` below)
 from dpojax.losses.core import (
     BASE_METRICS,
     F_DIVERGENCES,

@@ -239,7 +239,7 @@ def _validated(cfg) -> bool:
         message = loss.check(cfg) if loss.check else None
         _check(message is None, message or "")
     if not any(loss.unpaired for loss in chosen):
-        _check(cfg.desirable_weight == 1.0 and cfg.undesirable_weight == 1.0,
+        _check(getattr(cfg, "desirable_weight", 1.0) == 1.0 and getattr(cfg, "undesirable_weight", 1.0) == 1.0,
                f"'loss.desirable_weight' / 'loss.undesirable_weight' weigh KTO's unpaired rows; loss.type="
                f"{list(types)} does not read them: unset them, or use loss.type=kto.")
     if kwise:

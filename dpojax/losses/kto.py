@@ -40,8 +40,12 @@ def uses_kl(name: str) -> bool:
     return name == "kto"
 
 
-def _batch_only(t, hp):
-    raise ValueError("kto and apo_zero_unpaired are batch-level losses over unpaired rows: use losses.kto.kto_loss")
+def _batch_only(name: str, doc: str):
+    def fn(t, hp):
+        raise ValueError(f"{name} is a batch-level loss over unpaired rows: use losses.kto.kto_loss")
+
+    fn.__doc__ = doc
+    return fn
 
 
 def _check(cfg) -> str | None:
@@ -59,8 +63,13 @@ def _check(cfg) -> str | None:
     return None
 
 
+DOCS = {
+    "kto": "KTO (Ethayarajh et al. 2024, arXiv:2402.01306) on unpaired rows, as TRL's KTOTrainer: `kto_loss`.",
+    "apo_zero_unpaired": "APO-zero on unpaired rows (D'Oosterlinck et al. 2024, arXiv:2408.06266), as TRL's "
+                         "KTOTrainer(loss_type='apo_zero_unpaired'): `kto_loss`.",
+}
 for _name in UNPAIRED_LOSSES:
-    register_loss(_name, unpaired=True, metric_names=KTO_METRICS, check=_check)(_batch_only)
+    register_loss(_name, unpaired=True, metric_names=KTO_METRICS, check=_check)(_batch_only(_name, DOCS[_name]))
 
 
 def _mean_with_count(values_N: Array, mask_N: Array) -> tuple[Array, Array]:
