@@ -1,7 +1,8 @@
 """Pure train and eval steps: policy and frozen reference log-probs, the preference loss, an Optax update.
 
 One step for every loss and data format: a batch is [N prompts, K responses, T] (a pair is K = 2), the policy and
-the reference score its B = N * K sequences, and `losses.preference_loss` turns the per-response sums into the loss.
+the reference score its B = N * K sequences, and `losses.preference_loss` turns the per-response sums into the loss
+(unpaired rows, KTO: `losses.kto_loss`, a batch-level loss with its KL reference point).
 `train_step(state, ref_params, batch) -> (state, metrics)` accumulates gradients over micro-batches with `lax.scan`
 (sums, divided once by the number of real prompts), so `train.batch_size` prompts make one update whatever
 `train.micro_batch_size` is. Metrics are `{name: (sum, count)}`; the loop divides. `make_spec` is the one step
