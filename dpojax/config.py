@@ -83,6 +83,7 @@ class DataSection:
     buckets: Optional[tuple[int, ...]] = None  # padded lengths; default: powers of two up to max_length
     max_responses: int = 8  # most responses per ranked/scored row (prompt, responses[, scores]); more is a bad row
     pairs_from_scores: Literal[PAIRS_FROM_SCORES] = "none"  # expand ranked rows into pairs
+    unpair: bool = False  # kto: unroll each pair into a desirable (chosen) and an undesirable (rejected) row, as TRL
     # auto | none | padding_free | shared_prompt (dpojax.data.packing); auto: shared_prompt, padding_free on TPU
     packing: Literal[PACKING_MODES] = "auto"
 
@@ -101,6 +102,8 @@ class LossSection:
     discopop_tau: float = 0.05  # DiscoPOP mixing temperature
     simpo_gamma: float = 0.5  # SimPO target reward margin
     reference_free: bool = False  # use a uniform reference (no reference model)
+    desirable_weight: float = 1.0  # kto / apo_zero_unpaired: weight of the desirable (label true) rows' losses
+    undesirable_weight: float = 1.0  # kto / apo_zero_unpaired: weight of the undesirable (label false) rows' losses
     # mixture-of-experts policies: weight of the router load-balancing loss added to the policy loss (TRL's
     # router_aux_loss_coef); null: the checkpoint's config.json router_aux_loss_coef; 0 disables; dense models: null/0
     router_aux_loss_coef: Optional[float] = None
@@ -574,6 +577,16 @@ def _validate_with_losses(cfg: Config) -> None:
     _require(not (kwise and d.pairs_from_scores != "none"),
              f"'data.pairs_from_scores' = {d.pairs_from_scores!r} turns rankings into pairs, but loss.type="
              f"{cfg.loss.type[0]} trains on whole rankings; set data.pairs_from_scores=none or use a pair loss.")
+    unpaired = losses.is_unpaired(cfg.loss)
+    _require(not d.unpair or unpaired,
+             f"'data.unpair' turns pairs into unpaired rows, which only loss.type=kto or apo_zero_unpaired trains "
+             f"on (loss.type={list(cfg.loss.type)}); unset data.unpair or use loss.type=kto.")
+    if unpaired:
+        _require(not cfg.online.enabled, f"loss.type={cfg.loss.type[0]} trains on unpaired rows, which online "
+                                         "sampling does not make; use a pair loss with online.enabled.")
+        _require(cfg.loss.type[0] != "kto" or cfg.micro_batch_size >= 2,
+                 f"loss.type=kto estimates its KL term from the other rows of a (micro-)batch, so it needs at least 2 "
+                 f"rows per micro-batch (as TRL); got {cfg.micro_batch_size}: raise train.micro_batch_size.")
     if c.best_metric is not None:
         names = losses.REWARD_METRICS if cfg.task == "reward" else losses.metric_names(cfg.loss)
         _require(c.best_metric in names,

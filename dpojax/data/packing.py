@@ -46,7 +46,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from dpojax.data.sequences import prompt_fields, truncate_sequence
+from dpojax.data.sequences import labels_of, prompt_fields, truncate_sequence
 from dpojax.data.tokenize import TokenizedData
 
 MODES = ("auto", "none", "padding_free", "shared_prompt")
@@ -82,6 +82,7 @@ class PackedBatch:
     # int32 (reward models, `Packing.scores`): where each sequence is scored, row * J + position within its
     # micro-batch's rows: its last token whose id is not the pad id (an alias: its original's); 0 for padding
     score_at_NxK: np.ndarray | None = None
+    label_N: np.ndarray | None = None  # float32 unpaired rows' labels (KTO): 1 desirable, 0 undesirable; else None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -309,6 +310,7 @@ def pack(data: TokenizedData, indices: Sequence[int], prompt_mask: np.ndarray, p
         stack("target")[rs], stack("owner")[rs], stack("completion")[rs], stack("lm")[rs], stack("ld")[rs],
         completion_len[ns], response_mask[ns], rank[ns], prompt_mask[ns], prompt_index[ns],
         token_weight_PxJ=stack("weight")[rs], score_at_NxK=None if score_at is None else score_at[ns],
+        label_N=None if data.labels is None else labels_of(data, indices)[ns],
     )
 
 

@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from dpojax import losses, paths
 from dpojax.config import Config
+from dpojax.data import unpaired
 from dpojax.data.batching import PreferenceBatch, steps_per_epoch
 from dpojax.data.loader import load_preferences
 from dpojax.data.reward import margin_column, reward_rows
@@ -325,19 +326,27 @@ def cache_dir(cfg: Config):
     return paths.path(cfg.data.cache_dir or Path.home() / ".cache" / "dpojax")
 
 
-def load_split(cfg: Config, models: Models, spec: str, split: str) -> TokenizedData:
-    """Tokenized rows of one data split, checked against the policy's vocabulary."""
+def load_split(cfg: Config, models: Models, spec: str, split: str, *, train: bool = False) -> TokenizedData:
+    """Tokenized rows of one data split, checked against the policy's vocabulary. Unpaired rows (KTO) get their KL
+    completions (`data.unpaired`); `train`: the training split, whose rows must hold both classes."""
     data = load_preferences(
         spec, models.tokenizer, split=split, max_length=cfg.data.max_length,
         truncation_mode=cfg.data.truncation_mode, cache_dir=str(cache_dir(cfg)), on_bad_row=cfg.data.on_bad_row,
         max_responses=cfg.data.max_responses, pairs_from_scores=cfg.data.pairs_from_scores,
         ranking_loss=None if cfg.task == "reward" else losses.is_kwise(cfg.loss),
+        unpaired_loss=cfg.task != "reward" and losses.is_unpaired(cfg.loss), unpair=cfg.data.unpair,
     )
     data = check_token_ids(data, models.policy_cfg.vocab_size, models.tokenizer,
                            f"the policy '{cfg.model.name_or_path}'")
-    if cfg.task != "reward":
+    if cfg.task == "reward":
+        return reward_rows(data, cfg.data.max_length, margin_column(spec, split))
+    if data.labels is None:
         return data
-    return reward_rows(data, cfg.data.max_length, margin_column(spec, split))
+    if train:
+        unpaired.check_balance(data, cfg.loss.desirable_weight, cfg.loss.undesirable_weight)
+    if losses.kto.uses_kl(cfg.loss.type[0]):
+        data = unpaired.with_kl_completions(data, cfg.micro_batch_size)
+    return data
 
 
 def precompute_references(cfg: Config, models: Models, sharder: Sharder, datasets: list[TokenizedData]) -> Models:
