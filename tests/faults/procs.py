@@ -58,9 +58,12 @@ def train_records(out: Path) -> list[dict]:
             if r["split"] == "train"]
 
 
-def check_nothing_lost(out: Path) -> int:
-    """The newest complete checkpoint's step; metrics.jsonl holds each train step up to it exactly once."""
+def check_nothing_lost(out: Path, allow_none: bool = False) -> int | None:
+    """The newest complete checkpoint's step; metrics.jsonl holds each train step up to it exactly once. (None when
+    there is no checkpoint yet and `allow_none`.)"""
     found = ckpt.find_checkpoint(out)
+    if found is None and allow_none:
+        return None
     assert found is not None, sorted(p.name for p in (out / "checkpoints").iterdir())
     steps = [r["step"] for r in train_records(out) if r["step"] <= found.step]
     assert steps == list(range(1, found.step + 1)), (found.step, steps)
