@@ -4,6 +4,7 @@ the resumed run against an uninterrupted one)."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import subprocess
 import sys
@@ -56,6 +57,24 @@ def kill_all(procs) -> None:
 def train_records(out: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMING} for r in read_metrics(out / "metrics.jsonl")
             if r["split"] == "train"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Finished:
+    """What a finished run ends with: its train records (timings left out) and its exported weights."""
+
+    records: list[dict]
+    weights: bytes
+
+
+def finished(out: Path) -> Finished:
+    return Finished(train_records(out), (out / "export" / "model.safetensors").read_bytes())
+
+
+def check_equal(out: Path, reference: Finished) -> None:
+    """The resumed run ended as the uninterrupted one: the same train records (bitwise on CPU) and weights."""
+    assert train_records(out) == reference.records
+    assert finished(out).weights == reference.weights
 
 
 def check_nothing_lost(out: Path, allow_none: bool = False) -> int | None:
