@@ -178,9 +178,7 @@ class StoreWatch:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        self._stop.set()  # not joined: a probe under way (at most 10 s) must not hold the end of the run
 
     def _watch(self) -> None:
         down_since = None

@@ -59,7 +59,8 @@ def test_peer_killed_mid_step(config, uninterrupted, tmp_path):
         line, elapsed = _survivor(procs, logs, lost=1, killed_at=killed_at)
     finally:
         kill_all(procs)
-    print(f"\nmid-step: process 0 stopped {elapsed:.1f} s after process 1 was killed (heartbeat {HEARTBEAT} s)")
+    print(f"\nmid-step: process 0 stopped {elapsed:.1f} s after process 1 was killed (heartbeat {HEARTBEAT} s):\n"
+          + "\n".join(logs[0].read_text(errors="replace").splitlines()[-3:]))
     assert elapsed < HEARTBEAT + 5
     _check_after(config, out, line, uninterrupted)
 
