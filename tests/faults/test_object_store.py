@@ -87,7 +87,15 @@ def test_store_down_for_seconds_carries_on(store, tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 0, output[-3000:]
-    assert _records(out) == _records(store["root"] / "uninterrupted")
+    fsspec.filesystem("gs").invalidate_cache()
+    assert check_nothing_lost(paths.path(out)) == 6
+    _check_equal(out, store["root"] / "uninterrupted")
+
+
+def _check_equal(out: str, reference) -> None:
+    assert _records(out) == _records(reference)
+    assert paths.path(f"{out}/export/model.safetensors").read_bytes() == \
+        (reference / "export" / "model.safetensors").read_bytes()
 
 
 def test_store_down_for_good_stops_in_one_line_then_resumes(store, tmp_path):
@@ -118,7 +126,4 @@ def test_store_down_for_good_stops_in_one_line_then_resumes(store, tmp_path):
     assert elapsed < STORAGE_TIMEOUT + 30, elapsed  # a probe every 5 s, each at most 10 s
     assert check_nothing_lost(paths.path(out)) == 2
     assert main(["train", str(store["config"]), f"output_dir={out}"]) == 0  # the store is back: it resumes
-    reference = store["root"] / "uninterrupted"
-    assert _records(out) == _records(reference)
-    assert paths.path(f"{out}/export/model.safetensors").read_bytes() == \
-        (reference / "export" / "model.safetensors").read_bytes()
+    _check_equal(out, store["root"] / "uninterrupted")
