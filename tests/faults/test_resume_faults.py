@@ -1,6 +1,7 @@
 """A damaged checkpoint (a file missing, or one cut short) is not resumed from: the run falls back to the newest
 complete one, says so in one line, moves the damaged one aside (checkpoints/damaged-<step>) and ends equal to an
-uninterrupted run. One process, in this process (cheap: part of `make test`)."""
+uninterrupted run. Also a changed data file (refused by name) and a non-finite loss streak (stops, nothing lost). One
+process, in this process (cheap: part of `make test`, but the divergence case: `make test-faults`)."""
 
 from __future__ import annotations
 
