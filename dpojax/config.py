@@ -205,6 +205,8 @@ class CheckpointSection:
     async_: bool = True  # write in the background (YAML key: async)
     best_metric: Optional[str] = None  # also keep the best checkpoint by this eval metric (e.g. rewards/accuracies)
     best_mode: Literal["max", "min"] = "max"  # whether a larger or smaller best_metric is better
+    storage_timeout: float = 300.0  # seconds a gs:// or s3:// output_dir may stay unreachable before the run stops
+    # (one line, exit 2; the same command resumes once the store answers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -500,6 +502,7 @@ def _validate_sections(cfg: Config) -> None:
              "must be at least 1 (start_step: null turns profiling off).")
     _require(d.max_responses >= 2, f"'data.max_responses' = {d.max_responses} must be at least 2 (a ranking).")
     _require(c.keep >= 1, f"'checkpoint.keep' = {c.keep} must be at least 1.")
+    _require(c.storage_timeout > 0, f"'checkpoint.storage_timeout' = {c.storage_timeout} must be > 0 (seconds).")
     _require(cfg.model.vocab_tile is None or cfg.model.vocab_tile > 0,
              f"'model.vocab_tile' = {cfg.model.vocab_tile} must be a positive number of vocabulary entries (or null).")
     _require(cfg.model.vocab_tile is None or cfg.mesh.tensor == 1,
