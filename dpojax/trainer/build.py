@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import logging
 import os
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,13 +22,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dpojax import losses, paths
-from dpojax.config import Config
+from dpojax.config import Config, DataSource
 from dpojax.data.batching import PreferenceBatch, steps_per_epoch
-from dpojax.data.loader import load_preferences
+from dpojax.data.loader import SourceSpec, load_preferences
+from dpojax.data.mixture import check_weights, mix
+from dpojax.data.store import ONE_HOST, Hosts
 from dpojax.data.tokenize import TokenizedData, check_token_ids
 from dpojax.errors import ConfigError, ModelError
 from dpojax.models import experts, lora
@@ -298,16 +302,42 @@ def cache_dir(cfg: Config):
     return paths.path(cfg.data.cache_dir or Path.home() / ".cache" / "dpojax")
 
 
-def load_split(cfg: Config, models: Models, spec: str, split: str) -> TokenizedData:
-    """Tokenized rows of one data split, checked against the policy's vocabulary."""
-    data = load_preferences(
-        spec, models.tokenizer, split=split, max_length=cfg.data.max_length,
-        truncation_mode=cfg.data.truncation_mode, cache_dir=str(cache_dir(cfg)), on_bad_row=cfg.data.on_bad_row,
-        max_responses=cfg.data.max_responses, pairs_from_scores=cfg.data.pairs_from_scores,
-        ranking_loss=losses.is_kwise(cfg.loss),
-    )
-    return check_token_ids(data, models.policy_cfg.vocab_size, models.tokenizer,
-                           f"the policy '{cfg.model.name_or_path}'")
+def data_hosts() -> Hosts:
+    """This job's processes for the data layer: index, count, host name and two collectives over JAX's
+    coordination (an allgather of short strings, a barrier)."""
+    if jax.process_count() == 1:
+        return ONE_HOST
+    return Hosts(jax.process_index(), jax.process_count(), socket.gethostname(), _allgather_text,
+                 multihost_utils.sync_global_devices)
+
+
+def _allgather_text(text: str) -> list[str]:
+    raw = np.frombuffer(text.encode(), np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.array([len(raw)], np.int64))).reshape(-1)
+    size = max(int(lengths.max()), 1)
+    padded = np.zeros(size, np.uint8)
+    padded[: len(raw)] = raw
+    rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), size)
+    return [bytes(row[: int(n)]).decode() for row, n in zip(rows, lengths, strict=True)]
+
+
+def load_split(cfg: Config, models: Models, spec, split: str) -> TokenizedData:
+    """Tokenized rows of one data split (a mixture when `spec` is a list of sources), checked against the policy's
+    vocabulary; every process calls it, each row is tokenized by one of them."""
+    sources = spec if isinstance(spec, tuple) else (DataSource(path=str(spec)),)
+    check_weights([s.weight for s in sources], [s.path for s in sources])
+    datas = []
+    for source in sources:
+        data = load_preferences(
+            SourceSpec(source.path, source.split or split, source.name, source.revision, tuple(source.data_files)),
+            models.tokenizer, max_length=cfg.data.max_length, truncation_mode=cfg.data.truncation_mode,
+            cache_dir=str(cache_dir(cfg)), on_bad_row=cfg.data.on_bad_row, max_responses=cfg.data.max_responses,
+            pairs_from_scores=cfg.data.pairs_from_scores, ranking_loss=losses.is_kwise(cfg.loss),
+            num_proc=cfg.data.num_proc, hosts=data_hosts(),
+        )
+        datas.append(check_token_ids(data, models.policy_cfg.vocab_size, models.tokenizer,
+                                     f"the policy '{cfg.model.name_or_path}'"))
+    return mix(datas, [s.weight for s in sources], cfg.train.seed)
 
 
 def precompute_references(cfg: Config, models: Models, sharder: Sharder, datasets: list[TokenizedData]) -> Models:
