@@ -115,7 +115,7 @@ def test_source_unreadable_on_one_host_stops_all_naming_host_and_path(tok, tmp_p
         return [text, json.dumps(["node-b", f"DataError: {path}: data file not found", None])]
 
     hosts = Hosts(0, 2, "node-a", gather)
-    with pytest.raises(DataError, match=r"cannot be read on every host .*process 0 on host node-b.*not found"):
+    with pytest.raises(DataError, match=r"cannot be read on every host .*process 1 on host node-b.*not found"):
         load_preferences(str(path), tok, max_length=MAX_LEN, cache_dir=tmp_path / "c", hosts=hosts)
 
 

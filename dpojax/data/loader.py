@@ -115,9 +115,9 @@ def _read_everywhere(src: SourceSpec, cache_dir, hosts: Hosts) -> tuple[Any, str
     except (DataError, OSError) as e:
         problem = f"{type(e).__name__}: {e}"
     reports = hosts.allgather(json.dumps([hosts.name, problem, digest]))
-    failed = [(host, p) for host, p, _ in map(json.loads, reports) if p]
+    failed = [(i, host, p) for i, (host, p, _) in enumerate(map(json.loads, reports)) if p]
     if failed:
-        where = "; ".join(f"process {i} on host {h}: {p}" for i, (h, p) in enumerate(failed))
+        where = "; ".join(f"process {i} on host {h}: {p}" for i, h, p in failed)
         raise DataError(f"{src.path}: cannot be read on every host ({len(failed)} of {hosts.count} failed) - {where}. "
                         "Every host must see the same data: put it on shared storage (or a gs:// URL) or copy it "
                         "to the same path on each host")
