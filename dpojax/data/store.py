@@ -74,9 +74,10 @@ def _offsets_of(lengths: Sequence[int]) -> np.ndarray:
 class Ragged(Sequence):
     """Item m of pieces [(flat, offsets), ...] (their rows back to back): a view flat[offsets[m]:offsets[m + 1]]."""
 
-    def __init__(self, pieces: list[tuple[np.ndarray, np.ndarray]]):
+    def __init__(self, pieces: list[tuple[np.ndarray, np.ndarray]], maxima: list[int] | None = None):
         self.pieces = pieces
         self.starts = _offsets_of([len(o) - 1 for _, o in pieces])
+        self.maxima = maxima  # the largest value of each piece, when known (a scan skips pieces below its bound)
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -111,6 +112,8 @@ class Ragged(Sequence):
     def first_at_least(self, threshold: int) -> int:
         """The index of the first item holding a value >= threshold, or -1 (a chunked scan of the flat columns)."""
         for s, (flat, offsets) in enumerate(self.pieces):
+            if self.maxima is not None and self.maxima[s] < threshold:
+                continue  # known without reading the piece (its pages stay out of memory)
             for lo in range(0, len(flat), SCAN_CHUNK):
                 hits = np.flatnonzero(np.asarray(flat[lo : lo + SCAN_CHUNK]) >= threshold)
                 if len(hits):
@@ -178,7 +181,8 @@ class Indexed(Sequence):
 def concat(views: list[Sequence]) -> Sequence:
     """One view of several views' items back to back (the sources of a mixture)."""
     if all(isinstance(v, Ragged) for v in views):
-        return Ragged([p for v in views for p in v.pieces])
+        maxima = None if any(v.maxima is None for v in views) else [m for v in views for m in v.maxima]
+        return Ragged([p for v in views for p in v.pieces], maxima)
     if all(isinstance(v, RaggedRows) for v in views):
         return RaggedRows(concat([v.responses for v in views]), [o for v in views for o in v.row_offsets])
     raise TypeError("concat: views of one kind (Ragged or RaggedRows) only")
@@ -200,7 +204,13 @@ def shard_arrays(prompts: list[np.ndarray], responses: list[list[np.ndarray]], r
         "row_index": np.asarray(row_index, np.int64),
     }
     out.update({k: np.asarray(v) for k, v in row_columns.items()})
-    return out
+    return with_token_max(out)
+
+
+def with_token_max(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`arrays` plus token_max: int64 [2], the largest prompt and response token id (-1 when none)."""
+    top = [int(arrays[c].max()) if len(arrays[c]) else -1 for c in ("prompt_tokens", "response_tokens")]
+    return {**arrays, "token_max": np.asarray(top, np.int64)}
 
 
 def join_shards(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -214,9 +224,9 @@ def join_shards(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         base = np.cumsum([0] + [len(p[flat]) for p in parts[:-1]])  # ranks: one per response, as row_responses
         out[offsets] = np.concatenate([parts[0][offsets][:1]] + [p[offsets][1:] + b for p, b in zip(parts, base)])
     out["row_index"] = np.concatenate([p["row_index"] for p in parts])
-    for name in parts[0].keys() - set(COLUMNS):
+    for name in parts[0].keys() - set(COLUMNS) - {"token_max"}:
         out[name] = np.concatenate([p[name] for p in parts])
-    return out
+    return with_token_max(out)
 
 
 def shard_name(index: int, count: int) -> str:
@@ -264,9 +274,12 @@ def read_meta(store) -> dict[str, Any] | None:
 def views(shards: list[dict[str, np.ndarray]]) -> dict[str, Any]:
     """prompt_ids, response_ids, ranks (views) and row_index (an array) over shards' rows back to back, plus every
     per-row column present in all shards."""
-    responses = Ragged([(s["response_tokens"], s["response_offsets"]) for s in shards])
+    known = all("token_max" in s for s in shards)
+    responses = Ragged([(s["response_tokens"], s["response_offsets"]) for s in shards],
+                       [int(s["token_max"][1]) for s in shards] if known else None)
     out = {
-        "prompt_ids": Ragged([(s["prompt_tokens"], s["prompt_offsets"]) for s in shards]),
+        "prompt_ids": Ragged([(s["prompt_tokens"], s["prompt_offsets"]) for s in shards],
+                             [int(s["token_max"][0]) for s in shards] if known else None),
         "response_ids": RaggedRows(responses, [s["row_responses"] for s in shards]),
         "ranks": Ragged([(s["ranks"], s["row_responses"]) for s in shards]),
         "row_index": (np.concatenate([np.asarray(s["row_index"]) for s in shards]) if len(shards) > 1

@@ -318,22 +318,38 @@ def default_num_proc() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def tokenize_chunks(tokenizer: Any, prefrows: PreferenceRows, max_length: int | None, truncation_mode: str) -> Chunk:
+    """`tokenize_chunk` over CHUNK_ROWS rows at a time (one batched encode each), joined in row order."""
+    done = [tokenize_chunk(tokenizer, _rows_slice(prefrows, a, a + CHUNK_ROWS), max_length, truncation_mode)
+            for a in range(0, len(prefrows.rows), CHUNK_ROWS)]
+    diverged = next((c.diverged for c in done if c.diverged is not None), None)
+    return Chunk(store.join_shards([c.arrays for c in done]), sum(c.dropped for c in done), diverged)
+
+
+def _rows_slice(prefrows: PreferenceRows, lo: int, hi: int) -> PreferenceRows:
+    return dataclasses.replace(prefrows, rows=prefrows.rows[lo:hi], row_index=prefrows.row_index[lo:hi])
+
+
+def _worker_start() -> None:
+    """A worker's tokenizer runs on one thread: the processes are the parallelism (no oversubscribed cores)."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
 def tokenize_parallel(tokenizer: Any, prefrows: PreferenceRows, max_length: int | None, truncation_mode: str,
                       num_proc: int | None = None) -> Chunk:
-    """`tokenize_chunk` over all rows, in chunks of CHUNK_ROWS spread over `num_proc` worker processes (spawned:
-    safe after JAX has started threads) when there are at least PARALLEL_MIN_ROWS rows; the chunks' columns are
-    joined in row order, so the result does not depend on num_proc."""
+    """`tokenize_chunks` over all rows, split into `num_proc` contiguous shares for as many worker processes
+    (spawned: safe after JAX has started threads; each gets the tokenizer once) when there are at least
+    PARALLEL_MIN_ROWS rows; the shares' columns are joined in row order, so the result does not depend on num_proc.
+    In this process (few rows, or num_proc 1) the fast tokenizer's own threads encode each batch."""
     num_proc = default_num_proc() if num_proc is None else max(1, num_proc)
     n = len(prefrows.rows)
-    chunks = [dataclasses.replace(prefrows, rows=prefrows.rows[a : a + CHUNK_ROWS],
-                                  row_index=prefrows.row_index[a : a + CHUNK_ROWS]) for a in range(0, n, CHUNK_ROWS)]
-    work = functools.partial(tokenize_chunk, tokenizer, max_length=max_length, truncation_mode=truncation_mode)
     if num_proc == 1 or n < PARALLEL_MIN_ROWS:
-        done = [work(c) for c in chunks]
-    else:
-        ctx = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(min(num_proc, len(chunks)), mp_context=ctx) as pool:
-            done = list(pool.map(work, chunks))
+        return tokenize_chunks(tokenizer, prefrows, max_length, truncation_mode)
+    shares = [_rows_slice(prefrows, *row_share(n, i, num_proc)) for i in range(num_proc)]
+    work = functools.partial(tokenize_chunks, tokenizer, max_length=max_length, truncation_mode=truncation_mode)
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(num_proc, mp_context=ctx, initializer=_worker_start) as pool:
+        done = list(pool.map(work, shares))
     diverged = next((c.diverged for c in done if c.diverged is not None), None)
     return Chunk(store.join_shards([c.arrays for c in done]), sum(c.dropped for c in done), diverged)
 
