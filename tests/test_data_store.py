@@ -6,11 +6,13 @@ or is rebuilt with the reason logged."""
 import dataclasses
 import json
 import logging
+import types
 
 import numpy as np
 import pytest
 from tiny_tokenizer import load_tiny_tokenizer, make_pref_rows
 
+from dpojax.config import DataSource, config_from_dict, to_dict
 from dpojax.data import (
     Hosts,
     SourceSpec,
@@ -27,6 +29,7 @@ from dpojax.data import tokenize as tokenize_lib
 from dpojax.data.mixture import source_counts
 from dpojax.data.packing import Packing
 from dpojax.errors import DataError
+from dpojax.trainer.build import load_split
 
 MAX_LEN = 14
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -155,3 +158,26 @@ def test_mixture_order_resume_weights_and_host_count(tok, tmp_path):
         src, local = (sources[0], m % 30) if m < 90 else (sources[1], None)
         if local is not None:
             assert data.prompt_ids[m].tolist() == src.prompt_ids[local].tolist()
+
+
+def test_mixture_config_parses_and_round_trips(tok, tmp_path):
+    raw = {"model": {"name_or_path": "m"}, "data": {"train": [
+        {"path": "a.jsonl", "weight": 3}, "b.jsonl",
+        {"path": "org/set", "name": "cfg", "revision": "v1", "split": "train_prefs", "data_files": "x.jsonl"}]}}
+    cfg = config_from_dict(raw)
+    assert cfg.data.train == (DataSource("a.jsonl", 3.0), DataSource("b.jsonl"),
+                              DataSource("org/set", 1.0, "train_prefs", "cfg", "v1", ("x.jsonl",)))
+    assert config_from_dict(to_dict(cfg)) == cfg
+    assert config_from_dict({"model": {"name_or_path": "m"}, "data": {"train": "a.jsonl"}}).data.train == "a.jsonl"
+    a = write_jsonl(tmp_path / "a.jsonl", make_pref_rows(10, "standard", seed=2))
+    b = write_jsonl(tmp_path / "b.jsonl", make_pref_rows(30, "standard", seed=3))
+    cfg = config_from_dict({"model": {"name_or_path": "m"}, "train": {"seed": 4}, "data": {
+        "cache_dir": str(tmp_path / "c"), "max_length": 64, "train": [{"path": str(a), "weight": 1},
+                                                                      {"path": str(b), "weight": 2}]}})
+    models = types.SimpleNamespace(tokenizer=tok, policy_cfg=types.SimpleNamespace(vocab_size=len(tok)))
+    data = load_split(cfg, models, cfg.data.train, "train")
+    assert len(data) == 40 and data.source.startswith("mixture(") and data.fingerprint == load_split(
+        cfg, models, cfg.data.train, "train").fingerprint
+    bad = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=(DataSource(str(a), -1.0),)))
+    with pytest.raises(DataError, match="finite number >= 0"):
+        load_split(bad, models, bad.data.train, "train")
