@@ -46,7 +46,7 @@ STORE_LAYOUT = "dpojax-store-v1"  # bump when the store's columns change (stores
 TRUNCATION_MODES = ("keep_start", "keep_end")
 _ENCODE_CHUNK = 1024  # texts per tokenizer batch call
 CHUNK_ROWS = 2048  # rows per tokenization task (what one worker process tokenizes at a time)
-PARALLEL_MIN_ROWS = 4 * CHUNK_ROWS  # fewer rows are tokenized in this process (workers cost a start-up)
+PARALLEL_MIN_ROWS = 16 * CHUNK_ROWS  # fewer rows are tokenized in this process (a worker costs ~3 CPU-s to start)
 
 
 @dataclasses.dataclass(frozen=True)
