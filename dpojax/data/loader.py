@@ -17,9 +17,9 @@ import os
 from typing import Any
 
 from dpojax import paths
-from dpojax.data.formats import OnBadRow, is_ranked, normalize_rows
+from dpojax.data.formats import OnBadRow, is_ranked, is_unpaired, normalize_rows, unpair_rows
 from dpojax.data.sources import load_rows, source_digest
-from dpojax.data.store import ONE_HOST, Hosts
+from dpojax.data.store import Hosts
 from dpojax.data.tokenize import (
     CACHE_VERSION,
     STORE_LAYOUT,
@@ -55,23 +55,29 @@ def load_preferences(
     on_bad_row: OnBadRow = "error",
     max_responses: int = 8,
     pairs_from_scores: str = "none",
-    ranking_loss: bool = False,
+    ranking_loss: bool | None = False,
+    unpaired_loss: bool = False,
+    unpair: bool = False,
     num_proc: int | None = None,
-    hosts: Hosts = ONE_HOST,
+    hosts: Hosts | None = None,
 ) -> TokenizedData:
     """Load `spec`, validate and normalize its rows (any format), and tokenize them like TRL 1.16 (reusing
     `cache_dir`). Every process of a job calls this (`hosts`): each row is tokenized by one of them.
 
     Pair data trains pair losses. Ranked or scored data trains a K-wise loss (`ranking_loss`, e.g. plackett_luce)
     on whole rankings, or a pair loss once `pairs_from_scores` ("best_vs_worst" | "all_pairs") has expanded it into
-    pairs. Any other combination is a DataError that says what to change.
+    pairs. `ranking_loss` None: the loss takes pairs and whole rankings alike (a reward model: Bradley-Terry,
+    Plackett-Luce); ranked rows stay whole unless `pairs_from_scores` expands them. Unpaired rows (prompt,
+    completion, label) train an unpaired loss (`unpaired_loss`: KTO), and so do pairs that `unpair` unrolls into
+    unpaired rows (TRL's `unpair_preference_dataset`). Any other combination is a DataError that says what to change.
     """
     src = spec if isinstance(spec, SourceSpec) else SourceSpec(str(spec), split)
     settings = {"v": CACHE_VERSION, "layout": STORE_LAYOUT, "split": src.split, "name": src.name,
                 "revision": src.revision, "data_files": list(src.data_files), "max_length": max_length,
                 "truncation_mode": truncation_mode, "on_bad_row": on_bad_row, "max_responses": max_responses,
-                "pairs_from_scores": pairs_from_scores, "ranking_loss": ranking_loss,
-                "tokenizer": tokenizer_fingerprint(tokenizer)}
+                "pairs_from_scores": pairs_from_scores, "ranking_loss": ranking_loss, "unpaired_loss": unpaired_loss,
+                "unpair": unpair, "tokenizer": tokenizer_fingerprint(tokenizer)}
+    hosts = hosts or Hosts()
     rows, digest = _read_everywhere(src, cache_dir, hosts)
     record = _record_path(cache_dir, digest, settings) if digest is not None else None
     found = _from_record(record, settings, hosts)
@@ -81,8 +87,11 @@ def load_preferences(
         rows, _ = load_rows(src.path, src.split, name=src.name, revision=src.revision,
                             data_files=list(src.data_files) or None)
     source = _source_name(src)
+    _check_unpaired(source, is_unpaired(rows), unpaired_loss, unpair)
     prefrows = _normalized(rows, source, on_bad_row, max_responses, pairs_from_scores, ranking_loss)
     del rows
+    if unpair:
+        prefrows = unpair_rows(prefrows)
     data = tokenize_rows(prefrows, tokenizer, max_length=max_length, truncation_mode=truncation_mode,
                          cache_dir=cache_dir, num_proc=num_proc, hosts=hosts)
     if record is not None and hosts.index == 0:
@@ -167,8 +176,10 @@ def _why_not_reused(record, settings: dict) -> None:
 
 
 def _normalized(rows: Any, source: str, on_bad_row: OnBadRow, max_responses: int, pairs_from_scores: str,
-                ranking_loss: bool):
+                ranking_loss: bool | None):
     ranked = is_ranked(rows)
+    if ranking_loss is None:
+        ranking_loss = ranked and pairs_from_scores == "none"
     if ranking_loss and not ranked:
         raise DataError(
             f"{source} holds preference pairs (prompt, chosen, rejected), but a ranking loss (plackett_luce) "
@@ -186,3 +197,13 @@ def _normalized(rows: Any, source: str, on_bad_row: OnBadRow, max_responses: int
         )
     return normalize_rows(rows, source, on_bad_row=on_bad_row, max_responses=max_responses,
                           pairs_from_scores=pairs_from_scores if ranked else "none")
+
+
+def _check_unpaired(source: str, unpaired_rows: bool, unpaired_loss: bool, unpair: bool) -> None:
+    if unpaired_rows and not unpaired_loss:
+        raise DataError(f"{source} holds unpaired rows (prompt, completion, label), which only loss.type=kto (or "
+                        "apo_zero_unpaired) trains on: set loss.type=kto, or give pairs (prompt, chosen, rejected).")
+    if unpaired_loss and not unpaired_rows and not unpair:
+        raise DataError(f"{source} holds preference pairs, but KTO trains on unpaired rows (prompt, completion, "
+                        "label): set data.unpair=true to unroll each pair into a desirable (chosen) and an undesirable "
+                        "(rejected) row, as TRL's KTOTrainer does.")

@@ -75,6 +75,13 @@ def mix(datas: Sequence[TokenizedData], weights: Sequence[float], seed: int) -> 
     stats = DataStats(*(sum(getattr(d.stats, f.name) for d in datas) for f in dataclasses.fields(DataStats)))
     stats = dataclasses.replace(stats, rows_out=len(index))
     first = datas[0]
+    per_row = {}
+    for name in ("labels", "margins"):  # per-row columns: kept when every source has them
+        if all(getattr(d, name) is not None for d in datas):
+            per_row[name] = np.concatenate([np.asarray(getattr(d, name)) for d in datas])[index]
+        elif any(getattr(d, name) is not None for d in datas):
+            raise DataError(f"data.train: some sources of the mixture have {name} and others not; mix sources of "
+                            "one kind (all unpaired, or all pairs/rankings)")
     return TokenizedData(
         store.Indexed(_concat([d.prompt_ids for d in datas]), index),
         store.Indexed(_concat([d.response_ids for d in datas]), index),
@@ -82,5 +89,5 @@ def mix(datas: Sequence[TokenizedData], weights: Sequence[float], seed: int) -> 
         row_index, first.pad_token_id, first.max_length, first.truncation_mode,
         " + ".join(dict.fromkeys(d.format_name for d in datas)),
         "mixture(" + ", ".join(f"{d.source} x{w:g}" for d, w in zip(datas, weights, strict=True)) + ")",
-        stats, hashlib.sha256(key.encode()).hexdigest()[:40], all(d.from_cache for d in datas),
+        stats, hashlib.sha256(key.encode()).hexdigest()[:40], all(d.from_cache for d in datas), **per_row,
     )

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ("prompt_tokens", "prompt_offsets", "response_tokens", "response_offsets", "row_responses", "ranks",
            "row_index")
-ROW_COLUMNS: tuple[str, ...] = ()  # optional per-row columns ([M] arrays) a shard may carry, e.g. ("labels",)
+ROW_COLUMNS = ("labels",)  # optional per-row columns ([M] arrays) a shard may carry: unpaired rows' labels (bool)
 META = "meta.json"
 SCAN_CHUNK = 1 << 24  # tokens per step of a scan over a flat column
 

@@ -78,6 +78,8 @@ class TokenizedData:
     stats: DataStats
     fingerprint: str  # the cache key
     from_cache: bool = False
+    margins: np.ndarray | None = None  # float32 [M]: each pair's `margin` column (reward models, `data.reward`)
+    labels: np.ndarray | None = None  # bool [M]: unpaired rows' label (true: desirable); None for other formats
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -232,7 +234,8 @@ def _chat_batch(tokenizer: Any, conversations: list, **kwargs: Any) -> list[list
 
 
 def _tokenize_chat(tokenizer: Any, prefrows: PreferenceRows) -> tuple[list, list[list]]:
-    fields = "prompt/responses" if prefrows.fmt.ranked else "prompt/chosen/rejected"
+    fields = ("prompt/completion" if prefrows.fmt.unpaired else "prompt/responses" if prefrows.fmt.ranked
+              else "prompt/chosen/rejected")
     if not getattr(tokenizer, "chat_template", None):
         raise ModelError(
             f"{prefrows.source} is conversational, but tokenizer {_name(tokenizer)!r} has no chat template: use a "
@@ -307,9 +310,12 @@ def tokenize_chunk(tokenizer: Any, prefrows: PreferenceRows, max_length: int | N
     """TRL's rules (module docstring) on the rows of `prefrows`, as store columns (`store.shard_arrays`)."""
     p_ids, pr_ids = (_tokenize_chat if prefrows.fmt.conversational else _tokenize_standard)(tokenizer, prefrows)
     kept, dropped, diverged = _split(prefrows, p_ids, pr_ids, max_length, truncation_mode)
+    extra = {}
+    if prefrows.fmt.unpaired:  # one more per-row column of the store
+        extra["labels"] = np.asarray([prefrows.rows[j]["label"] for j, _, _ in kept], bool)
     arrays = store.shard_arrays([p for _, p, _ in kept], [tails for _, _, tails in kept],
                                 [np.asarray(prefrows.rows[j]["ranks"], np.int32) for j, _, _ in kept],
-                                [prefrows.row_index[j] for j, _, _ in kept])
+                                [prefrows.row_index[j] for j, _, _ in kept], **extra)
     return Chunk(arrays, dropped, diverged)
 
 
@@ -373,7 +379,8 @@ def store_meta(data: TokenizedData, shards: int, tokenizer_fp: str) -> dict:
     return meta
 
 
-_COLUMN_FIELDS = ("prompt_ids", "response_ids", "ranks", "row_index", "from_cache", "stats")
+_COLUMN_FIELDS = ("prompt_ids", "response_ids", "ranks", "row_index", "from_cache", "stats", "margins",
+                  *store.ROW_COLUMNS)
 
 
 def open_store(folder, fingerprint: str | None = None) -> TokenizedData | None:
@@ -415,7 +422,7 @@ def tokenize_rows(
     on_bad_row: OnBadRow = "error",
     max_responses: int = 8,
     num_proc: int | None = None,
-    hosts: store.Hosts = store.ONE_HOST,
+    hosts: store.Hosts | None = None,
 ) -> TokenizedData:
     """Validate, normalize and tokenize preference rows of any format the way TRL 1.16's DPOTrainer tokenizes
     pairs; reuse the token store under `cache_dir`. `rows` is a list of dicts, a `datasets.Dataset`, or
@@ -428,6 +435,7 @@ def tokenize_rows(
         raise DataError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}")
     if max_length is not None and max_length < 1:
         raise DataError(f"max_length must be a positive integer or None, got {max_length}")
+    hosts = hosts or store.ONE_HOST
     if isinstance(rows, PreferenceRows):
         prefrows = rows
     else:

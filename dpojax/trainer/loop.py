@@ -163,8 +163,12 @@ def write_record(run: Run, window: W.MetricWindow, bar, writer, step: int) -> No
     """The window's train record (its metrics read now), written at `step` and shown on the progress bar."""
     record = window.flush(run.train_step.metrics_def)
     writer.write(step, "train", record)
-    bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
-                    pairs_s=f"{record['pairs_per_second']:.1f}", refresh=False)  # shown at the bar's next refresh
+    second = {"kl": f"{record.get('kl', float('nan')):.3f}"}  # KTO: no accuracy, its reference point instead
+    for name in ("rewards/accuracies", "accuracy"):  # a reward model's (task: reward): `accuracy`
+        if name in record:
+            second = {"acc": f"{record[name]:.2f}"}
+    bar.set_postfix(loss=f"{record['loss']:.4f}", **second, pairs_s=f"{record['pairs_per_second']:.1f}",
+                    refresh=False)  # shown at the bar's next refresh
 
 
 def run_hooks(due: list[Hook], s: LoopState, state: TrainState, window: W.MetricWindow) -> bool:
@@ -245,7 +249,7 @@ def _resume_point(mngr, cfg: Config, steps: int, fingerprint: str = "") -> tuple
 def _data(cfg: Config, models: Models, sharder) -> tuple[Models, TokenizedData, TokenizedData | None, int]:
     """(models, train data, eval data or None, the run's total steps); with ref_model.precompute the models come
     back with the reference log-probs computed and the reference weights dropped."""
-    train_data = load_split(cfg, models, cfg.data.train, cfg.data.train_split)
+    train_data = load_split(cfg, models, cfg.data.train, cfg.data.train_split, train=True)
     eval_data = load_split(cfg, models, cfg.data.eval, cfg.data.eval_split) if cfg.data.eval else None
     models = precompute_references(cfg, models, sharder, [d for d in (train_data, eval_data) if d is not None])
     steps = total_steps(cfg, len(train_data))
