@@ -71,8 +71,20 @@ class RefModelSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class DataSource:
+    path: str = ""  # one source of a mixture: a file, a saved dataset folder, a hub id or a datasets builder ("json")
+    weight: float = 1.0  # share of the mixture's rows, relative to the other sources' weights (>= 0)
+    split: Optional[str] = None  # default: data.train_split
+    name: Optional[str] = None  # hub config name
+    revision: Optional[str] = None  # hub revision (branch, tag or commit)
+    data_files: tuple[str, ...] = ()  # hub/builder data_files
+
+
+@dataclasses.dataclass(frozen=True)
 class DataSection:
-    train: str = ""  # HF hub id or local .jsonl/.json/.parquet/.csv
+    # HF hub id or local .jsonl/.json/.parquet/.csv, or a mixture: a list of sources {path, weight, split, name,
+    # revision, data_files} (dpojax.data.mixture)
+    train: Union[str, tuple[DataSource, ...]] = ""
     train_split: str = "train"
     eval: Optional[str] = None  # default: no eval set (dpojax eval falls back to data.train)
     eval_split: str = "test"
@@ -80,6 +92,7 @@ class DataSection:
     truncation_mode: Literal[TRUNCATION_MODES] = "keep_start"
     on_bad_row: Literal[ON_BAD_ROW] = "error"  # a malformed row stops the run, or is dropped and counted
     cache_dir: Optional[str] = None  # tokenized-data cache; default: ~/.cache/dpojax
+    num_proc: Optional[int] = None  # worker processes that tokenize; default: one per CPU
     buckets: Optional[tuple[int, ...]] = None  # padded lengths; default: powers of two up to max_length
     max_responses: int = 8  # most responses per ranked/scored row (prompt, responses[, scores]); more is a bad row
     pairs_from_scores: Literal[PAIRS_FROM_SCORES] = "none"  # expand ranked rows into pairs
@@ -334,6 +347,12 @@ def _coerce(value: Any, tp, key: str) -> Any:
         if not isinstance(items, (list, tuple)):
             raise bad
         return tuple(_coerce(v, typing.get_args(tp)[0], key) for v in items)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, str) and "path" in _fields(tp):  # a bare path in a list of sources
+            value = {"path": value}
+        if not isinstance(value, dict):
+            raise bad
+        return _build(tp, value, f"{key}.")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -605,7 +624,7 @@ def to_dict(cfg: Any) -> dict:
         if dataclasses.is_dataclass(value):
             value = to_dict(value)
         elif isinstance(value, tuple):
-            value = list(value)
+            value = [to_dict(v) if dataclasses.is_dataclass(v) else v for v in value]
         out[_yaml_key(f.name)] = value
     return out
 

@@ -127,7 +127,7 @@ def test_cache_hit_and_misses(tok, tmp_path):
     tok2 = load_tiny_tokenizer(tmp_path / "tok2")
     tok2.chat_template = tok2.chat_template.replace("<|assistant|>{% endif %}", "<|assistant|> {% endif %}")
     assert not tokenize_rows(rows, tok2, max_length=MAX_LEN, cache_dir=cache).from_cache
-    assert all(p.suffix == ".npz" for p in cache.iterdir())
+    assert all(p.name.startswith("preferences-") and (p / "meta.json").is_file() for p in cache.iterdir())
 
 
 # -------------------------------------------------------------------------------------------------- bad input

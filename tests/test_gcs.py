@@ -31,6 +31,7 @@ from tolerances import rewards_atol
 from dpojax import metrics as M
 from dpojax import paths
 from dpojax.cli import main
+from dpojax.data import load_preferences
 from dpojax.models.hf import TOKENIZER_FILES
 
 STEPS = 6
@@ -111,6 +112,23 @@ def test_run_reads_and_writes_gcs(gcs):
     assert [(r["step"], r["split"]) for r in records] == [(s, "train") for s in range(1, STEPS + 1)] + [(STEPS, "eval")]
     assert any(n.startswith("preferences-") for n in gcs["emulator"].names(f"{gcs['runs']}/cache"))
     assert not (Path.cwd() / "gs:").exists()  # nothing landed in a local folder named after the URL
+
+
+def test_token_store_in_the_bucket_is_read_back(gcs, monkeypatch):
+    """The run's token store (shards, then meta.json) and its source record are objects of the bucket; loading the
+    same source again finds them there and parses no row."""
+    from transformers import AutoTokenizer  # the run's tokenizer files, read locally
+
+    monkeypatch.setenv("DPOJAX_CACHE", str(gcs["root"] / "mirror-in-process"))
+    cache = f"{gcs['runs']}/cache"
+    names = gcs["emulator"].names(cache)
+    assert any(n.startswith("preferences-") and n.endswith("/meta.json") for n in names), names
+    assert any(n.startswith("preferences-") and "/shard-00000-of-00001/" in n for n in names), names
+    assert any(n.startswith("source-") for n in names), names
+    data_cfg = yaml.safe_load(gcs["config"].read_text())["data"]
+    tok = AutoTokenizer.from_pretrained(str(gcs["root"] / "tok"))
+    data = load_preferences(data_cfg["train"], tok, max_length=48, cache_dir=cache)
+    assert data.from_cache and len(data) == 32 and data.source == data_cfg["train"]
 
 
 def test_tensorboard_and_profile_land_in_the_bucket(gcs):

@@ -13,15 +13,19 @@ from dpojax.data.batching import (
     train_batches,
 )
 from dpojax.data.formats import PreferenceRows, RowFormat, extract_prompt, normalize_rows, order_and_ranks
-from dpojax.data.loader import load_preferences
+from dpojax.data.loader import SourceSpec, load_preferences
+from dpojax.data.mixture import mix
 from dpojax.data.sources import load_rows
+from dpojax.data.store import Hosts
 from dpojax.data.tokenize import DataStats, TokenizedData, check_token_ids, pad_token_id, tokenize_rows
 
 __all__ = [
     "DataStats",
+    "Hosts",
     "PreferenceBatch",
     "PreferenceRows",
     "RowFormat",
+    "SourceSpec",
     "TokenizedData",
     "check_token_ids",
     "collate",
@@ -31,6 +35,7 @@ __all__ = [
     "extract_prompt",
     "load_preferences",
     "load_rows",
+    "mix",
     "normalize_rows",
     "num_eval_batches",
     "order_and_ranks",

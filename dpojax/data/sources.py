@@ -4,6 +4,7 @@ or a hub dataset id."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 from typing import Any
@@ -14,11 +15,14 @@ from dpojax import paths
 from dpojax.errors import DataError
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+_HASH_CHUNK = 1 << 24
 
 
-def load_rows(spec: str, split: str = "train") -> tuple[list[dict] | Any, str]:
+def load_rows(spec: str, split: str = "train", *, name: str | None = None, revision: str | None = None,
+              data_files: Any = None) -> tuple[list[dict] | Any, str]:
     """Rows from a .jsonl/.json/.parquet/.csv file, a dataset folder saved by `save_to_disk` (either local or at a
-    gs:// / s3:// URL), or a Hugging Face hub dataset id.
+    gs:// / s3:// URL), or a Hugging Face hub dataset id (or a `datasets` builder such as "json"), with its config
+    `name`, `revision` and `data_files`.
 
     Returns (rows, source_name): a list of dicts (or a `datasets.Dataset` for folders and hub ids) and the name that
     error messages use for this source.
@@ -26,22 +30,47 @@ def load_rows(spec: str, split: str = "train") -> tuple[list[dict] | Any, str]:
     path = paths.path(str(spec))
     prefixes = (".", "/", "~", *paths.REMOTE_SCHEMES)
     looks_like_path = path.suffix.lower() in LOCAL_SUFFIXES or str(spec).startswith(prefixes)
-    if path.is_file() or (looks_like_path and not path.is_dir()):
+    hub_args = {k: v for k, v in (("name", name), ("revision", revision), ("data_files", data_files)) if v}
+    if (path.is_file() or (looks_like_path and not path.is_dir())) and not hub_args:
         if not path.is_file():
             raise DataError(f"{spec}: data file not found")
         return _load_file(path), str(spec)
     import datasets  # heavy import, only when needed
 
-    source = str(spec) if path.is_dir() else f"{spec}[{split}]"
+    source = str(spec) if path.is_dir() and not hub_args else f"{spec}[{split}]"
+    if name:
+        source = f"{spec}:{name}[{split}]"
     try:
-        if path.is_dir() and (path / "state.json").is_file():
+        if path.is_dir() and (path / "state.json").is_file() and not hub_args:
             data = datasets.load_from_disk(str(paths.local_copy(path)))
             data = data[split] if isinstance(data, datasets.DatasetDict) else data
         else:
-            data = datasets.load_dataset(str(spec), split=split)
+            data = datasets.load_dataset(str(spec), split=split, **hub_args)
     except Exception as e:  # noqa: BLE001 - any loader failure is a data error for the user
         raise DataError(f"{source}: could not load the dataset: {type(e).__name__}: {e}") from e
     return data, source
+
+
+def source_digest(spec: str, rows: Any = None) -> str | None:
+    """A hash of a source's content without parsing it: a file's bytes, or every file of a saved dataset folder;
+    for a hub/builder dataset (`rows` loaded) its `datasets` fingerprint; None when there is no such hash."""
+    path = paths.path(str(spec))
+    h = hashlib.sha256(str(spec).encode())
+    if rows is not None:
+        fingerprint = getattr(rows, "_fingerprint", None)
+        return None if fingerprint is None else hashlib.sha256(f"{spec}:{fingerprint}".encode()).hexdigest()
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+    else:
+        return None
+    for f in files:
+        h.update(str(f.relative_to(path) if f != path else f.name).encode())
+        with f.open("rb") as stream:
+            while chunk := stream.read(_HASH_CHUNK):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def _load_file(path: epath.Path) -> list[dict]:

@@ -12,32 +12,41 @@ TRL's rules, in order (facts from `trl/trainer/dpo_trainer.py`; our code), appli
      dropped (the collator would cut every response token). Truncation itself happens at batching time.
 A pair is a row with K = 2 responses [chosen, rejected]: its token ids are TRL's.
 
-The cache is an .npz (no pickle) keyed by a hash of the normalized rows, the tokenizer (vocab, merges, normalizers,
-special tokens, chat template), max_length, truncation_mode and the data format. Glossary: `dpojax.glossary`.
+Rows are tokenized in chunks (`tokenize_chunk`, the batched fast tokenizer; chat rows render their templates in
+batches too), in `num_proc` worker processes when there are many, and the result is written to a token store
+(`dpojax.data.store`: flat memory-mapped columns) under the cache folder, named by the fingerprint: a hash of the
+normalized rows, the tokenizer (vocab, merges, normalizers, special tokens, chat template), max_length,
+truncation_mode and the data format. `TokenizedData` reads the store lazily. Glossary: `dpojax.glossary`.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import hashlib
-import io
 import json
 import logging
+import multiprocessing
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from dpojax import paths
+from dpojax.data import store
 from dpojax.data.formats import OnBadRow, PreferenceRows, normalize_rows
 from dpojax.errors import DataError, ModelError
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = "dpojax-preferences-v2"  # bump when the tokenization rules or the cache layout change
+CACHE_VERSION = "dpojax-preferences-v2"  # bump when the tokenization rules change (it is part of the fingerprint)
+STORE_LAYOUT = "dpojax-store-v1"  # bump when the store's columns change (stores of another layout are rebuilt)
 TRUNCATION_MODES = ("keep_start", "keep_end")
 _ENCODE_CHUNK = 1024  # texts per tokenizer batch call
+CHUNK_ROWS = 2048  # rows per tokenization task (what one worker process tokenizes at a time)
+PARALLEL_MIN_ROWS = 16 * CHUNK_ROWS  # fewer rows are tokenized in this process (a worker costs ~3 CPU-s to start)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,11 +61,14 @@ class DataStats:
 
 @dataclasses.dataclass(frozen=True)
 class TokenizedData:
-    """Token ids of each kept row: the prompt and its K_m responses, best first (ragged int32 arrays)."""
+    """Token ids of each kept row: the prompt and its K_m responses, best first (ragged int32 arrays).
 
-    prompt_ids: list[np.ndarray]  # [M] prompt tokens
-    response_ids: list[list[np.ndarray]]  # [M][K_m] response tokens (the prompt excluded), best first
-    ranks: list[np.ndarray]  # [M] int32 [K_m]: tie-group rank of each response, 0 = best, non-decreasing
+    The three ragged fields are sequences whose item m is an array: lists, or the lazy views of a token store
+    (`dpojax.data.store`), which read memory-mapped columns and hold no per-row Python object."""
+
+    prompt_ids: Sequence[np.ndarray]  # [M] prompt tokens
+    response_ids: Sequence[list[np.ndarray]]  # [M][K_m] response tokens (the prompt excluded), best first
+    ranks: Sequence[np.ndarray]  # [M] int32 [K_m]: tie-group rank of each response, 0 = best, non-decreasing
     row_index: np.ndarray  # int64 [M]: index of each row in the source
     pad_token_id: int  # tokenizer.pad_token, else eos_token (TRL's choice)
     max_length: int | None
@@ -75,15 +87,34 @@ class TokenizedData:
     @functools.cached_property
     def num_responses(self) -> int:
         """K: the most responses of any row; every batch of this data set is [N, K, T]."""
+        if hasattr(self.response_ids, "counts"):  # a store's views: from the offsets alone
+            return int(self.response_ids.counts().max())
         return max(len(r) for r in self.response_ids)
 
     @functools.cached_property
     def lengths_MxK(self) -> np.ndarray:
         """Untruncated prompt+response lengths, int64 [M, K]; 0 where a row has fewer than K responses."""
+        prompts, responses = self.prompt_ids, self.response_ids
+        if isinstance(prompts, store.Ragged) and isinstance(responses, store.RaggedRows):  # from the offsets alone
+            return store_lengths(prompts, responses, self.num_responses)
+        if (isinstance(prompts, store.Indexed) and isinstance(responses, store.Indexed)
+                and isinstance(prompts.base, store.Ragged) and isinstance(responses.base, store.RaggedRows)):
+            return store_lengths(prompts.base, responses.base, self.num_responses)[responses.index]
         out = np.zeros((len(self), self.num_responses), np.int64)
         for m, (prompt, responses) in enumerate(zip(self.prompt_ids, self.response_ids, strict=True)):
             out[m, : len(responses)] = [len(prompt) + len(r) for r in responses]
         return out
+
+
+def store_lengths(prompt_ids: store.Ragged, response_ids: store.RaggedRows, k: int) -> np.ndarray:
+    """lengths_MxK of a store's views, vectorized over the offsets."""
+    counts = response_ids.counts()
+    out = np.zeros((len(counts), k), np.int64)
+    rows = np.repeat(np.arange(len(counts)), counts)
+    firsts = np.repeat(np.cumsum(counts) - counts, counts)
+    cols = np.arange(len(rows)) - firsts
+    out[rows, cols] = prompt_ids.lengths()[rows] + response_ids.responses.lengths()
+    return out
 
 
 # --------------------------------------------------------------------------------------------------- tokenizer
@@ -120,11 +151,24 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return h.hexdigest()
 
 
+def _rows_to_check(data: TokenizedData, vocab_size: int) -> Sequence[int]:
+    """Every row, or for a store only the first row holding a too large id (a scan of the flat columns instead of a
+    loop over rows)."""
+    if not isinstance(data.prompt_ids, store.Ragged) or not isinstance(data.response_ids, store.RaggedRows):
+        return range(len(data))
+    rows = [data.prompt_ids.first_at_least(vocab_size)]
+    response = data.response_ids.responses.first_at_least(vocab_size)
+    if response >= 0:
+        rows.append(int(np.searchsorted(np.cumsum(data.response_ids.counts()), response, side="right")))
+    return [min(m for m in rows if m >= 0)] if max(rows) >= 0 else []
+
+
 def check_token_ids(data: TokenizedData, vocab_size: int, tokenizer: Any, what: str = "the model") -> TokenizedData:
     """Raise ModelError (a UserError) when a token id that occurs in the tokenized data is >= `what`'s vocab_size,
     naming the row, the token and the id. A tokenizer that merely defines extra tokens is fine (as in TRL). A pad
     id outside the vocabulary (padding is never scored nor attended by real tokens) is replaced by 0."""
-    for m, (prompt, responses) in enumerate(zip(data.prompt_ids, data.response_ids, strict=True)):
+    for m in _rows_to_check(data, vocab_size):
+        prompt, responses = data.prompt_ids[m], data.response_ids[m]
         for ids in (prompt, *responses):
             if len(ids) and int(ids.max()) >= vocab_size:
                 bad = int(ids[ids >= vocab_size][0])
@@ -175,6 +219,20 @@ def _chat_ids(tokenizer: Any, messages: list, row: dict, **kwargs: Any) -> list[
     return list(out["input_ids"])
 
 
+def _plain_chat(rows: list[dict]) -> bool:
+    """Rows without tools or template arguments: their templates can be rendered and encoded in batches."""
+    return all(row.get("tools") is None and not row.get("chat_template_kwargs") for row in rows)
+
+
+def _chat_batch(tokenizer: Any, conversations: list, **kwargs: Any) -> list[list[int]]:
+    out: list[list[int]] = []
+    for start in range(0, len(conversations), _ENCODE_CHUNK):
+        enc = tokenizer.apply_chat_template(conversations[start : start + _ENCODE_CHUNK], tokenize=True,
+                                            return_dict=True, tools=None, **kwargs)
+        out += [list(ids) for ids in enc["input_ids"]]
+    return out
+
+
 def _tokenize_chat(tokenizer: Any, prefrows: PreferenceRows) -> tuple[list, list[list]]:
     fields = ("prompt/completion" if prefrows.fmt.unpaired else "prompt/responses" if prefrows.fmt.ranked
               else "prompt/chosen/rejected")
@@ -183,8 +241,16 @@ def _tokenize_chat(tokenizer: Any, prefrows: PreferenceRows) -> tuple[list, list
             f"{prefrows.source} is conversational, but tokenizer {_name(tokenizer)!r} has no chat template: use a "
             f"tokenizer with one (an instruct/chat model's) or convert the data to plain {fields} strings"
         )
+    rows = prefrows.rows
+    if _plain_chat(rows):  # the same template calls, batched (one encode per batch); a failure is redone per row
+        try:
+            p_ids = _chat_batch(tokenizer, [row["prompt"] for row in rows], add_generation_prompt=True)
+            flat = iter(_chat_batch(tokenizer, [row["prompt"] + y for row in rows for y in row["responses"]]))
+            return p_ids, [[next(flat) for _ in row["responses"]] for row in rows]
+        except Exception:  # noqa: BLE001 - the per-row loop below names the row whose template fails
+            pass
     p_ids, pr_ids = [], []
-    for i, row in zip(prefrows.row_index, prefrows.rows, strict=True):
+    for i, row in zip(prefrows.row_index, rows, strict=True):
         try:
             p_ids.append(_chat_ids(tokenizer, row["prompt"], row, add_generation_prompt=True))
             pr_ids.append([_chat_ids(tokenizer, row["prompt"] + y, row) for y in row["responses"]])
@@ -202,22 +268,96 @@ def split_at_prompt(prefrows: PreferenceRows, p_ids: list, pr_ids: list, max_len
     """TRL steps 4-5: each row's prompt is cut at its common prefix with all its prompt+response ids, and rows whose
     prompt fills max_length (keep_start) are dropped. Returns ([(position in prefrows, prompt, [responses])],
     number dropped)."""
+    kept, dropped, diverged = _split(prefrows, p_ids, pr_ids, max_length, truncation_mode)
+    if diverged is not None:
+        _warn_diverged(prefrows, diverged)
+    return kept, dropped
+
+
+def _warn_diverged(prefrows: PreferenceRows, row: int) -> None:
     what = "response" if prefrows.fmt.ranked else "completion"
-    kept, dropped, warned = [], 0, False
+    log.warning(
+        "%s: row %d: the tokenized prompt is not a prefix of prompt+%s (chat template or a token merge "
+        "across the boundary); as TRL does, the %s starts where they diverge. Shown once.",
+        prefrows.source, row, what, what,
+    )
+
+
+def _split(prefrows: PreferenceRows, p_ids: list, pr_ids: list, max_length: int | None, truncation_mode: str):
+    """split_at_prompt's work: (kept, dropped, source index of the first row whose prompt diverged or None)."""
+    kept, dropped, diverged = [], 0, None
     for j, (p, full) in enumerate(zip(p_ids, pr_ids, strict=True)):
         n = min(common_prefix_length(p, f) for f in full)
-        if n < len(p) and not warned:
-            warned = True
-            log.warning(
-                "%s: row %d: the tokenized prompt is not a prefix of prompt+%s (chat template or a token merge "
-                "across the boundary); as TRL does, the %s starts where they diverge. Shown once.",
-                prefrows.source, prefrows.row_index[j], what, what,
-            )
+        if n < len(p) and diverged is None:
+            diverged = int(prefrows.row_index[j])
         if max_length is not None and truncation_mode == "keep_start" and n >= max_length:
             dropped += 1
             continue
         kept.append((j, np.asarray(p[:n], np.int32), [np.asarray(f[n:], np.int32) for f in full]))
-    return kept, dropped
+    return kept, dropped, diverged
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """The tokenized rows of one chunk: store columns, rows dropped (prompt too long), first diverging row."""
+
+    arrays: dict
+    dropped: int
+    diverged: int | None
+
+
+def tokenize_chunk(tokenizer: Any, prefrows: PreferenceRows, max_length: int | None, truncation_mode: str) -> Chunk:
+    """TRL's rules (module docstring) on the rows of `prefrows`, as store columns (`store.shard_arrays`)."""
+    p_ids, pr_ids = (_tokenize_chat if prefrows.fmt.conversational else _tokenize_standard)(tokenizer, prefrows)
+    kept, dropped, diverged = _split(prefrows, p_ids, pr_ids, max_length, truncation_mode)
+    extra = {}
+    if prefrows.fmt.unpaired:  # one more per-row column of the store
+        extra["labels"] = np.asarray([prefrows.rows[j]["label"] for j, _, _ in kept], bool)
+    arrays = store.shard_arrays([p for _, p, _ in kept], [tails for _, _, tails in kept],
+                                [np.asarray(prefrows.rows[j]["ranks"], np.int32) for j, _, _ in kept],
+                                [prefrows.row_index[j] for j, _, _ in kept], **extra)
+    return Chunk(arrays, dropped, diverged)
+
+
+def default_num_proc() -> int:
+    """Worker processes for tokenization: the CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def tokenize_chunks(tokenizer: Any, prefrows: PreferenceRows, max_length: int | None, truncation_mode: str) -> Chunk:
+    """`tokenize_chunk` over CHUNK_ROWS rows at a time (one batched encode each), joined in row order."""
+    done = [tokenize_chunk(tokenizer, _rows_slice(prefrows, a, a + CHUNK_ROWS), max_length, truncation_mode)
+            for a in range(0, len(prefrows.rows), CHUNK_ROWS)]
+    diverged = next((c.diverged for c in done if c.diverged is not None), None)
+    return Chunk(store.join_shards([c.arrays for c in done]), sum(c.dropped for c in done), diverged)
+
+
+def _rows_slice(prefrows: PreferenceRows, lo: int, hi: int) -> PreferenceRows:
+    return dataclasses.replace(prefrows, rows=prefrows.rows[lo:hi], row_index=prefrows.row_index[lo:hi])
+
+
+def _worker_start() -> None:
+    """A worker's tokenizer runs on one thread: the processes are the parallelism (no oversubscribed cores)."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+def tokenize_parallel(tokenizer: Any, prefrows: PreferenceRows, max_length: int | None, truncation_mode: str,
+                      num_proc: int | None = None) -> Chunk:
+    """`tokenize_chunks` over all rows, split into `num_proc` contiguous shares for as many worker processes
+    (spawned: safe after JAX has started threads; each gets the tokenizer once) when there are at least
+    PARALLEL_MIN_ROWS rows; the shares' columns are joined in row order, so the result does not depend on num_proc.
+    In this process (few rows, or num_proc 1) the fast tokenizer's own threads encode each batch."""
+    num_proc = default_num_proc() if num_proc is None else max(1, num_proc)
+    n = len(prefrows.rows)
+    if num_proc == 1 or n < PARALLEL_MIN_ROWS:
+        return tokenize_chunks(tokenizer, prefrows, max_length, truncation_mode)
+    shares = [_rows_slice(prefrows, *row_share(n, i, num_proc)) for i in range(num_proc)]
+    work = functools.partial(tokenize_chunks, tokenizer, max_length=max_length, truncation_mode=truncation_mode)
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(num_proc, mp_context=ctx, initializer=_worker_start) as pool:
+        done = list(pool.map(work, shares))
+    diverged = next((c.diverged for c in done if c.diverged is not None), None)
+    return Chunk(store.join_shards([c.arrays for c in done]), sum(c.dropped for c in done), diverged)
 
 
 # ---------------------------------------------------------------------------------------------------- cache
@@ -232,50 +372,42 @@ def _fingerprint(prefrows: PreferenceRows, tokenizer: Any, max_length: int | Non
     return h.hexdigest()[:40]
 
 
-def _ragged_to_flat(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    offsets = np.zeros(len(arrays) + 1, np.int64)
-    np.cumsum([len(a) for a in arrays], out=offsets[1:])
-    flat = np.concatenate(arrays).astype(np.int32) if arrays else np.zeros(0, np.int32)
-    return flat, offsets
+def store_meta(data: TokenizedData, shards: int, tokenizer_fp: str) -> dict:
+    """What a store's meta.json records: everything of TokenizedData but its columns, and how it was made."""
+    meta = {f.name: getattr(data, f.name) for f in dataclasses.fields(data) if f.name not in _COLUMN_FIELDS}
+    meta.update(stats=dataclasses.asdict(data.stats), layout=STORE_LAYOUT, shards=shards, tokenizer=tokenizer_fp)
+    return meta
 
 
-def _flat_to_ragged(flat: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]:
-    return [flat[offsets[k] : offsets[k + 1]] for k in range(len(offsets) - 1)]
+_COLUMN_FIELDS = ("prompt_ids", "response_ids", "ranks", "row_index", "from_cache", "stats", "margins",
+                  *store.ROW_COLUMNS)
 
 
-_BIG = ("prompt_ids", "response_ids", "ranks", "row_index", "from_cache", "stats", "margins", "labels")
-
-
-def _save_cache(path, data: TokenizedData) -> None:
-    meta = {f.name: getattr(data, f.name) for f in dataclasses.fields(data) if f.name not in _BIG}
-    meta["stats"] = dataclasses.asdict(data.stats)
-    arrays = {"row_index": data.row_index, "meta": np.array(json.dumps(meta))}
-    arrays["prompt_flat"], arrays["prompt_offsets"] = _ragged_to_flat(data.prompt_ids)
-    arrays["response_flat"], arrays["response_offsets"] = _ragged_to_flat([r for rs in data.response_ids for r in rs])
-    arrays["ranks_flat"], arrays["ranks_offsets"] = _ragged_to_flat(data.ranks)
-    if data.labels is not None:
-        arrays["labels"] = data.labels
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    paths.write_bytes(path, buffer.getvalue())  # atomic: concurrent writers (hosts, workers) never leave a torn file
-
-
-def _load_cache(path) -> TokenizedData | None:
-    try:
-        with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as z:
-            meta = json.loads(str(z["meta"]))
-            prompts = _flat_to_ragged(z["prompt_flat"], z["prompt_offsets"])
-            flat_responses = _flat_to_ragged(z["response_flat"], z["response_offsets"])
-            ranks = _flat_to_ragged(z["ranks_flat"], z["ranks_offsets"])
-            row_index = z["row_index"]
-            labels = z["labels"] if "labels" in z.files else None
-        cuts = np.cumsum([0] + [len(r) for r in ranks])
-        responses = [flat_responses[cuts[m] : cuts[m + 1]] for m in range(len(ranks))]
-        meta["stats"] = DataStats(**meta["stats"])
-        return TokenizedData(prompts, responses, ranks, row_index, from_cache=True, labels=labels, **meta)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        log.warning("ignoring unreadable token cache %s: %s", path, e)
+def open_store(folder, fingerprint: str | None = None) -> TokenizedData | None:
+    """The TokenizedData of a complete store (lazy views over its memory-mapped shards), or None (logged) when it
+    is absent, incomplete, of another layout or of another fingerprint than the one asked for."""
+    meta = store.read_meta(folder)
+    if meta is None:
         return None
+    if meta.get("layout") != STORE_LAYOUT or (fingerprint is not None and meta.get("fingerprint") != fingerprint):
+        log.info("token store %s: layout %s, fingerprint %s, not the %s/%s asked for; tokenizing again", folder,
+                 meta.get("layout"), meta.get("fingerprint"), STORE_LAYOUT, fingerprint)
+        return None
+    try:
+        shards = [store.read_shard(paths.path(folder) / store.shard_name(i, meta["shards"]))
+                  for i in range(meta["shards"])]
+        columns = store.views(shards)
+        kept = {k: v for k, v in meta.items() if k in {f.name for f in dataclasses.fields(TokenizedData)}}
+        kept["stats"] = DataStats(**meta["stats"])
+        return TokenizedData(**columns, **kept, from_cache=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("ignoring the unreadable token store %s: %s", folder, e)
+        return None
+
+
+def row_share(n: int, index: int, count: int) -> tuple[int, int]:
+    """The contiguous rows [lo, hi) of n that process `index` of `count` tokenizes."""
+    return n * index // count, n * (index + 1) // count
 
 
 # ----------------------------------------------------------------------------------------------------- entry
@@ -289,42 +421,75 @@ def tokenize_rows(
     source: str = "<rows>",
     on_bad_row: OnBadRow = "error",
     max_responses: int = 8,
+    num_proc: int | None = None,
+    hosts: store.Hosts | None = None,
 ) -> TokenizedData:
     """Validate, normalize and tokenize preference rows of any format the way TRL 1.16's DPOTrainer tokenizes
-    pairs; reuse the disk cache. `rows` is a list of dicts, a `datasets.Dataset`, or `formats.PreferenceRows`.
+    pairs; reuse the token store under `cache_dir`. `rows` is a list of dicts, a `datasets.Dataset`, or
+    `formats.PreferenceRows`. `num_proc` worker processes tokenize (default: one per CPU).
+
+    With several processes (`hosts`, one call on each) each tokenizes its contiguous share of the rows and writes it
+    as one shard of the store; all then read every shard, so each row is tokenized once in the whole job.
     """
     if truncation_mode not in TRUNCATION_MODES:
         raise DataError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}")
     if max_length is not None and max_length < 1:
         raise DataError(f"max_length must be a positive integer or None, got {max_length}")
+    hosts = hosts or store.ONE_HOST
     if isinstance(rows, PreferenceRows):
         prefrows = rows
     else:
         prefrows = normalize_rows(rows, source, on_bad_row=on_bad_row, max_responses=max_responses)
     key = _fingerprint(prefrows, tokenizer, max_length, truncation_mode)
-    path = paths.path(cache_dir) / f"preferences-{key}.npz" if cache_dir is not None else None
-    if path is not None and path.is_file():
-        cached = _load_cache(path)
-        if cached is not None:
-            log.info("%s: tokenized rows loaded from cache %s", prefrows.source, path)
-            return _report(dataclasses.replace(cached, source=prefrows.source))
+    folder = paths.path(cache_dir) / f"preferences-{key}" if cache_dir is not None else None
+    cached = open_store(folder, key) if folder is not None else None
+    if hosts.count > 1:
+        if folder is None:
+            raise DataError(f"{prefrows.source}: tokenizing on {hosts.count} processes needs a shared cache_dir")
+        hits = hosts.allgather("hit" if cached is not None else "miss")
+        cached = cached if all(h == "hit" for h in hits) else None
+    if cached is not None:
+        log.info("%s: tokenized rows loaded from the token store %s", prefrows.source, folder)
+        return _report(dataclasses.replace(cached, source=prefrows.source))
+    return _report(_tokenize_to_store(prefrows, tokenizer, key, folder, max_length, truncation_mode, num_proc,
+                                      hosts))
+
+
+def _tokenize_to_store(prefrows: PreferenceRows, tokenizer: Any, key: str, folder, max_length: int | None,
+                       truncation_mode: str, num_proc: int | None, hosts: store.Hosts) -> TokenizedData:
+    """This process's share of the rows tokenized (one shard), written to `folder`, and the whole store read back;
+    without a folder (no cache) all rows, held in memory."""
     pad_id = pad_token_id(tokenizer)
-    p_ids, pr_ids = (_tokenize_chat if prefrows.fmt.conversational else _tokenize_standard)(tokenizer, prefrows)
-    split, dropped = split_at_prompt(prefrows, p_ids, pr_ids, max_length, truncation_mode)
-    if not split:
+    lo, hi = row_share(len(prefrows.rows), hosts.index, hosts.count)
+    log.info("%s: tokenizing rows %d..%d of %d on process %d of %d (%s)", prefrows.source, lo, hi,
+             len(prefrows.rows), hosts.index, hosts.count, hosts.name)
+    part = dataclasses.replace(prefrows, rows=prefrows.rows[lo:hi], row_index=prefrows.row_index[lo:hi])
+    chunk = tokenize_parallel(tokenizer, part, max_length, truncation_mode, num_proc)
+    if folder is not None:
+        store.write_shard(folder / store.shard_name(hosts.index, hosts.count), chunk.arrays)
+    infos = [json.loads(x) for x in hosts.allgather(json.dumps([chunk.dropped, chunk.diverged]))]
+    diverged = next((d for _, d in infos if d is not None), None)
+    if diverged is not None:
+        _warn_diverged(prefrows, diverged)
+    dropped = sum(d for d, _ in infos)
+    kept = len(prefrows.rows) - dropped
+    if not kept:
         raise DataError(f"{prefrows.source}: every prompt has >= max_length={max_length} tokens; raise max_length")
     stats = DataStats(prefrows.rows_in, prefrows.rows_skipped_bad, prefrows.rows_identical, prefrows.rows_all_tied,
-                      dropped, len(split))
-    data = TokenizedData(
-        [p for _, p, _ in split], [tails for _, _, tails in split],
-        [np.asarray(prefrows.rows[j]["ranks"], np.int32) for j, _, _ in split],
-        np.asarray([prefrows.row_index[j] for j, _, _ in split], np.int64), pad_id, max_length, truncation_mode,
-        prefrows.fmt.name, prefrows.source, stats, key,
-        labels=np.asarray([prefrows.rows[j]["label"] for j, _, _ in split], bool) if prefrows.fmt.unpaired else None,
-    )
-    if path is not None:
-        _save_cache(path, data)
-    return _report(data)
+                      dropped, kept)
+    columns = store.views([chunk.arrays])
+    data = TokenizedData(**columns, pad_token_id=pad_id, max_length=max_length, truncation_mode=truncation_mode,
+                         format_name=prefrows.fmt.name, source=prefrows.source, stats=stats, fingerprint=key)
+    if folder is None:
+        return data
+    hosts.barrier(f"dpojax-tokens-{key}")  # every shard is written
+    if hosts.index == 0:
+        store.write_meta(folder, store_meta(data, hosts.count, tokenizer_fingerprint(tokenizer)))
+    hosts.barrier(f"dpojax-tokens-meta-{key}")
+    opened = open_store(folder, key)  # memory-mapped: this process's rows leave its memory, the others' arrive
+    if opened is None:
+        raise DataError(f"{prefrows.source}: the token store {folder} just written cannot be read back")
+    return dataclasses.replace(opened, from_cache=False)
 
 
 def _report(data: TokenizedData) -> TokenizedData:

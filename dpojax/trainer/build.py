@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import logging
 import os
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,15 +22,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dpojax import losses, paths
-from dpojax.config import Config
+from dpojax.config import Config, DataSource
 from dpojax.data import unpaired
 from dpojax.data.batching import PreferenceBatch, steps_per_epoch
-from dpojax.data.loader import load_preferences
+from dpojax.data.loader import SourceSpec, load_preferences
+from dpojax.data.mixture import check_weights, mix
 from dpojax.data.reward import margin_column, reward_rows
+from dpojax.data.store import ONE_HOST, Hosts
 from dpojax.data.tokenize import TokenizedData, check_token_ids, pad_token_id
 from dpojax.errors import ConfigError, ModelError
 from dpojax.models import experts, lora
@@ -326,21 +330,50 @@ def cache_dir(cfg: Config):
     return paths.path(cfg.data.cache_dir or Path.home() / ".cache" / "dpojax")
 
 
-def load_split(cfg: Config, models: Models, spec: str, split: str, *, train: bool = False) -> TokenizedData:
-    """Tokenized rows of one data split, checked against the policy's vocabulary. Unpaired rows (KTO) get their KL
-    completions (`data.unpaired`); `train`: the training split, whose rows must hold both classes."""
-    data = load_preferences(
-        spec, models.tokenizer, split=split, max_length=cfg.data.max_length,
-        truncation_mode=cfg.data.truncation_mode, cache_dir=str(cache_dir(cfg)), on_bad_row=cfg.data.on_bad_row,
-        max_responses=cfg.data.max_responses, pairs_from_scores=cfg.data.pairs_from_scores,
-        ranking_loss=None if cfg.task == "reward" else losses.is_kwise(cfg.loss),
-        unpaired_loss=cfg.task != "reward" and losses.is_unpaired(cfg.loss), unpair=cfg.data.unpair,
-    )
-    data = check_token_ids(data, models.policy_cfg.vocab_size, models.tokenizer,
-                           f"the policy '{cfg.model.name_or_path}'")
-    if cfg.task == "reward":
-        return reward_rows(data, cfg.data.max_length, margin_column(spec, split))
-    if data.labels is None:
+def data_hosts() -> Hosts:
+    """This job's processes for the data layer: index, count, host name and two collectives over JAX's
+    coordination (an allgather of short strings, a barrier)."""
+    if jax.process_count() == 1:
+        return ONE_HOST
+    return Hosts(jax.process_index(), jax.process_count(), socket.gethostname(), _allgather_text,
+                 multihost_utils.sync_global_devices)
+
+
+def _allgather_text(text: str) -> list[str]:
+    raw = np.frombuffer(text.encode(), np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.array([len(raw)], np.int64))).reshape(-1)
+    size = max(int(lengths.max()), 1)
+    padded = np.zeros(size, np.uint8)
+    padded[: len(raw)] = raw
+    rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), size)
+    return [bytes(row[: int(n)]).decode() for row, n in zip(rows, lengths, strict=True)]
+
+
+def load_split(cfg: Config, models: Models, spec, split: str, *, train: bool = False) -> TokenizedData:
+    """Tokenized rows of one data split (a mixture when `spec` is a list of sources: `data.mixture`), checked
+    against the policy's vocabulary; every process calls it, and each row is tokenized by one of them. Unpaired rows
+    (KTO) get their KL completions (`data.unpaired`); `train`: the training split, whose rows must hold both
+    classes."""
+    sources = spec if isinstance(spec, tuple) else (DataSource(path=str(spec)),)
+    check_weights([s.weight for s in sources], [s.path for s in sources])
+    datas = []
+    for source in sources:
+        data = load_preferences(
+            SourceSpec(source.path, source.split or split, source.name, source.revision, tuple(source.data_files)),
+            models.tokenizer, max_length=cfg.data.max_length, truncation_mode=cfg.data.truncation_mode,
+            cache_dir=str(cache_dir(cfg)), on_bad_row=cfg.data.on_bad_row, max_responses=cfg.data.max_responses,
+            pairs_from_scores=cfg.data.pairs_from_scores,
+            ranking_loss=None if cfg.task == "reward" else losses.is_kwise(cfg.loss),
+            unpaired_loss=cfg.task != "reward" and losses.is_unpaired(cfg.loss), unpair=cfg.data.unpair,
+            num_proc=cfg.data.num_proc, hosts=data_hosts(),
+        )
+        data = check_token_ids(data, models.policy_cfg.vocab_size, models.tokenizer,
+                               f"the policy '{cfg.model.name_or_path}'")
+        if cfg.task == "reward":
+            data = reward_rows(data, cfg.data.max_length, margin_column(source.path, source.split or split))
+        datas.append(data)
+    data = mix(datas, [s.weight for s in sources], cfg.train.seed)
+    if cfg.task == "reward" or data.labels is None:
         return data
     if train:
         unpaired.check_balance(data, cfg.loss.desirable_weight, cfg.loss.undesirable_weight)

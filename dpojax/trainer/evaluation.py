@@ -36,7 +36,9 @@ WRITTEN = ("output_dir", "data.cache_dir")  # the config keys of config_urls tha
 
 def config_urls(cfg: Config) -> list[tuple[str, str | None]]:
     """(config key, path) of everything a run reads or writes, for `paths.check_urls`."""
-    return [("output_dir", cfg.output_dir), ("data.train", cfg.data.train), ("data.eval", cfg.data.eval),
+    train = ([("data.train", cfg.data.train)] if isinstance(cfg.data.train, str)
+             else [(f"data.train[{i}].path", s.path) for i, s in enumerate(cfg.data.train)])
+    return [("output_dir", cfg.output_dir), *train, ("data.eval", cfg.data.eval),
             ("data.cache_dir", cfg.data.cache_dir), ("model.name_or_path", cfg.model.name_or_path),
             ("model.tokenizer", cfg.model.tokenizer), ("ref_model.name_or_path", cfg.ref_model.name_or_path),
             ("model.lora.init_from", cfg.model.lora.init_from),
