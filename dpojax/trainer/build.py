@@ -80,7 +80,8 @@ Loader = Callable[[str, str], tuple[Any, Any, ModelConfig]]
 
 def make_sharder(cfg: Config, devices=None) -> Sharder:
     """The run's mesh over `devices` (default: every device of every process)."""
-    return Sharder(make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices, expert=cfg.mesh.expert))
+    return Sharder(make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices, expert=cfg.mesh.expert,
+                             context=cfg.mesh.context))
 
 
 def import_transformers_quietly() -> None:
