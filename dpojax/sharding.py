@@ -50,7 +50,7 @@ def mesh_axes(context: int = 1) -> tuple[str, ...]:
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp", "expert")),
     ("length", "context"),  # context parallelism: a row's positions split over `context` (absent: whole)
-    ("embed", "fsdp"),
+    ("embed", ("fsdp", "context")),  # parameters also sharded over `context` (its devices hold the same rows)
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),

@@ -1,7 +1,7 @@
 """Context parallelism (mesh.context): a row's positions split over devices train exactly as on one device.
 
 The same 5 AdamW steps (policy + frozen reference) run on one device with padded [N, K, T] batches and on meshes
-with a context axis: per-step losses agree to 1e-6 and final parameters to 1e-5. In `make test`: a tiny GQA Llama on
+with a context axis: per-step losses agree to 1e-6 and final parameters to 1e-5 (absolute). In `make test`: a tiny GQA Llama on
 shared-prompt packed rows over (data 2, context 2, tensor 2); behind DPOJAX_SLOW_TESTS=1 the full matrix (meshes
 (context 8), (fsdp 4, context 2), (data 2, context 2, tensor 2) x a Llama, a Gemma 2 with sliding windows and soft-caps,
 and packed rows). Attention alone: `attend_context` on zig-zag rows equals `attend_xla` on natural rows, rows whose
@@ -79,7 +79,9 @@ def _check(root_factory, family, packing, mesh_kw):
     np.testing.assert_allclose(losses, losses_1, rtol=1e-6, atol=1e-6)
     assert params.keys() == params_1.keys()
     for name in params:
-        np.testing.assert_allclose(params[name], params_1[name], rtol=1e-5, atol=2e-6, err_msg=name)
+        # 1e-5: AdamW's normalized update turns a last-bit difference in a near-zero gradient into up to ~lr x 1e-3
+        # (Gemma 2's soft-caps: one of 4096 elements 4e-6 off on (fsdp 4, context 2))
+        np.testing.assert_allclose(params[name], params_1[name], rtol=1e-5, atol=1e-5, err_msg=name)
 
 
 def test_context_training_equals_single_device(tmp_path_factory):
@@ -149,3 +151,50 @@ def test_context_mesh_and_kernel_errors():
     assert context_lib.context_attention("splash", "splash") == "splash"
     with pytest.raises(ModelError, match="'xla' on GPU/CPU or 'splash' on TPU"):
         context_lib.context_attention("cudnn", "cudnn")
+
+
+@pytest.mark.skipif(SLOW, reason="the Pallas interpreter: DPOJAX_SLOW_TESTS=1")
+def test_splash_context_equals_attend_xla():
+    """The splash kernel (Pallas interpreter on this CPU) under context 2 (one static zig-zag mask per device, picked
+    by `lax.switch`), forward and gradients, equals the one-device XLA kernel; T = 200 is padded to 512."""
+    B, T, H, G, Dh = 2, 200, 2, 1, 16
+    keys = jax.random.split(jax.random.PRNGKey(1), 3)
+    q = jax.random.normal(keys[0], (B, T, H, Dh))
+    k, v = (jax.random.normal(key, (B, T, G, Dh)) for key in keys[1:])
+    seg = jnp.asarray((np.arange(T)[None] < np.array([[200], [150]])).astype(np.int32))
+    sharder = Sharder(make_mesh(devices=jax.devices()[:4], data=2, context=2))
+    C, length = 2, context_lib.padded_length(T, 2, "splash")
+    assert length == 512
+    to = lambda x: context_lib.to_context(x, C, length)  # noqa: E731
+    weights = jnp.cos(jnp.arange(Dh, dtype=jnp.float32)) * (seg > 0)[:, :, None, None]
+
+    def splash(q, k, v):
+        out = context_lib.attend_context(to(q), to(k), to(v), to(seg), sharder=sharder, implementation="splash",
+                                         scale=0.25, softcap=5.0)
+        return jnp.sum(context_lib.from_context(out, C, T) * weights)
+
+    def xla(q, k, v):
+        return jnp.sum(attend_xla(q, k, v, seg, scale=0.25, softcap=5.0) * weights)
+
+    np.testing.assert_allclose(jax.jit(splash)(q, k, v), xla(q, k, v), rtol=1e-5)
+    ours = jax.jit(jax.grad(splash, argnums=(0, 1, 2)))(q, k, v)
+    for name, a, b in zip("qkv", ours, jax.grad(xla, argnums=(0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(a, b, atol=5e-5, err_msg=f"d{name}")
+
+
+def test_generation_on_a_context_mesh_equals_one_device(tmp_path):
+    """Prefill and KV-cache decoding of a model built for a (data 2, context 2, tensor 2) mesh (cache slots split over
+    `context`, no zig-zag: XLA gathers what a step needs) give one device's greedy tokens."""
+    from tiny_models import make_tiny_checkpoint
+
+    from dpojax.generate import Generator, Sampling
+    from dpojax.models import load_pretrained
+
+    path = make_tiny_checkpoint(tmp_path / "m", "llama")
+    prompts = [[5, 9, 11, 3, 7], [4, 4, 8]]
+    out = []
+    for sharder in (None, Sharder(make_mesh(devices=jax.devices(), **MESHES["d2c2t2"]))):
+        model, cfg = load_pretrained(path, sharder=sharder)
+        gen = Generator(model, cfg)
+        out.append([c.tokens for c in gen.generate_ids(prompts, Sampling(max_new_tokens=6))])
+    assert out[0] == out[1]

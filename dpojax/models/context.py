@@ -219,13 +219,16 @@ def _local_splash(q_bxtxhxDh, k_bxtxgxDh, v_bxtxgxDh, tokens, extras, *, C: int,
         def one(q_rxtxDh, k_TxDh, v_TxDh, seg_t, seg_T):
             return kernel(q_rxtxDh, k_TxDh, v_TxDh, segment_ids=splash.SegmentIds(q=seg_t, kv=seg_T))
 
-        attention = jax.vmap(jax.vmap(one, in_axes=(0, 0, 0, None, None)))
-        if jnp.dtype(q_bxtxhxDh.dtype).itemsize == 2:
-            attention = splash_lib._default_precision(attention)
-        return attention
+        return jax.vmap(jax.vmap(one, in_axes=(0, 0, 0, None, None)))
 
-    out_bxgxrxtxDh = jax.lax.switch(jax.lax.axis_index(AXIS), [branch(d) for d in range(C)], q_bxgxrxtxDh,
-                                    k_bxgxTxDh, v_bxgxTxDh, tokens["seg"], seg_bxT)
+    branches = [branch(d) for d in range(C)]
+
+    def run(d, *operands):  # the device's kernel: its mask is static, so one branch per device index
+        return jax.lax.switch(d, branches, *operands)
+
+    if jnp.dtype(q_bxtxhxDh.dtype).itemsize == 2:
+        run = splash_lib._default_precision(run)
+    out_bxgxrxtxDh = run(jax.lax.axis_index(AXIS), q_bxgxrxtxDh, k_bxgxTxDh, v_bxgxTxDh, tokens["seg"], seg_bxT)
     return out_bxgxrxtxDh.transpose(0, 3, 1, 2, 4).reshape(b, t, h, Dh).astype(q_bxtxhxDh.dtype)
 
 
