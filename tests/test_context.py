@@ -1,12 +1,12 @@
 """Context parallelism (mesh.context): a row's positions split over devices train exactly as on one device.
 
 The same 5 AdamW steps (policy + frozen reference) run on one device with padded [N, K, T] batches and on meshes
-with a context axis: per-step losses agree to 1e-6 and final parameters to 1e-5 (absolute). In `make test`: a tiny
-GQA Llama on shared-prompt packed rows over (data 2, context 2, tensor 2); behind DPOJAX_SLOW_TESTS=1 the full matrix (meshes
-(context 8), (fsdp 4, context 2), (data 2, context 2, tensor 2) x a Llama, a Gemma 2 with sliding windows and soft-caps,
-and packed rows). Attention alone: `attend_context` on zig-zag rows equals `attend_xla` on natural rows, rows whose
-length does not divide into 2 * context blocks included (padded). cuDNN with a context axis is refused naming the
-kernels that work.
+with a context axis: per-step losses agree to 1e-6 and final parameters to 1e-5 (absolute). In `make test`: a
+tiny GQA Llama on shared-prompt packed rows over (data 2, context 2, tensor 2); behind DPOJAX_SLOW_TESTS=1 the
+full matrix (meshes (context 8), (fsdp 4, context 2), (data 2, context 2, tensor 2) x a Llama, a Gemma 2 with
+sliding windows and soft-caps, and packed rows), splash under the axis (Pallas interpreter) and generation.
+Attention alone: `attend_context` on zig-zag rows equals `attend_xla` on natural rows, rows whose length does not
+divide into 2 * context blocks included (padded). cuDNN with a context axis is refused naming the kernels that work.
 """
 
 from __future__ import annotations
