@@ -18,13 +18,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jax  # noqa: E402 - after the environment set-up above (8 fake devices)
+
 from benchmarks import harness  # noqa: E402 - after the sys.path or environment set-up above
+from dpojax.trainer import build, prefetch, reference  # noqa: E402 - after the sys.path set-up above
+from dpojax.trainer.step import batch_sharding  # noqa: E402 - after the sys.path set-up above
 
 MiB = 2**20
 MODEL = dict(model_type="llama", vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
@@ -34,11 +39,6 @@ MODEL = dict(model_type="llama", vocab_size=2048, hidden_size=256, intermediate_
 
 def built_for(cfg, C: int):
     """(BuiltStep, compiled train step) on a (data 1, context C) mesh of the first C devices."""
-    import jax
-
-    from dpojax.trainer import build, prefetch, reference
-    from dpojax.trainer.step import batch_sharding
-
     sharder = build.make_sharder(cfg, devices=jax.devices()[:C])
     models = build.build_models(cfg, sharder)
     pairs = build.load_split(cfg, models, cfg.data.train, cfg.data.train_split)
@@ -53,8 +53,6 @@ def built_for(cfg, C: int):
 def collectives(hlo_text: str) -> dict[str, int]:
     """{"all-gather f32[1,4096,4,32]": count, ...}: the compiled program's collectives by result shape, to check
     that attention gathers keys and values ([b, T, G, Dh]) and never whole activations."""
-    import re
-
     found: dict[str, int] = {}
     for m in re.finditer(r"= (\w+\[[\d,]*\])(?:\{[^}]*\})? (all-gather|all-to-all|collective-permute|reduce-scatter)"
                          r"(?:-start)?\(", hlo_text):
@@ -69,8 +67,6 @@ def main(argv=None) -> dict:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8], help="context sizes C")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
-    import jax
-
     work = Path(tempfile.mkdtemp(prefix="dpojax-context-"))
     model_dir = harness.synthetic_model_dir(work / "model", MODEL)
     data = harness.full_length_pairs(work / "pairs.jsonl", 8, args.length, MODEL["vocab_size"])
