@@ -196,6 +196,9 @@ class MeshSection:
     # expert-parallel axis (MoE models): splits the experts of each MoE layer and, like data and fsdp, the batch;
     # must divide the model's number of experts
     expert: int = 1
+    # context-parallel axis: the positions of each row split over this many devices (zig-zag blocks, keys and values
+    # all-gathered in attention: docs/long-context.md), for rows longer than one device holds; 1: off
+    context: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -539,7 +542,7 @@ def _validate_sections(cfg: Config) -> None:
         _require(all(b > 0 for b in d.buckets), f"'data.buckets' = {list(d.buckets)} must be positive lengths.")
         _require(max(d.buckets) >= d.max_length,
                  f"'data.buckets' = {list(d.buckets)} must reach data.max_length = {d.max_length} (add it).")
-    for key in ("data", "fsdp", "expert", "tensor"):
+    for key in ("data", "fsdp", "expert", "context", "tensor"):
         value = getattr(cfg.mesh, key)
         _require(value == -1 or value > 0, f"'mesh.{key}' = {value} must be positive or -1 (fill).")
 

@@ -6,7 +6,7 @@ explicitly: nothing here reads a global mesh.
 
 Logical axis glossary:
   batch     rows of a batch (chosen and rejected sequences)
-  length    sequence positions
+  length    sequence positions (split over `context` under context parallelism)
   embed     model width D
   mlp       MLP hidden width F
   heads     query heads H
@@ -20,8 +20,9 @@ Logical axis glossary:
   router    the router's output (one logit per expert; never sharded)
 
 Mesh axes: data (replicas), fsdp (parameter and optimizer-state shards), expert (MoE experts; like data and fsdp it
-also splits the batch, so its devices hold different tokens and exchange them with an all-to-all), tensor (heads,
-MLP width, vocabulary).
+also splits the batch, so its devices hold different tokens and exchange them with an all-to-all), context (the
+positions of a row: `dpojax.models.context`; present only when mesh.context > 1, so a mesh without it is exactly the
+four-axis mesh), tensor (heads, MLP width, vocabulary).
 """
 
 from __future__ import annotations
@@ -38,12 +39,18 @@ from jax.sharding import PartitionSpec as P
 from dpojax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
+CONTEXT_MESH_AXES = ("data", "fsdp", "expert", "context", "tensor")  # the mesh's axes when mesh.context > 1
+
+
+def mesh_axes(context: int = 1) -> tuple[str, ...]:
+    """The mesh's axis names: MESH_AXES, with `context` before `tensor` when mesh.context is not 1."""
+    return MESH_AXES if context == 1 else CONTEXT_MESH_AXES
 
 # logical axis -> mesh axis (or tuple of mesh axes, or None for replicated)
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp", "expert")),
-    ("length", None),
-    ("embed", "fsdp"),
+    ("length", "context"),  # context parallelism: a row's positions split over `context` (absent: whole)
+    ("embed", ("fsdp", "context")),  # parameters also sharded over `context` (its devices hold the same rows)
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
@@ -57,14 +64,17 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
-def resolve_mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int, expert: int = 1) -> tuple[int, ...]:
-    """Fill at most one -1 so that data*fsdp*expert*tensor == n_devices, or raise a ConfigError; the sizes come
-    back in MESH_AXES order (data, fsdp, expert, tensor)."""
-    sizes = {"data": data, "fsdp": fsdp, "expert": expert, "tensor": tensor}
+def resolve_mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int, expert: int = 1,
+                       context: int = 1) -> tuple[int, ...]:
+    """Fill at most one -1 so that data*fsdp*expert*context*tensor == n_devices, or raise a ConfigError; the sizes
+    come back in `mesh_axes(context)` order (data, fsdp, expert, tensor; context before tensor when not 1)."""
+    sizes = {"data": data, "fsdp": fsdp, "expert": expert, "context": context, "tensor": tensor}
     given = " ".join(f"{k}={v}" for k, v in sizes.items())
-    shape = [sizes[a] for a in MESH_AXES]
+    axes = mesh_axes(context)
+    shape = [sizes[a] for a in axes]
+    names, product = "/".join(axes), "*".join(axes)
     if shape.count(-1) > 1:
-        raise ConfigError(f"mesh: at most one of mesh.data/fsdp/expert/tensor may be -1, got {given}.")
+        raise ConfigError(f"mesh: at most one of mesh.{names} may be -1, got {given}.")
     if any(s == 0 or s < -1 for s in shape):
         raise ConfigError(f"mesh: sizes must be positive or -1, got {given}.")
     known = math.prod(s for s in shape if s != -1)
@@ -72,19 +82,21 @@ def resolve_mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int, expert
         if n_devices % known:
             raise ConfigError(
                 f"mesh: {n_devices} devices found, which is not divisible by the fixed mesh axes "
-                f"(product {known}); set mesh.data/fsdp/expert/tensor so their product is {n_devices}."
+                f"(product {known}); set mesh.{names} so their product is {n_devices}."
             )
         shape[shape.index(-1)] = n_devices // known
     if math.prod(shape) != n_devices:
         raise ConfigError(
-            f"mesh: data*fsdp*expert*tensor = {math.prod(shape)} but {n_devices} devices were found "
+            f"mesh: {product} = {math.prod(shape)} but {n_devices} devices were found "
             f"({jax.devices()[0].platform}); set the mesh so the product is {n_devices} (use -1 to fill)."
         )
     return tuple(shape)
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None, *, expert: int = 1) -> Mesh:
-    """A (data, fsdp, expert, tensor) mesh over `devices` (default: all devices of all processes).
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None, *, expert: int = 1,
+              context: int = 1) -> Mesh:
+    """A (data, fsdp, expert, tensor) mesh over `devices` (default: all devices of all processes); with
+    `context` > 1 (or -1) a (data, fsdp, expert, context, tensor) mesh.
 
     On TPU the devices are laid out along the physical torus (`mesh_utils.create_device_mesh`), so the
     tensor axis, which communicates most, gets the closest neighbours, then the expert axis (all-to-all);
@@ -93,7 +105,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None, *, e
     multiple of them.
     """
     devices = list(jax.devices() if devices is None else devices)
-    shape = resolve_mesh_shape(data, fsdp, tensor, len(devices), expert)
+    shape = resolve_mesh_shape(data, fsdp, tensor, len(devices), expert, context)
     slices = len({getattr(d, "slice_index", 0) for d in devices})
     try:
         if slices > 1:
@@ -109,7 +121,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None, *, e
             grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
     except (ValueError, NotImplementedError, AssertionError):  # an unusual TPU slice shape: keep the given order
         grid = np.asarray(devices).reshape(shape)
-    return Mesh(grid, MESH_AXES)
+    return Mesh(grid, mesh_axes(context))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +159,11 @@ class Sharder:
     def experts(self) -> int:
         """The size of the mesh's expert axis (1: no expert parallelism, or a mesh without that axis)."""
         return self.mesh.shape.get("expert", 1)
+
+    @property
+    def context(self) -> int:
+        """The size of the mesh's context axis (1: every device holds whole rows)."""
+        return self.mesh.shape.get("context", 1)
 
     def named(self, names: tuple[str | None, ...], shape: tuple[int, ...] | None = None) -> NamedSharding:
         return NamedSharding(self.mesh, self.spec(names, shape))

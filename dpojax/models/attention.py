@@ -21,6 +21,8 @@ XLA kernel (and the KV-cache decode step) takes it.
 - "splash": the Pallas splash kernel (`dpojax.models.splash`) per device under `shard_map` on TPU: never builds
   the [B, H, T, T] scores, forward or backward. No sliding windows (its masks are static, our windows are
   per-layer data). On a CPU mesh it runs in the Pallas interpreter (tests; slow); refused on GPU.
+- with `mesh.context` > 1 the decoder calls `dpojax.models.context.attend_context` instead (rows split over the
+  context axis, keys/values all-gathered): xla or splash; cudnn is refused there.
 - "auto": xla for models with attention sinks; splash on TPU unless a layer has a sliding window; cudnn on GPU when
   `cudnn_allows` (bf16/fp16, no soft-cap, head_dim a multiple of 8 up to 256 on Hopper, 128 on Ampere); else xla.
 """

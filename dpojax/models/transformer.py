@@ -43,6 +43,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from dpojax.models import context as context_lib
 from dpojax.models.attention import attend, resolve_attention
 from dpojax.models.config import ModelConfig
 from dpojax.models.experts import RouterStats
@@ -89,6 +90,7 @@ class SelfAttention(nnx.Module):
             self.q_norm = self.k_norm = None
         self.sinks = (make_param(rngs, (H,), ("heads",), init="normal", param_dtype=param_dtype, num_layers=L)
                       if cfg.attention_sinks else None)
+        self.context = sharder is not None and sharder.context > 1  # rows in zig-zag order over `context`
 
     def __call__(self, x_BxTxD, rope_cos_sin, segment_ids_BxT, window, packed=None,
                  cache: LayerCache | None = None):
@@ -113,6 +115,13 @@ class SelfAttention(nnx.Module):
                                                 implementation=self.attention, softcap=self.softcap, window=window,
                                                 sharder=self.sharder, sinks_H=sinks_H)
             return self.o_proj(out_BxTxHxDh), cache
+        if self.context:
+            packed = packed or {}
+            out_BxTxHxDh = context_lib.attend_context(
+                q_BxTxHxDh, k_BxTxGxDh, v_BxTxGxDh, segment_ids_BxT, sharder=self.sharder,
+                implementation=self.attention, scale=self.scale, softcap=self.softcap, window=window,
+                positions_BxT=packed.get("positions_BxT"), branch_ids_BxT=packed.get("branch_ids_BxT"), sinks_H=sinks_H)
+            return self.o_proj(checkpoint_name(out_BxTxHxDh, "context"))
         out_BxTxHxDh = attend(q_BxTxHxDh, k_BxTxGxDh, v_BxTxGxDh, segment_ids_BxT, implementation=self.attention,
                               scale=self.scale, softcap=self.softcap, window=window, sharder=self.sharder,
                               sinks_H=sinks_H, **(packed or {}))
@@ -203,6 +212,9 @@ class Decoder(nnx.Module):
         self.final_softcap = cfg.final_softcap
         self.attention = resolve_attention(attention, dtype=dtype, head_dim=cfg.head_dim, softcap=cfg.attn_softcap,
                                            sliding_window=cfg.has_sliding_window, sinks=cfg.attention_sinks)
+        self.context = 1 if sharder is None else sharder.context
+        if self.context > 1:
+            self.attention = context_lib.context_attention(attention, self.attention)
         D, V = cfg.hidden_size, cfg.vocab_size
         self.embed_tokens = Embed(V, D, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embed_positions = (Embed(cfg.max_position_embeddings, D, dtype=dtype, param_dtype=param_dtype,
@@ -223,16 +235,26 @@ class Decoder(nnx.Module):
                 token_weights_BxT: jax.Array | None = None) -> tuple[jax.Array, RouterStats | None]:
         """As `__call__`, -> (hidden, RouterStats stacked over layers, or None for dense models).
         token_weights_BxT: each token's weight in the router statistics (default: 1 where segment_ids > 0)."""
-        self.cfg.check_seq_len(input_ids_BxT.shape[1] if band is None else band)
+        T = input_ids_BxT.shape[1]
+        self.cfg.check_seq_len(T if band is None else band)
+        if token_weights_BxT is None and self.cfg.is_moe:
+            token_weights_BxT = (segment_ids_BxT > 0).astype(jnp.float32)
+        if self.context > 1:  # rows in zig-zag order, padded to 2 * context blocks (`dpojax.models.context`)
+            length = context_lib.padded_length(T, self.context, self.attention)
+            to = functools.partial(context_lib.to_context, C=self.context, length=length)
+            input_ids_BxT, positions_BxT, segment_ids_BxT = to(input_ids_BxT), to(positions_BxT), to(segment_ids_BxT)
+            branch_ids_BxT = None if branch_ids_BxT is None else to(branch_ids_BxT)
+            token_weights_BxT = None if token_weights_BxT is None else to(token_weights_BxT)
         packed = None
         if band is not None:
             packed = {"branch_ids_BxT": branch_ids_BxT, "positions_BxT": positions_BxT, "band": band}
-        if token_weights_BxT is None and self.cfg.is_moe:
-            token_weights_BxT = (segment_ids_BxT > 0).astype(jnp.float32)
         x_BxTxD = self._embed(input_ids_BxT, positions_BxT)
         x_BxTxD, stats = self._run_layers(x_BxTxD, self._rope_tables(positions_BxT), segment_ids_BxT, packed,
                                           token_weights_BxT)
-        return constrain(self.norm(x_BxTxD), self.sharder, ACT), stats
+        x_BxTxD = self.norm(x_BxTxD)
+        if self.context > 1:
+            x_BxTxD = context_lib.from_context(x_BxTxD, self.context, T)
+        return constrain(x_BxTxD, self.sharder, ACT), stats
 
     def _embed(self, input_ids_BxT, positions_BxT):
         x_BxTxD = self.embed_tokens(input_ids_BxT)

@@ -86,7 +86,8 @@ Loader = Callable[[str, str], tuple[Any, Any, ModelConfig]]
 
 def make_sharder(cfg: Config, devices=None) -> Sharder:
     """The run's mesh over `devices` (default: every device of every process)."""
-    return Sharder(make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices, expert=cfg.mesh.expert))
+    return Sharder(make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices, expert=cfg.mesh.expert,
+                             context=cfg.mesh.context))
 
 
 def import_transformers_quietly() -> None:
@@ -420,9 +421,23 @@ def process_kw() -> dict:
     return {"process_index": jax.process_index(), "process_count": jax.process_count()}
 
 
+def data_process_kw(sharder: Sharder | None) -> dict:
+    """This host's share of the batch as `process_kw`, counting hosts that hold the same rows once: with a mesh
+    axis that does not split the batch (`context`, `tensor`) across hosts, those hosts load the same rows."""
+    if sharder is None or jax.process_count() == 1:
+        return process_kw()
+    n = sharder.batch_shards
+    held: dict[int, set] = {}
+    for device, index in batch_sharding(sharder).devices_indices_map((n,)).items():
+        held.setdefault(device.process_index, set()).add(index[0].start or 0)
+    groups = sorted({tuple(sorted(rows)) for rows in held.values()})
+    return {"process_index": groups.index(tuple(sorted(held[jax.process_index()]))), "process_count": len(groups)}
+
+
 def batch_kw(cfg: Config, spec: StepSpec, sharder: Sharder | None, *, train: bool) -> dict:
     """Keyword arguments of `train_batches` / `eval_batches` for a run: buckets, packing, this host's share."""
-    return {"buckets": cfg.data.buckets, "packing": packing_of(spec, sharder, train=train), **process_kw()}
+    return {"buckets": cfg.data.buckets, "packing": packing_of(spec, sharder, train=train),
+            **data_process_kw(sharder)}
 
 
 # ------------------------------------------------------------------------------------------------ the run
