@@ -23,12 +23,15 @@ install-test: $(VENV)/.installed-test
 demo: $(VENV)/.installed
 	$(VENV)/bin/dpojax train configs/demo.yaml
 
-# The linter (pyproject.toml [tool.ruff]), then two workers for most tests (each compiles on its own core); subprocess/timing tests (`serial`) after, alone.
-# The workers take modules in collection order: tests/conftest.py puts the slowest first (SLOWEST_FIRST).
+# The linter (pyproject.toml [tool.ruff]), then two workers for all tests but the `serial` ones (each worker compiles
+# on its own core), then those alone. The workers take modules in collection order: tests/conftest.py puts the slowest
+# first (SLOWEST_FIRST). The serial pass collects only SERIAL_TESTS, the files with `serial` tests outside tests/faults
+# (tests/test_make_test.py checks the list), not every module.
+SERIAL_TESTS := tests/test_multihost.py
 test: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not serial" tests
-	$(PY) -m pytest -q -m "serial and not faults" tests
+	$(PY) -m pytest -q -m "serial and not faults" $(SERIAL_TESTS)
 
 # tests/faults whole (docs/fault-tolerance.md): also the multi-process faults `make test` leaves out (killed peers,
 # SIGTERM during a save, the object store stopped mid-run), one at a time.
