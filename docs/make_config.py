@@ -44,7 +44,8 @@ overrides)` (see [the Python API](python-api.md)).
 The topics behind the keys: `model` ([models](models.md), [LoRA](lora.md)), `data` ([data formats](data.md),
 [packing](packing.md), [rankings](rankings.md)), `loss` and `ref_model` ([losses](losses.md)), `train`
 ([metrics](metrics.md), [performance](performance.md)), `mesh` and `distributed` ([scaling out](scaling-out.md)),
-`checkpoint` ([fault tolerance](fault-tolerance.md)).
+`checkpoint` ([fault tolerance](fault-tolerance.md)), `task` and `reward` ([training a reward
+model](reward-models.md#training-a-reward-model)).
 
 This page is generated from `dpojax/config.py` by `python docs/make_config.py`; `tests/test_docs.py` fails when
 the two disagree. `null` is YAML's None; a list may be given as `[a, b]` or, for one item, as a plain value.

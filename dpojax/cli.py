@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         _close_progress_bars()  # the message on a line of its own, not after a bar the error left open
         print(f"dpojax {args.command}: error: {e}", file=sys.stderr)
+        if isinstance(e, StorageError) and argv is None:  # the program's own command: end it now (below)
+            _exit_now(2)
         return 2
     except KeyboardInterrupt:
         print(f"dpojax {args.command}: interrupted", file=sys.stderr)
@@ -103,6 +105,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         traceback.print_exc(file=sys.__stderr__)  # to the log: the supervisor reports it in one line
         return 1
+
+
+def _exit_now(code: int) -> None:
+    """End the process without waiting for its threads: after a full disk or a store gone, the storage clients'
+    threads still retry their writes (TensorStore: up to ~15 minutes) and print tracebacks as they fail."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _close_progress_bars() -> None:
@@ -125,10 +135,10 @@ def _log_to_stderr() -> None:
 
 
 def _quiet_library_tracebacks(record: logging.LogRecord) -> bool:
-    """Orbax logs the traceback of a failed save (a full disk...) from each of its threads, and asyncio those of its
-    writes left unawaited, before the same error reaches the main thread, which reports it in one message: those
-    records stay off the screen."""
-    return not (record.exc_info and record.name.partition(".")[0] in ("absl", "orbax", "asyncio"))
+    """Orbax logs the traceback of a failed save (a full disk...) from each of its threads, asyncio those of its
+    writes left unawaited, and gcsfs that of each request out of retries, before the same error reaches the main
+    thread, which reports it in one message: those records stay off the screen."""
+    return not (record.exc_info and record.name.partition(".")[0] in ("absl", "orbax", "asyncio", "gcsfs"))
 
 
 def _command(args, argv: list[str]) -> int:
@@ -169,15 +179,18 @@ def train_from_cli(config_path: str, overrides: list[str], argv: list[str] | Non
     use_compilation_cache(cfg)
     try:
         train(cfg)
+    except StorageError:  # its message says it all already
+        raise
     except Exception as e:
         full, store = paths.no_space(e, cfg.output_dir), paths.store_failure(e, cfg.output_dir)
         if full is None and store is None:
             raise
-        fix = ("Free space there (or move the run folder and point output_dir at it), then run the same command "
-               "again" if full else "Run the same command again once the store answers")
+        if store:
+            raise StorageError(ckpt.store_down(store, cfg.output_dir)) from None
         raise StorageError(
-            f"{full or store}. Nothing past the newest complete checkpoint is kept: "
-            f"{ckpt.describe_newest(cfg.output_dir)}. {fix}: it resumes from that checkpoint."
+            f"{full}. Nothing past the newest complete checkpoint is kept: {ckpt.describe_newest(cfg.output_dir)}. "
+            "Free space there (or move the run folder and point output_dir at it), then run the same command again: "
+            "it resumes from that checkpoint."
         ) from None
     return 0
 

@@ -83,6 +83,7 @@ class DataSection:
     buckets: Optional[tuple[int, ...]] = None  # padded lengths; default: powers of two up to max_length
     max_responses: int = 8  # most responses per ranked/scored row (prompt, responses[, scores]); more is a bad row
     pairs_from_scores: Literal[PAIRS_FROM_SCORES] = "none"  # expand ranked rows into pairs
+    unpair: bool = False  # kto: unroll each pair into a desirable (chosen) and an undesirable (rejected) row, as TRL
     # auto | none | padding_free | shared_prompt (dpojax.data.packing); auto: shared_prompt, padding_free on TPU
     packing: Literal[PACKING_MODES] = "auto"
 
@@ -101,10 +102,21 @@ class LossSection:
     discopop_tau: float = 0.05  # DiscoPOP mixing temperature
     simpo_gamma: float = 0.5  # SimPO target reward margin
     reference_free: bool = False  # use a uniform reference (no reference model)
+    desirable_weight: float = 1.0  # kto / apo_zero_unpaired: weight of the desirable (label true) rows' losses
+    undesirable_weight: float = 1.0  # kto / apo_zero_unpaired: weight of the undesirable (label false) rows' losses
     # mixture-of-experts policies: weight of the router load-balancing loss added to the policy loss (TRL's
     # router_aux_loss_coef); null: the checkpoint's config.json router_aux_loss_coef; 0 disables; dense models: null/0
     router_aux_loss_coef: Optional[float] = None
     import_: tuple[str, ...] = ()  # modules or .py files that register user losses, imported first (YAML key: import)
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardSection:
+    """Reward-model training (task: reward; docs/reward-models.md): TRL's RewardConfig keys."""
+
+    # weight of mean((r_chosen + r_rejected)^2) added to the loss, pulling rewards towards zero mean (TRL's
+    # center_rewards_coefficient, Eisenstein et al. 2023 recommend 0.01); null: off
+    center_rewards_coefficient: Optional[float] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,6 +205,8 @@ class CheckpointSection:
     async_: bool = True  # write in the background (YAML key: async)
     best_metric: Optional[str] = None  # also keep the best checkpoint by this eval metric (e.g. rewards/accuracies)
     best_mode: Literal["max", "min"] = "max"  # whether a larger or smaller best_metric is better
+    storage_timeout: float = 300.0  # seconds a gs:// or s3:// output_dir may stay unreachable before the run stops
+    # (one line, exit 2; the same command resumes once the store answers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,10 +254,14 @@ class Config:
     """A whole run's configuration, one frozen section per YAML section; build it with `config_from_dict` or
     `load_config` (which validate), never half-filled."""
 
+    # preference: train a policy on preferences (DPO and the other losses); reward: train a reward model (a score
+    # head on the decoder, Bradley-Terry on pairs, Plackett-Luce on rankings; no reference, no loss.* keys)
+    task: Literal["preference", "reward"] = "preference"
     model: ModelSection = ModelSection()
     ref_model: RefModelSection = RefModelSection()
     data: DataSection = DataSection()
     loss: LossSection = LossSection()
+    reward: RewardSection = RewardSection()  # task: reward only
     optim: OptimSection = OptimSection()
     train: TrainSection = TrainSection()
     mesh: MeshSection = MeshSection()
@@ -437,6 +455,7 @@ def validate(cfg: Config) -> None:
     if cfg.optim.lr < 0 or cfg.optim.warmup_steps < 0 or cfg.optim.weight_decay < 0:
         raise ConfigError("config: 'optim.lr', 'optim.warmup_steps' and 'optim.weight_decay' must be >= 0.")
     _validate_sections(cfg)
+    _validate_task(cfg)
     _validate_lora(cfg)
     losses.import_loss_modules(cfg.loss.import_)  # user losses register themselves before their names are checked
     losses.validate_loss_config(cfg.loss)
@@ -483,6 +502,7 @@ def _validate_sections(cfg: Config) -> None:
              "must be at least 1 (start_step: null turns profiling off).")
     _require(d.max_responses >= 2, f"'data.max_responses' = {d.max_responses} must be at least 2 (a ranking).")
     _require(c.keep >= 1, f"'checkpoint.keep' = {c.keep} must be at least 1.")
+    _require(c.storage_timeout > 0, f"'checkpoint.storage_timeout' = {c.storage_timeout} must be > 0 (seconds).")
     _require(cfg.model.vocab_tile is None or cfg.model.vocab_tile > 0,
              f"'model.vocab_tile' = {cfg.model.vocab_tile} must be a positive number of vocabulary entries (or null).")
     _require(cfg.model.vocab_tile is None or cfg.mesh.tensor == 1,
@@ -503,6 +523,36 @@ def _validate_sections(cfg: Config) -> None:
     for key in ("data", "fsdp", "expert", "tensor"):
         value = getattr(cfg.mesh, key)
         _require(value == -1 or value > 0, f"'mesh.{key}' = {value} must be positive or -1 (fill).")
+
+
+def _changed(section) -> list[str]:
+    """The keys of a config section that differ from their defaults (nested sections by their own keys)."""
+    out = []
+    for f in dataclasses.fields(section):
+        value, default = getattr(section, f.name), f.default
+        if dataclasses.is_dataclass(value):
+            out += [f"{_yaml_key(f.name)}.{k}" for k in _changed(value)]
+        elif value != default:
+            out.append(_yaml_key(f.name))
+    return out
+
+
+def _validate_task(cfg: Config) -> None:
+    """task: reward trains a reward model: keys that only mean something to preference optimization are refused;
+    the reward section is refused for a preference run."""
+    if cfg.task == "preference":
+        _require(not _changed(cfg.reward), f"'reward.{(_changed(cfg.reward) or [''])[0]}' is set, but it belongs to "
+                 "reward-model training; set task=reward, or remove it.")
+        return
+    for name in ("loss", "ref_model", "online"):
+        changed = _changed(getattr(cfg, name))
+        _require(not changed, f"'{name}.{(changed or [''])[0]}' is set, but task=reward trains a reward model "
+                 f"(Bradley-Terry / Plackett-Luce on its scores: no {name.replace('_', ' ')} section is read); remove "
+                 f"it, or set task=preference to train a policy.")
+    coef = cfg.reward.center_rewards_coefficient
+    _require(coef is None or coef >= 0, f"'reward.center_rewards_coefficient' = {coef} must be >= 0 (or null).")
+    _require(cfg.train.eval_samples == 0, "'train.eval_samples' samples completions from a policy; a reward model "
+             "generates nothing: set it to 0 with task=reward.")
 
 
 def _validate_lora(cfg: Config) -> None:
@@ -530,8 +580,18 @@ def _validate_with_losses(cfg: Config) -> None:
     _require(not (kwise and d.pairs_from_scores != "none"),
              f"'data.pairs_from_scores' = {d.pairs_from_scores!r} turns rankings into pairs, but loss.type="
              f"{cfg.loss.type[0]} trains on whole rankings; set data.pairs_from_scores=none or use a pair loss.")
+    unpaired = losses.is_unpaired(cfg.loss)
+    _require(not d.unpair or unpaired,
+             f"'data.unpair' turns pairs into unpaired rows, which only loss.type=kto or apo_zero_unpaired trains "
+             f"on (loss.type={list(cfg.loss.type)}); unset data.unpair or use loss.type=kto.")
+    if unpaired:
+        _require(not cfg.online.enabled, f"loss.type={cfg.loss.type[0]} trains on unpaired rows, which online "
+                                         "sampling does not make; use a pair loss with online.enabled.")
+        _require(cfg.loss.type[0] != "kto" or cfg.micro_batch_size >= 2,
+                 f"loss.type=kto estimates its KL term from the other rows of a (micro-)batch, so it needs at least 2 "
+                 f"rows per micro-batch (as TRL); got {cfg.micro_batch_size}: raise train.micro_batch_size.")
     if c.best_metric is not None:
-        names = losses.metric_names(cfg.loss)
+        names = losses.REWARD_METRICS if cfg.task == "reward" else losses.metric_names(cfg.loss)
         _require(c.best_metric in names,
                  f"'checkpoint.best_metric' = {c.best_metric!r} is not an eval metric of this run; choose one of "
                  f"{', '.join(names)}.")

@@ -18,13 +18,13 @@ from typing import Mapping
 import numpy as np
 
 from dpojax import paths
-from dpojax.losses import BASE_METRICS, RANKING_METRICS
+from dpojax.losses import BASE_METRICS, RANKING_METRICS, REWARD_METRICS
 
 PathLike = str | os.PathLike
 
-# TRL's names, then ranked data's (dpojax/losses/ranking.py), in the order a summary prints them; a summary shows
-# only the metrics a run has.
-PAIR_METRICS = (*BASE_METRICS, *RANKING_METRICS)
+# TRL's names, then ranked data's (dpojax/losses/ranking.py), KTO's reference point and entropy, then a reward
+# model's (dpojax/losses/reward.py), in the order a summary prints them; a summary shows only the metrics a run has.
+PAIR_METRICS = (*BASE_METRICS, *RANKING_METRICS, "kl", "entropy", *REWARD_METRICS[1:])
 
 
 def add_sums(acc: dict[str, tuple[float, float]] | None, new: Mapping) -> dict[str, tuple[float, float]]:
@@ -117,11 +117,14 @@ def plot_curves(records: list[dict], out_png: PathLike):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # after use("Agg"): no display needed
 
+    accuracy = ("reward accuracy", ("rewards/accuracies", "accuracy"))  # a reward model's (task: reward) name too
+    if not any("rewards/accuracies" in r for r in records) and any("kl" in r for r in records):
+        accuracy = ("KL reference point (KTO)", ("kl",))
     panels = (
         ("loss", ("loss",)),
-        ("reward accuracy", ("rewards/accuracies",)),
-        ("reward margin", ("rewards/margins",)),
-        ("rewards", ("rewards/chosen", "rewards/rejected")),
+        accuracy,
+        ("reward margin", ("rewards/margins", "margin")),
+        ("rewards", ("rewards/chosen", "rewards/rejected", "mean_reward")),
     )
     if any("online/reward_mean" in r for r in records):  # online runs: the mean reward of the samples
         panels += (("mean reward (online samples)", ("online/reward_mean",)),)

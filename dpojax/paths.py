@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import fnmatch
+import http.client
 import importlib.util
 import os
 import pathlib
@@ -29,7 +30,10 @@ import re
 import shutil
 import socket
 import tempfile
+import threading
 import time
+import urllib.error
+import urllib.request
 from typing import Iterable
 
 from etils import epath
@@ -127,6 +131,68 @@ def store_failure(e: BaseException | None, url: str | os.PathLike) -> str | None
             return f"object storage failed under {os.fspath(url)}: {type(e).__name__}: {first}"
         e = e.__cause__ or e.__context__
     return None
+
+
+def probe(url: str | os.PathLike, timeout_s: float = 10.0) -> str | None:
+    """One HTTP request to the object store of `url` (its bucket): None when the store answers (any status below
+    500, a refusal of the anonymous request included: the store is there), else what went wrong, in words. No
+    client library and no retries: this asks whether the store is reachable now, at most `timeout_s` seconds."""
+    scheme, rest = os.fspath(url).split("://", 1)
+    bucket = rest.split("/", 1)[0]
+    if scheme == "gs":
+        host = os.environ.get("STORAGE_EMULATOR_HOST", "")
+        base = ("https://storage.googleapis.com" if host in ("", "default") else
+                host if host.startswith(("http://", "https://")) else f"http://{host}")
+        target = f"{base.rstrip('/')}/storage/v1/b/{bucket}?fields=name"
+    else:
+        base = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "https://s3.amazonaws.com"
+        target = f"{base.rstrip('/')}/{bucket}"
+    try:
+        with urllib.request.urlopen(target, timeout=timeout_s) as response:
+            status = response.status
+    except urllib.error.HTTPError as e:
+        status = e.code
+    except (OSError, http.client.HTTPException) as e:
+        reason = e.reason if isinstance(e, urllib.error.URLError) else e
+        return f"{type(reason).__name__}: {reason}" if isinstance(reason, BaseException) else str(reason)
+    return None if status < 500 else f"HTTP status {status} from {target}"
+
+
+class StoreWatch:
+    """While a run writes to object storage: a thread that asks the store every `every_s` seconds whether it
+    answers (`probe`), and calls `on_down(words)` once (from that thread) when it has not answered for `timeout_s`
+    seconds in a row. The clients' own retries wait out a short outage; this bounds a long one, wherever the run
+    waits for the store (TensorStore retries a write for up to ~15 minutes, a request to a host that drops packets
+    waits minutes per try). A context manager; nothing to do for a local `url`."""
+
+    def __init__(self, url: str | os.PathLike, timeout_s: float, on_down, probe=probe, every_s: float | None = None):
+        self.url, self.timeout_s, self.on_down, self.probe = os.fspath(url), timeout_s, on_down, probe
+        self.every_s = every_s if every_s is not None else min(10.0, timeout_s / 4)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "StoreWatch":
+        if is_remote(self.url):
+            self._thread = threading.Thread(target=self._watch, name="dpojax-store-watch", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()  # not joined: a probe under way (at most 10 s) must not hold the end of the run
+
+    def _watch(self) -> None:
+        down_since = None
+        while not self._stop.wait(self.every_s):
+            asked = time.monotonic()
+            error = self.probe(self.url, min(10.0, self.timeout_s))
+            if error is None:
+                down_since = None
+                continue
+            down_since = asked if down_since is None else down_since
+            if time.monotonic() - down_since >= self.timeout_s and not self._stop.is_set():
+                self.on_down(f"object storage failed under {self.url}: it has not answered for "
+                             f"{time.monotonic() - down_since:.0f} s ({error})")
+                return
 
 
 def makedirs(p: str | os.PathLike) -> None:

@@ -90,4 +90,4 @@ checkpoint.save = _held_save
 paths.LineAppender.add = _full_disk_add
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())  # the command line itself (argv None): a storage error ends the process at once

@@ -419,7 +419,7 @@ def test_padding_pairs_do_not_count(name, batch):
 
 
 def test_jit_and_registry(batch):
-    assert set(ALL_TRL) | {"simpo", "orpo", "plackett_luce"} == set(losses.LOSSES)
+    assert set(ALL_TRL) | {"simpo", "orpo", "plackett_luce", "kto", "apo_zero_unpaired"} == set(losses.LOSSES)
     for name, loss in losses.LOSSES.items():
         assert loss.fn.__doc__ and ("arXiv" in loss.fn.__doc__ or "TRL" in loss.fn.__doc__), name
     cfg = Cfg(type=("sigmoid", "sft"), weights=(1.0, 0.5), use_weighting=True)

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from dpojax.data.packing import PackedBatch, Packing, pack
-from dpojax.data.sequences import prompt_fields, truncate_sequence
+from dpojax.data.sequences import labels_of, prompt_fields, truncate_sequence
 from dpojax.data.tokenize import TRUNCATION_MODES, TokenizedData
 from dpojax.errors import DataError
 
@@ -40,6 +40,7 @@ class PreferenceBatch:
     prompt_mask_N: np.ndarray  # float32, 1 = real prompt, 0 = filler (a copy of a real one) in the last eval batch
     prompt_index_N: np.ndarray  # int32, index of the row in TokenizedData; -1 for fillers
     ref_logps_NxK: np.ndarray | None = None  # float32 precomputed reference log-probs (ref_model.precompute)
+    label_N: np.ndarray | None = None  # float32 unpaired rows' labels (KTO): 1 desirable, 0 undesirable; else None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -104,7 +105,8 @@ def collate(
                 raise ValueError(f"row {m} response {j} has {t} tokens after truncation, more than the length {length}")
             input_ids[row, j, :t], segment_ids[row, j, :t], completion[row, j, :t] = ids, 1, mask
             positions[row, j, :t] = np.arange(t, dtype=np.int32)
-    return PreferenceBatch(input_ids, segment_ids, positions, completion, *prompt_fields(data, indices, prompt_mask))
+    return PreferenceBatch(input_ids, segment_ids, positions, completion, *prompt_fields(data, indices, prompt_mask),
+                           label_N=labels_of(data, indices))
 
 
 @dataclasses.dataclass(frozen=True)

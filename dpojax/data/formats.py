@@ -7,12 +7,16 @@ Formats, with TRL 1.16's meaning (`trl/data_utils.py`); each is standard (string
                    cuts it (see `extract_prompt`, quirks included)
   ranked           prompt, responses   2..data.max_responses responses, best first (a strict order)
   scored           prompt, responses, scores   one number per response, higher is better; ties allowed
+  unpaired         prompt, completion, label   one response with a thumbs-up (true: desirable) or down (false);
+                   KTO's data (TRL's unpaired preference format)
 
 A normalized row is {"prompt", "responses" (best first), "ranks"} (+ "tools", "chat_template_kwargs" when
 conversational): a pair is the ranking [chosen, rejected] with ranks [0, 1]. `ranks[k]` is the rank of response
 k's tie group, 0 for the best. Scored rows are sorted by score, highest first (stable: tied responses keep their
 order), tied responses share one rank, e.g. scores [7, 9, 7, 1] -> responses [b, a, c, d], ranks [0, 1, 1, 2]; a
-scored row whose scores are all equal states no preference and is dropped (counted, warned).
+scored row whose scores are all equal states no preference and is dropped (counted, warned). An unpaired row is
+{"prompt", "responses": [completion], "ranks": [0], "label"}; `unpair_rows` turns pair rows into unpaired ones
+(chosen -> label true, rejected -> false) in the order TRL's `unpair_preference_dataset` gives.
 
 `pairs_from_scores` turns ranked rows into K = 2 rows for pair losses: `best_vs_worst` keeps one pair per row (the
 first best response against the last worst one); `all_pairs` keeps every pair of responses with different ranks.
@@ -66,10 +70,13 @@ class RowFormat:
     implicit_prompt: bool = False  # pair rows without a prompt column: the prompt is extracted
     ranked: bool = False  # a `responses` column (ranked or scored) instead of chosen/rejected
     scored: bool = False  # a `scores` column gives the order (ties allowed)
+    unpaired: bool = False  # prompt, completion, label (true: desirable): one response per row, KTO's data
 
     @property
     def name(self) -> str:
         base = "conversational" if self.conversational else "standard"
+        if self.unpaired:
+            return f"unpaired {base}"
         if self.ranked:
             return f"{'scored' if self.scored else 'ranked'} {base}"
         return f"implicit-prompt {base}" if self.implicit_prompt else base
@@ -109,8 +116,18 @@ def detect_format(rows: list, source: str) -> RowFormat:
             return RowFormat(isinstance(responses[0], list), ranked=True, scored=row.get("scores") is not None)
         if _kind(row.get("chosen")) in ("text", "messages"):
             return RowFormat(_kind(row["chosen"]) == "messages", implicit_prompt=row.get("prompt") is None)
-    raise DataError(f"{source}: no row has a 'chosen' field (a string or a list of messages) nor a 'responses' "
-                    "field (a list of them)")
+        if _kind(row.get("completion")) in ("text", "messages") and "label" in row:
+            return RowFormat(_kind(row["completion"]) == "messages", unpaired=True)
+    raise DataError(f"{source}: no row has a 'chosen' field (a string or a list of messages), a 'responses' "
+                    "field (a list of them), nor 'completion' and 'label' fields (unpaired rows)")
+
+
+def is_unpaired(rows: Any) -> bool:
+    """Whether the data set is unpaired (prompt, completion, label) rather than pairs, read without a full pass."""
+    if hasattr(rows, "column_names"):  # a datasets.Dataset
+        return "completion" in rows.column_names and "chosen" not in rows.column_names
+    first = next((r for r in rows if isinstance(r, dict)), None)
+    return first is not None and first.get("completion") is not None and first.get("chosen") is None
 
 
 def is_ranked(rows: Any) -> bool:
@@ -205,12 +222,28 @@ def _check_scores(row: dict, fmt: RowFormat) -> list[tuple[str, str]]:
     return []
 
 
+def _check_label(row: dict) -> list[tuple[str, str]]:
+    label = row.get("label")
+    if label is None:
+        return [("label", "missing; an unpaired row needs label true (desirable) or false (undesirable)")]
+    if not isinstance(label, bool):
+        return [("label", f"expected true (desirable) or false (undesirable), got {type(label).__name__} "
+                          f"{label!r:.30}")]
+    return []
+
+
 def row_problems(row: Any, fmt: RowFormat, max_responses: int = 8) -> list[tuple[str, str]]:
     """(field, message) for everything wrong with one row; empty when the row is usable."""
     if not isinstance(row, dict):
-        fields = "prompt/responses" if fmt.ranked else "prompt/chosen/rejected"
+        fields = ("prompt/completion/label" if fmt.unpaired else "prompt/responses" if fmt.ranked
+                  else "prompt/chosen/rejected")
         return [("<row>", f"expected an object with {fields}, got {type(row).__name__}")]
-    if fmt.ranked:
+    if fmt.unpaired:
+        problems = _check_field(row, "prompt", fmt) + _check_field(row, "completion", fmt) + _check_label(row)
+        if row.get("chosen") is not None or row.get("responses") is not None:
+            problems.append(("completion", "mixed formats: has chosen/responses, but the dataset is unpaired "
+                                           "(decided by its first row)"))
+    elif fmt.ranked:
         problems = _check_field(row, "prompt", fmt) + _check_responses(row, fmt, max_responses)
         problems += _check_scores(row, fmt)
     else:
@@ -231,7 +264,9 @@ def row_problems(row: Any, fmt: RowFormat, max_responses: int = 8) -> list[tuple
 
 def _missing_columns(rows: list, fmt: RowFormat, source: str) -> None:
     """One short error when a required column is absent from every row (instead of one line per row)."""
-    if fmt.ranked:
+    if fmt.unpaired:
+        required = ("prompt", "completion", "label")
+    elif fmt.ranked:
         required = ("prompt", "responses") + (("scores",) if fmt.scored else ())
     else:
         required = ("chosen", "rejected") if fmt.implicit_prompt else ("prompt", "chosen", "rejected")
@@ -254,7 +289,9 @@ def order_and_ranks(scores: list[float]) -> tuple[list[int], list[int]]:
 
 
 def _normalize(row: dict, fmt: RowFormat) -> dict:
-    if not fmt.ranked:
+    if fmt.unpaired:
+        out = {"prompt": row["prompt"], "responses": [row["completion"]], "ranks": [0], "label": row["label"]}
+    elif not fmt.ranked:
         if fmt.implicit_prompt:
             prompt, chosen, rejected = extract_prompt(row["chosen"], row["rejected"])
         else:
@@ -310,7 +347,7 @@ def normalize_rows(rows: Any, source: str, *, on_bad_row: OnBadRow = "error", ma
             bad += [(i, field, msg) for field, msg in problems]
             continue
         norm = _normalize(row, fmt)
-        if norm["ranks"][-1] == 0:
+        if len(norm["ranks"]) > 1 and norm["ranks"][-1] == 0:
             all_tied += 1
             continue
         identical += _has_duplicates(norm["responses"])
@@ -354,3 +391,27 @@ def expand_pairs(prefrows: PreferenceRows, mode: str) -> PreferenceRows:
     log.info("%s: %d ranked row(s) expanded into %d pairs (%s)", prefrows.source, len(prefrows.rows), len(rows), mode)
     return dataclasses.replace(prefrows, rows=rows, row_index=index, rows_identical=identical,
                                pairs_from_scores=mode)
+
+
+# ---------------------------------------------------------------------------------------------------- unpairing
+UNPAIR_BLOCK = 1000  # rows per block of TRL's unpairing (`datasets.Dataset.map(batched=True)`'s default batch)
+
+
+def unpair_rows(prefrows: PreferenceRows) -> PreferenceRows:
+    """Unpaired rows from pair rows, as TRL's `unpair_preference_dataset`: each block of UNPAIR_BLOCK pairs becomes
+    its chosen responses (label true) followed by its rejected ones (label false); both keep their source row."""
+    if prefrows.fmt.unpaired:
+        return prefrows
+    rows, index = [], []
+    for start in range(0, len(prefrows.rows), UNPAIR_BLOCK):
+        block = list(zip(prefrows.row_index[start : start + UNPAIR_BLOCK], prefrows.rows[start : start + UNPAIR_BLOCK],
+                         strict=True))
+        for k, label in ((0, True), (-1, False)):  # the best response is chosen, the worst real one rejected
+            for i, row in block:
+                extras = {key: row[key] for key in ("tools", "chat_template_kwargs") if key in row}
+                rows.append({"prompt": row["prompt"], "responses": [row["responses"][k]], "ranks": [0],
+                             "label": label, **extras})
+                index.append(i)
+    log.info("%s: %d pair(s) unpaired into %d rows (data.unpair)", prefrows.source, len(prefrows.rows), len(rows))
+    return dataclasses.replace(prefrows, rows=rows, row_index=index, rows_identical=0,
+                               fmt=dataclasses.replace(prefrows.fmt, unpaired=True))

@@ -46,7 +46,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from dpojax.data.sequences import prompt_fields, truncate_sequence
+from dpojax.data.sequences import labels_of, prompt_fields, truncate_sequence
 from dpojax.data.tokenize import TokenizedData
 
 MODES = ("auto", "none", "padding_free", "shared_prompt")
@@ -79,6 +79,10 @@ class PackedBatch:
     # float32: how many sequences of the [N, K, T] batch hold the token (a shared prompt's token: its responses, an
     # aliased response's: 2; 0 on padding and filler prompts), the token weights of MoE router statistics
     token_weight_PxJ: np.ndarray | None = None
+    # int32 (reward models, `Packing.scores`): where each sequence is scored, row * J + position within its
+    # micro-batch's rows: its last token whose id is not the pad id (an alias: its original's); 0 for padding
+    score_at_NxK: np.ndarray | None = None
+    label_N: np.ndarray | None = None  # float32 unpaired rows' labels (KTO): 1 desirable, 0 undesirable; else None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -98,6 +102,7 @@ class Packing:
     shards: int = 1
     micro_batches: int = 1
     prompt_nll: bool = False
+    scores: bool = False  # fill `PackedBatch.score_at_NxK` (a reward model scores each sequence at one position)
 
     @property
     def row_capacity(self) -> int:
@@ -190,13 +195,15 @@ def row_length(n_tokens: int) -> int:
 
 
 class _RowWriter:
-    def __init__(self, length: int, pad_id: int):
+    def __init__(self, length: int, pad_id: int, scores: bool = False):
         self.ids = np.full(length, pad_id, np.int32)
         self.pos, self.seg, self.branch = (np.zeros(length, np.int32) for _ in range(3))
         self.src, self.target, self.owner = (np.zeros(length, np.int32) for _ in range(3))
         self.completion, self.lm, self.ld, self.weight = (np.zeros(length, np.float32) for _ in range(4))
         self.t = 0  # next token position
         self.e = 0  # next entry
+        self.pad_id, self.scores = pad_id, scores
+        self.scored_at: dict[tuple[int, int], int] = {}  # (prompt n, response k) -> its scored position (`scores`)
 
     def entries(self, src, target, owner, completion, lm, ld):
         """Append entries (arrays of one length, or scalars broadcast over it)."""
@@ -223,6 +230,8 @@ class _RowWriter:
             else:  # the alias's sequence holds its original's tokens too
                 self.weight[placed[alias] : placed[alias] + n] += part.weight
             at = placed[k if alias is None else alias]  # an alias scores its original's positions
+            if self.scores:
+                self.scored_at[part.n, k] = self._last_real(part.prefix, start, ids, at)
             # token i is predicted from the one before it; the first from the prompt's last (none without a prompt)
             src = at + np.arange(n) - 1
             if n:
@@ -235,6 +244,15 @@ class _RowWriter:
             if alias is None:
                 t += n
         self.t = t
+
+
+    def _last_real(self, prefix: np.ndarray, start: int, ids, at: int) -> int:
+        """The position of the rightmost token of prefix + ids whose id is not the pad id (the first position when
+        there is none), as transformers' sequence classifiers pick the scored token."""
+        full = np.concatenate([prefix, np.asarray(ids, prefix.dtype)])
+        where = np.concatenate([start + np.arange(len(prefix)), at + np.arange(len(ids))])
+        real = np.flatnonzero(full != self.pad_id)
+        return int(where[real[-1] if len(real) else 0])
 
 
 def pack(data: TokenizedData, indices: Sequence[int], prompt_mask: np.ndarray, packing: Packing, *,
@@ -270,7 +288,7 @@ def pack(data: TokenizedData, indices: Sequence[int], prompt_mask: np.ndarray, p
     for parts, rows_ in zip(micro_parts, assignments):
         micro_writers = []
         for row in rows_:
-            w = _RowWriter(length, data.pad_token_id)
+            w = _RowWriter(length, data.pad_token_id, packing.scores)
             for segment, i in enumerate(row, start=1):
                 w.write(parts[i], segment, k_max, packing.prompt_nll)
             micro_writers.append(w)
@@ -283,6 +301,7 @@ def pack(data: TokenizedData, indices: Sequence[int], prompt_mask: np.ndarray, p
     response_mask, rank, prompt_mask, prompt_index = prompt_fields(data, indices, prompt_mask)
     if rows * a % process_count or n_global % process_count:
         raise ValueError(f"{rows * a} rows / {n_global} prompts do not split over {process_count} hosts")
+    score_at = _score_positions(writers, n_global, k_max, length) if packing.scores else None
     r_share, n_share = rows * a // process_count, n_global // process_count
     rs = slice(process_index * r_share, (process_index + 1) * r_share)
     ns = slice(process_index * n_share, (process_index + 1) * n_share)
@@ -290,5 +309,17 @@ def pack(data: TokenizedData, indices: Sequence[int], prompt_mask: np.ndarray, p
         stack("ids")[rs], stack("pos")[rs], stack("seg")[rs], stack("branch")[rs], stack("src")[rs],
         stack("target")[rs], stack("owner")[rs], stack("completion")[rs], stack("lm")[rs], stack("ld")[rs],
         completion_len[ns], response_mask[ns], rank[ns], prompt_mask[ns], prompt_index[ns],
-        token_weight_PxJ=stack("weight")[rs],
+        token_weight_PxJ=stack("weight")[rs], score_at_NxK=None if score_at is None else score_at[ns],
+        label_N=None if data.labels is None else labels_of(data, indices)[ns],
     )
+
+
+def _score_positions(writers: list[list[_RowWriter]], n_global: int, k_max: int, length: int) -> np.ndarray:
+    """int32 [N, K]: each sequence's scored position, row * length + position within its micro-batch's rows."""
+    a = len(writers)
+    out = np.zeros((n_global, k_max), np.int32)
+    for micro, micro_writers in enumerate(writers):
+        for row, w in enumerate(micro_writers):
+            for (n, k), position in w.scored_at.items():
+                out[micro + n * a, k] = row * length + position
+    return out

@@ -35,3 +35,10 @@ def prompt_fields(data: TokenizedData, indices: Sequence[int], prompt_mask: np.n
     prompt_mask_N = np.ones(n, np.float32) if prompt_mask is None else np.asarray(prompt_mask, np.float32)
     prompt_index_N = np.where(prompt_mask_N > 0, np.asarray(indices, np.int64), -1).astype(np.int32)
     return response_mask_NxK, rank_NxK, prompt_mask_N, prompt_index_N
+
+
+def labels_of(data: TokenizedData, indices: Sequence[int]) -> np.ndarray | None:
+    """float32 [N] labels of unpaired rows `indices` (1 desirable, 0 undesirable); None for other formats."""
+    if data.labels is None:
+        return None
+    return np.asarray(data.labels, bool)[np.asarray(indices, np.int64)].astype(np.float32)

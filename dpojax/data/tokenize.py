@@ -66,6 +66,8 @@ class TokenizedData:
     stats: DataStats
     fingerprint: str  # the cache key
     from_cache: bool = False
+    margins: np.ndarray | None = None  # float32 [M]: each pair's `margin` column (reward models, `data.reward`)
+    labels: np.ndarray | None = None  # bool [M]: unpaired rows' label (true: desirable); None for other formats
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -174,7 +176,8 @@ def _chat_ids(tokenizer: Any, messages: list, row: dict, **kwargs: Any) -> list[
 
 
 def _tokenize_chat(tokenizer: Any, prefrows: PreferenceRows) -> tuple[list, list[list]]:
-    fields = "prompt/responses" if prefrows.fmt.ranked else "prompt/chosen/rejected"
+    fields = ("prompt/completion" if prefrows.fmt.unpaired else "prompt/responses" if prefrows.fmt.ranked
+              else "prompt/chosen/rejected")
     if not getattr(tokenizer, "chat_template", None):
         raise ModelError(
             f"{prefrows.source} is conversational, but tokenizer {_name(tokenizer)!r} has no chat template: use a "
@@ -240,7 +243,7 @@ def _flat_to_ragged(flat: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]:
     return [flat[offsets[k] : offsets[k + 1]] for k in range(len(offsets) - 1)]
 
 
-_BIG = ("prompt_ids", "response_ids", "ranks", "row_index", "from_cache", "stats")
+_BIG = ("prompt_ids", "response_ids", "ranks", "row_index", "from_cache", "stats", "margins", "labels")
 
 
 def _save_cache(path, data: TokenizedData) -> None:
@@ -250,6 +253,8 @@ def _save_cache(path, data: TokenizedData) -> None:
     arrays["prompt_flat"], arrays["prompt_offsets"] = _ragged_to_flat(data.prompt_ids)
     arrays["response_flat"], arrays["response_offsets"] = _ragged_to_flat([r for rs in data.response_ids for r in rs])
     arrays["ranks_flat"], arrays["ranks_offsets"] = _ragged_to_flat(data.ranks)
+    if data.labels is not None:
+        arrays["labels"] = data.labels
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     paths.write_bytes(path, buffer.getvalue())  # atomic: concurrent writers (hosts, workers) never leave a torn file
@@ -263,10 +268,11 @@ def _load_cache(path) -> TokenizedData | None:
             flat_responses = _flat_to_ragged(z["response_flat"], z["response_offsets"])
             ranks = _flat_to_ragged(z["ranks_flat"], z["ranks_offsets"])
             row_index = z["row_index"]
+            labels = z["labels"] if "labels" in z.files else None
         cuts = np.cumsum([0] + [len(r) for r in ranks])
         responses = [flat_responses[cuts[m] : cuts[m + 1]] for m in range(len(ranks))]
         meta["stats"] = DataStats(**meta["stats"])
-        return TokenizedData(prompts, responses, ranks, row_index, from_cache=True, **meta)
+        return TokenizedData(prompts, responses, ranks, row_index, from_cache=True, labels=labels, **meta)
     except (OSError, ValueError, KeyError, TypeError) as e:
         log.warning("ignoring unreadable token cache %s: %s", path, e)
         return None
@@ -314,6 +320,7 @@ def tokenize_rows(
         [np.asarray(prefrows.rows[j]["ranks"], np.int32) for j, _, _ in split],
         np.asarray([prefrows.row_index[j] for j, _, _ in split], np.int64), pad_id, max_length, truncation_mode,
         prefrows.fmt.name, prefrows.source, stats, key,
+        labels=np.asarray([prefrows.rows[j]["label"] for j, _, _ in split], bool) if prefrows.fmt.unpaired else None,
     )
     if path is not None:
         _save_cache(path, data)

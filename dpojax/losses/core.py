@@ -129,6 +129,7 @@ class Loss:
     metrics: Callable[[Terms, LossParams], MetricSums] | None = None  # extra metrics, (sum, count) pairs
     metric_names: tuple[str, ...] = ()  # the names `metrics` returns (checkpoint.best_metric is checked against)
     check: Callable[[Any], str | None] | None = None  # extra config check: an error message, or None
+    unpaired: bool = False  # trains on unpaired rows (prompt, completion, label) with a batch-level loss (KTO)
 
 
 LOSSES: dict[str, Loss] = {}
@@ -179,6 +180,11 @@ def is_kwise(cfg) -> bool:
     return any(loss.kwise for loss in traits(cfg))
 
 
+def is_unpaired(cfg) -> bool:
+    """Whether the configured loss trains on unpaired rows (KTO: `losses.kto`); then the data must be unpaired."""
+    return any(loss.unpaired for loss in traits(cfg))
+
+
 def needs_prompt_nll(cfg) -> bool:
     return any(loss.prompt_nll for loss in traits(cfg))
 
@@ -191,7 +197,7 @@ BASE_METRICS = (*TRL_METRICS, "logits/chosen", "logits/rejected")  # every run r
 
 def metric_names(cfg) -> tuple[str, ...]:
     """Every eval metric a run with this loss config records (TRL's names, then each loss's own)."""
-    names = list(BASE_METRICS)
+    names = [] if is_unpaired(cfg) else list(BASE_METRICS)  # unpaired losses name all of theirs
     types = loss_types(cfg)
     if len(set(types)) > 1:
         names += [f"loss/{name}" for name in dict.fromkeys(types)]
@@ -232,6 +238,10 @@ def _validated(cfg) -> bool:
     for loss in chosen:  # a loss's own rules first: they name the loss
         message = loss.check(cfg) if loss.check else None
         _check(message is None, message or "")
+    if not any(loss.unpaired for loss in chosen):
+        _check(getattr(cfg, "desirable_weight", 1.0) == 1.0 and getattr(cfg, "undesirable_weight", 1.0) == 1.0,
+               f"'loss.desirable_weight' / 'loss.undesirable_weight' weigh KTO's unpaired rows; loss.type="
+               f"{list(types)} does not read them: unset them, or use loss.type=kto.")
     if kwise:
         modifiers = {"label_smoothing": eps != 0.0, "use_weighting": cfg.use_weighting,
                      "ld_alpha": cfg.ld_alpha is not None, "rpo_alpha": cfg.rpo_alpha is not None,

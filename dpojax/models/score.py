@@ -167,6 +167,40 @@ def load_score_model(name_or_path: str | pathlib.Path, *, dtype=jnp.float32, par
     return ScoreModel(decoder, ScoreHead(weight), hf_config.get("pad_token_id")), cfg
 
 
+def has_score_head(name_or_path: str | pathlib.Path, revision: str | None = None) -> bool:
+    """Whether a model folder (or hub id) holds a score head (`score.weight`): a sequence classifier, not a causal
+    LM."""
+    return SCORE_WEIGHT in hf.weight_map(hf.resolve_model_dir(name_or_path, revision))
+
+
+def abstract_score_model(cfg: ModelConfig, *, num_labels: int = 1, pad_token_id: int | None = None,
+                         sharder: Sharder | None = None, **decoder_kwargs):
+    """(graphdef, State of ShapeDtypeStructs carrying their target shardings) of a classifier on `cfg`'s decoder
+    (no memory): the restore target of a reward model's checkpoint. decoder_kwargs as for Decoder()."""
+    cfg = decoder_config(cfg)
+    param_dtype = decoder_kwargs.get("param_dtype", jnp.float32)
+    model = nnx.eval_shape(lambda: ScoreModel(
+        Decoder(cfg, rngs=nnx.Rngs(0), sharder=sharder, **decoder_kwargs),
+        ScoreHead.init(num_labels, cfg.hidden_size, param_dtype=param_dtype, rngs=nnx.Rngs(0)), pad_token_id))
+    graphdef, state = nnx.split(model)
+    abstract = jax.tree.map(
+        lambda v: v.replace(value=jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=hf.param_sharding(v, sharder))),
+        state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return graphdef, abstract
+
+
+def random_score_model(cfg: ModelConfig, *, seed: int = 0, num_labels: int = 1, pad_token_id: int | None = None,
+                       sharder: Sharder | None = None, **decoder_kwargs) -> ScoreModel:
+    """A classifier built from a config alone (model.init: random): the decoder as `hf.init_random` makes it (seed
+    `seed`), the head N(0, initializer_range^2) (seed `seed` + 1)."""
+    cfg = decoder_config(cfg)
+    decoder = hf.init_random(cfg, seed=seed, sharder=sharder, **decoder_kwargs)
+    std = float(cfg.hf_config.get("initializer_range", 0.02))
+    head = _init_head(num_labels, cfg.hidden_size, decoder_kwargs.get("param_dtype", jnp.float32), std, sharder,
+                      seed + 1)
+    return ScoreModel(decoder, head, pad_token_id)
+
+
 def init_score_model(name_or_path: str | pathlib.Path, *, num_labels: int = 1, seed: int = 0,
                      pad_token_id: int | None = None, dtype=jnp.float32, param_dtype=jnp.float32,
                      attention: str = "auto", remat: str = "none", scan_layers: bool = True,

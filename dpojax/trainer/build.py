@@ -26,9 +26,11 @@ from jax.sharding import PartitionSpec as P
 
 from dpojax import losses, paths
 from dpojax.config import Config
+from dpojax.data import unpaired
 from dpojax.data.batching import PreferenceBatch, steps_per_epoch
 from dpojax.data.loader import load_preferences
-from dpojax.data.tokenize import TokenizedData, check_token_ids
+from dpojax.data.reward import margin_column, reward_rows
+from dpojax.data.tokenize import TokenizedData, check_token_ids, pad_token_id
 from dpojax.errors import ConfigError, ModelError
 from dpojax.models import experts, lora
 from dpojax.models.attention import resolve_attention
@@ -37,7 +39,7 @@ from dpojax.models.expert_parallel import check_expert_axis
 from dpojax.models.families import FAMILIES
 from dpojax.models.hf import abstract_params, init_random, load_pretrained, read_hf_config, resolve_model_dir
 from dpojax.sharding import Sharder, check_fsdp_sharded, make_mesh
-from dpojax.trainer import reference
+from dpojax.trainer import reference, reward_task
 from dpojax.trainer.step import (
     Kernels,
     StepSpec,
@@ -119,12 +121,19 @@ def model_kw(cfg: Config, sharder: Sharder, attention: str) -> dict:
                 remat=cfg.model.remat, scan_layers=cfg.model.scan_layers, sharder=sharder)
 
 
-def _build_model(cfg: Config, sharder: Sharder, attention: str, name: str, how: str):
+def _build_model(cfg: Config, sharder: Sharder, attention: str, name: str, how: str, *,
+                 pad_token_id: int | None = None):
     """(graphdef, params, ModelConfig) of `name`: `pretrained` weights, `random` init, or `abstract` (shapes and
-    shardings only: the restore target of a checkpoint). A `Loader` once the first three are given."""
+    shardings only: the restore target of a checkpoint). A `Loader` once the first three are given. task: reward:
+    the score model (`reward_task.build_score_model`, scoring at the last token that is not `pad_token_id`)."""
     kw = model_kw(cfg, sharder, attention)
     mcfg = ModelConfig.from_hf(read_hf_config(resolve_model_dir(name, cfg.model.revision)))
     check_expert_axis(mcfg.num_experts, sharder.experts, f"'{name}'")  # before any weight is read
+    if cfg.task == "reward":
+        return reward_task.build_score_model(mcfg, name, how, kw, pad_token_id=pad_token_id, seed=cfg.model.seed,
+                                             revision=cfg.model.revision)
+    if how == "pretrained":
+        reward_task.check_causal_lm(name, cfg.model.revision)
     if how == "pretrained":
         model, mcfg = load_pretrained(name, revision=cfg.model.revision, **kw)
         return (*nnx.split(model), mcfg)
@@ -139,7 +148,8 @@ def build_models(cfg: Config, sharder: Sharder, *, policy_from_checkpoint: bool 
     all placed on the mesh. `policy_from_checkpoint`: the policy is abstract, to be restored from a checkpoint."""
     tokenizer, tok_dir = load_tokenizer(cfg)
     kernels = run_kernels(cfg)
-    load = functools.partial(_build_model, cfg, sharder, kernels.attention)
+    pad = pad_token_id(tokenizer) if cfg.task == "reward" else None  # TRL: the classifier's pad id is the tokenizer's
+    load = functools.partial(_build_model, cfg, sharder, kernels.attention, pad_token_id=pad)
     models = assemble_models(cfg, load, sharder, kernels, policy_from_checkpoint=policy_from_checkpoint,
                              with_reference=with_reference)
     return dataclasses.replace(models, tokenizer=tokenizer, tokenizer_dir=tok_dir)
@@ -159,6 +169,9 @@ def abstract_models(cfg: Config, sharder: Sharder, read_config: Callable[[str], 
     def load(name: str, how: str):  # every model abstract, whatever `how`
         mcfg = read_config(name)
         check_expert_axis(mcfg.num_experts, sharder.experts, f"'{name}'")
+        if cfg.task == "reward":
+            return reward_task.build_score_model(mcfg, name, "abstract", model_kw(cfg, sharder, kernels.attention),
+                                                 pad_token_id=None, seed=cfg.model.seed)
         # MoE: the grouped matmul of `backend` (ragged_dot on TPU), not this host's
         grouped = experts.grouped_kernel(backend)
         return (*abstract_params(mcfg, **model_kw(cfg, sharder, kernels.attention), grouped=grouped), mcfg)
@@ -177,7 +190,7 @@ def assemble_models(cfg: Config, load: Loader, sharder: Sharder, kernels: Kernel
     how = "abstract" if policy_from_checkpoint else ("random" if cfg.model.init == "random" else "pretrained")
     pgraph, pparams, pcfg = load(cfg.model.name_or_path, how)
     rgraph = rparams = None
-    if with_reference and not losses.reference_free(cfg.loss):
+    if with_reference and needs_reference(cfg):
         same = cfg.ref_name_or_path == cfg.model.name_or_path
         if same and cfg.model.init == "random":  # the reference is the policy's initial random weights
             if how == "random":
@@ -208,6 +221,15 @@ def _lora_models(cfg: Config, load: Loader, sharder: Sharder, kernels: Kernels, 
     how = ("random" if cfg.model.init == "random" else "pretrained") if with_base else "abstract"
     bgraph, bparams, mcfg = load(cfg.model.name_or_path, how)
     lcfg = cfg.model.lora
+    if cfg.task == "reward":  # adapters on the score model's decoder, its head trained whole (PEFT's SEQ_CLS)
+        def fill(adapters, groups):
+            if policy_from_checkpoint:
+                return adapters
+            return (lora.load_peft(lcfg.init_from, adapters, groups, mcfg, lcfg) if lcfg.init_from
+                    else lora.init_values(adapters, cfg.model.seed))
+
+        pgraph, trainable, frozen, setup = reward_task.lora_score_model(bgraph, bparams, mcfg, lcfg, sharder, fill)
+        return Models(None, None, mcfg, pgraph, trainable, kernels, None, frozen, lora=setup)
     if mcfg.is_moe:
         present = {"/".join(str(k) for k in path[:-1]) for path, _ in nnx.to_flat_state(bparams)
                    if path[-1] == "kernel"}
@@ -217,9 +239,15 @@ def _lora_models(cfg: Config, load: Loader, sharder: Sharder, kernels: Kernels, 
     if not policy_from_checkpoint:
         adapters = (lora.load_peft(lcfg.init_from, adapters, groups, mcfg, lcfg) if lcfg.init_from
                     else lora.init_values(adapters, cfg.model.seed))
-    rgraph = None if losses.reference_free(cfg.loss) else bgraph
+    rgraph = bgraph if needs_reference(cfg) else None
     setup = lora.LoraSetup(bgraph, tuple(groups), lora.scale_of(lcfg.alpha, lcfg.rank, lcfg.rslora))
     return Models(None, None, mcfg, pgraph, adapters, kernels, rgraph, bparams, lora=setup)
+
+
+def needs_reference(cfg: Config) -> bool:
+    """Whether a run has a reference model: a preference loss that is not reference-free (a reward model has
+    none)."""
+    return cfg.task == "preference" and not losses.reference_free(cfg.loss)
 
 
 MOE_INTERNAL = ("layers/mlp/router", "layers/mlp/experts")  # dpojax paths of an MoE block's router and experts
@@ -298,21 +326,35 @@ def cache_dir(cfg: Config):
     return paths.path(cfg.data.cache_dir or Path.home() / ".cache" / "dpojax")
 
 
-def load_split(cfg: Config, models: Models, spec: str, split: str) -> TokenizedData:
-    """Tokenized rows of one data split, checked against the policy's vocabulary."""
+def load_split(cfg: Config, models: Models, spec: str, split: str, *, train: bool = False) -> TokenizedData:
+    """Tokenized rows of one data split, checked against the policy's vocabulary. Unpaired rows (KTO) get their KL
+    completions (`data.unpaired`); `train`: the training split, whose rows must hold both classes."""
     data = load_preferences(
         spec, models.tokenizer, split=split, max_length=cfg.data.max_length,
         truncation_mode=cfg.data.truncation_mode, cache_dir=str(cache_dir(cfg)), on_bad_row=cfg.data.on_bad_row,
         max_responses=cfg.data.max_responses, pairs_from_scores=cfg.data.pairs_from_scores,
-        ranking_loss=losses.is_kwise(cfg.loss),
+        ranking_loss=None if cfg.task == "reward" else losses.is_kwise(cfg.loss),
+        unpaired_loss=cfg.task != "reward" and losses.is_unpaired(cfg.loss), unpair=cfg.data.unpair,
     )
-    return check_token_ids(data, models.policy_cfg.vocab_size, models.tokenizer,
+    data = check_token_ids(data, models.policy_cfg.vocab_size, models.tokenizer,
                            f"the policy '{cfg.model.name_or_path}'")
+    if cfg.task == "reward":
+        return reward_rows(data, cfg.data.max_length, margin_column(spec, split))
+    if data.labels is None:
+        return data
+    if train:
+        unpaired.check_balance(data, cfg.loss.desirable_weight, cfg.loss.undesirable_weight)
+    if losses.kto.uses_kl(cfg.loss.type[0]):
+        data = unpaired.with_kl_completions(data, cfg.micro_batch_size)
+    return data
 
 
 def precompute_references(cfg: Config, models: Models, sharder: Sharder, datasets: list[TokenizedData]) -> Models:
     """Run the reference once over each data set (cached on disk); the models without it (`without_reference`),
-    or `models` as they were when nothing is precomputed."""
+    or `models` as they were when nothing is precomputed. A reward model has no reference: its data's margin
+    columns take the tables' place (`reward_task.margin_tables`)."""
+    if cfg.task == "reward":
+        return dataclasses.replace(models, ref_tables=reward_task.margin_tables(datasets))
     if not _precomputes(cfg, models):
         return models
     spec = make_spec(cfg, models.policy_graphdef, models.ref_graphdef, sharder, total_steps=1, kernels=models.kernels,

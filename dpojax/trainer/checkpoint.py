@@ -230,8 +230,29 @@ def find_checkpoint(source: str | os.PathLike) -> Found | None:
     return Found(steps[-1], root / str(steps[-1])) if steps else None
 
 
-def describe_newest(source: str | os.PathLike) -> str:
-    """The newest complete checkpoint of a run folder, in words (for a message about a run that stopped)."""
+def store_down(words: str, output_dir: str | os.PathLike, known: int | None = None) -> str:
+    """The message of a run stopped by its object store (`words`: `paths.store_failure`'s or `paths.StoreWatch`'s)."""
+    return (f"{words}. Nothing past the newest complete checkpoint is kept: {describe_newest(output_dir, known)}. "
+            "Run the same command again once the store answers: it resumes from that checkpoint.")
+
+
+def newest_saved(mngr: ocp.CheckpointManager) -> int | None:
+    """The newest step `mngr` knows complete, read from its own record (not the storage: for a message about a
+    store that does not answer): its steps, less the newest while that one's save is under way."""
+    steps = sorted(mngr.all_steps())
+    if steps and mngr.is_saving_in_progress():
+        steps = steps[:-1]
+    return steps[-1] if steps else None
+
+
+def describe_newest(source: str | os.PathLike, known: int | None = None) -> str:
+    """The newest complete checkpoint of a run folder, in words (for a message about a run that stopped). When
+    the folder is on an object store that does not answer, the `known` step (`newest_saved`) instead."""
+    if paths.is_remote(source) and paths.probe(source) is not None:  # a listing would read as "no checkpoint"
+        if known is None:
+            return "unknown now (the store does not answer)"
+        return (f"step {known} ({checkpoint_dir(source) / str(known)}), the newest this run saved or found (the "
+                "store does not answer)")
     try:
         found = find_checkpoint(source)
     except Exception as e:  # noqa: BLE001 - a report of the last resort: say why it is unknown

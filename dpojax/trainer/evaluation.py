@@ -14,7 +14,7 @@ from dpojax.config import Config
 from dpojax.data.batching import eval_batches
 from dpojax.data.tokenize import TokenizedData
 from dpojax.trainer import checkpoint as ckpt
-from dpojax.trainer import reference
+from dpojax.trainer import reference, reward_task
 from dpojax.trainer import window as W
 from dpojax.trainer.build import (
     Models,
@@ -75,6 +75,8 @@ def evaluate(cfg: Config) -> dict[str, float]:
     is_main = jax.process_index() == 0
     sharder = make_sharder(cfg)
     found = ckpt.find_checkpoint(cfg.output_dir)
+    if cfg.task == "reward" and found is None:  # a causal LM's head would be random: nothing to evaluate
+        reward_task.check_trained_head(cfg.model.name_or_path, cfg.model.revision)
     models = build_models(cfg, sharder, policy_from_checkpoint=found is not None)
     spec_name, split = (cfg.data.eval, cfg.data.eval_split) if cfg.data.eval else (cfg.data.train, cfg.data.train_split)
     data = load_split(cfg, models, spec_name, split)

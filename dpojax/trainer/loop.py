@@ -10,6 +10,8 @@ import contextlib
 import dataclasses
 import gc
 import logging
+import os
+import sys
 from typing import Any, Iterator
 
 import jax
@@ -19,7 +21,7 @@ from dpojax import distributed, paths, tracking
 from dpojax import metrics as M
 from dpojax.config import Config, dump_yaml
 from dpojax.data.tokenize import TokenizedData
-from dpojax.errors import ConfigError
+from dpojax.errors import ConfigError, StorageError
 from dpojax.trainer import checkpoint as ckpt
 from dpojax.trainer import online, prefetch, reference
 from dpojax.trainer import window as W
@@ -163,8 +165,12 @@ def write_record(run: Run, window: W.MetricWindow, bar, writer, step: int) -> No
     """The window's train record (its metrics read now), written at `step` and shown on the progress bar."""
     record = window.flush(run.train_step.metrics_def)
     writer.write(step, "train", record)
-    bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
-                    pairs_s=f"{record['pairs_per_second']:.1f}", refresh=False)  # shown at the bar's next refresh
+    second = {"kl": f"{record.get('kl', float('nan')):.3f}"}  # KTO: no accuracy, its reference point instead
+    for name in ("rewards/accuracies", "accuracy"):  # a reward model's (task: reward): `accuracy`
+        if name in record:
+            second = {"acc": f"{record[name]:.2f}"}
+    bar.set_postfix(loss=f"{record['loss']:.4f}", **second, pairs_s=f"{record['pairs_per_second']:.1f}",
+                    refresh=False)  # shown at the bar's next refresh
 
 
 def run_hooks(due: list[Hook], s: LoopState, state: TrainState, window: W.MetricWindow) -> bool:
@@ -245,7 +251,7 @@ def _resume_point(mngr, cfg: Config, steps: int, fingerprint: str = "") -> tuple
 def _data(cfg: Config, models: Models, sharder) -> tuple[Models, TokenizedData, TokenizedData | None, int]:
     """(models, train data, eval data or None, the run's total steps); with ref_model.precompute the models come
     back with the reference log-probs computed and the reference weights dropped."""
-    train_data = load_split(cfg, models, cfg.data.train, cfg.data.train_split)
+    train_data = load_split(cfg, models, cfg.data.train, cfg.data.train_split, train=True)
     eval_data = load_split(cfg, models, cfg.data.eval, cfg.data.eval_split) if cfg.data.eval else None
     models = precompute_references(cfg, models, sharder, [d for d in (train_data, eval_data) if d is not None])
     steps = total_steps(cfg, len(train_data))
@@ -282,49 +288,92 @@ def train(cfg: Config) -> dict[str, Any]:
         models, train_data, eval_data, steps = _data(cfg, models, sharder)
     fingerprint = prompts.fingerprint if train_data is None else train_data.fingerprint
     mngr = ckpt.manager(out_dir, cfg)
-    start, horizon = _resume_point(mngr, cfg, steps, fingerprint)
-    run, state = setup_train(cfg, models, sharder, steps=steps, horizon=horizon)
-    run = online.with_round_reference(run)  # iterative previous_round: the reference moves (and is checkpointed)
-    if start:
-        start, tree = ckpt.newest_readable(mngr, lambda step: ckpt.restore(mngr, step, run.checkpoint_tree(state)))
-        run, state = run.from_checkpoint_tree(tree, start)
-        log.info("resumed from %s at step %d", ckpt.checkpoint_dir(cfg.output_dir), start)
-    if is_main:
-        _start_files(cfg, out_dir, start)
-    writer = tracking.Trackers(M.MetricsWriter(out_dir / "metrics.jsonl", enabled=is_main), cfg, out_dir, is_main,
-                               start=start)
-    profiler = tracking.Profiler(cfg, out_dir / "profile", enabled=is_main)
-    source = online.OnlineSource(cfg, online.plan(cfg, run, prompts, reward), out_dir) if train_data is None else None
-    what = (f"{len(train_data)} prompts x {train_data.num_responses} responses" if source is None
-            else online.describe(cfg, source.plan))
-    log.info("training %s: %s, %d steps of %d prompts (%d micro-batches), mesh %s, from step %d",
-             cfg.model.name_or_path, what, run.total_steps, cfg.train.batch_size, cfg.grad_accum_steps,
-             dict(sharder.mesh.shape), start)
-    best = ckpt.best_manager(out_dir, cfg) if cfg.checkpoint.best_metric else None
-    savers = Savers(mngr, best, run, writer, fingerprint)
-    samples = make_samples(cfg, models, eval_data, out_dir)
-    try:
-        with Preemption() as preemption:
-            hooks = make_hooks(run, savers, writer, eval_data, samples, preemption, profiler)
-            if train_data is None:
-                end = run_online(run, source, state, run.models.ref_params, hooks, start)
-            else:
-                end = run_loop(run, state, run.models.ref_params, hooks, train_data, start)
-        final = {} if end.stopped_at is not None else _final_eval(run, end, savers, writer, eval_data, samples)
-    finally:  # an error (e.g. divergence) still completes the saves already under way
-        profiler.stop()
-        writer.close()
-        mngr.wait_until_finished()
-        if best is not None:
-            best.wait_until_finished()
-    if end.stopped_at is not None:
-        print(
-            f"dpojax train: stopped by SIGTERM at step {end.stopped_at}; checkpoint saved in "
-            f"{ckpt.checkpoint_dir(out_dir)}. Resume with the same command: dpojax train <config> "
-            f"output_dir={out_dir}"
-        )
-        return {}
-    return _finish(run, end.state, out_dir, final, samples)
+    with _store_guard(cfg, mngr):  # a gs:// output_dir that stops answering ends the run in one line
+        start, horizon = _resume_point(mngr, cfg, steps, fingerprint)
+        run, state = setup_train(cfg, models, sharder, steps=steps, horizon=horizon)
+        run = online.with_round_reference(run)  # iterative previous_round: the reference moves (and is checkpointed)
+        if start:
+            start, tree = ckpt.newest_readable(mngr, lambda step: ckpt.restore(mngr, step, run.checkpoint_tree(state)))
+            run, state = run.from_checkpoint_tree(tree, start)
+            log.info("resumed from %s at step %d", ckpt.checkpoint_dir(cfg.output_dir), start)
+        if is_main:
+            _start_files(cfg, out_dir, start)
+        writer = tracking.Trackers(M.MetricsWriter(out_dir / "metrics.jsonl", enabled=is_main), cfg, out_dir, is_main,
+                                   start=start)
+        profiler = tracking.Profiler(cfg, out_dir / "profile", enabled=is_main)
+        source = (online.OnlineSource(cfg, online.plan(cfg, run, prompts, reward), out_dir) if train_data is None
+                  else None)
+        what = (f"{len(train_data)} prompts x {train_data.num_responses} responses" if source is None
+                else online.describe(cfg, source.plan))
+        log.info("training %s: %s, %d steps of %d prompts (%d micro-batches), mesh %s, from step %d",
+                 cfg.model.name_or_path, what, run.total_steps, cfg.train.batch_size, cfg.grad_accum_steps,
+                 dict(sharder.mesh.shape), start)
+        best = ckpt.best_manager(out_dir, cfg) if cfg.checkpoint.best_metric else None
+        savers = Savers(mngr, best, run, writer, fingerprint)
+        samples = make_samples(cfg, models, eval_data, out_dir)
+        store_failed = False
+        try:
+            with Preemption() as preemption:
+                hooks = make_hooks(run, savers, writer, eval_data, samples, preemption, profiler)
+                if train_data is None:
+                    end = run_online(run, source, state, run.models.ref_params, hooks, start)
+                else:
+                    end = run_loop(run, state, run.models.ref_params, hooks, train_data, start)
+            final = {} if end.stopped_at is not None else _final_eval(run, end, savers, writer, eval_data, samples)
+        except Exception as e:
+            store_failed = paths.store_failure(e, cfg.output_dir) is not None
+            raise
+        finally:  # an error (e.g. divergence) still completes the saves already under way; a failed store cannot
+            profiler.stop()
+            if not store_failed:
+                writer.close()
+                mngr.wait_until_finished()
+                if best is not None:
+                    best.wait_until_finished()
+        if end.stopped_at is not None:
+            print(
+                f"dpojax train: stopped by SIGTERM at step {end.stopped_at}; checkpoint saved in "
+                f"{ckpt.checkpoint_dir(out_dir)}. Resume with the same command: dpojax train <config> "
+                f"output_dir={out_dir}"
+            )
+            return {}
+        return _finish(run, end.state, out_dir, final, samples)
+
+
+@contextlib.contextmanager
+def _store_guard(cfg: Config, mngr):
+    """Around the part of a run that writes to output_dir: when it is on object storage that stops answering, the
+    run ends with one line naming the URL, the error and the newest complete checkpoint: an error from a write
+    (after the clients' retries) is raised as a StorageError; a store that has not answered for
+    `checkpoint.storage_timeout` seconds, wherever the run waits for it (`paths.StoreWatch`), ends the process."""
+    def down(words: str) -> None:
+        _exit_now(f"dpojax train: error: {ckpt.store_down(words, cfg.output_dir, ckpt.newest_saved(mngr))}", 2)
+
+    with paths.StoreWatch(cfg.output_dir, cfg.checkpoint.storage_timeout, down):
+        try:
+            yield
+        except Exception as e:
+            words = paths.store_failure(e, cfg.output_dir)
+            if words is None:
+                raise
+            log.debug("the store failed", exc_info=True)
+            raise StorageError(ckpt.store_down(words, cfg.output_dir, ckpt.newest_saved(mngr))) from None
+
+
+def _exit_now(line: str, code: int) -> None:
+    """Print `line` and end the process at once, from any thread: the storage clients' threads, still retrying
+    writes to a store that is gone, would hold a normal exit for many minutes."""
+    _close_bars()
+    print(line, file=sys.stderr, flush=True)
+    if sys.__stderr__ is not sys.stderr:  # a supervised worker: its log file too
+        print(line, file=sys.__stderr__, flush=True)
+    sys.stdout.flush()
+    os._exit(code)
+
+
+def _close_bars() -> None:
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def _final_eval(run: Run, end: LoopEnd, savers: Savers, writer, eval_data, samples) -> dict[str, float]:

@@ -1,7 +1,9 @@
 """SIGTERM handling: TPU/GKE/SLURM preemption notices become a checkpoint at the next step boundary.
 
 The loop calls `should_stop(step)` at every step boundary. One process: the first SIGTERM makes it True at
-the next boundary; a second SIGTERM exits at once without saving.
+the next boundary. Later SIGTERMs change nothing: launchers send it more than once (SLURM signals every process of
+a job, so a supervised worker gets it directly and through its supervisor, and again at the time limit) and then
+SIGKILL after a grace period, so a second one must not cut the save short. SIGINT (Ctrl-C) still stops at once.
 
 Several processes must all stop at the same step (the save is collective) although SIGTERM may reach only one
 of them, and without a collective per step (it would wait for the step just dispatched). The agreement runs
@@ -24,6 +26,7 @@ import itertools
 import logging
 import os
 import signal
+import sys
 import threading
 
 import jax
@@ -57,11 +60,11 @@ class Preemption:
             self._previous = None
 
     def _on_sigterm(self, signum, frame) -> None:
-        if self.requested:
-            os.write(2, b"dpojax: second SIGTERM, exiting now without saving\n")
-            os._exit(128 + signum)
+        if self.requested:  # a raw write: the handler may interrupt a write to the same stream
+            os.write(_console_fd(), b"dpojax: SIGTERM again: still saving (SIGINT or SIGKILL stop now)\n")
+            return
         self.requested = True
-        log.warning("SIGTERM received: saving a checkpoint at the next step boundary (send it again to exit now)")
+        log.warning("SIGTERM received: saving a checkpoint at the next step boundary, then stopping")
 
     def should_stop(self, step: int) -> bool:
         """True at this step boundary when the run must save and stop: every process returns the same answer
@@ -71,6 +74,14 @@ class Preemption:
         if self.requested:
             self._peers.announce()
         return self._peers.passed(step)
+
+
+def _console_fd() -> int:
+    """The descriptor of sys.stderr (a supervised worker's console), else 2."""
+    try:
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced by a stream without a descriptor (a test's capture)
+        return 2
 
 
 class _Agreement:

@@ -1,7 +1,8 @@
 """Pure train and eval steps: policy and frozen reference log-probs, the preference loss, an Optax update.
 
 One step for every loss and data format: a batch is [N prompts, K responses, T] (a pair is K = 2), the policy and
-the reference score its B = N * K sequences, and `losses.preference_loss` turns the per-response sums into the loss.
+the reference score its B = N * K sequences, and `losses.preference_loss` turns the per-response sums into the loss
+(unpaired rows, KTO: `losses.kto_loss`, a batch-level loss with its KL reference point).
 `train_step(state, ref_params, batch) -> (state, metrics)` accumulates gradients over micro-batches with `lax.scan`
 (sums, divided once by the number of real prompts), so `train.batch_size` prompts make one update whatever
 `train.micro_batch_size` is. Metrics are `{name: (sum, count)}`; the loop divides. `make_spec` is the one step
@@ -43,6 +44,7 @@ from dpojax.losses import router
 from dpojax.models import lora
 from dpojax.models.attention import SEGMENT_ID_KERNELS
 from dpojax.sharding import Sharder
+from dpojax.trainer import reward_task
 from dpojax.trainer.optim import make_optimizer
 
 
@@ -114,6 +116,12 @@ class StepSpec:
     per_layer: bool = False  # layers unrolled (model.scan_layers false): the train step takes per-layer leaves
     moe: bool = False  # the policy is a mixture of experts: its forward returns router statistics (load metrics)
     router_aux_loss_coef: float = 0.0  # weight of the router load-balancing loss (`losses.router.resolve_aux_coef`)
+    task: str = "preference"  # reward: the policy is a score model trained on its scores (`reward_task`)
+    reward_center: float | None = None  # reward.center_rewards_coefficient (task reward)
+
+    @property
+    def unpaired(self) -> bool:  # KTO: unpaired rows with labels, a batch-level loss (`losses.kto`)
+        return losses.is_unpaired(self.loss)
 
     @property
     def with_wpo(self) -> bool:
@@ -142,7 +150,8 @@ def make_spec(cfg: Config, policy_graphdef, ref_graphdef, sharder: Sharder | Non
                     packing=kernels.packing, attention=kernels.attention,
                     band=cfg.data.max_length, lora=cfg.model.lora.enabled,
                     lora_dropout=cfg.model.lora.dropout if cfg.model.lora.enabled else 0.0, seed=cfg.model.seed,
-                    per_layer=not cfg.model.scan_layers, moe=moe, router_aux_loss_coef=coef)
+                    per_layer=not cfg.model.scan_layers, moe=moe, router_aux_loss_coef=coef, task=cfg.task,
+                    reward_center=cfg.reward.center_rewards_coefficient)
 
 
 def packing_of(spec: StepSpec, sharder: Sharder | None, *, train: bool) -> Packing | None:
@@ -151,7 +160,8 @@ def packing_of(spec: StepSpec, sharder: Sharder | None, *, train: bool) -> Packi
     if spec.packing == "none":
         return None
     shards = 1 if sharder is None else sharder.batch_shards
-    return Packing(spec.packing, shards=shards, micro_batches=spec.grad_accum if train else 1, prompt_nll=spec.lm_mask)
+    return Packing(spec.packing, shards=shards, micro_batches=spec.grad_accum if train else 1, prompt_nll=spec.lm_mask,
+                   scores=spec.task == "reward")
 
 
 def sequence_logps(graphdef, params, batch: PreferenceBatch | PackedBatch, spec: StepSpec) -> SeqStats:
@@ -204,6 +214,7 @@ def row_logps(graphdef, params, ids_BxT, positions_BxT, seg_BxT, completion_mask
         needed_BxT = needed_BxT | (scored_mask(lm_mask_BxT) > 0)
     chunk = head_chunk(ids_BxT.shape[1], spec.chunk_len)
     tok = token_logprobs(hidden_BxTxD, model.unembedding(), ids_BxT, chunk_len=chunk, with_wpo=spec.with_wpo,
+                         with_entropy=spec.unpaired,  # KTO logs TRL's `entropy`
                          softcap=model.final_softcap,  # Gemma 2's final logit soft-cap (None for most models)
                          needed_BxT=needed_BxT, vocab_tile=spec.vocab_tile)
     return sequence_stats(tok, completion_mask_BxT, ld_alpha=spec.loss.ld_alpha, lm_mask_BxT=lm_mask_BxT,
@@ -223,6 +234,7 @@ def packed_logps(graphdef, params, batch: PackedBatch, spec: StepSpec, *, with_r
     valid_PxI = batch.completion_PxI > 0 if lm_PxI is None else (batch.completion_PxI > 0) | (lm_PxI > 0)
     tok = entry_logprobs(hidden_PxJxD, model.unembedding(), batch.src_PxI, batch.target_PxI, valid_PxI,
                          chunk_len=head_chunk(length, spec.chunk_len), with_wpo=spec.with_wpo,
+                         with_entropy=spec.unpaired,  # KTO logs TRL's `entropy`
                          softcap=model.final_softcap, vocab_tile=spec.vocab_tile)
     return entry_sequence_stats(tok, batch.owner_PxI, batch.completion_PxI, batch.completion_len_NxK,
                                 batch.response_mask_NxK, ld_shared_PxI=batch.ld_shared_PxI,
@@ -304,26 +316,52 @@ def batch_loss(params, ref_params, batch: PreferenceBatch, spec: StepSpec,
     """(sum over real prompts of the loss, metric sums) for one micro-batch; the reference is frozen. `hp`: the
     loss hyper-parameters as data (default: the config's); `dropout_key`: training steps of a LoRA run with
     model.lora.dropout > 0."""
-    k = batch.response_mask_NxK.shape[1]
     params, ref_params = join_layers(params), join_layers(ref_params)  # per-layer leaves (`split_layers`), if any
     policy_graphdef = spec.policy_graphdef
     policy_params = nnx.merge_state(ref_params, params) if spec.lora else params  # LoRA: frozen base + adapters
     if dropout_key is not None:
         policy_graphdef, policy_params = lora.with_dropout(policy_graphdef, policy_params, spec.lora_dropout,
                                                            dropout_key)
+    if spec.task == "reward":  # a score model: no log-probs, no reference
+        return reward_task.reward_batch_loss(policy_graphdef, policy_params, batch, spec)
     policy, router_stats = scored_forward(policy_graphdef, policy_params, batch, spec, with_router=spec.moe)
     ref = None
     if spec.precomputed_ref:
         ref = precomputed_stats(batch.ref_logps_NxK)
     elif spec.ref_graphdef is not None:
         ref = jax.lax.stop_gradient(sequence_logps(spec.ref_graphdef, ref_params, batch, spec))
+    if spec.unpaired:  # KTO: a batch-level loss over unpaired rows (`losses.kto`)
+        loss_sum, metrics = unpaired_loss(policy, ref, batch, spec, hp)
+    else:
+        loss_sum, metrics = paired_loss(policy, ref, batch, spec, hp)
+    if router_stats is not None:
+        loss_sum, metrics = with_router_terms(loss_sum, metrics, router_stats, spec, batch.prompt_mask_N)
+    return loss_sum, metrics
+
+
+def unpaired_loss(policy: SeqStats, ref: SeqStats, batch, spec: StepSpec, hp: losses.LossParams | None):
+    """(loss sum, metric sums) of KTO over one (micro-)batch of unpaired rows (column 0: each row's completion,
+    column 1: its KL completion)."""
+    k = batch.response_mask_NxK.shape[1]
+    hp = losses.LossParams.of(spec.loss) if hp is None else hp
+
+    def grid(v_B):
+        return None if v_B is None else v_B.reshape(-1, k)
+
+    return losses.kto_loss(grid(policy.logps_B), grid(ref.logps_B), batch.label_N, batch.prompt_mask_N, spec.loss,
+                           hp, logit_sum_NxK=grid(policy.mean_logit_sum_B), tokens_NxK=grid(policy.tokens_B),
+                           entropy_sum_NxK=grid(policy.entropy_sum_B))
+
+
+def paired_loss(policy: SeqStats, ref: SeqStats | None, batch, spec: StepSpec, hp: losses.LossParams | None):
+    """(loss sum, metric sums) of the configured preference loss over one (micro-)batch of K responses per
+    prompt."""
+    k = batch.response_mask_NxK.shape[1]
     inputs = losses.loss_inputs_from_stats(policy, ref, num_responses=k, prompt_mask_N=batch.prompt_mask_N,
                                            response_mask_NxK=batch.response_mask_NxK, rank_NxK=batch.rank_NxK)
     loss_sum, metrics = losses.preference_loss(inputs, spec.loss, hp)
     tok_metrics = token_metric_sums(policy, num_responses=k, response_mask_NxK=batch.response_mask_NxK,
                                     prompt_mask_N=batch.prompt_mask_N)
-    if router_stats is not None:
-        loss_sum, metrics = with_router_terms(loss_sum, metrics, router_stats, spec, batch.prompt_mask_N)
     return loss_sum, {**metrics, **jax.lax.stop_gradient(tok_metrics)}
 
 
@@ -587,12 +625,13 @@ def abstract_batch(spec: StepSpec, sharder: Sharder, n_prompts: int, num_respons
     arr = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
     nxk = (n_prompts, num_responses)
     ref_logps = arr(nxk, jnp.float32) if spec.precomputed_ref else None
+    label = arr((n_prompts,), jnp.float32) if spec.unpaired else None
     if spec.packing == "none":
         shape = (n_prompts, num_responses, seq_len)
         return PreferenceBatch(
             arr(shape, jnp.int32), arr(shape, jnp.int32), arr(shape, jnp.int32), arr(shape, jnp.int32),
             arr(nxk, jnp.float32), arr(nxk, jnp.int32), arr((n_prompts,), jnp.float32), arr((n_prompts,), jnp.int32),
-            ref_logps,
+            ref_logps, label,
         )
     packing = packing_of(spec, sharder, train=True)
     tokens = n_prompts // packing.micro_batches * num_responses * seq_len  # per micro-batch
@@ -602,4 +641,5 @@ def abstract_batch(spec: StepSpec, sharder: Sharder, n_prompts: int, num_respons
         *(arr(rxl, jnp.int32) for _ in range(7)), *(arr(rxl, jnp.float32) for _ in range(3)),
         arr(nxk, jnp.float32), arr(nxk, jnp.float32), arr(nxk, jnp.int32), arr((n_prompts,), jnp.float32),
         arr((n_prompts,), jnp.int32), ref_logps, token_weight_PxJ=arr(rxl, jnp.float32),
+        score_at_NxK=arr(nxk, jnp.int32) if spec.task == "reward" else None, label_N=label,
     )

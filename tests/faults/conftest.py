@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from procs import train_records, two_processes
+from procs import finished, two_processes
 from trl_harness import dpojax_overrides, make_assets
 
 HERE = Path(__file__).resolve().parent
@@ -36,4 +36,4 @@ def config(tmp_path_factory):
 def uninterrupted(config, tmp_path_factory):
     out = tmp_path_factory.mktemp("dead_peer_ref") / "run"
     assert two_processes(config, out) == 0
-    return train_records(out)
+    return finished(out)

@@ -4,6 +4,7 @@ the resumed run against an uninterrupted one)."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import subprocess
 import sys
@@ -58,9 +59,30 @@ def train_records(out: Path) -> list[dict]:
             if r["split"] == "train"]
 
 
-def check_nothing_lost(out: Path) -> int:
-    """The newest complete checkpoint's step; metrics.jsonl holds each train step up to it exactly once."""
+@dataclasses.dataclass(frozen=True)
+class Finished:
+    """What a finished run ends with: its train records (timings left out) and its exported weights."""
+
+    records: list[dict]
+    weights: bytes
+
+
+def finished(out: Path) -> Finished:
+    return Finished(train_records(out), (out / "export" / "model.safetensors").read_bytes())
+
+
+def check_equal(out: Path, reference: Finished) -> None:
+    """The resumed run ended as the uninterrupted one: the same train records (bitwise on CPU) and weights."""
+    assert train_records(out) == reference.records
+    assert finished(out).weights == reference.weights
+
+
+def check_nothing_lost(out: Path, allow_none: bool = False) -> int | None:
+    """The newest complete checkpoint's step; metrics.jsonl holds each train step up to it exactly once. (None when
+    there is no checkpoint yet and `allow_none`.)"""
     found = ckpt.find_checkpoint(out)
+    if found is None and allow_none:
+        return None
     assert found is not None, sorted(p.name for p in (out / "checkpoints").iterdir())
     steps = [r["step"] for r in train_records(out) if r["step"] <= found.step]
     assert steps == list(range(1, found.step + 1)), (found.step, steps)

@@ -1,6 +1,7 @@
 """A damaged checkpoint (a file missing, or one cut short) is not resumed from: the run falls back to the newest
 complete one, says so in one line, moves the damaged one aside (checkpoints/damaged-<step>) and ends equal to an
-uninterrupted run. One process, in this process (cheap: part of `make test`)."""
+uninterrupted run. Also a changed data file (refused by name) and a non-finite loss streak (stops, nothing lost). One
+process, in this process (cheap: part of `make test`, but the divergence case: `make test-faults`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import json
 import logging
 from pathlib import Path
 
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import yaml
 from procs import check_nothing_lost, train_records
@@ -82,7 +86,7 @@ def test_torn_metrics_line_is_dropped(tmp_path):
 def test_changed_data_file_is_refused(setup, tmp_path, capsys):
     """The train data's fingerprint (its rows and their tokens) is in each checkpoint: a resume on a changed file
     is refused, naming it; restored, the run resumes."""
-    config, _ = setup
+    config, reference = setup
     out, data = tmp_path / "run", tmp_path / "data.jsonl"
     original = Path(yaml.safe_load(config.read_text())["data"]["train"]).read_text()
     data.write_text(original)
@@ -96,5 +100,32 @@ def test_changed_data_file_is_refused(setup, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"the train data '{data}' (split 'train') is not the data it was trained on" in err, err
     assert "Restore the original file, or start a new run" in err
+    assert check_nothing_lost(out) == 2
     data.write_text(original)
     assert main([*run, "train.steps=4"]) == 0
+    assert train_records(out) == train_records(reference)[:4]  # a constant schedule: the first 4 steps of 6
+
+
+@pytest.mark.serial  # two more compiles: in `make test-faults`
+def test_non_finite_streak_stops_nothing_lost(setup, tmp_path, capsys, caplog):
+    """`train.max_bad_steps` non-finite steps in a row (an absurd learning rate) stop the run with one message; the
+    newest complete checkpoint holds finite weights and every record up to it; the next start resumes from it (and,
+    the numbers being the same, diverges again: the fix is a new run with other settings)."""
+    config, _ = setup
+    out = tmp_path / "run"
+    run = ["train", str(config), f"output_dir={out}", "optim.name=sgd", "optim.lr=1e30", "optim.max_grad_norm=null",
+           "train.max_bad_steps=2", "checkpoint.every=1"]
+    capsys.readouterr()
+    assert main(run) == 2
+    first = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dpojax train: error:")]
+    assert len(first) == 1 and "consecutive steps had a non-finite loss" in first[0], first
+    step = check_nothing_lost(out)
+    restored = ocp.StandardCheckpointer().restore(out / "checkpoints" / str(step) / "params")
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored))
+    with caplog.at_level(logging.INFO, logger="dpojax"):
+        assert main(run) == 2
+    assert any(r.getMessage().startswith("resumed from ") and r.getMessage().endswith(f" at step {step}")
+               for r in caplog.records)
+    again = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dpojax train: error:")]
+    assert len(again) == 1 and "consecutive steps had a non-finite loss" in again[0], again
+    assert check_nothing_lost(out) >= step

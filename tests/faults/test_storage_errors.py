@@ -1,11 +1,15 @@
-"""The words for storage failures, as `dpojax train` reports them (pure: cheap, part of `make test`)."""
+"""The words for storage failures, as `dpojax train` reports them, and the watch of an object store (cheap: part of
+`make test`)."""
 
 from __future__ import annotations
 
 import errno
 import os
+import socket
+import threading
 
 from dpojax import paths, supervise
+from dpojax.trainer import checkpoint as ckpt
 
 
 def test_no_space_names_the_path_and_the_free_space(tmp_path):
@@ -35,6 +39,36 @@ def test_store_failure_names_the_url():
                      "failed ('127.0.0.1', 4443)")
     assert paths.store_failure(ValueError("UNAVAILABLE: gcs down"), "gs://runs/a").endswith("UNAVAILABLE: gcs down")
     assert paths.store_failure(ValueError("a bug"), "gs://runs/a") is None
+
+
+def test_store_watch_calls_once_after_the_timeout_in_a_row():
+    """The watch of a gs:// output_dir: a store that answers again resets the count; one that stays down for the
+    timeout is reported once, with the probe's words. A local folder is not watched."""
+    answers = iter([None, "ConnectionRefusedError: down", None] + ["ConnectionRefusedError: down"] * 1000)
+    reported = threading.Event()
+    words = []
+
+    def down(w):
+        words.append(w)
+        reported.set()
+
+    with paths.StoreWatch("gs://runs/a", 0.2, down, probe=lambda url, timeout_s: next(answers), every_s=0.01):
+        assert reported.wait(10)
+    assert len(words) == 1 and words[0].startswith("object storage failed under gs://runs/a: it has not answered for ")
+    assert words[0].endswith(" s (ConnectionRefusedError: down)")
+    with paths.StoreWatch("/local/run", 0.01, down, probe=lambda url, timeout_s: "down", every_s=0.001) as watch:
+        assert watch._thread is None
+
+
+def test_probe_of_a_store_that_is_not_there(monkeypatch):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+    assert paths.probe("gs://runs/a", 2).startswith("ConnectionRefusedError")
+    assert ckpt.describe_newest("gs://runs/a", known=4) == ("step 4 (gs://runs/a/checkpoints/4), the newest this run "
+                                                            "saved or found (the store does not answer)")
+    assert ckpt.describe_newest("gs://runs/a") == "unknown now (the store does not answer)"
 
 
 def test_verdict_read_from_the_worker_log():
