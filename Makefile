@@ -3,18 +3,24 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
+# pip byte-compiles the ~18k installed .py files on one core (about half of its CPU time for the test extras);
+# installs here skip that (--no-compile) and compile them on every core after (the same .pyc files; compileall's
+# exit status is that of the few files written for newer Pythons, e.g. torch/testing/_internal/py312_intrinsics.py)
+BYTECODE := $(PY) -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
 
 .PHONY: demo smollm2 smollm2-online test test-faults test-smollm2 install install-test bench throughput gpu-wheels clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -e .
+	$(PIP) install --no-compile -e .
+	$(BYTECODE)
 	touch $@
 
 # one pip run for the package and its test extras (a second resolve would cost ~half a minute of `make test`)
 $(VENV)/.installed-test: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -e '.[test,tpu]'  # tpu: libtpu, so tests/test_aot*.py compile for TPU topologies
+	$(PIP) install --no-compile -e '.[test,tpu]'  # tpu: libtpu, so tests/test_aot*.py compile for TPU topologies
+	$(BYTECODE)
 	touch $(VENV)/.installed $@
 
 install: $(VENV)/.installed
@@ -23,12 +29,15 @@ install-test: $(VENV)/.installed-test
 demo: $(VENV)/.installed
 	$(VENV)/bin/dpojax train configs/demo.yaml
 
-# The linter (pyproject.toml [tool.ruff]), then two workers for most tests (each compiles on its own core); subprocess/timing tests (`serial`) after, alone.
-# The workers take modules in collection order: tests/conftest.py puts the slowest first (SLOWEST_FIRST).
+# The linter (pyproject.toml [tool.ruff]), then two workers for all tests but the `serial` ones (each worker compiles
+# on its own core), then those alone. The workers take modules in collection order: tests/conftest.py puts the slowest
+# first (SLOWEST_FIRST). The serial pass collects only SERIAL_TESTS, the files with `serial` tests outside tests/faults
+# (tests/test_make_test.py checks the list), not every module.
+SERIAL_TESTS := tests/test_multihost.py
 test: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not serial" tests
-	$(PY) -m pytest -q -m "serial and not faults" tests
+	$(PY) -m pytest -q -m "serial and not faults" $(SERIAL_TESTS)
 
 # tests/faults whole (docs/fault-tolerance.md): also the multi-process faults `make test` leaves out (killed peers,
 # SIGTERM during a save, the object store stopped mid-run), one at a time.

@@ -28,27 +28,17 @@ import jax  # noqa: E402 - after the sys.path or environment set-up above
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-
-import pytest  # noqa: E402 - after the sys.path or environment set-up above
-
-SERIAL_MODULES = {"test_multihost.py"}  # heartbeat timeouts and a timed dead-peer verdict: a busy neighbour skews them
-
-
 # The slowest modules, slowest first (`--durations` of the parallel pass): they are collected first so that the xdist
 # workers (`--dist loadfile --no-loadscope-reorder`) start them first and end together, the light modules filling in.
-SLOWEST_FIRST = ("test_aot_compile.py", "test_gcs.py", "test_resume.py", "test_online.py", "test_sharding.py",
-                 "test_lora.py", "test_moe_train.py", "test_moe_models.py", "test_expert_parallel.py",
-                 "test_gpt_oss.py", "test_score.py", "test_examples.py", "test_reference.py", "test_packing.py",
-                 "test_throughput.py",
-                 "test_trl_parity.py", "test_ranking_learning.py", "test_host_overhead.py", "test_api_transforms.py",
-                 "test_ranking_step.py")
+SLOWEST_FIRST = ("test_aot_compile.py", "test_gcs.py", "test_resume.py", "test_online.py", "test_multihost.py",
+                 "test_sharding.py", "test_lora.py", "test_tracking.py", "test_moe_train.py", "test_moe_models.py",
+                 "test_expert_parallel.py", "test_gpt_oss.py", "test_score.py", "test_examples.py",
+                 "test_reference.py", "test_packing.py", "test_throughput.py", "test_trl_parity.py",
+                 "test_ranking_learning.py", "test_host_overhead.py", "test_api_transforms.py", "test_ranking_step.py")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests of SERIAL_MODULES are `serial`: `make test` runs them alone after the parallel pool. The modules of
-    SLOWEST_FIRST come first, in that order, the others after in their usual order."""
-    for item in items:
-        if item.path.name in SERIAL_MODULES:
-            item.add_marker(pytest.mark.serial)
+    """The modules of SLOWEST_FIRST come first, in that order, the others after in their usual order. (Tests marked
+    `serial` run alone after the parallel pool: `make test`.)"""
     rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -179,8 +179,7 @@ def test_meshes_equal_the_data_parallel_run(setup, mesh):
             np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-5, err_msg=key)
 
 
-@pytest.mark.serial  # several JAX processes (as tests/test_multihost.py)
-def test_two_processes_equal_one(setup):
+def test_two_processes_equal_one(setup):  # in the parallel pool: nothing timed (as tests/test_gcs.py's 2 processes)
     """2 processes x 4 devices sample, score (each its own prompts) and train like one process with 8 devices."""
     import importlib.util
 

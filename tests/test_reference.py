@@ -84,27 +84,22 @@ def test_tr_dpo_soft_update_formula():
     np.testing.assert_allclose(out["w"], 0.6 * policy["w"] + 0.4 * ref["w"], rtol=1e-7)
 
 
-def test_tr_dpo_reference_is_mixed_in_and_checkpointed(assets, tmp_path):
-    """After sync_every steps the saved reference equals alpha * policy + (1 - alpha) * previous reference."""
-    out = tmp_path / "trdpo"
-    cfg = _cfg(assets, out, ref_model__sync_every=2, ref_model__mixup_alpha=0.6, train__steps=2,
-               checkpoint__every=2)
-    loop.train(cfg)
+def test_tr_dpo_reference_is_mixed_in_checkpointed_and_restored(assets, tmp_path):
+    """After sync_every steps the saved reference equals alpha * policy + (1 - alpha) * previous reference; a run
+    resumed from that checkpoint gives the uninterrupted run's losses (the first half is the checked run)."""
+    trdpo = dict(ref_model__sync_every=2, ref_model__mixup_alpha=0.6, checkpoint__every=2)
+    whole = tmp_path / "whole"
+    loop.train(_cfg(assets, whole, **trdpo))
+    out = tmp_path / "split"
+    loop.train(_cfg(assets, out, **trdpo, train__steps=2))
     policy = jax.tree.leaves(ocp.StandardCheckpointer().restore(out / "checkpoints" / "2" / "params"))
     ref = jax.tree.leaves(ocp.StandardCheckpointer().restore(out / "checkpoints" / "2" / "ref"))
     _, initial = __import__("flax").nnx.split(load_pretrained(assets["ref"])[0])
     for p, r, r0 in zip(policy, ref, jax.tree.leaves(initial)):
         np.testing.assert_allclose(np.asarray(r), 0.6 * np.asarray(p) + 0.4 * np.asarray(r0), rtol=1e-5, atol=1e-6)
     assert not np.allclose(np.asarray(ref[0]), np.asarray(jax.tree.leaves(initial)[0]))
-
-
-def test_tr_dpo_resume_restores_the_reference(assets, tmp_path):
-    whole = tmp_path / "whole"
-    loop.train(_cfg(assets, whole, ref_model__sync_every=2, checkpoint__every=2))
-    split = tmp_path / "split"
-    loop.train(_cfg(assets, split, ref_model__sync_every=2, checkpoint__every=2, train__steps=2))
-    loop.train(_cfg(assets, split, ref_model__sync_every=2, checkpoint__every=2))
-    np.testing.assert_allclose(_losses(split), _losses(whole), rtol=1e-6, atol=1e-7)
+    loop.train(_cfg(assets, out, **trdpo))
+    np.testing.assert_allclose(_losses(out), _losses(whole), rtol=1e-6, atol=1e-7)
 
 
 def test_reference_free_losses_load_no_reference(assets, tmp_path):

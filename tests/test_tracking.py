@@ -91,7 +91,6 @@ def _by_step(records: list[dict]) -> dict[int, dict[str, float]]:
     return dict(out)
 
 
-@pytest.mark.serial  # W&B starts its service process
 def test_tracking_leaves_metrics_jsonl_unchanged(runs):
     on, off = (read_metrics(run / "metrics.jsonl") for run in runs[:2])
     assert [(r["step"], r["split"]) for r in on] == [(1, "train"), (2, "train"), (2, "eval"), (3, "train"),
@@ -102,7 +101,6 @@ def test_tracking_leaves_metrics_jsonl_unchanged(runs):
     assert not (runs[1] / "profile").exists()
 
 
-@pytest.mark.serial
 def test_tensorboard_events_hold_the_records(runs):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -138,7 +136,6 @@ def _wandb_records(path: Path) -> list[bytes]:
     return records
 
 
-@pytest.mark.serial
 def test_wandb_offline_run_holds_the_records(runs):
     from wandb.proto import wandb_internal_pb2
 
@@ -158,7 +155,6 @@ def test_wandb_offline_run_holds_the_records(runs):
         assert history[step] == pytest.approx(values, rel=1e-12)
 
 
-@pytest.mark.serial
 def test_profile_folder_holds_a_trace(runs):
     traces = list((runs[0] / "profile").glob("plugins/profile/*/*.xplane.pb"))
     assert len(traces) == 1 and traces[0].stat().st_size > 0  # TensorBoard's profile plugin reads this
@@ -177,7 +173,6 @@ def test_wandb_mode_auto(monkeypatch, tmp_path):
     assert wandb_mode("auto") == "disabled"
 
 
-@pytest.mark.serial  # timing
 def test_throughput_script_on_a_config(runs):
     result, out = runs[2]
     for field in ("tokens/s", "pairs/s", "step time", "median", "compile time", "peak memory", "policy forward",
