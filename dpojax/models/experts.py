@@ -10,9 +10,9 @@ down projection), and the outputs are unsorted back to assignment order. Every a
 no dropped tokens) and no dense [tokens, experts, D] dispatch tensor is ever built: the work is the active
 experts' work, BTY * D * F per matrix. The kernel is chosen per backend in one place, `grouped_kernel`:
 `jax.lax.ragged_dot` on TPU (a native grouped matmul) and on GPU with XLA's ragged-dot fusion flag (cuDNN); the
-`blocks` kernel elsewhere (`block_matmul`: each expert's group padded to whole row blocks, a scan over the blocks,
-a custom VJP), because XLA lowers a ragged dot on CPU, and on GPU without the flag, to a masked dense product over
-all X experts. Both give the same values and gradients (tests/test_grouped_matmul.py).
+`blocks` kernel elsewhere (`block_matmul`: a loop over the experts and, within, over each expert's sorted rows in
+blocks read in place, a custom VJP), because XLA lowers a ragged dot on CPU, and on GPU without the flag, to a
+masked dense product over all X experts. Both give the same values and gradients (tests/test_grouped_matmul.py).
 
 Glossary: `dpojax.glossary` (X experts of a layer, Y experts per token, F an expert's hidden width).
 """
@@ -112,7 +112,7 @@ def route(x_BTxD: jax.Array, kernel_DxX: jax.Array, bias_X: jax.Array | None, *,
 # ---- the grouped matmul ---------------------------------------------------------------------------------------
 GROUPED_KERNELS = ("ragged_dot", "blocks")
 RAGGED_DOT_FUSION_FLAG = "--xla_gpu_experimental_use_ragged_dot_fusion=true"
-BLOCK_ROWS = 128  # rows of a block of the `blocks` kernel (benchmarks/RESULTS.md, "MoE grouped matmul")
+BLOCK_ROWS = 128  # rows of a block of the `blocks` kernel (benchmarks/RESULTS.md, "Mixture of experts")
 
 
 def grouped_kernel(backend: str | None = None, xla_flags: str | None = None) -> str:
@@ -132,13 +132,14 @@ def grouped_kernel(backend: str | None = None, xla_flags: str | None = None) -> 
 def block_rows(rows: int, num_experts: int, block: int = BLOCK_ROWS) -> int:
     """Rows of a block for `rows` sorted rows over `num_experts` groups: `block`, or less when the groups are
     small (the power of two at or above the mean group size: decoding a few tokens over many experts), so that
-    padding each group to whole blocks stays cheap."""
+    the masked tail of each group's last block stays cheap."""
     per_group = -(-rows // num_experts)
     return min(block, 1 << max(per_group - 1, 0).bit_length())
 
 
 class BlockLayout(NamedTuple):
-    """Rows sorted by expert, each expert's group padded to whole blocks of `block` rows: `shift_X` (a sorted
+    """Rows sorted by expert, each expert's group padded to whole blocks of `block` rows (the blocks `block_matmul`
+    multiplies, which it reads in place from the unpadded rows; its work is `rows` rows at most): `shift_X` (a sorted
     row i of expert e sits at padded row i + shift_X[e]), `block_experts` (the expert of each block, [rows // block];
     blocks past the last group belong to expert X - 1 and hold only zero rows) and `rows` (padded rows, static:
     sum over experts of ceil(n_e / block) <= (BTY + X * (block - 1)) // block blocks)."""
