@@ -102,10 +102,10 @@ def torch_variants(x_BTxD, w: experts.ExpertWeights, routing: experts.Routing, c
             gate_up = np.concatenate([np.asarray(w.gate_XxDxF), np.asarray(w.up_XxDxF)], axis=2)
             mod.gate_up_proj.copy_(torch.from_numpy(gate_up.transpose(0, 2, 1).copy()))
             mod.down_proj.copy_(torch.from_numpy(np.asarray(w.down_XxFxD).transpose(0, 2, 1).copy()))
-        x = torch.from_numpy(np.asarray(x_BTxD)).requires_grad_(True)
-        idx = torch.from_numpy(np.asarray(routing.experts_BTxY)).long()
-        wts = torch.from_numpy(np.asarray(routing.weights_BTxY))
-        g = torch.from_numpy(np.asarray(cot))
+        x = torch.from_numpy(np.array(x_BTxD)).requires_grad_(True)
+        idx = torch.from_numpy(np.array(routing.experts_BTxY)).long()
+        wts = torch.from_numpy(np.array(routing.weights_BTxY))
+        g = torch.from_numpy(np.array(cot))
 
         def step(mod=mod, x=x, idx=idx, wts=wts, g=g):
             mod.zero_grad(set_to_none=True)
