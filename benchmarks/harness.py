@@ -22,6 +22,7 @@ import gzip
 import json
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -102,6 +103,12 @@ class Timing:
     def as_dict(self) -> dict:
         return {"median_s": round(self.median, 4), "min_s": round(self.min, 4), "max_s": round(self.max, 4),
                 "n": len(self.times)}
+
+
+def cpu_seconds() -> float:
+    """CPU seconds (user + system, all threads) this process has used."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def time_fn(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 5) -> Timing:
@@ -237,10 +244,13 @@ def hlo_sources(hlo_text: str) -> dict[str, tuple[str, str, int]]:
     return out
 
 
-# Parts of an MoE layer by the function of experts.py an op comes from (innermost frame): the grouped matmuls, the
-# routing that surrounds them in `expert_ffn` (sort by expert, permute the rows, unpermute and combine), the router
-# (scores, softmax, top-k) and the router statistics of the aux loss.
-MOE_PARTS = {"_grouped": "expert matmuls (ragged_dot)", "expert_ffn": "routing: sort, permute, unpermute, combine",
+# Parts of an MoE layer by the function of experts.py an op comes from (innermost frame): the grouped matmuls (their
+# blocks loop included), the routing that surrounds them in `expert_ffn` (sort by expert, permute the rows, unpermute
+# and combine), the router (scores, softmax, top-k) and the router statistics of the aux loss.
+_MATMULS = "expert matmuls (grouped matmul kernel, forward and backward)"
+MOE_PARTS = {**dict.fromkeys(("grouped", "grouped_matmul", "block_matmul", "_block_matmul_bwd", "expert", "one_block",
+                              "_window", "_windows", "_masked_update"), _MATMULS),
+             **dict.fromkeys(("expert_ffn", "_sort_by_expert"), "routing: sort, permute, unpermute, combine"),
              "route": "router: scores, softmax, top-k", "router_stats": "router statistics (aux loss)"}
 
 
@@ -364,11 +374,14 @@ def dpojax_steps(setup: StepSetup, work: Path, *, profile: bool = False, data_ov
     print the XLA op-kind shares of one more step, and for a mixture-of-experts policy the shares of its parts
     (`moe_shares`, also put in `report["moe_shares"]`)."""
     step, batches = build_dpojax_step(setup, work, data_overrides=data_overrides, **model_overrides)
-    times = []
+    times, cpu = [], []
     for batch in batches:
-        t0 = time.perf_counter()
+        c0, t0 = cpu_seconds(), time.perf_counter()
         step(batch)
         times.append(time.perf_counter() - t0)
+        cpu.append(cpu_seconds() - c0)
+    if report is not None:
+        report["dpojax_step_cpu"] = Timing(tuple(cpu[setup.warmup:])).as_dict()
     if profile:
         seconds, counts = op_times(lambda: step(batches[-1]))
         print(f"dpojax train step, XLA op kinds by self time ({machine()}):\n"
@@ -383,11 +396,13 @@ def dpojax_steps(setup: StepSetup, work: Path, *, profile: bool = False, data_ov
     return Timing(tuple(times[setup.warmup:]))
 
 
-def trl_steps(setup: StepSetup, work: Path, *, dtype: str = "float32", device: str = "cpu") -> Timing:
+def trl_steps(setup: StepSetup, work: Path, *, dtype: str = "float32", device: str = "cpu",
+              report: dict | None = None) -> Timing:
     """Seconds per TRL DPOTrainer step on the same model, data, batch and optimizer. `dtype` "bfloat16": fp32
     weights with bf16 autocast (TRL's `bf16=True`, as dpojax's bf16 compute over fp32 params); `device` "cuda": the
     first GPU (torch's SDPA attention, flash kernels in bf16). A model folder without weights (a preset's
-    `synthetic_model_dir`) is random-initialized from its config.json, the reference a copy of the policy."""
+    `synthetic_model_dir`) is random-initialized from its config.json, the reference a copy of the policy.
+    `report`: gets "trl_step_cpu", the process's CPU seconds per step (`cpu_seconds`)."""
     import copy
 
     import datasets
@@ -405,16 +420,18 @@ def trl_steps(setup: StepSetup, work: Path, *, dtype: str = "float32", device: s
         policy = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(setup.model_dir), dtype=torch.float32)
         ref = copy.deepcopy(policy)
     times: list[float] = []
+    cpu: list[float] = []
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     class Timer(TrainerCallback):
         def on_step_begin(self, *a, **k):
             sync()
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), cpu_seconds()
 
         def on_step_end(self, *a, **k):
             sync()
             times.append(time.perf_counter() - self.t0)
+            cpu.append(cpu_seconds() - self.c0)
 
     trainer = DPOTrainer(
         model=policy, ref_model=ref, processing_class=AutoTokenizer.from_pretrained(setup.model_dir),
@@ -428,6 +445,8 @@ def trl_steps(setup: StepSetup, work: Path, *, dtype: str = "float32", device: s
         callbacks=[Timer()],
     )
     trainer.train()
+    if report is not None:
+        report["trl_step_cpu"] = Timing(tuple(cpu[setup.warmup:])).as_dict()
     return Timing(tuple(times[setup.warmup:]))
 
 
@@ -473,18 +492,21 @@ def side_by_side(setup: StepSetup, work: Path, *, label: str, profile: bool = Fa
     dpojax `model.*` keys (e.g. scan_layers=False)."""
     extra: dict = {}
     ours = dpojax_steps(setup, work, profile=profile, report=extra, **model_overrides)
-    theirs = trl_steps(setup, work)
+    theirs = trl_steps(setup, work, report=extra)
     result = {
         "machine": machine(), "model": label, "max_length": setup.max_length, "batch_pairs": setup.batch,
         "dpojax_step": ours.as_dict(), "trl_step": theirs.as_dict(),
         "dpojax_pairs_per_s": round(setup.batch / ours.median, 3),
         "trl_pairs_per_s": round(setup.batch / theirs.median, 3),
         "speedup": round(ratio(theirs, ours), 3),
+        # CPU seconds per step (all threads): what a machine shared with other jobs disturbs least
+        "speedup_cpu_time": round(extra["trl_step_cpu"]["median_s"] / extra["dpojax_step_cpu"]["median_s"], 3),
         **extra,
     }
     print(f"{label}: dpojax {setup.batch / ours.median:.2f} pairs/s ({ours}/step) vs TRL "
-          f"{setup.batch / theirs.median:.2f} pairs/s ({theirs}/step): {ratio(theirs, ours):.2f}x  "
-          f"[{machine()}]", flush=True)
+          f"{setup.batch / theirs.median:.2f} pairs/s ({theirs}/step): {ratio(theirs, ours):.2f}x; CPU seconds per "
+          f"step {extra['dpojax_step_cpu']['median_s']:.1f} vs {extra['trl_step_cpu']['median_s']:.1f}: "
+          f"{result['speedup_cpu_time']:.2f}x  [{machine()}]", flush=True)
     return result
 
 

@@ -10,9 +10,9 @@ down projection), and the outputs are unsorted back to assignment order. Every a
 no dropped tokens) and no dense [tokens, experts, D] dispatch tensor is ever built: the work is the active
 experts' work, BTY * D * F per matrix. The kernel is chosen per backend in one place, `grouped_kernel`:
 `jax.lax.ragged_dot` on TPU (a native grouped matmul) and on GPU with XLA's ragged-dot fusion flag (cuDNN); the
-`blocks` kernel elsewhere (`block_matmul`: each expert's group padded to whole row blocks, a scan over the blocks,
-a custom VJP), because XLA lowers a ragged dot on CPU, and on GPU without the flag, to a masked dense product over
-all X experts. Both give the same values and gradients (tests/test_grouped_matmul.py).
+`blocks` kernel elsewhere (`block_matmul`: a loop over the experts and, within, over each expert's sorted rows in
+blocks read in place, a custom VJP), because XLA lowers a ragged dot on CPU, and on GPU without the flag, to a
+masked dense product over all X experts. Both give the same values and gradients (tests/test_grouped_matmul.py).
 
 Glossary: `dpojax.glossary` (X experts of a layer, Y experts per token, F an expert's hidden width).
 """
@@ -112,7 +112,7 @@ def route(x_BTxD: jax.Array, kernel_DxX: jax.Array, bias_X: jax.Array | None, *,
 # ---- the grouped matmul ---------------------------------------------------------------------------------------
 GROUPED_KERNELS = ("ragged_dot", "blocks")
 RAGGED_DOT_FUSION_FLAG = "--xla_gpu_experimental_use_ragged_dot_fusion=true"
-BLOCK_ROWS = 128  # rows of a block of the `blocks` kernel (benchmarks/RESULTS.md, "MoE grouped matmul")
+BLOCK_ROWS = 128  # rows of a block of the `blocks` kernel (benchmarks/RESULTS.md, "Mixture of experts")
 
 
 def grouped_kernel(backend: str | None = None, xla_flags: str | None = None) -> str:
@@ -132,13 +132,14 @@ def grouped_kernel(backend: str | None = None, xla_flags: str | None = None) -> 
 def block_rows(rows: int, num_experts: int, block: int = BLOCK_ROWS) -> int:
     """Rows of a block for `rows` sorted rows over `num_experts` groups: `block`, or less when the groups are
     small (the power of two at or above the mean group size: decoding a few tokens over many experts), so that
-    padding each group to whole blocks stays cheap."""
+    the masked tail of each group's last block stays cheap."""
     per_group = -(-rows // num_experts)
     return min(block, 1 << max(per_group - 1, 0).bit_length())
 
 
 class BlockLayout(NamedTuple):
-    """Rows sorted by expert, each expert's group padded to whole blocks of `block` rows: `shift_X` (a sorted
+    """Rows sorted by expert, each expert's group padded to whole blocks of `block` rows (the blocks `block_matmul`
+    multiplies, which it reads in place from the unpadded rows; its work is `rows` rows at most): `shift_X` (a sorted
     row i of expert e sits at padded row i + shift_X[e]), `block_experts` (the expert of each block, [rows // block];
     blocks past the last group belong to expert X - 1 and hold only zero rows) and `rows` (padded rows, static:
     sum over experts of ceil(n_e / block) <= (BTY + X * (block - 1)) // block blocks)."""
@@ -160,43 +161,81 @@ def block_layout(group_sizes_X: jax.Array, rows: int, block: int) -> BlockLayout
     return BlockLayout(shift_X.astype(jnp.int32), block_experts.astype(jnp.int32), num_blocks * block, block)
 
 
+def _windows(group_sizes_X: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(starts_X, ends_X): the first and one-past-the-last sorted row of each expert's group."""
+    ends_X = jnp.cumsum(group_sizes_X).astype(jnp.int32)
+    return ends_X - group_sizes_X.astype(jnp.int32), ends_X
+
+
+def _window(start: jax.Array, end: jax.Array, i: jax.Array, rows: int, block: int) -> tuple[jax.Array, jax.Array]:
+    """Block i of the group [start, end): (the first row of the `block` rows read, clamped so that they stay inside
+    the `rows`; a [block, 1] mask of the rows that are the block's own: from start + i * block up to the group's
+    end, so that a clamped last block counts none of its group's rows twice and no row of another group)."""
+    first = start + i * block
+    read = jnp.minimum(first, rows - block)
+    r = read + jnp.arange(block, dtype=jnp.int32)
+    return read, ((r >= first) & (r < end))[:, None]
+
+
+def _masked_update(buf: jax.Array, new: jax.Array, mask: jax.Array, at: jax.Array) -> jax.Array:
+    """buf with rows [at, at + len(new)) replaced by `new` where `mask`, kept elsewhere (in place in a loop)."""
+    old = jax.lax.dynamic_slice_in_dim(buf, at, new.shape[0])
+    return jax.lax.dynamic_update_slice_in_dim(buf, jnp.where(mask, new, old), at, 0)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def block_matmul(lhs: jax.Array, rhs: jax.Array, block_experts: jax.Array, block: int, out_dtype) -> jax.Array:
-    """lhs [blocks * block, d_in] (rows in blocks of one expert each) -> [blocks * block, d_out] in `out_dtype`:
-    each block times its expert's rhs [X, d_in, d_out], accumulated in fp32. A scan over the blocks indexes rhs by
-    the block's expert: only the blocks' work is done, and the weights are read in place (no [blocks, d_in, d_out]
-    gather of them; XLA:CPU slices one expert's matrix per step). Gradients: the same scan (d lhs of a block =
-    g @ rhs[e]^T; d rhs[e] = the sum over e's blocks of lhs_block^T @ g_block, accumulated in place in fp32)."""
-    d_in = lhs.shape[1]
+def block_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes_X: jax.Array, block: int, out_dtype) -> jax.Array:
+    """lhs [rows, d_in] sorted by group -> [rows, d_out] in `out_dtype` (rows past the groups: zeros): a loop over
+    the X experts, and within one over its group's rows in blocks of `block` (ceil(n_e / block) blocks, the last
+    one masked to the group's rows), each block times the expert's rhs [d_in, d_out], accumulated in fp32. The rows
+    are read and written in place (no padded copy of them); an expert's matrix is sliced once for all its blocks.
+    Gradients (custom VJP): the same loops (d lhs of a block = g @ rhs[e]^T; d rhs[e] = the sum over e's blocks
+    of lhs_block^T @ g_block, accumulated in fp32 in one [d_in, d_out] buffer per expert)."""
+    rows, d_out = lhs.shape[0], rhs.shape[2]
+    starts_X, ends_X = _windows(group_sizes_X)
 
-    def body(carry, xs):
-        x_b, e = xs
-        return carry, jnp.dot(x_b, rhs[e], preferred_element_type=jnp.float32).astype(out_dtype)
+    def expert(out, xs):
+        rhs_e, start, end = xs
 
-    _, out = jax.lax.scan(body, None, (lhs.reshape(-1, block, d_in), block_experts))
-    return out.reshape(lhs.shape[0], -1)
+        def one_block(i, out):
+            read, mask = _window(start, end, i, rows, block)
+            y = jnp.dot(jax.lax.dynamic_slice_in_dim(lhs, read, block), rhs_e, preferred_element_type=jnp.float32)
+            return _masked_update(out, y.astype(out_dtype), mask, read)
+
+        return jax.lax.fori_loop(0, (end - start + block - 1) // block, one_block, out), None
+
+    out, _ = jax.lax.scan(expert, jnp.zeros((rows, d_out), out_dtype), (rhs, starts_X, ends_X))
+    return out
 
 
-def _block_matmul_fwd(lhs, rhs, block_experts, block, out_dtype):
-    return block_matmul(lhs, rhs, block_experts, block, out_dtype), (lhs, rhs, block_experts)
+def _block_matmul_fwd(lhs, rhs, group_sizes_X, block, out_dtype):
+    return block_matmul(lhs, rhs, group_sizes_X, block, out_dtype), (lhs, rhs, group_sizes_X)
 
 
 def _block_matmul_bwd(block, out_dtype, res, g):
-    lhs, rhs, block_experts = res
-    d_in = lhs.shape[1]
+    lhs, rhs, group_sizes_X = res
+    rows = lhs.shape[0]
+    starts_X, ends_X = _windows(group_sizes_X)
 
-    def body(drhs, xs):
-        x_b, g_b, e = xs
-        g_b = g_b.astype(lhs.dtype)  # exact where the caller rounds the output to lhs.dtype (expert_ffn does)
-        dx_b = jax.lax.dot_general(g_b, rhs[e], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        dw_e = jax.lax.dot_general(x_b, g_b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-        drhs = jax.lax.dynamic_update_index_in_dim(drhs, jax.lax.dynamic_index_in_dim(drhs, e, 0, False) + dw_e,
-                                                   e, 0)
-        return drhs, dx_b.astype(lhs.dtype)
+    def expert(dlhs, xs):
+        rhs_e, start, end = xs
 
-    drhs, dlhs = jax.lax.scan(body, jnp.zeros(rhs.shape, jnp.float32),
-                              (lhs.reshape(-1, block, d_in), g.reshape(-1, block, g.shape[1]), block_experts))
-    return dlhs.reshape(lhs.shape), drhs.astype(rhs.dtype), None
+        def one_block(i, carry):
+            dlhs, drhs_e = carry
+            read, mask = _window(start, end, i, rows, block)
+            # only the block's own rows: exact where the caller rounds the output to lhs.dtype (expert_ffn does)
+            g_b = jnp.where(mask, jax.lax.dynamic_slice_in_dim(g, read, block).astype(lhs.dtype), 0)
+            dx_b = jax.lax.dot_general(g_b, rhs_e, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            drhs_e = drhs_e + jax.lax.dot_general(jax.lax.dynamic_slice_in_dim(lhs, read, block), g_b,
+                                                  (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+            return _masked_update(dlhs, dx_b.astype(lhs.dtype), mask, read), drhs_e
+
+        dlhs, drhs_e = jax.lax.fori_loop(0, (end - start + block - 1) // block, one_block,
+                                         (dlhs, jnp.zeros(rhs_e.shape, jnp.float32)))
+        return dlhs, drhs_e.astype(rhs.dtype)
+
+    dlhs, drhs = jax.lax.scan(expert, jnp.zeros(lhs.shape, lhs.dtype), (rhs, starts_X, ends_X))
+    return dlhs, drhs, None
 
 
 block_matmul.defvjp(_block_matmul_fwd, _block_matmul_bwd)
@@ -206,8 +245,7 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes_X: jax.Array, *, 
                    kernel: str | None = None, block: int = BLOCK_ROWS) -> jax.Array:
     """`jax.lax.ragged_dot`'s result: lhs [rows, d_in] sorted by group, rhs [X, d_in, d_out], group_sizes_X
     (sum <= rows; rows past the groups give zeros) -> [rows, d_out] in `preferred_element_type` (default
-    lhs.dtype), by `kernel` (default: `grouped_kernel()`). "blocks" pads each group to whole blocks
-    (`block_layout`), runs `block_matmul` and takes the rows back."""
+    lhs.dtype), by `kernel` (default: `grouped_kernel()`). "blocks": `block_matmul` on blocks of `block_rows`."""
     out_dtype = preferred_element_type or lhs.dtype
     kernel = kernel or grouped_kernel()
     if kernel == "ragged_dot":
@@ -215,20 +253,14 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes_X: jax.Array, *, 
     if kernel != "blocks":
         raise ValueError(f"unknown grouped matmul kernel {kernel!r}; known: {', '.join(GROUPED_KERNELS)}")
     rows, X = lhs.shape[0], rhs.shape[0]
-    layout = block_layout(group_sizes_X, rows, block_rows(rows, X, block))
-    row_experts = jnp.searchsorted(jnp.cumsum(group_sizes_X), jnp.arange(rows), side="right")
-    padded_row = jnp.where(row_experts < X, jnp.arange(rows) + layout.shift_X[jnp.minimum(row_experts, X - 1)],
-                           layout.rows)  # rows past the groups: out of range, dropped
-    padded = jnp.zeros((layout.rows, lhs.shape[1]), lhs.dtype).at[padded_row].set(lhs, mode="drop")
-    out = block_matmul(padded, rhs, layout.block_experts, layout.block, out_dtype)
-    return jnp.take(out, padded_row, axis=0, mode="fill", fill_value=0)
+    return block_matmul(lhs, rhs, group_sizes_X, min(block_rows(rows, X, block), max(rows, 1)), out_dtype)
 
 
 # ---- the experts' MLP ------------------------------------------------------------------------------------------
 class _Sorted(NamedTuple):
-    """The BTY assignments laid out by expert: `source` (the token row of each layout row; out of range on
-    padding rows, which read zeros), `slot_rows_BTY` (the layout row of each assignment slot), `row_experts`
-    (the expert of each layout row) and `matmul(h, w_XxAxB)` (the grouped matmul on that layout, in fp32)."""
+    """The BTY assignments sorted by expert id: `source` (the token row of each sorted row), `slot_rows_BTY` (the
+    sorted row of each assignment slot), `row_experts` (the expert of each sorted row) and `matmul(h, w_XxAxB)`
+    (the grouped matmul of the sorted rows by `kernel`, in fp32)."""
 
     source: jax.Array
     slot_rows_BTY: jax.Array
@@ -237,22 +269,13 @@ class _Sorted(NamedTuple):
 
 
 def _sort_by_expert(experts_BTY: jax.Array, X: int, Y: int, kernel: str) -> _Sorted:
-    """Sort the assignments by expert id (stable). "ragged_dot": the sorted rows as they are; "blocks": each
-    expert's rows padded to whole blocks (`block_layout`), in the same two gathers (token rows in, slots out)."""
+    """Sort the assignments by expert id (stable): each expert's rows contiguous, no padding (both kernels)."""
     BTY = experts_BTY.shape[0]
     order_BTY = jnp.argsort(experts_BTY, stable=True)  # assignment slots sorted by expert id
-    sorted_experts_BTY = experts_BTY[order_BTY]
     group_sizes_X = jnp.bincount(experts_BTY, length=X).astype(jnp.int32)
-    if kernel == "ragged_dot":
-        inverse_BTY = jnp.zeros_like(order_BTY).at[order_BTY].set(jnp.arange(BTY, dtype=order_BTY.dtype))
-        return _Sorted(order_BTY // Y, inverse_BTY, sorted_experts_BTY, lambda h, w: jax.lax.ragged_dot(
-            h, w, group_sizes_X, preferred_element_type=jnp.float32))
-    layout = block_layout(group_sizes_X, BTY, block_rows(BTY, X))
-    padded_BTY = jnp.arange(BTY, dtype=jnp.int32) + layout.shift_X[sorted_experts_BTY]  # padded row of sorted row
-    source = jnp.full((layout.rows,), BTY // Y, jnp.int32).at[padded_BTY].set((order_BTY // Y).astype(jnp.int32))
-    slot_rows_BTY = jnp.zeros((BTY,), jnp.int32).at[order_BTY].set(padded_BTY)
-    return _Sorted(source, slot_rows_BTY, jnp.repeat(layout.block_experts, layout.block),
-                   lambda h, w: block_matmul(h, w, layout.block_experts, layout.block, jnp.float32))
+    inverse_BTY = jnp.zeros_like(order_BTY).at[order_BTY].set(jnp.arange(BTY, dtype=order_BTY.dtype))
+    return _Sorted(order_BTY // Y, inverse_BTY, experts_BTY[order_BTY], lambda h, w: grouped_matmul(
+        h, w, group_sizes_X, preferred_element_type=jnp.float32, kernel=kernel))
 
 
 def expert_ffn(x_BTxD: jax.Array, routing: Routing, w: ExpertWeights, *, activation: str, dtype,
