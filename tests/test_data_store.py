@@ -3,6 +3,8 @@ in-memory path builds (unpacked and packed, resumed, per host), the mixture's or
 weighted, and bad input (weights, a source one host cannot read, a cache of other settings) stops with one error
 or is rebuilt with the reason logged."""
 
+import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import logging
@@ -127,18 +129,23 @@ def ranked_rows(n, seed):
 
 @pytest.mark.parametrize("kind", ["unpair", "all_pairs", "skip"])
 def test_streamed_source_is_the_in_memory_one(kind, tok, tmp_path, monkeypatch):
-    """load_preferences reads, validates and tokenizes a file as a stream, in chunks and shards of a few rows (and
-    unpairing blocks of 4): the same rows, key, counts and batches as the whole-list path, and the same errors."""
+    """load_preferences reads, validates and tokenizes a file as a stream, in chunks and shards of a few rows
+    (unpairing blocks of 4; 2 workers for the source with bad rows): the same rows, key, counts and batches as the
+    whole-list path, and the same errors."""
     monkeypatch.setattr(tokenize_lib, "CHUNK_ROWS", 3)
     monkeypatch.setattr(streaming, "SHARD_CHUNKS", 2)
     monkeypatch.setattr(formats, "UNPAIR_BLOCK", 4)
     rows = ranked_rows(23, seed=4) if kind == "all_pairs" else make_pref_rows(23, "standard", seed=4)
     if kind == "skip":
         rows[5:7] = [{"prompt": 3, "chosen": "a", "rejected": "b"}, {"prompt": "p", "chosen": None}]
+    if kind == "skip":  # chunks tokenized by 2 workers (threads here: the order and the window of chunks in flight)
+        monkeypatch.setattr(tokenize_lib, "PARALLEL_MIN_ROWS", 4)
+        monkeypatch.setattr(streaming, "_pool", lambda n: contextlib.nullcontext(
+            concurrent.futures.ThreadPoolExecutor(n) if n else None))
     path = write_jsonl(tmp_path / "a.jsonl", rows)
     kw = {"unpaired_loss": kind == "unpair", "unpair": kind == "unpair", "on_bad_row": "skip" if kind == "skip"
           else "error", "pairs_from_scores": "all_pairs" if kind == "all_pairs" else "none"}
-    got = load_preferences(str(path), tok, max_length=MAX_LEN, cache_dir=tmp_path / "c", num_proc=1, **kw)
+    got = load_preferences(str(path), tok, max_length=MAX_LEN, cache_dir=tmp_path / "c", num_proc=2, **kw)
     prefrows = normalize_rows(rows, str(path), on_bad_row=kw["on_bad_row"], pairs_from_scores=kw["pairs_from_scores"])
     prefrows = formats.unpair_rows(prefrows) if kind == "unpair" else prefrows
     want = tokenize_rows(prefrows, tok, max_length=MAX_LEN, cache_dir=tmp_path / "w")
