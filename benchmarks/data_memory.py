@@ -5,7 +5,8 @@ For each row count: a JSONL of standard pairs of one shape (a 150-token prompt, 
 tokenizer: one token per word), a tiny random model, `dpojax train` for 2 steps as a child process, twice: cold
 (an empty cache: read, validate, tokenize, write the store) and warm (the store exists: no row is parsed). The
 peak RSS is the child's `ru_maxrss` (`os.wait4`); tokenizer worker processes are not counted (their own peaks are
-below the parent's). `--repo DIR` runs another checkout's code (e.g. the main branch) for comparison.
+below the parent's). `--repo DIR` runs another checkout's code (e.g. the main branch) for comparison (the child
+runs in DIR: `python -m` imports from its working directory before PYTHONPATH).
 
     python -m benchmarks.data_memory --rows 10000 100000 [--repo /work/main]
 """
@@ -42,10 +43,10 @@ def write_pairs(path: Path, n: int, seed: int = 0) -> int:
     return PROMPT + 2 * (RESPONSE + 1)
 
 
-def peak_rss_of(cmd: list[str], env: dict) -> tuple[float, float]:
-    """(peak RSS in MiB, seconds) of a child process."""
+def peak_rss_of(cmd: list[str], env: dict, cwd: str) -> tuple[float, float]:
+    """(peak RSS in MiB, seconds) of a child process run in `cwd` (`python -m` imports from there first)."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     if status != 0:
         raise RuntimeError(f"{cmd} failed: {proc.stderr.read().decode()[-2000:]}")
@@ -75,7 +76,8 @@ def main(argv: list[str] | None = None) -> None:
                        "train": {"batch_size": 4, "steps": 2, "log_every": 1},
                        "output_dir": str(root / f"run-{n}-{phase}")}
                 (root / "run.yaml").write_text(yaml.safe_dump(cfg))
-                rss, seconds = peak_rss_of([sys.executable, "-m", "dpojax.cli", "train", str(root / "run.yaml")], env)
+                rss, seconds = peak_rss_of([sys.executable, "-m", "dpojax.cli", "train", str(root / "run.yaml")], env,
+                                            args.repo)
                 print(json.dumps({"rows": n, "phase": phase, "peak_rss_mib": round(rss), "seconds": round(seconds),
                                   "token_data_mib": round(n * per_row * 4 / 2**20),
                                   "jsonl_mib": round(data.stat().st_size / 2**20)}), flush=True)

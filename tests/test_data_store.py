@@ -3,6 +3,8 @@ in-memory path builds (unpacked and packed, resumed, per host), the mixture's or
 weighted, and bad input (weights, a source one host cannot read, a cache of other settings) stops with one error
 or is rebuilt with the reason logged."""
 
+import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import logging
@@ -18,16 +20,19 @@ from dpojax.data import (
     SourceSpec,
     TokenizedData,
     eval_batches,
+    formats,
     load_preferences,
     mix,
     normalize_rows,
     store,
+    streaming,
     tokenize_rows,
     train_batches,
 )
 from dpojax.data import tokenize as tokenize_lib
 from dpojax.data.mixture import source_counts
 from dpojax.data.packing import Packing
+from dpojax.data.reward import margin_column
 from dpojax.errors import DataError
 from dpojax.trainer.build import load_split
 
@@ -95,6 +100,7 @@ def test_source_record_skips_reading_and_other_settings_rebuild_with_reason(tok,
     cache = tmp_path / "cache"
     first = load_preferences(str(path), tok, max_length=MAX_LEN, cache_dir=cache)
     monkeypatch.setattr("dpojax.data.loader.load_rows", lambda *a, **k: pytest.fail("rows read on a cache hit"))
+    monkeypatch.setattr("dpojax.data.loader.row_stream", lambda *a, **k: pytest.fail("rows read on a cache hit"))
     second = load_preferences(str(path), tok, max_length=MAX_LEN, cache_dir=cache)
     assert second.from_cache and second.fingerprint == first.fingerprint and second.source == str(path)
     monkeypatch.undo()
@@ -109,6 +115,50 @@ def test_source_record_skips_reading_and_other_settings_rebuild_with_reason(tok,
     assert not other.from_cache and "another tokenizer" in caplog.text
     write_jsonl(path, make_pref_rows(21, "standard", seed=1))  # new content: a new record, a new store
     assert not load_preferences(str(path), tok, max_length=MAX_LEN, cache_dir=cache).from_cache
+
+
+def ranked_rows(n, seed):
+    """Scored rows (ties, one row all tied) from standard pairs, with a margin column."""
+    rows = []
+    for i, r in enumerate(make_pref_rows(n, "standard", seed=seed)):
+        scores = [1.0, 1.0, 1.0] if i == 3 else [2.0, float(i % 3), 0.0]
+        rows.append({"prompt": r["prompt"], "responses": [r["chosen"], r["rejected"], r["chosen"] + " x"],
+                     "scores": scores, "margin": i / 4})
+    return rows
+
+
+@pytest.mark.parametrize("kind", ["unpair", "all_pairs", "skip"])
+def test_streamed_source_is_the_in_memory_one(kind, tok, tmp_path, monkeypatch):
+    """load_preferences reads, validates and tokenizes a file as a stream, in chunks and shards of a few rows
+    (unpairing blocks of 4; 2 workers for the source with bad rows): the same rows, key, counts and batches as the
+    whole-list path, and the same errors."""
+    monkeypatch.setattr(tokenize_lib, "CHUNK_ROWS", 3)
+    monkeypatch.setattr(streaming, "SHARD_CHUNKS", 2)
+    monkeypatch.setattr(formats, "UNPAIR_BLOCK", 4)
+    rows = ranked_rows(23, seed=4) if kind == "all_pairs" else make_pref_rows(23, "standard", seed=4)
+    if kind == "skip":
+        rows[5:7] = [{"prompt": 3, "chosen": "a", "rejected": "b"}, {"prompt": "p", "chosen": None}]
+    if kind == "skip":  # chunks tokenized by 2 workers (threads here: the order and the window of chunks in flight)
+        monkeypatch.setattr(tokenize_lib, "PARALLEL_MIN_ROWS", 4)
+        monkeypatch.setattr(streaming, "_pool", lambda n: contextlib.nullcontext(
+            concurrent.futures.ThreadPoolExecutor(n) if n else None))
+    path = write_jsonl(tmp_path / "a.jsonl", rows)
+    kw = {"unpaired_loss": kind == "unpair", "unpair": kind == "unpair", "on_bad_row": "skip" if kind == "skip"
+          else "error", "pairs_from_scores": "all_pairs" if kind == "all_pairs" else "none"}
+    got = load_preferences(str(path), tok, max_length=MAX_LEN, cache_dir=tmp_path / "c", num_proc=2, **kw)
+    prefrows = normalize_rows(rows, str(path), on_bad_row=kw["on_bad_row"], pairs_from_scores=kw["pairs_from_scores"])
+    prefrows = formats.unpair_rows(prefrows) if kind == "unpair" else prefrows
+    want = tokenize_rows(prefrows, tok, max_length=MAX_LEN, cache_dir=tmp_path / "w", num_proc=1)
+    assert store.read_meta(tmp_path / "c" / f"preferences-{got.fingerprint}")["shards"] > 1
+    assert got.fingerprint == want.fingerprint and got.stats == want.stats and got.format_name == want.format_name
+    assert got.row_index.tolist() == want.row_index.tolist() and all_batches(got) == all_batches(want)
+    assert (got.labels is None) == (kind != "unpair")
+    assert kind != "unpair" or got.labels.tolist() == want.labels.tolist()
+    if kind == "all_pairs":
+        assert margin_column(str(path), "train").tolist() == [r["margin"] for r in rows]
+    if kind == "skip":
+        with pytest.raises(DataError, match=r"2 bad row\(s\) of 23:\n  row 5, field 'prompt'.*\n  row 6, field "):
+            load_preferences(str(path), tok, max_length=MAX_LEN, cache_dir=tmp_path / "c")
 
 
 def test_source_unreadable_on_one_host_stops_all_naming_host_and_path(tok, tmp_path):

@@ -262,14 +262,18 @@ def row_problems(row: Any, fmt: RowFormat, max_responses: int = 8) -> list[tuple
     return problems
 
 
+def required_columns(fmt: RowFormat) -> tuple[str, ...]:
+    """The fields every row of `fmt` needs."""
+    if fmt.unpaired:
+        return ("prompt", "completion", "label")
+    if fmt.ranked:
+        return ("prompt", "responses") + (("scores",) if fmt.scored else ())
+    return ("chosen", "rejected") if fmt.implicit_prompt else ("prompt", "chosen", "rejected")
+
+
 def _missing_columns(rows: list, fmt: RowFormat, source: str) -> None:
     """One short error when a required column is absent from every row (instead of one line per row)."""
-    if fmt.unpaired:
-        required = ("prompt", "completion", "label")
-    elif fmt.ranked:
-        required = ("prompt", "responses") + (("scores",) if fmt.scored else ())
-    else:
-        required = ("chosen", "rejected") if fmt.implicit_prompt else ("prompt", "chosen", "rejected")
+    required = required_columns(fmt)
     dict_rows = [r for r in rows if isinstance(r, dict)]
     for col in required:
         if dict_rows and all(r.get(col) is None for r in dict_rows):
@@ -288,7 +292,8 @@ def order_and_ranks(scores: list[float]) -> tuple[list[int], list[int]]:
     return order, ranks
 
 
-def _normalize(row: dict, fmt: RowFormat) -> dict:
+def normalize_row(row: dict, fmt: RowFormat) -> dict:
+    """One valid row as {prompt, responses (best first), ranks} (module docstring)."""
     if fmt.unpaired:
         out = {"prompt": row["prompt"], "responses": [row["completion"]], "ranks": [0], "label": row["label"]}
     elif not fmt.ranked:
@@ -310,14 +315,18 @@ def _normalize(row: dict, fmt: RowFormat) -> dict:
     return out
 
 
-def _has_duplicates(responses: list) -> bool:
+def has_duplicates(responses: list) -> bool:
     seen = [json.dumps(r, sort_keys=True) for r in responses]
     return len(set(seen)) < len(seen)
 
 
-def _bad_rows_message(source: str, bad: list[tuple[int, str, str]], n_bad_rows: int, rows_in: int) -> str:
+def bad_rows_message(source: str, bad: list[tuple[int, str, str]], n_bad_rows: int, rows_in: int,
+                     n_problems: int | None = None) -> str:
+    """The one error of all bad rows: the first MAX_LISTED problems of `bad` listed, the rest (`n_problems` in all,
+    default len(bad)) counted."""
+    n_problems = len(bad) if n_problems is None else n_problems
     lines = [f"  row {i}, field '{field}': {msg}" for i, field, msg in bad[:MAX_LISTED]]
-    more = f"\n  ... and {len(bad) - MAX_LISTED} more problems" if len(bad) > MAX_LISTED else ""
+    more = f"\n  ... and {n_problems - MAX_LISTED} more problems" if n_problems > MAX_LISTED else ""
     return (
         f"{source}: {n_bad_rows} bad row(s) of {rows_in}:\n"
         + "\n".join(lines)
@@ -346,15 +355,15 @@ def normalize_rows(rows: Any, source: str, *, on_bad_row: OnBadRow = "error", ma
             bad_rows += 1
             bad += [(i, field, msg) for field, msg in problems]
             continue
-        norm = _normalize(row, fmt)
+        norm = normalize_row(row, fmt)
         if len(norm["ranks"]) > 1 and norm["ranks"][-1] == 0:
             all_tied += 1
             continue
-        identical += _has_duplicates(norm["responses"])
+        identical += has_duplicates(norm["responses"])
         good.append(norm)
         index.append(i)
     if bad and on_bad_row == "error":
-        raise DataError(_bad_rows_message(source, bad, bad_rows, len(rows)))
+        raise DataError(bad_rows_message(source, bad, bad_rows, len(rows)))
     if bad:
         log.warning("%s: skipped %d bad row(s) of %d (on_bad_row='skip')", source, bad_rows, len(rows))
     if all_tied:
@@ -378,16 +387,21 @@ def _pair_indices(ranks: list[int], mode: str) -> list[tuple[int, int]]:
     raise ValueError(f"pairs_from_scores must be one of {PAIRS_FROM_SCORES[1:]}, got {mode!r}")
 
 
+def expand_row(row: dict, mode: str) -> list[dict]:
+    """The K = 2 rows of one normalized ranked row (`expand_pairs`)."""
+    extras = {k: row[k] for k in ("tools", "chat_template_kwargs") if k in row}
+    return [{"prompt": row["prompt"], "responses": [row["responses"][a], row["responses"][b]], "ranks": [0, 1],
+             **extras} for a, b in _pair_indices(row["ranks"], mode)]
+
+
 def expand_pairs(prefrows: PreferenceRows, mode: str) -> PreferenceRows:
     """K = 2 rows from ranked rows (`best_vs_worst` or `all_pairs`); each pair's row_index is its source row."""
-    rows, index, identical = [], [], 0
+    rows, index = [], []
     for i, row in zip(prefrows.row_index, prefrows.rows, strict=True):
-        extras = {k: row[k] for k in ("tools", "chat_template_kwargs") if k in row}
-        for a, b in _pair_indices(row["ranks"], mode):
-            pair = [row["responses"][a], row["responses"][b]]
-            identical += pair[0] == pair[1]
-            rows.append({"prompt": row["prompt"], "responses": pair, "ranks": [0, 1], **extras})
-            index.append(i)
+        pairs = expand_row(row, mode)
+        rows += pairs
+        index += [i] * len(pairs)
+    identical = sum(pair["responses"][0] == pair["responses"][1] for pair in rows)
     log.info("%s: %d ranked row(s) expanded into %d pairs (%s)", prefrows.source, len(prefrows.rows), len(rows), mode)
     return dataclasses.replace(prefrows, rows=rows, row_index=index, rows_identical=identical,
                                pairs_from_scores=mode)
@@ -397,6 +411,17 @@ def expand_pairs(prefrows: PreferenceRows, mode: str) -> PreferenceRows:
 UNPAIR_BLOCK = 1000  # rows per block of TRL's unpairing (`datasets.Dataset.map(batched=True)`'s default batch)
 
 
+def unpair_block(block: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
+    """One block of (source row, pair row) unpaired: its chosen responses (label true), then its rejected ones."""
+    out = []
+    for k, label in ((0, True), (-1, False)):  # the best response is chosen, the worst real one rejected
+        for i, row in block:
+            extras = {key: row[key] for key in ("tools", "chat_template_kwargs") if key in row}
+            out.append((i, {"prompt": row["prompt"], "responses": [row["responses"][k]], "ranks": [0], "label": label,
+                            **extras}))
+    return out
+
+
 def unpair_rows(prefrows: PreferenceRows) -> PreferenceRows:
     """Unpaired rows from pair rows, as TRL's `unpair_preference_dataset`: each block of UNPAIR_BLOCK pairs becomes
     its chosen responses (label true) followed by its rejected ones (label false); both keep their source row."""
@@ -404,14 +429,10 @@ def unpair_rows(prefrows: PreferenceRows) -> PreferenceRows:
         return prefrows
     rows, index = [], []
     for start in range(0, len(prefrows.rows), UNPAIR_BLOCK):
-        block = list(zip(prefrows.row_index[start : start + UNPAIR_BLOCK], prefrows.rows[start : start + UNPAIR_BLOCK],
-                         strict=True))
-        for k, label in ((0, True), (-1, False)):  # the best response is chosen, the worst real one rejected
-            for i, row in block:
-                extras = {key: row[key] for key in ("tools", "chat_template_kwargs") if key in row}
-                rows.append({"prompt": row["prompt"], "responses": [row["responses"][k]], "ranks": [0],
-                             "label": label, **extras})
-                index.append(i)
+        block = unpair_block(list(zip(prefrows.row_index[start : start + UNPAIR_BLOCK],
+                                      prefrows.rows[start : start + UNPAIR_BLOCK], strict=True)))
+        rows += [row for _, row in block]
+        index += [i for i, _ in block]
     log.info("%s: %d pair(s) unpaired into %d rows (data.unpair)", prefrows.source, len(prefrows.rows), len(rows))
     return dataclasses.replace(prefrows, rows=rows, row_index=index, rows_identical=0,
                                fmt=dataclasses.replace(prefrows.fmt, unpaired=True))

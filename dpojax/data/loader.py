@@ -3,8 +3,9 @@
 The token store of a source is found without reading its rows: a small record `source-<content>-<settings>.json`
 in the cache folder names the store made from that content (a hash of the file's bytes, or of the `datasets`
 fingerprint) with those settings (tokenizer, max_length, ...). On a hit no row is parsed; on a miss the rows are
-read, validated and tokenized (`tokenize_rows`: split over the job's processes) and the record is written. A record
-of the same content with other settings is never used; the log says what differs.
+read, validated and tokenized as a stream (`streaming`: lazy passes over the source, no list of its rows; split
+over the job's processes) and the record is written. A record of the same content with other settings is never
+used; the log says what differs.
 """
 
 from __future__ import annotations
@@ -17,17 +18,11 @@ import os
 from typing import Any
 
 from dpojax import paths
-from dpojax.data.formats import OnBadRow, is_ranked, is_unpaired, normalize_rows, unpair_rows
-from dpojax.data.sources import load_rows, source_digest
+from dpojax.data.formats import OnBadRow, is_ranked, is_unpaired
+from dpojax.data.sources import RowStream, iter_dataset, load_rows, row_stream, source_digest
 from dpojax.data.store import Hosts
-from dpojax.data.tokenize import (
-    CACHE_VERSION,
-    STORE_LAYOUT,
-    TokenizedData,
-    open_store,
-    tokenize_rows,
-    tokenizer_fingerprint,
-)
+from dpojax.data.streaming import scan_rows, tokenize_stream
+from dpojax.data.tokenize import CACHE_VERSION, STORE_LAYOUT, TokenizedData, open_store, tokenizer_fingerprint
 from dpojax.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -83,17 +78,17 @@ def load_preferences(
     found = _from_record(record, settings, hosts)
     if found is not None:
         return dataclasses.replace(found, source=_source_name(src))
-    if rows is None:
-        rows, _ = load_rows(src.path, src.split, name=src.name, revision=src.revision,
-                            data_files=list(src.data_files) or None)
+    stream = row_stream(src.path, src.split, name=src.name, revision=src.revision,
+                        data_files=list(src.data_files) or None) if rows is None else RowStream(
+                            "", lambda: iter_dataset(rows), dataset=rows)
     source = _source_name(src)
-    _check_unpaired(source, is_unpaired(rows), unpaired_loss, unpair)
-    prefrows = _normalized(rows, source, on_bad_row, max_responses, pairs_from_scores, ranking_loss)
-    del rows
-    if unpair:
-        prefrows = unpair_rows(prefrows)
-    data = tokenize_rows(prefrows, tokenizer, max_length=max_length, truncation_mode=truncation_mode,
-                         cache_dir=cache_dir, num_proc=num_proc, hosts=hosts)
+    probe = stream.dataset if stream.dataset is not None else stream  # a data set's columns, or its first row
+    _check_unpaired(source, is_unpaired(probe), unpaired_loss, unpair)
+    ranked = _check_ranked(source, is_ranked(probe), pairs_from_scores, ranking_loss)
+    scan = scan_rows(stream, source, on_bad_row=on_bad_row, max_responses=max_responses,
+                     pairs_from_scores=pairs_from_scores if ranked else "none", unpair=unpair)
+    data = tokenize_stream(stream, scan, tokenizer, max_length=max_length, truncation_mode=truncation_mode,
+                           cache_dir=cache_dir, num_proc=num_proc, hosts=hosts)
     if record is not None and hosts.index == 0:
         paths.write_text(record, json.dumps({"settings": settings, "store": f"preferences-{data.fingerprint}"}))
     return data
@@ -175,9 +170,8 @@ def _why_not_reused(record, settings: dict) -> None:
                  "again", other.parent, what)
 
 
-def _normalized(rows: Any, source: str, on_bad_row: OnBadRow, max_responses: int, pairs_from_scores: str,
-                ranking_loss: bool | None):
-    ranked = is_ranked(rows)
+def _check_ranked(source: str, ranked: bool, pairs_from_scores: str, ranking_loss: bool | None) -> bool:
+    """DataError when the rows (ranked or pairs) do not suit the loss and `pairs_from_scores`; returns `ranked`."""
     if ranking_loss is None:
         ranking_loss = ranked and pairs_from_scores == "none"
     if ranking_loss and not ranked:
@@ -195,8 +189,7 @@ def _normalized(rows: Any, source: str, on_bad_row: OnBadRow, max_responses: int
             "loss.type=plackett_luce, or expand the rows into pairs for a pair loss with "
             "data.pairs_from_scores=best_vs_worst (or all_pairs)."
         )
-    return normalize_rows(rows, source, on_bad_row=on_bad_row, max_responses=max_responses,
-                          pairs_from_scores=pairs_from_scores if ranked else "none")
+    return ranked
 
 
 def _check_unpaired(source: str, unpaired_rows: bool, unpaired_loss: bool, unpair: bool) -> None:

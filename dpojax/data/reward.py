@@ -22,25 +22,29 @@ from typing import Any
 
 import numpy as np
 
-from dpojax.data.sources import load_rows
+from dpojax.data.sources import row_stream
 from dpojax.data.tokenize import TokenizedData
 from dpojax.errors import DataError
 
 log = logging.getLogger(__name__)
 
+_ABSENT = object()  # a row without a margin field
+
 
 def margin_column(spec: str, split: str) -> np.ndarray | None:
     """float32 [rows of the source]: its `margin` column, or None when it has none. DataError naming the row for a
     value that is not a finite number."""
-    rows, source = load_rows(spec, split)
-    if hasattr(rows, "column_names"):  # a datasets.Dataset
-        if "margin" not in rows.column_names:
+    rows = row_stream(spec, split)
+    source = rows.source
+    if rows.dataset is not None:  # a datasets.Dataset (memory-mapped)
+        if "margin" not in rows.dataset.column_names:
             return None
-        values: list[Any] = list(rows["margin"])
-    else:
-        if not any(isinstance(row, dict) and "margin" in row for row in rows):
+        values: list[Any] = list(rows.dataset["margin"])
+    else:  # read lazily: only the margins are kept
+        values = [row.get("margin", _ABSENT) if isinstance(row, dict) else _ABSENT for row in rows]
+        if all(v is _ABSENT for v in values):
             return None
-        values = [row.get("margin") if isinstance(row, dict) else None for row in rows]
+        values = [None if v is _ABSENT else v for v in values]
     for i, v in enumerate(values):
         if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
             raise DataError(f"{source}: row {i}, field 'margin': {v!r} is not a number; every row of a data set with "

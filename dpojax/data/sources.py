@@ -4,9 +4,11 @@ or a hub dataset id."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from etils import epath
@@ -16,6 +18,83 @@ from dpojax.errors import DataError
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 _HASH_CHUNK = 1 << 24
+_BATCH_ROWS = 1024  # rows per Arrow batch of a parquet file or a `datasets.Dataset` read lazily
+
+
+@dataclasses.dataclass(frozen=True)
+class RowStream:
+    """A source's rows, read again (lazily, in order) each time it is iterated: JSON lines line by line, CSV record
+    by record, parquet and `datasets` data sets Arrow batch by Arrow batch; a .json file (one JSON document) and a
+    list are held whole. `dataset` is the memory-mapped `datasets.Dataset` when the source is one."""
+
+    source: str
+    open: Callable[[], Iterator[Any]]
+    dataset: Any = None
+
+    def __iter__(self) -> Iterator[Any]:
+        return self.open()
+
+
+def row_stream(spec: str, split: str = "train", *, name: str | None = None, revision: str | None = None,
+               data_files: Any = None) -> RowStream:
+    """The rows `load_rows` returns, as a RowStream: a file is read lazily at each pass, a data set folder or hub id
+    is loaded (memory-mapped) once and read in Arrow batches."""
+    path = paths.path(str(spec))
+    prefixes = (".", "/", "~", *paths.REMOTE_SCHEMES)
+    looks_like_path = path.suffix.lower() in LOCAL_SUFFIXES or str(spec).startswith(prefixes)
+    hub = name or revision or data_files
+    if (path.is_file() or (looks_like_path and not path.is_dir())) and not hub:
+        if not path.is_file():
+            raise DataError(f"{spec}: data file not found")
+        suffix = path.suffix.lower()
+        if suffix == ".jsonl":
+            return RowStream(str(spec), lambda: _iter_jsonl(path))
+        if suffix == ".csv":
+            return RowStream(str(spec), lambda: _iter_csv(path))
+        if suffix == ".parquet":
+            return RowStream(str(spec), lambda: _iter_parquet(path))
+        rows = _load_file(path)
+        return RowStream(str(spec), lambda: iter(rows))
+    data, source = load_rows(spec, split, name=name, revision=revision, data_files=data_files)
+    return RowStream(source, lambda: iter_dataset(data), dataset=data)
+
+
+def iter_dataset(data: Any) -> Iterator[dict]:
+    """The rows of a `datasets.Dataset`, one Arrow batch converted to dicts at a time."""
+    for start in range(0, len(data), _BATCH_ROWS):
+        yield from data.select(range(start, min(start + _BATCH_ROWS, len(data)))).to_list()
+
+
+def _iter_jsonl(path: epath.Path) -> Iterator[Any]:
+    rows = 0
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {line_no} (row {rows}): invalid JSON: {e}") from e
+            rows += 1
+            yield row
+
+
+def _iter_csv(path: epath.Path) -> Iterator[dict]:
+    with path.open("rb") as raw, io.TextIOWrapper(raw, encoding="utf-8", newline="") as f:
+        for row in csv.DictReader(f):
+            yield dict(row)
+
+
+def _iter_parquet(path: epath.Path) -> Iterator[dict]:
+    import pyarrow.parquet as pq  # optional dependency, needed only for .parquet files
+
+    with path.open("rb") as f:
+        try:
+            batches = pq.ParquetFile(f).iter_batches(batch_size=_BATCH_ROWS)
+            for batch in batches:
+                yield from batch.to_pylist()
+        except Exception as e:  # noqa: BLE001 - any failure becomes one DataError naming the file
+            raise DataError(f"{path}: not a readable parquet file: {e}") from e
 
 
 def load_rows(spec: str, split: str = "train", *, name: str | None = None, revision: str | None = None,
@@ -93,16 +172,7 @@ def _load_file(path: epath.Path) -> list[dict]:
 
 
 def _read_jsonl(path: epath.Path) -> list[dict]:
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {line_no} (row {len(rows)}): invalid JSON: {e}") from e
-    return rows
+    return list(_iter_jsonl(path))
 
 
 def _read_json(path: epath.Path) -> list[dict]:

@@ -29,7 +29,7 @@ import json
 import logging
 import multiprocessing
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -336,7 +336,7 @@ def _rows_slice(prefrows: PreferenceRows, lo: int, hi: int) -> PreferenceRows:
     return dataclasses.replace(prefrows, rows=prefrows.rows[lo:hi], row_index=prefrows.row_index[lo:hi])
 
 
-def _worker_start() -> None:
+def worker_start() -> None:
     """A worker's tokenizer runs on one thread: the processes are the parallelism (no oversubscribed cores)."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
@@ -354,20 +354,23 @@ def tokenize_parallel(tokenizer: Any, prefrows: PreferenceRows, max_length: int 
     shares = [_rows_slice(prefrows, *row_share(n, i, num_proc)) for i in range(num_proc)]
     work = functools.partial(tokenize_chunks, tokenizer, max_length=max_length, truncation_mode=truncation_mode)
     ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(num_proc, mp_context=ctx, initializer=_worker_start) as pool:
+    with concurrent.futures.ProcessPoolExecutor(num_proc, mp_context=ctx, initializer=worker_start) as pool:
         done = list(pool.map(work, shares))
     diverged = next((c.diverged for c in done if c.diverged is not None), None)
     return Chunk(store.join_shards([c.arrays for c in done]), sum(c.dropped for c in done), diverged)
 
 
 # ---------------------------------------------------------------------------------------------------- cache
-def _fingerprint(prefrows: PreferenceRows, tokenizer: Any, max_length: int | None, truncation_mode: str) -> str:
+def fingerprint(prefrows: PreferenceRows, tokenizer: Any, max_length: int | None, truncation_mode: str,
+                rows: Iterable[tuple[int, dict]] | None = None) -> str:
+    """The store's key: the tokenizer, the settings, `prefrows`' counts and its rows (or `rows`: (source index,
+    normalized row) in order, e.g. streamed, for a `prefrows` that holds only the counts)."""
     h = hashlib.sha256(CACHE_VERSION.encode())
     head = [tokenizer_fingerprint(tokenizer), max_length, truncation_mode, prefrows.fmt.name,
             prefrows.pairs_from_scores, prefrows.rows_in, prefrows.rows_skipped_bad, prefrows.rows_identical,
             prefrows.rows_all_tied]
     h.update(json.dumps(head).encode())
-    for i, row in zip(prefrows.row_index, prefrows.rows, strict=True):
+    for i, row in zip(prefrows.row_index, prefrows.rows, strict=True) if rows is None else rows:
         h.update(json.dumps([i, row], sort_keys=True, ensure_ascii=False, default=str).encode())
     return h.hexdigest()[:40]
 
@@ -431,35 +434,47 @@ def tokenize_rows(
     With several processes (`hosts`, one call on each) each tokenizes its contiguous share of the rows and writes it
     as one shard of the store; all then read every shard, so each row is tokenized once in the whole job.
     """
-    if truncation_mode not in TRUNCATION_MODES:
-        raise DataError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}")
-    if max_length is not None and max_length < 1:
-        raise DataError(f"max_length must be a positive integer or None, got {max_length}")
+    check_settings(max_length, truncation_mode)
     hosts = hosts or store.ONE_HOST
     if isinstance(rows, PreferenceRows):
         prefrows = rows
     else:
         prefrows = normalize_rows(rows, source, on_bad_row=on_bad_row, max_responses=max_responses)
-    key = _fingerprint(prefrows, tokenizer, max_length, truncation_mode)
+    key = fingerprint(prefrows, tokenizer, max_length, truncation_mode)
     folder = paths.path(cache_dir) / f"preferences-{key}" if cache_dir is not None else None
+    cached = cached_store(prefrows.source, key, folder, hosts)
+    if cached is not None:
+        return cached
+    return report(_tokenize_to_store(prefrows, tokenizer, key, folder, max_length, truncation_mode, num_proc,
+                                      hosts))
+
+
+def check_settings(max_length: int | None, truncation_mode: str) -> None:
+    if truncation_mode not in TRUNCATION_MODES:
+        raise DataError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}")
+    if max_length is not None and max_length < 1:
+        raise DataError(f"max_length must be a positive integer or None, got {max_length}")
+
+
+def cached_store(source: str, key: str, folder, hosts: store.Hosts) -> TokenizedData | None:
+    """The store of `key` in `folder` when every process finds it, else None."""
     cached = open_store(folder, key) if folder is not None else None
     if hosts.count > 1:
         if folder is None:
-            raise DataError(f"{prefrows.source}: tokenizing on {hosts.count} processes needs a shared cache_dir")
+            raise DataError(f"{source}: tokenizing on {hosts.count} processes needs a shared cache_dir")
         hits = hosts.allgather("hit" if cached is not None else "miss")
         cached = cached if all(h == "hit" for h in hits) else None
-    if cached is not None:
-        log.info("%s: tokenized rows loaded from the token store %s", prefrows.source, folder)
-        return _report(dataclasses.replace(cached, source=prefrows.source))
-    return _report(_tokenize_to_store(prefrows, tokenizer, key, folder, max_length, truncation_mode, num_proc,
-                                      hosts))
+    if cached is None:
+        return None
+    log.info("%s: tokenized rows loaded from the token store %s", source, folder)
+    return report(dataclasses.replace(cached, source=source))
 
 
 def _tokenize_to_store(prefrows: PreferenceRows, tokenizer: Any, key: str, folder, max_length: int | None,
                        truncation_mode: str, num_proc: int | None, hosts: store.Hosts) -> TokenizedData:
     """This process's share of the rows tokenized (one shard), written to `folder`, and the whole store read back;
     without a folder (no cache) all rows, held in memory."""
-    pad_id = pad_token_id(tokenizer)
+    pad_token_id(tokenizer)  # a tokenizer without a pad or EOS token fails before any row is tokenized
     lo, hi = row_share(len(prefrows.rows), hosts.index, hosts.count)
     log.info("%s: tokenizing rows %d..%d of %d on process %d of %d (%s)", prefrows.source, lo, hi,
              len(prefrows.rows), hosts.index, hosts.count, hosts.name)
@@ -467,24 +482,36 @@ def _tokenize_to_store(prefrows: PreferenceRows, tokenizer: Any, key: str, folde
     chunk = tokenize_parallel(tokenizer, part, max_length, truncation_mode, num_proc)
     if folder is not None:
         store.write_shard(folder / store.shard_name(hosts.index, hosts.count), chunk.arrays)
+    return finish_store(prefrows, len(prefrows.rows), [chunk.arrays], hosts.count, chunk, tokenizer, key, folder,
+                        max_length, truncation_mode, hosts)
+
+
+def finish_store(prefrows: PreferenceRows, n_rows: int, shards: list[dict], n_shards: int, chunk: Chunk,
+                 tokenizer: Any, key: str, folder, max_length: int | None, truncation_mode: str,
+                 hosts: store.Hosts) -> TokenizedData:
+    """After this process wrote its shards (or, without a folder, holds all `shards`): the counts gathered, the
+    meta written by process 0 and the store read back. `chunk` carries this process's dropped and diverged rows;
+    `prefrows` the counts of the source (its rows may be empty when they were streamed), `n_rows` rows in all."""
     infos = [json.loads(x) for x in hosts.allgather(json.dumps([chunk.dropped, chunk.diverged]))]
     diverged = next((d for _, d in infos if d is not None), None)
     if diverged is not None:
         _warn_diverged(prefrows, diverged)
     dropped = sum(d for d, _ in infos)
-    kept = len(prefrows.rows) - dropped
+    kept = n_rows - dropped
     if not kept:
         raise DataError(f"{prefrows.source}: every prompt has >= max_length={max_length} tokens; raise max_length")
     stats = DataStats(prefrows.rows_in, prefrows.rows_skipped_bad, prefrows.rows_identical, prefrows.rows_all_tied,
                       dropped, kept)
-    columns = store.views([chunk.arrays])
-    data = TokenizedData(**columns, pad_token_id=pad_id, max_length=max_length, truncation_mode=truncation_mode,
-                         format_name=prefrows.fmt.name, source=prefrows.source, stats=stats, fingerprint=key)
+    columns = store.views(shards) if folder is None else {"prompt_ids": [], "response_ids": [], "ranks": [],
+                                                           "row_index": np.zeros(0, np.int64)}
+    data = TokenizedData(**columns, pad_token_id=pad_token_id(tokenizer), max_length=max_length,
+                         truncation_mode=truncation_mode, format_name=prefrows.fmt.name, source=prefrows.source,
+                         stats=stats, fingerprint=key)
     if folder is None:
         return data
     hosts.barrier(f"dpojax-tokens-{key}")  # every shard is written
     if hosts.index == 0:
-        store.write_meta(folder, store_meta(data, hosts.count, tokenizer_fingerprint(tokenizer)))
+        store.write_meta(folder, store_meta(data, n_shards, tokenizer_fingerprint(tokenizer)))
     hosts.barrier(f"dpojax-tokens-meta-{key}")
     opened = open_store(folder, key)  # memory-mapped: this process's rows leave its memory, the others' arrive
     if opened is None:
@@ -492,7 +519,7 @@ def _tokenize_to_store(prefrows: PreferenceRows, tokenizer: Any, key: str, folde
     return dataclasses.replace(opened, from_cache=False)
 
 
-def _report(data: TokenizedData) -> TokenizedData:
+def report(data: TokenizedData) -> TokenizedData:
     if data.stats.rows_dropped_long:
         log.warning(
             "%s: dropped %d row(s) whose prompt alone has >= max_length=%s tokens (truncation_mode='keep_start')",
