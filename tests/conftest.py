@@ -32,8 +32,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # workers (`--dist loadfile --no-loadscope-reorder`) start them first and end together, the light modules filling in.
 SLOWEST_FIRST = ("test_aot_compile.py", "test_gcs.py", "test_resume.py", "test_online.py", "test_multihost.py",
                  "test_sharding.py", "test_lora.py", "test_tracking.py", "test_moe_train.py", "test_moe_models.py",
-                 "test_expert_parallel.py", "test_reward_train.py", "test_context.py", "test_gpt_oss.py",
-                 "test_kto.py", "test_score.py", "test_data_store.py", "test_examples.py",
+                 "test_expert_parallel.py", "test_gpt_oss.py", "test_score.py", "test_examples.py",
                  "test_reference.py", "test_packing.py", "test_throughput.py", "test_trl_parity.py",
                  "test_ranking_learning.py", "test_host_overhead.py", "test_api_transforms.py", "test_ranking_step.py")
 
