@@ -19,16 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_sharding import run_steps as sharding_steps
 from trl_harness import dpojax_overrides, make_assets
 
-from dpojax import metrics as M
 from dpojax.config import config_from_dict
 from dpojax.errors import ConfigError, ModelError
 from dpojax.models import context as context_lib
 from dpojax.models.attention import attend_xla
 from dpojax.sharding import Sharder, make_mesh, resolve_mesh_shape
-from dpojax.trainer import build, prefetch
-from dpojax.trainer.step import batch_sharding
 
 STEPS = 5
 SLOW = os.environ.get("DPOJAX_SLOW_TESTS") != "1"
@@ -46,16 +44,9 @@ def _cfg(root, family: str, packing: str):
 
 
 def run_steps(cfg, mesh, steps=STEPS):
-    """(per-step losses, final params) of `steps` training steps on `mesh`."""
-    sharder = Sharder(mesh)
-    models = build.build_models(cfg, sharder)
-    pairs = build.load_split(cfg, models, cfg.data.train, cfg.data.train_split)
-    run, state = build.setup_train(cfg, models, sharder, steps=build.total_steps(cfg, len(pairs)))
-    losses = []
-    for batch in prefetch.host_batches(run, pairs, 0, steps):
-        state, out = run.train_step(state, models.ref_params, build.to_device(batch, batch_sharding(sharder)))
-        losses.append(M.finalize(jax.device_get(out))["loss"])
-    return np.asarray(losses), {"/".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(state.params)}
+    """(per-step losses, final params) of `steps` training steps on `mesh` (`test_sharding.run_steps`)."""
+    losses, state, _ = sharding_steps(cfg, mesh, steps)
+    return losses, {"/".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(state.params)}
 
 
 _SINGLE: dict = {}
