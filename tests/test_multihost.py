@@ -227,20 +227,17 @@ def test_cluster_detection(monkeypatch):
     assert distributed.detected_cluster() == "tpu"
 
 
-@pytest.mark.skipif(os.environ.get("DPOJAX_SLOW_TESTS") != "1", reason="slow (2-3 min): set DPOJAX_SLOW_TESTS=1")
-def test_expert_axis_across_two_processes_equals_one(tmp_path):
-    """A tiny Qwen3-MoE with its experts split over mesh.expert = 2 across the two processes (process 0 holds experts
-    0-3, process 1 experts 4-7; the token exchange's all_to_all crosses processes): 2 training steps give the metrics
-    of one process with 8 devices on the same mesh."""
-    assets = make_assets(tmp_path / "assets", family="qwen3_moe", n_rows=16)
+def _two_processes_equal_one(tmp_path, mesh: dict, family: str = "llama") -> None:
+    """2 training steps of a tiny `family` model on `mesh` (8 devices): two processes of 4 devices each give the
+    metrics of one process with 8."""
+    assets = make_assets(tmp_path / "assets", family=family, n_rows=16)
     raw = dpojax_overrides(
         assets, assets["standard"], tmp_path / "unused",
-        train={"batch_size": 8, "steps": 2, "log_every": 1},
-        mesh={"data": 1, "fsdp": 1, "expert": 2, "tensor": 4},
+        train={"batch_size": 8, "steps": 2, "log_every": 1}, mesh={"data": 1, "fsdp": 1, **mesh},
         optim={"name": "adamw", "lr": 1e-3, "schedule": "constant"},
     )
     raw["data"] = {**raw["data"], "eval": None}
-    config = tmp_path / "moe.yaml"
+    config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(raw))
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(["train", str(config), f"output_dir={one}"]) == 0
@@ -253,6 +250,14 @@ def test_expert_axis_across_two_processes_equals_one(tmp_path):
         for k in sorted(set(a) - {"step", "split"}):
             atol = rewards_atol(a, 0.1) if k.startswith("rewards/") else 1e-6
             np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=atol, err_msg=k)
+
+
+@pytest.mark.skipif(os.environ.get("DPOJAX_SLOW_TESTS") != "1", reason="slow (2-3 min): set DPOJAX_SLOW_TESTS=1")
+def test_expert_axis_across_two_processes_equals_one(tmp_path):
+    """A tiny Qwen3-MoE with its experts split over mesh.expert = 2 across the two processes (process 0 holds experts
+    0-3, process 1 experts 4-7; the token exchange's all_to_all crosses processes): 2 training steps give the metrics
+    of one process with 8 devices on the same mesh."""
+    _two_processes_equal_one(tmp_path, {"expert": 2, "tensor": 4}, family="qwen3_moe")
 
 
 @pytest.mark.skipif(os.environ.get("DPOJAX_SLOW_TESTS") != "1", reason="slow (2-3 min): set DPOJAX_SLOW_TESTS=1")
@@ -260,24 +265,4 @@ def test_context_axis_across_two_processes_equals_one(tmp_path):
     """Each row's positions split over mesh.context = 2 across the two processes (process 0 holds the zig-zag blocks
     of context index 0, process 1 those of index 1; the keys/values all-gather crosses processes), heads over
     tensor = 4: 2 training steps give the metrics of one process with 8 devices on the same mesh."""
-    assets = make_assets(tmp_path / "assets", n_rows=16)
-    raw = dpojax_overrides(
-        assets, assets["standard"], tmp_path / "unused",
-        train={"batch_size": 8, "steps": 2, "log_every": 1},
-        mesh={"data": 1, "fsdp": 1, "context": 2, "tensor": 4},
-        optim={"name": "adamw", "lr": 1e-3, "schedule": "constant"},
-    )
-    raw["data"] = {**raw["data"], "eval": None}
-    config = tmp_path / "context.yaml"
-    config.write_text(yaml.safe_dump(raw))
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert main(["train", str(config), f"output_dir={one}"]) == 0
-    code = local_cpu.main(["--processes", "2", "--devices-per-process", "4", "--grace", "30",
-                           "train", str(config), f"output_dir={two}"])
-    assert code == 0
-    ref, got = _train_records(one), _train_records(two)
-    assert [r["step"] for r in got] == [r["step"] for r in ref] == [1, 2]
-    for a, b in zip(ref, got):
-        for k in sorted(set(a) - {"step", "split"}):
-            atol = rewards_atol(a, 0.1) if k.startswith("rewards/") else 1e-6
-            np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=atol, err_msg=k)
+    _two_processes_equal_one(tmp_path, {"context": 2, "tensor": 4})
