@@ -162,10 +162,10 @@ def test_sigterm_saves_exits_zero_and_resumes(setup):
     assert _train_records(out) == _train_records(setup["reference"])
 
 
-def test_resume_on_another_mesh_and_device_count(setup):
-    """Saved with params sharded fsdp=8 on 8 devices; resumed data-parallel on 4 devices."""
-    out = setup["root"] / "remesh"
-    first = _run(setup["config"], out, "train.steps=4", "mesh.data=1", "mesh.fsdp=8")
+def _resumed_on_four_devices(setup, name: str, *first_mesh: str) -> None:
+    """4 steps on 8 devices with `first_mesh`, then the rest resumed data-parallel on 4: the uninterrupted records."""
+    out = setup["root"] / name
+    first = _run(setup["config"], out, "train.steps=4", *first_mesh)
     assert first.returncode == 0, first.stderr[-3000:]
     second = _run(setup["config"], out, "mesh.data=4", devices=4)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -175,22 +175,17 @@ def test_resume_on_another_mesh_and_device_count(setup):
     for a, b in zip(ours, ref):
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(a["rewards/margins"], b["rewards/margins"], rtol=1e-4, atol=1e-6)
+
+
+def test_resume_on_another_mesh_and_device_count(setup):
+    """Saved with params sharded fsdp=8 on 8 devices; resumed data-parallel on 4 devices."""
+    _resumed_on_four_devices(setup, "remesh", "mesh.data=1", "mesh.fsdp=8")
 
 
 @pytest.mark.skipif(os.environ.get("DPOJAX_SLOW_TESTS") != "1", reason="slow: set DPOJAX_SLOW_TESTS=1")
 def test_resume_across_the_context_axis(setup):
     """Saved with rows split over mesh.context = 4 (parameters over fsdp x context); resumed without the axis."""
-    out = setup["root"] / "context"
-    first = _run(setup["config"], out, "train.steps=4", "mesh.data=2", "mesh.context=4")
-    assert first.returncode == 0, first.stderr[-3000:]
-    second = _run(setup["config"], out, "mesh.data=4", devices=4)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "at step 4" in second.stderr
-    ours, ref = _train_records(out), _train_records(setup["reference"])
-    assert [r["step"] for r in ours] == list(range(1, STEPS + 1))
-    for a, b in zip(ours, ref):
-        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(a["rewards/margins"], b["rewards/margins"], rtol=1e-4, atol=1e-6)
+    _resumed_on_four_devices(setup, "context", "mesh.data=2", "mesh.context=4")
 
 
 def test_changed_config_refuses_resume(setup):
