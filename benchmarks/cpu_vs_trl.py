@@ -15,7 +15,9 @@ smollm2: the real pretrained model (`python -m dpojax.models.smollm2`; needs `pi
 and `pip install gguf`) with conversational rows of ~45 prompt tokens (ChatML, system prompt included) and ~14
 completion tokens.
 Both trainers run full steps (policy forward+backward, reference forward, AdamW) in this one process, fp32, same
-global batch, no accumulation; the first --warmup steps (compilation for dpojax) are excluded; medians reported.
+global batch, no accumulation; the first --warmup steps are excluded, and dpojax runs one untimed step on each
+packed-batch shape the timed steps hold that the warm-up did not (a run compiles each shape once: its count and
+the compile seconds are reported beside the steps); medians reported.
 Target (issue 19): dpojax >= 1.5x TRL's pairs/s on SmolLM2.
 """
 

@@ -368,20 +368,46 @@ def build_dpojax_step(setup: StepSetup, work: Path, *, data_overrides: dict | No
     return built, built.batches
 
 
+def batch_shape(batch) -> tuple:
+    """The array shapes of a host batch: one compiled program of the train step per distinct value."""
+    import jax
+
+    return tuple(getattr(x, "shape", ()) for x in jax.tree.leaves(batch))
+
+
+def warm_shapes(step: BuiltStep, seen: Sequence, timed: Sequence) -> int:
+    """Run `step` once, untimed, on the first batch of each shape in `timed` that no batch of `seen` has, so no
+    timed step includes a compilation; returns how many shapes the step has compiled in all. (Packed batches come in
+    a handful of row lengths, `dpojax.data.packing.row_length`: a run compiles each once, and its persistent
+    compilation cache keeps them for the next run; TRL pads each batch to its longest row and compiles nothing.)"""
+    shapes = {batch_shape(b) for b in seen}
+    for batch in timed:
+        if batch_shape(batch) not in shapes:
+            shapes.add(batch_shape(batch))
+            step(batch)
+    return len(shapes)
+
+
 def dpojax_steps(setup: StepSetup, work: Path, *, profile: bool = False, data_overrides: dict | None = None,
                  report: dict | None = None, **model_overrides) -> Timing:
     """Seconds per dpojax train step (policy forward+backward, reference forward, AdamW update); `profile`: also
     print the XLA op-kind shares of one more step, and for a mixture-of-experts policy the shares of its parts
     (`moe_shares`, also put in `report["moe_shares"]`)."""
     step, batches = build_dpojax_step(setup, work, data_overrides=data_overrides, **model_overrides)
+    with CompileTimer() as compiling:
+        for batch in batches[:setup.warmup]:
+            step(batch)
+        shapes = warm_shapes(step, batches[:setup.warmup], batches[setup.warmup:])
     times, cpu = [], []
-    for batch in batches:
+    for batch in batches[setup.warmup:]:
         c0, t0 = cpu_seconds(), time.perf_counter()
         step(batch)
         times.append(time.perf_counter() - t0)
         cpu.append(cpu_seconds() - c0)
     if report is not None:
-        report["dpojax_step_cpu"] = Timing(tuple(cpu[setup.warmup:])).as_dict()
+        report["dpojax_step_cpu"] = Timing(tuple(cpu)).as_dict()
+        report["dpojax_compiled_shapes"] = shapes
+        report["dpojax_compile_s"] = round(compiling.seconds, 1)
     if profile:
         seconds, counts = op_times(lambda: step(batches[-1]))
         print(f"dpojax train step, XLA op kinds by self time ({machine()}):\n"
@@ -393,7 +419,7 @@ def dpojax_steps(setup: StepSetup, work: Path, *, profile: bool = False, data_ov
                 flush=True)
             if report is not None:
                 report["moe_shares"] = {k: round(v, 4) for k, v in shares.items()}
-    return Timing(tuple(times[setup.warmup:]))
+    return Timing(tuple(times))
 
 
 def trl_steps(setup: StepSetup, work: Path, *, dtype: str = "float32", device: str = "cpu",
@@ -506,7 +532,8 @@ def side_by_side(setup: StepSetup, work: Path, *, label: str, profile: bool = Fa
     print(f"{label}: dpojax {setup.batch / ours.median:.2f} pairs/s ({ours}/step) vs TRL "
           f"{setup.batch / theirs.median:.2f} pairs/s ({theirs}/step): {ratio(theirs, ours):.2f}x; CPU seconds per "
           f"step {extra['dpojax_step_cpu']['median_s']:.1f} vs {extra['trl_step_cpu']['median_s']:.1f}: "
-          f"{result['speedup_cpu_time']:.2f}x  [{machine()}]", flush=True)
+          f"{result['speedup_cpu_time']:.2f}x; dpojax compiled {extra['dpojax_compiled_shapes']} batch shape(s) "
+          f"in {extra['dpojax_compile_s']:.0f} s before timing  [{machine()}]", flush=True)
     return result
 
 

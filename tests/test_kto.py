@@ -186,7 +186,8 @@ def test_eval_matches_trl_kto_llama_standard(assets, tmp_path):
 
 
 @SLOW
-@pytest.mark.parametrize("case", ["conversational", "apo_zero_unpaired", "unpair", "precompute"])
+@pytest.mark.parametrize("case", ["conversational", "apo_zero_unpaired", "unpair", "unpair_one_class_batches",
+                                  "precompute"])
 def test_eval_matches_trl_kto_variants(assets, tmp_path, case):
     data, ours_kw, trl_kw, eval_bs = assets["u_conversational"], {}, {}, 4
     if case == "apo_zero_unpaired":
@@ -194,9 +195,16 @@ def test_eval_matches_trl_kto_variants(assets, tmp_path, case):
             "loss_type": "apo_zero_unpaired"}
     if case == "unpair":  # paired rows, which TRL's KTOTrainer unpairs itself: 16 chosen, then 16 rejected rows, so
         data, ours_kw, eval_bs = assets["conversational"], {"data__unpair": True}, 32  # one batch holds both classes
+    if case == "unpair_one_class_batches":  # eval batches of 4 of one label: no batch has a margin to report
+        data, ours_kw = assets["conversational"], {"data__unpair": True}
     if case == "precompute":
         ours_kw, trl_kw = {"ref_model__precompute": True}, {"precompute_ref_log_probs": True}
     ours, theirs = _eval_vs_trl(assets, tmp_path, data, ours_kw=ours_kw, trl_kw=trl_kw, eval_bs=eval_bs)
+    if case == "unpair_one_class_batches":  # TRL leaves the metric out, and so does dpojax (it used to show 0.0)
+        assert "rewards/margins" not in ours and "eval_rewards/margins" not in theirs
+        for name in (n for n in METRICS if n != "rewards/margins"):
+            assert _close(ours[name], theirs[f"eval_{name}"]), (name, ours[name], theirs[f"eval_{name}"])
+        return
     names = [n for n in METRICS if n != "kl"] if case == "apo_zero_unpaired" else METRICS
     for name in names:
         assert _close(ours[name], theirs[f"eval_{name}"]), (name, ours[name], theirs[f"eval_{name}"])

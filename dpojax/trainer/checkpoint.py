@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from typing import Any, Callable
 
@@ -57,7 +58,8 @@ def best_manager(output_dir: str | os.PathLike, cfg: Config) -> ocp.CheckpointMa
     name, mode = cfg.checkpoint.best_metric, cfg.checkpoint.best_mode
     options = ocp.CheckpointManagerOptions(
         max_to_keep=1,
-        best_fn=lambda metrics: float(metrics[name]),
+        # an eval that lacks the metric (no row fed it) ranks last
+        best_fn=lambda metrics: float(metrics.get(name, -math.inf if mode == "max" else math.inf)),
         best_mode=mode,
         enable_async_checkpointing=cfg.checkpoint.async_,
         create=True,

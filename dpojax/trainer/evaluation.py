@@ -58,7 +58,8 @@ def run_eval(run: Run, params, data: TokenizedData, ref_params=None) -> dict[str
         batch = reference.attach(batch, table)
         out = run.eval_step(params, ref_params, to_device(batch, sharding))
         sums = M.add_sums(sums, W.fetch(out))
-    return M.finalize(sums)
+    # a metric no eval row fed (KTO's rewards/margins when no batch held both labels) is left out, as TRL does
+    return {k: v for k, v in M.finalize(sums).items() if sums[k][1] > 0}
 
 
 def restore_policy_params(cfg: Config, models: Models, step: int):
