@@ -140,7 +140,7 @@ class CompileReport:
         return self.argument_bytes + (self.output_bytes or 0) + (self.temp_bytes or 0)
 
     def format(self) -> str:
-        g = lambda b: "n/a" if b is None else f"{b / GiB:.2f} GiB"
+        g = lambda b: "n/a" if b is None else f"{b / GiB:.2f} GiB" if b >= GiB else f"{b / 2**20:.2f} MiB"
         active = "" if self.active_params is None else f" ({self.active_params / 1e9:.3f} B active per token)"
         lines = [
             f"topology            {self.topology} ({self.chips} {self.chip} chips, {self.devices} devices), "

@@ -17,7 +17,9 @@ from test_aot import REPO, SHIPPED, SLOW, _libtpu, _offline, needs_libtpu
 from dpojax import aot
 from dpojax.cli import main
 
-TINY = dict(model_type="llama", vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+# every weight's shard on 4 chips keeps its last two dims multiples of (8, 128), TPU's fp32 tile: XLA's argument
+# memory counts tile padding, which would otherwise sit between the figure and what the sharding implies
+TINY = dict(model_type="llama", vocab_size=1024, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False)
 
 
@@ -38,7 +40,8 @@ def tiny_config(tmp_path_factory):
 
 
 def _gib(text: str, label: str) -> float:
-    return float(re.search(label + r"\s+([\d.]+) GiB", text).group(1))
+    value, unit = re.search(label + r"\s+([\d.]+) (GiB|MiB)", text).groups()
+    return float(value) / (1 if unit == "GiB" else 1024)
 
 
 def _hub_config(tiny_config, tmp_path):
@@ -64,11 +67,11 @@ def test_compile_fits_and_reports_memory(tiny_config, tmp_path, capsys, monkeypa
     assert main(["compile", *args, "--topology", topology]) == 0
     out = capsys.readouterr().out
     assert "fits: yes" in out and "4 devices" in out, out
-    n = (2 * TINY["vocab_size"] * 256 + 2 * (256 * 256 + 2 * 256 * 128 + 256 * 256 + 3 * 256 * 512)
-         + 2 * 2 * 256 + 256)
+    D, F, kv = TINY["hidden_size"], TINY["intermediate_size"], TINY["hidden_size"] // 2  # 4 heads, 2 kv heads
+    n = 2 * TINY["vocab_size"] * D + 2 * (D * D + 2 * D * kv + D * D + 3 * D * F) + 2 * 2 * D + D
     # per device: (fp32 policy + 2 fp32 AdamW moments + fp32 reference) / 4 chips + int32/float32 batch / 4
     expected = (4 * n * 4 + 8 * 2 * 512 * 4 * 4 + 8 * 8) / 4 / 2**30
-    assert abs(_gib(out, "arguments") - expected) < 0.02 + 0.05 * expected, (out, expected)
+    assert abs(_gib(out, "arguments") - expected) < 0.01 * expected, (out, expected)  # shown in MiB below 1 GiB
     assert _gib(out, "peak per device") < _gib(out, "of")
     assert "FLOPs per step" in out and "XLA cost model" in out
 
