@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from dpojax import paths
-from dpojax.data import store
+from dpojax.data import encoding, store
 from dpojax.data.formats import OnBadRow, PreferenceRows, normalize_rows
 from dpojax.errors import DataError, ModelError
 
@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 CACHE_VERSION = "dpojax-preferences-v2"  # bump when the tokenization rules change (it is part of the fingerprint)
 STORE_LAYOUT = "dpojax-store-v1"  # bump when the store's columns change (stores of another layout are rebuilt)
 TRUNCATION_MODES = ("keep_start", "keep_end")
-_ENCODE_CHUNK = 1024  # texts per tokenizer batch call
 CHUNK_ROWS = 2048  # rows per tokenization task (what one worker process tokenizes at a time)
 PARALLEL_MIN_ROWS = 16 * CHUNK_ROWS  # fewer rows are tokenized in this process (a worker costs ~3 CPU-s to start)
 
@@ -187,6 +186,9 @@ def check_token_ids(data: TokenizedData, vocab_size: int, tokenizer: Any, what: 
 
 # ------------------------------------------------------------------------------------------------ TRL's rules
 def common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:  # the usual case (the prompt's ids start the prompt+response's), compared in C
+        return n
     n = 0
     for x, y in zip(a, b, strict=False):
         if x != y:
@@ -195,21 +197,14 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _encode_texts(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    out: list[list[int]] = []
-    for start in range(0, len(texts), _ENCODE_CHUNK):
-        out += tokenizer(text=texts[start : start + _ENCODE_CHUNK])["input_ids"]
-    return out
-
-
 def _tokenize_standard(tokenizer: Any, prefrows: PreferenceRows) -> tuple[list, list[list]]:
     eos = tokenizer.eos_token
     if eos is None:
         raise ModelError(f"tokenizer {_name(tokenizer)!r} has no EOS token, which standard (text) rows need")
     rows = prefrows.rows
-    p_ids = _encode_texts(tokenizer, [r["prompt"] for r in rows])
+    p_ids = encoding.encode_texts(tokenizer, [r["prompt"] for r in rows])
     texts = [r["prompt"] + (y if y.endswith(eos) else y + eos) for r in rows for y in r["responses"]]
-    flat = iter(_encode_texts(tokenizer, texts))
+    flat = iter(encoding.encode_texts(tokenizer, texts))
     return p_ids, [[next(flat) for _ in r["responses"]] for r in rows]
 
 
@@ -224,15 +219,6 @@ def _plain_chat(rows: list[dict]) -> bool:
     return all(row.get("tools") is None and not row.get("chat_template_kwargs") for row in rows)
 
 
-def _chat_batch(tokenizer: Any, conversations: list, **kwargs: Any) -> list[list[int]]:
-    out: list[list[int]] = []
-    for start in range(0, len(conversations), _ENCODE_CHUNK):
-        enc = tokenizer.apply_chat_template(conversations[start : start + _ENCODE_CHUNK], tokenize=True,
-                                            return_dict=True, tools=None, **kwargs)
-        out += [list(ids) for ids in enc["input_ids"]]
-    return out
-
-
 def _tokenize_chat(tokenizer: Any, prefrows: PreferenceRows) -> tuple[list, list[list]]:
     fields = ("prompt/completion" if prefrows.fmt.unpaired else "prompt/responses" if prefrows.fmt.ranked
               else "prompt/chosen/rejected")
@@ -244,8 +230,8 @@ def _tokenize_chat(tokenizer: Any, prefrows: PreferenceRows) -> tuple[list, list
     rows = prefrows.rows
     if _plain_chat(rows):  # the same template calls, batched (one encode per batch); a failure is redone per row
         try:
-            p_ids = _chat_batch(tokenizer, [row["prompt"] for row in rows], add_generation_prompt=True)
-            flat = iter(_chat_batch(tokenizer, [row["prompt"] + y for row in rows for y in row["responses"]]))
+            p_ids = encoding.encode_chats(tokenizer, [row["prompt"] for row in rows], add_generation_prompt=True)
+            flat = iter(encoding.encode_chats(tokenizer, [row["prompt"] + y for row in rows for y in row["responses"]]))
             return p_ids, [[next(flat) for _ in row["responses"]] for row in rows]
         except Exception:  # noqa: BLE001 - the per-row loop below names the row whose template fails
             pass
