@@ -74,9 +74,10 @@ def all_batches(data, **kw):
 def test_store_batches_are_bitwise_the_in_memory_ones(fmt, tok, tmp_path, monkeypatch):
     rows = make_pref_rows(40, fmt, seed=11)
     want = in_memory(rows, tok)
-    if fmt == "conversational":  # the worker processes: several chunks, joined in row order
-        monkeypatch.setattr(tokenize_lib, "CHUNK_ROWS", 8)
+    monkeypatch.setattr(tokenize_lib, "CHUNK_ROWS", 8)  # several chunks, joined in row order
+    if fmt == "conversational":  # by 2 worker processes (standard: by 2 threads)
         monkeypatch.setattr(tokenize_lib, "PARALLEL_MIN_ROWS", 16)
+        monkeypatch.setattr(tokenize_lib, "THREAD_WORKERS", 1)
     got = tokenize_rows(rows, tok, max_length=MAX_LEN, cache_dir=tmp_path, num_proc=2)
     again = tokenize_rows(rows, tok, max_length=MAX_LEN, cache_dir=tmp_path)
     assert isinstance(again.prompt_ids, store.Ragged) and again.from_cache and again.stats == got.stats

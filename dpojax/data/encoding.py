@@ -64,3 +64,10 @@ def encode_chats(tokenizer: Any, conversations: list[list[dict]], **kwargs: Any)
                                               **kwargs)
         out += _batch_ids(tokenizer, texts, add_special_tokens=False)
     return out
+
+
+def prepare(tokenizer: Any) -> None:
+    """One call of the tokenizer in this thread: the state its calls set on the backend (truncation and padding
+    off, special tokens split or not) is set before threads share it (a change while another thread encodes
+    fails); later calls find it set and change nothing."""
+    tokenizer(text=["a"], add_special_tokens=False)

@@ -3,9 +3,9 @@
 Three passes over a `sources.RowStream` (each reads the source again, lazily): `scan_rows` validates every row and
 counts (the errors, warnings and counts of `formats.normalize_rows`); the store's key (`tokenize.fingerprint`) is
 hashed from the normalized rows; on a miss `tokenize_stream` tokenizes this process's share of them CHUNK_ROWS at a
-time (in worker processes when there are many) and appends each SHARD_CHUNKS chunks to the token store as one
-shard. The rows, their order, the key and the store's batches are those of the in-memory path (`tokenize_rows` on
-`normalize_rows`, then `unpair_rows`). Glossary: `dpojax.glossary`.
+time (on worker threads, or processes for many rows on many CPUs: `tokenize.worker_plan`) and appends each
+SHARD_CHUNKS chunks to the token store as one shard. The rows, their order, the key and the store's batches are
+those of the in-memory path (`tokenize_rows` on `normalize_rows`, then `unpair_rows`). Glossary: `dpojax.glossary`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import dataclasses
 import functools
 import itertools
 import logging
-import multiprocessing
 import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -25,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from dpojax import paths
-from dpojax.data import formats, store
+from dpojax.data import encoding, formats, store
 from dpojax.data import tokenize as tok_lib
 from dpojax.data.formats import (
     MAX_LISTED,
@@ -227,14 +226,14 @@ def tokenize_stream(stream: Iterable, scan: Scan, tokenizer: Any, *, max_length:
              scan.n_rows, hosts.index, hosts.count, hosts.name)
     counts = shard_counts(scan.n_rows, hosts)
     first = sum(counts[: hosts.index])
-    num_proc = tok_lib.default_num_proc() if num_proc is None else max(1, num_proc)
-    parallel = num_proc > 1 and hi - lo >= tok_lib.PARALLEL_MIN_ROWS
+    workers, processes = tok_lib.worker_plan(num_proc, hi - lo)
     work = functools.partial(tok_lib.tokenize_chunk, tokenizer, max_length=max_length,
                              truncation_mode=truncation_mode)
     chunks = _chunks(itertools.islice(final_rows(stream, scan), lo, hi), head, tok_lib.CHUNK_ROWS)
     shards, dropped, diverged = [], 0, None
-    with _pool(num_proc if parallel else 0) as pool:
-        done = _ordered(work, chunks, pool, 2 * num_proc)
+    encoding.prepare(tokenizer)  # the tokenizer's call state is set before threads share it
+    with _pool(workers) if processes else tok_lib.workers_pool(workers, False) as pool:
+        done = _ordered(work, chunks, pool, 2 * max(1, workers))
         for s in range(counts[hosts.index]):
             parts = list(itertools.islice(done, SHARD_CHUNKS))
             dropped += sum(c.dropped for c in parts)
@@ -255,12 +254,6 @@ def _empty(head: PreferenceRows) -> dict[str, np.ndarray]:
     return store.shard_arrays([], [], [], [], **extra)
 
 
-@contextlib.contextmanager
-def _pool(workers: int) -> Iterator[concurrent.futures.Executor | None]:
-    """`workers` spawned tokenizer processes (safe after JAX has started threads), or None for this process."""
-    if not workers:
-        yield None
-        return
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=tok_lib.worker_start) as pool:
-        yield pool
+def _pool(workers: int) -> contextlib.AbstractContextManager[concurrent.futures.Executor | None]:
+    """`workers` spawned tokenizer processes (`tokenize.workers_pool`)."""
+    return tok_lib.workers_pool(workers, True)

@@ -22,6 +22,7 @@ truncation_mode and the data format. `TokenizedData` reads the store lazily. Glo
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -29,7 +30,7 @@ import json
 import logging
 import multiprocessing
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -44,8 +45,9 @@ log = logging.getLogger(__name__)
 CACHE_VERSION = "dpojax-preferences-v2"  # bump when the tokenization rules change (it is part of the fingerprint)
 STORE_LAYOUT = "dpojax-store-v1"  # bump when the store's columns change (stores of another layout are rebuilt)
 TRUNCATION_MODES = ("keep_start", "keep_end")
-CHUNK_ROWS = 2048  # rows per tokenization task (what one worker process tokenizes at a time)
-PARALLEL_MIN_ROWS = 16 * CHUNK_ROWS  # fewer rows are tokenized in this process (a worker costs ~3 CPU-s to start)
+CHUNK_ROWS = 2048  # rows per tokenization task (what one worker tokenizes at a time)
+THREAD_WORKERS = 2  # tokenizer threads of one process (`worker_plan`); more workers are processes
+PARALLEL_MIN_ROWS = 16 * CHUNK_ROWS  # fewer rows are never given to processes (each costs ~3 CPU-s to start)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,14 +308,48 @@ def tokenize_chunk(tokenizer: Any, prefrows: PreferenceRows, max_length: int | N
 
 
 def default_num_proc() -> int:
-    """Worker processes for tokenization: the CPUs this process may run on."""
+    """Tokenizer workers: the CPUs this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def tokenize_chunks(tokenizer: Any, prefrows: PreferenceRows, max_length: int | None, truncation_mode: str) -> Chunk:
-    """`tokenize_chunk` over CHUNK_ROWS rows at a time (one batched encode each), joined in row order."""
-    done = [tokenize_chunk(tokenizer, _rows_slice(prefrows, a, a + CHUNK_ROWS), max_length, truncation_mode)
-            for a in range(0, len(prefrows.rows), CHUNK_ROWS)]
+def worker_plan(num_proc: int | None, n_rows: int) -> tuple[int, bool]:
+    """(workers, whether they are processes) that tokenize n_rows rows' chunks; 0 workers: this thread alone.
+
+    Threads of this process first: the fast tokenizer encodes without holding the GIL, so one thread's encoding
+    runs beside another's Python (template rendering, ids to arrays), and a thread costs nothing to start. The
+    Python part (20-45% of the CPU per row) still runs one thread at a time, so on more than THREAD_WORKERS CPUs
+    and from PARALLEL_MIN_ROWS rows on, `num_proc` spawned processes tokenize instead (each costs ~3 CPU-s to
+    start: imports and the tokenizer)."""
+    num_proc = default_num_proc() if num_proc is None else max(1, num_proc)
+    if num_proc == 1 or n_rows <= CHUNK_ROWS:
+        return 0, False
+    if num_proc <= THREAD_WORKERS or n_rows < PARALLEL_MIN_ROWS:
+        return min(num_proc, THREAD_WORKERS), False
+    return num_proc, True
+
+
+@contextlib.contextmanager
+def workers_pool(workers: int, processes: bool) -> Iterator[concurrent.futures.Executor | None]:
+    """`worker_plan`'s workers: None (this thread), threads, or spawned processes (safe after JAX has started
+    threads; a process's tokenizer runs on one thread: the processes are the parallelism)."""
+    if not workers:
+        yield None
+    elif not processes:
+        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="dpojax-tokenize") as pool:
+            yield pool
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=worker_start) as pool:
+            yield pool
+
+
+def tokenize_chunks(tokenizer: Any, prefrows: PreferenceRows, max_length: int | None, truncation_mode: str,
+                    pool: concurrent.futures.Executor | None = None) -> Chunk:
+    """`tokenize_chunk` over CHUNK_ROWS rows at a time (one batched encode each; on `pool`'s threads when given),
+    joined in row order."""
+    work = functools.partial(tokenize_chunk, tokenizer, max_length=max_length, truncation_mode=truncation_mode)
+    chunks = [_rows_slice(prefrows, a, a + CHUNK_ROWS) for a in range(0, len(prefrows.rows), CHUNK_ROWS)]
+    done = list(pool.map(work, chunks) if pool is not None else map(work, chunks))
     diverged = next((c.diverged for c in done if c.diverged is not None), None)
     return Chunk(store.join_shards([c.arrays for c in done]), sum(c.dropped for c in done), diverged)
 
@@ -323,24 +359,24 @@ def _rows_slice(prefrows: PreferenceRows, lo: int, hi: int) -> PreferenceRows:
 
 
 def worker_start() -> None:
-    """A worker's tokenizer runs on one thread: the processes are the parallelism (no oversubscribed cores)."""
+    """A worker process's tokenizer runs on one thread: the processes are the parallelism."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
 def tokenize_parallel(tokenizer: Any, prefrows: PreferenceRows, max_length: int | None, truncation_mode: str,
                       num_proc: int | None = None) -> Chunk:
-    """`tokenize_chunks` over all rows, split into `num_proc` contiguous shares for as many worker processes
-    (spawned: safe after JAX has started threads; each gets the tokenizer once) when there are at least
-    PARALLEL_MIN_ROWS rows; the shares' columns are joined in row order, so the result does not depend on num_proc.
-    In this process (few rows, or num_proc 1) the fast tokenizer's own threads encode each batch."""
-    num_proc = default_num_proc() if num_proc is None else max(1, num_proc)
+    """`tokenize_chunks` over all rows with `worker_plan`'s workers: threads take chunks in turn; processes take
+    `num_proc` contiguous shares (spawned, each gets the tokenizer once). The columns are joined in row order, so
+    the result does not depend on the workers."""
+    workers, processes = worker_plan(num_proc, len(prefrows.rows))
+    if not processes:
+        encoding.prepare(tokenizer)  # any state the tokenizer's call resets is reset before threads share it
+        with workers_pool(workers, False) as pool:
+            return tokenize_chunks(tokenizer, prefrows, max_length, truncation_mode, pool)
     n = len(prefrows.rows)
-    if num_proc == 1 or n < PARALLEL_MIN_ROWS:
-        return tokenize_chunks(tokenizer, prefrows, max_length, truncation_mode)
-    shares = [_rows_slice(prefrows, *row_share(n, i, num_proc)) for i in range(num_proc)]
+    shares = [_rows_slice(prefrows, *row_share(n, i, workers)) for i in range(workers)]
     work = functools.partial(tokenize_chunks, tokenizer, max_length=max_length, truncation_mode=truncation_mode)
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(num_proc, mp_context=ctx, initializer=worker_start) as pool:
+    with workers_pool(workers, True) as pool:
         done = list(pool.map(work, shares))
     diverged = next((c.diverged for c in done if c.diverged is not None), None)
     return Chunk(store.join_shards([c.arrays for c in done]), sum(c.dropped for c in done), diverged)
