@@ -1,8 +1,8 @@
 """A source's rows validated, normalized and tokenized as a stream: no list of every row exists at any time.
 
-Three passes over a `sources.RowStream` (each reads the source again, lazily): `scan_rows` validates every row and
-counts (the errors, warnings and counts of `formats.normalize_rows`); the store's key (`tokenize.fingerprint`) is
-hashed from the normalized rows; on a miss `tokenize_stream` tokenizes this process's share of them CHUNK_ROWS at a
+Two passes over a `sources.RowStream` (each reads the source again, lazily): `scan_rows` validates every row and
+counts (the errors, warnings and counts of `formats.normalize_rows`) and hashes the normalized rows for the store's
+key (`tokenize.fingerprint`); on a miss `tokenize_stream` tokenizes this process's share of them CHUNK_ROWS at a
 time (on worker threads, or processes for many rows on many CPUs: `tokenize.worker_plan`) and appends each
 SHARD_CHUNKS chunks to the token store as one shard. The rows, their order, the key and the store's batches are
 those of the in-memory path (`tokenize_rows` on `normalize_rows`, then `unpair_rows`). Glossary: `dpojax.glossary`.
@@ -50,8 +50,8 @@ SHARD_CHUNKS = 8  # tokenized chunks of CHUNK_ROWS rows per shard of the store (
 @dataclasses.dataclass(frozen=True)
 class Scan:
     """What the validating pass over a source found: the source's row format and the options that shape its rows,
-    `head` (a PreferenceRows without rows: the format after unpairing and the counts the key hashes) and how many
-    rows there are to tokenize (`n_rows`)."""
+    `head` (a PreferenceRows without rows: the format after unpairing and the counts the key hashes), how many
+    rows there are to tokenize (`n_rows`) and their digest (`rows_hash`)."""
 
     fmt: Any  # formats.RowFormat of the source's rows
     pairs_from_scores: str
@@ -59,6 +59,7 @@ class Scan:
     max_responses: int
     head: PreferenceRows
     n_rows: int
+    rows_hash: str = ""  # `tokenize.rows_digest` of the rows to tokenize (the row part of the store's key)
 
 
 def _source_rows(stream: Iterable, scan: Scan) -> Iterator[tuple[int, dict]]:
@@ -77,7 +78,10 @@ def _source_rows(stream: Iterable, scan: Scan) -> Iterator[tuple[int, dict]]:
 
 def final_rows(stream: Iterable, scan: Scan) -> Iterator[tuple[int, dict]]:
     """(source index, row) of every row to tokenize, in order: `_source_rows`, unpaired in blocks as `unpair_rows`."""
-    rows = _source_rows(stream, scan)
+    return _unpaired(_source_rows(stream, scan), scan)
+
+
+def _unpaired(rows: Iterator[tuple[int, dict]], scan: Scan) -> Iterator[tuple[int, dict]]:
     if not scan.unpair_pairs:
         yield from rows
         return
@@ -102,7 +106,8 @@ class _Tally:
     present: set = dataclasses.field(default_factory=set)  # required fields some row has
     seen: set = dataclasses.field(default_factory=set)  # the fields of the first 100 dict rows
 
-    def add(self, i: int, row: Any, scan: Scan, required: tuple[str, ...]) -> None:
+    def add(self, i: int, row: Any, scan: Scan, required: tuple[str, ...]) -> list[dict]:
+        """Count one source row; returns its normalized rows to tokenize (expanded into pairs), if any."""
         self.rows_in += 1
         if isinstance(row, dict):
             self.dicts += 1
@@ -114,25 +119,27 @@ class _Tally:
             self.bad_rows += 1
             self.problems += len(problems)
             self.listed += [(i, field, msg) for field, msg in problems][: MAX_LISTED - len(self.listed)]
-            return
+            return []
         norm = normalize_row(row, scan.fmt)
         if len(norm["ranks"]) > 1 and norm["ranks"][-1] == 0:
             self.all_tied += 1
-            return
+            return []
         self.good += 1
         self.identical += has_duplicates(norm["responses"])
         if scan.pairs_from_scores == "none":
             self.expanded += 1
-            return
+            return [norm]
         pairs = expand_row(norm, scan.pairs_from_scores)
         self.expanded += len(pairs)
         self.pairs_identical += sum(p["responses"][0] == p["responses"][1] for p in pairs)
+        return pairs
 
 
 def scan_rows(stream: Iterable, source: str, *, on_bad_row: str = "error", max_responses: int = 8,
               pairs_from_scores: str = "none", unpair: bool = False) -> Scan:
     """One pass over `stream` that checks every row and counts, with `formats.normalize_rows`' errors (every bad
-    row in one DataError naming its row and field), warnings and counts; then `unpair_rows`' format and counts."""
+    row in one DataError naming its row and field), warnings and counts; then `unpair_rows`' format and counts.
+    The same pass hashes the rows to tokenize (`Scan.rows_hash`)."""
     if on_bad_row not in ON_BAD_ROW:
         raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
     if max_responses < 2:
@@ -142,8 +149,8 @@ def scan_rows(stream: Iterable, source: str, *, on_bad_row: str = "error", max_r
     fmt = detect_format(stream, source)
     scan = Scan(fmt, pairs_from_scores, unpair and not fmt.unpaired, max_responses, None, 0)
     tally, required = _Tally(), required_columns(fmt)
-    for i, row in enumerate(stream):
-        tally.add(i, row, scan, required)
+    rows_hash = tok_lib.rows_digest(_unpaired(((i, r) for i, row in enumerate(stream)
+                                               for r in tally.add(i, row, scan, required)), scan))
     missing = [c for c in required if c not in tally.present]
     if missing and tally.dicts:
         raise DataError(f"{source}: every row lacks the '{missing[0]}' field (fields present: {sorted(tally.seen)})")
@@ -160,7 +167,7 @@ def scan_rows(stream: Iterable, source: str, *, on_bad_row: str = "error", max_r
         log.info("%s: %d pair(s) unpaired into %d rows (data.unpair)", source, n_rows, 2 * n_rows)
         head = dataclasses.replace(head, rows_identical=0, fmt=dataclasses.replace(fmt, unpaired=True))
         n_rows *= 2
-    return dataclasses.replace(scan, head=head, n_rows=n_rows)
+    return dataclasses.replace(scan, head=head, n_rows=n_rows, rows_hash=rows_hash)
 
 
 _NONE = object()
@@ -215,7 +222,7 @@ def tokenize_stream(stream: Iterable, scan: Scan, tokenizer: Any, *, max_length:
     tok_lib.check_settings(max_length, truncation_mode)
     hosts = hosts or store.ONE_HOST
     head = scan.head
-    key = tok_lib.fingerprint(head, tokenizer, max_length, truncation_mode, final_rows(stream, scan))
+    key = tok_lib.fingerprint(head, tokenizer, max_length, truncation_mode, rows_hash=scan.rows_hash)
     folder = paths.path(cache_dir) / f"preferences-{key}" if cache_dir is not None else None
     cached = tok_lib.cached_store(head.source, key, folder, hosts)
     if cached is not None:

@@ -13,7 +13,7 @@ TRL's rules, in order (facts from `trl/trainer/dpo_trainer.py`; our code), appli
 A pair is a row with K = 2 responses [chosen, rejected]: its token ids are TRL's.
 
 Rows are tokenized in chunks (`tokenize_chunk`, the batched fast tokenizer; chat rows render their templates in
-batches too), in `num_proc` worker processes when there are many, and the result is written to a token store
+batches too), on `num_proc` worker threads or processes (`worker_plan`), and the result is written to a token store
 (`dpojax.data.store`: flat memory-mapped columns) under the cache folder, named by the fingerprint: a hash of the
 normalized rows, the tokenizer (vocab, merges, normalizers, special tokens, chat template), max_length,
 truncation_mode and the data format. `TokenizedData` reads the store lazily. Glossary: `dpojax.glossary`.
@@ -383,17 +383,30 @@ def tokenize_parallel(tokenizer: Any, prefrows: PreferenceRows, max_length: int 
 
 
 # ---------------------------------------------------------------------------------------------------- cache
+def rows_digest(rows: Iterable[tuple[int, dict]]) -> str:
+    """sha256 of (source index, normalized row) pairs in order: the row part of the store's key."""
+    h = hashlib.sha256()
+    for i, row in rows:
+        h.update(_ROW_JSON.encode([i, row]).encode())
+    return h.hexdigest()
+
+
+_ROW_JSON = json.JSONEncoder(sort_keys=True, ensure_ascii=False, default=str)
+
+
 def fingerprint(prefrows: PreferenceRows, tokenizer: Any, max_length: int | None, truncation_mode: str,
-                rows: Iterable[tuple[int, dict]] | None = None) -> str:
-    """The store's key: the tokenizer, the settings, `prefrows`' counts and its rows (or `rows`: (source index,
-    normalized row) in order, e.g. streamed, for a `prefrows` that holds only the counts)."""
+                rows_hash: str | None = None) -> str:
+    """The store's key: the tokenizer, the settings, `prefrows`' counts and `rows_digest` of its rows (or
+    `rows_hash`, that digest computed elsewhere, e.g. while a stream was validated, for a `prefrows` that holds
+    only the counts)."""
     h = hashlib.sha256(CACHE_VERSION.encode())
     head = [tokenizer_fingerprint(tokenizer), max_length, truncation_mode, prefrows.fmt.name,
             prefrows.pairs_from_scores, prefrows.rows_in, prefrows.rows_skipped_bad, prefrows.rows_identical,
             prefrows.rows_all_tied]
     h.update(json.dumps(head).encode())
-    for i, row in zip(prefrows.row_index, prefrows.rows, strict=True) if rows is None else rows:
-        h.update(json.dumps([i, row], sort_keys=True, ensure_ascii=False, default=str).encode())
+    if rows_hash is None:
+        rows_hash = rows_digest(zip(prefrows.row_index, prefrows.rows, strict=True))
+    h.update(rows_hash.encode())
     return h.hexdigest()[:40]
 
 
