@@ -1,13 +1,14 @@
 """The tokenizer's own token ids, with less Python around the encoding.
 
 `tokenizer(texts)` of a fast tokenizer (`transformers`' TokenizersBackend) is the backend's `encode_batch` plus a
-conversion of every encoding into lists (ids, attention mask, ...); `apply_chat_template(tokenize=True)` renders
-the template and then calls `tokenizer(rendered, add_special_tokens=False)`. Here the backend is called directly
-(`encode_batch_fast`: no character offsets) and only the ids are read. Each batch first encodes its first text
-the tokenizer's own way (which also resets the backend's truncation and padding, as every call of the tokenizer
-does) and compares: any tokenizer whose call does more than the plain backend (a subclass that overrides the
-encoding, truncation or padding left on the backend, ids that differ) is encoded by its own call instead. The ids
-are the same either way; only the time differs.
+conversion of every encoding into lists (ids, attention mask, ...); `apply_chat_template(tokenize=True)` copies
+every message, renders the template and then calls `tokenizer(rendered, add_special_tokens=False)`. Here the
+backend is called directly (`encode_batch_fast`: no character offsets), only the ids are read, and plain messages
+are rendered without the copies (`_render_plain`). Each batch first renders and encodes its first text the
+tokenizer's own way (which also resets the backend's truncation and padding, as every call of the tokenizer does)
+and compares: any tokenizer whose call does more than the plain backend (a subclass that overrides the encoding,
+truncation or padding left on the backend, ids that differ) or whose template call differs is called as is for
+the whole batch. The ids are the same either way; only the time differs.
 """
 
 from __future__ import annotations
@@ -54,16 +55,46 @@ def encode_texts(tokenizer: Any, texts: list[str], add_special_tokens: bool = Tr
     return out
 
 
-def encode_chats(tokenizer: Any, conversations: list[list[dict]], **kwargs: Any) -> list[list[int]]:
-    """`tokenizer.apply_chat_template(conversations, tokenize=True, tools=None, **kwargs)["input_ids"]`: the
-    templates rendered in batches, the rendered texts encoded as the template call encodes them (no special tokens
-    added)."""
+def encode_chats(tokenizer: Any, conversations: list[list[dict]], add_generation_prompt: bool = False
+                 ) -> list[list[int]]:
+    """`tokenizer.apply_chat_template(conversations, tokenize=True, tools=None, add_generation_prompt=...)`'s ids:
+    the templates rendered in batches (`_render_plain` when the first conversation's text is the template call's
+    own), the texts encoded as the template call encodes them (no special tokens added)."""
     out: list[list[int]] = []
     for start in range(0, len(conversations), ENCODE_CHUNK):
-        texts = tokenizer.apply_chat_template(conversations[start : start + ENCODE_CHUNK], tokenize=False, tools=None,
-                                              **kwargs)
+        batch = conversations[start : start + ENCODE_CHUNK]
+        texts = _render_plain(tokenizer, batch, add_generation_prompt)
+        if texts is None or texts[0] != _render(tokenizer, batch[:1], add_generation_prompt)[0]:
+            texts = _render(tokenizer, batch, add_generation_prompt)
         out += _batch_ids(tokenizer, texts, add_special_tokens=False)
     return out
+
+
+def _render(tokenizer: Any, conversations: list[list[dict]], add_generation_prompt: bool) -> list[str]:
+    return tokenizer.apply_chat_template(conversations, tokenize=False, tools=None,
+                                         add_generation_prompt=add_generation_prompt)
+
+
+def _render_plain(tokenizer: Any, conversations: list[list[dict]], add_generation_prompt: bool) -> list[str] | None:
+    """The template call's texts for conversations of plain messages (dicts of strings, no reasoning field), from
+    the tokenizer's compiled template itself: `apply_chat_template` first copies every message into plain data,
+    which changes nothing in such messages but costs as much as the rendering. None for any other conversation (or
+    another transformers, whose helpers differ)."""
+    try:  # apply_chat_template's own (private) helpers: the same compiled template and template variables
+        from transformers.utils import chat_template_utils as ctu
+
+        compiled = ctu._compile_jinja_template(tokenizer.get_chat_template(None, None))
+        variables = ctu._plain_template_data(dict(tokenizer.special_tokens_map))
+        reasoning = frozenset(ctu._REASONING_FIELDS)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return None
+    for conversation in conversations:
+        for m in conversation:
+            if type(m) is not dict or any(type(k) is not str or type(v) is not str or k in reasoning
+                                          for k, v in m.items()):
+                return None
+    return [compiled.render(messages=c, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
+                            **variables) for c in conversations]
 
 
 def prepare(tokenizer: Any) -> None:

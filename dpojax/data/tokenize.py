@@ -232,7 +232,7 @@ def _tokenize_chat(tokenizer: Any, prefrows: PreferenceRows) -> tuple[list, list
     rows = prefrows.rows
     if _plain_chat(rows):  # the same template calls, batched (one encode per batch); a failure is redone per row
         try:
-            p_ids = encoding.encode_chats(tokenizer, [row["prompt"] for row in rows], add_generation_prompt=True)
+            p_ids = encoding.encode_chats(tokenizer, [row["prompt"] for row in rows], True)
             flat = iter(encoding.encode_chats(tokenizer, [row["prompt"] + y for row in rows for y in row["responses"]]))
             return p_ids, [[next(flat) for _ in row["responses"]] for row in rows]
         except Exception:  # noqa: BLE001 - the per-row loop below names the row whose template fails
