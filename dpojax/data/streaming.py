@@ -3,7 +3,7 @@
 Two passes over a `sources.RowStream` (each reads the source again, lazily): `scan_rows` validates every row and
 counts (the errors, warnings and counts of `formats.normalize_rows`) and hashes the normalized rows for the store's
 key (`tokenize.fingerprint`); on a miss `tokenize_stream` tokenizes this process's share of them CHUNK_ROWS at a
-time (on worker threads, or processes for many rows on many CPUs: `tokenize.worker_plan`) and appends each
+time (on worker threads, or processes for many rows on many CPUs: `workers.worker_plan`) and appends each
 SHARD_CHUNKS chunks to the token store as one shard. The rows, their order, the key and the store's batches are
 those of the in-memory path (`tokenize_rows` on `normalize_rows`, then `unpair_rows`). Glossary: `dpojax.glossary`.
 """
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from dpojax import paths
-from dpojax.data import encoding, formats, store
+from dpojax.data import encoding, formats, store, workers
 from dpojax.data import tokenize as tok_lib
 from dpojax.data.formats import (
     MAX_LISTED,
@@ -233,14 +233,14 @@ def tokenize_stream(stream: Iterable, scan: Scan, tokenizer: Any, *, max_length:
              scan.n_rows, hosts.index, hosts.count, hosts.name)
     counts = shard_counts(scan.n_rows, hosts)
     first = sum(counts[: hosts.index])
-    workers, processes = tok_lib.worker_plan(num_proc, hi - lo)
+    n_workers, processes = workers.worker_plan(num_proc, hi - lo, tok_lib.CHUNK_ROWS)
     work = functools.partial(tok_lib.tokenize_chunk, tokenizer, max_length=max_length,
                              truncation_mode=truncation_mode)
     chunks = _chunks(itertools.islice(final_rows(stream, scan), lo, hi), head, tok_lib.CHUNK_ROWS)
     shards, dropped, diverged = [], 0, None
     encoding.prepare(tokenizer)  # the tokenizer's call state is set before threads share it
-    with _pool(workers) if processes else tok_lib.workers_pool(workers, False) as pool:
-        done = _ordered(work, chunks, pool, 2 * max(1, workers))
+    with _pool(n_workers) if processes else workers.pool(n_workers, False) as pool:
+        done = _ordered(work, chunks, pool, 2 * max(1, n_workers))
         for s in range(counts[hosts.index]):
             parts = list(itertools.islice(done, SHARD_CHUNKS))
             dropped += sum(c.dropped for c in parts)
@@ -261,6 +261,6 @@ def _empty(head: PreferenceRows) -> dict[str, np.ndarray]:
     return store.shard_arrays([], [], [], [], **extra)
 
 
-def _pool(workers: int) -> contextlib.AbstractContextManager[concurrent.futures.Executor | None]:
-    """`workers` spawned tokenizer processes (`tokenize.workers_pool`)."""
-    return tok_lib.workers_pool(workers, True)
+def _pool(n_workers: int) -> contextlib.AbstractContextManager[concurrent.futures.Executor | None]:
+    """`n_workers` spawned tokenizer processes (`workers.pool`)."""
+    return workers.pool(n_workers, True)

@@ -13,7 +13,7 @@ TRL's rules, in order (facts from `trl/trainer/dpo_trainer.py`; our code), appli
 A pair is a row with K = 2 responses [chosen, rejected]: its token ids are TRL's.
 
 Rows are tokenized in chunks (`tokenize_chunk`, the batched fast tokenizer; chat rows render their templates in
-batches too), on `num_proc` worker threads or processes (`worker_plan`), and the result is written to a token store
+batches too), on `num_proc` worker threads or processes (`workers`), and the result is written to a token store
 (`dpojax.data.store`: flat memory-mapped columns) under the cache folder, named by the fingerprint: a hash of the
 normalized rows, the tokenizer (vocab, merges, normalizers, special tokens, chat template), max_length,
 truncation_mode and the data format. `TokenizedData` reads the store lazily. Glossary: `dpojax.glossary`.
@@ -22,21 +22,19 @@ truncation_mode and the data format. `TokenizedData` reads the store lazily. Glo
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import dataclasses
 import functools
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 
 from dpojax import paths
-from dpojax.data import encoding, store
+from dpojax.data import encoding, store, workers
 from dpojax.data.formats import OnBadRow, PreferenceRows, normalize_rows
 from dpojax.errors import DataError, ModelError
 
@@ -46,8 +44,6 @@ CACHE_VERSION = "dpojax-preferences-v2"  # bump when the tokenization rules chan
 STORE_LAYOUT = "dpojax-store-v1"  # bump when the store's columns change (stores of another layout are rebuilt)
 TRUNCATION_MODES = ("keep_start", "keep_end")
 CHUNK_ROWS = 2048  # rows per tokenization task (what one worker tokenizes at a time)
-THREAD_WORKERS = 2  # tokenizer threads of one process (`worker_plan`); more workers are processes
-PARALLEL_MIN_ROWS = 16 * CHUNK_ROWS  # fewer rows are never given to processes (each costs ~3 CPU-s to start)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,42 +303,6 @@ def tokenize_chunk(tokenizer: Any, prefrows: PreferenceRows, max_length: int | N
     return Chunk(arrays, dropped, diverged)
 
 
-def default_num_proc() -> int:
-    """Tokenizer workers: the CPUs this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def worker_plan(num_proc: int | None, n_rows: int) -> tuple[int, bool]:
-    """(workers, whether they are processes) that tokenize n_rows rows' chunks; 0 workers: this thread alone.
-
-    Threads of this process first: the fast tokenizer encodes without holding the GIL, so one thread's encoding
-    runs beside another's Python (template rendering, ids to arrays), and a thread costs nothing to start. The
-    Python part (20-45% of the CPU per row) still runs one thread at a time, so on more than THREAD_WORKERS CPUs
-    and from PARALLEL_MIN_ROWS rows on, `num_proc` spawned processes tokenize instead (each costs ~3 CPU-s to
-    start: imports and the tokenizer)."""
-    num_proc = default_num_proc() if num_proc is None else max(1, num_proc)
-    if num_proc == 1 or n_rows <= CHUNK_ROWS:
-        return 0, False
-    if num_proc <= THREAD_WORKERS or n_rows < PARALLEL_MIN_ROWS:
-        return min(num_proc, THREAD_WORKERS), False
-    return num_proc, True
-
-
-@contextlib.contextmanager
-def workers_pool(workers: int, processes: bool) -> Iterator[concurrent.futures.Executor | None]:
-    """`worker_plan`'s workers: None (this thread), threads, or spawned processes (safe after JAX has started
-    threads; a process's tokenizer runs on one thread: the processes are the parallelism)."""
-    if not workers:
-        yield None
-    elif not processes:
-        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="dpojax-tokenize") as pool:
-            yield pool
-    else:
-        ctx = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=worker_start) as pool:
-            yield pool
-
-
 def tokenize_chunks(tokenizer: Any, prefrows: PreferenceRows, max_length: int | None, truncation_mode: str,
                     pool: concurrent.futures.Executor | None = None) -> Chunk:
     """`tokenize_chunk` over CHUNK_ROWS rows at a time (one batched encode each; on `pool`'s threads when given),
@@ -358,25 +318,20 @@ def _rows_slice(prefrows: PreferenceRows, lo: int, hi: int) -> PreferenceRows:
     return dataclasses.replace(prefrows, rows=prefrows.rows[lo:hi], row_index=prefrows.row_index[lo:hi])
 
 
-def worker_start() -> None:
-    """A worker process's tokenizer runs on one thread: the processes are the parallelism."""
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-
-
 def tokenize_parallel(tokenizer: Any, prefrows: PreferenceRows, max_length: int | None, truncation_mode: str,
                       num_proc: int | None = None) -> Chunk:
-    """`tokenize_chunks` over all rows with `worker_plan`'s workers: threads take chunks in turn; processes take
-    `num_proc` contiguous shares (spawned, each gets the tokenizer once). The columns are joined in row order, so
-    the result does not depend on the workers."""
-    workers, processes = worker_plan(num_proc, len(prefrows.rows))
+    """`tokenize_chunks` over all rows with `workers.worker_plan`'s workers: threads take chunks in turn;
+    processes take `num_proc` contiguous shares (spawned, each gets the tokenizer once). The columns are joined in
+    row order, so the result does not depend on the workers."""
+    n_workers, processes = workers.worker_plan(num_proc, len(prefrows.rows), CHUNK_ROWS)
     if not processes:
         encoding.prepare(tokenizer)  # any state the tokenizer's call resets is reset before threads share it
-        with workers_pool(workers, False) as pool:
+        with workers.pool(n_workers, False) as pool:
             return tokenize_chunks(tokenizer, prefrows, max_length, truncation_mode, pool)
     n = len(prefrows.rows)
-    shares = [_rows_slice(prefrows, *row_share(n, i, workers)) for i in range(workers)]
+    shares = [_rows_slice(prefrows, *row_share(n, i, n_workers)) for i in range(n_workers)]
     work = functools.partial(tokenize_chunks, tokenizer, max_length=max_length, truncation_mode=truncation_mode)
-    with workers_pool(workers, True) as pool:
+    with workers.pool(n_workers, True) as pool:
         done = list(pool.map(work, shares))
     diverged = next((c.diverged for c in done if c.diverged is not None), None)
     return Chunk(store.join_shards([c.arrays for c in done]), sum(c.dropped for c in done), diverged)
