@@ -113,6 +113,7 @@ def test_encoding_is_the_tokenizers_own_call(tok, monkeypatch):
     """dpojax.data.encoding's ids are `tokenizer(texts)`'s and `apply_chat_template(tokenize=True)`'s: through the
     backend directly, and through the tokenizer's own call where the fast path does not apply (a message that is
     not plain, truncation left on the backend, a tokenizer class that encodes its own way)."""
+    from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
     from dpojax.data import encoding
@@ -134,7 +135,7 @@ def test_encoding_is_the_tokenizers_own_call(tok, monkeypatch):
         def _encode_plus(self, text, *args, **kwargs):
             return super()._encode_plus([t.upper() for t in text], *args, **kwargs)
 
-    loud = Shouting(tokenizer_object=tok.backend_tokenizer, eos_token="</s>")
+    loud = Shouting(tokenizer_object=Tokenizer.from_str(tok.backend_tokenizer.to_str()), eos_token="</s>")
     assert encoding._plain_backend(loud) is None and encoding._plain_backend(tok) is not None
     assert encoding.encode_texts(loud, texts) == loud(texts)["input_ids"] != tok(texts)["input_ids"]
 
