@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 from tiny_tokenizer import load_tiny_tokenizer, make_pref_rows
 
-from dpojax.data import check_token_ids, extract_prompt, load_preferences, load_rows, normalize_rows, tokenize_rows
+from dpojax.data import (
+    check_token_ids,
+    encoding,
+    extract_prompt,
+    load_preferences,
+    load_rows,
+    normalize_rows,
+    tokenize_rows,
+)
 from dpojax.errors import DataError, UserError
 
 FORMATS = ["standard", "conversational", "implicit", "implicit_conversational"]
@@ -113,10 +121,8 @@ def test_encoding_is_the_tokenizers_own_call(tok, monkeypatch):
     """dpojax.data.encoding's ids are `tokenizer(texts)`'s and `apply_chat_template(tokenize=True)`'s: through the
     backend directly, and through the tokenizer's own call where the fast path does not apply (a message that is
     not plain, truncation left on the backend, a tokenizer class that encodes its own way)."""
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    from dpojax.data import encoding
+    from tokenizers import Tokenizer  # the subclass below needs its own backend
+    from transformers import PreTrainedTokenizerFast  # a tokenizer class that encodes its own way
 
     texts = [r["prompt"] + r["chosen"] for r in make_pref_rows(12, "standard", seed=5)]
     chats = [r["prompt"] + r["chosen"] for r in make_pref_rows(12, "conversational", seed=5)]
