@@ -1,14 +1,15 @@
 """Peak host memory of `dpojax train` start-up and first steps against the data set's size: the token store is
 memory-mapped and read lazily, so the peak RSS should grow by less than the token data itself.
 
-For each row count: a JSONL of standard pairs of one shape (a 150-token prompt, two 250-token responses, word-level
-tokenizer: one token per word), a tiny random model, `dpojax train` for 2 steps as a child process, twice: cold
-(an empty cache: read, validate, tokenize, write the store) and warm (the store exists: no row is parsed). The
-peak RSS is the child's `ru_maxrss` (`os.wait4`); tokenizer worker processes are not counted (their own peaks are
-below the parent's). `--repo DIR` runs another checkout's code (e.g. the main branch) for comparison (the child
-runs in DIR: `python -m` imports from its working directory before PYTHONPATH).
+For each row count: a JSONL of standard pairs of one shape (`--shape long`: a 150-token prompt, two 250-token
+responses, 652 stored tokens per row; `--shape short`: a 30-token prompt, two 50-token responses, 132 stored tokens
+per row; word-level tokenizer: one token per word), a tiny random model, `dpojax train` for 2 steps as a child
+process, twice: cold (an empty cache: read, validate, tokenize, write the store) and warm (the store exists: no
+row is parsed). The peak RSS is the child's `ru_maxrss` (`os.wait4`); tokenizer worker processes are not counted
+(their own peaks are below the parent's). `--repo DIR` runs another checkout's code (e.g. the main branch) for
+comparison (the child runs in DIR: `python -m` imports from its working directory before PYTHONPATH).
 
-    python -m benchmarks.data_memory --rows 10000 100000 [--repo /work/main]
+    python -m benchmarks.data_memory --rows 10000 100000 [--shape short] [--num-proc N] [--repo /work/main]
 """
 
 from __future__ import annotations
@@ -27,39 +28,45 @@ import yaml
 
 from benchmarks import harness
 
-PROMPT, RESPONSE, VOCAB = 150, 250, 1000
+VOCAB = 1000
+SHAPES = {"long": (150, 250), "short": (30, 50)}  # (prompt, response) words = tokens of the word-level tokenizer
 
 
-def write_pairs(path: Path, n: int, seed: int = 0) -> int:
-    """n pairs of the benchmark's shape; returns the tokens dpojax stores per row (prompt + 2 responses + 2 EOS)."""
+def write_pairs(path: Path, n: int, shape: str = "long", seed: int = 0) -> int:
+    """n pairs of one shape; returns the tokens dpojax stores per row (prompt + 2 responses + 2 EOS)."""
+    prompt, response = SHAPES[shape]
     rng = random.Random(seed)
     words = [f"w{i}" for i in range(VOCAB - 4)]
     with path.open("w") as f:
         for _ in range(n):
-            row = {"prompt": " ".join(rng.choices(words, k=PROMPT))}
+            row = {"prompt": " ".join(rng.choices(words, k=prompt))}
             for key in ("chosen", "rejected"):
-                row[key] = " " + " ".join(rng.choices(words, k=RESPONSE))
+                row[key] = " " + " ".join(rng.choices(words, k=response))
             f.write(json.dumps(row) + "\n")
-    return PROMPT + 2 * (RESPONSE + 1)
+    return prompt + 2 * (response + 1)
 
 
-def peak_rss_of(cmd: list[str], env: dict, cwd: str) -> tuple[float, float]:
-    """(peak RSS in MiB, seconds) of a child process run in `cwd` (`python -m` imports from there first)."""
+def peak_rss_of(cmd: list[str], env: dict, cwd: str) -> tuple[float, float, float]:
+    """(peak RSS in MiB, seconds, CPU seconds) of a child process run in `cwd` (`python -m` imports from there
+    first); the CPU seconds count the child alone (not its own tokenizer worker processes)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     if status != 0:
         raise RuntimeError(f"{cmd} failed: {proc.stderr.read().decode()[-2000:]}")
-    return usage.ru_maxrss / 1024, time.perf_counter() - t0
+    return usage.ru_maxrss / 1024, time.perf_counter() - t0, usage.ru_utime + usage.ru_stime
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.data_memory")
     ap.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="long")
+    ap.add_argument("--num-proc", type=int, default=None, help="data.num_proc (default: the config's default)")
     ap.add_argument("--repo", default=str(Path(__file__).resolve().parents[1]))
     args = ap.parse_args(argv)
     env = {**os.environ, "PYTHONPATH": args.repo, "JAX_PLATFORMS": "cpu"}
-    print(json.dumps({"machine": harness.machine(), "repo": args.repo}))
+    print(json.dumps({"machine": harness.machine(), "repo": args.repo, "shape": args.shape,
+                      "num_proc": args.num_proc}))
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model = harness.synthetic_model_dir(root / "model", {
@@ -68,17 +75,19 @@ def main(argv: list[str] | None = None) -> None:
             "max_position_embeddings": 1024, "tie_word_embeddings": False})
         for n in args.rows:
             data = root / f"pairs-{n}.jsonl"
-            per_row = write_pairs(data, n)
+            per_row = write_pairs(data, n, args.shape)
             cache = root / f"cache-{n}"
             for phase in ("cold", "warm"):
                 cfg = {"model": {"name_or_path": str(model), "init": "random"},
-                       "data": {"train": str(data), "max_length": 1024, "cache_dir": str(cache), "packing": "none"},
+                       "data": {"train": str(data), "max_length": 1024, "cache_dir": str(cache), "packing": "none",
+                                **({"num_proc": args.num_proc} if args.num_proc is not None else {})},
                        "train": {"batch_size": 4, "steps": 2, "log_every": 1},
                        "output_dir": str(root / f"run-{n}-{phase}")}
                 (root / "run.yaml").write_text(yaml.safe_dump(cfg))
-                rss, seconds = peak_rss_of([sys.executable, "-m", "dpojax.cli", "train", str(root / "run.yaml")], env,
-                                            args.repo)
-                print(json.dumps({"rows": n, "phase": phase, "peak_rss_mib": round(rss), "seconds": round(seconds),
+                cmd = [sys.executable, "-m", "dpojax.cli", "train", str(root / "run.yaml")]
+                rss, seconds, cpu = peak_rss_of(cmd, env, args.repo)
+                print(json.dumps({"rows": n, "shape": args.shape, "phase": phase, "peak_rss_mib": round(rss),
+                                  "seconds": round(seconds), "cpu_s": round(cpu), "load": round(os.getloadavg()[0], 1),
                                   "token_data_mib": round(n * per_row * 4 / 2**20),
                                   "jsonl_mib": round(data.stat().st_size / 2**20)}), flush=True)
             data.unlink()

@@ -1,16 +1,19 @@
 """Tokenization throughput: dpojax's data preparation (validate, normalize, tokenize with the batched fast tokenizer
-in `num_proc` worker processes, write the token store) against TRL 1.16's own (`DPOTrainer._prepare_dataset`:
-`datasets.map` of its per-row tokenizer, at its default `dataset_num_proc`), on the
+on `num_proc` workers: threads up to 2, processes beyond; write the token store) against TRL 1.16's own
+(`DPOTrainer._prepare_dataset`: `datasets.map` of its per-row tokenizer, at its default `dataset_num_proc`), on the
 same synthetic rows, the same tokenizer and the same CPU, one after the other.
 
 Data: UltraFeedback-shaped chat rows (a ~150-token user prompt, 4 responses of ~250 tokens; TRL tokenizes pairs,
 so both tokenize the pair best vs worst, and dpojax also the whole 4-response ranking) and short chat pairs
 (~20-token prompt, ~30-token responses).
 
-    python -m benchmarks.data_prep --rows 20000 --short-rows 100000 [--tokenizer DIR] [--num-proc 2] [--repeats 2]
+    python -m benchmarks.data_prep --rows 40000 --short-rows 100000 [--tokenizer DIR] [--num-proc 2] [--repeats 2]
 
-Wall-clock rows/s depend on what else runs on the machine; rows per CPU-second (this process and its worker
-processes, user + system) much less so, and they give the single-core ratio. dpojax runs at 1 and `--num-proc`
+(~10 minutes on a quiet 2-core machine, about half of it TRL's.)
+
+Wall-clock rows/s depend on what else runs on the machine (and on a loaded one a 2-thread process gets a larger
+share than TRL's one thread); rows per CPU-second (this process and its worker processes, user + system) much
+less so, and they give the single-core ratio. dpojax runs at 1 and `--num-proc`
 processes, TRL at its default (`dataset_num_proc` None: one process).
 
 The tokenizer defaults to SmolLM2-135M-Instruct's (a 49k BPE vocabulary with a chat template), as converted in

@@ -92,7 +92,7 @@ class DataSection:
     truncation_mode: Literal[TRUNCATION_MODES] = "keep_start"
     on_bad_row: Literal[ON_BAD_ROW] = "error"  # a malformed row stops the run, or is dropped and counted
     cache_dir: Optional[str] = None  # tokenized-data cache; default: ~/.cache/dpojax
-    num_proc: Optional[int] = None  # worker processes that tokenize; default: one per CPU
+    num_proc: Optional[int] = None  # tokenizer workers (2: threads; more: processes); default: one per CPU
     buckets: Optional[tuple[int, ...]] = None  # padded lengths; default: powers of two up to max_length
     max_responses: int = 8  # most responses per ranked/scored row (prompt, responses[, scores]); more is a bad row
     pairs_from_scores: Literal[PAIRS_FROM_SCORES] = "none"  # expand ranked rows into pairs

@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 from tiny_tokenizer import load_tiny_tokenizer, make_pref_rows
 
-from dpojax.data import check_token_ids, extract_prompt, load_preferences, load_rows, normalize_rows, tokenize_rows
+from dpojax.data import (
+    check_token_ids,
+    encoding,
+    extract_prompt,
+    load_preferences,
+    load_rows,
+    normalize_rows,
+    tokenize_rows,
+)
 from dpojax.errors import DataError, UserError
 
 FORMATS = ["standard", "conversational", "implicit", "implicit_conversational"]
@@ -107,6 +115,35 @@ def test_eos_not_doubled_and_pad_id(tok):
     assert pairs.response_ids[0][0].tolist().count(eos) == 1 and pairs.response_ids[0][1][-1] == eos
     assert pairs.prompt_ids[0][0] == tok.bos_token_id and pairs.pad_token_id == tok.pad_token_id
     assert pairs.prompt_ids[0].dtype == np.int32
+
+
+def test_encoding_is_the_tokenizers_own_call(tok, monkeypatch):
+    """dpojax.data.encoding's ids are `tokenizer(texts)`'s and `apply_chat_template(tokenize=True)`'s: through the
+    backend directly, and through the tokenizer's own call where the fast path does not apply (a message that is
+    not plain, truncation left on the backend, a tokenizer class that encodes its own way)."""
+    from tokenizers import Tokenizer  # the subclass below needs its own backend
+    from transformers import PreTrainedTokenizerFast  # a tokenizer class that encodes its own way
+
+    texts = [r["prompt"] + r["chosen"] for r in make_pref_rows(12, "standard", seed=5)]
+    chats = [r["prompt"] + r["chosen"] for r in make_pref_rows(12, "conversational", seed=5)]
+    chats[0] = [{**chats[0][0], "name": None}] + chats[0][1:]  # not plain: the template call renders the batch
+    monkeypatch.setattr(encoding, "ENCODE_CHUNK", 5)
+    for special in (True, False):
+        assert encoding.encode_texts(tok, texts, special) == tok(texts, add_special_tokens=special)["input_ids"]
+    for prompt in (True, False):
+        want = tok.apply_chat_template(chats, tokenize=True, return_dict=True, add_generation_prompt=prompt)
+        assert encoding.encode_chats(tok, chats, prompt) == [list(ids) for ids in want["input_ids"]]
+    tok.backend_tokenizer.enable_truncation(3)  # the tokenizer's own call turns it off: so does the first batch
+    assert encoding.encode_texts(tok, texts) == tok(texts)["input_ids"]
+    assert tok.backend_tokenizer.truncation is None
+
+    class Shouting(PreTrainedTokenizerFast):  # encodes its own way: never bypassed
+        def _encode_plus(self, text, *args, **kwargs):
+            return super()._encode_plus([t.upper() for t in text], *args, **kwargs)
+
+    loud = Shouting(tokenizer_object=Tokenizer.from_str(tok.backend_tokenizer.to_str()), eos_token="</s>")
+    assert encoding._plain_backend(loud) is None and encoding._plain_backend(tok) is not None
+    assert encoding.encode_texts(loud, texts) == loud(texts)["input_ids"] != tok(texts)["input_ids"]
 
 
 # ------------------------------------------------------------------------------------------------------- cache

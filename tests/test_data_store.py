@@ -28,6 +28,7 @@ from dpojax.data import (
     streaming,
     tokenize_rows,
     train_batches,
+    workers,
 )
 from dpojax.data import tokenize as tokenize_lib
 from dpojax.data.mixture import source_counts
@@ -74,9 +75,10 @@ def all_batches(data, **kw):
 def test_store_batches_are_bitwise_the_in_memory_ones(fmt, tok, tmp_path, monkeypatch):
     rows = make_pref_rows(40, fmt, seed=11)
     want = in_memory(rows, tok)
-    if fmt == "conversational":  # the worker processes: several chunks, joined in row order
-        monkeypatch.setattr(tokenize_lib, "CHUNK_ROWS", 8)
-        monkeypatch.setattr(tokenize_lib, "PARALLEL_MIN_ROWS", 16)
+    monkeypatch.setattr(tokenize_lib, "CHUNK_ROWS", 8)  # several chunks, joined in row order
+    if fmt == "conversational":  # by 2 worker processes (standard: by 2 threads)
+        monkeypatch.setattr(workers, "PARALLEL_MIN_ROWS", 16)
+        monkeypatch.setattr(workers, "THREAD_WORKERS", 1)
     got = tokenize_rows(rows, tok, max_length=MAX_LEN, cache_dir=tmp_path, num_proc=2)
     again = tokenize_rows(rows, tok, max_length=MAX_LEN, cache_dir=tmp_path)
     assert isinstance(again.prompt_ids, store.Ragged) and again.from_cache and again.stats == got.stats
@@ -139,7 +141,7 @@ def test_streamed_source_is_the_in_memory_one(kind, tok, tmp_path, monkeypatch):
     if kind == "skip":
         rows[5:7] = [{"prompt": 3, "chosen": "a", "rejected": "b"}, {"prompt": "p", "chosen": None}]
     if kind == "skip":  # chunks tokenized by 2 workers (threads here: the order and the window of chunks in flight)
-        monkeypatch.setattr(tokenize_lib, "PARALLEL_MIN_ROWS", 4)
+        monkeypatch.setattr(workers, "PARALLEL_MIN_ROWS", 4)
         monkeypatch.setattr(streaming, "_pool", lambda n: contextlib.nullcontext(
             concurrent.futures.ThreadPoolExecutor(n) if n else None))
     path = write_jsonl(tmp_path / "a.jsonl", rows)

@@ -1,11 +1,11 @@
 """A source's rows validated, normalized and tokenized as a stream: no list of every row exists at any time.
 
-Three passes over a `sources.RowStream` (each reads the source again, lazily): `scan_rows` validates every row and
-counts (the errors, warnings and counts of `formats.normalize_rows`); the store's key (`tokenize.fingerprint`) is
-hashed from the normalized rows; on a miss `tokenize_stream` tokenizes this process's share of them CHUNK_ROWS at a
-time (in worker processes when there are many) and appends each SHARD_CHUNKS chunks to the token store as one
-shard. The rows, their order, the key and the store's batches are those of the in-memory path (`tokenize_rows` on
-`normalize_rows`, then `unpair_rows`). Glossary: `dpojax.glossary`.
+Two passes over a `sources.RowStream` (each reads the source again, lazily): `scan_rows` validates every row and
+counts (the errors, warnings and counts of `formats.normalize_rows`) and hashes the normalized rows for the store's
+key (`tokenize.fingerprint`); on a miss `tokenize_stream` tokenizes this process's share of them CHUNK_ROWS at a
+time (on worker threads, or processes for many rows on many CPUs: `workers.worker_plan`) and appends each
+SHARD_CHUNKS chunks to the token store as one shard. The rows, their order, the key and the store's batches are
+those of the in-memory path (`tokenize_rows` on `normalize_rows`, then `unpair_rows`). Glossary: `dpojax.glossary`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import dataclasses
 import functools
 import itertools
 import logging
-import multiprocessing
 import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -25,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from dpojax import paths
-from dpojax.data import formats, store
+from dpojax.data import encoding, formats, store, workers
 from dpojax.data import tokenize as tok_lib
 from dpojax.data.formats import (
     MAX_LISTED,
@@ -51,8 +50,8 @@ SHARD_CHUNKS = 8  # tokenized chunks of CHUNK_ROWS rows per shard of the store (
 @dataclasses.dataclass(frozen=True)
 class Scan:
     """What the validating pass over a source found: the source's row format and the options that shape its rows,
-    `head` (a PreferenceRows without rows: the format after unpairing and the counts the key hashes) and how many
-    rows there are to tokenize (`n_rows`)."""
+    `head` (a PreferenceRows without rows: the format after unpairing and the counts the key hashes), how many
+    rows there are to tokenize (`n_rows`) and their digest (`rows_hash`)."""
 
     fmt: Any  # formats.RowFormat of the source's rows
     pairs_from_scores: str
@@ -60,6 +59,7 @@ class Scan:
     max_responses: int
     head: PreferenceRows
     n_rows: int
+    rows_hash: str = ""  # `tokenize.rows_digest` of the rows to tokenize (the row part of the store's key)
 
 
 def _source_rows(stream: Iterable, scan: Scan) -> Iterator[tuple[int, dict]]:
@@ -78,7 +78,10 @@ def _source_rows(stream: Iterable, scan: Scan) -> Iterator[tuple[int, dict]]:
 
 def final_rows(stream: Iterable, scan: Scan) -> Iterator[tuple[int, dict]]:
     """(source index, row) of every row to tokenize, in order: `_source_rows`, unpaired in blocks as `unpair_rows`."""
-    rows = _source_rows(stream, scan)
+    return _unpaired(_source_rows(stream, scan), scan)
+
+
+def _unpaired(rows: Iterator[tuple[int, dict]], scan: Scan) -> Iterator[tuple[int, dict]]:
     if not scan.unpair_pairs:
         yield from rows
         return
@@ -103,7 +106,8 @@ class _Tally:
     present: set = dataclasses.field(default_factory=set)  # required fields some row has
     seen: set = dataclasses.field(default_factory=set)  # the fields of the first 100 dict rows
 
-    def add(self, i: int, row: Any, scan: Scan, required: tuple[str, ...]) -> None:
+    def add(self, i: int, row: Any, scan: Scan, required: tuple[str, ...]) -> list[dict]:
+        """Count one source row; returns its normalized rows to tokenize (expanded into pairs), if any."""
         self.rows_in += 1
         if isinstance(row, dict):
             self.dicts += 1
@@ -115,25 +119,27 @@ class _Tally:
             self.bad_rows += 1
             self.problems += len(problems)
             self.listed += [(i, field, msg) for field, msg in problems][: MAX_LISTED - len(self.listed)]
-            return
+            return []
         norm = normalize_row(row, scan.fmt)
         if len(norm["ranks"]) > 1 and norm["ranks"][-1] == 0:
             self.all_tied += 1
-            return
+            return []
         self.good += 1
         self.identical += has_duplicates(norm["responses"])
         if scan.pairs_from_scores == "none":
             self.expanded += 1
-            return
+            return [norm]
         pairs = expand_row(norm, scan.pairs_from_scores)
         self.expanded += len(pairs)
         self.pairs_identical += sum(p["responses"][0] == p["responses"][1] for p in pairs)
+        return pairs
 
 
 def scan_rows(stream: Iterable, source: str, *, on_bad_row: str = "error", max_responses: int = 8,
               pairs_from_scores: str = "none", unpair: bool = False) -> Scan:
     """One pass over `stream` that checks every row and counts, with `formats.normalize_rows`' errors (every bad
-    row in one DataError naming its row and field), warnings and counts; then `unpair_rows`' format and counts."""
+    row in one DataError naming its row and field), warnings and counts; then `unpair_rows`' format and counts.
+    The same pass hashes the rows to tokenize (`Scan.rows_hash`)."""
     if on_bad_row not in ON_BAD_ROW:
         raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
     if max_responses < 2:
@@ -143,8 +149,8 @@ def scan_rows(stream: Iterable, source: str, *, on_bad_row: str = "error", max_r
     fmt = detect_format(stream, source)
     scan = Scan(fmt, pairs_from_scores, unpair and not fmt.unpaired, max_responses, None, 0)
     tally, required = _Tally(), required_columns(fmt)
-    for i, row in enumerate(stream):
-        tally.add(i, row, scan, required)
+    rows_hash = tok_lib.rows_digest(_unpaired(((i, r) for i, row in enumerate(stream)
+                                               for r in tally.add(i, row, scan, required)), scan))
     missing = [c for c in required if c not in tally.present]
     if missing and tally.dicts:
         raise DataError(f"{source}: every row lacks the '{missing[0]}' field (fields present: {sorted(tally.seen)})")
@@ -161,7 +167,7 @@ def scan_rows(stream: Iterable, source: str, *, on_bad_row: str = "error", max_r
         log.info("%s: %d pair(s) unpaired into %d rows (data.unpair)", source, n_rows, 2 * n_rows)
         head = dataclasses.replace(head, rows_identical=0, fmt=dataclasses.replace(fmt, unpaired=True))
         n_rows *= 2
-    return dataclasses.replace(scan, head=head, n_rows=n_rows)
+    return dataclasses.replace(scan, head=head, n_rows=n_rows, rows_hash=rows_hash)
 
 
 _NONE = object()
@@ -216,7 +222,7 @@ def tokenize_stream(stream: Iterable, scan: Scan, tokenizer: Any, *, max_length:
     tok_lib.check_settings(max_length, truncation_mode)
     hosts = hosts or store.ONE_HOST
     head = scan.head
-    key = tok_lib.fingerprint(head, tokenizer, max_length, truncation_mode, final_rows(stream, scan))
+    key = tok_lib.fingerprint(head, tokenizer, max_length, truncation_mode, rows_hash=scan.rows_hash)
     folder = paths.path(cache_dir) / f"preferences-{key}" if cache_dir is not None else None
     cached = tok_lib.cached_store(head.source, key, folder, hosts)
     if cached is not None:
@@ -227,14 +233,14 @@ def tokenize_stream(stream: Iterable, scan: Scan, tokenizer: Any, *, max_length:
              scan.n_rows, hosts.index, hosts.count, hosts.name)
     counts = shard_counts(scan.n_rows, hosts)
     first = sum(counts[: hosts.index])
-    num_proc = tok_lib.default_num_proc() if num_proc is None else max(1, num_proc)
-    parallel = num_proc > 1 and hi - lo >= tok_lib.PARALLEL_MIN_ROWS
+    n_workers, processes = workers.worker_plan(num_proc, hi - lo, tok_lib.CHUNK_ROWS)
     work = functools.partial(tok_lib.tokenize_chunk, tokenizer, max_length=max_length,
                              truncation_mode=truncation_mode)
     chunks = _chunks(itertools.islice(final_rows(stream, scan), lo, hi), head, tok_lib.CHUNK_ROWS)
     shards, dropped, diverged = [], 0, None
-    with _pool(num_proc if parallel else 0) as pool:
-        done = _ordered(work, chunks, pool, 2 * num_proc)
+    encoding.prepare(tokenizer)  # the tokenizer's call state is set before threads share it
+    with _pool(n_workers) if processes else workers.pool(n_workers, False) as pool:
+        done = _ordered(work, chunks, pool, 2 * max(1, n_workers))
         for s in range(counts[hosts.index]):
             parts = list(itertools.islice(done, SHARD_CHUNKS))
             dropped += sum(c.dropped for c in parts)
@@ -255,12 +261,6 @@ def _empty(head: PreferenceRows) -> dict[str, np.ndarray]:
     return store.shard_arrays([], [], [], [], **extra)
 
 
-@contextlib.contextmanager
-def _pool(workers: int) -> Iterator[concurrent.futures.Executor | None]:
-    """`workers` spawned tokenizer processes (safe after JAX has started threads), or None for this process."""
-    if not workers:
-        yield None
-        return
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=tok_lib.worker_start) as pool:
-        yield pool
+def _pool(n_workers: int) -> contextlib.AbstractContextManager[concurrent.futures.Executor | None]:
+    """`n_workers` spawned tokenizer processes (`workers.pool`)."""
+    return workers.pool(n_workers, True)

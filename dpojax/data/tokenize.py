@@ -13,7 +13,7 @@ TRL's rules, in order (facts from `trl/trainer/dpo_trainer.py`; our code), appli
 A pair is a row with K = 2 responses [chosen, rejected]: its token ids are TRL's.
 
 Rows are tokenized in chunks (`tokenize_chunk`, the batched fast tokenizer; chat rows render their templates in
-batches too), in `num_proc` worker processes when there are many, and the result is written to a token store
+batches too), on `num_proc` worker threads or processes (`workers`), and the result is written to a token store
 (`dpojax.data.store`: flat memory-mapped columns) under the cache folder, named by the fingerprint: a hash of the
 normalized rows, the tokenizer (vocab, merges, normalizers, special tokens, chat template), max_length,
 truncation_mode and the data format. `TokenizedData` reads the store lazily. Glossary: `dpojax.glossary`.
@@ -27,7 +27,6 @@ import functools
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -35,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from dpojax import paths
-from dpojax.data import store
+from dpojax.data import encoding, store, workers
 from dpojax.data.formats import OnBadRow, PreferenceRows, normalize_rows
 from dpojax.errors import DataError, ModelError
 
@@ -44,9 +43,7 @@ log = logging.getLogger(__name__)
 CACHE_VERSION = "dpojax-preferences-v2"  # bump when the tokenization rules change (it is part of the fingerprint)
 STORE_LAYOUT = "dpojax-store-v1"  # bump when the store's columns change (stores of another layout are rebuilt)
 TRUNCATION_MODES = ("keep_start", "keep_end")
-_ENCODE_CHUNK = 1024  # texts per tokenizer batch call
-CHUNK_ROWS = 2048  # rows per tokenization task (what one worker process tokenizes at a time)
-PARALLEL_MIN_ROWS = 16 * CHUNK_ROWS  # fewer rows are tokenized in this process (a worker costs ~3 CPU-s to start)
+CHUNK_ROWS = 2048  # rows per tokenization task (what one worker tokenizes at a time)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +184,9 @@ def check_token_ids(data: TokenizedData, vocab_size: int, tokenizer: Any, what: 
 
 # ------------------------------------------------------------------------------------------------ TRL's rules
 def common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:  # the usual case (the prompt's ids start the prompt+response's), compared in C
+        return n
     n = 0
     for x, y in zip(a, b, strict=False):
         if x != y:
@@ -195,21 +195,14 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _encode_texts(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    out: list[list[int]] = []
-    for start in range(0, len(texts), _ENCODE_CHUNK):
-        out += tokenizer(text=texts[start : start + _ENCODE_CHUNK])["input_ids"]
-    return out
-
-
 def _tokenize_standard(tokenizer: Any, prefrows: PreferenceRows) -> tuple[list, list[list]]:
     eos = tokenizer.eos_token
     if eos is None:
         raise ModelError(f"tokenizer {_name(tokenizer)!r} has no EOS token, which standard (text) rows need")
     rows = prefrows.rows
-    p_ids = _encode_texts(tokenizer, [r["prompt"] for r in rows])
+    p_ids = encoding.encode_texts(tokenizer, [r["prompt"] for r in rows])
     texts = [r["prompt"] + (y if y.endswith(eos) else y + eos) for r in rows for y in r["responses"]]
-    flat = iter(_encode_texts(tokenizer, texts))
+    flat = iter(encoding.encode_texts(tokenizer, texts))
     return p_ids, [[next(flat) for _ in r["responses"]] for r in rows]
 
 
@@ -224,15 +217,6 @@ def _plain_chat(rows: list[dict]) -> bool:
     return all(row.get("tools") is None and not row.get("chat_template_kwargs") for row in rows)
 
 
-def _chat_batch(tokenizer: Any, conversations: list, **kwargs: Any) -> list[list[int]]:
-    out: list[list[int]] = []
-    for start in range(0, len(conversations), _ENCODE_CHUNK):
-        enc = tokenizer.apply_chat_template(conversations[start : start + _ENCODE_CHUNK], tokenize=True,
-                                            return_dict=True, tools=None, **kwargs)
-        out += [list(ids) for ids in enc["input_ids"]]
-    return out
-
-
 def _tokenize_chat(tokenizer: Any, prefrows: PreferenceRows) -> tuple[list, list[list]]:
     fields = ("prompt/completion" if prefrows.fmt.unpaired else "prompt/responses" if prefrows.fmt.ranked
               else "prompt/chosen/rejected")
@@ -244,8 +228,8 @@ def _tokenize_chat(tokenizer: Any, prefrows: PreferenceRows) -> tuple[list, list
     rows = prefrows.rows
     if _plain_chat(rows):  # the same template calls, batched (one encode per batch); a failure is redone per row
         try:
-            p_ids = _chat_batch(tokenizer, [row["prompt"] for row in rows], add_generation_prompt=True)
-            flat = iter(_chat_batch(tokenizer, [row["prompt"] + y for row in rows for y in row["responses"]]))
+            p_ids = encoding.encode_chats(tokenizer, [row["prompt"] for row in rows], True)
+            flat = iter(encoding.encode_chats(tokenizer, [row["prompt"] + y for row in rows for y in row["responses"]]))
             return p_ids, [[next(flat) for _ in row["responses"]] for row in rows]
         except Exception:  # noqa: BLE001 - the per-row loop below names the row whose template fails
             pass
@@ -319,15 +303,13 @@ def tokenize_chunk(tokenizer: Any, prefrows: PreferenceRows, max_length: int | N
     return Chunk(arrays, dropped, diverged)
 
 
-def default_num_proc() -> int:
-    """Worker processes for tokenization: the CPUs this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def tokenize_chunks(tokenizer: Any, prefrows: PreferenceRows, max_length: int | None, truncation_mode: str) -> Chunk:
-    """`tokenize_chunk` over CHUNK_ROWS rows at a time (one batched encode each), joined in row order."""
-    done = [tokenize_chunk(tokenizer, _rows_slice(prefrows, a, a + CHUNK_ROWS), max_length, truncation_mode)
-            for a in range(0, len(prefrows.rows), CHUNK_ROWS)]
+def tokenize_chunks(tokenizer: Any, prefrows: PreferenceRows, max_length: int | None, truncation_mode: str,
+                    pool: concurrent.futures.Executor | None = None) -> Chunk:
+    """`tokenize_chunk` over CHUNK_ROWS rows at a time (one batched encode each; on `pool`'s threads when given),
+    joined in row order."""
+    work = functools.partial(tokenize_chunk, tokenizer, max_length=max_length, truncation_mode=truncation_mode)
+    chunks = [_rows_slice(prefrows, a, a + CHUNK_ROWS) for a in range(0, len(prefrows.rows), CHUNK_ROWS)]
+    done = list(pool.map(work, chunks) if pool is not None else map(work, chunks))
     diverged = next((c.diverged for c in done if c.diverged is not None), None)
     return Chunk(store.join_shards([c.arrays for c in done]), sum(c.dropped for c in done), diverged)
 
@@ -336,42 +318,50 @@ def _rows_slice(prefrows: PreferenceRows, lo: int, hi: int) -> PreferenceRows:
     return dataclasses.replace(prefrows, rows=prefrows.rows[lo:hi], row_index=prefrows.row_index[lo:hi])
 
 
-def worker_start() -> None:
-    """A worker's tokenizer runs on one thread: the processes are the parallelism (no oversubscribed cores)."""
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-
-
 def tokenize_parallel(tokenizer: Any, prefrows: PreferenceRows, max_length: int | None, truncation_mode: str,
                       num_proc: int | None = None) -> Chunk:
-    """`tokenize_chunks` over all rows, split into `num_proc` contiguous shares for as many worker processes
-    (spawned: safe after JAX has started threads; each gets the tokenizer once) when there are at least
-    PARALLEL_MIN_ROWS rows; the shares' columns are joined in row order, so the result does not depend on num_proc.
-    In this process (few rows, or num_proc 1) the fast tokenizer's own threads encode each batch."""
-    num_proc = default_num_proc() if num_proc is None else max(1, num_proc)
+    """`tokenize_chunks` over all rows with `workers.worker_plan`'s workers: threads take chunks in turn;
+    processes take `num_proc` contiguous shares (spawned, each gets the tokenizer once). The columns are joined in
+    row order, so the result does not depend on the workers."""
+    n_workers, processes = workers.worker_plan(num_proc, len(prefrows.rows), CHUNK_ROWS)
+    if not processes:
+        encoding.prepare(tokenizer)  # any state the tokenizer's call resets is reset before threads share it
+        with workers.pool(n_workers, False) as pool:
+            return tokenize_chunks(tokenizer, prefrows, max_length, truncation_mode, pool)
     n = len(prefrows.rows)
-    if num_proc == 1 or n < PARALLEL_MIN_ROWS:
-        return tokenize_chunks(tokenizer, prefrows, max_length, truncation_mode)
-    shares = [_rows_slice(prefrows, *row_share(n, i, num_proc)) for i in range(num_proc)]
+    shares = [_rows_slice(prefrows, *row_share(n, i, n_workers)) for i in range(n_workers)]
     work = functools.partial(tokenize_chunks, tokenizer, max_length=max_length, truncation_mode=truncation_mode)
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(num_proc, mp_context=ctx, initializer=worker_start) as pool:
+    with workers.pool(n_workers, True) as pool:
         done = list(pool.map(work, shares))
     diverged = next((c.diverged for c in done if c.diverged is not None), None)
     return Chunk(store.join_shards([c.arrays for c in done]), sum(c.dropped for c in done), diverged)
 
 
 # ---------------------------------------------------------------------------------------------------- cache
+def rows_digest(rows: Iterable[tuple[int, dict]]) -> str:
+    """sha256 of (source index, normalized row) pairs in order: the row part of the store's key."""
+    h = hashlib.sha256()
+    for i, row in rows:
+        h.update(_ROW_JSON.encode([i, row]).encode())
+    return h.hexdigest()
+
+
+_ROW_JSON = json.JSONEncoder(sort_keys=True, ensure_ascii=False, default=str)
+
+
 def fingerprint(prefrows: PreferenceRows, tokenizer: Any, max_length: int | None, truncation_mode: str,
-                rows: Iterable[tuple[int, dict]] | None = None) -> str:
-    """The store's key: the tokenizer, the settings, `prefrows`' counts and its rows (or `rows`: (source index,
-    normalized row) in order, e.g. streamed, for a `prefrows` that holds only the counts)."""
+                rows_hash: str | None = None) -> str:
+    """The store's key: the tokenizer, the settings, `prefrows`' counts and `rows_digest` of its rows (or
+    `rows_hash`, that digest computed elsewhere, e.g. while a stream was validated, for a `prefrows` that holds
+    only the counts)."""
     h = hashlib.sha256(CACHE_VERSION.encode())
     head = [tokenizer_fingerprint(tokenizer), max_length, truncation_mode, prefrows.fmt.name,
             prefrows.pairs_from_scores, prefrows.rows_in, prefrows.rows_skipped_bad, prefrows.rows_identical,
             prefrows.rows_all_tied]
     h.update(json.dumps(head).encode())
-    for i, row in zip(prefrows.row_index, prefrows.rows, strict=True) if rows is None else rows:
-        h.update(json.dumps([i, row], sort_keys=True, ensure_ascii=False, default=str).encode())
+    if rows_hash is None:
+        rows_hash = rows_digest(zip(prefrows.row_index, prefrows.rows, strict=True))
+    h.update(rows_hash.encode())
     return h.hexdigest()[:40]
 
 
