@@ -199,8 +199,9 @@ class GatedMLP(nnx.Module):
     """down(act(gate(x)) * up(x)) (SwiGLU when act = silu)."""
 
     def __init__(self, D: int, F: int, *, use_bias: bool, activation: str, dtype, param_dtype,
-                 num_layers: int | None, rngs: nnx.Rngs):
-        kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, num_layers=num_layers, rngs=rngs)
+                 num_layers: int | None, rngs: nnx.Rngs, keep_rows: bool = False):
+        kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, num_layers=num_layers, rngs=rngs,
+                  keep_rows=keep_rows)
         self.activation = activation
         self.gate_proj = Dense((D,), (F,), in_axes=("embed",), out_axes=("mlp",), **kw)
         self.up_proj = Dense((D,), (F,), in_axes=("embed",), out_axes=("mlp",), **kw)
@@ -235,8 +236,9 @@ class PlainMLP(nnx.Module):
     """down(act(up(x))) (GPT-2, GPT-NeoX)."""
 
     def __init__(self, D: int, F: int, *, use_bias: bool, activation: str, dtype, param_dtype,
-                 num_layers: int | None, rngs: nnx.Rngs):
-        kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, num_layers=num_layers, rngs=rngs)
+                 num_layers: int | None, rngs: nnx.Rngs, keep_rows: bool = False):
+        kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, num_layers=num_layers, rngs=rngs,
+                  keep_rows=keep_rows)
         self.activation = activation
         self.up_proj = Dense((D,), (F,), in_axes=("embed",), out_axes=("mlp",), **kw)
         self.down_proj = Dense((F,), (D,), in_axes=("mlp",), out_axes=("embed",), **kw)
@@ -245,10 +247,12 @@ class PlainMLP(nnx.Module):
         return self.down_proj(ACTIVATION_FNS[self.activation](self.up_proj(x_BxTxD)))
 
 
-def make_mlp(cfg: ModelConfig, *, dtype, param_dtype, num_layers: int | None, rngs: nnx.Rngs):
+def make_mlp(cfg: ModelConfig, *, dtype, param_dtype, num_layers: int | None, rngs: nnx.Rngs,
+             keep_rows: bool = False):
+    """keep_rows: rows split over `context` (`dense_matmul`)."""
     cls = GatedMLP if cfg.mlp == "gated" else PlainMLP
     return cls(cfg.hidden_size, cfg.intermediate_size, use_bias=cfg.mlp_bias, activation=cfg.activation,
-               dtype=dtype, param_dtype=param_dtype, num_layers=num_layers, rngs=rngs)
+               dtype=dtype, param_dtype=param_dtype, num_layers=num_layers, rngs=rngs, keep_rows=keep_rows)
 
 
 ACTIVATION_FNS = {

@@ -145,7 +145,9 @@ class Block(nnx.Module):
                                        sharder=sharder, rngs=rngs)
         self.attn_output_norm = make_norm(cfg, D, **kw) if cfg.sandwich_norms else None
         self.post_attention_layernorm = make_norm(cfg, D, **kw)
-        self.mlp = MoEMLP(cfg, sharder=sharder, grouped=grouped, **kw) if cfg.is_moe else make_mlp(cfg, **kw)
+        context = sharder is not None and sharder.context > 1  # rows split over `context`: `dense_matmul`
+        self.mlp = (MoEMLP(cfg, sharder=sharder, grouped=grouped, **kw) if cfg.is_moe
+                    else make_mlp(cfg, keep_rows=context, **kw))
         self.mlp_output_norm = make_norm(cfg, D, **kw) if cfg.sandwich_norms else None
 
     def __call__(self, x_BxTxD, rope_cos_sin, segment_ids_BxT, window, packed=None,
