@@ -10,8 +10,8 @@ One preference pair (prompt + 2 responses, every sequence exactly `--length` tok
 compiled on a (data 1, context C) mesh of the first C devices; "per device" is the memory analysis of one device's
 program: arguments (parameters, AdamW moments, reference, batch: sharded over context like fsdp) and temporaries
 (activations, the head's chunks, gradients). Step times run all C fake devices on this machine's few cores, so
-they measure the overhead of the split (communication, the zig-zag permutes, 3C/4C of the score blocks instead
-of a single causal pass) on the same total work, not a speed-up.
+they measure the overhead of the split (communication, the zig-zag permutes, one static branch per device of
+(2C + 1) / 4C of the score blocks, recomputed in the backward) on the same total work, not a speed-up.
 """
 
 from __future__ import annotations

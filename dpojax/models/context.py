@@ -12,9 +12,10 @@ where a token sits in the permuted row.
 Attention (`attend_context`) runs per device under `shard_map`: the device's queries stay local, its keys and
 values (and their segment / position / branch ids) are all-gathered over `context` (the backward reduce-scatters
 their gradients), and each query block is masked by natural indices:
-  - "xla": the early query block (natural block d) against the first half of the row's keys (blocks 0..C-1, the
-    only ones it can see), the late block against all of them: 3C of the 4C key blocks a full product would
-    compute, the same on every device; scores in fp32 as in `attention.attend_xla`.
+  - "xla": one static branch per device index (`lax.switch`): device d's early query block (natural block d)
+    against natural key blocks 0..d, its late block (2C - 1 - d) against blocks 0..2C-1-d, the only ones causality
+    lets them see: 2C + 1 of the 4C key blocks a full product would compute, the same on every device; scores in
+    fp32 as in `attention.attend_xla`, recomputed in the backward (each branch is checkpointed).
   - "splash" (TPU): the Pallas splash kernel on the local queries against the gathered keys, with a static mask
     per device (`lax.switch` over the device index: the kernel's masks are static), so it skips exactly the key
     blocks causality masks: (2C + 1) / 4C of the full product, balanced. Soft-caps are supported, sliding windows
@@ -127,30 +128,38 @@ def _allowed(q_index_S, k_index_E, q, k, window):
 
 def _local_xla(q_bxtxhxDh, k_bxtxgxDh, v_bxtxgxDh, tokens, extras, *, C: int, scale, softcap, group: int,
                head_axis, kv_replicated: bool):
-    """One device: t = T / C local queries (two zig-zag blocks) against the row's gathered keys."""
+    """One device: t = T / C local queries (two zig-zag blocks) against the row's gathered keys, put back in
+    natural order; one static branch per device index (`lax.switch`), each slicing exactly the keys its blocks
+    can see."""
     k_bxtxgxDh, v_bxtxgxDh = _kv_for_heads(k_bxtxgxDh, v_bxtxgxDh, q_bxtxhxDh.shape[2], group, head_axis,
                                            kv_replicated)
-    d = jax.lax.axis_index(AXIS)
-    b, t = q_bxtxhxDh.shape[:2]
-    blk, T = t // 2, t * C
     gather = functools.partial(jax.lax.all_gather, axis_name=AXIS, axis=1, tiled=True)
-    k_bxTxgxDh, v_bxTxgxDh = gather(k_bxtxgxDh), gather(v_bxtxgxDh)
-    keys = {name: gather(x) for name, x in tokens.items()}
-    k_index_T = jnp.asarray(zigzag_index(T, C))
+    natural = functools.partial(_permute_blocks, order=list(np.argsort(block_order(C))))
+    k_bxTxgxDh, v_bxTxgxDh = natural(gather(k_bxtxgxDh)), natural(gather(v_bxtxgxDh))
+    keys = {name: natural(gather(x)) for name, x in tokens.items()}
+    # checkpointed: a branch's residuals are its inputs, alike in every branch (`lax.switch` allocates the union
+    # of its branches' residuals), and its backward recomputes the scores
+    branches = [jax.checkpoint(functools.partial(_device_xla, d=d, C=C, scale=scale, softcap=softcap))
+                for d in range(C)]
+    return jax.lax.switch(jax.lax.axis_index(AXIS), branches, q_bxtxhxDh, k_bxTxgxDh, v_bxTxgxDh, tokens, keys,
+                          extras)
 
-    def first_half(x):  # the keys of natural blocks 0..C-1: the first block of every device
-        return x.reshape(b, C, 2, blk, *x.shape[2:])[:, :, 0].reshape(b, C * blk, *x.shape[2:])
 
+def _device_xla(q_bxtxhxDh, k_bxTxgxDh, v_bxTxgxDh, tokens, keys, extras, *, d: int, C: int, scale, softcap):
+    """Device d's attention: its early block (natural block d) against natural key blocks 0..d, its late block
+    (2C - 1 - d) against blocks 0..2C-1-d: 2C + 1 of the 4C key blocks a full product would compute (keys,
+    values and `keys`' token ids in natural order); scores in fp32 as in `attention.attend_xla`."""
+    blk = q_bxtxhxDh.shape[1] // 2
     window, sink_h = extras.get("window"), extras.get("sinks")
     outs = []
-    for half, start, keys_of in ((0, d * blk, first_half), (1, (2 * C - 1 - d) * blk, lambda x: x)):
-        q_index_S = start + jnp.arange(blk, dtype=jnp.int32)
-        k_index_E = jnp.arange(C * blk, dtype=jnp.int32) if half == 0 else k_index_T
+    for half, block in ((0, d), (1, 2 * C - 1 - d)):
+        E = (block + 1) * blk  # the keys up to this block's last token: every later key is masked
+        q_index_S = block * blk + jax.lax.iota(jnp.int32, blk)  # iotas: never a [S, E] constant in the program
         q = {name: x[:, half * blk:(half + 1) * blk] for name, x in tokens.items()}
-        k = {name: keys_of(x) for name, x in keys.items()}
-        allowed_bxSxE = _allowed(q_index_S, k_index_E, q, k, window)
-        outs.append(_masked_attention(q_bxtxhxDh[:, half * blk:(half + 1) * blk], keys_of(k_bxTxgxDh),
-                                      keys_of(v_bxTxgxDh), allowed_bxSxE, scale=scale, softcap=softcap,
+        k = {name: x[:, :E] for name, x in keys.items()}
+        allowed_bxSxE = _allowed(q_index_S, jax.lax.iota(jnp.int32, E), q, k, window)
+        outs.append(_masked_attention(q_bxtxhxDh[:, half * blk:(half + 1) * blk], k_bxTxgxDh[:, :E],
+                                      v_bxTxgxDh[:, :E], allowed_bxSxE, scale=scale, softcap=softcap,
                                       sink_h=sink_h))
     return jnp.concatenate(outs, axis=1)
 

@@ -100,22 +100,32 @@ def native_bf16_dots() -> bool:
 
 
 def _dot(x_2d: jax.Array, w_2d: jax.Array, dtype) -> jax.Array:
-    """[rows, in] @ [in, out] in `dtype`; 16-bit operands accumulate (and return) fp32 first where the hardware
-    has bf16 matrix instructions (`native_bf16_dots`)."""
+    """[rows, in] @ [in, out] in `dtype` (x_2d may have several row axes); 16-bit operands accumulate (and return)
+    fp32 first where the hardware has bf16 matrix instructions (`native_bf16_dots`)."""
+    if x_2d.ndim > 2:
+        return _dot_general(x_2d, w_2d, (((x_2d.ndim - 1,), (0,)), ((), ())), dtype)
     if jnp.dtype(dtype).itemsize < 4 and native_bf16_dots():
         return jax.lax.dot(x_2d, w_2d, preferred_element_type=jnp.float32).astype(dtype)
     return jax.lax.dot(x_2d, w_2d)
 
 
-def _as_2d(x: jax.Array, kernel: jax.Array, n_in: int, dtype) -> tuple[jax.Array, jax.Array]:
-    """x [..., *in] -> [rows, prod(in)] and kernel [*in, *out] -> [prod(in), prod(out)] in `dtype` (free
-    reshapes of row-major arrays)."""
+def _dot_general(a: jax.Array, b: jax.Array, dims, dtype) -> jax.Array:
+    """jax.lax.dot_general in `dtype`, with `_dot`'s fp32 accumulation of 16-bit operands."""
+    if jnp.dtype(dtype).itemsize < 4 and native_bf16_dots():
+        return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32).astype(dtype)
+    return jax.lax.dot_general(a, b, dims)
+
+
+def _as_2d(x: jax.Array, kernel: jax.Array, n_in: int, dtype, keep_rows: bool = False) -> tuple[jax.Array, jax.Array]:
+    """x [..., *in] -> [rows, prod(in)] (keep_rows: [..., prod(in)]) and kernel [*in, *out] -> [prod(in), prod(out)]
+    in `dtype` (free reshapes of row-major arrays)."""
     n_feat = math.prod(kernel.shape[:n_in])
-    return x.astype(dtype).reshape(-1, n_feat), kernel.astype(dtype).reshape(n_feat, -1)
+    rows = x.shape[:x.ndim - n_in] if keep_rows else (-1,)
+    return x.astype(dtype).reshape(*rows, n_feat), kernel.astype(dtype).reshape(n_feat, -1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def dense_matmul(x: jax.Array, kernel: jax.Array, n_in: int, dtype) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def dense_matmul(x: jax.Array, kernel: jax.Array, n_in: int, dtype, keep_rows: bool = False) -> jax.Array:
     """x [..., *in] . kernel [*in, *out] -> [..., *out] in `dtype`, as ONE 2-D matmul, with the backward written
     out as two plain 2-D dots: dx = g @ w^T and dw = x^T @ g.
 
@@ -123,22 +133,30 @@ def dense_matmul(x: jax.Array, kernel: jax.Array, n_in: int, dtype) -> jax.Array
     transposed copy of g fused with g's producer (a large share of a small model's step), and a multi-dimensional
     kernel ([D, H, Dh]) gets layout copies around its dot. The residuals are x and the kernel exactly as given
     (under `lax.scan` a layer's kernel is then forwarded from the stacked parameters, never copied into a
-    stacked residual); casts and reshapes are redone in the backward. Same values as the plain dot_general."""
-    x_2d, w_2d = _as_2d(x, kernel, n_in, dtype)
+    stacked residual); casts and reshapes are redone in the backward. Same values as the plain dot_general.
+
+    keep_rows: x's leading (row) axes stay apart (a dot_general over the merged features only) instead of being
+    flattened into one: under context parallelism a row's positions are split over devices, and a flattened
+    [B * T] of them is no block of one sharded axis, so GSPMD would all-gather the whole [B, T, *in] first."""
+    x_2d, w_2d = _as_2d(x, kernel, n_in, dtype, keep_rows)
     return _dot(x_2d, w_2d, dtype).reshape(*x.shape[:x.ndim - n_in], *kernel.shape[n_in:])
 
 
-def _dense_fwd(x, kernel, n_in, dtype):
-    return dense_matmul(x, kernel, n_in, dtype), (x, kernel)
+def _dense_fwd(x, kernel, n_in, dtype, keep_rows):
+    return dense_matmul(x, kernel, n_in, dtype, keep_rows), (x, kernel)
 
 
-def _dense_bwd(n_in, dtype, residuals, g):
+def _dense_bwd(n_in, dtype, keep_rows, residuals, g):
     x, kernel = residuals
-    x_2d, w_2d = _as_2d(x, kernel, n_in, dtype)
-    g_2d = g.astype(dtype).reshape(x_2d.shape[0], w_2d.shape[1])
+    x_2d, w_2d = _as_2d(x, kernel, n_in, dtype, keep_rows)
+    g_2d = g.astype(dtype).reshape(*x_2d.shape[:-1], w_2d.shape[1])
     dx = _dot(g_2d, w_2d.T, dtype).reshape(x.shape).astype(x.dtype)
-    dw = _dot(x_2d.T, g_2d, dtype).reshape(kernel.shape).astype(kernel.dtype)
-    return dx, dw
+    if keep_rows:  # dw = x^T @ g contracting every row axis at once
+        rows = tuple(range(x_2d.ndim - 1))
+        dw = _dot_general(x_2d, g_2d, ((rows, rows), ((), ())), dtype)
+    else:
+        dw = _dot(x_2d.T, g_2d, dtype)
+    return dx, dw.reshape(kernel.shape).astype(kernel.dtype)
 
 
 dense_matmul.defvjp(_dense_fwd, _dense_bwd)
@@ -151,8 +169,9 @@ class Dense(nnx.Module):
 
     def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...], *, in_axes: tuple[str, ...],
                  out_axes: tuple[str, ...], use_bias: bool, dtype, param_dtype, num_layers: int | None,
-                 rngs: nnx.Rngs, init_std: float = 0.02, bias_axes: tuple[str, ...] | None = None):
-        self.n_in, self.dtype = len(in_shape), dtype
+                 rngs: nnx.Rngs, init_std: float = 0.02, bias_axes: tuple[str, ...] | None = None,
+                 keep_rows: bool = False):
+        self.n_in, self.dtype, self.keep_rows = len(in_shape), dtype, keep_rows  # keep_rows: `dense_matmul`
         self.kernel = make_param(rngs, (*in_shape, *out_shape), (*in_axes, *out_axes), init="normal",
                                  param_dtype=param_dtype, num_layers=num_layers, init_std=init_std)
         self.bias = (make_param(rngs, out_shape, bias_axes or out_axes, init="zeros", param_dtype=param_dtype,
@@ -167,7 +186,8 @@ class Dense(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         # named: the matmul is inside a custom_vjp, where the dot-saving remat policies cannot see it
-        y = checkpoint_name(dense_matmul(x, self.kernel[...], self.n_in, jnp.dtype(self.dtype)), DENSE_OUTPUT)
+        y = checkpoint_name(dense_matmul(x, self.kernel[...], self.n_in, jnp.dtype(self.dtype), self.keep_rows),
+                           DENSE_OUTPUT)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora is not None:
@@ -179,8 +199,9 @@ class GatedMLP(nnx.Module):
     """down(act(gate(x)) * up(x)) (SwiGLU when act = silu)."""
 
     def __init__(self, D: int, F: int, *, use_bias: bool, activation: str, dtype, param_dtype,
-                 num_layers: int | None, rngs: nnx.Rngs):
-        kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, num_layers=num_layers, rngs=rngs)
+                 num_layers: int | None, rngs: nnx.Rngs, keep_rows: bool = False):
+        kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, num_layers=num_layers, rngs=rngs,
+                  keep_rows=keep_rows)
         self.activation = activation
         self.gate_proj = Dense((D,), (F,), in_axes=("embed",), out_axes=("mlp",), **kw)
         self.up_proj = Dense((D,), (F,), in_axes=("embed",), out_axes=("mlp",), **kw)
@@ -215,8 +236,9 @@ class PlainMLP(nnx.Module):
     """down(act(up(x))) (GPT-2, GPT-NeoX)."""
 
     def __init__(self, D: int, F: int, *, use_bias: bool, activation: str, dtype, param_dtype,
-                 num_layers: int | None, rngs: nnx.Rngs):
-        kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, num_layers=num_layers, rngs=rngs)
+                 num_layers: int | None, rngs: nnx.Rngs, keep_rows: bool = False):
+        kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, num_layers=num_layers, rngs=rngs,
+                  keep_rows=keep_rows)
         self.activation = activation
         self.up_proj = Dense((D,), (F,), in_axes=("embed",), out_axes=("mlp",), **kw)
         self.down_proj = Dense((F,), (D,), in_axes=("mlp",), out_axes=("embed",), **kw)
@@ -225,10 +247,12 @@ class PlainMLP(nnx.Module):
         return self.down_proj(ACTIVATION_FNS[self.activation](self.up_proj(x_BxTxD)))
 
 
-def make_mlp(cfg: ModelConfig, *, dtype, param_dtype, num_layers: int | None, rngs: nnx.Rngs):
+def make_mlp(cfg: ModelConfig, *, dtype, param_dtype, num_layers: int | None, rngs: nnx.Rngs,
+             keep_rows: bool = False):
+    """keep_rows: rows split over `context` (`dense_matmul`)."""
     cls = GatedMLP if cfg.mlp == "gated" else PlainMLP
     return cls(cfg.hidden_size, cfg.intermediate_size, use_bias=cfg.mlp_bias, activation=cfg.activation,
-               dtype=dtype, param_dtype=param_dtype, num_layers=num_layers, rngs=rngs)
+               dtype=dtype, param_dtype=param_dtype, num_layers=num_layers, rngs=rngs, keep_rows=keep_rows)
 
 
 ACTIVATION_FNS = {

@@ -72,8 +72,9 @@ class LoraAdapter(nnx.Module):
     """`scale * (dropout(x) @ A) @ B` for one Dense of in-rank `n_in`; `a` may be shared with the other parts of a
     fused HF module (and then its dropout key too)."""
 
-    def __init__(self, a: LoraParam, b: LoraParam, *, n_in: int, scale: float, dtype):
+    def __init__(self, a: LoraParam, b: LoraParam, *, n_in: int, scale: float, dtype, keep_rows: bool = False):
         self.a, self.b, self.n_in, self.scale, self.dtype = a, b, n_in, scale, dtype
+        self.keep_rows = keep_rows  # as its Dense's (`dense_matmul`)
         self.dropout_rate = 0.0  # `set_dropout` sets it with the key (training steps only)
         self.dropout_key: LoraKey | None = nnx.data(None)  # per-layer dropout key data (data: a Variable); None: none
 
@@ -87,8 +88,8 @@ class LoraAdapter(nnx.Module):
             rate = self.dropout_rate
             keep = jax.random.bernoulli(jax.random.wrap_key_data(self.dropout_key[...]), 1.0 - rate, x.shape)
             x = jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
-        u_xR = dense_matmul(x, self.a[...], self.n_in, dtype)
-        return dense_matmul(u_xR, self.b[...], 1, dtype) * jnp.asarray(self.scale, dtype)
+        u_xR = dense_matmul(x, self.a[...], self.n_in, dtype, self.keep_rows)
+        return dense_matmul(u_xR, self.b[...], 1, dtype, self.keep_rows) * jnp.asarray(self.scale, dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,7 +198,8 @@ def attach(model, groups: list[Group], *, rank: int, scale: float, sharder: Shar
             dense = _module(model, path)
             out_shape, out_axes = tuple(dense.kernel.shape[1 + n_in:]), tuple(dense.kernel.logical_axes[1 + n_in:])
             b = _abstract((L, rank, *out_shape), ("layers", "lora_rank", *out_axes), sharder)
-            dense.set_lora(LoraAdapter(a, b, n_in=n_in, scale=scale, dtype=dense.dtype))
+            dense.set_lora(LoraAdapter(a, b, n_in=n_in, scale=scale, dtype=dense.dtype,
+                                       keep_rows=dense.keep_rows))
 
 
 def _flat(state) -> dict[str, Any]:

@@ -71,7 +71,9 @@ class SelfAttention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, attention: str, dtype, param_dtype, sharder: Sharder | None,
                  rngs: nnx.Rngs):
         D, H, G, Dh, L = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_layers
-        kw = dict(dtype=dtype, param_dtype=param_dtype, num_layers=L, rngs=rngs)
+        # rows split over `context`: the projections keep their [B, T] row axes apart (`dense_matmul`)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, num_layers=L, rngs=rngs,
+                  keep_rows=sharder is not None and sharder.context > 1)
         self.attention, self.sharder, self.scale, self.softcap = attention, sharder, cfg.attention_scale, \
             cfg.attn_softcap
         self.q_proj = Dense((D,), (H, Dh), in_axes=("embed",), out_axes=("heads", "head_dim"),
@@ -143,7 +145,9 @@ class Block(nnx.Module):
                                        sharder=sharder, rngs=rngs)
         self.attn_output_norm = make_norm(cfg, D, **kw) if cfg.sandwich_norms else None
         self.post_attention_layernorm = make_norm(cfg, D, **kw)
-        self.mlp = MoEMLP(cfg, sharder=sharder, grouped=grouped, **kw) if cfg.is_moe else make_mlp(cfg, **kw)
+        context = sharder is not None and sharder.context > 1  # rows split over `context`: `dense_matmul`
+        self.mlp = (MoEMLP(cfg, sharder=sharder, grouped=grouped, **kw) if cfg.is_moe
+                    else make_mlp(cfg, keep_rows=context, **kw))
         self.mlp_output_norm = make_norm(cfg, D, **kw) if cfg.sandwich_norms else None
 
     def __call__(self, x_BxTxD, rope_cos_sin, segment_ids_BxT, window, packed=None,
