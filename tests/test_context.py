@@ -90,6 +90,13 @@ def test_context_matrix(tmp_path_factory, case, mesh):
     _check(tmp_path_factory, *case, MESHES[mesh])
 
 
+@pytest.mark.skipif(SLOW, reason="a mixture of experts over context and expert axes: DPOJAX_SLOW_TESTS=1")
+def test_context_with_expert_axis(tmp_path_factory):
+    """A Qwen3-MoE (router aux loss on) with shared-prompt packed rows over (data 2, expert 2, context 2) = one
+    device: tokens split over `context` are routed and exchanged over `expert` as without the axis."""
+    _check(tmp_path_factory, "qwen3_moe", "shared_prompt", dict(data=2, expert=2, context=2))
+
+
 # ----------------------------------------------------------------------------------------------- attention alone
 @pytest.mark.parametrize("mesh_kw", [dict(data=1, context=8), dict(data=2, context=2, tensor=2)],
                          ids=["c8", "d2c2t2"])
