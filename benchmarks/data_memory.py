@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import subprocess
 import sys
 import tempfile
@@ -35,14 +34,7 @@ SHAPES = {"long": (150, 250), "short": (30, 50)}  # (prompt, response) words = t
 def write_pairs(path: Path, n: int, shape: str = "long", seed: int = 0) -> int:
     """n pairs of one shape; returns the tokens dpojax stores per row (prompt + 2 responses + 2 EOS)."""
     prompt, response = SHAPES[shape]
-    rng = random.Random(seed)
-    words = [f"w{i}" for i in range(VOCAB - 4)]
-    with path.open("w") as f:
-        for _ in range(n):
-            row = {"prompt": " ".join(rng.choices(words, k=prompt))}
-            for key in ("chosen", "rejected"):
-                row[key] = " " + " ".join(rng.choices(words, k=response))
-            f.write(json.dumps(row) + "\n")
+    harness.word_pairs(path, n, prompt, response, VOCAB, seed)
     return prompt + 2 * (response + 1)
 
 

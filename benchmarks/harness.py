@@ -599,11 +599,17 @@ def synthetic_model_dir(root: Path, hf_config: dict) -> Path:
 def full_length_pairs(path: Path, n: int, max_length: int, vocab_size: int, seed: int = 0) -> Path:
     """`n` random-word pairs whose prompt + completion (+ EOS) is exactly `max_length` tokens of a
     `synthetic_model_dir` tokenizer: every batch fills the largest bucket, so steps time one compiled shape."""
+    prompt, completion = max_length // 2, max_length - max_length // 2 - 1  # EOS appended to the completion
+    return word_pairs(path, n, prompt, completion, vocab_size, seed)
+
+
+def word_pairs(path: Path, n: int, prompt: int, completion: int, vocab_size: int, seed: int = 0) -> Path:
+    """`n` pairs of random words "w0".."w{vocab_size - 5}" (one token each for a `synthetic_model_dir` tokenizer):
+    a `prompt`-word prompt, and chosen and rejected of `completion` words each."""
     import random
 
     rng = random.Random(seed)
     words = [f"w{i}" for i in range(vocab_size - 4)]
-    prompt, completion = max_length // 2, max_length - max_length // 2 - 1  # EOS appended to the completion
     with path.open("w") as f:
         for _ in range(n):
             row = {"prompt": " ".join(rng.choices(words, k=prompt))}
